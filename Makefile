@@ -1,0 +1,36 @@
+# One target per concern. `make test` is what CI runs (.ci/run) and what a new user runs.
+SHELL := /bin/bash
+CARGO ?= cargo
+TESTBED := target/debug/atlas-testbed
+
+.PHONY: test testbed lint build crds chart clean-testbed
+
+## test: install the real parts (cached), lint, then run every test against one shared bed
+test: testbed lint
+	$(CARGO) build --workspace --all-targets --locked
+	$(TESTBED) run -- $(CARGO) test --workspace --locked
+
+## testbed: build and cache etcd, kube-apiserver, kubectl, helm, SeaweedFS, promtool (~/.cache/atlas-runner)
+testbed:
+	scripts/testbed-install.sh
+
+## lint: formatting and clippy with warnings as errors
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+build:
+	$(CARGO) build --release --locked
+
+## crds: regenerate the committed CRD (crds/ and the chart's copy) from src/api
+crds:
+	$(CARGO) run --quiet --locked -- crd > crds/minecraftservers.atlas.dev.yaml
+	cp crds/minecraftservers.atlas.dev.yaml charts/atlas-runner/crds/minecraftservers.atlas.dev.yaml
+
+## chart: lint the Helm chart
+chart: testbed
+	$${ATLAS_TEST_BIN:-$$HOME/.cache/atlas-runner/test-bin}/helm lint --strict charts/atlas-runner
+
+## clean-testbed: forget the cached test-bed binaries (the next `make test` rebuilds them)
+clean-testbed:
+	rm -rf $${ATLAS_TEST_BIN:-$$HOME/.cache/atlas-runner/test-bin} $$HOME/.cache/atlas-runner/build

@@ -1,0 +1,608 @@
+//! The real parts Atlas Runner's tests run against: etcd + kube-apiserver and SeaweedFS S3.
+//!
+//! One bed serves a whole test run. `atlas-testbed run -- cargo test` starts it once and hands its
+//! addresses to the tests through `ATLAS_TEST_*` variables; when those are absent (a lone
+//! `cargo test NAME`), the first test that asks starts a private bed for its process. Either way every
+//! process is started in its own process group and watched by a reaper that kills the group when the
+//! owning process is gone, so a run leaves nothing behind even when it is killed.
+//!
+//! Tests get isolation, not separate beds: [`TestCluster::namespace`] makes a fresh namespace and
+//! [`TestS3::bucket`] a fresh bucket.
+
+use std::ffi::OsStr;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+
+/// Environment variables through which a running bed is handed to the tests.
+pub mod env {
+    /// Directory holding the installed binaries (kube-apiserver, etcd, kubectl, helm, weed, promtool).
+    pub const BIN: &str = "ATLAS_TEST_BIN";
+    /// Path of an admin kubeconfig for the shared API server.
+    pub const KUBECONFIG: &str = "ATLAS_TEST_KUBECONFIG";
+    /// `http://127.0.0.1:PORT` of the shared S3 endpoint.
+    pub const S3_ENDPOINT: &str = "ATLAS_TEST_S3_ENDPOINT";
+    /// Access key of the shared S3 endpoint's admin identity.
+    pub const S3_ACCESS_KEY: &str = "ATLAS_TEST_S3_ACCESS_KEY";
+    /// Secret key of the shared S3 endpoint's admin identity.
+    pub const S3_SECRET_KEY: &str = "ATLAS_TEST_S3_SECRET_KEY";
+}
+
+/// The region SeaweedFS answers for; any value is accepted, this one is conventional.
+pub const S3_REGION: &str = "us-east-1";
+
+const INSTALL_HINT: &str = "run `make testbed` (scripts/testbed-install.sh) to build and cache it";
+
+/// Where the installed binaries are: `$ATLAS_TEST_BIN`, else `~/.cache/atlas-runner/test-bin`.
+pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os(env::BIN) {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
+    home.join(".cache/atlas-runner/test-bin")
+}
+
+/// The path of an installed test-bed binary, or an error that says how to install it.
+pub fn bin(name: &str) -> Result<PathBuf> {
+    let path = bin_dir().join(name);
+    if path.exists() {
+        Ok(path)
+    } else {
+        bail!("test-bed binary '{name}' is missing from {}: {INSTALL_HINT}", bin_dir().display())
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (the kernel picks it; the listener is closed before returning).
+pub fn free_port() -> Result<u16> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("bind a free loopback port")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// Polls `ready` until it returns true or `timeout` passes.
+pub fn wait_until(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if ready() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("{what} was not ready after {timeout:?}")
+}
+
+fn port_open(port: u16) -> bool {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+}
+
+/// A unique-enough suffix for namespaces, buckets and directories within one run.
+pub fn unique(prefix: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    format!("{prefix}-{}-{n}-{:x}", std::process::id(), nanos & 0xffff)
+}
+
+/// The processes a bed owns. Each runs in its own process group; [`Processes::stop`] kills the groups
+/// and a reaper does the same if the owner dies first.
+#[derive(Debug)]
+pub struct Processes {
+    dir: PathBuf,
+    children: Vec<(String, Child)>,
+    reapers: Vec<Child>,
+}
+
+impl Processes {
+    /// A bed rooted at a fresh directory under the system temp dir.
+    pub fn new(name: &str) -> Result<Self> {
+        let dir = std::env::temp_dir().join(unique(name));
+        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        Ok(Self { dir, children: Vec::new(), reapers: Vec::new() })
+    }
+
+    /// The bed's working directory (data, certificates, logs).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Starts `program` in its own process group with output to `DIR/NAME.log`, and a reaper that
+    /// kills the group once this process exits.
+    pub fn spawn<I, S>(&mut self, name: &str, program: &Path, args: I) -> Result<()>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let log = std::fs::File::create(self.dir.join(format!("{name}.log")))?;
+        let child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("start {}", program.display()))?;
+        let pgid = child.id();
+        // The reaper outlives a SIGKILLed owner: it polls the owner's pid and then kills the group.
+        let reaper = format!(
+            "while kill -0 {owner} 2>/dev/null; do sleep 1; done; kill -TERM -{pgid} 2>/dev/null; \
+             sleep 2; kill -KILL -{pgid} 2>/dev/null; rm -rf '{dir}'",
+            owner = std::process::id(),
+            dir = self.dir.display()
+        );
+        let reaper = Command::new("sh")
+            .args(["-c", &reaper])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .context("start the reaper")?;
+        self.reapers.push(reaper);
+        self.children.push((name.to_owned(), child));
+        Ok(())
+    }
+
+    /// Fails with the tail of the process's log if it has exited.
+    pub fn check_alive(&mut self, name: &str) -> Result<()> {
+        let dir = self.dir.clone();
+        if let Some((_, child)) = self.children.iter_mut().find(|(n, _)| n == name)
+            && let Some(status) = child.try_wait()?
+        {
+            let log = std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            bail!("{name} exited with {status}:\n{}", tail.join("\n"));
+        }
+        Ok(())
+    }
+
+    /// Kills every process group (newest first) and removes the bed's directory.
+    pub fn stop(&mut self) {
+        for (_, child) in self.children.iter_mut().rev() {
+            let pgid = child.id().to_string();
+            let _ = quiet_kill("TERM", &pgid);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = quiet_kill("KILL", &pgid);
+            let _ = child.wait();
+        }
+        self.children.clear();
+        for reaper in &mut self.reapers {
+            let _ = reaper.kill();
+            let _ = reaper.wait();
+        }
+        self.reapers.clear();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn quiet_kill(signal: &str, pgid: &str) -> std::io::Result<std::process::ExitStatus> {
+    // `--` keeps procps' kill from reading the negative process-group id as an option.
+    Command::new("kill")
+        .args(["-s", signal, "--", &format!("-{pgid}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+}
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Kubernetes: etcd + kube-apiserver with a small PKI and an admin kubeconfig
+
+/// A running etcd + kube-apiserver pair.
+#[derive(Debug)]
+pub struct ClusterProcesses {
+    /// The processes; dropping this stops them.
+    pub processes: Processes,
+    /// Admin kubeconfig (client certificate in `system:masters`).
+    pub kubeconfig: PathBuf,
+}
+
+/// Starts etcd and kube-apiserver on free loopback ports and waits until `/readyz` answers ok.
+pub fn start_cluster() -> Result<ClusterProcesses> {
+    let etcd_bin = bin("etcd")?;
+    let apiserver_bin = bin("kube-apiserver")?;
+    let mut processes = Processes::new("atlas-cluster")?;
+    let dir = processes.dir().to_path_buf();
+    let pki = write_pki(&dir.join("pki"))?;
+
+    let (client_port, peer_port) = (free_port()?, free_port()?);
+    let client_url = format!("http://127.0.0.1:{client_port}");
+    let peer_url = format!("http://127.0.0.1:{peer_port}");
+    processes.spawn(
+        "etcd",
+        &etcd_bin,
+        [
+            "--name=default".to_owned(),
+            format!("--data-dir={}", dir.join("etcd").display()),
+            format!("--listen-client-urls={client_url}"),
+            format!("--advertise-client-urls={client_url}"),
+            format!("--listen-peer-urls={peer_url}"),
+            format!("--initial-advertise-peer-urls={peer_url}"),
+            format!("--initial-cluster=default={peer_url}"),
+            "--unsafe-no-fsync=true".to_owned(),
+            "--log-level=error".to_owned(),
+        ],
+    )?;
+    wait_until("etcd", Duration::from_secs(30), || port_open(client_port))?;
+    processes.check_alive("etcd")?;
+
+    let api_port = free_port()?;
+    let p = |name: &str| pki.join(name).display().to_string();
+    processes.spawn(
+        "kube-apiserver",
+        &apiserver_bin,
+        [
+            format!("--etcd-servers={client_url}"),
+            format!("--cert-dir={}", dir.join("apiserver-certs").display()),
+            format!("--tls-cert-file={}", p("serving.crt")),
+            format!("--tls-private-key-file={}", p("serving.key")),
+            format!("--client-ca-file={}", p("ca.crt")),
+            format!("--secure-port={api_port}"),
+            "--bind-address=127.0.0.1".to_owned(),
+            "--advertise-address=127.0.0.1".to_owned(),
+            "--service-cluster-ip-range=10.0.0.0/24".to_owned(),
+            "--allow-privileged=true".to_owned(),
+            "--authorization-mode=RBAC".to_owned(),
+            "--disable-admission-plugins=ServiceAccount".to_owned(),
+            "--service-account-issuer=https://kubernetes.default.svc".to_owned(),
+            format!("--service-account-key-file={}", p("sa.pub")),
+            format!("--service-account-signing-key-file={}", p("sa.key")),
+            "--profiling=false".to_owned(),
+            "--v=0".to_owned(),
+        ],
+    )?;
+
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, kubeconfig_yaml(api_port, &pki))?;
+
+    let kubectl = bin("kubectl")?;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        processes.check_alive("kube-apiserver")?;
+        let ready = Command::new(&kubectl)
+            .args(["--kubeconfig", &kubeconfig.display().to_string(), "get", "--raw", "/readyz"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .output()
+            .is_ok_and(|out| out.status.success() && out.stdout.starts_with(b"ok"));
+        if ready {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("kube-apiserver was not ready after 90 s; see {}", dir.join("kube-apiserver.log").display());
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    Ok(ClusterProcesses { processes, kubeconfig })
+}
+
+fn kubeconfig_yaml(port: u16, pki: &Path) -> String {
+    let p = |name: &str| pki.join(name).display().to_string();
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: atlas-test\n  cluster:\n    server: https://127.0.0.1:{port}\n    certificate-authority: {ca}\nusers:\n- name: admin\n  user:\n    client-certificate: {crt}\n    client-key: {key}\ncontexts:\n- name: atlas-test\n  context: {{cluster: atlas-test, user: admin, namespace: default}}\ncurrent-context: atlas-test\n",
+        ca = p("ca.crt"),
+        crt = p("admin.crt"),
+        key = p("admin.key"),
+    )
+}
+
+/// A CA, a serving certificate for 127.0.0.1/localhost, an admin client certificate in
+/// `system:masters`, and a service-account signing key.
+fn write_pki(dir: &Path) -> Result<PathBuf> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
+    std::fs::create_dir_all(dir)?;
+    let write = |name: &str, contents: String| std::fs::write(dir.join(name), contents);
+
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(DnType::CommonName, "atlas-test-ca");
+    let ca_key = KeyPair::generate()?;
+    let ca_cert = ca_params.self_signed(&ca_key)?;
+    write("ca.crt", ca_cert.pem())?;
+    let issuer = Issuer::new(ca_params, ca_key);
+
+    let mut serving = CertificateParams::new(vec![
+        "127.0.0.1".to_owned(),
+        "localhost".to_owned(),
+        "kubernetes.default.svc".to_owned(),
+    ])?;
+    serving.distinguished_name.push(DnType::CommonName, "kube-apiserver");
+    serving.extended_key_usages.push(ExtendedKeyUsagePurpose::ServerAuth);
+    let serving_key = KeyPair::generate()?;
+    write("serving.crt", serving.signed_by(&serving_key, &issuer)?.pem())?;
+    write("serving.key", serving_key.serialize_pem())?;
+
+    let mut admin = CertificateParams::new(Vec::<String>::new())?;
+    admin.distinguished_name.push(DnType::CommonName, "atlas-test-admin");
+    admin.distinguished_name.push(DnType::OrganizationName, "system:masters");
+    admin.extended_key_usages.push(ExtendedKeyUsagePurpose::ClientAuth);
+    let admin_key = KeyPair::generate()?;
+    write("admin.crt", admin.signed_by(&admin_key, &issuer)?.pem())?;
+    write("admin.key", admin_key.serialize_pem())?;
+
+    let sa = KeyPair::generate()?;
+    write("sa.key", sa.serialize_pem())?;
+    write("sa.pub", sa.public_key_pem())?;
+    Ok(dir.to_path_buf())
+}
+
+// ---------------------------------------------------------------------------------------------------
+// S3: SeaweedFS `weed mini`
+
+/// How to reach an S3 endpoint.
+#[derive(Debug, Clone)]
+pub struct S3Endpoint {
+    /// `http://127.0.0.1:PORT`
+    pub endpoint: String,
+    /// Access key id.
+    pub access_key: String,
+    /// Secret access key.
+    pub secret_key: String,
+}
+
+/// A running SeaweedFS.
+#[derive(Debug)]
+pub struct S3Processes {
+    /// The processes; dropping this stops them.
+    pub processes: Processes,
+    /// Where and how to reach it.
+    pub endpoint: S3Endpoint,
+}
+
+/// Starts `weed mini` with an S3 identity on free loopback ports and waits until S3 answers.
+pub fn start_s3() -> Result<S3Processes> {
+    let weed = bin("weed")?;
+    let mut processes = Processes::new("atlas-s3")?;
+    let dir = processes.dir().to_path_buf();
+    let access_key = "atlas-test".to_owned();
+    let secret_key = unique("secret");
+    let config = serde_json::json!({"identities": [{
+        "name": "admin",
+        "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+    }]});
+    std::fs::write(dir.join("s3.json"), serde_json::to_vec(&config)?)?;
+    std::fs::create_dir_all(dir.join("data"))?;
+
+    // weed mini opens a port for every component; pin each one to a free port.
+    let s3_port = free_port()?;
+    let mut args = vec![
+        "mini".to_owned(),
+        format!("-dir={}", dir.join("data").display()),
+        "-ip=127.0.0.1".to_owned(),
+        "-ip.bind=127.0.0.1".to_owned(),
+        format!("-s3.config={}", dir.join("s3.json").display()),
+        "-admin.ui=false".to_owned(),
+        "-webdav=false".to_owned(),
+        format!("-s3.port={s3_port}"),
+    ];
+    for flag in [
+        "master.port",
+        "master.port.grpc",
+        "filer.port",
+        "filer.port.grpc",
+        "volume.port",
+        "volume.port.grpc",
+        "s3.port.grpc",
+        "s3.port.iceberg",
+        "s3.port.lance",
+        "admin.port",
+        "admin.port.grpc",
+    ] {
+        args.push(format!("-{flag}={}", free_port()?));
+    }
+    processes.spawn("weed", &weed, args)?;
+
+    let endpoint = S3Endpoint { endpoint: format!("http://127.0.0.1:{s3_port}"), access_key, secret_key };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        processes.check_alive("weed")?;
+        // A bucket create is the real readiness signal: the filer and a volume must be up for it.
+        if port_open(s3_port) && create_bucket_blocking(&endpoint, "atlas-ready-probe").is_ok() {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("SeaweedFS S3 was not ready after 60 s; see {}", dir.join("weed.log").display());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(S3Processes { processes, endpoint })
+}
+
+fn s3_bucket(endpoint: &S3Endpoint, name: &str) -> Result<(rusty_s3::Bucket, rusty_s3::Credentials)> {
+    let url: url::Url = endpoint.endpoint.parse()?;
+    let bucket = rusty_s3::Bucket::new(url, rusty_s3::UrlStyle::Path, name.to_owned(), S3_REGION)?;
+    Ok((bucket, rusty_s3::Credentials::new(&endpoint.access_key, &endpoint.secret_key)))
+}
+
+/// Creates a bucket with a SigV4-signed `PUT /{bucket}`.
+pub async fn create_bucket(endpoint: &S3Endpoint, name: &str) -> Result<()> {
+    use rusty_s3::S3Action;
+    let (bucket, credentials) = s3_bucket(endpoint, name)?;
+    let url = bucket.create_bucket(&credentials).sign(Duration::from_secs(60));
+    let response = reqwest::Client::builder().no_proxy().build()?.put(url).send().await?;
+    let status = response.status();
+    if !status.is_success() {
+        let body = response.text().await.unwrap_or_default();
+        bail!("create bucket {name}: {status}: {body}");
+    }
+    Ok(())
+}
+
+fn create_bucket_blocking(endpoint: &S3Endpoint, name: &str) -> Result<()> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(create_bucket(endpoint, name))
+}
+
+// ---------------------------------------------------------------------------------------------------
+// What tests use
+
+/// The shared Kubernetes API server of this test run.
+#[derive(Debug)]
+pub struct TestCluster {
+    kubeconfig: PathBuf,
+    // Held only when this process started a private bed; the reaper stops it at exit.
+    _private: Option<ClusterProcesses>,
+}
+
+/// A fresh namespace on the shared API server, with a client for it.
+#[derive(Clone)]
+pub struct TestNamespace {
+    /// A client for the API server (admin).
+    pub client: kube::Client,
+    /// The namespace's name.
+    pub name: String,
+}
+
+impl std::fmt::Debug for TestNamespace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestNamespace").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+static CLUSTER: OnceLock<std::result::Result<TestCluster, String>> = OnceLock::new();
+static S3: OnceLock<std::result::Result<TestS3, String>> = OnceLock::new();
+
+impl TestCluster {
+    /// The run's API server: the one named by `ATLAS_TEST_KUBECONFIG`, else a private one started now.
+    pub async fn shared() -> Result<&'static TestCluster> {
+        tokio::task::spawn_blocking(|| {
+            CLUSTER
+                .get_or_init(|| {
+                    if let Some(path) = std::env::var_os(env::KUBECONFIG) {
+                        return Ok(TestCluster { kubeconfig: PathBuf::from(path), _private: None });
+                    }
+                    start_cluster()
+                        .map(|c| TestCluster { kubeconfig: c.kubeconfig.clone(), _private: Some(c) })
+                        .map_err(|e| format!("{e:#}"))
+                })
+                .as_ref()
+                .map_err(|e| anyhow!("starting the test cluster failed: {e}"))
+        })
+        .await?
+    }
+
+    /// The admin kubeconfig's path.
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    /// A new client (clients are bound to the runtime that made them, so each test makes its own).
+    pub async fn client(&self) -> Result<kube::Client> {
+        let kubeconfig = kube::config::Kubeconfig::read_from(&self.kubeconfig)?;
+        let config =
+            kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default()).await?;
+        Ok(kube::Client::try_from(config)?)
+    }
+
+    /// Creates a fresh namespace named after `prefix`.
+    pub async fn namespace(&self, prefix: &str) -> Result<TestNamespace> {
+        use k8s_openapi::api::core::v1::Namespace;
+        let client = self.client().await?;
+        let name = unique(prefix);
+        let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": name}}))?;
+        kube::Api::<Namespace>::all(client.clone()).create(&Default::default(), &ns).await?;
+        Ok(TestNamespace { client, name })
+    }
+
+    /// `kubectl` pointed at this cluster.
+    pub fn kubectl(&self) -> Result<Command> {
+        let mut cmd = Command::new(bin("kubectl")?);
+        cmd.env("KUBECONFIG", &self.kubeconfig);
+        Ok(cmd)
+    }
+
+    /// `helm` pointed at this cluster, with its caches in a private directory.
+    pub fn helm(&self) -> Result<Command> {
+        let mut cmd = Command::new(bin("helm")?);
+        let home = std::env::temp_dir().join(unique("helm-home"));
+        cmd.env("KUBECONFIG", &self.kubeconfig)
+            .env("HELM_CACHE_HOME", home.join("cache"))
+            .env("HELM_CONFIG_HOME", home.join("config"))
+            .env("HELM_DATA_HOME", home.join("data"));
+        Ok(cmd)
+    }
+}
+
+/// The shared S3 endpoint of this test run.
+#[derive(Debug)]
+pub struct TestS3 {
+    endpoint: S3Endpoint,
+    _private: Option<S3Processes>,
+}
+
+/// A fresh, empty bucket on the shared S3 endpoint.
+#[derive(Debug, Clone)]
+pub struct TestBucket {
+    /// Where and how to reach the endpoint.
+    pub s3: S3Endpoint,
+    /// The bucket's name.
+    pub name: String,
+    /// The region to sign for.
+    pub region: String,
+}
+
+impl TestS3 {
+    /// The run's S3 endpoint: the one named by `ATLAS_TEST_S3_*`, else a private one started now.
+    pub async fn shared() -> Result<&'static TestS3> {
+        tokio::task::spawn_blocking(|| {
+            S3.get_or_init(|| {
+                let from_env = (
+                    std::env::var(env::S3_ENDPOINT),
+                    std::env::var(env::S3_ACCESS_KEY),
+                    std::env::var(env::S3_SECRET_KEY),
+                );
+                if let (Ok(endpoint), Ok(access_key), Ok(secret_key)) = from_env {
+                    return Ok(TestS3 { endpoint: S3Endpoint { endpoint, access_key, secret_key }, _private: None });
+                }
+                start_s3()
+                    .map(|s| TestS3 { endpoint: s.endpoint.clone(), _private: Some(s) })
+                    .map_err(|e| format!("{e:#}"))
+            })
+            .as_ref()
+            .map_err(|e| anyhow!("starting the test S3 endpoint failed: {e}"))
+        })
+        .await?
+    }
+
+    /// The endpoint and credentials.
+    pub fn endpoint(&self) -> &S3Endpoint {
+        &self.endpoint
+    }
+
+    /// Creates a fresh bucket named after `prefix` (lowercase letters, digits and dashes).
+    pub async fn bucket(&self, prefix: &str) -> Result<TestBucket> {
+        let name = unique(prefix).to_lowercase();
+        create_bucket(&self.endpoint, &name).await?;
+        Ok(TestBucket { s3: self.endpoint.clone(), name, region: S3_REGION.to_owned() })
+    }
+}
+
+impl TestBucket {
+    /// A presigned URL for `method` on `key` in this bucket (GET, PUT, DELETE, HEAD).
+    pub fn presign(&self, method: &str, key: &str) -> Result<url::Url> {
+        use rusty_s3::S3Action;
+        let (bucket, credentials) = s3_bucket(&self.s3, &self.name)?;
+        let ttl = Duration::from_secs(300);
+        Ok(match method {
+            "GET" => bucket.get_object(Some(&credentials), key).sign(ttl),
+            "PUT" => bucket.put_object(Some(&credentials), key).sign(ttl),
+            "DELETE" => bucket.delete_object(Some(&credentials), key).sign(ttl),
+            "HEAD" => bucket.head_object(Some(&credentials), key).sign(ttl),
+            other => bail!("presign: unsupported method {other}"),
+        })
+    }
+}
