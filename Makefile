@@ -1,7 +1,7 @@
 # One target per concern. `make test` is what CI runs (.ci/run) and what a new user runs.
 SHELL := /bin/bash
 CARGO ?= cargo
-TESTBED := target/debug/atlas-testbed
+TESTBED := $(or $(CARGO_TARGET_DIR),target)/debug/atlas-testbed
 
 .PHONY: test testbed lint build crds chart clean-testbed
 
