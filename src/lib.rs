@@ -3,4 +3,11 @@
 //! The binary (`src/main.rs`) is a thin CLI over these modules.
 
 pub mod api;
+pub mod http;
+pub mod metrics;
+pub mod pack;
+pub mod rcon;
+pub mod runner;
+pub mod server;
+pub mod supervisor;
 pub mod telemetry;

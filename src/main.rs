@@ -1,11 +1,20 @@
 //! `atlas-runner`: the command line. Parses arguments, sets up logging and calls into the library.
 
 use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
+use atlas_runner::http::{self, ConsoleReply, ConsoleRequest, client};
+use atlas_runner::runner::{self, FileSpecSource, PrepareOptions, ReconcilerOptions, RunnerStatus};
+use atlas_runner::server::{BaseUrls, JavaSearch};
+use atlas_runner::supervisor::{RestartPolicy, StopTimeouts};
 use atlas_runner::telemetry::{self, LogFormat};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use http_body_util::BodyExt;
+use tokio_util::sync::CancellationToken;
 
 /// Runs Minecraft servers on Kubernetes and on plain hosts.
 #[derive(Debug, Parser)]
@@ -21,8 +30,110 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run a server from a spec file and keep it healthy (the standalone runner).
+    Run(RunArgs),
+    /// Show the running server's status.
+    Status(ClientArgs),
+    /// Show the server's recent output; `-f` follows it.
+    Logs(LogsArgs),
+    /// Run a console command on the server (through RCON) and print the reply.
+    Console(ConsoleArgs),
+    /// Stop the server gracefully; the runner stays up until `restart`.
+    Stop(ClientArgs),
+    /// Restart the server (also after it was stopped or marked Failed).
+    Restart(ClientArgs),
     /// Print the MinecraftServer CustomResourceDefinition as YAML.
     Crd,
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// The MinecraftServer spec file (a whole resource, as for `kubectl apply`, or just its spec).
+    #[arg(long)]
+    spec: PathBuf,
+    /// The server's data directory (created if missing).
+    #[arg(long)]
+    data: PathBuf,
+    /// Where to serve /metrics, /healthz and /readyz.
+    #[arg(long, default_value = "127.0.0.1:9100", env = "ATLAS_METRICS_ADDR")]
+    metrics_addr: SocketAddr,
+    /// The control socket (default: DATA/.atlas/control.sock).
+    #[arg(long)]
+    control: Option<PathBuf>,
+    /// A Java installation (JAVA_HOME-style directory) to consider; repeatable. JAVA_HOME,
+    /// /usr/lib/jvm and PATH are searched too.
+    #[arg(long = "java")]
+    java: Vec<PathBuf>,
+    /// Mojang's version manifest URL (a mirror).
+    #[arg(long, env = "ATLAS_MOJANG_MANIFEST_URL")]
+    mojang_manifest_url: Option<String>,
+    /// PaperMC's API base URL (a mirror).
+    #[arg(long, env = "ATLAS_PAPER_API_URL")]
+    paper_api_url: Option<String>,
+    /// Fabric's meta API base URL (a mirror).
+    #[arg(long, env = "ATLAS_FABRIC_META_URL")]
+    fabric_meta_url: Option<String>,
+    /// Seconds to wait after each stop step (RCON stop, stdin stop, SIGTERM) before the next.
+    #[arg(long, default_value_t = 30)]
+    stop_timeout: u64,
+    /// Mark the server Failed after this many crashes within --crash-window.
+    #[arg(long, default_value_t = 5)]
+    max_crashes: usize,
+    /// The window crashes are counted in, in seconds.
+    #[arg(long, default_value_t = 600)]
+    crash_window: u64,
+    /// The first restart delay in milliseconds; it doubles per crash up to 5 minutes.
+    #[arg(long, default_value_t = 1000)]
+    restart_delay_ms: u64,
+    /// How often players and JVM stats are sampled, in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    poll_ms: u64,
+    /// How often the spec file is checked for changes, in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    spec_poll_ms: u64,
+    /// The cgroup filesystem the memory limit is read from.
+    #[arg(long, default_value = "/sys/fs/cgroup", hide = true)]
+    cgroup_root: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct ClientArgs {
+    /// The server's data directory (finds DATA/.atlas/control.sock).
+    #[arg(long, default_value = ".")]
+    data: PathBuf,
+    /// The control socket, instead of --data.
+    #[arg(long)]
+    control: Option<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+impl ClientArgs {
+    fn socket(&self) -> PathBuf {
+        self.control.clone().unwrap_or_else(|| client::socket_path(&self.data))
+    }
+}
+
+#[derive(Debug, Args)]
+struct LogsArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// Keep printing new lines.
+    #[arg(short, long)]
+    follow: bool,
+    /// How many recent lines to print first.
+    #[arg(long, default_value_t = 100)]
+    tail: usize,
+}
+
+#[derive(Debug, Args)]
+struct ConsoleArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// The command and its arguments (`list`, `say hello`).
+    #[arg(required = true, trailing_var_arg = true)]
+    command: Vec<String>,
 }
 
 fn main() -> ExitCode {
@@ -31,23 +142,242 @@ fn main() -> ExitCode {
         let _ = writeln!(std::io::stderr(), "atlas-runner: {e}");
         return ExitCode::from(2);
     }
-    match run(cli.command) {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "atlas-runner: starting the async runtime failed: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = %format!("{e:#}"), "atlas-runner failed");
-            let _ = writeln!(std::io::stderr(), "atlas-runner: {e:#}");
+            let _ = writeln!(std::io::stderr(), "atlas-runner: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }
 }
 
-fn run(command: Command) -> anyhow::Result<()> {
+/// The error and its causes on one line. Our error messages often quote their source already, so a
+/// cause whose text the line already holds is not repeated.
+fn one_line(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line.replace('\n', " ")
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
     match command {
+        Command::Run(args) => run_server(args).await,
+        Command::Status(args) => status(&args).await,
+        Command::Logs(args) => logs(&args).await,
+        Command::Console(args) => console(&args).await,
+        Command::Stop(args) => lifecycle(&args, "/v1/stop", "stopped").await,
+        Command::Restart(args) => lifecycle(&args, "/v1/restart", "restarting").await,
         Command::Crd => {
             let yaml = atlas_runner::api::crd_yaml().context("render the CRD")?;
             tracing::debug!(bytes = yaml.len(), "rendered the MinecraftServer CRD");
             std::io::stdout().write_all(yaml.as_bytes()).context("write the CRD to stdout")?;
+            Ok(())
+        }
+    }
+}
+
+async fn run_server(args: RunArgs) -> anyhow::Result<()> {
+    let atlas_dir = runner::atlas_dir(&args.data);
+    std::fs::create_dir_all(&atlas_dir).with_context(|| format!("create {}", atlas_dir.display()))?;
+    let data_dir = std::fs::canonicalize(&args.data).with_context(|| format!("resolve {}", args.data.display()))?;
+    // One runner per data dir; the pack engine relies on the same lock.
+    let _lock = atlas_runner::pack::lock(&atlas_runner::pack::lock_path(&data_dir))?;
+    let socket = args.control.clone().unwrap_or_else(|| client::socket_path(&data_dir));
+    let control_listener = bind_control_socket(&socket).await?;
+    let admin_listener = tokio::net::TcpListener::bind(args.metrics_addr).await.with_context(|| {
+        format!("cannot listen on {} for metrics: is another runner using it? pass --metrics-addr", args.metrics_addr)
+    })?;
+
+    let specs = FileSpecSource::start(args.spec.clone(), Duration::from_millis(args.spec_poll_ms))?;
+    let (shared, requests) = runner::shared(prometheus::Registry::new())?;
+    let mut base_urls = BaseUrls::default();
+    if let Some(url) = args.mojang_manifest_url {
+        base_urls.mojang_manifest = url;
+    }
+    if let Some(url) = args.paper_api_url {
+        base_urls.paper_api = url;
+    }
+    if let Some(url) = args.fabric_meta_url {
+        base_urls.fabric_meta = url;
+    }
+    let stop = Duration::from_secs(args.stop_timeout);
+    let options = ReconcilerOptions {
+        prepare: PrepareOptions {
+            data_dir: data_dir.clone(),
+            base_urls,
+            java: JavaSearch::with_extra(args.java),
+            cgroup_root: args.cgroup_root,
+        },
+        stop: StopTimeouts { rcon: stop, stdin: stop, term: stop },
+        restart: RestartPolicy {
+            base: Duration::from_millis(args.restart_delay_ms),
+            max_failures: args.max_crashes,
+            window: Duration::from_secs(args.crash_window),
+            ..RestartPolicy::default()
+        },
+        poll: Duration::from_millis(args.poll_ms),
+    };
+
+    let shutdown = CancellationToken::new();
+    let admin = {
+        let shutdown = shutdown.clone();
+        let router = http::admin_router(shared.clone());
+        tokio::spawn(async move {
+            axum::serve(admin_listener, router).with_graceful_shutdown(shutdown.cancelled_owned()).await
+        })
+    };
+    let control = {
+        let shutdown = shutdown.clone();
+        let router = http::control_router(shared.clone());
+        tokio::spawn(async move {
+            axum::serve(control_listener, router).with_graceful_shutdown(shutdown.cancelled_owned()).await
+        })
+    };
+    tracing::info!(data = %data_dir.display(), metrics = %args.metrics_addr, control = %socket.display(), "runner started");
+
+    let reconciler = tokio::spawn(runner::reconcile(specs.receiver(), shared, requests, options, shutdown.clone()));
+    let signals = {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("signal received; stopping the server gracefully");
+            shutdown.cancel();
+        })
+    };
+    reconciler.await.context("the reconciler task failed")?;
+    shutdown.cancel();
+    signals.abort();
+    // Followers of `logs -f` hold connections open; graceful shutdown waits for them briefly only.
+    let _ = tokio::time::timeout(Duration::from_secs(2), admin).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), control).await;
+    let _ = std::fs::remove_file(&socket);
+    tracing::info!("runner stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => std::future::pending().await,
+    }
+}
+
+async fn bind_control_socket(socket: &Path) -> anyhow::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if socket.exists() {
+        if tokio::net::UnixStream::connect(socket).await.is_ok() {
+            bail!("control socket {} is in use by another runner; stop it first or pass --control", socket.display());
+        }
+        // Left behind by a runner that died: nobody answers, so it is safe to replace.
+        std::fs::remove_file(socket).with_context(|| format!("remove stale {}", socket.display()))?;
+    }
+    if let Some(parent) = socket.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let listener =
+        tokio::net::UnixListener::bind(socket).with_context(|| format!("bind control socket {}", socket.display()))?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+async fn status(args: &ClientArgs) -> anyhow::Result<()> {
+    let bytes = client::call(&args.socket(), "GET", "/v1/status", None).await?;
+    let status: RunnerStatus = serde_json::from_slice(&bytes)?;
+    print_status(&status, args.json)
+}
+
+fn print_status(status: &RunnerStatus, json: bool) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, status)?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    writeln!(out, "phase:     {}", status.phase)?;
+    if let Some(message) = &status.message {
+        writeln!(out, "message:   {message}")?;
+    }
+    if let (Some(kind), Some(version)) = (&status.server_type, &status.server_version) {
+        writeln!(out, "server:    {kind} {version}")?;
+    }
+    if let Some(pack) = &status.pack_version {
+        writeln!(out, "pack:      {pack}")?;
+    }
+    let names =
+        if status.player_names.is_empty() { String::new() } else { format!(" ({})", status.player_names.join(", ")) };
+    writeln!(out, "players:   {}/{}{names}", status.players_online, status.players_max)?;
+    if let Some(uptime) = status.uptime_seconds {
+        writeln!(out, "uptime:    {}h{:02}m{:02}s", uptime / 3600, uptime / 60 % 60, uptime % 60)?;
+    }
+    writeln!(out, "restarts:  {}", status.restarts)?;
+    if let Some(reason) = &status.last_exit_reason {
+        writeln!(out, "last exit: {reason}")?;
+    }
+    Ok(())
+}
+
+async fn logs(args: &LogsArgs) -> anyhow::Result<()> {
+    let path = format!("/v1/logs?tail={}&follow={}", args.tail, args.follow);
+    let response = client::request(&args.client.socket(), "GET", &path, None).await?;
+    let mut body = response.into_body();
+    let mut out = std::io::stdout();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            if args.client.json {
+                for line in String::from_utf8_lossy(&data).lines() {
+                    writeln!(out, "{}", serde_json::json!({ "line": line }))?;
+                }
+            } else {
+                out.write_all(&data)?;
+            }
+            out.flush()?;
         }
     }
     Ok(())
+}
+
+async fn console(args: &ConsoleArgs) -> anyhow::Result<()> {
+    let request = ConsoleRequest { command: args.command.join(" ") };
+    let bytes = client::call(&args.client.socket(), "POST", "/v1/console", Some(serde_json::to_vec(&request)?)).await?;
+    let reply: ConsoleReply = serde_json::from_slice(&bytes)?;
+    let mut out = std::io::stdout();
+    if args.client.json {
+        writeln!(out, "{}", serde_json::to_string(&reply)?)?;
+    } else if !reply.output.is_empty() {
+        writeln!(out, "{}", reply.output.trim_end())?;
+    }
+    Ok(())
+}
+
+async fn lifecycle(args: &ClientArgs, path: &str, done: &str) -> anyhow::Result<()> {
+    let bytes = client::call(&args.socket(), "POST", path, None).await?;
+    let status: RunnerStatus = serde_json::from_slice(&bytes)?;
+    if args.json {
+        print_status(&status, true)
+    } else {
+        writeln!(std::io::stdout(), "{done}; phase {}", status.phase)?;
+        Ok(())
+    }
 }

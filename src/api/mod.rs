@@ -136,6 +136,18 @@ pub enum ServerType {
     Custom,
 }
 
+impl ServerType {
+    /// The name as the spec spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Vanilla => "vanilla",
+            Self::Paper => "paper",
+            Self::Fabric => "fabric",
+            Self::Custom => "custom",
+        }
+    }
+}
+
 /// A versioned pack of server files and how it is kept up to date.
 #[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(rename_all = "camelCase")]

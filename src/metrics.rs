@@ -1,0 +1,135 @@
+//! The Prometheus registry and the runner's metrics. Each component registers its own struct on an
+//! explicit registry; `/metrics` renders it.
+
+use prometheus::{Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+
+use crate::api::Phase;
+use crate::supervisor::ExitReason;
+
+/// Every phase, for the one-hot `atlas_server_phase` gauge.
+pub const PHASES: [Phase; 8] = [
+    Phase::Pending,
+    Phase::Provisioning,
+    Phase::Starting,
+    Phase::Running,
+    Phase::Updating,
+    Phase::Stopping,
+    Phase::Stopped,
+    Phase::Failed,
+];
+
+/// The name of a phase as status and metrics spell it.
+pub fn phase_name(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Pending => "Pending",
+        Phase::Provisioning => "Provisioning",
+        Phase::Starting => "Starting",
+        Phase::Running => "Running",
+        Phase::Updating => "Updating",
+        Phase::Stopping => "Stopping",
+        Phase::Stopped => "Stopped",
+        Phase::Failed => "Failed",
+    }
+}
+
+/// The runner's metrics.
+#[derive(Debug, Clone)]
+pub struct RunnerMetrics {
+    /// Players online.
+    pub players_online: IntGauge,
+    /// The server's player limit.
+    pub players_max: IntGauge,
+    /// 1 for the current phase, 0 for the others.
+    pub phase: GaugeVec,
+    /// 1 while the server is ready for players.
+    pub ready: IntGauge,
+    /// Restarts after unexpected exits.
+    pub restarts: IntCounter,
+    /// Exits by reason.
+    pub exits: IntCounterVec,
+    /// The JVM's resident memory.
+    pub jvm_resident_memory: IntGauge,
+    /// CPU time the JVM used.
+    pub jvm_cpu_seconds: prometheus::Counter,
+    /// RCON round-trip latency.
+    pub rcon_latency: Histogram,
+    /// RCON failures.
+    pub rcon_failures: IntCounterVec,
+    /// Unix time the server last became ready.
+    pub last_ready_time: Gauge,
+}
+
+impl RunnerMetrics {
+    /// Creates the metrics and registers them (and `atlas_build_info`) on `registry`.
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let m = Self {
+            players_online: IntGauge::new("atlas_players_online", "Players online, from RCON list.")?,
+            players_max: IntGauge::new("atlas_players_max", "The server's player limit, from RCON list.")?,
+            phase: GaugeVec::new(
+                Opts::new("atlas_server_phase", "1 for the server's current phase, else 0."),
+                &["phase"],
+            )?,
+            ready: IntGauge::new("atlas_server_ready", "1 while the server is ready for players.")?,
+            restarts: IntCounter::new("atlas_server_restarts_total", "Restarts after unexpected exits.")?,
+            exits: IntCounterVec::new(Opts::new("atlas_server_exits_total", "Server exits by reason."), &["reason"])?,
+            jvm_resident_memory: IntGauge::new(
+                "atlas_jvm_resident_memory_bytes",
+                "Resident memory of the server JVM.",
+            )?,
+            jvm_cpu_seconds: prometheus::Counter::new(
+                "atlas_jvm_cpu_seconds_total",
+                "CPU time used by the server JVM.",
+            )?,
+            rcon_latency: Histogram::with_opts(
+                HistogramOpts::new("atlas_rcon_latency_seconds", "RCON command round-trip time.")
+                    .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
+            )?,
+            rcon_failures: IntCounterVec::new(
+                Opts::new("atlas_rcon_failures_total", "RCON commands that failed, by category."),
+                &["category"],
+            )?,
+            last_ready_time: Gauge::new(
+                "atlas_server_last_ready_timestamp_seconds",
+                "Unix time the server last became ready.",
+            )?,
+        };
+        registry.register(Box::new(m.players_online.clone()))?;
+        registry.register(Box::new(m.players_max.clone()))?;
+        registry.register(Box::new(m.phase.clone()))?;
+        registry.register(Box::new(m.ready.clone()))?;
+        registry.register(Box::new(m.restarts.clone()))?;
+        registry.register(Box::new(m.exits.clone()))?;
+        registry.register(Box::new(m.jvm_resident_memory.clone()))?;
+        registry.register(Box::new(m.jvm_cpu_seconds.clone()))?;
+        registry.register(Box::new(m.rcon_latency.clone()))?;
+        registry.register(Box::new(m.rcon_failures.clone()))?;
+        registry.register(Box::new(m.last_ready_time.clone()))?;
+        for reason in ExitReason::ALL {
+            m.exits.with_label_values(&[reason.category()]);
+        }
+        let build = IntGauge::with_opts(
+            Opts::new("atlas_build_info", "Atlas Runner's version; always 1.")
+                .const_label("version", env!("CARGO_PKG_VERSION")),
+        )?;
+        build.set(1);
+        registry.register(Box::new(build))?;
+        m.set_phase(Phase::Pending);
+        Ok(m)
+    }
+
+    /// Sets the one-hot phase gauge.
+    pub fn set_phase(&self, current: Phase) {
+        for phase in PHASES {
+            self.phase.with_label_values(&[phase_name(phase)]).set(if phase == current { 1.0 } else { 0.0 });
+        }
+    }
+}
+
+/// Renders a registry in the Prometheus text format.
+pub fn render(registry: &Registry) -> String {
+    let mut out = String::new();
+    if let Err(e) = prometheus::TextEncoder::new().encode_utf8(&registry.gather(), &mut out) {
+        tracing::warn!(error = %e, "encoding metrics failed");
+    }
+    out
+}

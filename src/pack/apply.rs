@@ -1,0 +1,542 @@
+//! Applying a staged pack, and rolling back: plan (diff + checks of the data dir), verify the
+//! files to install, then a journaled swap made of renames, committed by replacing `state.json`.
+//!
+//! The swap is the only part during which the server must be stopped; the caller stops it, and
+//! holds the data dir's lock (a [`PackStore`] borrows it).
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use super::journal::{self, Journal, JournalError, exists, hash_file, write_atomic};
+use super::manifest::{FileEntry, ManifestError, PackManifest, PackVersion, Preserve, diff};
+use super::path::RelativePath;
+use super::store::{Layout, PackStore, StagedPack, StoreError, StoreState};
+
+/// A step of the swap, passed to the test hook of [`PackStore::apply_with_hook`] just before
+/// the step runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SwapStep<'a> {
+    /// Writing the journal.
+    WriteJournal,
+    /// Moving an old version's file out of the data dir into the store.
+    Displace(&'a RelativePath),
+    /// Moving a new version's file from the store into the data dir.
+    Install(&'a RelativePath),
+    /// Writing an absent preserved file.
+    WritePreserved(&'a RelativePath),
+    /// fsyncing the directories the swap changed.
+    SyncDirs,
+    /// Replacing `state.json`: the commit point.
+    Commit,
+    /// Deleting copies the store no longer needs.
+    Cleanup,
+    /// Deleting the journal.
+    RemoveJournal,
+}
+
+/// Errors of apply and rollback.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// The staged pack belongs to another store, or its directory has gone.
+    #[error("the staged pack {0} is not in this store; stage it again")]
+    NotStaged(PackVersion),
+    /// A file no pack version owns is where the new version puts one.
+    #[error("{path}: {reason}; move it away or list it in preserve")]
+    Conflict {
+        /// The path in the data dir.
+        path: RelativePath,
+        /// What is there.
+        reason: &'static str,
+    },
+    /// A file to install does not match the manifest: nothing was changed.
+    #[error("verify {path} before the swap: {reason}")]
+    VerifyDigest {
+        /// The file.
+        path: RelativePath,
+        /// What was wrong.
+        reason: String,
+    },
+    /// Rollback asked with no previous version.
+    #[error("there is no previous pack version to roll back to")]
+    NoPrevious,
+    /// A filesystem operation failed before the swap began: nothing was changed.
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The path it was done to.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: io::Error,
+    },
+    /// The store could not be read.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Invalid `preserve` globs.
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    /// A step of the swap failed; it was undone (`rolled_back`), or, when the undo failed too, the
+    /// journal stays and the next open of the store undoes it.
+    #[error("swap to {to} failed ({}): {source}", if *rolled_back { "rolled back" } else { "rollback pending: the next open of the store finishes it" })]
+    Swap {
+        /// The version being installed.
+        to: PackVersion,
+        /// Whether the data dir is back to the old version already.
+        rolled_back: bool,
+        /// The failure.
+        #[source]
+        source: JournalError,
+    },
+    /// The test hook stopped the swap, as a crash would: nothing was undone.
+    #[error("swap to {to} interrupted before step {step}")]
+    Interrupted {
+        /// The version being installed.
+        to: PackVersion,
+        /// The step's index (0 = writing the journal).
+        step: usize,
+    },
+}
+
+impl ApplyError {
+    /// Short static category, used as log field and metric label.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Self::NotStaged(_) => "not-staged",
+            Self::Conflict { .. } => "conflict",
+            Self::VerifyDigest { .. } => "digest-mismatch",
+            Self::NoPrevious => "no-previous",
+            Self::Io { .. } => "io",
+            Self::Store(e) => e.category(),
+            Self::Manifest(e) => e.category(),
+            Self::Swap { .. } => "swap-failed",
+            Self::Interrupted { .. } => "interrupted",
+        }
+    }
+}
+
+/// What an apply or rollback did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// The version the data dir held before.
+    pub from: Option<PackVersion>,
+    /// The version it holds now.
+    pub to: PackVersion,
+    /// Files written into the data dir (new and changed ones).
+    pub installed: Vec<RelativePath>,
+    /// Files of the old version removed from the data dir (kept in the store for rollback).
+    pub removed: Vec<RelativePath>,
+    /// Preserved files written because they were absent.
+    pub preserved_written: Vec<RelativePath>,
+    /// Files already in the data dir with exactly the new version's content, now owned by it.
+    pub adopted: Vec<RelativePath>,
+    /// Files left as they were.
+    pub unchanged: usize,
+}
+
+/// The hook type of [`PackStore::apply_with_hook`]: called before each step; an error stops the
+/// swap there as a crash would.
+pub type StepHook<'h> = dyn FnMut(usize, SwapStep<'_>) -> Result<(), ()> + 'h;
+
+impl PackStore<'_> {
+    /// Applies a staged pack: the data dir ends up holding exactly its managed files, the files of
+    /// the version it replaces are moved into the store (the previous version, for rollback), files
+    /// no version owns are never touched, and `preserve` files are written only where absent.
+    /// Refuses, before changing anything, when a file no version owns is in the way. The caller
+    /// must have stopped the server and hold the data dir's lock.
+    pub fn apply(&mut self, staged: StagedPack, preserve: &Preserve) -> Result<ApplyReport, ApplyError> {
+        self.apply_with_hook(staged, preserve, &mut |_, _| Ok(()))
+    }
+
+    /// [`PackStore::apply`] with a hook called before every step of the swap; for crash tests.
+    #[doc(hidden)]
+    pub fn apply_with_hook(
+        &mut self,
+        staged: StagedPack,
+        preserve: &Preserve,
+        hook: &mut StepHook<'_>,
+    ) -> Result<ApplyReport, ApplyError> {
+        let to = staged.manifest.version.clone();
+        if staged.root != self.layout.root() || !self.layout.manifest_file(&to).is_file() {
+            return Err(ApplyError::NotStaged(to));
+        }
+        let from = match &self.state.current {
+            Some(v) => Some((v.clone(), self.read_manifest(v)?)),
+            None => None,
+        };
+        let next_state = StoreState {
+            current: Some(to.clone()),
+            previous: from.as_ref().map(|(v, _)| v.clone()),
+            preserve: preserve.patterns().to_vec(),
+        };
+        self.swap(from, &staged.manifest, preserve, next_state, hook)
+    }
+
+    /// Goes back to the previous version, from the store alone (no network). Its files are
+    /// verified before anything changes; the current version becomes the previous one.
+    pub fn rollback(&mut self) -> Result<ApplyReport, ApplyError> {
+        self.rollback_with_hook(&mut |_, _| Ok(()))
+    }
+
+    /// [`PackStore::rollback`] with a step hook; for crash tests.
+    #[doc(hidden)]
+    pub fn rollback_with_hook(&mut self, hook: &mut StepHook<'_>) -> Result<ApplyReport, ApplyError> {
+        let (Some(current), Some(previous)) = (self.state.current.clone(), self.state.previous.clone()) else {
+            return Err(ApplyError::NoPrevious);
+        };
+        let from = self.read_manifest(&current)?;
+        let to = self.read_manifest(&previous)?;
+        let preserve = Preserve::new(&self.state.preserve)?;
+        let next_state = StoreState {
+            current: Some(previous),
+            previous: Some(current.clone()),
+            preserve: self.state.preserve.clone(),
+        };
+        self.swap(Some((current, from)), &to, &preserve, next_state, hook)
+    }
+
+    fn swap(
+        &mut self,
+        from: Option<(PackVersion, PackManifest)>,
+        to: &PackManifest,
+        preserve: &Preserve,
+        next_state: StoreState,
+        hook: &mut StepHook<'_>,
+    ) -> Result<ApplyReport, ApplyError> {
+        let (journal, report) = plan(&self.layout, from.as_ref(), to, preserve, next_state)?;
+        verify_sources(&self.layout, &journal, to)?;
+        clear_stale_displace_targets(&self.layout, &journal)?;
+        let mut step = 0usize;
+        let mut at = |s: SwapStep<'_>| -> Result<(), ApplyError> {
+            let index = step;
+            step += 1;
+            hook(index, s).map_err(|()| ApplyError::Interrupted { to: journal.to.clone(), step: index })
+        };
+        at(SwapStep::WriteJournal)?;
+        journal.write(&self.layout).map_err(|source| ApplyError::Swap {
+            to: journal.to.clone(),
+            rolled_back: true,
+            source,
+        })?;
+        match run_steps(&self.layout, &journal, &mut at) {
+            Ok(()) => {}
+            Err(StepError::Hook(e)) => return Err(e),
+            Err(StepError::Io(source)) => {
+                let rolled_back = match journal.undo(&self.layout).and_then(|()| Journal::remove(&self.layout)) {
+                    Ok(()) => true,
+                    Err(undo) => {
+                        tracing::error!(error = %undo, "undoing a failed pack swap failed; the next open retries");
+                        false
+                    }
+                };
+                return Err(ApplyError::Swap { to: journal.to.clone(), rolled_back, source });
+            }
+        }
+        self.state = journal.next_state.clone();
+        // Committed: what follows is cleanup, which the next open also finishes.
+        let cleanup = (|| -> Result<(), StepError> {
+            // Cleanup before the journal goes, so a crash in between leaves it to the next open.
+            at(SwapStep::Cleanup).map_err(StepError::Hook)?;
+            journal.finish(&self.layout)?;
+            at(SwapStep::RemoveJournal).map_err(StepError::Hook)?;
+            Journal::remove(&self.layout)?;
+            Ok(())
+        })();
+        match cleanup {
+            Ok(()) => {}
+            Err(StepError::Hook(e)) => return Err(e),
+            Err(StepError::Io(e)) => {
+                tracing::warn!(error = %e, "pack swap committed; its cleanup failed and is retried on the next open")
+            }
+        }
+        Ok(report)
+    }
+}
+
+enum StepError {
+    Hook(ApplyError),
+    Io(JournalError),
+}
+
+impl From<JournalError> for StepError {
+    fn from(e: JournalError) -> Self {
+        Self::Io(e)
+    }
+}
+
+/// The swap proper, up to and including the commit.
+fn run_steps(
+    layout: &Layout,
+    journal: &Journal,
+    at: &mut dyn FnMut(SwapStep<'_>) -> Result<(), ApplyError>,
+) -> Result<(), StepError> {
+    let data = layout.data();
+    let mut touched: Vec<PathBuf> = Vec::new();
+    if let Some(from) = &journal.from {
+        let from_files = layout.files_dir(from);
+        for path in &journal.displace {
+            at(SwapStep::Displace(path)).map_err(StepError::Hook)?;
+            let source = path.under(data);
+            let kept = path.under(&from_files);
+            journal::create_parent(&kept)?;
+            match fs::rename(&source, &kept) {
+                Ok(()) => {}
+                // Already gone (deleted by hand): nothing to keep.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(journal::io_err("rename", &source)(e).into()),
+            }
+            touched.extend(dirs_up_to(&kept, layout.root()));
+            touched.extend(dirs_up_to(&source, data));
+        }
+    }
+    let to_files = layout.files_dir(&journal.to);
+    for path in &journal.install {
+        at(SwapStep::Install(path)).map_err(StepError::Hook)?;
+        let staged = path.under(&to_files);
+        let target = path.under(data);
+        journal::create_parent(&target)?;
+        if fs::symlink_metadata(&target).map(|m| m.is_dir()).unwrap_or(false) {
+            remove_empty_tree(&target)?;
+        }
+        fs::rename(&staged, &target).map_err(journal::io_err("rename", &staged))?;
+        touched.extend(dirs_up_to(&staged, layout.root()));
+        touched.extend(dirs_up_to(&target, data));
+    }
+    for entry in &journal.preserve_writes {
+        at(SwapStep::WritePreserved(&entry.path)).map_err(StepError::Hook)?;
+        let target = entry.path.under(data);
+        if exists(&target)? {
+            continue;
+        }
+        let tmp = layout.copy_tmp();
+        let staged = entry.path.under(&to_files);
+        fs::copy(&staged, &tmp).map_err(journal::io_err("copy", &staged))?;
+        fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(journal::io_err("fsync", &tmp))?;
+        journal::create_parent(&target)?;
+        fs::rename(&tmp, &target).map_err(journal::io_err("rename", &tmp))?;
+        touched.extend(dirs_up_to(&target, data));
+    }
+    at(SwapStep::SyncDirs).map_err(StepError::Hook)?;
+    journal::sync_all_dirs(touched)?;
+    at(SwapStep::Commit).map_err(StepError::Hook)?;
+    let bytes = serde_json::to_vec_pretty(&journal.next_state)
+        .map_err(|source| JournalError::Parse { path: layout.state_file(), source })?;
+    write_atomic(&layout.state_file(), &bytes)?;
+    Ok(())
+}
+
+/// Whether every file under `dir` is one the swap moves away (and there is no link).
+fn holds_only(data: &Path, dir: &Path, displaced: &BTreeSet<&str>) -> bool {
+    let Ok(entries) = fs::read_dir(dir) else { return false };
+    entries.into_iter().all(|entry| {
+        let Ok(entry) = entry else { return false };
+        let path = entry.path();
+        match entry.file_type() {
+            Ok(t) if t.is_dir() => holds_only(data, &path, displaced),
+            Ok(t) if t.is_file() => {
+                path.strip_prefix(data).ok().and_then(Path::to_str).is_some_and(|rel| displaced.contains(rel))
+            }
+            _ => false,
+        }
+    })
+}
+
+/// Removes a tree of empty directories; fails (leaving the rest) when anything else is in it.
+fn remove_empty_tree(dir: &Path) -> Result<(), JournalError> {
+    for entry in fs::read_dir(dir).map_err(journal::io_err("read directory", dir))? {
+        let path = entry.map_err(journal::io_err("read directory", dir))?.path();
+        remove_empty_tree(&path)?;
+    }
+    fs::remove_dir(dir).map_err(journal::io_err("remove empty directory", dir))
+}
+
+/// The directories from `path`'s parent up to and including `top`: a rename or a newly created
+/// directory is durable once they are fsynced.
+fn dirs_up_to(path: &Path, top: &Path) -> Vec<PathBuf> {
+    path.ancestors().skip(1).take_while(|d| d.starts_with(top)).map(Path::to_owned).collect()
+}
+
+/// Diffs the versions and checks the data dir: what to move where, and what the report will say.
+/// Changes nothing.
+fn plan(
+    layout: &Layout,
+    from: Option<&(PackVersion, PackManifest)>,
+    to: &PackManifest,
+    preserve: &Preserve,
+    next_state: StoreState,
+) -> Result<(Journal, ApplyReport), ApplyError> {
+    let data = layout.data();
+    let to_files = layout.files_dir(&to.version);
+    let stat_err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| ApplyError::Io { op: "stat", path, source }
+    };
+    let old_files: &[FileEntry] = from.map(|(_, m)| m.files.as_slice()).unwrap_or(&[]);
+    let d = diff(old_files, &to.files, preserve);
+
+    let mut displace = Vec::new();
+    for entry in d.changed.iter().chain(&d.removed) {
+        match fs::symlink_metadata(entry.path.under(data)) {
+            Ok(meta) if meta.is_dir() => {
+                return Err(ApplyError::Conflict {
+                    path: entry.path.clone(),
+                    reason: "a directory is where the pack has a file",
+                });
+            }
+            Ok(_) => displace.push(entry.path.clone()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(stat_err(&entry.path.under(data))(e)),
+        }
+    }
+    let displaced: BTreeSet<&str> = displace.iter().map(RelativePath::as_str).collect();
+    let mut dirs_ok: HashMap<String, bool> = HashMap::new();
+    let mut check_parents = |path: &RelativePath| -> Result<(), ApplyError> {
+        for ancestor in path.ancestors() {
+            if displaced.contains(ancestor) {
+                // A file of the old version that this swap moves away first.
+                continue;
+            }
+            if dirs_ok.get(ancestor) == Some(&true) {
+                continue;
+            }
+            let dir = data.join(ancestor);
+            let ok = match fs::symlink_metadata(&dir) {
+                Ok(meta) => meta.is_dir(),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => true,
+                Err(e) => return Err(stat_err(&dir)(e)),
+            };
+            dirs_ok.insert(ancestor.to_owned(), ok);
+            if !ok {
+                let path = super::path::sanitize_path(ancestor).unwrap_or_else(|_| path.clone());
+                return Err(ApplyError::Conflict {
+                    path,
+                    reason: "a file or link is where the pack needs a directory",
+                });
+            }
+        }
+        Ok(())
+    };
+
+    let mut install = Vec::new();
+    let mut discard = Vec::new();
+    let mut adopted = Vec::new();
+    for entry in &d.added {
+        check_parents(&entry.path)?;
+        let target = entry.path.under(data);
+        match fs::symlink_metadata(&target) {
+            // Absent, or under a file of the old version that this swap moves away first.
+            Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => {
+                install.push(entry.path.clone())
+            }
+            Err(e) => return Err(stat_err(&target)(e)),
+            // A directory of the old version's files, all moved away first (a directory that
+            // becomes a file); install removes the emptied directories.
+            Ok(meta) if meta.is_dir() && holds_only(data, &target, &displaced) => install.push(entry.path.clone()),
+            Ok(meta) if meta.is_file() && hash_file(&target).ok() == Some((entry.sha256, entry.size)) => {
+                adopted.push(entry.path.clone());
+                discard.push(entry.path.clone());
+            }
+            Ok(_) => {
+                return Err(ApplyError::Conflict {
+                    path: entry.path.clone(),
+                    reason: "a file no pack version owns is where the new version puts one",
+                });
+            }
+        }
+    }
+    for entry in &d.changed {
+        check_parents(&entry.path)?;
+        install.push(entry.path.clone());
+    }
+    let mut unchanged = 0;
+    for entry in &d.unchanged {
+        let target = entry.path.under(data);
+        let present = exists(&target).map_err(|e| ApplyError::Store(StoreError::Recover(e)))?;
+        if !present && exists(&entry.path.under(&to_files)).map_err(|e| ApplyError::Store(StoreError::Recover(e)))? {
+            // Deleted by hand from the data dir: the new version puts it back.
+            check_parents(&entry.path)?;
+            install.push(entry.path.clone());
+        } else {
+            unchanged += 1;
+            discard.push(entry.path.clone());
+        }
+    }
+    let mut preserve_writes = Vec::new();
+    for entry in &d.preserved {
+        let absent = !exists(&entry.path.under(data)).map_err(|e| ApplyError::Store(StoreError::Recover(e)))?;
+        // A previous version's store directory may not hold it; then there is nothing to write.
+        let source = exists(&entry.path.under(&to_files)).map_err(|e| ApplyError::Store(StoreError::Recover(e)))?;
+        if absent && source {
+            check_parents(&entry.path)?;
+            preserve_writes.push(entry.clone());
+        }
+    }
+    let report = ApplyReport {
+        from: from.map(|(v, _)| v.clone()),
+        to: to.version.clone(),
+        installed: install.clone(),
+        removed: d.removed.iter().map(|e| e.path.clone()).collect(),
+        preserved_written: preserve_writes.iter().map(|e| e.path.clone()).collect(),
+        adopted,
+        unchanged,
+    };
+    let journal = Journal {
+        from: from.map(|(v, _)| v.clone()),
+        to: to.version.clone(),
+        displace,
+        install,
+        preserve_writes,
+        discard,
+        next_state,
+    };
+    Ok((journal, report))
+}
+
+/// Hashes every file the swap will install from the store; any mismatch stops the apply before
+/// the data dir changes.
+fn verify_sources(layout: &Layout, journal: &Journal, to: &PackManifest) -> Result<(), ApplyError> {
+    let to_files = layout.files_dir(&to.version);
+    let expected = journal.install.iter().filter_map(|p| to.file(p)).chain(&journal.preserve_writes);
+    for entry in expected {
+        let staged = entry.path.under(&to_files);
+        match hash_file(&staged) {
+            Ok((sha256, size)) if sha256 == entry.sha256 && size == entry.size => {}
+            Ok((sha256, size)) => {
+                return Err(ApplyError::VerifyDigest {
+                    path: entry.path.clone(),
+                    reason: format!(
+                        "sha256 {sha256} size {size}, the manifest says sha256 {} size {}",
+                        entry.sha256, entry.size
+                    ),
+                });
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(ApplyError::VerifyDigest {
+                    path: entry.path.clone(),
+                    reason: "missing from the store".into(),
+                });
+            }
+            Err(source) => return Err(ApplyError::Io { op: "read", path: staged, source }),
+        }
+    }
+    Ok(())
+}
+
+/// Before the journal exists: a stale copy in the old version's store directory where a displaced
+/// file will go would make undo ambiguous, so it goes. (The current version's store directory
+/// holds no managed file: those live in the data dir.)
+fn clear_stale_displace_targets(layout: &Layout, journal: &Journal) -> Result<(), ApplyError> {
+    let Some(from) = &journal.from else { return Ok(()) };
+    let from_files = layout.files_dir(from);
+    for path in &journal.displace {
+        let kept = path.under(&from_files);
+        match fs::remove_file(&kept) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => return Err(ApplyError::Io { op: "remove", path: kept, source }),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,564 @@
+//! Safe extraction of pack archives (`.tar.zst`, `.tar.gz`, `.zip`) into an empty staging directory.
+//!
+//! Every entry is checked before a byte of it is written: its path must sanitise (no `..`, not
+//! absolute), it must be a regular file or a directory (no links, devices or fifos), it must not
+//! repeat or collide with another entry, and sizes and the expansion ratio must stay within
+//! [`Limits`]. Truncated and corrupt streams are errors. Files are hashed while written.
+
+use std::cell::Cell;
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use sha2::Digest;
+
+use super::manifest::Sha256Digest;
+use super::path::{PathError, RelativePath, sanitize_path};
+
+/// The archive formats a pack may come in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArchiveFormat {
+    /// A zstd-compressed tar (the Atlas pack format).
+    TarZst,
+    /// A gzip-compressed tar.
+    TarGz,
+    /// A zip archive (also the container of `.mrpack`).
+    Zip,
+}
+
+impl ArchiveFormat {
+    /// The format a file name's extension says, if any.
+    pub fn from_file_name(name: &str) -> Option<Self> {
+        let lower = name.to_ascii_lowercase();
+        if lower.ends_with(".tar.zst") || lower.ends_with(".tzst") {
+            Some(Self::TarZst)
+        } else if lower.ends_with(".tar.gz") || lower.ends_with(".tgz") {
+            Some(Self::TarGz)
+        } else if lower.ends_with(".zip") || lower.ends_with(".mrpack") {
+            Some(Self::Zip)
+        } else {
+            None
+        }
+    }
+}
+
+/// Bounds on what an archive may expand to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest single file, in bytes.
+    pub max_entry_size: u64,
+    /// Largest total of all files, in bytes.
+    pub max_total_size: u64,
+    /// Most entries (files and directories).
+    pub max_entries: u64,
+    /// Largest accepted ratio of expanded bytes to compressed bytes read so far...
+    pub max_ratio: u64,
+    /// ...checked only once this many bytes have been expanded, so small, very compressible
+    /// packs (a few config files) are not mistaken for bombs.
+    pub ratio_floor: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_entry_size: 2 << 30,
+            max_total_size: 32 << 30,
+            max_entries: 500_000,
+            max_ratio: 100,
+            ratio_floor: 64 << 20,
+        }
+    }
+}
+
+/// A regular file written by extraction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExtractedFile {
+    /// Where it landed, relative to the destination.
+    pub path: RelativePath,
+    /// SHA-256 of what was written.
+    pub sha256: Sha256Digest,
+    /// Bytes written.
+    pub size: u64,
+}
+
+/// Why an archive was refused or could not be extracted. Entry names are as the archive spells them.
+#[derive(Debug, thiserror::Error)]
+pub enum ExtractError {
+    /// The entry's path is absolute, has `..`, or is otherwise unsafe.
+    #[error("archive entry {name:?}: {source}")]
+    UnsafePath {
+        /// The entry's name.
+        name: String,
+        /// What is wrong with it.
+        #[source]
+        source: PathError,
+    },
+    /// The entry's name is not UTF-8.
+    #[error("archive entry {name:?}: the name is not UTF-8")]
+    NotUtf8 {
+        /// The entry's name, lossily decoded.
+        name: String,
+    },
+    /// A symbolic link or a hard link.
+    #[error("archive entry {name:?} is a {kind}; packs may not contain links")]
+    Link {
+        /// The entry's name.
+        name: String,
+        /// `symlink` or `hardlink`.
+        kind: &'static str,
+    },
+    /// A device, fifo, socket or other non-regular entry.
+    #[error("archive entry {name:?} is a {kind}; packs may hold only regular files and directories")]
+    SpecialFile {
+        /// The entry's name.
+        name: String,
+        /// What kind of entry.
+        kind: &'static str,
+    },
+    /// The same path twice, or a path both a file and a directory.
+    #[error("archive entry {name:?} repeats or collides with an earlier entry")]
+    Duplicate {
+        /// The entry's name.
+        name: String,
+    },
+    /// One entry over [`Limits::max_entry_size`].
+    #[error("archive entry {name:?} is {size} bytes, over the limit of {limit}")]
+    EntryTooLarge {
+        /// The entry's name.
+        name: String,
+        /// Its size (declared or reached).
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// The archive expands past [`Limits::max_total_size`] or has too many entries.
+    #[error("archive entry {name:?} takes the archive past its limit of {limit} {what}")]
+    ArchiveTooLarge {
+        /// The entry that crossed the limit.
+        name: String,
+        /// The limit.
+        limit: u64,
+        /// `bytes` or `entries`.
+        what: &'static str,
+    },
+    /// The expansion ratio says decompression bomb.
+    #[error(
+        "archive entry {name:?}: {expanded} bytes expanded from {compressed} compressed, over the ratio limit of {ratio}; refusing a likely decompression bomb"
+    )]
+    Bomb {
+        /// The entry being expanded.
+        name: String,
+        /// Bytes expanded so far.
+        expanded: u64,
+        /// Compressed bytes read so far.
+        compressed: u64,
+        /// The ratio limit.
+        ratio: u64,
+    },
+    /// A tar entry or zip feature this extractor does not take (sparse files, ...).
+    #[error("archive entry {name:?} has unsupported type {kind}")]
+    Unsupported {
+        /// The entry's name.
+        name: String,
+        /// The type, as the archive names it.
+        kind: String,
+    },
+    /// The stream is truncated or corrupt (compression, tar or zip structure, checksum).
+    #[error("read archive{}: {source}", entry.as_deref().map(|n| format!(" (at entry {n:?})")).unwrap_or_default())]
+    Corrupt {
+        /// The entry being read, when known.
+        entry: Option<String>,
+        /// The decoder's error.
+        #[source]
+        source: io::Error,
+    },
+    /// An entry ended before its declared size.
+    #[error("archive entry {name:?} is truncated: {actual} of {declared} bytes")]
+    Truncated {
+        /// The entry's name.
+        name: String,
+        /// Size its header declares.
+        declared: u64,
+        /// Bytes present.
+        actual: u64,
+    },
+    /// The destination is not an empty directory.
+    #[error("extraction destination {0} is not an empty directory")]
+    DestinationNotEmpty(PathBuf),
+    /// Writing the destination failed.
+    #[error("write {path}: {source}")]
+    Write {
+        /// The file or directory being written.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl ExtractError {
+    /// Short static category, used as log field and metric label.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Self::UnsafePath { .. }
+            | Self::NotUtf8 { .. }
+            | Self::Link { .. }
+            | Self::SpecialFile { .. }
+            | Self::Duplicate { .. }
+            | Self::Unsupported { .. } => "unsafe-entry",
+            Self::EntryTooLarge { .. } | Self::ArchiveTooLarge { .. } | Self::Bomb { .. } => "too-large",
+            Self::Corrupt { .. } | Self::Truncated { .. } => "corrupt-archive",
+            Self::DestinationNotEmpty(_) | Self::Write { .. } => "io",
+        }
+    }
+}
+
+/// Extracts `archive` (a file in `format`) into `dest`, an existing empty directory.
+pub fn extract_file(
+    archive: &Path,
+    format: ArchiveFormat,
+    dest: &Path,
+    limits: &Limits,
+) -> Result<Vec<ExtractedFile>, ExtractError> {
+    let file = File::open(archive).map_err(|source| ExtractError::Corrupt { entry: None, source })?;
+    match format {
+        ArchiveFormat::TarZst => extract_tar(io::BufReader::new(file), TarCompression::Zstd, dest, limits),
+        ArchiveFormat::TarGz => extract_tar(io::BufReader::new(file), TarCompression::Gzip, dest, limits),
+        ArchiveFormat::Zip => extract_zip(io::BufReader::new(file), dest, limits),
+    }
+}
+
+/// The compression around a tar stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TarCompression {
+    /// zstd (`.tar.zst`).
+    Zstd,
+    /// gzip (`.tar.gz`).
+    Gzip,
+}
+
+/// Extracts a compressed tar stream into `dest`, an existing empty directory. Streams: memory use
+/// does not depend on the archive's size.
+pub fn extract_tar<R: Read>(
+    reader: R,
+    compression: TarCompression,
+    dest: &Path,
+    limits: &Limits,
+) -> Result<Vec<ExtractedFile>, ExtractError> {
+    check_empty_dir(dest)?;
+    let compressed = Rc::new(Cell::new(0u64));
+    let counting = CountingReader { inner: reader, count: Rc::clone(&compressed) };
+    let corrupt = |entry: Option<&str>| {
+        let entry = entry.map(str::to_owned);
+        move |source| ExtractError::Corrupt { entry, source }
+    };
+    let decoder: Box<dyn Read> = match compression {
+        TarCompression::Zstd => Box::new(zstd::stream::read::Decoder::new(counting).map_err(corrupt(None))?),
+        TarCompression::Gzip => Box::new(flate2::read::GzDecoder::new(counting)),
+    };
+    let mut writer = Writer::new(dest, limits, compressed);
+    let mut archive = tar::Archive::new(decoder);
+    for entry in archive.entries().map_err(corrupt(None))? {
+        let mut entry = entry.map_err(corrupt(writer.last_name()))?;
+        let raw_name = entry.path_bytes();
+        let name = match std::str::from_utf8(&raw_name) {
+            Ok(name) => name.to_owned(),
+            Err(_) => return Err(ExtractError::NotUtf8 { name: String::from_utf8_lossy(&raw_name).into_owned() }),
+        };
+        use tar::EntryType as T;
+        match entry.header().entry_type() {
+            T::Regular | T::Continuous => {
+                let declared = entry.header().size().map_err(corrupt(Some(&name)))?;
+                writer.file(&name, declared, &mut entry)?;
+            }
+            T::Directory => writer.dir(&name)?,
+            T::Symlink => return Err(ExtractError::Link { name, kind: "symlink" }),
+            T::Link => return Err(ExtractError::Link { name, kind: "hardlink" }),
+            T::Char => return Err(ExtractError::SpecialFile { name, kind: "character device" }),
+            T::Block => return Err(ExtractError::SpecialFile { name, kind: "block device" }),
+            T::Fifo => return Err(ExtractError::SpecialFile { name, kind: "fifo" }),
+            // A pax global header carries defaults for later entries, no file.
+            T::XGlobalHeader => continue,
+            other => return Err(ExtractError::Unsupported { name, kind: format!("{other:?}") }),
+        }
+    }
+    // Read the compressed stream to its end, so a truncated or corrupt tail (which tar's end
+    // marker would hide) is still an error, and trailing junk still counts against the limits.
+    let mut rest = archive.into_inner();
+    let budget = limits.max_total_size.saturating_sub(writer.total) + 1;
+    let drained = io::copy(&mut (&mut rest).take(budget), &mut io::sink()).map_err(corrupt(None))?;
+    if drained >= budget {
+        return Err(ExtractError::ArchiveTooLarge {
+            name: "(after the last entry)".into(),
+            limit: limits.max_total_size,
+            what: "bytes",
+        });
+    }
+    writer.finish()
+}
+
+/// Extracts a zip archive into `dest`, an existing empty directory. Zip needs `Seek` (its index is
+/// at the end), so network sources download to a file first.
+pub fn extract_zip<R: Read + Seek>(
+    mut reader: R,
+    dest: &Path,
+    limits: &Limits,
+) -> Result<Vec<ExtractedFile>, ExtractError> {
+    check_empty_dir(dest)?;
+    let corrupt = |entry: Option<&str>| {
+        let entry = entry.map(str::to_owned);
+        move |source| ExtractError::Corrupt { entry, source }
+    };
+    let zip_corrupt = |entry: Option<&str>| {
+        let entry = entry.map(str::to_owned);
+        move |e: zip::result::ZipError| ExtractError::Corrupt { entry, source: io::Error::other(e) }
+    };
+    let archive_len = reader.seek(SeekFrom::End(0)).map_err(corrupt(None))?;
+    // The zip crate keys entries by name, silently keeping one of two same-named entries; read
+    // the central directory's names ourselves so a duplicate is refused, by name.
+    if let Some(name) = zip_duplicate_name(&mut reader).map_err(corrupt(None))? {
+        return Err(ExtractError::Duplicate { name });
+    }
+    reader.seek(SeekFrom::Start(0)).map_err(corrupt(None))?;
+    let mut archive = zip::ZipArchive::new(reader).map_err(zip_corrupt(None))?;
+    let compressed = Rc::new(Cell::new(archive_len));
+    let mut writer = Writer::new(dest, limits, compressed);
+    for index in 0..archive.len() {
+        let mut file = archive.by_index(index).map_err(zip_corrupt(writer.last_name()))?;
+        let name = file.name().to_owned();
+        const S_IFMT: u32 = 0o170000;
+        let kind = match file.unix_mode().map(|m| m & S_IFMT) {
+            None | Some(0) | Some(0o100000) | Some(0o040000) => None,
+            Some(0o120000) => return Err(ExtractError::Link { name, kind: "symlink" }),
+            Some(0o020000) => Some("character device"),
+            Some(0o060000) => Some("block device"),
+            Some(0o010000) => Some("fifo"),
+            Some(0o140000) => Some("socket"),
+            Some(_) => Some("unknown file type"),
+        };
+        if let Some(kind) = kind {
+            return Err(ExtractError::SpecialFile { name, kind });
+        }
+        if file.is_dir() {
+            writer.dir(&name)?;
+        } else {
+            let declared = file.size();
+            writer.file(&name, declared, &mut file)?;
+        }
+    }
+    writer.finish()
+}
+
+/// The first name the zip's central directory lists twice. `None` for a zip64 directory, whose
+/// layout this scan does not read (the zip crate still parses it).
+fn zip_duplicate_name<R: Read + Seek>(reader: &mut R) -> io::Result<Option<String>> {
+    let len = reader.seek(SeekFrom::End(0))?;
+    let tail_len = len.min(22 + 65_535);
+    reader.seek(SeekFrom::Start(len - tail_len))?;
+    let mut tail = Vec::new();
+    reader.take(tail_len).read_to_end(&mut tail)?;
+    let Some(eocd) = tail.windows(4).rposition(|w| w == [0x50, 0x4b, 0x05, 0x06]) else {
+        return Ok(None); // Not a zip at all: the zip crate says so, with its own error.
+    };
+    let field = |at: usize, n: usize| -> Option<u64> {
+        let bytes = tail.get(eocd + at..eocd + at + n)?;
+        Some(bytes.iter().rev().fold(0u64, |acc, b| (acc << 8) | u64::from(*b)))
+    };
+    let (Some(count), Some(size), Some(offset)) = (field(10, 2), field(12, 4), field(16, 4)) else {
+        return Ok(None);
+    };
+    if count == 0xffff || offset == 0xffff_ffff || size > 64 << 20 {
+        return Ok(None);
+    }
+    reader.seek(SeekFrom::Start(offset))?;
+    let mut dir = Vec::new();
+    reader.take(size).read_to_end(&mut dir)?;
+    let mut seen = HashSet::new();
+    let mut at = 0usize;
+    while dir.get(at..at + 4) == Some(&[0x50, 0x4b, 0x01, 0x02]) {
+        let le16 = |o: usize| dir.get(at + o..at + o + 2).map(|b| usize::from(b[0]) | usize::from(b[1]) << 8);
+        let (Some(name_len), Some(extra_len), Some(comment_len)) = (le16(28), le16(30), le16(32)) else {
+            break;
+        };
+        let Some(name) = dir.get(at + 46..at + 46 + name_len) else { break };
+        let name = String::from_utf8_lossy(name).into_owned();
+        // `a` and `a/` (file and directory) collide on disk as well.
+        if !seen.insert(name.trim_end_matches('/').to_owned()) {
+            return Ok(Some(name));
+        }
+        at += 46 + name_len + extra_len + comment_len;
+    }
+    Ok(None)
+}
+
+fn check_empty_dir(dest: &Path) -> Result<(), ExtractError> {
+    let mut entries = fs::read_dir(dest).map_err(|source| ExtractError::Write { path: dest.to_owned(), source })?;
+    if entries.next().is_some() {
+        return Err(ExtractError::DestinationNotEmpty(dest.to_owned()));
+    }
+    Ok(())
+}
+
+/// Counts bytes read from the compressed stream, for the expansion ratio.
+struct CountingReader<R> {
+    inner: R,
+    count: Rc<Cell<u64>>,
+}
+
+impl<R: Read> Read for CountingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count.set(self.count.get() + n as u64);
+        Ok(n)
+    }
+}
+
+/// Writes checked entries under the destination and enforces the limits across entries.
+struct Writer<'a> {
+    dest: &'a Path,
+    limits: &'a Limits,
+    compressed: Rc<Cell<u64>>,
+    total: u64,
+    entries: u64,
+    files: HashSet<RelativePath>,
+    dirs: HashSet<String>,
+    out: Vec<ExtractedFile>,
+    last: Option<String>,
+    buf: Vec<u8>,
+}
+
+impl<'a> Writer<'a> {
+    fn new(dest: &'a Path, limits: &'a Limits, compressed: Rc<Cell<u64>>) -> Self {
+        Self {
+            dest,
+            limits,
+            compressed,
+            total: 0,
+            entries: 0,
+            files: HashSet::new(),
+            dirs: HashSet::new(),
+            out: Vec::new(),
+            last: None,
+            buf: vec![0; 128 * 1024],
+        }
+    }
+
+    fn last_name(&self) -> Option<&str> {
+        self.last.as_deref()
+    }
+
+    fn admit(&mut self, name: &str) -> Result<RelativePath, ExtractError> {
+        self.last = Some(name.to_owned());
+        self.entries += 1;
+        if self.entries > self.limits.max_entries {
+            return Err(ExtractError::ArchiveTooLarge {
+                name: name.to_owned(),
+                limit: self.limits.max_entries,
+                what: "entries",
+            });
+        }
+        let path = sanitize_path(name).map_err(|source| ExtractError::UnsafePath { name: name.to_owned(), source })?;
+        // No ancestor of this entry may be a file.
+        if path.ancestors().any(|a| self.files.contains(a)) {
+            return Err(ExtractError::Duplicate { name: name.to_owned() });
+        }
+        Ok(path)
+    }
+
+    fn dir(&mut self, name: &str) -> Result<(), ExtractError> {
+        let path = self.admit(name)?;
+        if self.files.contains(&path) {
+            return Err(ExtractError::Duplicate { name: name.to_owned() });
+        }
+        let target = path.under(self.dest);
+        fs::create_dir_all(&target).map_err(|source| ExtractError::Write { path: target, source })?;
+        for a in path.ancestors() {
+            self.dirs.insert(a.to_owned());
+        }
+        self.dirs.insert(path.as_str().to_owned());
+        Ok(())
+    }
+
+    fn file(&mut self, name: &str, declared: u64, reader: &mut dyn Read) -> Result<(), ExtractError> {
+        let path = self.admit(name)?;
+        if self.files.contains(&path) || self.dirs.contains(path.as_str()) {
+            return Err(ExtractError::Duplicate { name: name.to_owned() });
+        }
+        let limit = self.limits.max_entry_size;
+        if declared > limit {
+            return Err(ExtractError::EntryTooLarge { name: name.to_owned(), size: declared, limit });
+        }
+        let target = path.under(self.dest);
+        if let Some(parent) = target.parent() {
+            fs::create_dir_all(parent).map_err(|source| ExtractError::Write { path: parent.to_owned(), source })?;
+        }
+        for a in path.ancestors() {
+            self.dirs.insert(a.to_owned());
+        }
+        let write_err = |source| ExtractError::Write { path: target.clone(), source };
+        // create_new: never follow or replace anything already there.
+        let mut out = OpenOptions::new().write(true).create_new(true).mode(0o644).open(&target).map_err(write_err)?;
+        self.files.insert(path.clone());
+        let mut hasher = sha2::Sha256::new();
+        let mut size = 0u64;
+        let mut limited = reader.take(declared.saturating_add(1));
+        loop {
+            let n = match limited.read(&mut self.buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(source) => return Err(ExtractError::Corrupt { entry: Some(name.to_owned()), source }),
+            };
+            let chunk = &self.buf[..n];
+            size += n as u64;
+            self.total += n as u64;
+            if size > limit {
+                return Err(ExtractError::EntryTooLarge { name: name.to_owned(), size, limit });
+            }
+            if self.total > self.limits.max_total_size {
+                return Err(ExtractError::ArchiveTooLarge {
+                    name: name.to_owned(),
+                    limit: self.limits.max_total_size,
+                    what: "bytes",
+                });
+            }
+            let compressed = self.compressed.get().max(1);
+            if self.total > self.limits.ratio_floor && self.total / compressed > self.limits.max_ratio {
+                return Err(ExtractError::Bomb {
+                    name: name.to_owned(),
+                    expanded: self.total,
+                    compressed,
+                    ratio: self.limits.max_ratio,
+                });
+            }
+            hasher.update(chunk);
+            out.write_all(chunk).map_err(write_err)?;
+        }
+        if size != declared {
+            return Err(ExtractError::Truncated { name: name.to_owned(), declared, actual: size });
+        }
+        // Durable before the journaled swap may rename it into the data dir.
+        out.sync_all().map_err(write_err)?;
+        self.out.push(ExtractedFile { path, sha256: Sha256Digest(hasher.finalize().into()), size });
+        Ok(())
+    }
+
+    fn finish(self) -> Result<Vec<ExtractedFile>, ExtractError> {
+        let mut dirs: Vec<&String> = self.dirs.iter().collect();
+        dirs.sort();
+        for dir in dirs.into_iter().map(|d| self.dest.join(d)).chain([self.dest.to_owned()]) {
+            sync_dir(&dir).map_err(|source| ExtractError::Write { path: dir, source })?;
+        }
+        let mut out = self.out;
+        out.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(out)
+    }
+}
+
+/// fsyncs a directory, making the names in it durable.
+pub(crate) fn sync_dir(path: &Path) -> io::Result<()> {
+    File::open(path)?.sync_all()
+}

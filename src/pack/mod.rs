@@ -1,0 +1,34 @@
+//! The pack engine: builds, extracts, stages and atomically applies versioned server packs into a
+//! data dir, keeping the previous version for rollback.
+//!
+//! The pipeline: an archive (today a local file; network sources come later) -> [`store::PackStore::stage`]
+//! (safe extraction, every digest verified against `atlas-pack.json`) -> a [`store::StagedPack`] ->
+//! [`store::PackStore::apply`] (a journaled swap; crash-consistent) -> the data dir holds the new
+//! version, the store keeps the old one for [`store::PackStore::rollback`].
+//!
+//! Layout inside the data dir:
+//! ```text
+//! DATA/.atlas/lock                      one runner per data dir (see [`lock`])
+//! DATA/.atlas/packs/state.json          committed state: current version, previous version, preserve globs
+//! DATA/.atlas/packs/journal.json        present only while a swap is in flight
+//! DATA/.atlas/packs/<version>/atlas-pack.json   the version's manifest
+//! DATA/.atlas/packs/<version>/files/    staged files (for the current version: none after the swap;
+//!                                       for the previous one: the files that differ from the current)
+//! ```
+
+pub mod build;
+pub mod extract;
+pub mod journal;
+pub mod lock;
+pub mod manifest;
+pub mod path;
+pub mod store;
+
+pub mod apply;
+
+pub use apply::{ApplyError, ApplyReport, SwapStep};
+pub use extract::{ArchiveFormat, Limits};
+pub use lock::{DataDirLock, lock, lock_path};
+pub use manifest::{Diff, FileEntry, PackManifest, PackVersion, Preserve, Sha256Digest, diff};
+pub use path::{RelativePath, sanitize_path};
+pub use store::{PackStore, StagedPack};

@@ -1,0 +1,438 @@
+//! The pack store under `DATA/.atlas/packs/`: staged versions, their manifests, the committed state,
+//! and the recovery of an interrupted swap when the store is opened.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use super::extract::{self, ArchiveFormat, ExtractError, Limits};
+use super::journal::{self, Journal, JournalError, write_atomic};
+use super::lock::{DataDirLock, lock_path};
+use super::manifest::{FileEntry, MANIFEST_FILE, ManifestError, PackManifest, PackVersion, Preserve, RESERVED_DIR};
+use super::path::RelativePath;
+
+/// Errors opening the store and staging packs into it.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A filesystem operation failed.
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The path it was done to.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: io::Error,
+    },
+    /// The lock passed in is not this data dir's.
+    #[error("the lock {} is not the lock of data dir {}", lock.display(), data_dir.display())]
+    WrongLock {
+        /// The lock held.
+        lock: PathBuf,
+        /// The data dir opened.
+        data_dir: PathBuf,
+    },
+    /// `state.json` does not parse.
+    #[error("parse {}: {source}", path.display())]
+    State {
+        /// The state file.
+        path: PathBuf,
+        /// The parse error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// Recovering an interrupted swap failed; the journal is kept and the next open retries.
+    #[error("recover interrupted swap: {0}")]
+    Recover(#[source] JournalError),
+    /// The archive was refused or is unreadable.
+    #[error("extract pack: {0}")]
+    ExtractArchive(#[from] ExtractError),
+    /// The pack's manifest is invalid.
+    #[error("pack manifest: {0}")]
+    Manifest(#[from] ManifestError),
+    /// A plain archive (no `atlas-pack.json`) staged without a version.
+    #[error("the archive has no {MANIFEST_FILE}; a version must be given for it")]
+    MissingVersion,
+    /// The manifest's version is not the one asked for.
+    #[error("the pack is version {found}, expected {expected}")]
+    VersionMismatch {
+        /// Asked for.
+        expected: PackVersion,
+        /// In the manifest.
+        found: PackVersion,
+    },
+    /// A file whose content does not match the manifest.
+    #[error(
+        "verify {path}: sha256 {actual} size {actual_size}, the manifest says sha256 {expected} size {expected_size}"
+    )]
+    VerifyDigest {
+        /// The file.
+        path: RelativePath,
+        /// From the manifest.
+        expected: String,
+        /// Found.
+        actual: String,
+        /// From the manifest.
+        expected_size: u64,
+        /// Found.
+        actual_size: u64,
+    },
+    /// A file the manifest lists and the archive lacks.
+    #[error("the manifest lists {0} but the archive does not contain it")]
+    MissingFile(RelativePath),
+    /// A file in the archive the manifest does not list.
+    #[error("the archive contains {0}, which the manifest does not list")]
+    UnlistedFile(RelativePath),
+    /// This exact version is already the current one: nothing to do.
+    #[error("version {0} is already applied")]
+    AlreadyCurrent(PackVersion),
+    /// A different pack under the current version's name.
+    #[error("version {0} is applied with different content; a new pack needs a new version")]
+    VersionReused(PackVersion),
+}
+
+impl StoreError {
+    /// Short static category, used as log field and metric label.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Self::Io { .. } => "io",
+            Self::WrongLock { .. } => "locked",
+            Self::State { .. } => "corrupt-store",
+            Self::Recover(e) => e.category(),
+            Self::ExtractArchive(e) => e.category(),
+            Self::Manifest(e) => e.category(),
+            Self::MissingVersion | Self::VersionMismatch { .. } | Self::VersionReused(_) => "invalid-pack",
+            Self::VerifyDigest { .. } | Self::MissingFile(_) | Self::UnlistedFile(_) => "digest-mismatch",
+            Self::AlreadyCurrent(_) => "up-to-date",
+        }
+    }
+}
+
+fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StoreError {
+    let path = path.to_owned();
+    move |source| StoreError::Io { op, path, source }
+}
+
+/// The committed state of the store (`state.json`). A swap commits by replacing this file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StoreState {
+    /// The version whose managed files the data dir holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current: Option<PackVersion>,
+    /// The version before it, kept for rollback.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<PackVersion>,
+    /// The `preserve` globs the current version was applied with.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub preserve: Vec<String>,
+}
+
+/// Where things are in the data dir and the store.
+#[derive(Debug, Clone)]
+pub(crate) struct Layout {
+    data: PathBuf,
+    root: PathBuf,
+}
+
+impl Layout {
+    pub(crate) fn new(data_dir: &Path) -> Self {
+        Self { data: data_dir.to_owned(), root: data_dir.join(RESERVED_DIR).join("packs") }
+    }
+    pub(crate) fn data(&self) -> &Path {
+        &self.data
+    }
+    pub(crate) fn root(&self) -> &Path {
+        &self.root
+    }
+    pub(crate) fn state_file(&self) -> PathBuf {
+        self.root.join("state.json")
+    }
+    pub(crate) fn journal_file(&self) -> PathBuf {
+        self.root.join("journal.json")
+    }
+    pub(crate) fn version_dir(&self, version: &PackVersion) -> PathBuf {
+        self.root.join(version.as_str())
+    }
+    pub(crate) fn files_dir(&self, version: &PackVersion) -> PathBuf {
+        self.version_dir(version).join("files")
+    }
+    pub(crate) fn manifest_file(&self, version: &PackVersion) -> PathBuf {
+        self.version_dir(version).join(MANIFEST_FILE)
+    }
+    pub(crate) fn copy_tmp(&self) -> PathBuf {
+        self.root.join("preserve-copy.tmp")
+    }
+}
+
+/// What opening the store did about a swap a crash interrupted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recovery {
+    /// No swap was in flight.
+    Clean,
+    /// The swap had not committed: it was undone, the data dir holds `from` (none: no pack).
+    RolledBack {
+        /// The version the data dir holds again.
+        from: Option<PackVersion>,
+        /// The version whose swap was undone.
+        to: PackVersion,
+    },
+    /// The swap had committed; its cleanup was finished.
+    Completed {
+        /// The version the data dir holds.
+        to: PackVersion,
+    },
+}
+
+/// What the store holds, for `pack status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreStatus {
+    /// The applied version, with its manifest.
+    pub current: Option<PackManifest>,
+    /// The version kept for rollback.
+    pub previous: Option<PackVersion>,
+    /// The files the current version owns in the data dir (its files minus preserved ones).
+    pub owned: Vec<FileEntry>,
+    /// The `preserve` globs the current version was applied with.
+    pub preserve: Vec<String>,
+}
+
+/// A pack extracted into the store with every file verified against its manifest: the only thing
+/// [`PackStore::apply`] takes. Made only by [`PackStore::stage`].
+#[derive(Debug)]
+pub struct StagedPack {
+    pub(crate) manifest: PackManifest,
+    pub(crate) root: PathBuf,
+}
+
+impl StagedPack {
+    /// The staged pack's manifest.
+    pub fn manifest(&self) -> &PackManifest {
+        &self.manifest
+    }
+
+    /// The staged pack's version.
+    pub fn version(&self) -> &PackVersion {
+        &self.manifest.version
+    }
+}
+
+/// The pack store of one data dir. Holding one means holding the data dir's lock (the borrow).
+#[derive(Debug)]
+pub struct PackStore<'lock> {
+    pub(crate) layout: Layout,
+    pub(crate) state: StoreState,
+    _lock: &'lock DataDirLock,
+}
+
+impl<'lock> PackStore<'lock> {
+    /// Opens (creating if needed) the store of `data_dir`, whose lock the caller holds. A swap a
+    /// crash interrupted is undone, or its cleanup finished when it had committed, before this
+    /// returns: the data dir then holds exactly one version's managed files. Leftover staging
+    /// directories and versions other than the current and previous one are deleted.
+    pub fn open(data_dir: &Path, lock: &'lock DataDirLock) -> Result<(Self, Recovery), StoreError> {
+        if lock.path() != lock_path(data_dir) {
+            return Err(StoreError::WrongLock { lock: lock.path().to_owned(), data_dir: data_dir.to_owned() });
+        }
+        let layout = Layout::new(data_dir);
+        fs::create_dir_all(layout.root()).map_err(io_err("create directory", layout.root()))?;
+        let mut state = read_state(&layout)?;
+        let recovery = match Journal::read(&layout).map_err(StoreError::Recover)? {
+            None => Recovery::Clean,
+            Some(j) if state.current.as_ref() == Some(&j.to) => {
+                j.finish(&layout).map_err(StoreError::Recover)?;
+                Journal::remove(&layout).map_err(StoreError::Recover)?;
+                tracing::warn!(version = %j.to, "finished the cleanup of a committed pack swap that was interrupted");
+                Recovery::Completed { to: j.to }
+            }
+            Some(j) => {
+                j.undo(&layout).map_err(StoreError::Recover)?;
+                Journal::remove(&layout).map_err(StoreError::Recover)?;
+                tracing::warn!(from = ?j.from, to = %j.to, "rolled back an interrupted pack swap");
+                Recovery::RolledBack { from: j.from, to: j.to }
+            }
+        };
+        state = read_state(&layout).unwrap_or(state);
+        let store = Self { layout, state, _lock: lock };
+        store.collect_garbage()?;
+        Ok((store, recovery))
+    }
+
+    /// The committed state.
+    pub fn state(&self) -> &StoreState {
+        &self.state
+    }
+
+    /// The data dir.
+    pub fn data_dir(&self) -> &Path {
+        self.layout.data()
+    }
+
+    /// The current and kept versions and what the current one owns.
+    pub fn status(&self) -> Result<StoreStatus, StoreError> {
+        let current = match &self.state.current {
+            Some(v) => Some(self.read_manifest(v)?),
+            None => None,
+        };
+        let preserve = Preserve::new(&self.state.preserve)?;
+        let owned = current
+            .as_ref()
+            .map(|m| m.files.iter().filter(|f| !preserve.matches(&f.path)).cloned().collect())
+            .unwrap_or_default();
+        Ok(StoreStatus { current, previous: self.state.previous.clone(), owned, preserve: self.state.preserve.clone() })
+    }
+
+    /// The manifest of a version in the store.
+    pub fn read_manifest(&self, version: &PackVersion) -> Result<PackManifest, StoreError> {
+        let path = self.layout.manifest_file(version);
+        let bytes = fs::read(&path).map_err(io_err("read", &path))?;
+        Ok(PackManifest::from_json(&bytes)?)
+    }
+
+    /// Extracts `archive` into the store and verifies it: with an `atlas-pack.json`, every file
+    /// must match it exactly (no file missing, none extra, every sha256 and size); without one
+    /// (a plain `.tar.gz` or `.zip`), `version` names the pack and the manifest is made from the
+    /// files. Runs while the server runs: the data dir is not touched, and a refused archive
+    /// leaves nothing behind.
+    pub fn stage(
+        &self,
+        archive: &Path,
+        format: ArchiveFormat,
+        version: Option<&PackVersion>,
+        limits: &Limits,
+    ) -> Result<StagedPack, StoreError> {
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or_default();
+        let staging = self.layout.root().join(format!("staging-{}-{nanos}", std::process::id()));
+        let result = self.stage_into(&staging, archive, format, version, limits);
+        if result.is_err()
+            && let Err(e) = fs::remove_dir_all(&staging)
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %staging.display(), error = %e, "could not remove a refused staging directory");
+        }
+        result
+    }
+
+    fn stage_into(
+        &self,
+        staging: &Path,
+        archive: &Path,
+        format: ArchiveFormat,
+        version: Option<&PackVersion>,
+        limits: &Limits,
+    ) -> Result<StagedPack, StoreError> {
+        let files_dir = staging.join("files");
+        fs::create_dir_all(&files_dir).map_err(io_err("create directory", &files_dir))?;
+        let mut extracted = extract::extract_file(archive, format, &files_dir, limits)?;
+        let manifest = match extracted.iter().position(|f| f.path.as_str() == MANIFEST_FILE) {
+            Some(index) => {
+                let entry = extracted.remove(index);
+                let path = entry.path.under(&files_dir);
+                let bytes = fs::read(&path).map_err(io_err("read", &path))?;
+                fs::remove_file(&path).map_err(io_err("remove", &path))?;
+                let manifest = PackManifest::from_json(&bytes)?;
+                if let Some(expected) = version
+                    && *expected != manifest.version
+                {
+                    return Err(StoreError::VersionMismatch {
+                        expected: expected.clone(),
+                        found: manifest.version.clone(),
+                    });
+                }
+                verify_extracted(&manifest, &extracted)?;
+                manifest
+            }
+            None => {
+                let version = version.ok_or(StoreError::MissingVersion)?;
+                let files =
+                    extracted.into_iter().map(|f| FileEntry { path: f.path, sha256: f.sha256, size: f.size }).collect();
+                PackManifest::new(version.clone(), None, Vec::new(), files)?
+            }
+        };
+        if self.state.current.as_ref() == Some(&manifest.version) {
+            let current = self.read_manifest(&manifest.version)?;
+            return Err(if current == manifest {
+                StoreError::AlreadyCurrent(manifest.version)
+            } else {
+                StoreError::VersionReused(manifest.version)
+            });
+        }
+        let bytes = manifest.to_json()?;
+        write_atomic(&staging.join(MANIFEST_FILE), &bytes).map_err(StoreError::Recover)?;
+        let target = self.layout.version_dir(&manifest.version);
+        // A leftover or the previous version (whose store directory holds only what differs from the
+        // current one): the fresh, complete staging replaces it.
+        if journal::exists(&target).map_err(StoreError::Recover)? {
+            fs::remove_dir_all(&target).map_err(io_err("remove", &target))?;
+        }
+        fs::rename(staging, &target).map_err(io_err("rename", staging))?;
+        extract::sync_dir(self.layout.root()).map_err(io_err("fsync", self.layout.root()))?;
+        Ok(StagedPack { manifest, root: self.layout.root().to_owned() })
+    }
+
+    /// Deletes staging leftovers and versions that are neither current nor previous.
+    fn collect_garbage(&self) -> Result<(), StoreError> {
+        let root = self.layout.root();
+        for entry in fs::read_dir(root).map_err(io_err("read directory", root))? {
+            let entry = entry.map_err(io_err("read directory", root))?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let keep = name == "state.json"
+                || name == "journal.json"
+                || self.state.current.as_ref().is_some_and(|v| v.as_str() == name)
+                || self.state.previous.as_ref().is_some_and(|v| v.as_str() == name);
+            if keep {
+                continue;
+            }
+            let path = entry.path();
+            let result = if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                fs::remove_dir_all(&path)
+            } else {
+                fs::remove_file(&path)
+            };
+            result.map_err(io_err("remove", &path))?;
+        }
+        Ok(())
+    }
+}
+
+fn read_state(layout: &Layout) -> Result<StoreState, StoreError> {
+    let path = layout.state_file();
+    match fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| StoreError::State { path, source }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(StoreState::default()),
+        Err(source) => Err(StoreError::Io { op: "read", path, source }),
+    }
+}
+
+/// Every file of the manifest was extracted with its digest and size, and nothing else was.
+fn verify_extracted(manifest: &PackManifest, extracted: &[extract::ExtractedFile]) -> Result<(), StoreError> {
+    let mut got = extracted.iter().peekable();
+    for want in &manifest.files {
+        // Both are sorted by path.
+        if let Some(extra) = got.next_if(|g| g.path < want.path) {
+            return Err(StoreError::UnlistedFile(extra.path.clone()));
+        }
+        match got.next_if(|g| g.path == want.path) {
+            None => return Err(StoreError::MissingFile(want.path.clone())),
+            Some(g) if g.sha256 != want.sha256 || g.size != want.size => {
+                return Err(StoreError::VerifyDigest {
+                    path: want.path.clone(),
+                    expected: want.sha256.to_string(),
+                    actual: g.sha256.to_string(),
+                    expected_size: want.size,
+                    actual_size: g.size,
+                });
+            }
+            Some(_) => {}
+        }
+    }
+    if let Some(extra) = got.next() {
+        return Err(StoreError::UnlistedFile(extra.path.clone()));
+    }
+    Ok(())
+}

@@ -1,0 +1,340 @@
+//! The reconciler shared by `run` and (later) `agent`: a spec source in, a status out, and in between
+//! prepare -> start -> watch -> restart or stop.
+
+mod prepare;
+mod spec;
+mod state;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+pub use prepare::{PrepareError, PrepareOptions, Prepared, prepare};
+pub use spec::{FileSpecSource, SpecError, load_spec, parse_spec};
+pub use state::{ControlRequest, RunnerStatus, Shared};
+
+use crate::api::{MinecraftServerSpec, Phase};
+use crate::metrics::RunnerMetrics;
+use crate::supervisor::{Backoff, Exit, LogBuffer, RestartPolicy, ServerProcess, StopTimeouts, Verdict};
+
+/// How the reconciler behaves.
+#[derive(Debug, Clone)]
+pub struct ReconcilerOptions {
+    /// Preparation (resolution, files, Java).
+    pub prepare: PrepareOptions,
+    /// Stop escalation timeouts.
+    pub stop: StopTimeouts,
+    /// Restart pacing and the crash limit.
+    pub restart: RestartPolicy,
+    /// How often players and process stats are sampled.
+    pub poll: Duration,
+}
+
+/// Creates the shared state and the channel the control API sends requests on.
+pub fn shared(registry: prometheus::Registry) -> prometheus::Result<(Shared, mpsc::Receiver<ControlRequest>)> {
+    let metrics = RunnerMetrics::register(&registry)?;
+    let (requests, rx) = mpsc::channel(16);
+    let (status, _) = watch::channel(RunnerStatus::default());
+    let shared = Shared {
+        logs: LogBuffer::new(2000),
+        status,
+        rcon: Arc::new(Mutex::new(None)),
+        requests,
+        metrics,
+        registry,
+        started: Arc::new(Mutex::new(None)),
+    };
+    Ok((shared, rx))
+}
+
+enum Next {
+    /// Prepare and start (again).
+    Start,
+    /// Stay down until the spec changes or an admin restarts.
+    Hold,
+    /// Leave the loop.
+    Exit,
+}
+
+/// Runs the reconciler until `shutdown`, then stops the server gracefully.
+pub async fn reconcile(
+    mut specs: watch::Receiver<MinecraftServerSpec>,
+    shared: Shared,
+    mut requests: mpsc::Receiver<ControlRequest>,
+    options: ReconcilerOptions,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Backoff::new(options.restart);
+    let mut next = Next::Start;
+    loop {
+        match next {
+            Next::Exit => return,
+            Next::Hold => {
+                next = tokio::select! {
+                    _ = shutdown.cancelled() => Next::Exit,
+                    changed = specs.changed() => if changed.is_ok() { backoff.reset(); Next::Start } else { Next::Exit },
+                    Some(request) = requests.recv() => match request {
+                        ControlRequest::Restart(reply) => { backoff.reset(); let _ = reply.send(Ok(())); Next::Start }
+                        ControlRequest::Stop(reply) => { let _ = reply.send(Ok(())); Next::Hold }
+                    },
+                };
+            }
+            Next::Start => {
+                let spec = specs.borrow_and_update().clone();
+                shared.set_phase(Phase::Provisioning, None);
+                let prepared = tokio::select! {
+                    _ = shutdown.cancelled() => { next = Next::Exit; continue; }
+                    prepared = prepare(&spec, &options.prepare) => prepared,
+                };
+                let prepared = match prepared {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::error!(category = e.category(), "{e}");
+                        next = if e.is_transient() {
+                            shared.set_phase(Phase::Pending, Some(format!("{e}; retrying")));
+                            wait_or_shutdown(Duration::from_secs(10), &shutdown, &mut specs).await
+                        } else {
+                            shared.set_phase(Phase::Failed, Some(e.to_string()));
+                            Next::Hold
+                        };
+                        continue;
+                    }
+                };
+                next = run_once(prepared, &mut specs, &shared, &mut requests, &options, &shutdown, &mut backoff).await;
+            }
+        }
+    }
+}
+
+async fn wait_or_shutdown(
+    delay: Duration,
+    shutdown: &CancellationToken,
+    specs: &mut watch::Receiver<MinecraftServerSpec>,
+) -> Next {
+    tokio::select! {
+        _ = shutdown.cancelled() => Next::Exit,
+        _ = tokio::time::sleep(delay) => Next::Start,
+        _ = specs.changed() => Next::Start,
+    }
+}
+
+/// Starts a prepared server and watches it until it must be started again, held down, or the
+/// runner exits.
+async fn run_once(
+    prepared: Prepared,
+    specs: &mut watch::Receiver<MinecraftServerSpec>,
+    shared: &Shared,
+    requests: &mut mpsc::Receiver<ControlRequest>,
+    options: &ReconcilerOptions,
+    shutdown: &CancellationToken,
+    backoff: &mut Backoff,
+) -> Next {
+    shared.status.send_modify(|s| {
+        s.server_type = Some(prepared.server_type.clone());
+        s.server_version = Some(prepared.minecraft_version.clone());
+        s.players_max = prepared.max_players;
+    });
+    if let Ok(mut rcon) = shared.rcon.lock() {
+        *rcon = Some(prepared.rcon.clone());
+    }
+    shared.set_phase(Phase::Starting, None);
+    tracing::info!(command = ?prepared.command, "starting the server");
+    let mut process = match ServerProcess::spawn(&prepared.command, &options.prepare.data_dir, shared.logs.clone()) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(category = e.category(), "{e}");
+            shared.set_phase(Phase::Failed, Some(e.to_string()));
+            return Next::Hold;
+        }
+    };
+    if let Ok(mut started) = shared.started.lock() {
+        *started = Some(process.started());
+    }
+    shared.status.send_modify(|s| s.pid = process.pid());
+    let mut ready = process.ready();
+    let mut poll = tokio::time::interval(options.poll);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut stats = ProcessStats::new(process.pid());
+    // The readiness channel closes when the output ends; stop selecting on it then.
+    let mut ready_open = true;
+
+    let (exit, after) = loop {
+        tokio::select! {
+            exit = process.wait() => break (exit, None),
+            changed = ready.changed(), if ready_open && !*ready.borrow() => {
+                ready_open = changed.is_ok();
+                if changed.is_ok() && *ready.borrow() {
+                    tracing::info!(after = ?process.started().elapsed(), "server is ready");
+                    shared.set_phase(Phase::Running, None);
+                    shared.metrics.last_ready_time.set(unix_now());
+                }
+            }
+            _ = poll.tick() => {
+                stats.sample(&shared.metrics);
+                if *ready.borrow() {
+                    poll_players(shared, &prepared.rcon).await;
+                }
+            }
+            changed = specs.changed() => {
+                if changed.is_err() { continue; }
+                let spec = specs.borrow_and_update().clone();
+                if !prepared.needs_restart_for(&spec) {
+                    tracing::info!("spec changed; nothing that needs a restart");
+                    continue;
+                }
+                // Ready the new files while the old server still runs, then restart once.
+                match prepare(&spec, &options.prepare).await {
+                    Ok(next) => {
+                        tracing::info!("spec changed; restarting the server once with the new files ready");
+                        shared.set_phase(Phase::Stopping, Some("restarting for a spec change".into()));
+                        let exit = process.stop(Some(&prepared.rcon), options.stop).await;
+                        backoff.reset();
+                        record_exit(shared, &exit, false);
+                        return Box::pin(run_once(next, specs, shared, requests, options, shutdown, backoff)).await;
+                    }
+                    Err(e) => tracing::error!(category = e.category(), "{e}; keeping the running server"),
+                }
+            }
+            Some(request) = requests.recv() => {
+                shared.set_phase(Phase::Stopping, None);
+                let exit = process.stop(Some(&prepared.rcon), options.stop).await;
+                match request {
+                    ControlRequest::Stop(reply) => {
+                        record_exit(shared, &exit, false);
+                        shared.set_phase(Phase::Stopped, Some("stopped on request".into()));
+                        let _ = reply.send(exit.map(|_| ()).map_err(|e| e.to_string()));
+                        return Next::Hold;
+                    }
+                    ControlRequest::Restart(reply) => {
+                        record_exit(shared, &exit, false);
+                        backoff.reset();
+                        let _ = reply.send(exit.map(|_| ()).map_err(|e| e.to_string()));
+                        return Next::Start;
+                    }
+                }
+            }
+            _ = shutdown.cancelled() => {
+                shared.set_phase(Phase::Stopping, Some("runner shutting down".into()));
+                let exit = process.stop(Some(&prepared.rcon), options.stop).await;
+                record_exit(shared, &exit, false);
+                shared.set_phase(Phase::Stopped, None);
+                break (exit, Some(Next::Exit));
+            }
+        }
+    };
+    if let Some(next) = after {
+        return next;
+    }
+    // The server exited on its own.
+    let Ok(exit) = exit else {
+        shared.set_phase(Phase::Failed, Some("lost track of the server process".into()));
+        return Next::Hold;
+    };
+    record_exit(shared, &Ok(exit.clone()), true);
+    let jitter: f64 = rand::random();
+    match backoff.on_exit(Instant::now(), exit.ran_for, exit.reason.is_failure(), jitter) {
+        Verdict::RestartAfter(delay) => {
+            tracing::warn!(reason = exit.reason.category(), ?delay, "server exited; restarting after a delay");
+            shared.set_phase(
+                Phase::Pending,
+                Some(format!("exited ({}); restarting in {:.1}s", exit.reason.category(), delay.as_secs_f64())),
+            );
+            shared.metrics.restarts.inc();
+            shared.status.send_modify(|s| s.restarts += 1);
+            wait_or_shutdown(delay, shutdown, specs).await
+        }
+        Verdict::GiveUp { failures } => {
+            let message = format!(
+                "{failures} failures within {:?}, the last: {}; fix the cause and run `atlas-runner restart`",
+                options.restart.window,
+                exit.reason.category()
+            );
+            tracing::error!("{message}");
+            shared.set_phase(Phase::Failed, Some(message));
+            Next::Hold
+        }
+    }
+}
+
+fn record_exit(shared: &Shared, exit: &Result<Exit, crate::supervisor::SupervisorError>, unexpected: bool) {
+    if let Ok(mut started) = shared.started.lock() {
+        *started = None;
+    }
+    if let Ok(exit) = exit {
+        shared.metrics.exits.with_label_values(&[exit.reason.category()]).inc();
+        tracing::info!(reason = exit.reason.category(), code = ?exit.info.code, signal = ?exit.info.signal, unexpected, "server exited");
+        shared.status.send_modify(|s| {
+            s.last_exit_reason = Some(exit.reason.category().to_owned());
+            s.pid = None;
+            s.players_online = 0;
+            s.player_names.clear();
+        });
+    }
+    shared.metrics.players_online.set(0);
+    shared.metrics.jvm_resident_memory.set(0);
+}
+
+async fn poll_players(shared: &Shared, rcon: &crate::rcon::Rcon) {
+    let started = Instant::now();
+    match rcon.command("list").await {
+        Ok(reply) => {
+            shared.metrics.rcon_latency.observe(started.elapsed().as_secs_f64());
+            if let Some(list) = crate::rcon::parse_list(&reply) {
+                shared.metrics.players_online.set(i64::from(list.online));
+                shared.metrics.players_max.set(i64::from(list.max));
+                shared.status.send_modify(|s| {
+                    s.players_online = list.online;
+                    s.players_max = list.max;
+                    s.player_names = list.names;
+                });
+            }
+        }
+        Err(e) => {
+            shared.metrics.rcon_failures.with_label_values(&[e.category()]).inc();
+            tracing::debug!(error = %e, "RCON list failed");
+        }
+    }
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Samples the JVM's memory and CPU time.
+struct ProcessStats {
+    pid: Option<sysinfo::Pid>,
+    // None where sysinfo cannot read this platform's process table; stats are then not sampled.
+    system: Option<sysinfo::System>,
+    last_cpu_ms: u64,
+}
+
+impl ProcessStats {
+    fn new(pid: Option<u32>) -> Self {
+        Self { pid: pid.map(sysinfo::Pid::from_u32), system: sysinfo::System::new().ok(), last_cpu_ms: 0 }
+    }
+
+    fn sample(&mut self, metrics: &RunnerMetrics) {
+        let (Some(pid), Some(system)) = (self.pid, self.system.as_mut()) else { return };
+        system.refresh_processes_specifics(
+            sysinfo::ProcessesToUpdate::Some(&[pid]),
+            true,
+            sysinfo::ProcessRefreshKind::nothing().with_memory().with_cpu(),
+        );
+        if let Some(process) = system.process(pid) {
+            metrics.jvm_resident_memory.set(i64::try_from(process.memory()).unwrap_or(i64::MAX));
+            let cpu_ms = process.accumulated_cpu_time();
+            if cpu_ms > self.last_cpu_ms {
+                metrics.jvm_cpu_seconds.inc_by((cpu_ms - self.last_cpu_ms) as f64 / 1000.0);
+                self.last_cpu_ms = cpu_ms;
+            }
+        }
+    }
+}
+
+/// Where the runner keeps its state inside the data dir.
+pub fn atlas_dir(data_dir: &std::path::Path) -> PathBuf {
+    data_dir.join(".atlas")
+}

@@ -1,0 +1,277 @@
+//! Shared test support: the fake Minecraft server (compiled from Java source at test time) and a
+//! harness that runs the built `atlas-runner` binary as a user would.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::{Ipv4Addr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// A free loopback TCP port.
+pub fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?.port())
+}
+
+/// Polls `check` every 50 ms until it returns `Some`, failing after `timeout` with `what`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return Ok(value);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn jdk_tool(name: &str) -> Result<PathBuf> {
+    if let Some(home) = std::env::var_os("JAVA_HOME") {
+        let path = PathBuf::from(home).join("bin").join(name);
+        if path.exists() {
+            return Ok(path);
+        }
+    }
+    let found = Command::new("sh").args(["-c", &format!("command -v {name}")]).output()?;
+    if found.status.success() {
+        return Ok(PathBuf::from(String::from_utf8(found.stdout)?.trim()));
+    }
+    bail!("`{name}` is not installed: install a JDK 17+ (apt-get install openjdk-17-jdk-headless) or set JAVA_HOME")
+}
+
+/// The fake server jar, compiled once per test process from `tests/fixtures/FakeServer.java`.
+pub fn fake_server_jar() -> Result<PathBuf> {
+    static JAR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    JAR.get_or_init(|| build_fake_server().map_err(|e| format!("{e:#}"))).clone().map_err(anyhow::Error::msg)
+}
+
+fn build_fake_server() -> Result<PathBuf> {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/FakeServer.java");
+    let dir = std::env::temp_dir().join(format!("atlas-fake-server-{}", std::process::id()));
+    let classes = dir.join("classes");
+    std::fs::create_dir_all(&classes)?;
+    let javac = Command::new(jdk_tool("javac")?)
+        .args(["--release", "17", "-d"])
+        .arg(&classes)
+        .arg(&source)
+        .output()
+        .context("run javac")?;
+    if !javac.status.success() {
+        bail!("javac FakeServer.java failed: {}", String::from_utf8_lossy(&javac.stderr));
+    }
+    let jar = dir.join("fake-server.jar");
+    let out = Command::new(jdk_tool("jar")?)
+        .args(["--create", "--file"])
+        .arg(&jar)
+        .args(["--main-class", "FakeServer", "-C"])
+        .arg(&classes)
+        .arg(".")
+        .output()
+        .context("run jar")?;
+    if !out.status.success() {
+        bail!("jar failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(jar)
+}
+
+/// A data dir with the fake server jar in it and a spec file next to it.
+pub struct Fixture {
+    /// Holds the temp dir.
+    pub root: PathBuf,
+    /// The data dir.
+    pub data: PathBuf,
+    /// The spec file.
+    pub spec: PathBuf,
+    /// The RCON port the spec sets.
+    pub rcon_port: u16,
+    /// The game port the spec sets.
+    pub game_port: u16,
+}
+
+impl Fixture {
+    /// A fixture whose spec runs the fake server as a `custom` server.
+    pub fn new(name: &str) -> Result<Self> {
+        let root = std::env::temp_dir().join(format!("atlas-{name}-{}-{}", std::process::id(), free_port()?));
+        let data = root.join("data");
+        std::fs::create_dir_all(&data)?;
+        std::fs::copy(fake_server_jar()?, data.join("fake-server.jar"))?;
+        let fixture =
+            Self { spec: root.join("server.yaml"), root, data, rcon_port: free_port()?, game_port: free_port()? };
+        fixture.write_spec("motd: hello")?;
+        Ok(fixture)
+    }
+
+    /// Writes the spec with `properties` (YAML mapping lines at two-space indent, joined by `\n`).
+    pub fn write_spec(&self, properties: &str) -> Result<()> {
+        let props: String = properties.lines().map(|l| format!("    {l}\n")).collect();
+        let spec = format!(
+            "apiVersion: atlas.dev/v1alpha1\nkind: MinecraftServer\nmetadata: {{name: test}}\nspec:\n  eula: true\n  server: {{type: custom, version: \"1.21.4\", jar: fake-server.jar}}\n  jvm: {{heap: 256M, flags: none}}\n  rcon: {{port: {}}}\n  properties:\n    server-port: \"{}\"\n{props}",
+            self.rcon_port, self.game_port
+        );
+        // Write then rename, so the runner never reads half a file.
+        let tmp = self.root.join("server.yaml.tmp");
+        std::fs::write(&tmp, spec)?;
+        std::fs::rename(&tmp, &self.spec)?;
+        Ok(())
+    }
+
+    /// Writes `fake-server.properties` (the fake server's test behaviour).
+    pub fn behaviour(&self, text: &str) -> Result<()> {
+        Ok(std::fs::write(self.data.join("fake-server.properties"), text)?)
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+/// `atlas-runner run` as a child process, JSON logs captured, killed on drop.
+pub struct Runner {
+    child: Child,
+    logs: Arc<Mutex<Vec<serde_json::Value>>>,
+    /// The admin address.
+    pub metrics_addr: String,
+    /// The data dir.
+    pub data: PathBuf,
+}
+
+/// The built binary.
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_atlas-runner")
+}
+
+/// Runs a CLI subcommand against a data dir.
+pub fn cli(data: &Path, args: &[&str]) -> Result<Output> {
+    // `--data` goes right after the subcommand: `console` takes the rest of the line as the command.
+    let (subcommand, rest) = args.split_first().context("a subcommand")?;
+    Ok(Command::new(binary()).arg(subcommand).arg("--data").arg(data).args(rest).output()?)
+}
+
+impl Runner {
+    /// Starts the runner on `fixture` with fast test timings plus `extra` arguments.
+    pub fn start(fixture: &Fixture, extra: &[&str]) -> Result<Self> {
+        let metrics_addr = format!("127.0.0.1:{}", free_port()?);
+        let mut child = Command::new(binary())
+            .args(["--log-format", "json", "run", "--spec"])
+            .arg(&fixture.spec)
+            .arg("--data")
+            .arg(&fixture.data)
+            .args(["--metrics-addr", &metrics_addr, "--poll-ms", "200", "--spec-poll-ms", "200"])
+            .args(if extra.contains(&"--stop-timeout") { &[][..] } else { &["--stop-timeout", "5"][..] })
+            .args(["--restart-delay-ms", "200"])
+            // No Mojang lookups leave the machine: the fake server is a custom jar, and the version
+            // manifest URL points at a closed loopback port.
+            .args(["--mojang-manifest-url", &format!("http://127.0.0.1:{}/manifest.json", free_port()?)])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        if let Some(stderr) = child.stderr.take() {
+            let logs = logs.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    let value = serde_json::from_str(&line).unwrap_or(serde_json::json!({ "raw": line }));
+                    if let Ok(mut logs) = logs.lock() {
+                        logs.push(value);
+                    }
+                }
+            });
+        }
+        Ok(Self { child, logs, metrics_addr, data: fixture.data.clone() })
+    }
+
+    /// Every log line so far.
+    pub fn logs(&self) -> Vec<serde_json::Value> {
+        self.logs.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// Log lines whose message contains `text`.
+    pub fn logs_with(&self, text: &str) -> Vec<serde_json::Value> {
+        self.logs()
+            .into_iter()
+            .filter(|l| l["message"].as_str().or(l["raw"].as_str()).is_some_and(|m| m.contains(text)))
+            .collect()
+    }
+
+    /// `atlas-runner status --json`.
+    pub fn status(&self) -> Result<serde_json::Value> {
+        let out = cli(&self.data, &["status", "--json"])?;
+        if !out.status.success() {
+            bail!("status failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// Waits until the status satisfies `check`.
+    pub fn wait_status(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        check: impl Fn(&serde_json::Value) -> bool,
+    ) -> Result<serde_json::Value> {
+        let result = wait_for(what, timeout, || {
+            if let Ok(Some(code)) = self.child.try_wait() {
+                return Some(Err(anyhow::anyhow!("runner exited with {code} while waiting for {what}")));
+            }
+            self.status().ok().filter(|s| check(s)).map(Ok)
+        });
+        match result {
+            Ok(inner) => inner,
+            Err(e) => {
+                let tail: Vec<String> = self.logs().iter().rev().take(15).map(|l| l.to_string()).collect();
+                Err(e.context(format!("last status: {:?}\nlast logs:\n{}", self.status().ok(), tail.join("\n"))))
+            }
+        }
+    }
+
+    /// Waits until the server is Running.
+    pub fn wait_running(&mut self) -> Result<serde_json::Value> {
+        self.wait_status("phase Running", Duration::from_secs(60), |s| s["phase"] == "Running")
+    }
+
+    /// The runner's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for the runner to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        wait_for("the runner to exit", timeout, || self.child.try_wait().ok().flatten())
+    }
+}
+
+impl Drop for Runner {
+    fn drop(&mut self) {
+        // SIGTERM first so the runner stops its server; SIGKILL if it does not finish.
+        let _ = Command::new("kill").args(["-s", "TERM", &self.child.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An HTTP GET over loopback with a plain TCP socket (status code, body).
+pub fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let code = response.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("no status code")?;
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    Ok((code, body))
+}

@@ -1,0 +1,282 @@
+//! The standalone runner end to end: the built `atlas-runner` binary supervising the fake Java server.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use common::{Fixture, Runner, cli, http_get, wait_for};
+
+fn stdout(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn starts_to_ready_and_answers_status_console_and_logs() -> Result<()> {
+    let fixture = Fixture::new("ready")?;
+    let mut runner = Runner::start(&fixture, &[])?;
+
+    let (code, _) =
+        wait_for("the admin port", Duration::from_secs(20), || http_get(&runner.metrics_addr, "/healthz").ok())?;
+    assert_eq!(code, 200);
+    let status = runner.wait_running()?;
+    assert_eq!(status["serverType"], "custom");
+    assert_eq!(status["serverVersion"], "1.21.4");
+    assert!(status["pid"].as_u64().is_some());
+    assert_eq!(http_get(&runner.metrics_addr, "/readyz")?.0, 200);
+
+    // The runner wrote eula.txt and merged server.properties with RCON on and a private password.
+    assert!(std::fs::read_to_string(fixture.data.join("eula.txt"))?.contains("eula=true"));
+    let props = std::fs::read_to_string(fixture.data.join("server.properties"))?;
+    assert!(
+        props.contains("enable-rcon=true") && props.contains(&format!("rcon.port={}", fixture.rcon_port)),
+        "{props}"
+    );
+    assert!(props.contains("motd=hello"), "{props}");
+
+    let list = cli(&fixture.data, &["console", "list"])?;
+    assert!(list.status.success(), "{}", String::from_utf8_lossy(&list.stderr));
+    assert!(stdout(&list).contains("There are 0 of a max of 20 players online"), "{}", stdout(&list));
+
+    cli(&fixture.data, &["console", "fake-join", "alice"])?;
+    let status = runner.wait_status("alice online", Duration::from_secs(10), |s| s["playersOnline"] == 1)?;
+    assert_eq!(status["playerNames"][0], "alice");
+    let text = stdout(&cli(&fixture.data, &["status"])?);
+    assert!(text.contains("phase:     Running") && text.contains("players:   1/20 (alice)"), "{text}");
+
+    // logs shows the history; logs -f also follows new output.
+    let logs = stdout(&cli(&fixture.data, &["logs", "--tail", "500"])?);
+    assert!(logs.contains("Done ("), "{logs}");
+    let mut follow = Command::new(common::binary())
+        .args(["logs", "-f", "--tail", "0", "--data"])
+        .arg(&fixture.data)
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let reader = BufReader::new(follow.stdout.take().context("stdout")?);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in reader.lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // Give the follower a moment to subscribe, then make the server print something.
+    std::thread::sleep(Duration::from_millis(300));
+    cli(&fixture.data, &["console", "say", "followed-line-42"])?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut seen = false;
+    while let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        if line.contains("followed-line-42") {
+            seen = true;
+            break;
+        }
+    }
+    let _ = follow.kill();
+    let _ = follow.wait();
+    assert!(seen, "logs -f did not show the new line");
+    Ok(())
+}
+
+#[test]
+fn a_property_change_in_the_spec_restarts_the_server_once() -> Result<()> {
+    let fixture = Fixture::new("respec")?;
+    let mut runner = Runner::start(&fixture, &[])?;
+    let first = runner.wait_running()?;
+    fixture.write_spec("motd: changed")?;
+    let second = runner.wait_status("a new server process", Duration::from_secs(60), |s| {
+        s["phase"] == "Running" && s["pid"] != first["pid"]
+    })?;
+    let props = std::fs::read_to_string(fixture.data.join("server.properties"))?;
+    assert!(props.contains("motd=changed"), "{props}");
+    // Exactly one restart, and it is not counted as a crash restart.
+    std::thread::sleep(Duration::from_secs(2));
+    let now = runner.status()?;
+    assert_eq!(now["pid"], second["pid"], "the server restarted more than once");
+    assert_eq!(now["restarts"], 0);
+    assert_eq!(runner.logs_with("server process started").len(), 2);
+
+    // A broken spec is reported and the running server keeps running.
+    std::fs::write(&fixture.spec, "spec: [this is not a spec")?;
+    wait_for("the bad-spec error", Duration::from_secs(10), || {
+        (!runner.logs_with("keeping the running server").is_empty()).then_some(())
+    })?;
+    let still = runner.status()?;
+    assert_eq!((still["phase"].clone(), still["pid"].clone()), ("Running".into(), second["pid"].clone()));
+    Ok(())
+}
+
+#[test]
+fn crashes_restart_with_growing_delays_then_fail() -> Result<()> {
+    let fixture = Fixture::new("crash")?;
+    fixture.behaviour("crash-on-start=true\n")?;
+    let mut runner = Runner::start(&fixture, &["--max-crashes", "4"])?;
+    let status = runner.wait_status("phase Failed", Duration::from_secs(60), |s| s["phase"] == "Failed")?;
+    assert_eq!(status["lastExitReason"], "crash");
+    assert_eq!(status["restarts"], 3);
+    assert!(status["message"].as_str().is_some_and(|m| m.contains("4 failures")), "{status}");
+    let delays: Vec<f64> = runner
+        .logs_with("restarting after a delay")
+        .iter()
+        .filter_map(|l| l["delay"].as_str().and_then(parse_debug_duration))
+        .collect();
+    ensure!(delays.len() == 3, "expected 3 restart delays, got {delays:?}");
+    ensure!(delays.windows(2).all(|w| w[1] > w[0] * 1.5), "delays do not grow: {delays:?}");
+
+    // An admin restart clears Failed and tries again (and crashes again).
+    std::fs::remove_file(fixture.data.join("fake-server.properties"))?;
+    let out = cli(&fixture.data, &["restart"])?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    runner.wait_running()?;
+    Ok(())
+}
+
+/// Parses tracing's Debug rendering of a Duration (`1.2s`, `250ms`, `1.5µs`).
+fn parse_debug_duration(text: &str) -> Option<f64> {
+    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number.parse().ok()?;
+    Some(match unit {
+        "s" => number,
+        "ms" => number / 1e3,
+        "µs" | "us" => number / 1e6,
+        "ns" => number / 1e9,
+        _ => return None,
+    })
+}
+
+#[test]
+fn out_of_memory_is_classified_as_oom() -> Result<()> {
+    let fixture = Fixture::new("oom")?;
+    fixture.behaviour("oom-on-start=true\n")?;
+    let mut runner = Runner::start(&fixture, &["--max-crashes", "1"])?;
+    let status = runner.wait_status("phase Failed", Duration::from_secs(60), |s| s["phase"] == "Failed")?;
+    assert_eq!(status["lastExitReason"], "oom", "{status}");
+    let (_, metrics) = http_get(&runner.metrics_addr, "/metrics")?;
+    assert!(metrics.contains("atlas_server_exits_total{reason=\"oom\"} 1"), "{metrics}");
+    Ok(())
+}
+
+#[test]
+fn a_server_that_hangs_on_stop_is_killed_after_the_timeouts() -> Result<()> {
+    let fixture = Fixture::new("hang")?;
+    fixture.behaviour("hang-on-stop=true\n")?;
+    let mut runner = Runner::start(&fixture, &["--stop-timeout", "1"])?;
+    let running = runner.wait_running()?;
+    let pid = running["pid"].as_u64().context("pid")?;
+    let started = Instant::now();
+    let out = cli(&fixture.data, &["stop"])?;
+    let took = started.elapsed();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let status = runner.status()?;
+    assert_eq!(status["phase"], "Stopped");
+    assert_eq!(status["lastExitReason"], "killed_on_stop");
+    // RCON stop, stdin stop and SIGTERM each waited their second before SIGKILL.
+    assert!(took >= Duration::from_secs(2), "stopped too fast: {took:?}");
+    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "the JVM is still alive");
+    Ok(())
+}
+
+#[test]
+fn sigterm_stops_the_server_cleanly_and_exits_zero() -> Result<()> {
+    let fixture = Fixture::new("sigterm")?;
+    let mut runner = Runner::start(&fixture, &[])?;
+    let pid = runner.wait_running()?["pid"].as_u64().context("pid")?;
+    Command::new("kill").args(["-s", "TERM", &runner.pid().to_string()]).status()?;
+    let exit = runner.wait_exit(Duration::from_secs(30))?;
+    assert!(exit.success(), "runner exited with {exit}");
+    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "the JVM outlived the runner");
+    assert!(!runner.logs_with("Stopping the server").is_empty(), "the server did not stop gracefully");
+    assert!(!fixture.data.join(".atlas/control.sock").exists(), "the control socket was left behind");
+    Ok(())
+}
+
+#[test]
+fn metrics_pass_promtool_and_readyz_follows_the_server() -> Result<()> {
+    let fixture = Fixture::new("metrics")?;
+    fixture.behaviour("start-delay-ms=1500\n")?;
+    let mut runner = Runner::start(&fixture, &[])?;
+    let (code, _) =
+        wait_for("/readyz to answer", Duration::from_secs(20), || http_get(&runner.metrics_addr, "/readyz").ok())?;
+    assert_eq!(code, 503, "ready before the server is");
+    runner.wait_running()?;
+    assert_eq!(http_get(&runner.metrics_addr, "/readyz")?.0, 200);
+    wait_for("a JVM memory sample", Duration::from_secs(10), || {
+        let (_, body) = http_get(&runner.metrics_addr, "/metrics").ok()?;
+        body.lines().any(|l| l.starts_with("atlas_jvm_resident_memory_bytes ") && !l.ends_with(" 0")).then_some(())
+    })?;
+    let (code, body) = http_get(&runner.metrics_addr, "/metrics")?;
+    assert_eq!(code, 200);
+    for name in [
+        "atlas_players_online 0",
+        "atlas_server_phase{phase=\"Running\"} 1",
+        "atlas_build_info{version=",
+        "atlas_rcon_latency_seconds_bucket",
+    ] {
+        assert!(body.contains(name), "/metrics lacks {name}:\n{body}");
+    }
+    let promtool = atlas_testbed::bin("promtool")?;
+    let mut check = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    std::io::Write::write_all(&mut check.stdin.take().context("stdin")?, body.as_bytes())?;
+    let out = check.wait_with_output()?;
+    assert!(out.status.success(), "promtool check metrics: {}{}", stdout(&out), String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}
+
+#[test]
+fn bad_input_fails_with_one_clear_line() -> Result<()> {
+    let fixture = Fixture::new("bad")?;
+    let run = |spec: &std::path::Path, extra: &[&str]| -> Result<std::process::Output> {
+        Ok(Command::new(common::binary())
+            .args(["run", "--spec"])
+            .arg(spec)
+            .arg("--data")
+            .arg(&fixture.data)
+            .args(["--metrics-addr", &format!("127.0.0.1:{}", common::free_port()?)])
+            .args(extra)
+            .output()?)
+    };
+    // A spec that fails to parse: the field and the line are named.
+    let bad = fixture.root.join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "kind: MinecraftServer\napiVersion: atlas.dev/v1alpha1\nmetadata: {name: x}\nspec:\n  eula: true\n  server: {type: forge}\n",
+    )?;
+    let out = run(&bad, &[])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("spec.server.type") && err.contains("line 6"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+    // eula: false.
+    std::fs::write(&bad, "eula: false\nserver: {type: vanilla}\n")?;
+    let out = run(&bad, &[])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("spec.eula must be true"), "{err}");
+    assert!(!fixture.data.join("eula.txt").exists(), "eula.txt written without acceptance");
+
+    // An occupied control socket / data dir and an occupied port.
+    let mut first = Runner::start(&fixture, &[])?;
+    first.wait_running()?;
+    let out = run(&fixture.spec, &[])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("held by another atlas-runner"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+    let other = Fixture::new("bad-port")?;
+    let out = Command::new(common::binary())
+        .args(["run", "--spec"])
+        .arg(&other.spec)
+        .arg("--data")
+        .arg(&other.data)
+        .args(["--metrics-addr", &first.metrics_addr])
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--metrics-addr"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+    Ok(())
+}
