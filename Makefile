@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 TESTBED := $(or $(CARGO_TARGET_DIR),target)/debug/atlas-testbed
 
-.PHONY: test testbed lint build crds chart clean-testbed
+.PHONY: test testbed lint build crds chart clean-testbed run
 
 ## test: install the real parts (cached), lint, then run every test against one shared bed
 test: testbed lint
@@ -34,3 +34,8 @@ chart: testbed
 ## clean-testbed: forget the cached test-bed binaries (the next `make test` rebuilds them)
 clean-testbed:
 	rm -rf $${ATLAS_TEST_BIN:-$$HOME/.cache/atlas-runner/test-bin} $$HOME/.cache/atlas-runner/build
+
+## run: the standalone runner on the vanilla example (downloads Mojang's server; DATA=./data by default)
+DATA ?= ./data
+run:
+	$(CARGO) run --release --locked -- run --spec examples/vanilla.yaml --data $(DATA)

@@ -87,8 +87,18 @@ if ! command -v promtool >/dev/null 2>&1 && [ ! -x "$BIN/promtool" ]; then
 fi
 if [ ! -x "$BIN/promtool" ]; then ln -sf "$(command -v promtool)" "$BIN/promtool"; fi
 
-# ---- Java
+# ---- Java: javac 17+ compiles the test server; the runner's tests run it as a 1.21 server, which
+# needs a Java 21 or newer (Temurin 25 usually lives in /usr/lib/jvm on these machines)
 need_cmd javac "install a JDK 17+ (apt-get install openjdk-17-jdk-headless)"
+newest=0
+for release in ${JAVA_HOME:+"$JAVA_HOME/release"} /usr/lib/jvm/*/release; do
+  [ -f "$release" ] || continue
+  major=$(sed -n 's/^JAVA_VERSION="\(1\.\)\{0,1\}\([0-9]*\).*/\2/p' "$release")
+  if [ -n "$major" ] && [ "$major" -gt "$newest" ]; then newest=$major; fi
+done
+if [ "$newest" -lt 21 ]; then
+  log "no Java 21+ found (JAVA_HOME or /usr/lib/jvm): install a JDK 21 or 25 (e.g. Temurin) for the runner's tests"; exit 1
+fi
 ln -sf "$(command -v java)" "$BIN/java"; ln -sf "$(command -v javac)" "$BIN/javac"
 
 log "test bed ready in $BIN"
