@@ -5,9 +5,10 @@ WORKDIR /src
 COPY . .
 RUN cargo build --release --locked --bin atlas-runner
 
-FROM eclipse-temurin:21-jre
-RUN useradd --uid 1000 --home-dir /data --no-create-home minecraft && mkdir -p /data && chown minecraft /data
+# Java 25 runs both 1.21.x (which needs 21+) and the year-numbered 26.x (which needs 25).
+FROM eclipse-temurin:25-jre
+RUN useradd --uid 10001 --home-dir /data --no-create-home minecraft && mkdir -p /data && chown minecraft /data
 COPY --from=build /src/target/release/atlas-runner /usr/local/bin/atlas-runner
-USER 1000
+USER 10001
 WORKDIR /data
 ENTRYPOINT ["/usr/local/bin/atlas-runner"]

@@ -53,6 +53,8 @@ pub fn shared(registry: prometheus::Registry) -> prometheus::Result<(Shared, mps
 enum Next {
     /// Prepare and start (again).
     Start,
+    /// Start what is already prepared (a spec change readied it while the old server ran).
+    Run(Box<Prepared>),
     /// Stay down until the spec changes or an admin restarts.
     Hold,
     /// Leave the loop.
@@ -104,6 +106,9 @@ pub async fn reconcile(
                     }
                 };
                 next = run_once(prepared, &mut specs, &shared, &mut requests, &options, &shutdown, &mut backoff).await;
+            }
+            Next::Run(prepared) => {
+                next = run_once(*prepared, &mut specs, &shared, &mut requests, &options, &shutdown, &mut backoff).await;
             }
         }
     }
@@ -193,7 +198,7 @@ async fn run_once(
                         let exit = process.stop(Some(&prepared.rcon), options.stop).await;
                         backoff.reset();
                         record_exit(shared, &exit, false);
-                        return Box::pin(run_once(next, specs, shared, requests, options, shutdown, backoff)).await;
+                        return Next::Run(Box::new(next));
                     }
                     Err(e) => tracing::error!(category = e.category(), "{e}; keeping the running server"),
                 }
