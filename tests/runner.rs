@@ -280,3 +280,85 @@ fn bad_input_fails_with_one_clear_line() -> Result<()> {
     assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
     Ok(())
 }
+
+/// A loopback stand-in for Mojang's API serving the real manifest and 1.21.4 document, rewritten so
+/// the 1.21.4 server jar is the fake server (with its sha1, or a wrong one when `corrupt`).
+fn mojang_stand_in(corrupt: bool) -> Result<String> {
+    use sha1::{Digest, Sha1};
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/mojang");
+    let jar = std::fs::read(common::fake_server_jar()?)?;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let mut sha1 = hex::encode(Sha1::digest(&jar));
+    if corrupt {
+        sha1 = sha1.chars().rev().collect();
+    }
+    let mut document: serde_json::Value = serde_json::from_slice(&std::fs::read(data.join("1.21.4.json"))?)?;
+    document["downloads"]["server"] =
+        serde_json::json!({"sha1": sha1, "size": jar.len(), "url": format!("{base}/server.jar")});
+    let document = serde_json::to_vec(&document)?;
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(data.join("version_manifest_v2.json"))?)?;
+    let entry = manifest["versions"]
+        .as_array_mut()
+        .and_then(|versions| versions.iter_mut().find(|v| v["id"] == "1.21.4"))
+        .context("1.21.4 in the manifest")?;
+    entry["url"] = format!("{base}/1.21.4.json").into();
+    entry["sha1"] = hex::encode(Sha1::digest(&document)).into();
+    let manifest = serde_json::to_vec(&manifest)?;
+    let routes: std::collections::HashMap<&'static str, Vec<u8>> =
+        [("/manifest.json", manifest), ("/1.21.4.json", document), ("/server.jar", jar)].into_iter().collect();
+    let app = axum::Router::new().fallback(move |uri: axum::http::Uri| {
+        let body = routes.get(uri.path()).cloned();
+        async move {
+            match body {
+                Some(body) => (axum::http::StatusCode::OK, body),
+                None => (axum::http::StatusCode::NOT_FOUND, Vec::new()),
+            }
+        }
+    });
+    listener.set_nonblocking(true)?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    std::thread::spawn(move || {
+        runtime.block_on(async move {
+            if let Ok(listener) = tokio::net::TcpListener::from_std(listener) {
+                let _ = axum::serve(listener, app).await;
+            }
+        })
+    });
+    Ok(format!("{base}/manifest.json"))
+}
+
+#[test]
+fn a_vanilla_server_is_resolved_downloaded_verified_and_run() -> Result<()> {
+    let fixture = Fixture::new("vanilla")?;
+    std::fs::remove_file(fixture.data.join("fake-server.jar"))?;
+    fixture.write_spec_for("{type: vanilla, version: \"1.21.4\"}", "motd: vanilla")?;
+    let manifest = mojang_stand_in(false)?;
+    let mut runner = Runner::start(&fixture, &["--mojang-manifest-url", &manifest])?;
+    let status = runner.wait_running()?;
+    assert_eq!((status["serverType"].as_str(), status["serverVersion"].as_str()), (Some("vanilla"), Some("1.21.4")));
+    // The jar came from the stand-in into the digest-keyed cache.
+    let cached: Vec<_> = std::fs::read_dir(fixture.data.join(".atlas/cache/jars"))?
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .filter(|n| n.ends_with(".jar"))
+        .collect();
+    assert_eq!(cached.len(), 1, "{cached:?}");
+    Ok(())
+}
+
+#[test]
+fn a_vanilla_jar_with_the_wrong_digest_is_refused() -> Result<()> {
+    let fixture = Fixture::new("vanilla-bad")?;
+    fixture.write_spec_for("{type: vanilla, version: \"1.21.4\"}", "motd: vanilla")?;
+    let manifest = mojang_stand_in(true)?;
+    let mut runner = Runner::start(&fixture, &["--mojang-manifest-url", &manifest])?;
+    let status = runner.wait_status("phase Failed", Duration::from_secs(60), |s| s["phase"] == "Failed")?;
+    let message = status["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("does not match its published sha1") && message.contains("nothing was cached"),
+        "{message}"
+    );
+    assert!(status.get("pid").is_none(), "a server was started: {status}");
+    Ok(())
+}

@@ -108,9 +108,14 @@ impl Fixture {
 
     /// Writes the spec with `properties` (YAML mapping lines at two-space indent, joined by `\n`).
     pub fn write_spec(&self, properties: &str) -> Result<()> {
+        self.write_spec_for("{type: custom, version: \"1.21.4\", jar: fake-server.jar}", properties)
+    }
+
+    /// Writes the spec with `server` (a YAML flow mapping for `spec.server`) and `properties`.
+    pub fn write_spec_for(&self, server: &str, properties: &str) -> Result<()> {
         let props: String = properties.lines().map(|l| format!("    {l}\n")).collect();
         let spec = format!(
-            "apiVersion: atlas.dev/v1alpha1\nkind: MinecraftServer\nmetadata: {{name: test}}\nspec:\n  eula: true\n  server: {{type: custom, version: \"1.21.4\", jar: fake-server.jar}}\n  jvm: {{heap: 256M, flags: none}}\n  rcon: {{port: {}}}\n  properties:\n    server-port: \"{}\"\n{props}",
+            "apiVersion: atlas.dev/v1alpha1\nkind: MinecraftServer\nmetadata: {{name: test}}\nspec:\n  eula: true\n  server: {server}\n  jvm: {{heap: 256M, flags: none}}\n  rcon: {{port: {}}}\n  properties:\n    server-port: \"{}\"\n{props}",
             self.rcon_port, self.game_port
         );
         // Write then rename, so the runner never reads half a file.
@@ -166,9 +171,13 @@ impl Runner {
             .args(["--metrics-addr", &metrics_addr, "--poll-ms", "200", "--spec-poll-ms", "200"])
             .args(if extra.contains(&"--stop-timeout") { &[][..] } else { &["--stop-timeout", "5"][..] })
             .args(["--restart-delay-ms", "200"])
-            // No Mojang lookups leave the machine: the fake server is a custom jar, and the version
+            // No Mojang lookups leave the machine: unless a test passes its own stand-in, the version
             // manifest URL points at a closed loopback port.
-            .args(["--mojang-manifest-url", &format!("http://127.0.0.1:{}/manifest.json", free_port()?)])
+            .args(if extra.contains(&"--mojang-manifest-url") {
+                Vec::new()
+            } else {
+                vec!["--mojang-manifest-url".to_owned(), format!("http://127.0.0.1:{}/manifest.json", free_port()?)]
+            })
             .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
