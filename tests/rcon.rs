@@ -3,16 +3,19 @@
 //! PyPI (`mcrcon`). Needs a JDK 17+ and Python 3 with venv; a missing one fails the test and says what to
 //! install.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use atlas_runner::rcon::{MAX_COMMAND_LEN, PlayerList, Rcon, RconClient, RconError, parse_list};
 use atlas_testbed::{free_port, unique};
+use common::{fake_server_jar, java_tool, run_tool};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -22,74 +25,6 @@ const RCON_TIMEOUT: Duration = Duration::from_secs(10);
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 // ---- The fake server: build, data dir, process guard ----
-
-/// A JDK tool from `$JAVA_HOME/bin` or `PATH`.
-fn java_tool(name: &str) -> Result<PathBuf> {
-    let from_home = std::env::var_os("JAVA_HOME").map(|home| PathBuf::from(home).join("bin").join(name));
-    let on_path = std::env::var_os("PATH")
-        .map(|path| std::env::split_paths(&path).map(|dir| dir.join(name)).collect::<Vec<_>>())
-        .unwrap_or_default();
-    from_home.into_iter().chain(on_path).find(|candidate| candidate.is_file()).with_context(|| {
-        format!(
-            "`{name}` is not in $JAVA_HOME/bin or on PATH: install a JDK 17 or newer \
-             (Debian: `apt-get install openjdk-17-jdk-headless`) or set JAVA_HOME"
-        )
-    })
-}
-
-fn run(command: &mut Command) -> Result<()> {
-    let out = command.output().with_context(|| format!("run {command:?}"))?;
-    ensure!(
-        out.status.success(),
-        "{command:?} failed ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
-
-/// `FakeServer.java` compiled with `javac --release 17` and packed into an executable jar. The jar is kept
-/// under the target dir, named by the source's hash, so test processes share it until the source changes.
-fn fake_server_jar() -> Result<PathBuf> {
-    static JAR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    JAR.get_or_init(|| build_fake_server_jar().map_err(|e| format!("{e:#}"))).clone().map_err(anyhow::Error::msg)
-}
-
-fn build_fake_server_jar() -> Result<PathBuf> {
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/FakeServer.java");
-    let digest = hex::encode(Sha256::digest(std::fs::read(&source).context("read FakeServer.java")?));
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("fake-server-{}", &digest[..16]));
-    let jar = dir.join("fake-server.jar");
-    if jar.is_file() {
-        return Ok(jar);
-    }
-    // Built aside and renamed into place, so a concurrent test process never sees half a jar.
-    let staging = Path::new(env!("CARGO_TARGET_TMPDIR")).join(unique("fake-server-build"));
-    let classes = staging.join("classes");
-    std::fs::create_dir_all(&classes)?;
-    run(Command::new(java_tool("javac")?)
-        .args(["--release", "17", "-Xlint:all", "-Werror", "-d"])
-        .arg(&classes)
-        .arg(&source))?;
-    let manifest = staging.join("manifest.txt");
-    std::fs::write(&manifest, "Main-Class: FakeServer\n")?;
-    run(Command::new(java_tool("jar")?)
-        .arg("--create")
-        .arg("--file")
-        .arg(staging.join("fake-server.jar"))
-        .arg("--manifest")
-        .arg(&manifest)
-        .arg("-C")
-        .arg(&classes)
-        .arg("."))?;
-    if std::fs::rename(&staging, &dir).is_err() {
-        // Another process won the race; its jar is as good as ours.
-        let _ = std::fs::remove_dir_all(&staging);
-    }
-    ensure!(jar.is_file(), "{} was not created", jar.display());
-    Ok(jar)
-}
 
 /// A server data dir with a `server.properties` on free loopback ports; removed on drop.
 struct DataDir {
@@ -480,10 +415,10 @@ fn mcrcon_python() -> Result<PathBuf> {
     let python3 = std::env::var_os("PATH")
         .and_then(|path| std::env::split_paths(&path).map(|dir| dir.join("python3")).find(|p| p.is_file()))
         .context("python3 is not on PATH: install Python 3 (Debian: `apt-get install python3 python3-venv`)")?;
-    run(Command::new(python3).args(["-m", "venv"]).arg(&venv)).context(
+    run_tool(Command::new(python3).args(["-m", "venv"]).arg(&venv)).context(
         "create a venv: install the venv module and pip (Debian: `apt-get install python3-venv python3-pip`)",
     )?;
-    run(Command::new(&python).args([
+    run_tool(Command::new(&python).args([
         "-m",
         "pip",
         "install",

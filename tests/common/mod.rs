@@ -3,18 +3,16 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
-use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
+use atlas_testbed::unique;
+use sha2::{Digest, Sha256};
 
-/// A free loopback TCP port.
-pub fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?.port())
-}
+pub use atlas_testbed::free_port;
 
 /// Polls `check` every 50 ms until it returns `Some`, failing after `timeout` with `what`.
 pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Result<T> {
@@ -30,52 +28,75 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Opt
     }
 }
 
-fn jdk_tool(name: &str) -> Result<PathBuf> {
-    if let Some(home) = std::env::var_os("JAVA_HOME") {
-        let path = PathBuf::from(home).join("bin").join(name);
-        if path.exists() {
-            return Ok(path);
-        }
-    }
-    let found = Command::new("sh").args(["-c", &format!("command -v {name}")]).output()?;
-    if found.status.success() {
-        return Ok(PathBuf::from(String::from_utf8(found.stdout)?.trim()));
-    }
-    bail!("`{name}` is not installed: install a JDK 17+ (apt-get install openjdk-17-jdk-headless) or set JAVA_HOME")
+/// A JDK tool from `$JAVA_HOME/bin` or `PATH`.
+pub fn java_tool(name: &str) -> Result<PathBuf> {
+    let from_home = std::env::var_os("JAVA_HOME").map(|home| PathBuf::from(home).join("bin").join(name));
+    let on_path = std::env::var_os("PATH")
+        .map(|path| std::env::split_paths(&path).map(|dir| dir.join(name)).collect::<Vec<_>>())
+        .unwrap_or_default();
+    from_home.into_iter().chain(on_path).find(|candidate| candidate.is_file()).with_context(|| {
+        format!(
+            "`{name}` is not in $JAVA_HOME/bin or on PATH: install a JDK 17 or newer \
+             (Debian: `apt-get install openjdk-17-jdk-headless`) or set JAVA_HOME"
+        )
+    })
 }
 
-/// The fake server jar, compiled once per test process from `tests/fixtures/FakeServer.java`.
+pub fn run_tool(command: &mut Command) -> Result<()> {
+    let out = command.output().with_context(|| format!("run {command:?}"))?;
+    ensure!(
+        out.status.success(),
+        "{command:?} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// `FakeServer.java` compiled with `javac --release 17` and packed into an executable jar. The jar is kept
+/// under the target dir, named by the source's hash, so test processes share it until the source changes.
 pub fn fake_server_jar() -> Result<PathBuf> {
     static JAR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    JAR.get_or_init(|| build_fake_server().map_err(|e| format!("{e:#}"))).clone().map_err(anyhow::Error::msg)
+    JAR.get_or_init(|| build_fake_server_jar().map_err(|e| format!("{e:#}"))).clone().map_err(anyhow::Error::msg)
 }
 
-fn build_fake_server() -> Result<PathBuf> {
+fn build_fake_server_jar() -> Result<PathBuf> {
     let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/FakeServer.java");
-    let dir = std::env::temp_dir().join(format!("atlas-fake-server-{}", std::process::id()));
-    let classes = dir.join("classes");
-    std::fs::create_dir_all(&classes)?;
-    let javac = Command::new(jdk_tool("javac")?)
-        .args(["--release", "17", "-d"])
-        .arg(&classes)
-        .arg(&source)
-        .output()
-        .context("run javac")?;
-    if !javac.status.success() {
-        bail!("javac FakeServer.java failed: {}", String::from_utf8_lossy(&javac.stderr));
-    }
+    let digest = hex::encode(Sha256::digest(std::fs::read(&source).context("read FakeServer.java")?));
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("fake-server-{}", &digest[..16]));
     let jar = dir.join("fake-server.jar");
-    let out = Command::new(jdk_tool("jar")?)
-        .args(["--create", "--file"])
-        .arg(&jar)
-        .args(["--main-class", "FakeServer", "-C"])
-        .arg(&classes)
-        .arg(".")
-        .output()
-        .context("run jar")?;
-    if !out.status.success() {
-        bail!("jar failed: {}", String::from_utf8_lossy(&out.stderr));
+    if jar.is_file() {
+        return Ok(jar);
     }
+    // Built aside and renamed into place, so a concurrent test process never sees half a jar.
+    let staging = Path::new(env!("CARGO_TARGET_TMPDIR")).join(unique("fake-server-build"));
+    let classes = staging.join("classes");
+    std::fs::create_dir_all(&classes)?;
+    run_tool(
+        Command::new(java_tool("javac")?)
+            .args(["--release", "17", "-Xlint:all", "-Werror", "-d"])
+            .arg(&classes)
+            .arg(&source),
+    )?;
+    let manifest = staging.join("manifest.txt");
+    std::fs::write(&manifest, "Main-Class: FakeServer\n")?;
+    run_tool(
+        Command::new(java_tool("jar")?)
+            .arg("--create")
+            .arg("--file")
+            .arg(staging.join("fake-server.jar"))
+            .arg("--manifest")
+            .arg(&manifest)
+            .arg("-C")
+            .arg(&classes)
+            .arg("."),
+    )?;
+    if std::fs::rename(&staging, &dir).is_err() {
+        // Another process won the race; its jar is as good as ours.
+        let _ = std::fs::remove_dir_all(&staging);
+    }
+    ensure!(jar.is_file(), "{} was not created", jar.display());
     Ok(jar)
 }
 
