@@ -42,8 +42,53 @@ enum Command {
     Stop(ClientArgs),
     /// Restart the server (also after it was stopped or marked Failed).
     Restart(ClientArgs),
+    /// Build, inspect and roll back server packs.
+    #[command(subcommand)]
+    Pack(PackCommand),
     /// Print the MinecraftServer CustomResourceDefinition as YAML.
     Crd,
+}
+
+#[derive(Debug, Subcommand)]
+enum PackCommand {
+    /// Build an Atlas pack (a tar.zst with `atlas-pack.json`) from a directory.
+    #[command(disable_version_flag = true)]
+    Build(PackBuildArgs),
+    /// Show the applied pack version, the one kept for rollback, and the files each owns.
+    Status(PackDataArgs),
+    /// Go back to the previous pack version (no network needed).
+    Rollback(PackDataArgs),
+}
+
+#[derive(Debug, Args)]
+struct PackBuildArgs {
+    /// The directory whose files make the pack (paths inside it are the paths in the data dir).
+    dir: PathBuf,
+    /// The pack file to write.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// The pack's version.
+    #[arg(long)]
+    version: String,
+    /// The Minecraft version the pack is made for.
+    #[arg(long)]
+    minecraft: Option<String>,
+    /// The mod loader, as NAME or NAME@VERSION (`fabric@0.16.10`).
+    #[arg(long, requires = "minecraft")]
+    loader: Option<String>,
+    /// A recommended JVM argument; repeatable.
+    #[arg(long = "jvm-arg", allow_hyphen_values = true)]
+    jvm_args: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+struct PackDataArgs {
+    /// The server's data directory.
+    #[arg(long)]
+    data: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -183,6 +228,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Console(args) => console(&args).await,
         Command::Stop(args) => lifecycle(&args, "/v1/stop", "stopped").await,
         Command::Restart(args) => lifecycle(&args, "/v1/restart", "restarting").await,
+        Command::Pack(command) => pack(command),
         Command::Crd => {
             let yaml = atlas_runner::api::crd_yaml().context("render the CRD")?;
             tracing::debug!(bytes = yaml.len(), "rendered the MinecraftServer CRD");
@@ -300,6 +346,105 @@ async fn bind_control_socket(socket: &Path) -> anyhow::Result<tokio::net::UnixLi
         tokio::net::UnixListener::bind(socket).with_context(|| format!("bind control socket {}", socket.display()))?;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
     Ok(listener)
+}
+
+fn pack(command: PackCommand) -> anyhow::Result<()> {
+    use atlas_runner::pack::{self, PackStore, PackVersion, build};
+    let mut out = std::io::stdout().lock();
+    match command {
+        PackCommand::Build(args) => {
+            let mut options = build::BuildOptions::new(PackVersion::new(&args.version)?);
+            options.jvm_args = args.jvm_args;
+            options.minecraft = args.minecraft.map(|version| pack::manifest::MinecraftTarget {
+                version,
+                loader: args.loader.map(|l| {
+                    let (name, version) =
+                        l.split_once('@').map_or((l.clone(), None), |(n, v)| (n.to_owned(), Some(v.to_owned())));
+                    pack::manifest::Loader { name, version }
+                }),
+            });
+            let manifest = build::build(&args.dir, &args.output, &options)?;
+            let bytes: u64 = manifest.files.iter().map(|f| f.size).sum();
+            writeln!(
+                out,
+                "built {} version {}: {} files, {bytes} bytes",
+                args.output.display(),
+                manifest.version,
+                manifest.files.len()
+            )?;
+        }
+        PackCommand::Status(args) => {
+            let lock = pack::lock(&pack::lock_path(&args.data))?;
+            let (store, recovery) = PackStore::open(&args.data, &lock)?;
+            let status = store.status()?;
+            let previous = match &status.previous {
+                Some(v) => Some(store.read_manifest(v)?),
+                None => None,
+            };
+            if args.json {
+                let value = serde_json::json!({
+                    "recovery": format!("{recovery:?}"),
+                    "current": status.current,
+                    "owned": status.owned,
+                    "preserve": status.preserve,
+                    "previous": previous,
+                });
+                writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;
+                return Ok(());
+            }
+            match &status.current {
+                None => writeln!(out, "current:  none (no pack applied)")?,
+                Some(m) => {
+                    let target = m.minecraft.as_ref().map(|t| format!(", minecraft {}", t.version)).unwrap_or_default();
+                    writeln!(out, "current:  {} ({} files{target})", m.version, m.files.len())?;
+                }
+            }
+            match &previous {
+                None => writeln!(out, "previous: none")?,
+                Some(m) => writeln!(
+                    out,
+                    "previous: {} ({} files; `atlas-runner pack rollback` returns to it)",
+                    m.version,
+                    m.files.len()
+                )?,
+            }
+            if !status.preserve.is_empty() {
+                writeln!(out, "preserve: {}", status.preserve.join(", "))?;
+            }
+            writeln!(out, "owned by the current version ({} files):", status.owned.len())?;
+            for file in &status.owned {
+                writeln!(out, "  {}  {} bytes  sha256:{}", file.path.as_str(), file.size, file.sha256)?;
+            }
+            if let Some(m) = &previous {
+                writeln!(out, "owned by the previous version ({} files):", m.files.len())?;
+                for file in &m.files {
+                    writeln!(out, "  {}  {} bytes  sha256:{}", file.path.as_str(), file.size, file.sha256)?;
+                }
+            }
+        }
+        PackCommand::Rollback(args) => {
+            let lock = pack::lock(&pack::lock_path(&args.data))?;
+            let (mut store, _) = PackStore::open(&args.data, &lock)?;
+            let report = store.rollback()?;
+            if args.json {
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::json!({"from": report.from, "to": report.to, "installed": report.installed.len(), "removed": report.removed.len()})
+                )?;
+            } else {
+                let from = report.from.as_ref().map_or_else(|| "none".to_owned(), ToString::to_string);
+                writeln!(
+                    out,
+                    "rolled back from {from} to {}: {} files written, {} removed",
+                    report.to,
+                    report.installed.len(),
+                    report.removed.len()
+                )?;
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn status(args: &ClientArgs) -> anyhow::Result<()> {
