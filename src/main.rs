@@ -54,6 +54,8 @@ enum PackCommand {
     /// Build an Atlas pack (a tar.zst with `atlas-pack.json`) from a directory.
     #[command(disable_version_flag = true)]
     Build(PackBuildArgs),
+    /// Fetch, verify and apply the pack a spec names into a data dir, once.
+    Apply(PackApplyArgs),
     /// Show the applied pack version, the one kept for rollback, and the files each owns.
     Status(PackDataArgs),
     /// Go back to the previous pack version (no network needed).
@@ -79,6 +81,15 @@ struct PackBuildArgs {
     /// A recommended JVM argument; repeatable.
     #[arg(long = "jvm-arg", allow_hyphen_values = true)]
     jvm_args: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+struct PackApplyArgs {
+    /// The MinecraftServer spec file whose `spec.pack` is applied.
+    #[arg(long)]
+    spec: PathBuf,
+    #[command(flatten)]
+    data: PackDataArgs,
 }
 
 #[derive(Debug, Args)]
@@ -228,7 +239,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Console(args) => console(&args).await,
         Command::Stop(args) => lifecycle(&args, "/v1/stop", "stopped").await,
         Command::Restart(args) => lifecycle(&args, "/v1/restart", "restarting").await,
-        Command::Pack(command) => pack(command),
+        Command::Pack(command) => pack(command).await,
         Command::Crd => {
             let yaml = atlas_runner::api::crd_yaml().context("render the CRD")?;
             tracing::debug!(bytes = yaml.len(), "rendered the MinecraftServer CRD");
@@ -348,11 +359,53 @@ async fn bind_control_socket(socket: &Path) -> anyhow::Result<tokio::net::UnixLi
     Ok(listener)
 }
 
-fn pack(command: PackCommand) -> anyhow::Result<()> {
-    use atlas_runner::pack::{self, PackStore, PackVersion, build};
+async fn pack_apply(args: PackApplyArgs) -> anyhow::Result<()> {
+    use atlas_runner::pack::{self, provision};
+    let spec = runner::load_spec(&args.spec)?;
+    let Some(pack_spec) = &spec.pack else {
+        bail!("{} has no spec.pack: nothing to apply", args.spec.display());
+    };
+    std::fs::create_dir_all(runner::atlas_dir(&args.data.data))
+        .with_context(|| format!("create {}", args.data.data.display()))?;
+    let lock = pack::lock(&pack::lock_path(&args.data.data))?;
+    let outcome = provision::apply_spec(pack_spec, &args.data.data, &lock).await?;
     let mut out = std::io::stdout().lock();
+    match outcome {
+        provision::Provisioned::AlreadyCurrent(version) if args.data.json => {
+            writeln!(out, "{}", serde_json::json!({"version": version, "changed": false}))?;
+        }
+        provision::Provisioned::AlreadyCurrent(version) => writeln!(out, "already at {version}; nothing to do")?,
+        provision::Provisioned::Applied { report, bytes_downloaded } => {
+            if args.data.json {
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::json!({"version": report.to, "from": report.from, "changed": true,
+                        "installed": report.installed.len(), "removed": report.removed.len(),
+                        "preservedWritten": report.preserved_written.len(), "bytesDownloaded": bytes_downloaded})
+                )?;
+            } else {
+                let from = report.from.as_ref().map_or_else(|| "none".to_owned(), ToString::to_string);
+                writeln!(
+                    out,
+                    "applied {} (was {from}): {} files written, {} removed, {} preserved files written, {bytes_downloaded} bytes downloaded",
+                    report.to,
+                    report.installed.len(),
+                    report.removed.len(),
+                    report.preserved_written.len()
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn pack(command: PackCommand) -> anyhow::Result<()> {
+    use atlas_runner::pack::{self, PackStore, PackVersion, build};
+    // Locked per arm: a stdout lock must not be held across the apply's awaits.
     match command {
         PackCommand::Build(args) => {
+            let mut out = std::io::stdout().lock();
             let mut options = build::BuildOptions::new(PackVersion::new(&args.version)?);
             options.jvm_args = args.jvm_args;
             options.minecraft = args.minecraft.map(|version| pack::manifest::MinecraftTarget {
@@ -373,7 +426,9 @@ fn pack(command: PackCommand) -> anyhow::Result<()> {
                 manifest.files.len()
             )?;
         }
+        PackCommand::Apply(args) => return pack_apply(args).await,
         PackCommand::Status(args) => {
+            let mut out = std::io::stdout().lock();
             let lock = pack::lock(&pack::lock_path(&args.data))?;
             let (store, recovery) = PackStore::open(&args.data, &lock)?;
             let status = store.status()?;
@@ -423,6 +478,7 @@ fn pack(command: PackCommand) -> anyhow::Result<()> {
             }
         }
         PackCommand::Rollback(args) => {
+            let mut out = std::io::stdout().lock();
             let lock = pack::lock(&pack::lock_path(&args.data))?;
             let (mut store, _) = PackStore::open(&args.data, &lock)?;
             let report = store.rollback()?;

@@ -111,3 +111,185 @@ fn a_held_data_dir_and_a_missing_previous_version_are_one_line_errors() -> Resul
     let _ = fs::remove_dir_all(&root);
     Ok(())
 }
+
+/// Serves `files` (path -> body) on loopback; returns the base URL.
+fn serve(files: std::collections::HashMap<String, Vec<u8>>) -> Result<String> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let base = format!("http://{}", listener.local_addr()?);
+    listener.set_nonblocking(true)?;
+    let app = axum::Router::new().fallback(move |uri: axum::http::Uri| {
+        let body = files.get(uri.path()).cloned();
+        async move {
+            match body {
+                Some(body) => (axum::http::StatusCode::OK, body),
+                None => (axum::http::StatusCode::NOT_FOUND, Vec::new()),
+            }
+        }
+    });
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    std::thread::spawn(move || {
+        runtime.block_on(async move {
+            if let Ok(listener) = tokio::net::TcpListener::from_std(listener) {
+                let _ = axum::serve(listener, app).await;
+            }
+        })
+    });
+    Ok(base)
+}
+
+/// Every file under `dir` except `.atlas` and `world`, by content.
+fn managed_files(dir: &Path) -> Result<std::collections::BTreeMap<String, Vec<u8>>> {
+    fn walk(root: &Path, dir: &Path, out: &mut std::collections::BTreeMap<String, Vec<u8>>) -> Result<()> {
+        for entry in fs::read_dir(dir)? {
+            let path = entry?.path();
+            let rel = path.strip_prefix(root)?.to_string_lossy().into_owned();
+            if rel == ".atlas" || rel == "world" {
+                continue;
+            }
+            if path.is_dir() {
+                walk(root, &path, out)?;
+            } else {
+                out.insert(rel, fs::read(&path)?);
+            }
+        }
+        Ok(())
+    }
+    let mut out = std::collections::BTreeMap::new();
+    walk(dir, dir, &mut out)?;
+    Ok(out)
+}
+
+#[test]
+fn kill_9_at_any_point_of_pack_apply_leaves_exactly_the_old_or_the_new_version() -> Result<()> {
+    use atlas_runner::pack::PackVersion;
+    use atlas_runner::pack::build::{BuildOptions, build};
+    use sha2::Digest;
+
+    let root = std::env::temp_dir().join(atlas_testbed::unique("pack-kill"));
+    // v1: 400 files; v2 changes 200 of them, drops 100 and adds 100, so the swap has real work.
+    let v1: std::collections::BTreeMap<String, Vec<u8>> =
+        (0..400).map(|i| (format!("mods/m{i:03}.jar"), format!("v1 {i} ").repeat(200).into_bytes())).collect();
+    let mut v2 = v1.clone();
+    for i in 0..200 {
+        v2.insert(format!("mods/m{i:03}.jar"), format!("v2 {i} ").repeat(200).into_bytes());
+    }
+    for i in 300..400 {
+        v2.remove(&format!("mods/m{i:03}.jar"));
+    }
+    for i in 0..100 {
+        v2.insert(format!("config/c{i:03}.toml"), format!("c{i}").into_bytes());
+    }
+    let mut archives = Vec::new();
+    for (version, files) in [("1.0.0", &v1), ("2.0.0", &v2)] {
+        let src = root.join(format!("src-{version}"));
+        for (path, content) in files {
+            let target = src.join(path);
+            fs::create_dir_all(target.parent().context("parent")?)?;
+            fs::write(target, content)?;
+        }
+        let out = root.join(format!("{version}.tar.zst"));
+        build(&src, &out, &BuildOptions::new(PackVersion::new(version)?))?;
+        archives.push(out);
+    }
+    let v2_bytes = fs::read(&archives[1])?;
+    let sha = hex::encode(sha2::Sha256::digest(&v2_bytes));
+    let base = serve([("/pack-2.0.0.tar.zst".to_owned(), v2_bytes)].into_iter().collect())?;
+    let spec = root.join("server.yaml");
+    fs::write(
+        &spec,
+        format!(
+            "eula: true\nserver: {{type: vanilla}}\npack:\n  source:\n    url: {{url: \"{base}/pack-2.0.0.tar.zst\", sha256: {sha}}}\n"
+        ),
+    )?;
+
+    // A data dir holding v1 and a world.
+    let fresh = |n: usize| -> Result<std::path::PathBuf> {
+        let data = root.join(format!("data-{n}"));
+        fs::create_dir_all(data.join("world/region"))?;
+        fs::write(data.join("world/region/r.0.0.mca"), "the world")?;
+        let lock = lock(&lock_path(&data))?;
+        let (mut store, _) = PackStore::open(&data, &lock)?;
+        let staged = store.stage(&archives[0], ArchiveFormat::TarZst, None, &Limits::default())?;
+        store.apply(staged, &Preserve::none())?;
+        Ok(data)
+    };
+    // The apply logs "swapping it in" to stderr just before the journaled swap.
+    let apply = |data: &Path| -> Result<(std::process::Child, std::sync::mpsc::Receiver<std::time::Instant>)> {
+        let mut child = Command::new(common::binary())
+            .args(["pack", "apply", "--spec"])
+            .arg(&spec)
+            .arg("--data")
+            .arg(data)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        let stderr = child.stderr.take().context("stderr")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("swapping it in") {
+                    let _ = tx.send(std::time::Instant::now());
+                }
+            }
+        });
+        Ok((child, rx))
+    };
+
+    // One undisturbed run measures the whole apply and the swap at its end.
+    let data = fresh(0)?;
+    let started = std::time::Instant::now();
+    let (mut child, swapping) = apply(&data)?;
+    let status = child.wait()?;
+    let ended = std::time::Instant::now();
+    anyhow::ensure!(status.success(), "an undisturbed pack apply failed");
+    let full = ended - started;
+    let swap = ended - swapping.recv_timeout(std::time::Duration::from_secs(5))?;
+    assert_eq!(managed_files(&data)?, v2);
+
+    // Half the kills spread over the whole run (start-up, fetch, staging), half over the swap.
+    let runs = 40;
+    let (mut old, mut new) = (0, 0);
+    let mut recoveries = Vec::new();
+    for n in 1..=runs {
+        let data = fresh(n)?;
+        let (mut child, swapping) = apply(&data)?;
+        if n % 2 == 0 {
+            std::thread::sleep(full.mul_f64(n as f64 / runs as f64));
+        } else if let Ok(at) = swapping.recv_timeout(std::time::Duration::from_secs(30)) {
+            let offset = swap.mul_f64(1.2 * n as f64 / runs as f64);
+            std::thread::sleep(offset.saturating_sub(at.elapsed()));
+        }
+        let _ = child.kill(); // SIGKILL
+        child.wait()?;
+        // The next command recovers whatever the kill interrupted.
+        let status = ok(atlas(&["pack", "status", "--data", &data.display().to_string(), "--json"])?)?;
+        let status: serde_json::Value = serde_json::from_str(&status)?;
+        let files = managed_files(&data)?;
+        recoveries.push(
+            status["recovery"].as_str().unwrap_or_default().split([' ', '{']).next().unwrap_or_default().to_owned(),
+        );
+        match status["current"]["version"].as_str() {
+            Some("1.0.0") => {
+                assert!(files == v1, "run {n}: the store says 1.0.0 but the data dir holds a mix");
+                old += 1;
+            }
+            Some("2.0.0") => {
+                assert!(files == v2, "run {n}: the store says 2.0.0 but the data dir holds a mix");
+                new += 1;
+            }
+            other => anyhow::bail!("run {n}: unexpected current version {other:?}"),
+        }
+        assert_eq!(fs::read_to_string(data.join("world/region/r.0.0.mca"))?, "the world", "run {n}: world touched");
+        let _ = fs::remove_dir_all(&data);
+    }
+    eprintln!(
+        "kill -9 over {full:?} (swap {swap:?}): {old} runs left 1.0.0, {new} left 2.0.0; recoveries: {recoveries:?}"
+    );
+    assert!(old > 0, "no kill landed before the commit point");
+    assert!(recoveries.iter().any(|r| r != "Clean"), "no kill landed inside a swap: {recoveries:?}");
+    assert_eq!(old + new, runs);
+    let _ = fs::remove_dir_all(&root);
+    Ok(())
+}

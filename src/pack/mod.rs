@@ -1,7 +1,7 @@
 //! The pack engine: builds, extracts, stages and atomically applies versioned server packs into a
 //! data dir, keeping the previous version for rollback.
 //!
-//! The pipeline: an archive (today a local file; network sources come later) -> [`store::PackStore::stage`]
+//! The pipeline: an archive fetched by [`source`] (url, hub or mrpack) or a local file -> [`store::PackStore::stage`]
 //! (safe extraction, every digest verified against `atlas-pack.json`) -> a [`store::StagedPack`] ->
 //! [`store::PackStore::apply`] (a journaled swap; crash-consistent) -> the data dir holds the new
 //! version, the store keeps the old one for [`store::PackStore::rollback`].
@@ -22,9 +22,11 @@ pub mod journal;
 pub mod lock;
 pub mod manifest;
 pub mod path;
+pub mod provision;
 pub mod store;
 
 pub mod apply;
+pub mod source;
 
 pub use apply::{ApplyError, ApplyReport, SwapStep};
 pub use extract::{ArchiveFormat, Limits};

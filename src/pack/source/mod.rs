@@ -1,0 +1,439 @@
+//! Pack sources: fetches the pack a spec names (an archive URL, a pack hub, a Modrinth `.mrpack`) to
+//! local disk, streamed and verified, ready for [`crate::pack::PackStore::stage`].
+//!
+//! Every download goes through [`download`]: streamed to a `.partial` file while hashed, resumed with
+//! `Range` after a broken transfer, retried with exponential backoff on transient failures, checked
+//! against the digests the source publishes and only then renamed into place.
+
+mod download;
+pub mod hub;
+pub mod mrpack;
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::api::{PackSource, PackSourceRef};
+use crate::pack::build::BuildError;
+use crate::pack::extract::ExtractError;
+use crate::pack::manifest::ManifestError;
+use crate::pack::path::PathError;
+use crate::pack::{ArchiveFormat, PackVersion};
+
+pub use download::Expected;
+
+/// A pack fetched to local disk, ready for `PackStore::stage`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fetched {
+    /// The archive, inside [`FetchOptions::work_dir`].
+    pub archive: PathBuf,
+    /// Its format.
+    pub format: ArchiveFormat,
+    /// The version the source names (hub, mrpack, or a pinned url archive); `None`: the archive's
+    /// `atlas-pack.json` names it (a plain archive without one is then refused by `stage`).
+    pub version: Option<PackVersion>,
+    /// Bytes received over the network by this fetch (0 when everything was cached).
+    pub bytes_downloaded: u64,
+}
+
+/// Where and how to fetch.
+#[derive(Debug, Clone)]
+pub struct FetchOptions {
+    /// Downloads land here (normally `DATA/.atlas/downloads`); partial files stay here for resume.
+    pub work_dir: PathBuf,
+    /// The data dir, against which relative token files are resolved.
+    pub data_dir: PathBuf,
+    /// Retries of a transient failure, after the first attempt.
+    pub retries: u32,
+    /// The first retry's delay, doubled for each next one.
+    pub base_delay: Duration,
+    /// Live counters a progress display may poll while the fetch runs.
+    pub progress: Arc<Progress>,
+}
+
+/// Live counters of a fetch. Totals grow as they become known (a size from the source, a
+/// `Content-Length`, an index's file list).
+#[derive(Debug, Default)]
+pub struct Progress {
+    bytes: AtomicU64,
+    total_bytes: AtomicU64,
+    files: AtomicU64,
+    total_files: AtomicU64,
+}
+
+/// A reading of [`Progress`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProgressSnapshot {
+    /// Bytes received so far (a restarted download counts again).
+    pub bytes: u64,
+    /// Bytes expected, as far as known.
+    pub total_bytes: u64,
+    /// Files of a `.mrpack` downloaded.
+    pub files: u64,
+    /// Files of a `.mrpack` to download.
+    pub total_files: u64,
+}
+
+impl Progress {
+    /// The counters now.
+    pub fn snapshot(&self) -> ProgressSnapshot {
+        ProgressSnapshot {
+            bytes: self.bytes.load(Ordering::Relaxed),
+            total_bytes: self.total_bytes.load(Ordering::Relaxed),
+            files: self.files.load(Ordering::Relaxed),
+            total_files: self.total_files.load(Ordering::Relaxed),
+        }
+    }
+    pub(crate) fn add_bytes(&self, n: u64) {
+        self.bytes.fetch_add(n, Ordering::Relaxed);
+    }
+    pub(crate) fn add_total_bytes(&self, n: u64) {
+        self.total_bytes.fetch_add(n, Ordering::Relaxed);
+    }
+    pub(crate) fn sub_total_bytes(&self, n: u64) {
+        self.total_bytes.fetch_sub(n, Ordering::Relaxed);
+    }
+    pub(crate) fn add_files(&self, n: u64) {
+        self.files.fetch_add(n, Ordering::Relaxed);
+    }
+    pub(crate) fn add_total_files(&self, n: u64) {
+        self.total_files.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+impl FetchOptions {
+    /// The defaults for a data dir: `DATA/.atlas/downloads`, 4 retries from 500 ms.
+    pub fn new(data_dir: &Path) -> Self {
+        Self {
+            work_dir: data_dir.join(crate::pack::manifest::RESERVED_DIR).join("downloads"),
+            data_dir: data_dir.to_owned(),
+            retries: 4,
+            base_delay: Duration::from_millis(500),
+            progress: Arc::default(),
+        }
+    }
+
+    /// The delay before retry number `attempt` (0-based), capped at a minute.
+    pub(crate) fn delay(&self, attempt: u32) -> Duration {
+        self.base_delay.saturating_mul(1u32 << attempt.min(16)).min(Duration::from_secs(60))
+    }
+}
+
+/// Errors fetching a pack.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The spec's source does not name exactly one of hub, url or mrpack.
+    #[error("the pack source must set exactly one of hub, url or mrpack")]
+    SelectSource,
+    /// A URL in the spec or a hub answer does not parse.
+    #[error("invalid URL {url:?}: {reason}")]
+    ParseUrl {
+        /// The URL.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// The archive's format cannot be told from its URL.
+    #[error("cannot tell the archive format of {url} (expected .tar.zst, .tar.gz, .zip or .mrpack)")]
+    DetectFormat {
+        /// The URL.
+        url: String,
+    },
+    /// A digest in the spec or a hub answer is not lowercase hex of the right length.
+    #[error("invalid digest {value:?}: expected {len} hex digits")]
+    ParseDigest {
+        /// The digest as given.
+        value: String,
+        /// Hex digits expected.
+        len: usize,
+    },
+    /// Building the HTTP client failed.
+    #[error("build HTTP client: {0}")]
+    BuildClient(#[source] reqwest::Error),
+    /// The request failed before or while the answer came (connect, timeout, broken body).
+    #[error("fetch {url}: {source}")]
+    Request {
+        /// The URL.
+        url: String,
+        /// The HTTP client's error.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The server answered with an unexpected status.
+    #[error("fetch {url}: HTTP {status}")]
+    Status {
+        /// The URL.
+        url: String,
+        /// The status.
+        status: u16,
+    },
+    /// 401/403: the token is missing, wrong or lacks access.
+    #[error("fetch {url}: HTTP {status}; check the hub token (tokenFile)")]
+    Authorize {
+        /// The URL.
+        url: String,
+        /// 401 or 403.
+        status: u16,
+    },
+    /// The body ended before its announced length.
+    #[error("fetch {url}: the body ended after {received} of {expected} bytes")]
+    Truncated {
+        /// The URL.
+        url: String,
+        /// Bytes announced.
+        expected: u64,
+        /// Bytes received.
+        received: u64,
+    },
+    /// The download's digest is not the published one; the file was deleted.
+    #[error("verify {url}: {algorithm} is {actual}, expected {expected}")]
+    VerifyDigest {
+        /// The URL.
+        url: String,
+        /// `sha256`, `sha512` or `sha1`.
+        algorithm: &'static str,
+        /// Published.
+        expected: String,
+        /// Computed.
+        actual: String,
+    },
+    /// A download resumed onto a kept partial file does not verify: the kept prefix was stale. It
+    /// was deleted; the retry starts from zero.
+    #[error("verify {url}: the resumed download does not match; starting over")]
+    VerifyResumed {
+        /// The URL.
+        url: String,
+    },
+    /// The download's size is not the published one; the file was deleted.
+    #[error("verify {url}: {actual} bytes, expected {expected}")]
+    VerifySize {
+        /// The URL.
+        url: String,
+        /// Published.
+        expected: u64,
+        /// Received (at least).
+        actual: u64,
+    },
+    /// A filesystem operation failed.
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The path it was done to.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: io::Error,
+    },
+    /// The hub token file cannot be read or is empty.
+    #[error("read hub token file {}: {source}", path.display())]
+    ReadToken {
+        /// The token file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: io::Error,
+    },
+    /// A `tokenSecretRef` without a `tokenFile` on a standalone runner.
+    #[error("hub tokenSecretRef is only read on a cluster; a standalone runner needs tokenFile")]
+    ResolveTokenSecret,
+    /// A hub answer does not parse.
+    #[error("parse hub answer from {url}: {source}")]
+    ParseHubAnswer {
+        /// The URL asked.
+        url: String,
+        /// The parse error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A version (pinned, from a hub or an index) is not a valid pack version.
+    #[error("pack version: {0}")]
+    ParseVersion(#[source] ManifestError),
+    /// The source's version is not the pinned one.
+    #[error("the source has version {found}, the spec pins {pinned}")]
+    CheckVersion {
+        /// From the spec.
+        pinned: String,
+        /// From the source.
+        found: String,
+    },
+    /// The `.mrpack` cannot be unpacked.
+    #[error("unpack mrpack: {0}")]
+    ExtractMrpack(#[source] ExtractError),
+    /// `modrinth.index.json` is missing or does not parse.
+    #[error("parse modrinth.index.json: {0}")]
+    ParseIndex(#[source] serde_json::Error),
+    /// `modrinth.index.json` parses but is not something we install.
+    #[error("modrinth.index.json: {0}")]
+    CheckIndex(String),
+    /// An index file path is unsafe.
+    #[error("mrpack file path: {0}")]
+    SanitizePath(#[source] PathError),
+    /// Turning the downloaded files into an Atlas pack failed.
+    #[error("build pack from mrpack: {0}")]
+    BuildPack(#[source] BuildError),
+    /// A blocking task died.
+    #[error("{0} task failed")]
+    Join(&'static str),
+}
+
+impl SourceError {
+    /// Short static category, used as log field and metric label.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Self::SelectSource
+            | Self::ParseUrl { .. }
+            | Self::ParseDigest { .. }
+            | Self::DetectFormat { .. }
+            | Self::ResolveTokenSecret => "invalid-spec",
+            Self::BuildClient(_) | Self::Join(_) => "internal",
+            Self::Request { .. } | Self::Truncated { .. } | Self::VerifyResumed { .. } => "network",
+            Self::Status { .. } => "http-status",
+            Self::Authorize { .. } | Self::ReadToken { .. } => "unauthorized",
+            Self::VerifyDigest { .. } | Self::VerifySize { .. } => "digest-mismatch",
+            Self::Io { .. } => "io",
+            Self::ParseHubAnswer { .. } => "invalid-response",
+            Self::ParseVersion(_) | Self::CheckVersion { .. } => "invalid-version",
+            Self::ExtractMrpack(e) => e.category(),
+            Self::ParseIndex(_) | Self::CheckIndex(_) => "invalid-pack",
+            Self::SanitizePath(e) => e.category(),
+            Self::BuildPack(e) => e.category(),
+        }
+    }
+
+    /// Whether retrying later may succeed without a change to the spec or the source.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Request { source, .. } => !source.is_builder(),
+            Self::Truncated { .. } | Self::VerifyResumed { .. } | Self::Io { .. } | Self::Join(_) => true,
+            Self::Status { status, .. } => *status >= 500 || *status == 429 || *status == 408,
+            _ => false,
+        }
+    }
+}
+
+pub(crate) fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> SourceError {
+    let path = path.to_owned();
+    move |source| SourceError::Io { op, path, source }
+}
+
+pub(crate) fn parse_url(raw: &str) -> Result<reqwest::Url, SourceError> {
+    let url =
+        reqwest::Url::parse(raw).map_err(|e| SourceError::ParseUrl { url: raw.to_owned(), reason: e.to_string() })?;
+    match url.scheme() {
+        "http" | "https" => Ok(url),
+        other => Err(SourceError::ParseUrl { url: raw.to_owned(), reason: format!("scheme {other} is not http(s)") }),
+    }
+}
+
+/// The archive format the last segment of a URL's path says.
+pub(crate) fn format_of(url: &reqwest::Url) -> Option<ArchiveFormat> {
+    let name = url.path_segments().and_then(|mut s| s.next_back()).unwrap_or("");
+    ArchiveFormat::from_file_name(name)
+}
+
+pub(crate) fn extension(format: ArchiveFormat) -> &'static str {
+    match format {
+        ArchiveFormat::TarZst => "tar.zst",
+        ArchiveFormat::TarGz => "tar.gz",
+        ArchiveFormat::Zip => "zip",
+    }
+}
+
+pub(crate) fn client() -> Result<reqwest::Client, SourceError> {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(15))
+        .read_timeout(Duration::from_secs(60))
+        .user_agent(concat!("atlas-runner/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(SourceError::BuildClient)
+}
+
+/// `value` lowercased, if it is `len` hex digits (it names files, so nothing else may pass).
+pub(crate) fn check_hex(value: &str, len: usize) -> Result<String, SourceError> {
+    if value.len() == len && value.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(value.to_ascii_lowercase())
+    } else {
+        Err(SourceError::ParseDigest { value: value.to_owned(), len })
+    }
+}
+
+pub(crate) fn parse_version(raw: &str) -> Result<PackVersion, SourceError> {
+    PackVersion::new(raw).map_err(SourceError::ParseVersion)
+}
+
+/// Fetches the pack a spec names. `pinned` is spec.pack.version.
+pub async fn fetch(source: &PackSource, pinned: Option<&str>, options: &FetchOptions) -> Result<Fetched, SourceError> {
+    tokio::fs::create_dir_all(&options.work_dir).await.map_err(io_err("create directory", &options.work_dir))?;
+    let client = client()?;
+    match source.get().ok_or(SourceError::SelectSource)? {
+        PackSourceRef::Url(url) => fetch_url(&client, &url.url, &url.sha256, pinned, options).await,
+        PackSourceRef::Hub(hub) => hub::fetch(&client, hub, pinned, options).await,
+        PackSourceRef::Mrpack(mrpack) => mrpack::fetch(&client, mrpack, pinned, options).await,
+    }
+}
+
+async fn fetch_url(
+    client: &reqwest::Client,
+    raw: &str,
+    sha256: &str,
+    pinned: Option<&str>,
+    options: &FetchOptions,
+) -> Result<Fetched, SourceError> {
+    let url = parse_url(raw)?;
+    let format = format_of(&url).ok_or_else(|| SourceError::DetectFormat { url: raw.to_owned() })?;
+    let version = pinned.map(parse_version).transpose()?;
+    let sha256 = check_hex(sha256, 64)?;
+    let expected = Expected { sha256: Some(sha256.clone()), ..Expected::default() };
+    let archive = options.work_dir.join(format!("{sha256}.{}", extension(format)));
+    let partial = options.work_dir.join(format!("{sha256}.partial"));
+    let bytes_downloaded = download::download(client, &url, None, &expected, &partial, &archive, options).await?;
+    Ok(Fetched { archive, format, version, bytes_downloaded })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        let options = FetchOptions::new(Path::new("/data"));
+        assert_eq!(options.work_dir, Path::new("/data/.atlas/downloads"));
+        let delays: Vec<_> = (0..4).map(|n| options.delay(n).as_millis()).collect();
+        assert_eq!(delays, [500, 1000, 2000, 4000]);
+        assert_eq!(options.delay(40), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn digests_that_name_files_are_hex_only() {
+        assert_eq!(check_hex(&"AB".repeat(32), 64).ok(), Some("ab".repeat(32)));
+        assert!(check_hex("../../etc/passwd", 16).is_err());
+        assert!(check_hex(&"a".repeat(63), 64).is_err());
+    }
+
+    #[test]
+    fn format_comes_from_the_url_path_not_the_query() -> Result<(), SourceError> {
+        assert_eq!(format_of(&parse_url("https://x/a/p.tar.zst?sig=1.zip")?), Some(ArchiveFormat::TarZst));
+        assert_eq!(format_of(&parse_url("https://x/p.mrpack")?), Some(ArchiveFormat::Zip));
+        assert_eq!(format_of(&parse_url("https://x/download")?), None);
+        assert!(parse_url("file:///etc/p.zip").is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn transient_or_permanent() {
+        let status = |status| SourceError::Status { url: "u".into(), status };
+        assert!(status(503).is_transient() && status(429).is_transient());
+        assert!(!status(404).is_transient());
+        assert!(!SourceError::Authorize { url: "u".into(), status: 401 }.is_transient());
+        let mismatch = SourceError::VerifyDigest {
+            url: "u".into(),
+            algorithm: "sha256",
+            expected: "a".into(),
+            actual: "b".into(),
+        };
+        assert!(!mismatch.is_transient() && mismatch.category() == "digest-mismatch");
+    }
+}
