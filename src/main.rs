@@ -88,6 +88,10 @@ struct PackApplyArgs {
     /// The MinecraftServer spec file whose `spec.pack` is applied.
     #[arg(long)]
     spec: PathBuf,
+    /// Also write the apply's metrics in the Prometheus text format to this file (for
+    /// node_exporter's textfile collector), replacing it atomically.
+    #[arg(long)]
+    metrics_textfile: Option<PathBuf>,
     #[command(flatten)]
     data: PackDataArgs,
 }
@@ -205,7 +209,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli.command)) {
+    match runtime.block_on(run(cli.command, cli.log_format)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let _ = writeln!(std::io::stderr(), "atlas-runner: {}", one_line(&e));
@@ -231,7 +235,7 @@ fn one_line(error: &anyhow::Error) -> String {
     line.replace('\n', " ")
 }
 
-async fn run(command: Command) -> anyhow::Result<()> {
+async fn run(command: Command, log_format: LogFormat) -> anyhow::Result<()> {
     match command {
         Command::Run(args) => run_server(args).await,
         Command::Status(args) => status(&args).await,
@@ -239,7 +243,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Console(args) => console(&args).await,
         Command::Stop(args) => lifecycle(&args, "/v1/stop", "stopped").await,
         Command::Restart(args) => lifecycle(&args, "/v1/restart", "restarting").await,
-        Command::Pack(command) => pack(command).await,
+        Command::Pack(command) => pack(command, log_format).await,
         Command::Crd => {
             let yaml = atlas_runner::api::crd_yaml().context("render the CRD")?;
             tracing::debug!(bytes = yaml.len(), "rendered the MinecraftServer CRD");
@@ -359,7 +363,7 @@ async fn bind_control_socket(socket: &Path) -> anyhow::Result<tokio::net::UnixLi
     Ok(listener)
 }
 
-async fn pack_apply(args: PackApplyArgs) -> anyhow::Result<()> {
+async fn pack_apply(args: PackApplyArgs, log_format: LogFormat) -> anyhow::Result<()> {
     use atlas_runner::pack::{self, provision};
     let spec = runner::load_spec(&args.spec)?;
     let Some(pack_spec) = &spec.pack else {
@@ -368,7 +372,22 @@ async fn pack_apply(args: PackApplyArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(runner::atlas_dir(&args.data.data))
         .with_context(|| format!("create {}", args.data.data.display()))?;
     let lock = pack::lock(&pack::lock_path(&args.data.data))?;
-    let outcome = provision::apply_spec(pack_spec, &args.data.data, &lock).await?;
+    let registry = prometheus::Registry::new();
+    let metrics = atlas_runner::metrics::PackMetrics::register(&registry)?;
+    let options = pack::source::FetchOptions::new(&args.data.data);
+    let progress = (log_format == LogFormat::Text).then(|| show_progress(&options.progress)).flatten();
+    let outcome = provision::apply_spec(pack_spec, &args.data.data, &lock, &options, &metrics).await;
+    if let Some(progress) = progress {
+        progress.abort();
+        let _ = writeln!(std::io::stderr());
+    }
+    if let Some(path) = &args.metrics_textfile {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, atlas_runner::metrics::render(&registry))
+            .with_context(|| format!("write {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("write {}", path.display()))?;
+    }
+    let outcome = outcome?;
     let mut out = std::io::stdout().lock();
     match outcome {
         provision::Provisioned::AlreadyCurrent(version) if args.data.json => {
@@ -400,7 +419,43 @@ async fn pack_apply(args: PackApplyArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn pack(command: PackCommand) -> anyhow::Result<()> {
+/// On a terminal, a progress line (bytes, rate, files, ETA) redrawn while the pack downloads; elsewhere
+/// the apply logs its milestones instead.
+fn show_progress(
+    progress: &std::sync::Arc<atlas_runner::pack::source::Progress>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let progress = progress.clone();
+    Some(tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        loop {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let now = progress.snapshot();
+            let secs = started.elapsed().as_secs_f64().max(0.001);
+            let rate = now.bytes as f64 / secs;
+            let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+            let eta = if now.total_bytes > now.bytes && rate > 0.0 {
+                format!(" ETA {:.0}s", (now.total_bytes - now.bytes) as f64 / rate)
+            } else {
+                String::new()
+            };
+            let files =
+                if now.total_files > 0 { format!(" {}/{} files", now.files, now.total_files) } else { String::new() };
+            let _ = write!(
+                std::io::stderr(),
+                "\r{:.1}/{:.1} MiB  {:.1} MiB/s{files}{eta}   ",
+                mib(now.bytes),
+                mib(now.total_bytes),
+                rate / (1024.0 * 1024.0)
+            );
+        }
+    }))
+}
+
+async fn pack(command: PackCommand, log_format: LogFormat) -> anyhow::Result<()> {
     use atlas_runner::pack::{self, PackStore, PackVersion, build};
     // Locked per arm: a stdout lock must not be held across the apply's awaits.
     match command {
@@ -426,7 +481,7 @@ async fn pack(command: PackCommand) -> anyhow::Result<()> {
                 manifest.files.len()
             )?;
         }
-        PackCommand::Apply(args) => return pack_apply(args).await,
+        PackCommand::Apply(args) => return pack_apply(args, log_format).await,
         PackCommand::Status(args) => {
             let mut out = std::io::stdout().lock();
             let lock = pack::lock(&pack::lock_path(&args.data))?;

@@ -133,3 +133,53 @@ pub fn render(registry: &Registry) -> String {
     }
     out
 }
+
+/// The pack engine's metrics.
+#[derive(Debug, Clone)]
+pub struct PackMetrics {
+    /// How long fetch + stage + swap took.
+    pub apply_duration: Histogram,
+    /// Bytes downloaded for packs.
+    pub downloaded_bytes: IntCounter,
+    /// Files written into the data dir by pack swaps.
+    pub files_written: IntCounter,
+    /// Files removed from the data dir by pack swaps.
+    pub files_removed: IntCounter,
+    /// Failed applies by category.
+    pub failures: IntCounterVec,
+    /// 1 for the applied pack version.
+    pub info: GaugeVec,
+}
+
+impl PackMetrics {
+    /// Creates the metrics and registers them on `registry`.
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let m = Self {
+            apply_duration: Histogram::with_opts(
+                HistogramOpts::new("atlas_pack_apply_duration_seconds", "Time to fetch, verify and swap in a pack.")
+                    .buckets(vec![0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0]),
+            )?,
+            downloaded_bytes: IntCounter::new("atlas_pack_downloaded_bytes_total", "Bytes downloaded for packs.")?,
+            files_written: IntCounter::new("atlas_pack_files_written_total", "Files written by pack swaps.")?,
+            files_removed: IntCounter::new("atlas_pack_files_removed_total", "Files removed by pack swaps.")?,
+            failures: IntCounterVec::new(
+                Opts::new("atlas_pack_apply_failures_total", "Failed pack applies, by category."),
+                &["category"],
+            )?,
+            info: GaugeVec::new(Opts::new("atlas_pack_info", "1 for the applied pack version."), &["version"])?,
+        };
+        registry.register(Box::new(m.apply_duration.clone()))?;
+        registry.register(Box::new(m.downloaded_bytes.clone()))?;
+        registry.register(Box::new(m.files_written.clone()))?;
+        registry.register(Box::new(m.files_removed.clone()))?;
+        registry.register(Box::new(m.failures.clone()))?;
+        registry.register(Box::new(m.info.clone()))?;
+        Ok(m)
+    }
+
+    /// Marks `version` as the applied one.
+    pub fn set_version(&self, version: &str) {
+        self.info.reset();
+        self.info.with_label_values(&[version]).set(1.0);
+    }
+}

@@ -192,6 +192,7 @@ fn kill_9_at_any_point_of_pack_apply_leaves_exactly_the_old_or_the_new_version()
         archives.push(out);
     }
     let v2_bytes = fs::read(&archives[1])?;
+    let v2_len = v2_bytes.len();
     let sha = hex::encode(sha2::Sha256::digest(&v2_bytes));
     let base = serve([("/pack-2.0.0.tar.zst".to_owned(), v2_bytes)].into_iter().collect())?;
     let spec = root.join("server.yaml");
@@ -214,12 +215,15 @@ fn kill_9_at_any_point_of_pack_apply_leaves_exactly_the_old_or_the_new_version()
         Ok(data)
     };
     // The apply logs "swapping it in" to stderr just before the journaled swap.
+    let textfile = root.join("pack.prom");
     let apply = |data: &Path| -> Result<(std::process::Child, std::sync::mpsc::Receiver<std::time::Instant>)> {
         let mut child = Command::new(common::binary())
             .args(["pack", "apply", "--spec"])
             .arg(&spec)
             .arg("--data")
             .arg(data)
+            .arg("--metrics-textfile")
+            .arg(&textfile)
             .env("RUST_LOG", "info")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
@@ -247,6 +251,26 @@ fn kill_9_at_any_point_of_pack_apply_leaves_exactly_the_old_or_the_new_version()
     let full = ended - started;
     let swap = ended - swapping.recv_timeout(std::time::Duration::from_secs(5))?;
     assert_eq!(managed_files(&data)?, v2);
+    // The apply's metrics, as node_exporter's textfile collector would read them.
+    let metrics = fs::read_to_string(&textfile)?;
+    for line in [
+        "atlas_pack_info{version=\"2.0.0\"} 1",
+        "atlas_pack_files_written_total 300",
+        "atlas_pack_files_removed_total 100",
+        &format!("atlas_pack_downloaded_bytes_total {v2_len}"),
+        "atlas_pack_apply_duration_seconds_count 1",
+    ] {
+        assert!(metrics.contains(line), "metrics lack {line:?}:\n{metrics}");
+    }
+    let mut check = Command::new(atlas_testbed::bin("promtool")?)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    std::io::Write::write_all(&mut check.stdin.take().context("stdin")?, metrics.as_bytes())?;
+    let checked = check.wait_with_output()?;
+    assert!(checked.status.success(), "promtool: {}", String::from_utf8_lossy(&checked.stdout));
 
     // Half the kills spread over the whole run (start-up, fetch, staging), half over the swap.
     let runs = 40;

@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use crate::api::PackSpec;
+use crate::metrics::PackMetrics;
 use crate::pack::source::{self, FetchOptions, SourceError};
 use crate::pack::store::StoreError;
 use crate::pack::{ApplyError, ApplyReport, DataDirLock, Limits, PackStore, PackVersion, Preserve};
@@ -51,11 +52,40 @@ impl ProvisionError {
     }
 }
 
-/// Fetches, stages and applies `pack` into `data_dir`; the caller holds `lock`.
-pub async fn apply_spec(pack: &PackSpec, data_dir: &Path, lock: &DataDirLock) -> Result<Provisioned, ProvisionError> {
+/// Fetches, stages and applies `pack` into `data_dir` (the caller holds `lock`), recording the
+/// outcome in `metrics`. `options.progress` can be polled meanwhile.
+pub async fn apply_spec(
+    pack: &PackSpec,
+    data_dir: &Path,
+    lock: &DataDirLock,
+    options: &FetchOptions,
+    metrics: &PackMetrics,
+) -> Result<Provisioned, ProvisionError> {
+    let started = std::time::Instant::now();
+    let result = apply_spec_inner(pack, data_dir, lock, options).await;
+    metrics.apply_duration.observe(started.elapsed().as_secs_f64());
+    match &result {
+        Ok(Provisioned::Applied { report, bytes_downloaded }) => {
+            metrics.downloaded_bytes.inc_by(*bytes_downloaded);
+            metrics.files_written.inc_by(report.installed.len() as u64 + report.preserved_written.len() as u64);
+            metrics.files_removed.inc_by(report.removed.len() as u64);
+            metrics.set_version(report.to.as_str());
+        }
+        Ok(Provisioned::AlreadyCurrent(version)) => metrics.set_version(version.as_str()),
+        Err(e) => metrics.failures.with_label_values(&[e.category()]).inc(),
+    }
+    result
+}
+
+async fn apply_spec_inner(
+    pack: &PackSpec,
+    data_dir: &Path,
+    lock: &DataDirLock,
+    options: &FetchOptions,
+) -> Result<Provisioned, ProvisionError> {
     let preserve = Preserve::new(&pack.preserve)?;
     tracing::info!(pinned = pack.version.as_deref(), "fetching the pack");
-    let fetched = source::fetch(&pack.source, pack.version.as_deref(), &FetchOptions::new(data_dir)).await?;
+    let fetched = source::fetch(&pack.source, pack.version.as_deref(), options).await?;
     tracing::info!(archive = %fetched.archive.display(), bytes = fetched.bytes_downloaded, "pack fetched; staging");
     let (mut store, recovery) = PackStore::open(data_dir, lock)?;
     tracing::debug!(?recovery, "pack store opened");
