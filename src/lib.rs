@@ -3,6 +3,7 @@
 //! The binary (`src/main.rs`) is a thin CLI over these modules.
 
 pub mod api;
+pub mod backup;
 pub mod http;
 pub mod metrics;
 pub mod pack;

@@ -1,0 +1,558 @@
+//! World backups: consistent snapshots archived to an object store, listed, verified, restored and pruned.
+//!
+//! Layout in the store (under the configured prefix): `archives/NAME.tar.zst` and `manifests/NAME.json`.
+//! The manifest is written last: a backup without its manifest does not exist, and is removed by `prune`.
+
+pub mod archive;
+pub mod retention;
+pub mod snapshot;
+pub mod store;
+pub mod upload;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use jiff::Timestamp;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+
+use crate::api::Retention;
+use crate::rcon::Rcon;
+use archive::{ArchiveError, ArchiveStats};
+use snapshot::{CaptureRules, SnapshotError};
+use store::{Store, StoreError};
+use upload::UploadError;
+
+const MANIFEST_DIR: &str = "manifests";
+const ARCHIVE_DIR: &str = "archives";
+const MANIFEST_FORMAT: u32 = 1;
+
+/// The record of one complete backup, stored as `manifests/NAME.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Manifest {
+    /// The manifest format version.
+    pub format: u32,
+    /// The backup's name (its UTC time, `20261126T090710.123Z`).
+    pub name: String,
+    /// When the capture was taken.
+    pub time: Timestamp,
+    /// The Minecraft server version, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_version: Option<String>,
+    /// The pack version, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pack_version: Option<String>,
+    /// The world directories in the archive; restore swaps these.
+    pub worlds: Vec<String>,
+    /// Every top-level name in the archive (the worlds plus included paths).
+    pub roots: Vec<String>,
+    /// Regular files archived.
+    pub files: u64,
+    /// Their total size.
+    pub raw_bytes: u64,
+    /// The archive's size.
+    pub archive_bytes: u64,
+    /// The archive's SHA-256, lowercase hex.
+    pub archive_sha256: String,
+    /// The archive's key, relative to the store's prefix.
+    pub archive_key: String,
+    /// How long the server's saving was off, in milliseconds (absent without RCON).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub save_off_ms: Option<u64>,
+}
+
+/// Why a backup operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("take the snapshot")]
+    Snapshot(#[from] SnapshotError),
+    #[error("upload the archive")]
+    Upload(#[from] UploadError),
+    #[error("prepare the local directory {path}")]
+    LocalDir { path: PathBuf, source: std::io::Error },
+    #[error("write the manifest {key}")]
+    WriteManifest { key: String, source: object_store::Error },
+    #[error("list the backups")]
+    ListBackups { source: StoreError },
+    #[error("read the manifest {key}")]
+    ReadManifest { key: String, source: object_store::Error },
+    #[error("parse the manifest {key}")]
+    ParseManifest { key: String, source: serde_json::Error },
+    #[error("no backup named {name}")]
+    NotFound { name: String },
+    #[error("download the archive {key}")]
+    Download { key: String, source: object_store::Error },
+    #[error("write the downloaded archive to {path}")]
+    SaveDownload { path: PathBuf, source: std::io::Error },
+    #[error("the archive {key} is {actual} bytes, the manifest says {expected}: truncated or replaced")]
+    SizeMismatch { key: String, expected: u64, actual: u64 },
+    #[error("the archive {key} has SHA-256 {actual}, the manifest says {expected}: corrupt or replaced")]
+    DigestMismatch { key: String, expected: String, actual: String },
+    #[error("check the archive {key}")]
+    CheckArchive { key: String, source: ArchiveError },
+    #[error("the archive {key} holds {actual} files, the manifest says {expected}")]
+    FileCountMismatch { key: String, expected: u64, actual: u64 },
+    #[error("the manifest of {name} names {root:?}, not a plain top-level directory of the archive")]
+    UnsafeManifest { name: String, root: String },
+    #[error("swap the restored {world} into place")]
+    SwapWorld { world: String, source: std::io::Error },
+    #[error("delete {key}")]
+    Delete { key: String, source: object_store::Error },
+    #[error("a blocking task failed")]
+    Thread { source: tokio::task::JoinError },
+}
+
+impl BackupError {
+    /// A short static label for logs and metrics.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Self::Store(e) | Self::ListBackups { source: e } => e.category(),
+            Self::Snapshot(e) => e.category(),
+            Self::Upload(e) => e.category(),
+            Self::LocalDir { .. } | Self::SaveDownload { .. } | Self::SwapWorld { .. } => "local_io",
+            Self::WriteManifest { .. } => "upload",
+            Self::ReadManifest { .. } | Self::Download { .. } | Self::Delete { .. } => "store",
+            Self::ParseManifest { .. } | Self::UnsafeManifest { .. } => "corrupt_manifest",
+            Self::NotFound { .. } => "not_found",
+            Self::SizeMismatch { .. }
+            | Self::DigestMismatch { .. }
+            | Self::CheckArchive { .. }
+            | Self::FileCountMismatch { .. } => "corrupt_archive",
+            Self::Thread { .. } => "internal",
+        }
+    }
+}
+
+/// What `create` needs besides the store.
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    /// The server's data directory.
+    pub data_dir: PathBuf,
+    /// Extra includes and excludes.
+    pub rules: CaptureRules,
+    /// zstd level (1-19).
+    pub compression_level: i32,
+    /// The running server's RCON; `None` when no server runs (`--no-rcon`).
+    pub rcon: Option<Rcon>,
+    /// How long to wait for `save-all flush` to be confirmed.
+    pub flush_timeout: Duration,
+    /// Recorded in the manifest.
+    pub server_version: Option<String>,
+    /// Recorded in the manifest.
+    pub pack_version: Option<String>,
+}
+
+impl CreateOptions {
+    /// Defaults for `data_dir`: no includes, level 3, no RCON, a 60 s flush timeout.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            rules: CaptureRules::default(),
+            compression_level: 3,
+            rcon: None,
+            flush_timeout: Duration::from_secs(60),
+            server_version: None,
+            pack_version: None,
+        }
+    }
+}
+
+fn manifest_key(name: &str) -> ObjectPath {
+    ObjectPath::from(format!("{MANIFEST_DIR}/{name}.json"))
+}
+
+fn archive_key(name: &str) -> ObjectPath {
+    ObjectPath::from(format!("{ARCHIVE_DIR}/{name}.tar.zst"))
+}
+
+/// A backup name for `time`: sortable, unique to the millisecond, safe as a key and a file name.
+pub fn backup_name(time: Timestamp) -> String {
+    format!("{}{:03}Z", time.strftime("%Y%m%dT%H%M%S."), time.subsec_millisecond())
+}
+
+fn local_dir(path: &Path) -> Result<(), BackupError> {
+    std::fs::create_dir_all(path).map_err(|source| BackupError::LocalDir { path: path.to_owned(), source })
+}
+
+/// Takes a backup: snapshot into local staging, stream the archive to the store, write the manifest last.
+pub async fn create(store: &Store, options: &CreateOptions) -> Result<Manifest, BackupError> {
+    let time = Timestamp::now();
+    let name = backup_name(time);
+    let staging_root = options.data_dir.join(snapshot::STAGING_DIR);
+    // One backup runs at a time per data directory: anything left here is from a backup that was cancelled
+    // or crashed, and only takes space.
+    if staging_root.exists() {
+        tokio::fs::remove_dir_all(&staging_root)
+            .await
+            .map_err(|source| BackupError::LocalDir { path: staging_root.clone(), source })?;
+    }
+    let staging = staging_root.join(&name);
+    local_dir(&staging_root)?;
+    let result = create_from_staging(store, options, &name, time, &staging).await;
+    // The staging copy is only needed until the upload ends, whatever its outcome.
+    let _ = tokio::fs::remove_dir_all(&staging).await;
+    result
+}
+
+async fn create_from_staging(
+    store: &Store,
+    options: &CreateOptions,
+    name: &str,
+    time: Timestamp,
+    staging: &Path,
+) -> Result<Manifest, BackupError> {
+    let capture =
+        snapshot::snapshot(&options.data_dir, staging, &options.rules, options.rcon.as_ref(), options.flush_timeout)
+            .await?;
+    let mut roots = Vec::new();
+    let entries =
+        std::fs::read_dir(staging).map_err(|source| BackupError::LocalDir { path: staging.into(), source })?;
+    for entry in entries {
+        let entry = entry.map_err(|source| BackupError::LocalDir { path: staging.into(), source })?;
+        roots.push(entry.file_name().to_string_lossy().into_owned());
+    }
+    roots.sort();
+
+    let key = archive_key(name);
+    let uploaded =
+        upload::upload_archive(store.objects.as_ref(), &key, staging.to_owned(), options.compression_level).await?;
+    let manifest = Manifest {
+        format: MANIFEST_FORMAT,
+        name: name.to_owned(),
+        time,
+        server_version: options.server_version.clone(),
+        pack_version: options.pack_version.clone(),
+        worlds: capture.worlds,
+        roots,
+        files: uploaded.stats.files,
+        raw_bytes: uploaded.stats.raw_bytes,
+        archive_bytes: uploaded.archive_bytes,
+        archive_sha256: uploaded.sha256,
+        archive_key: key.to_string(),
+        save_off_ms: capture.save_off_window.map(|w| u64::try_from(w.as_millis()).unwrap_or(u64::MAX)),
+    };
+    // Serializing plain data with string keys cannot fail.
+    let body = serde_json::to_vec_pretty(&manifest).unwrap_or_default();
+    let mkey = manifest_key(name);
+    store
+        .objects
+        .put(&mkey, PutPayload::from(body))
+        .await
+        .map_err(|source| BackupError::WriteManifest { key: mkey.to_string(), source })?;
+    tracing::info!(
+        backup = %manifest.name,
+        files = manifest.files,
+        archive_bytes = manifest.archive_bytes,
+        store = %store.location,
+        "backup created"
+    );
+    Ok(manifest)
+}
+
+/// The complete backups in the store, newest first.
+pub async fn list(store: &Store) -> Result<Vec<Manifest>, BackupError> {
+    Ok(list_all(store).await?.0)
+}
+
+/// The readable manifests, newest first, and the names of every manifest object, readable or not.
+async fn list_all(store: &Store) -> Result<(Vec<Manifest>, BTreeSet<String>), BackupError> {
+    let prefix = ObjectPath::from(MANIFEST_DIR);
+    let objects: Vec<_> = store
+        .objects
+        .list(Some(&prefix))
+        .try_collect()
+        .await
+        .map_err(|source| BackupError::ListBackups { source: store::classify(source) })?;
+    let mut manifests = Vec::with_capacity(objects.len());
+    let mut names = BTreeSet::new();
+    for meta in objects {
+        let Some(name) = meta.location.filename().and_then(|f| f.strip_suffix(".json")) else { continue };
+        names.insert(name.to_owned());
+        match read_manifest(store.objects.as_ref(), &meta.location).await {
+            Ok(manifest) => manifests.push(manifest),
+            // Deleted since the listing (a concurrent prune): it is gone, as it should be.
+            Err(BackupError::NotFound { .. }) => {}
+            // One unreadable manifest must not hide the other backups; it is reported, and never pruned.
+            Err(error @ BackupError::ParseManifest { .. }) => {
+                tracing::warn!(%error, category = error.category(), "skipping an unreadable backup manifest");
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    manifests.sort_by(|a, b| b.time.cmp(&a.time).then_with(|| b.name.cmp(&a.name)));
+    Ok((manifests, names))
+}
+
+async fn read_manifest(objects: &dyn ObjectStore, key: &ObjectPath) -> Result<Manifest, BackupError> {
+    let shown = key.to_string();
+    let bytes = match objects.get(key).await {
+        Ok(got) => got.bytes().await,
+        Err(e) => Err(e),
+    };
+    let bytes = bytes.map_err(|source| match source {
+        object_store::Error::NotFound { .. } => BackupError::NotFound {
+            name: key.filename().and_then(|f| f.strip_suffix(".json")).unwrap_or(&shown).to_owned(),
+        },
+        source => BackupError::ReadManifest { key: shown.clone(), source },
+    })?;
+    serde_json::from_slice(&bytes).map_err(|source| BackupError::ParseManifest { key: shown, source })
+}
+
+/// The manifest of the backup `name`.
+pub async fn manifest(store: &Store, name: &str) -> Result<Manifest, BackupError> {
+    read_manifest(store.objects.as_ref(), &manifest_key(name)).await
+}
+
+/// Downloads the archive of `manifest` to `path`, checking its size and SHA-256 against the manifest.
+async fn download_checked(store: &Store, manifest: &Manifest, path: &Path) -> Result<(), BackupError> {
+    let key = ObjectPath::from(manifest.archive_key.as_str());
+    let download = |source| BackupError::Download { key: manifest.archive_key.clone(), source };
+    let save = |source| BackupError::SaveDownload { path: path.to_owned(), source };
+    let mut stream = store.objects.get(&key).await.map_err(download)?.into_stream();
+    let mut file = tokio::fs::File::create(path).await.map_err(save)?;
+    let mut hasher = Sha256::new();
+    let mut size = 0u64;
+    while let Some(chunk) = stream.try_next().await.map_err(download)? {
+        hasher.update(&chunk);
+        size += chunk.len() as u64;
+        file.write_all(&chunk).await.map_err(save)?;
+    }
+    file.flush().await.map_err(save)?;
+    file.sync_all().await.map_err(save)?;
+    if size != manifest.archive_bytes {
+        return Err(BackupError::SizeMismatch {
+            key: manifest.archive_key.clone(),
+            expected: manifest.archive_bytes,
+            actual: size,
+        });
+    }
+    let actual = hex::encode(hasher.finalize());
+    if actual != manifest.archive_sha256 {
+        return Err(BackupError::DigestMismatch {
+            key: manifest.archive_key.clone(),
+            expected: manifest.archive_sha256.clone(),
+            actual,
+        });
+    }
+    Ok(())
+}
+
+fn check_counts(manifest: &Manifest, stats: ArchiveStats) -> Result<(), BackupError> {
+    if stats.files != manifest.files {
+        return Err(BackupError::FileCountMismatch {
+            key: manifest.archive_key.clone(),
+            expected: manifest.files,
+            actual: stats.files,
+        });
+    }
+    Ok(())
+}
+
+/// Downloads the backup `name` into `scratch` (a local directory, emptied of the download afterwards) and
+/// checks its size, SHA-256, and that the zstd tar reads to its end with the manifest's file count.
+pub async fn verify(store: &Store, name: &str, scratch: &Path) -> Result<Manifest, BackupError> {
+    let manifest = manifest(store, name).await?;
+    local_dir(scratch)?;
+    let file = scratch.join(format!("verify-{name}.tar.zst"));
+    let result = async {
+        download_checked(store, &manifest, &file).await?;
+        let path = file.clone();
+        let key = manifest.archive_key.clone();
+        let stats = tokio::task::spawn_blocking(move || {
+            let input = std::fs::File::open(&path).map_err(|source| ArchiveError::ReadArchive { source })?;
+            archive::check_archive(std::io::BufReader::new(input))
+        })
+        .await
+        .map_err(|source| BackupError::Thread { source })?
+        .map_err(|source| BackupError::CheckArchive { key, source })?;
+        check_counts(&manifest, stats)
+    }
+    .await;
+    let _ = tokio::fs::remove_file(&file).await;
+    result.map(|()| manifest)
+}
+
+/// What `restore` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Restored {
+    /// The restored backup.
+    pub manifest: Manifest,
+    /// Where each replaced world was moved (`world.before-restore-NAME`).
+    pub previous: Vec<PathBuf>,
+}
+
+/// Restores the backup `name` into `data_dir`. The server must not be running. The archive is downloaded,
+/// checked (size, SHA-256) and fully extracted into `DATA/.atlas/restore-NAME` first; only then is each world
+/// directory swapped in by rename, the live one kept as `<world>.before-restore-<time>`. A corrupt or
+/// truncated archive fails before the live world is touched. Included non-world files are copied over.
+pub async fn restore(store: &Store, name: &str, data_dir: &Path) -> Result<Restored, BackupError> {
+    let manifest = manifest(store, name).await?;
+    // The digest covers the archive, not the manifest: its names become paths, so they must be plain names.
+    for root in manifest.worlds.iter().chain(&manifest.roots) {
+        let plain = !root.is_empty() && !root.contains(['/', '\\']) && root != "." && root != ".." && root != ".atlas";
+        if !plain || !manifest.roots.contains(root) {
+            return Err(BackupError::UnsafeManifest { name: name.to_owned(), root: root.clone() });
+        }
+    }
+    let work = data_dir.join(".atlas").join(format!("restore-{name}"));
+    if work.exists() {
+        tokio::fs::remove_dir_all(&work)
+            .await
+            .map_err(|source| BackupError::LocalDir { path: work.clone(), source })?;
+    }
+    let tree = work.join("tree");
+    local_dir(&tree)?;
+    let result = restore_via(store, &manifest, data_dir, &work, &tree).await;
+    let _ = tokio::fs::remove_dir_all(&work).await;
+    result.map(|previous| Restored { manifest, previous })
+}
+
+async fn restore_via(
+    store: &Store,
+    manifest: &Manifest,
+    data_dir: &Path,
+    work: &Path,
+    tree: &Path,
+) -> Result<Vec<PathBuf>, BackupError> {
+    let file = work.join("archive.tar.zst");
+    download_checked(store, manifest, &file).await?;
+    let (path, dest, roots, key) =
+        (file.clone(), tree.to_owned(), manifest.roots.clone(), manifest.archive_key.clone());
+    let stats = tokio::task::spawn_blocking(move || {
+        let input = std::fs::File::open(&path).map_err(|source| ArchiveError::ReadArchive { source })?;
+        archive::extract_archive(std::io::BufReader::new(input), &dest, &roots)
+    })
+    .await
+    .map_err(|source| BackupError::Thread { source })?
+    .map_err(|source| BackupError::CheckArchive { key, source })?;
+    check_counts(manifest, stats)?;
+
+    // Everything is extracted and checked: from here on the live data directory changes.
+    let stamp = Timestamp::now().strftime("%Y%m%dT%H%M%SZ").to_string();
+    let mut moved: Vec<(PathBuf, PathBuf, PathBuf)> = Vec::new();
+    for world in &manifest.worlds {
+        let live = data_dir.join(world);
+        let staged = tree.join(world);
+        let aside = data_dir.join(format!("{world}.before-restore-{stamp}"));
+        let swap = async {
+            if tokio::fs::symlink_metadata(&live).await.is_ok() {
+                tokio::fs::rename(&live, &aside).await?;
+            }
+            tokio::fs::rename(&staged, &live).await
+        };
+        if let Err(source) = swap.await {
+            // Put back what was moved so the server never starts on a half-restored set of worlds.
+            roll_back(&moved).await;
+            if tokio::fs::symlink_metadata(&live).await.is_err() {
+                let _ = tokio::fs::rename(&aside, &live).await;
+            }
+            return Err(BackupError::SwapWorld { world: world.clone(), source });
+        }
+        moved.push((live, aside, staged));
+    }
+    for root in manifest.roots.iter().filter(|r| !manifest.worlds.contains(r)) {
+        let (from, to) = (tree.join(root), data_dir.join(root));
+        tokio::task::spawn_blocking(move || copy_over(&from, &to))
+            .await
+            .map_err(|source| BackupError::Thread { source })?
+            .map_err(|source| BackupError::SwapWorld { world: root.clone(), source })?;
+    }
+    Ok(moved.into_iter().filter(|(_, aside, _)| aside.exists()).map(|(_, aside, _)| aside).collect())
+}
+
+async fn roll_back(moved: &[(PathBuf, PathBuf, PathBuf)]) {
+    for (live, aside, staged) in moved.iter().rev() {
+        let _ = tokio::fs::rename(live, staged).await;
+        if tokio::fs::symlink_metadata(aside).await.is_ok() {
+            let _ = tokio::fs::rename(aside, live).await;
+        }
+    }
+}
+
+/// Copies a restored non-world path over the live one, file by file.
+fn copy_over(from: &Path, to: &Path) -> std::io::Result<()> {
+    let meta = std::fs::symlink_metadata(from)?;
+    if meta.is_dir() {
+        std::fs::create_dir_all(to)?;
+        for entry in std::fs::read_dir(from)? {
+            let entry = entry?;
+            copy_over(&entry.path(), &to.join(entry.file_name()))?;
+        }
+        return Ok(());
+    }
+    if let Some(parent) = to.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::rename(from, to)
+}
+
+/// What `prune` did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Pruned {
+    /// Backups kept, newest first.
+    pub kept: Vec<String>,
+    /// Backups deleted, newest first.
+    pub deleted: Vec<String>,
+    /// Archive keys without a manifest that were removed.
+    pub orphans: Vec<String>,
+}
+
+/// Applies `policy`: deletes the backups retention does not keep, oldest first, each by its manifest first
+/// and its archive second, then removes archives that have no manifest and are older than the newest backup.
+///
+/// Why this order: deleting the manifest first makes a backup disappear atomically; a crash between the two
+/// deletes leaves an orphan archive, which is not a backup (nothing lists or restores it) and which the next
+/// prune removes. The reverse order could leave a manifest whose archive is gone: a listed backup that cannot
+/// be restored. Oldest first, so an interrupted prune has removed the least valuable backups. Orphans newer
+/// than the newest manifest are left alone: they may be a backup still being written.
+pub async fn prune(store: &Store, policy: &Retention) -> Result<Pruned, BackupError> {
+    let (manifests, manifest_names) = list_all(store).await?;
+    let candidates: Vec<_> =
+        manifests.iter().map(|m| retention::Candidate { name: m.name.clone(), time: m.time }).collect();
+    let plan = retention::plan(&candidates, policy);
+    for name in plan.delete.iter().rev() {
+        let Some(doomed) = manifests.iter().find(|m| &m.name == name) else { continue };
+        delete(store, &manifest_key(name)).await?;
+        delete(store, &ObjectPath::from(doomed.archive_key.as_str())).await?;
+        tracing::info!(backup = %name, "backup pruned");
+    }
+
+    let mut orphans = Vec::new();
+    let kept_archives: Vec<&str> =
+        manifests.iter().filter(|m| plan.keep.contains(&m.name)).map(|m| m.archive_key.as_str()).collect();
+    if let Some(newest) = manifests.first() {
+        let prefix = ObjectPath::from(ARCHIVE_DIR);
+        let archives: Vec<_> = store
+            .objects
+            .list(Some(&prefix))
+            .try_collect()
+            .await
+            .map_err(|source| BackupError::ListBackups { source: store::classify(source) })?;
+        for meta in archives {
+            let key = meta.location.to_string();
+            let name = meta.location.filename().and_then(|f| f.strip_suffix(".tar.zst")).unwrap_or_default();
+            let has_manifest = manifest_names.contains(name) && !plan.delete.iter().any(|d| d == name);
+            if kept_archives.contains(&key.as_str()) || has_manifest || key.as_str() >= newest.archive_key.as_str() {
+                continue;
+            }
+            delete(store, &meta.location).await?;
+            orphans.push(key);
+        }
+    }
+    Ok(Pruned { kept: plan.keep, deleted: plan.delete, orphans })
+}
+
+async fn delete(store: &Store, key: &ObjectPath) -> Result<(), BackupError> {
+    match store.objects.delete(key).await {
+        Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+        Err(source) => Err(BackupError::Delete { key: key.to_string(), source }),
+    }
+}

@@ -1,0 +1,325 @@
+//! The consistent snapshot: pause the server's saving over RCON, flush, copy the world to local staging,
+//! and resume saving on every path, so compression and upload happen with the server saving normally.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use globset::{Glob, GlobSet, GlobSetBuilder};
+
+use crate::rcon::{Rcon, RconError};
+use crate::server::properties::parse_properties;
+
+/// Where captures are staged, relative to the data directory.
+pub const STAGING_DIR: &str = ".atlas/backup-staging";
+
+/// What to capture besides the world directories.
+#[derive(Debug, Clone, Default)]
+pub struct CaptureRules {
+    /// Globs (relative to the data directory) of extra files to capture.
+    pub include: Vec<String>,
+    /// Globs of files left out, worlds included.
+    pub exclude: Vec<String>,
+}
+
+/// A finished capture in local staging.
+#[derive(Debug, Clone)]
+pub struct Capture {
+    /// The staging directory; it mirrors the data directory's layout.
+    pub dir: PathBuf,
+    /// The world directories captured (`world`, `world_nether`, `world_the_end`).
+    pub worlds: Vec<String>,
+    /// Regular files copied.
+    pub files: u64,
+    /// Their total size.
+    pub bytes: u64,
+    /// How long saving was off (from `save-off` sent to `save-on` answered); `None` without RCON.
+    pub save_off_window: Option<Duration>,
+}
+
+/// Why a snapshot failed. Saving has been turned back on (or its failure logged) in every case.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("read {path}")]
+    ReadProperties { path: PathBuf, source: io::Error },
+    #[error("the world directory {path} does not exist")]
+    MissingWorld { path: PathBuf },
+    #[error("invalid glob {glob:?}")]
+    InvalidGlob { glob: String, source: globset::Error },
+    #[error("RCON save-off")]
+    SaveOff { source: RconError },
+    #[error("RCON save-all flush")]
+    Flush { source: RconError },
+    #[error("the server did not confirm the save within {timeout:?}")]
+    FlushTimeout { timeout: Duration },
+    #[error("the server did not confirm the save: {reply:?}")]
+    FlushNotConfirmed { reply: String },
+    #[error("RCON save-on (saving may still be off on the server)")]
+    SaveOn { source: RconError },
+    #[error("copy {path} to staging")]
+    Copy { path: PathBuf, source: io::Error },
+    #[error("the capture thread failed")]
+    CaptureThread { source: tokio::task::JoinError },
+}
+
+impl SnapshotError {
+    /// A short static label for logs and metrics.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Self::ReadProperties { .. } | Self::MissingWorld { .. } => "world_missing",
+            Self::InvalidGlob { .. } => "invalid_spec",
+            Self::SaveOff { .. } | Self::Flush { .. } | Self::SaveOn { .. } => "rcon",
+            Self::FlushTimeout { .. } | Self::FlushNotConfirmed { .. } => "flush",
+            Self::Copy { .. } => "capture",
+            Self::CaptureThread { .. } => "internal",
+        }
+    }
+}
+
+/// The world directories of the server in `data_dir`: `level-name` from `server.properties` (default
+/// `world`), which must exist, plus its `_nether` and `_the_end` siblings when present.
+pub fn world_dirs(data_dir: &Path) -> Result<Vec<String>, SnapshotError> {
+    let path = data_dir.join("server.properties");
+    let level = match fs::read_to_string(&path) {
+        Ok(text) => parse_properties(&text).get("level-name").map(|l| l.trim().to_owned()).unwrap_or_default(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
+        Err(source) => return Err(SnapshotError::ReadProperties { path, source }),
+    };
+    let level = if level.is_empty() { "world".to_owned() } else { level };
+    if !data_dir.join(&level).is_dir() {
+        return Err(SnapshotError::MissingWorld { path: data_dir.join(&level) });
+    }
+    let mut worlds = vec![level.clone()];
+    for suffix in ["_nether", "_the_end"] {
+        let dir = format!("{level}{suffix}");
+        if data_dir.join(&dir).is_dir() {
+            worlds.push(dir);
+        }
+    }
+    Ok(worlds)
+}
+
+fn glob_set(globs: &[String]) -> Result<GlobSet, SnapshotError> {
+    let mut builder = GlobSetBuilder::new();
+    for glob in globs {
+        builder.add(Glob::new(glob).map_err(|source| SnapshotError::InvalidGlob { glob: glob.clone(), source })?);
+    }
+    builder.build().map_err(|source| SnapshotError::InvalidGlob { glob: globs.join(","), source })
+}
+
+/// Turns saving back on when dropped without [`SaveOnGuard::restore`] (the snapshot future was cancelled).
+struct SaveOnGuard {
+    rcon: Option<Rcon>,
+}
+
+impl SaveOnGuard {
+    async fn restore(mut self) -> Result<(), SnapshotError> {
+        match self.rcon.take() {
+            Some(rcon) => rcon.command("save-on").await.map(drop).map_err(|source| SnapshotError::SaveOn { source }),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for SaveOnGuard {
+    fn drop(&mut self) {
+        if let Some(rcon) = self.rcon.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(async move {
+                if let Err(error) = rcon.command("save-on").await {
+                    tracing::error!(%error, category = error.category(), "turning saving back on failed");
+                }
+            });
+        }
+    }
+}
+
+/// Captures the worlds and included files of `data_dir` into `staging` (created fresh). With `rcon`, saving
+/// is turned off and flushed first (waiting for "Saved the game" up to `flush_timeout`) and turned back on
+/// afterwards on every path; if saving was already off before, it is left off.
+pub async fn snapshot(
+    data_dir: &Path,
+    staging: &Path,
+    rules: &CaptureRules,
+    rcon: Option<&Rcon>,
+    flush_timeout: Duration,
+) -> Result<Capture, SnapshotError> {
+    let worlds = world_dirs(data_dir)?;
+    let include = glob_set(&rules.include)?;
+    let exclude = glob_set(&rules.exclude)?;
+    let copy = {
+        let (data_dir, staging, worlds) = (data_dir.to_owned(), staging.to_owned(), worlds.clone());
+        move || copy_capture(&data_dir, &staging, &worlds, &include, &exclude)
+    };
+    let Some(rcon) = rcon else {
+        let (files, bytes) =
+            tokio::task::spawn_blocking(copy).await.map_err(|source| SnapshotError::CaptureThread { source })??;
+        return Ok(Capture { dir: staging.to_owned(), worlds, files, bytes, save_off_window: None });
+    };
+
+    let started = Instant::now();
+    let mut guard = SaveOnGuard { rcon: Some(rcon.clone()) };
+    let captured = async {
+        let reply = rcon.command("save-off").await.map_err(|source| SnapshotError::SaveOff { source })?;
+        if reply.contains("already turned off") {
+            // Someone else turned saving off; turning it back on would be a surprise.
+            guard.rcon = None;
+        }
+        let reply = tokio::time::timeout(flush_timeout, rcon.command("save-all flush"))
+            .await
+            .map_err(|_| SnapshotError::FlushTimeout { timeout: flush_timeout })?
+            .map_err(|source| SnapshotError::Flush { source })?;
+        if !reply.contains("Saved the game") {
+            return Err(SnapshotError::FlushNotConfirmed { reply });
+        }
+        tokio::task::spawn_blocking(copy).await.map_err(|source| SnapshotError::CaptureThread { source })?
+    }
+    .await;
+    let resumed = guard.restore().await;
+    let window = started.elapsed();
+    if let (Err(_), Err(error)) = (&captured, &resumed) {
+        // The capture's error is the one returned; this one must not vanish: saving may still be off.
+        tracing::error!(%error, category = error.category(), "turning saving back on failed");
+    }
+    let (files, bytes) = captured?;
+    resumed?;
+    tracing::info!(window_ms = window.as_millis() as u64, files, bytes, "world captured with saving off");
+    Ok(Capture { dir: staging.to_owned(), worlds, files, bytes, save_off_window: Some(window) })
+}
+
+/// Copies the worlds and the included files into a fresh `staging`, skipping excluded paths.
+fn copy_capture(
+    data_dir: &Path,
+    staging: &Path,
+    worlds: &[String],
+    include: &GlobSet,
+    exclude: &GlobSet,
+) -> Result<(u64, u64), SnapshotError> {
+    let err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| SnapshotError::Copy { path, source }
+    };
+    if staging.exists() {
+        fs::remove_dir_all(staging).map_err(err(staging))?;
+    }
+    fs::create_dir_all(staging).map_err(err(staging))?;
+    let mut totals = (0, 0);
+    for world in worlds {
+        copy_tree(data_dir, staging, Path::new(world), &|_| true, exclude, &mut totals)?;
+    }
+    if !include.is_empty() {
+        let mut top =
+            fs::read_dir(data_dir).map_err(err(data_dir))?.collect::<Result<Vec<_>, _>>().map_err(err(data_dir))?;
+        top.sort_by_key(|e| e.file_name());
+        for entry in top {
+            let name = entry.file_name();
+            // The worlds are already in; `.atlas` holds the runner's state, staging and local backups.
+            if name == ".atlas" || worlds.iter().any(|w| name == w.as_str()) {
+                continue;
+            }
+            copy_tree(data_dir, staging, Path::new(&name), &|p| include.is_match(p), exclude, &mut totals)?;
+        }
+    }
+    Ok(totals)
+}
+
+/// Copies `rel` (a file, link or directory under `from`) to the same place under `to`, keeping files that
+/// `keep` accepts and `exclude` does not.
+fn copy_tree(
+    from: &Path,
+    to: &Path,
+    rel: &Path,
+    keep: &dyn Fn(&Path) -> bool,
+    exclude: &GlobSet,
+    totals: &mut (u64, u64),
+) -> Result<(), SnapshotError> {
+    if exclude.is_match(rel) {
+        return Ok(());
+    }
+    let source = from.join(rel);
+    let err = |source_error| SnapshotError::Copy { path: source.clone(), source: source_error };
+    let meta = fs::symlink_metadata(&source).map_err(err)?;
+    let target = to.join(rel);
+    if meta.is_dir() {
+        if keep(rel) {
+            // Empty directories are part of the world too.
+            fs::create_dir_all(&target).map_err(err)?;
+        }
+        let mut entries = fs::read_dir(&source).map_err(err)?.collect::<Result<Vec<_>, _>>().map_err(err)?;
+        entries.sort_by_key(|e| e.file_name());
+        for entry in entries {
+            copy_tree(from, to, &rel.join(entry.file_name()), keep, exclude, totals)?;
+        }
+        return Ok(());
+    }
+    if !keep(rel) {
+        return Ok(());
+    }
+    if let Some(parent) = target.parent() {
+        fs::create_dir_all(parent).map_err(err)?;
+    }
+    if meta.file_type().is_symlink() {
+        let link = fs::read_link(&source).map_err(err)?;
+        std::os::unix::fs::symlink(link, &target).map_err(err)?;
+    } else if meta.is_file() {
+        // `fs::copy` uses copy_file_range on Linux, which shares extents where the filesystem can.
+        totals.1 += fs::copy(&source, &target).map_err(err)?;
+        totals.0 += 1;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    fn touch(path: &Path) {
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(path, path.display().to_string()).unwrap();
+    }
+
+    #[tokio::test]
+    async fn captures_the_worlds_and_includes_without_excludes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path();
+        fs::write(data.join("server.properties"), "motd=x\nlevel-name=realm\n").unwrap();
+        for file in [
+            "realm/level.dat",
+            "realm/session.lock",
+            "realm_nether/DIM-1/region/r.0.0.mca",
+            "config/mod.toml",
+            "config/cache/big.bin",
+            "logs/latest.log",
+            ".atlas/state.json",
+        ] {
+            touch(&data.join(file));
+        }
+        fs::create_dir_all(data.join("realm/empty")).unwrap();
+        let rules = CaptureRules {
+            include: vec!["config/**".to_owned()],
+            exclude: vec!["**/session.lock".to_owned(), "config/cache/**".to_owned()],
+        };
+        let staging = data.join(STAGING_DIR).join("one");
+        let capture = snapshot(data, &staging, &rules, None, Duration::from_secs(1)).await.unwrap();
+        assert_eq!(capture.worlds, ["realm", "realm_nether"]);
+        assert_eq!(capture.files, 3);
+        assert!(capture.save_off_window.is_none());
+        assert!(staging.join("realm/level.dat").is_file());
+        assert!(staging.join("realm/empty").is_dir());
+        assert!(staging.join("realm_nether/DIM-1/region/r.0.0.mca").is_file());
+        assert!(staging.join("config/mod.toml").is_file());
+        assert!(!staging.join("realm/session.lock").exists());
+        assert!(!staging.join("config/cache/big.bin").exists());
+        assert!(!staging.join("logs").exists() && !staging.join(".atlas").exists());
+    }
+
+    #[test]
+    fn a_missing_world_is_an_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        let err = world_dirs(tmp.path()).unwrap_err();
+        assert_eq!(err.category(), "world_missing");
+    }
+}

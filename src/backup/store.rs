@@ -1,0 +1,282 @@
+//! Opens the object store a server's backups live in: S3-compatible, a local directory, or memory.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use object_store::aws::AmazonS3Builder;
+use object_store::local::LocalFileSystem;
+use object_store::memory::InMemory;
+use object_store::prefix::PrefixStore;
+use object_store::{BackoffConfig, ClientOptions, ObjectStore, RetryConfig};
+
+use crate::api::BackupStore;
+
+/// Where the backups of a server go when the spec names no store, relative to the data directory.
+pub const DEFAULT_LOCAL_DIR: &str = ".atlas/backups";
+
+/// Why a store could not be opened or reached.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("read the S3 credentials file {path}")]
+    ReadCredentialsFile { path: PathBuf, source: std::io::Error },
+    #[error("the S3 credentials file {path} lacks {missing}")]
+    ParseCredentialsFile { path: PathBuf, missing: &'static str },
+    #[error("no S3 credentials: set credentialsFile or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")]
+    MissingCredentials,
+    #[error("credentials from a Secret are read by the operator and the agent, not by this process")]
+    SecretUnsupported,
+    #[error("the backup store names neither s3 nor local (or both)")]
+    InvalidSpec,
+    #[error("create the local backup directory {path}")]
+    CreateLocalDir { path: PathBuf, source: std::io::Error },
+    #[error("open the S3 bucket {bucket}")]
+    OpenS3 { bucket: String, source: object_store::Error },
+    #[error("open the local backup directory {path}")]
+    OpenLocal { path: PathBuf, source: object_store::Error },
+    #[error("the backup store refused the credentials (wrong access key or secret?)")]
+    Credentials { source: object_store::Error },
+    #[error("the bucket does not exist or the prefix is not reachable")]
+    BucketMissing { source: object_store::Error },
+    #[error("reach the backup store")]
+    Probe { source: object_store::Error },
+}
+
+impl StoreError {
+    /// A short static label for logs and metrics.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Self::ReadCredentialsFile { .. } | Self::ParseCredentialsFile { .. } | Self::MissingCredentials => {
+                "credentials_config"
+            }
+            Self::SecretUnsupported | Self::InvalidSpec => "invalid_spec",
+            Self::CreateLocalDir { .. } | Self::OpenLocal { .. } => "local_store",
+            Self::OpenS3 { .. } => "invalid_spec",
+            Self::Credentials { .. } => "credentials",
+            Self::BucketMissing { .. } => "bucket_missing",
+            Self::Probe { .. } => "store_unreachable",
+        }
+    }
+}
+
+/// An S3 key pair. `Debug` never prints the secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct S3Credentials {
+    /// The access key id.
+    pub access_key_id: String,
+    /// The secret access key.
+    pub secret_access_key: String,
+    /// A session token, for temporary credentials.
+    pub session_token: Option<String>,
+}
+
+impl fmt::Debug for S3Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("S3Credentials").field("access_key_id", &self.access_key_id).finish_non_exhaustive()
+    }
+}
+
+impl S3Credentials {
+    /// Parses `AWS_ACCESS_KEY_ID=...` and `AWS_SECRET_ACCESS_KEY=...` lines (`export `, quotes, `#` comments
+    /// and blank lines allowed); `None` names the first missing key.
+    pub fn parse(text: &str) -> Result<Self, &'static str> {
+        let (mut id, mut secret, mut token) = (None, None, None);
+        for line in text.lines() {
+            let line = line.trim();
+            let line = line.strip_prefix("export ").unwrap_or(line).trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let Some((key, value)) = line.split_once('=') else { continue };
+            let value = value.trim().trim_matches(|c| c == '"' || c == '\'').to_owned();
+            match key.trim() {
+                "AWS_ACCESS_KEY_ID" => id = Some(value),
+                "AWS_SECRET_ACCESS_KEY" => secret = Some(value),
+                "AWS_SESSION_TOKEN" => token = Some(value),
+                _ => {}
+            }
+        }
+        let access_key_id = id.filter(|v| !v.is_empty()).ok_or("AWS_ACCESS_KEY_ID")?;
+        let secret_access_key = secret.filter(|v| !v.is_empty()).ok_or("AWS_SECRET_ACCESS_KEY")?;
+        Ok(Self { access_key_id, secret_access_key, session_token: token.filter(|v| !v.is_empty()) })
+    }
+
+    /// Reads a credentials file (see [`S3Credentials::parse`]).
+    pub fn from_file(path: &Path) -> Result<Self, StoreError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| StoreError::ReadCredentialsFile { path: path.to_owned(), source })?;
+        Self::parse(&text).map_err(|missing| StoreError::ParseCredentialsFile { path: path.to_owned(), missing })
+    }
+
+    /// The standard `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` (and `AWS_SESSION_TOKEN`) variables.
+    pub fn from_env() -> Option<Self> {
+        let get = |name| std::env::var(name).ok().filter(|v: &String| !v.is_empty());
+        Some(Self {
+            access_key_id: get("AWS_ACCESS_KEY_ID")?,
+            secret_access_key: get("AWS_SECRET_ACCESS_KEY")?,
+            session_token: get("AWS_SESSION_TOKEN"),
+        })
+    }
+}
+
+/// An opened store, with every key already under the configured prefix.
+#[derive(Debug, Clone)]
+pub struct Store {
+    /// The objects, keyed relative to the prefix.
+    pub objects: Arc<dyn ObjectStore>,
+    /// A human-readable location (`s3://bucket/prefix`, a path, `memory`), without secrets.
+    pub location: String,
+}
+
+impl Store {
+    /// A fresh in-memory store, for tests.
+    pub fn memory() -> Self {
+        Self { objects: Arc::new(InMemory::new()), location: "memory".to_owned() }
+    }
+
+    /// Opens the store `spec` names; `None` is the local default under `data_dir`. `credentials` overrides
+    /// the spec's credentials file and the environment (first match wins: explicit, file, environment).
+    /// Nothing is contacted: see [`Store::probe`].
+    pub fn open(
+        spec: Option<&BackupStore>,
+        data_dir: &Path,
+        credentials: Option<S3Credentials>,
+    ) -> Result<Self, StoreError> {
+        match spec {
+            None => Self::local(&data_dir.join(DEFAULT_LOCAL_DIR)),
+            Some(BackupStore { s3: None, local: Some(local) }) => {
+                let path = Path::new(&local.path);
+                // A relative path would depend on the working directory; anchor it at the data dir.
+                Self::local(&data_dir.join(path))
+            }
+            Some(BackupStore { s3: Some(s3), local: None }) => {
+                let credentials = match credentials {
+                    Some(c) => c,
+                    None => match (&s3.credentials_file, &s3.credentials_secret_ref) {
+                        (Some(file), _) => S3Credentials::from_file(Path::new(file))?,
+                        (None, Some(_)) => return Err(StoreError::SecretUnsupported),
+                        (None, None) => S3Credentials::from_env().ok_or(StoreError::MissingCredentials)?,
+                    },
+                };
+                install_crypto_provider();
+                let mut builder = AmazonS3Builder::new()
+                    .with_bucket_name(&s3.bucket)
+                    .with_region(&s3.region)
+                    .with_access_key_id(&credentials.access_key_id)
+                    .with_secret_access_key(&credentials.secret_access_key)
+                    .with_virtual_hosted_style_request(!s3.path_style)
+                    .with_retry(retry_policy());
+                if let Some(token) = &credentials.session_token {
+                    builder = builder.with_token(token);
+                }
+                let mut location = format!("s3://{}", s3.bucket);
+                if let Some(endpoint) = &s3.endpoint {
+                    location = format!("{endpoint}/{}", s3.bucket);
+                    // `allow_http` lives in the client options: set both together so neither overrides the other.
+                    let mut options = ClientOptions::new().with_allow_http(endpoint.starts_with("http://"));
+                    if is_loopback(endpoint) {
+                        // A loopback endpoint must never go through a proxy from the environment.
+                        options = options.with_proxy_excludes("*");
+                    }
+                    builder = builder.with_endpoint(endpoint).with_client_options(options);
+                }
+                let s3_store =
+                    builder.build().map_err(|source| StoreError::OpenS3 { bucket: s3.bucket.clone(), source })?;
+                Ok(Self::with_prefix(Arc::new(s3_store), &s3.prefix, location))
+            }
+            Some(_) => Err(StoreError::InvalidSpec),
+        }
+    }
+
+    fn local(path: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(path).map_err(|source| StoreError::CreateLocalDir { path: path.to_owned(), source })?;
+        let fs = LocalFileSystem::new_with_prefix(path)
+            .map_err(|source| StoreError::OpenLocal { path: path.to_owned(), source })?;
+        Ok(Self { objects: Arc::new(fs), location: path.display().to_string() })
+    }
+
+    fn with_prefix(objects: Arc<dyn ObjectStore>, prefix: &str, location: String) -> Self {
+        let prefix = prefix.trim_matches('/');
+        if prefix.is_empty() {
+            return Self { objects, location };
+        }
+        let location = format!("{location}/{prefix}");
+        Self { objects: Arc::new(PrefixStore::new(objects, prefix)), location }
+    }
+
+    /// Lists one key to check that the store answers, and turns the common failures into clear errors.
+    pub async fn probe(&self) -> Result<(), StoreError> {
+        let mut listing = self.objects.list(None);
+        match listing.try_next().await {
+            Ok(_) => Ok(()),
+            Err(source) => Err(classify(source)),
+        }
+    }
+}
+
+/// Sorts a store error into wrong credentials, a missing bucket, or anything else.
+pub fn classify(source: object_store::Error) -> StoreError {
+    let text = source.to_string();
+    match source {
+        object_store::Error::Unauthenticated { .. } | object_store::Error::PermissionDenied { .. } => {
+            StoreError::Credentials { source }
+        }
+        _ if text.contains("SignatureDoesNotMatch")
+            || text.contains("InvalidAccessKeyId")
+            || text.contains("AccessDenied")
+            || text.contains("403 Forbidden") =>
+        {
+            StoreError::Credentials { source }
+        }
+        object_store::Error::NotFound { .. } => StoreError::BucketMissing { source },
+        _ if text.contains("NoSuchBucket") || text.contains("404 Not Found") => StoreError::BucketMissing { source },
+        _ => StoreError::Probe { source },
+    }
+}
+
+/// Retries for transient S3 errors. Fewer than object_store's default (10 retries within 3 minutes): a store
+/// that stays unreachable fails the backup within seconds (about 3 s of backoff, each request also bounded
+/// by the client's timeouts), the multipart upload is aborted, and the next scheduled backup tries again,
+/// rather than a backup holding its staging copy for minutes.
+fn retry_policy() -> RetryConfig {
+    RetryConfig {
+        backoff: BackoffConfig {
+            init_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(2),
+            base: 2.0,
+        },
+        max_retries: 5,
+        retry_timeout: Duration::from_secs(60),
+    }
+}
+
+fn is_loopback(endpoint: &str) -> bool {
+    let host = endpoint.split("://").nth(1).unwrap_or(endpoint);
+    host.starts_with("127.") || host.starts_with("localhost") || host.starts_with("[::1]")
+}
+
+/// object_store's HTTP client (reqwest 0.13, built without its own crypto provider so that the
+/// process keeps one: ring, as kube and the download client use) needs rustls' process-wide
+/// provider installed before the first S3 client is built.
+fn install_crypto_provider() {
+    // An error only means a provider is already installed, which is what we want.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_credentials_file() {
+        let c = S3Credentials::parse("# keys\nexport AWS_ACCESS_KEY_ID=abc\nAWS_SECRET_ACCESS_KEY=\"s e\"\n")
+            .unwrap_or_else(|m| panic!("missing {m}"));
+        assert_eq!(c.access_key_id, "abc");
+        assert_eq!(c.secret_access_key, "s e");
+        assert!(!format!("{c:?}").contains("s e"));
+        assert_eq!(S3Credentials::parse("AWS_ACCESS_KEY_ID=abc\n"), Err("AWS_SECRET_ACCESS_KEY"));
+    }
+}

@@ -1,0 +1,656 @@
+//! Backups against real parts: SeaweedFS S3 (the test bed) and the fake Minecraft server
+//! (`tests/fixtures/FakeServer.java`) writing its world while a backup is taken over RCON.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::io::{BufRead, BufReader, Read};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use atlas_runner::api::{BackupStore, Retention, S3Store};
+use atlas_runner::backup::store::{S3Credentials, Store, StoreError};
+use atlas_runner::backup::upload::stream_archive;
+use atlas_runner::backup::{self, BackupError, CreateOptions, Manifest};
+use atlas_runner::rcon::Rcon;
+use atlas_testbed::{TestBucket, TestS3, free_port, unique};
+use common::{fake_server_jar, java_tool};
+use object_store::path::Path as ObjectPath;
+use object_store::{MultipartUpload, ObjectStoreExt, PutPayload, PutResult, UploadPart};
+use sha2::{Digest, Sha256};
+
+const PASSWORD: &str = "backup-rcon-secret";
+
+// ---- Fixtures ----
+
+/// A data directory under the target dir; removed on drop.
+struct DataDir(PathBuf);
+
+impl DataDir {
+    fn new(level: &str) -> Result<Self> {
+        let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join(unique("backup-data"));
+        std::fs::create_dir_all(&path)?;
+        std::fs::write(path.join("server.properties"), format!("level-name={level}\n"))?;
+        Ok(Self(path))
+    }
+}
+
+impl Drop for DataDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A small world: a level, the nether and the end, region files with compressible and random bytes, an
+/// empty directory, a nested file and an unrelated file outside the world.
+fn write_world(data: &Path, level: &str) -> Result<()> {
+    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+    let mut noise = |len: usize| {
+        (0..len)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                (seed & 0xff) as u8
+            })
+            .collect::<Vec<u8>>()
+    };
+    for dim in [level.to_owned(), format!("{level}_nether"), format!("{level}_the_end")] {
+        let region = data.join(&dim).join("region");
+        std::fs::create_dir_all(&region)?;
+        std::fs::write(data.join(&dim).join("level.dat"), format!("level {dim}"))?;
+        for i in 0..3 {
+            let mut bytes = vec![b'a'; 200_000];
+            bytes.extend(noise(50_000));
+            std::fs::write(region.join(format!("r.{i}.0.mca")), bytes)?;
+        }
+    }
+    std::fs::create_dir_all(data.join(level).join("data/empty"))?;
+    std::fs::write(data.join(level).join("data/raids.dat"), noise(1000))?;
+    std::fs::write(data.join("ops.json"), "[]")?;
+    Ok(())
+}
+
+/// Every file and directory under `root` (relative paths), with each file's bytes.
+fn tree(root: &Path) -> Result<BTreeMap<String, Option<Vec<u8>>>> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Option<Vec<u8>>>) -> Result<()> {
+        for entry in std::fs::read_dir(dir)? {
+            let path = entry?.path();
+            let rel = path.strip_prefix(root)?.display().to_string();
+            if path.is_dir() {
+                out.insert(rel, None);
+                walk(root, &path, out)?;
+            } else {
+                out.insert(rel, Some(std::fs::read(&path)?));
+            }
+        }
+        Ok(())
+    }
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out)?;
+    Ok(out)
+}
+
+fn s3_spec(bucket: &TestBucket, prefix: &str) -> BackupStore {
+    BackupStore {
+        s3: Some(S3Store {
+            bucket: bucket.name.clone(),
+            prefix: prefix.to_owned(),
+            endpoint: Some(bucket.s3.endpoint.clone()),
+            region: bucket.region.clone(),
+            path_style: true,
+            credentials_secret_ref: None,
+            credentials_file: None,
+        }),
+        local: None,
+    }
+}
+
+fn credentials(bucket: &TestBucket) -> S3Credentials {
+    S3Credentials {
+        access_key_id: bucket.s3.access_key.clone(),
+        secret_access_key: bucket.s3.secret_key.clone(),
+        session_token: None,
+    }
+}
+
+async fn s3_store(prefix: &str, data: &Path) -> Result<(TestBucket, Store)> {
+    let bucket = TestS3::shared().await?.bucket(prefix).await?;
+    let store = Store::open(Some(&s3_spec(&bucket, "survival/")), data, Some(credentials(&bucket)))?;
+    Ok((bucket, store))
+}
+
+/// The generation of a consistent region file, or an error saying how it is torn (format documented in
+/// FakeServer.java).
+fn region_generation(path: &Path) -> Result<u64> {
+    let bytes = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
+    ensure!(bytes.len() >= 52 && &bytes[..8] == b"ATLASMCA", "{} has no region header", path.display());
+    let generation = u64::from_be_bytes(bytes[8..16].try_into()?);
+    let len = usize::try_from(u32::from_be_bytes(bytes[16..20].try_into()?))?;
+    ensure!(bytes.len() == 52 + len, "region file is {} bytes, header says {}", bytes.len(), 52 + len);
+    ensure!(Sha256::digest(&bytes[52..])[..] == bytes[20..52], "region file generation {generation} is torn");
+    Ok(generation)
+}
+
+/// A running fake server; killed on drop.
+struct FakeServer {
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl FakeServer {
+    fn start(data: &Path, rcon_port: u16) -> Result<Self> {
+        std::fs::write(
+            data.join("server.properties"),
+            format!(
+                "server-ip=127.0.0.1\nserver-port={}\nenable-rcon=true\nrcon.port={rcon_port}\n\
+                 rcon.password={PASSWORD}\nlevel-name=world\n",
+                free_port()?
+            ),
+        )?;
+        // Rewrites are frequent and slow, so a copy taken while saving is on would very likely be torn.
+        std::fs::write(data.join("fake-server.properties"), "autosave-interval-ms=10\nregion-write-ms=40\n")?;
+        let mut child = Command::new(java_tool("java")?)
+            .args(["-Xmx64m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1", "-jar"])
+            .arg(fake_server_jar()?)
+            .arg("nogui")
+            .current_dir(data)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("start the fake server")?;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        for stream in [
+            Box::new(child.stdout.take().context("stdout")?) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().context("stderr")?),
+        ] {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    if let Ok(mut lines) = log.lock() {
+                        lines.push(line);
+                    }
+                }
+            });
+        }
+        let mut server = Self { child, log };
+        server.wait_for_line("RCON running on", Duration::from_secs(60))?;
+        Ok(server)
+    }
+
+    fn wait_for_line(&mut self, needle: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = self.log.lock().map(|l| l.join("\n")).unwrap_or_default();
+            if text.contains(needle) {
+                return Ok(());
+            }
+            if let Some(status) = self.child.try_wait()? {
+                bail!("fake server exited ({status}):\n{text}");
+            }
+            if Instant::now() > deadline {
+                bail!("fake server did not print {needle:?}:\n{text}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for FakeServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---- Tests ----
+
+#[tokio::test]
+async fn create_list_verify_restore_gives_a_byte_identical_world() -> Result<()> {
+    let data = DataDir::new("survival")?;
+    write_world(&data.0, "survival")?;
+    let bucket = TestS3::shared().await?.bucket("backup-roundtrip").await?;
+    // Credentials from a file, as the standalone runner reads them.
+    let creds = data.0.join("s3.env");
+    std::fs::write(
+        &creds,
+        format!("AWS_ACCESS_KEY_ID={}\nAWS_SECRET_ACCESS_KEY={}\n", bucket.s3.access_key, bucket.s3.secret_key),
+    )?;
+    let mut spec = s3_spec(&bucket, "survival/");
+    if let Some(s3) = spec.s3.as_mut() {
+        s3.credentials_file = Some(creds.display().to_string());
+    }
+    let store = Store::open(Some(&spec), &data.0, None)?;
+    store.probe().await?;
+
+    let worlds = ["survival", "survival_nether", "survival_the_end"];
+    let before: Vec<_> = worlds.iter().map(|w| tree(&data.0.join(w))).collect::<Result<_>>()?;
+    let mut options = CreateOptions::new(&data.0);
+    options.server_version = Some("1.21.4".to_owned());
+    let created = backup::create(&store, &options).await?;
+    assert_eq!(created.worlds, worlds);
+    assert_eq!(created.files, 3 * 4 + 1);
+    assert_eq!(created.server_version.as_deref(), Some("1.21.4"));
+    assert!(created.save_off_ms.is_none());
+    assert!(!data.0.join(".atlas/backup-staging").join(&created.name).exists(), "staging is cleaned up");
+
+    let listed = backup::list(&store).await?;
+    assert_eq!(listed, std::slice::from_ref(&created));
+    let verified = backup::verify(&store, &created.name, &data.0.join(".atlas/verify")).await?;
+    assert_eq!(verified, created);
+
+    // The live world moves on, then the backup comes back.
+    std::fs::write(data.0.join("survival/region/r.0.0.mca"), b"overwritten")?;
+    std::fs::write(data.0.join("survival/new.dat"), b"new")?;
+    std::fs::remove_dir_all(data.0.join("survival_the_end"))?;
+    let restored = backup::restore(&store, &created.name, &data.0).await?;
+    for (world, expected) in worlds.iter().zip(&before) {
+        assert!(tree(&data.0.join(world))? == *expected, "{world} is not byte-identical after restore");
+    }
+    assert_eq!(restored.previous.len(), 2, "the live overworld and nether are kept aside");
+    for aside in &restored.previous {
+        assert!(aside.display().to_string().contains(".before-restore-"), "{}", aside.display());
+    }
+    assert_eq!(std::fs::read(restored.previous[0].join("new.dat"))?, b"new");
+    assert!(!data.0.join(".atlas").join(format!("restore-{}", created.name)).exists());
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_backup_of_a_running_server_is_never_torn_and_saving_resumes() -> Result<()> {
+    let data = DataDir::new("world")?;
+    let rcon_port = free_port()?;
+    let _server = FakeServer::start(&data.0, rcon_port)?;
+    let rcon =
+        Rcon::new(SocketAddr::from((Ipv4Addr::LOCALHOST, rcon_port)), PASSWORD.to_owned(), Duration::from_secs(10));
+    let (_bucket, store) = s3_store("backup-live", &data.0).await?;
+
+    let mut options = CreateOptions::new(&data.0);
+    options.rcon = Some(rcon.clone());
+    options.flush_timeout = Duration::from_secs(20);
+    for round in 0..3 {
+        let created = backup::create(&store, &options).await?;
+        let window = created.save_off_ms.context("the save-off window is measured")?;
+        assert!(window < 10_000, "round {round}: saving was off for {window} ms");
+        // Saving is back on: the server says so when asked to turn it on again.
+        let reply = rcon.command("save-on").await?;
+        assert!(reply.contains("already turned on"), "round {round}: save-on answered {reply:?}");
+
+        let restore_into = DataDir::new("world")?;
+        backup::restore(&store, &created.name, &restore_into.0).await?;
+        let generation = region_generation(&restore_into.0.join("world/region/r.0.0.mca"))
+            .with_context(|| format!("round {round}"))?;
+        assert!(generation > 0);
+    }
+    // RCON refusing the password fails the backup before anything is captured or uploaded.
+    let before = backup::list(&store).await?.len();
+    options.rcon = Some(Rcon::new(rcon.addr(), "wrong".to_owned(), Duration::from_secs(10)));
+    let err = backup::create(&store, &options).await.err().context("a wrong RCON password was accepted")?;
+    assert_eq!(err.category(), "rcon", "{err:?}");
+    assert_eq!(backup::list(&store).await?.len(), before);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_corrupt_or_truncated_archive_is_refused_before_the_live_world_is_touched() -> Result<()> {
+    let data = DataDir::new("world")?;
+    write_world(&data.0, "world")?;
+    let (_bucket, store) = s3_store("backup-corrupt", &data.0).await?;
+    let created = backup::create(&store, &CreateOptions::new(&data.0)).await?;
+    let key = ObjectPath::from(created.archive_key.as_str());
+    let good = store.objects.get(&key).await?.bytes().await?;
+    std::fs::write(data.0.join("world/live-only.dat"), b"still here")?;
+    // The runner's own `.atlas` (staging, scratch) may change; nothing else may.
+    let outside_atlas = |dir: &Path| -> Result<BTreeMap<String, Option<Vec<u8>>>> {
+        Ok(tree(dir)?.into_iter().filter(|(path, _)| !path.starts_with(".atlas")).collect())
+    };
+    let live = outside_atlas(&data.0)?;
+
+    let truncated = good.slice(..good.len() - 100);
+    let mut flipped = good.to_vec();
+    let middle = flipped.len() / 2;
+    flipped[middle] ^= 0x55;
+    for (what, bytes, category) in
+        [("truncated", truncated, "corrupt_archive"), ("flipped", flipped.into(), "corrupt_archive")]
+    {
+        store.objects.put(&key, PutPayload::from(bytes)).await?;
+        let err = backup::restore(&store, &created.name, &data.0).await.err().context(what)?;
+        assert_eq!(err.category(), category, "{what}: {err:#}");
+        assert!(
+            matches!(err, BackupError::SizeMismatch { .. } | BackupError::DigestMismatch { .. }),
+            "{what}: {err:?}"
+        );
+        let verify = backup::verify(&store, &created.name, &data.0.join(".atlas/verify")).await;
+        assert!(verify.is_err(), "{what}: verify accepted it");
+        assert!(outside_atlas(&data.0)? == live, "{what}: the live data dir changed");
+        let aside = std::fs::read_dir(&data.0)?
+            .filter_map(|e| e.ok())
+            .any(|e| e.file_name().to_string_lossy().contains("before-restore"));
+        assert!(!aside, "{what}: a world was moved aside");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn wrong_credentials_and_a_missing_bucket_are_clear_errors() -> Result<()> {
+    let data = DataDir::new("world")?;
+    write_world(&data.0, "world")?;
+    let bucket = TestS3::shared().await?.bucket("backup-creds").await?;
+
+    let mut wrong = credentials(&bucket);
+    wrong.secret_access_key = "not-the-secret".to_owned();
+    let store = Store::open(Some(&s3_spec(&bucket, "")), &data.0, Some(wrong))?;
+    let err = store.probe().await.err().context("a wrong secret was accepted")?;
+    assert!(matches!(err, StoreError::Credentials { .. }), "{err:?}");
+    assert_eq!(err.category(), "credentials");
+    let err = backup::list(&store).await.err().context("list with a wrong secret")?;
+    assert_eq!(err.category(), "credentials", "{err:?}");
+    let err = backup::create(&store, &CreateOptions::new(&data.0)).await.err().context("create")?;
+    assert!(format!("{err:#}").len() > 10);
+
+    let mut missing = bucket.clone();
+    missing.name = unique("no-such-bucket").to_lowercase();
+    let store = Store::open(Some(&s3_spec(&missing, "")), &data.0, Some(credentials(&bucket)))?;
+    let err = store.probe().await.err().context("a missing bucket was accepted")?;
+    assert!(matches!(err, StoreError::BucketMissing { .. }), "{err:?}");
+    assert!(err.to_string().contains("bucket does not exist"), "{err}");
+    Ok(())
+}
+
+fn fake_backup(name: &str, time: jiff::Timestamp) -> Manifest {
+    Manifest {
+        format: 1,
+        name: name.to_owned(),
+        time,
+        server_version: None,
+        pack_version: None,
+        worlds: vec!["world".to_owned()],
+        roots: vec!["world".to_owned()],
+        files: 0,
+        raw_bytes: 0,
+        archive_bytes: 1,
+        archive_sha256: String::new(),
+        archive_key: format!("archives/{name}.tar.zst"),
+        save_off_ms: None,
+    }
+}
+
+#[tokio::test]
+async fn prune_over_a_simulated_month_keeps_exactly_the_expected_set() -> Result<()> {
+    let store = Store::memory();
+    let start: jiff::Timestamp = "2026-10-01T00:00:00Z".parse()?;
+    // A backup every 6 hours for October: 124 of them, plus one orphan archive (a crash between upload and
+    // manifest) and one archive newer than every manifest (a backup still being written).
+    for i in 0..124 {
+        let time = start + jiff::SignedDuration::from_hours(6 * i);
+        let manifest = fake_backup(&backup::backup_name(time), time);
+        store.objects.put(&ObjectPath::from(manifest.archive_key.as_str()), PutPayload::from_static(b"x")).await?;
+        let key = ObjectPath::from(format!("manifests/{}.json", manifest.name));
+        store.objects.put(&key, PutPayload::from(serde_json::to_vec(&manifest)?)).await?;
+    }
+    let orphan = format!("archives/{}.tar.zst", backup::backup_name("2026-10-03T01:00:00Z".parse()?));
+    let in_progress = format!("archives/{}.tar.zst", backup::backup_name("2026-11-01T00:00:00Z".parse()?));
+    // A manifest this version cannot read is skipped by list and never pruned, nor is its archive.
+    let unreadable = backup::backup_name("2026-10-02T03:00:00Z".parse()?);
+    let garbage = ObjectPath::from(format!("manifests/{unreadable}.json"));
+    store.objects.put(&garbage, PutPayload::from_static(b"{\"format\": 99")).await?;
+    let unreadable_archive = format!("archives/{unreadable}.tar.zst");
+    for key in [&orphan, &in_progress, &unreadable_archive] {
+        store.objects.put(&ObjectPath::from(key.as_str()), PutPayload::from_static(b"x")).await?;
+    }
+
+    let policy = Retention { keep_last: 4, keep_daily: 7, keep_weekly: 4 };
+    let pruned = backup::prune(&store, &policy).await?;
+    let expected: Vec<String> = [
+        "2026-10-31T18:00:00Z",
+        "2026-10-31T12:00:00Z",
+        "2026-10-31T06:00:00Z",
+        "2026-10-31T00:00:00Z",
+        "2026-10-30T18:00:00Z",
+        "2026-10-29T18:00:00Z",
+        "2026-10-28T18:00:00Z",
+        "2026-10-27T18:00:00Z",
+        "2026-10-26T18:00:00Z",
+        "2026-10-25T18:00:00Z",
+        "2026-10-18T18:00:00Z",
+        "2026-10-11T18:00:00Z",
+    ]
+    .iter()
+    .map(|t| Ok(backup::backup_name(t.parse()?)))
+    .collect::<Result<_>>()?;
+    assert_eq!(pruned.kept, expected);
+    assert_eq!(pruned.deleted.len(), 112);
+    assert_eq!(pruned.orphans, [orphan]);
+
+    let listed: Vec<String> = backup::list(&store).await?.into_iter().map(|m| m.name).collect();
+    assert_eq!(listed, expected);
+    let archives: Vec<String> = {
+        use futures::TryStreamExt;
+        let mut keys: Vec<String> = store
+            .objects
+            .list(Some(&ObjectPath::from("archives")))
+            .map_ok(|m| m.location.to_string())
+            .try_collect()
+            .await?;
+        keys.sort();
+        keys.reverse();
+        keys
+    };
+    let mut expected_archives: Vec<String> = expected.iter().map(|n| format!("archives/{n}.tar.zst")).collect();
+    expected_archives.insert(0, in_progress);
+    expected_archives.push(unreadable_archive);
+    assert_eq!(archives, expected_archives);
+
+    assert!(store.objects.head(&garbage).await.is_ok(), "the unreadable manifest was deleted");
+    // Pruning again changes nothing.
+    let again = backup::prune(&store, &policy).await?;
+    assert!(again.deleted.is_empty() && again.orphans.is_empty());
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_cancelled_upload_leaves_no_backup_and_the_next_one_succeeds() -> Result<()> {
+    let data = DataDir::new("world")?;
+    write_world(&data.0, "world")?;
+    big_capture(&data.0)?;
+    let (_bucket, store) = s3_store("backup-cancel", &data.0).await?;
+
+    // zstd's highest level on random bytes is slow, so the upload is still running when it is cancelled.
+    let mut slow = CreateOptions::new(&data.0);
+    slow.compression_level = 19;
+    let task = {
+        let store = store.clone();
+        tokio::spawn(async move { backup::create(&store, &slow).await })
+    };
+    let staging = data.0.join(".atlas/backup-staging");
+    until("the capture", || staged_big_file(&staging)).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    ensure!(!task.is_finished(), "the backup finished before it was cancelled");
+    task.abort();
+    assert!(task.await.is_err_and(|e| e.is_cancelled()));
+    // The abort of the multipart upload runs on a spawned task; give it a moment.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    assert!(backup::list(&store).await?.is_empty(), "a cancelled backup left a manifest");
+    let objects: Vec<_> = {
+        use futures::TryStreamExt;
+        store.objects.list(None).try_collect().await?
+    };
+    assert!(objects.is_empty(), "a cancelled backup left objects: {objects:?}");
+
+    let created = backup::create(&store, &CreateOptions::new(&data.0)).await?;
+    assert_eq!(backup::list(&store).await?, [created]);
+    let leftovers: Vec<_> = std::fs::read_dir(&staging)?.collect();
+    assert!(leftovers.is_empty(), "staging left behind: {leftovers:?}");
+    Ok(())
+}
+
+/// Whether a capture in `staging` holds all of `big_capture`'s region file.
+fn staged_big_file(staging: &Path) -> bool {
+    let Ok(mut dirs) = std::fs::read_dir(staging) else { return false };
+    dirs.next().and_then(|d| d.ok()).is_some_and(|d| {
+        std::fs::metadata(d.path().join("world/region/r.0.0.mca")).is_ok_and(|m| m.len() == BIG_LEN as u64)
+    })
+}
+
+// ---- Aborting uploads: a multipart upload wrapped to count what happens to it ----
+
+#[derive(Debug, Default)]
+struct Counters {
+    parts: AtomicUsize,
+    completed: AtomicUsize,
+    aborted: AtomicUsize,
+}
+
+/// Delegates to a real upload, optionally slowing every part down or failing one of them.
+#[derive(Debug)]
+struct Watched {
+    inner: Box<dyn MultipartUpload>,
+    counters: Arc<Counters>,
+    fail_part: Option<usize>,
+    part_delay: Duration,
+}
+
+type BoxedResult<'a, T> = Pin<Box<dyn Future<Output = object_store::Result<T>> + Send + 'a>>;
+
+// Written out by hand: the trait is `#[async_trait]` and this crate does not depend on async-trait.
+impl MultipartUpload for Watched {
+    fn put_part(&mut self, data: PutPayload) -> UploadPart {
+        let n = self.counters.parts.fetch_add(1, Ordering::SeqCst) + 1;
+        let inner = self.inner.put_part(data);
+        let (fail, delay) = (self.fail_part == Some(n), self.part_delay);
+        Box::pin(async move {
+            tokio::time::sleep(delay).await;
+            if fail {
+                return Err(object_store::Error::Generic { store: "watched", source: "injected part failure".into() });
+            }
+            inner.await
+        })
+    }
+
+    fn complete<'life0, 'async_trait>(&'life0 mut self) -> BoxedResult<'async_trait, PutResult>
+    where
+        'life0: 'async_trait,
+        Self: 'async_trait,
+    {
+        self.counters.completed.fetch_add(1, Ordering::SeqCst);
+        Box::pin(self.inner.complete())
+    }
+
+    fn abort<'life0, 'async_trait>(&'life0 mut self) -> BoxedResult<'async_trait, ()>
+    where
+        'life0: 'async_trait,
+        Self: 'async_trait,
+    {
+        self.counters.aborted.fetch_add(1, Ordering::SeqCst);
+        Box::pin(self.inner.abort())
+    }
+}
+
+const BIG_LEN: usize = 30 * 1024 * 1024;
+
+/// A captured directory with 30 MiB of incompressible bytes: four parts.
+fn big_capture(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir.join("world/region"))?;
+    let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+    let bytes: Vec<u8> = (0..BIG_LEN)
+        .map(|_| {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (seed >> 56) as u8
+        })
+        .collect();
+    std::fs::write(dir.join("world/region/r.0.0.mca"), bytes)?;
+    Ok(())
+}
+
+async fn watched_upload(
+    store: &Store,
+    key: &ObjectPath,
+    fail_part: Option<usize>,
+    part_delay: Duration,
+) -> Result<(Box<dyn MultipartUpload>, Arc<Counters>)> {
+    let counters = Arc::new(Counters::default());
+    let inner = store.objects.put_multipart(key).await?;
+    Ok((Box::new(Watched { inner, counters: counters.clone(), fail_part, part_delay }), counters))
+}
+
+#[tokio::test]
+async fn a_failed_part_aborts_the_multipart_upload() -> Result<()> {
+    let dir = DataDir::new("world")?;
+    big_capture(&dir.0)?;
+    let store = Store::memory();
+    let key = ObjectPath::from("archives/failed.tar.zst");
+    let (upload, counters) = watched_upload(&store, &key, Some(2), Duration::ZERO).await?;
+    let err = stream_archive(upload, "archives/failed.tar.zst", dir.0.clone(), 1).await.err().context("succeeded")?;
+    assert_eq!(err.category(), "upload", "{err:?}");
+    assert_eq!(counters.aborted.load(Ordering::SeqCst), 1, "{counters:?}");
+    assert_eq!(counters.completed.load(Ordering::SeqCst), 0, "{counters:?}");
+    assert!(store.objects.head(&key).await.is_err(), "a failed upload left an object");
+    Ok(())
+}
+
+/// Polls `done` without blocking the runtime, for up to 30 s.
+async fn until(what: &str, done: impl Fn() -> bool) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !done() {
+        ensure!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_cancelled_multipart_upload_is_aborted() -> Result<()> {
+    let dir = DataDir::new("world")?;
+    big_capture(&dir.0)?;
+    let store = Store::memory();
+    let key = ObjectPath::from("archives/cancelled.tar.zst");
+    let (upload, counters) = watched_upload(&store, &key, None, Duration::from_millis(300)).await?;
+    let task = tokio::spawn(stream_archive(upload, "archives/cancelled.tar.zst", dir.0.clone(), 1));
+    until("the first part", || counters.parts.load(Ordering::SeqCst) > 0).await?;
+    task.abort();
+    assert!(task.await.is_err(), "the upload finished before it was cancelled");
+    until("the abort", || counters.aborted.load(Ordering::SeqCst) == 1).await?;
+    assert_eq!(counters.completed.load(Ordering::SeqCst), 0);
+    assert!(store.objects.head(&key).await.is_err(), "a cancelled upload left an object");
+    Ok(())
+}
+
+#[tokio::test]
+async fn seaweedfs_stopped_mid_upload_fails_the_backup_clearly() -> Result<()> {
+    // A private SeaweedFS this test can stop.
+    let s3 = tokio::task::spawn_blocking(atlas_testbed::start_s3).await??;
+    let bucket_name = unique("backup-killed").to_lowercase();
+    atlas_testbed::create_bucket(&s3.endpoint, &bucket_name).await?;
+    let bucket = TestBucket { s3: s3.endpoint.clone(), name: bucket_name, region: atlas_testbed::S3_REGION.to_owned() };
+    let data = DataDir::new("world")?;
+    big_capture(&data.0)?;
+    let store = Store::open(Some(&s3_spec(&bucket, "")), &data.0, Some(credentials(&bucket)))?;
+
+    // zstd's highest level on random bytes is slow, so the upload is still running when the store stops.
+    let mut options = CreateOptions::new(&data.0);
+    options.compression_level = 19;
+    let task = tokio::spawn(async move { backup::create(&store, &options).await });
+    let staging = data.0.join(".atlas/backup-staging");
+    until("the capture", || staged_big_file(&staging)).await?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    ensure!(!task.is_finished(), "the backup finished before the store was stopped");
+    let mut s3 = s3;
+    tokio::task::spawn_blocking(move || s3.processes.stop()).await?;
+
+    let started = Instant::now();
+    let err = tokio::time::timeout(Duration::from_secs(120), task).await??.err().context("the backup succeeded")?;
+    assert_eq!(err.category(), "upload", "{err:?}");
+    assert!(matches!(err, BackupError::Upload(_) | BackupError::WriteManifest { .. }), "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(60), "failing took {:?}", started.elapsed());
+    assert!(!staging.read_dir().is_ok_and(|mut d| d.next().is_some()), "the staging copy was left behind");
+    Ok(())
+}
