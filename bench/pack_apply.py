@@ -1,0 +1,161 @@
+#!/usr/bin/env python3
+"""Cold pack apply and a small update, beside `curl | zstd -d | tar -x` of the same blob, in one run.
+
+Generates a pack of about --size-mib MiB in --files files (jar-like incompressible files and
+config-like text), builds it with `atlas-runner pack build`, serves it from loopback HTTP, and per
+round measures:
+
+  * cold: `atlas-runner pack apply` (every digest verified, data fsynced) into an empty data dir, and
+    `curl -s URL | zstd -d | tar -x` into another empty dir (the peer; it verifies nothing);
+  * update: a second pack version where 5 of the jars changed, applied over the first, reporting wall
+    time and the swap (from the apply's "swapping it in" log line to its exit).
+
+Peak RSS comes from /usr/bin/time. Prints medians and ratios. Issue 3's targets: cold apply at most
+1.15x the pipeline, peak RSS at most 64 MiB, the update's swap at most 200 ms.
+
+    bench/pack_apply.py [--size-mib 1024] [--files 20000] [--rounds 3] [--workdir DIR]
+
+Keep --workdir off the repo: it holds the generated data (about 4x --size-mib).
+"""
+
+import argparse
+import functools
+import hashlib
+import http.server
+import os
+import random
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def generate(root, size_mib, files, jars_every=10):
+    """Files of three kinds: 1 in `jars_every` a large incompressible jar, the rest small configs."""
+    rng = random.Random(42)
+    jars = max(1, files // jars_every)
+    configs = files - jars
+    jar_bytes = int(size_mib * 1024 * 1024 * 0.95) // jars
+    cfg_bytes = max(64, int(size_mib * 1024 * 1024 * 0.05) // max(1, configs))
+    names = []
+    for i in range(jars):
+        path = os.path.join(root, "mods", f"mod-{i:05d}.jar")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(rng.randbytes(jar_bytes))
+        names.append(path)
+    words = [b"enabled", b"true", b"false", b"distance", b"spawn", b"limit", b"= 16\n", b"# comment\n"]
+    for i in range(configs):
+        path = os.path.join(root, "config", f"group-{i % 200:03d}", f"cfg-{i:05d}.toml")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            out = bytearray()
+            while len(out) < cfg_bytes:
+                out += rng.choice(words) + b" "
+            f.write(bytes(out[:cfg_bytes]))
+    return [n for n in names]
+
+
+def run(cmd, **kw):
+    return subprocess.run(cmd, check=True, **kw)
+
+
+def timed(cmd, **kw):
+    """Wall time and peak RSS (KiB) of a command, via /usr/bin/time."""
+    start = time.perf_counter()
+    p = subprocess.run(["/usr/bin/time", "-f", "MAXRSS %M"] + cmd, check=True, stderr=subprocess.PIPE, text=True, **kw)
+    wall = time.perf_counter() - start
+    rss = int(re.findall(r"MAXRSS (\d+)", p.stderr)[-1])
+    return wall, rss, p.stderr
+
+
+def serve(directory):
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(Quiet, directory=directory)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-mib", type=int, default=1024)
+    ap.add_argument("--files", type=int, default=20000)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--workdir", default=None)
+    args = ap.parse_args()
+
+    run(["cargo", "build", "--release", "--locked", "--bin", "atlas-runner"], cwd=REPO)
+    binary = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(REPO, "target")), "release", "atlas-runner")
+    work = tempfile.mkdtemp(prefix="atlas-pack-bench-", dir=args.workdir)
+    try:
+        src = os.path.join(work, "src")
+        jars = generate(src, args.size_mib, args.files)
+        blobs = os.path.join(work, "blobs")
+        os.makedirs(blobs)
+        run([binary, "pack", "build", src, "-o", os.path.join(blobs, "v1.tar.zst"), "--version", "1.0.0"], stdout=subprocess.DEVNULL)
+        rng = random.Random(7)
+        for path in rng.sample(jars, min(5, len(jars))):
+            with open(path, "r+b") as f:
+                f.write(rng.randbytes(4096))
+        run([binary, "pack", "build", src, "-o", os.path.join(blobs, "v2.tar.zst"), "--version", "2.0.0"], stdout=subprocess.DEVNULL)
+        server = serve(blobs)
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+
+        def spec(version):
+            blob = os.path.join(blobs, f"v{version}.tar.zst")
+            digest = hashlib.sha256(open(blob, "rb").read()).hexdigest()
+            path = os.path.join(work, f"spec{version}.yaml")
+            with open(path, "w") as f:
+                f.write(f"eula: true\nserver: {{type: vanilla}}\npack:\n  source:\n    url: {{url: \"{base}/v{version}.tar.zst\", sha256: {digest}}}\n")
+            return path
+
+        spec1, spec2 = spec(1), spec(2)
+        results = []
+        for n in range(args.rounds):
+            data = os.path.join(work, f"data{n}")
+            peer = os.path.join(work, f"peer{n}")
+            os.makedirs(peer)
+            ours_wall, ours_rss, _ = timed([binary, "pack", "apply", "--spec", spec1, "--data", data], stdout=subprocess.DEVNULL)
+            peer_wall, _, _ = timed(["sh", "-c", f"curl -s {base}/v1.tar.zst | zstd -d -q | tar -x -C {peer}"])
+            env = dict(os.environ, RUST_LOG="info")
+            start = time.perf_counter()
+            upd_wall, upd_rss, log = timed([binary, "pack", "apply", "--spec", spec2, "--data", data], stdout=subprocess.DEVNULL, env=env)
+            # The swap: from the "swapping it in" log line to the "pack applied" line.
+            stamps = {}
+            for line in log.splitlines():
+                m = re.match(r"(\S+Z)\s+INFO .*?(swapping it in|pack applied)", line)
+                if m:
+                    stamps[m.group(2)] = m.group(1)
+            swap_ms = None
+            if len(stamps) == 2:
+                from datetime import datetime
+                parse = lambda s: datetime.fromisoformat(s.replace("Z", "+00:00"))
+                swap_ms = (parse(stamps["pack applied"]) - parse(stamps["swapping it in"])).total_seconds() * 1000
+            results.append({"ours": ours_wall, "ours_rss_mib": ours_rss / 1024, "peer": peer_wall,
+                            "update": upd_wall, "update_rss_mib": upd_rss / 1024, "swap_ms": swap_ms})
+            print(f"round {n}: {results[-1]}", file=sys.stderr)
+            shutil.rmtree(data)
+            shutil.rmtree(peer)
+        server.shutdown()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    med = lambda k: statistics.median(r[k] for r in results if r[k] is not None)
+    print(f"pack of {args.size_mib} MiB in {args.files} files, medians of {args.rounds} rounds")
+    print(f"cold apply      {med('ours'):8.2f} s   curl|zstd|tar {med('peer'):8.2f} s   ratio {med('ours') / med('peer'):.2f}")
+    print(f"peak RSS        {max(r['ours_rss_mib'] for r in results):8.1f} MiB (cold), {max(r['update_rss_mib'] for r in results):.1f} MiB (update)")
+    print(f"update (5 jars) {med('update'):8.2f} s   swap {med('swap_ms'):.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
