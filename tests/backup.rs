@@ -21,10 +21,9 @@ use atlas_runner::backup::upload::stream_archive;
 use atlas_runner::backup::{self, BackupError, CreateOptions, Manifest};
 use atlas_runner::rcon::Rcon;
 use atlas_testbed::{TestBucket, TestS3, free_port, unique};
-use common::{fake_server_jar, java_tool};
+use common::{fake_server_jar, java_tool, region_generation};
 use object_store::path::Path as ObjectPath;
 use object_store::{MultipartUpload, ObjectStoreExt, PutPayload, PutResult, UploadPart};
-use sha2::{Digest, Sha256};
 
 const PASSWORD: &str = "backup-rcon-secret";
 
@@ -125,18 +124,6 @@ async fn s3_store(prefix: &str, data: &Path) -> Result<(TestBucket, Store)> {
     let bucket = TestS3::shared().await?.bucket(prefix).await?;
     let store = Store::open(Some(&s3_spec(&bucket, "survival/")), data, Some(credentials(&bucket)))?;
     Ok((bucket, store))
-}
-
-/// The generation of a consistent region file, or an error saying how it is torn (format documented in
-/// FakeServer.java).
-fn region_generation(path: &Path) -> Result<u64> {
-    let bytes = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
-    ensure!(bytes.len() >= 52 && &bytes[..8] == b"ATLASMCA", "{} has no region header", path.display());
-    let generation = u64::from_be_bytes(bytes[8..16].try_into()?);
-    let len = usize::try_from(u32::from_be_bytes(bytes[16..20].try_into()?))?;
-    ensure!(bytes.len() == 52 + len, "region file is {} bytes, header says {}", bytes.len(), 52 + len);
-    ensure!(Sha256::digest(&bytes[52..])[..] == bytes[20..52], "region file generation {generation} is torn");
-    Ok(generation)
 }
 
 /// A running fake server; killed on drop.

@@ -15,8 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use atlas_runner::rcon::{MAX_COMMAND_LEN, PlayerList, Rcon, RconClient, RconError, parse_list};
 use atlas_testbed::{free_port, unique};
-use common::{fake_server_jar, java_tool, run_tool};
-use sha2::{Digest, Sha256};
+use common::{fake_server_jar, java_tool, region_generation, run_tool};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const PASSWORD: &str = "s3cret-rcon";
@@ -161,18 +160,6 @@ fn echo_long(count: usize) -> String {
         .map(|i| format!("echo-long line {i} of {count}: the quick brown fox jumps over the lazy dog"))
         .collect::<Vec<_>>()
         .join("\n")
-}
-
-/// The generation of a consistent region file, or an error saying how it is torn (format documented in
-/// FakeServer.java).
-fn region_generation(path: &Path) -> Result<u64> {
-    let bytes = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
-    ensure!(bytes.len() >= 52 && &bytes[..8] == b"ATLASMCA", "{} has no region header", path.display());
-    let generation = u64::from_be_bytes(bytes[8..16].try_into()?);
-    let len = usize::try_from(u32::from_be_bytes(bytes[16..20].try_into()?))?;
-    ensure!(bytes.len() == 52 + len, "region file is {} bytes, header says {}", bytes.len(), 52 + len);
-    ensure!(Sha256::digest(&bytes[52..])[..] == bytes[20..52], "region file generation {generation} is torn");
-    Ok(generation)
 }
 
 // ---- The client against the fake server ----

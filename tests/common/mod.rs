@@ -305,3 +305,15 @@ pub fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
     let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
     Ok((code, body))
 }
+
+/// The generation of a consistent region file, or an error saying how it is torn (format documented in
+/// FakeServer.java).
+pub fn region_generation(path: &Path) -> Result<u64> {
+    let bytes = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
+    ensure!(bytes.len() >= 52 && &bytes[..8] == b"ATLASMCA", "{} has no region header", path.display());
+    let generation = u64::from_be_bytes(bytes[8..16].try_into()?);
+    let len = usize::try_from(u32::from_be_bytes(bytes[16..20].try_into()?))?;
+    ensure!(bytes.len() == 52 + len, "region file is {} bytes, header says {}", bytes.len(), 52 + len);
+    ensure!(Sha256::digest(&bytes[52..])[..] == bytes[20..52], "region file generation {generation} is torn");
+    Ok(generation)
+}
