@@ -112,31 +112,6 @@ fn a_held_data_dir_and_a_missing_previous_version_are_one_line_errors() -> Resul
     Ok(())
 }
 
-/// Serves `files` (path -> body) on loopback; returns the base URL.
-fn serve(files: std::collections::HashMap<String, Vec<u8>>) -> Result<String> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let base = format!("http://{}", listener.local_addr()?);
-    listener.set_nonblocking(true)?;
-    let app = axum::Router::new().fallback(move |uri: axum::http::Uri| {
-        let body = files.get(uri.path()).cloned();
-        async move {
-            match body {
-                Some(body) => (axum::http::StatusCode::OK, body),
-                None => (axum::http::StatusCode::NOT_FOUND, Vec::new()),
-            }
-        }
-    });
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    std::thread::spawn(move || {
-        runtime.block_on(async move {
-            if let Ok(listener) = tokio::net::TcpListener::from_std(listener) {
-                let _ = axum::serve(listener, app).await;
-            }
-        })
-    });
-    Ok(base)
-}
-
 /// Every file under `dir` except `.atlas` and `world`, by content.
 fn managed_files(dir: &Path) -> Result<std::collections::BTreeMap<String, Vec<u8>>> {
     fn walk(root: &Path, dir: &Path, out: &mut std::collections::BTreeMap<String, Vec<u8>>) -> Result<()> {
@@ -194,7 +169,7 @@ fn kill_9_at_any_point_of_pack_apply_leaves_exactly_the_old_or_the_new_version()
     let v2_bytes = fs::read(&archives[1])?;
     let v2_len = v2_bytes.len();
     let sha = hex::encode(sha2::Sha256::digest(&v2_bytes));
-    let base = serve([("/pack-2.0.0.tar.zst".to_owned(), v2_bytes)].into_iter().collect())?;
+    let base = common::serve_files(|_| Ok([("/pack-2.0.0.tar.zst".to_owned(), v2_bytes)].into_iter().collect()))?;
     let spec = root.join("server.yaml");
     fs::write(
         &spec,

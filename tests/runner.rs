@@ -287,45 +287,29 @@ fn mojang_stand_in(corrupt: bool) -> Result<String> {
     use sha1::{Digest, Sha1};
     let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/mojang");
     let jar = std::fs::read(common::fake_server_jar()?)?;
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let base = format!("http://{}", listener.local_addr()?);
-    let mut sha1 = hex::encode(Sha1::digest(&jar));
-    if corrupt {
-        sha1 = sha1.chars().rev().collect();
-    }
-    let mut document: serde_json::Value = serde_json::from_slice(&std::fs::read(data.join("1.21.4.json"))?)?;
-    document["downloads"]["server"] =
-        serde_json::json!({"sha1": sha1, "size": jar.len(), "url": format!("{base}/server.jar")});
-    let document = serde_json::to_vec(&document)?;
-    let mut manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(data.join("version_manifest_v2.json"))?)?;
-    let entry = manifest["versions"]
-        .as_array_mut()
-        .and_then(|versions| versions.iter_mut().find(|v| v["id"] == "1.21.4"))
-        .context("1.21.4 in the manifest")?;
-    entry["url"] = format!("{base}/1.21.4.json").into();
-    entry["sha1"] = hex::encode(Sha1::digest(&document)).into();
-    let manifest = serde_json::to_vec(&manifest)?;
-    let routes: std::collections::HashMap<&'static str, Vec<u8>> =
-        [("/manifest.json", manifest), ("/1.21.4.json", document), ("/server.jar", jar)].into_iter().collect();
-    let app = axum::Router::new().fallback(move |uri: axum::http::Uri| {
-        let body = routes.get(uri.path()).cloned();
-        async move {
-            match body {
-                Some(body) => (axum::http::StatusCode::OK, body),
-                None => (axum::http::StatusCode::NOT_FOUND, Vec::new()),
-            }
+    let base = common::serve_files(|base| {
+        let mut sha1 = hex::encode(Sha1::digest(&jar));
+        if corrupt {
+            sha1 = sha1.chars().rev().collect();
         }
-    });
-    listener.set_nonblocking(true)?;
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    std::thread::spawn(move || {
-        runtime.block_on(async move {
-            if let Ok(listener) = tokio::net::TcpListener::from_std(listener) {
-                let _ = axum::serve(listener, app).await;
-            }
-        })
-    });
+        let mut document: serde_json::Value = serde_json::from_slice(&std::fs::read(data.join("1.21.4.json"))?)?;
+        document["downloads"]["server"] =
+            serde_json::json!({"sha1": sha1, "size": jar.len(), "url": format!("{base}/server.jar")});
+        let document = serde_json::to_vec(&document)?;
+        let mut manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(data.join("version_manifest_v2.json"))?)?;
+        let entry = manifest["versions"]
+            .as_array_mut()
+            .and_then(|versions| versions.iter_mut().find(|v| v["id"] == "1.21.4"))
+            .context("1.21.4 in the manifest")?;
+        entry["url"] = format!("{base}/1.21.4.json").into();
+        entry["sha1"] = hex::encode(Sha1::digest(&document)).into();
+        let manifest = serde_json::to_vec(&manifest)?;
+        Ok([("/manifest.json", manifest), ("/1.21.4.json", document), ("/server.jar", jar.clone())]
+            .into_iter()
+            .map(|(path, body)| (path.to_owned(), body))
+            .collect())
+    })?;
     Ok(format!("{base}/manifest.json"))
 }
 

@@ -317,3 +317,31 @@ pub fn region_generation(path: &Path) -> Result<u64> {
     ensure!(Sha256::digest(&bytes[52..])[..] == bytes[20..52], "region file generation {generation} is torn");
     Ok(generation)
 }
+
+/// Serves fixed files over HTTP on loopback from a background thread for the rest of the test
+/// process. `files` gets the base URL (`http://127.0.0.1:PORT`), since documents often link to their
+/// own server, and returns path -> body. Returns the base URL.
+pub fn serve_files(files: impl FnOnce(&str) -> Result<std::collections::HashMap<String, Vec<u8>>>) -> Result<String> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let files = files(&base)?;
+    let app = axum::Router::new().fallback(move |uri: axum::http::Uri| {
+        let body = files.get(uri.path()).cloned();
+        async move {
+            match body {
+                Some(body) => (axum::http::StatusCode::OK, body),
+                None => (axum::http::StatusCode::NOT_FOUND, Vec::new()),
+            }
+        }
+    });
+    listener.set_nonblocking(true)?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    std::thread::spawn(move || {
+        runtime.block_on(async move {
+            if let Ok(listener) = tokio::net::TcpListener::from_std(listener) {
+                let _ = axum::serve(listener, app).await;
+            }
+        })
+    });
+    Ok(base)
+}
