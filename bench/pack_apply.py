@@ -8,7 +8,9 @@ round measures:
   * cold: `atlas-runner pack apply` (every digest verified, data fsynced) into an empty data dir, and
     `curl -s URL | zstd -d | tar -x` into another empty dir (the peer; it verifies nothing);
   * update: a second pack version where 5 of the jars changed, applied over the first, reporting wall
-    time and the swap (from the apply's "swapping it in" log line to its exit).
+    time, the files staging wrote, and the swap: from the log line "pack staged and verified;
+    swapping it in" (the journal is about to be written) to "pack swapped in" (state.json replaced),
+    the part during which a server must be stopped.
 
 Peak RSS comes from /usr/bin/time. Prints medians and ratios. Issue 3's targets: cold apply at most
 1.15x the pipeline, peak RSS at most 64 MiB, the update's swap at most 200 ms.
@@ -21,6 +23,7 @@ Keep --workdir off the repo: it holds the generated data (about 4x --size-mib).
 import argparse
 import functools
 import hashlib
+import json
 import http.server
 import os
 import random
@@ -66,11 +69,16 @@ def run(cmd, **kw):
     return subprocess.run(cmd, check=True, **kw)
 
 
+log_stdout = []
+
+
 def timed(cmd, **kw):
     """Wall time and peak RSS (KiB) of a command, via /usr/bin/time."""
     start = time.perf_counter()
     p = subprocess.run(["/usr/bin/time", "-f", "MAXRSS %M"] + cmd, check=True, stderr=subprocess.PIPE, text=True, **kw)
     wall = time.perf_counter() - start
+    if p.stdout:
+        log_stdout.append(p.stdout.strip().splitlines()[-1])
     rss = int(re.findall(r"MAXRSS (\d+)", p.stderr)[-1])
     return wall, rss, p.stderr
 
@@ -129,20 +137,24 @@ def main():
             peer_wall, _, _ = timed(["sh", "-c", f"curl -s {base}/v1.tar.zst | zstd -d -q | tar -x -C {peer}"])
             env = dict(os.environ, RUST_LOG="info")
             start = time.perf_counter()
-            upd_wall, upd_rss, log = timed([binary, "pack", "apply", "--spec", spec2, "--data", data], stdout=subprocess.DEVNULL, env=env)
-            # The swap: from the "swapping it in" log line to the "pack applied" line.
+            upd_wall, upd_rss, log = timed([binary, "pack", "apply", "--spec", spec2, "--data", data, "--json"], stdout=subprocess.PIPE, env=env)
+            installed = json.loads(log_stdout.pop()).get("installed") if log_stdout else None
+            # The swap: from "swapping it in" (journal about to be written) to "pack swapped in" (commit).
             stamps = {}
             for line in log.splitlines():
-                m = re.match(r"(\S+Z)\s+INFO .*?(swapping it in|pack applied)", line)
+                m = re.match(r"(\S+Z)\s+INFO .*?(swapping it in|pack swapped in)", line)
                 if m:
                     stamps[m.group(2)] = m.group(1)
             swap_ms = None
             if len(stamps) == 2:
                 from datetime import datetime
                 parse = lambda s: datetime.fromisoformat(s.replace("Z", "+00:00"))
-                swap_ms = (parse(stamps["pack applied"]) - parse(stamps["swapping it in"])).total_seconds() * 1000
+                swap_ms = (parse(stamps["pack swapped in"]) - parse(stamps["swapping it in"])).total_seconds() * 1000
+            else:
+                print(f"round {n}: swap log lines not found:\n{log}", file=sys.stderr)
             results.append({"ours": ours_wall, "ours_rss_mib": ours_rss / 1024, "peer": peer_wall,
-                            "update": upd_wall, "update_rss_mib": upd_rss / 1024, "swap_ms": swap_ms})
+                            "update": upd_wall, "update_rss_mib": upd_rss / 1024, "swap_ms": swap_ms,
+                            "update_installed": installed})
             print(f"round {n}: {results[-1]}", file=sys.stderr)
             shutil.rmtree(data)
             shutil.rmtree(peer)
@@ -154,7 +166,8 @@ def main():
     print(f"pack of {args.size_mib} MiB in {args.files} files, medians of {args.rounds} rounds")
     print(f"cold apply      {med('ours'):8.2f} s   curl|zstd|tar {med('peer'):8.2f} s   ratio {med('ours') / med('peer'):.2f}")
     print(f"peak RSS        {max(r['ours_rss_mib'] for r in results):8.1f} MiB (cold), {max(r['update_rss_mib'] for r in results):.1f} MiB (update)")
-    print(f"update (5 jars) {med('update'):8.2f} s   swap {med('swap_ms'):.1f} ms")
+    print(f"update (5 jars) {med('update'):8.2f} s   swap {med('swap_ms'):.1f} ms   "
+          f"files written {max(r['update_installed'] or 0 for r in results)}")
 
 
 if __name__ == "__main__":

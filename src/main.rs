@@ -371,12 +371,12 @@ async fn pack_apply(args: PackApplyArgs, log_format: LogFormat) -> anyhow::Resul
     };
     std::fs::create_dir_all(runner::atlas_dir(&args.data.data))
         .with_context(|| format!("create {}", args.data.data.display()))?;
-    let lock = pack::lock(&pack::lock_path(&args.data.data))?;
+    let lock = std::sync::Arc::new(pack::lock(&pack::lock_path(&args.data.data))?);
     let registry = prometheus::Registry::new();
     let metrics = atlas_runner::metrics::PackMetrics::register(&registry)?;
     let options = pack::source::FetchOptions::new(&args.data.data);
     let progress = (log_format == LogFormat::Text).then(|| show_progress(&options.progress)).flatten();
-    let outcome = provision::apply_spec(pack_spec, &args.data.data, &lock, &options, &metrics).await;
+    let outcome = provision::apply_spec(pack_spec, &args.data.data, lock, &options, &metrics).await;
     if let Some(progress) = progress {
         progress.abort();
         let _ = writeln!(std::io::stderr());

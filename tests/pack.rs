@@ -214,6 +214,74 @@ fn an_unowned_file_in_the_way_is_refused_and_an_identical_one_adopted() -> Resul
     Ok(())
 }
 
+/// The files under a version's store directory (what staging wrote), relative to it.
+fn staged_files(data: &Path, v: &str) -> Result<Vec<String>> {
+    let dir = data.join(".atlas/packs").join(v).join("files");
+    if !dir.exists() {
+        return Ok(Vec::new());
+    }
+    Ok(files_of(&tree(&dir, false)?).into_keys().collect())
+}
+
+#[test]
+fn an_update_stages_only_changed_files_and_still_verifies_the_rest() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let data = data_dir(tmp.path())?;
+    let (p1, p2) = (pack(tmp.path(), "1.0.0", V1)?, pack(tmp.path(), "2.0.0", V2)?);
+    let guard = lock(&lock_path(&data))?;
+    let (mut store, _) = open(&data, &guard)?;
+    stage_and_apply(&mut store, &p1)?;
+    // An unchanged file deleted by hand still gets a staged copy, and comes back.
+    fs::remove_file(data.join("libraries/deep/lib.jar"))?;
+    let staged = store.stage(&p2, ArchiveFormat::TarZst, None, &Limits::default())?;
+    let written = staged_files(&data, "2.0.0")?;
+    // Unchanged and present: not written. The preserved config/x.toml changed, so it is staged
+    // (the swap writes it only where absent).
+    ensure!(
+        written
+            == [
+                "config/new.toml",
+                "config/x.toml",
+                "libraries/deep/lib.jar",
+                "mods/a.jar",
+                "mods/c.jar",
+                "server.properties"
+            ],
+        "{written:?}"
+    );
+    // The plan is made (and checked) while a server could still run; the swap is only renames.
+    let planned = store.plan_apply(staged, &preserve()?)?;
+    ensure!(planned.to().as_str() == "2.0.0" && planned.from().map(|v| v.as_str()) == Some("1.0.0"));
+    ensure!(store.state().current.as_ref().map(|v| v.as_str()) == Some("1.0.0"), "planning changed the state");
+    let report = store.swap(planned)?;
+    ensure!(report.installed.iter().any(|p| p.as_str() == "libraries/deep/lib.jar"), "{report:?}");
+    ensure!(read(&data, "libraries/deep/lib.jar")? == b"lib-1");
+    ensure!(read(&data, "mods/a.jar")? == b"a-2" && !data.join("mods/b.jar").exists());
+
+    // An archive whose unchanged entry does not match its manifest is refused, though that entry
+    // is never written.
+    let manifest = store.read_manifest(&version("2.0.0")?)?;
+    let mut forged = manifest.clone();
+    forged.version = version("3.0.0")?;
+    let json = forged.to_json()?;
+    let mut entries = vec![file("atlas-pack.json", &json)];
+    let contents: BTreeMap<&str, &[u8]> = V2.iter().copied().collect();
+    for entry in &forged.files {
+        let name = entry.path.as_str();
+        let content = if name == "libraries/deep/lib.jar" { b"lib-X".as_slice() } else { contents[name] };
+        entries.push(file(name, content));
+    }
+    let bad = tmp.path().join("forged.tar.zst");
+    fs::write(&bad, zst(&raw_tar(&entries)?)?)?;
+    let before = tree(&data, true)?;
+    match store.stage(&bad, ArchiveFormat::TarZst, None, &Limits::default()) {
+        Err(StoreError::VerifyDigest { path, .. }) => ensure!(path.as_str() == "libraries/deep/lib.jar"),
+        other => bail!("expected a digest mismatch, got {other:?}"),
+    }
+    ensure!(tree(&data, true)? == before, "a refused pack changed the data dir");
+    Ok(())
+}
+
 /// A raw tar entry: the name is written into the header as is, so `..` and `/` survive.
 struct RawEntry<'a> {
     name: &'a str,

@@ -140,12 +140,42 @@ pub struct ApplyReport {
 /// swap there as a crash would.
 pub type StepHook<'h> = dyn FnMut(usize, SwapStep<'_>) -> Result<(), ()> + 'h;
 
+/// A swap planned against the data dir and checked, ready to run: the slow parts (the diff, the
+/// checks of the data dir, the verification of files staged by an earlier process) are done, so
+/// running it ([`PackStore::swap`]) is only renames and a few fsyncs. Made by
+/// [`PackStore::plan_apply`] and [`PackStore::plan_rollback`] while the server still runs.
+#[derive(Debug)]
+#[must_use = "a planned swap does nothing until it is run with PackStore::swap"]
+pub struct PlannedSwap {
+    journal: Journal,
+    report: ApplyReport,
+    root: PathBuf,
+}
+
+impl PlannedSwap {
+    /// What the swap will do.
+    pub fn report(&self) -> &ApplyReport {
+        &self.report
+    }
+
+    /// The version the swap installs.
+    pub fn to(&self) -> &PackVersion {
+        &self.journal.to
+    }
+
+    /// The version the swap replaces.
+    pub fn from(&self) -> Option<&PackVersion> {
+        self.journal.from.as_ref()
+    }
+}
+
 impl PackStore<'_> {
     /// Applies a staged pack: the data dir ends up holding exactly its managed files, the files of
     /// the version it replaces are moved into the store (the previous version, for rollback), files
     /// no version owns are never touched, and `preserve` files are written only where absent.
     /// Refuses, before changing anything, when a file no version owns is in the way. The caller
-    /// must have stopped the server and hold the data dir's lock.
+    /// must have stopped the server and hold the data dir's lock. [`PackStore::plan_apply`] and
+    /// [`PackStore::swap`] are its two halves, for a caller that stops the server in between.
     pub fn apply(&mut self, staged: StagedPack, preserve: &Preserve) -> Result<ApplyReport, ApplyError> {
         self.apply_with_hook(staged, preserve, &mut |_, _| Ok(()))
     }
@@ -158,6 +188,14 @@ impl PackStore<'_> {
         preserve: &Preserve,
         hook: &mut StepHook<'_>,
     ) -> Result<ApplyReport, ApplyError> {
+        let planned = self.plan_apply(staged, preserve)?;
+        self.swap_with_hook(planned, hook)
+    }
+
+    /// Plans the swap to a staged pack and checks everything it can before the swap (the server
+    /// may run meanwhile): the diff, what is in the way in the data dir. Files staged by this
+    /// process were verified while staged and are not read again. Changes nothing in the data dir.
+    pub fn plan_apply(&self, staged: StagedPack, preserve: &Preserve) -> Result<PlannedSwap, ApplyError> {
         let to = staged.manifest.version.clone();
         if staged.root != self.layout.root() || !self.layout.manifest_file(&to).is_file() {
             return Err(ApplyError::NotStaged(to));
@@ -171,7 +209,9 @@ impl PackStore<'_> {
             previous: from.as_ref().map(|(v, _)| v.clone()),
             preserve: preserve.patterns().to_vec(),
         };
-        self.swap(from, &staged.manifest, preserve, next_state, hook)
+        // The proof that stage hashed every file it wrote: nothing to read again.
+        let _: super::store::Verified = staged.proof;
+        self.plan_swap(from, &staged.manifest, preserve, next_state, false)
     }
 
     /// Goes back to the previous version, from the store alone (no network). Its files are
@@ -183,6 +223,14 @@ impl PackStore<'_> {
     /// [`PackStore::rollback`] with a step hook; for crash tests.
     #[doc(hidden)]
     pub fn rollback_with_hook(&mut self, hook: &mut StepHook<'_>) -> Result<ApplyReport, ApplyError> {
+        let planned = self.plan_rollback()?;
+        self.swap_with_hook(planned, hook)
+    }
+
+    /// Plans the swap back to the previous version and verifies every file it will install from
+    /// the store (written by an earlier swap, perhaps by an earlier process). Changes nothing in
+    /// the data dir.
+    pub fn plan_rollback(&self) -> Result<PlannedSwap, ApplyError> {
         let (Some(current), Some(previous)) = (self.state.current.clone(), self.state.previous.clone()) else {
             return Err(ApplyError::NoPrevious);
         };
@@ -194,26 +242,54 @@ impl PackStore<'_> {
             previous: Some(current.clone()),
             preserve: self.state.preserve.clone(),
         };
-        self.swap(Some((current, from)), &to, &preserve, next_state, hook)
+        self.plan_swap(Some((current, from)), &to, &preserve, next_state, true)
     }
 
-    fn swap(
-        &mut self,
+    fn plan_swap(
+        &self,
         from: Option<(PackVersion, PackManifest)>,
         to: &PackManifest,
         preserve: &Preserve,
         next_state: StoreState,
-        hook: &mut StepHook<'_>,
-    ) -> Result<ApplyReport, ApplyError> {
+        verify: bool,
+    ) -> Result<PlannedSwap, ApplyError> {
         let (journal, report) = plan(&self.layout, from.as_ref(), to, preserve, next_state)?;
-        verify_sources(&self.layout, &journal, to)?;
+        if verify {
+            verify_sources(&self.layout, &journal, to)?;
+        }
         clear_stale_displace_targets(&self.layout, &journal)?;
+        Ok(PlannedSwap { journal, report, root: self.layout.root().to_owned() })
+    }
+
+    /// Runs a planned swap: the journal, the renames, the commit (`state.json` replaced), then the
+    /// cleanup the server need not wait for. This is the only part during which the server must be
+    /// stopped. Refuses a plan made for another store or before another swap changed this one.
+    pub fn swap(&mut self, planned: PlannedSwap) -> Result<ApplyReport, ApplyError> {
+        self.swap_with_hook(planned, &mut |_, _| Ok(()))
+    }
+
+    /// [`PackStore::swap`] with a step hook; for crash tests.
+    #[doc(hidden)]
+    pub fn swap_with_hook(&mut self, planned: PlannedSwap, hook: &mut StepHook<'_>) -> Result<ApplyReport, ApplyError> {
+        let PlannedSwap { journal, report, root } = planned;
+        if root != self.layout.root() || journal.from != self.state.current {
+            return Err(ApplyError::NotStaged(journal.to));
+        }
         let mut step = 0usize;
         let mut at = |s: SwapStep<'_>| -> Result<(), ApplyError> {
             let index = step;
             step += 1;
             hook(index, s).map_err(|()| ApplyError::Interrupted { to: journal.to.clone(), step: index })
         };
+        // The swap proper starts here and ends at "pack swapped in" (bench/pack_apply.py measures
+        // between the two lines).
+        tracing::info!(
+            from = journal.from.as_ref().map(PackVersion::as_str),
+            to = %journal.to,
+            install = journal.install.len(),
+            displace = journal.displace.len(),
+            "pack staged and verified; swapping it in"
+        );
         at(SwapStep::WriteJournal)?;
         journal.write(&self.layout).map_err(|source| ApplyError::Swap {
             to: journal.to.clone(),
@@ -235,6 +311,7 @@ impl PackStore<'_> {
             }
         }
         self.state = journal.next_state.clone();
+        tracing::info!(to = %journal.to, "pack swapped in");
         // Committed: what follows is cleanup, which the next open also finishes.
         let cleanup = (|| -> Result<(), StepError> {
             // Cleanup before the journal goes, so a crash in between leaves it to the next open.
@@ -460,7 +537,11 @@ fn plan(
             install.push(entry.path.clone());
         } else {
             unchanged += 1;
-            discard.push(entry.path.clone());
+            // Staging writes no copy of an unchanged file the data dir holds; a copy made anyway
+            // (a plain archive, a manifest late in the archive) is deleted after the commit.
+            if exists(&entry.path.under(&to_files)).map_err(|e| ApplyError::Store(StoreError::Recover(e)))? {
+                discard.push(entry.path.clone());
+            }
         }
     }
     let mut preserve_writes = Vec::new();

@@ -3,7 +3,10 @@
 //! Every entry is checked before a byte of it is written: its path must sanitise (no `..`, not
 //! absolute), it must be a regular file or a directory (no links, devices or fifos), it must not
 //! repeat or collide with another entry, and sizes and the expansion ratio must stay within
-//! [`Limits`]. Truncated and corrupt streams are errors. Files are hashed while written.
+//! [`Limits`]. Truncated and corrupt streams are errors. Files are hashed while written; a
+//! [`Policy`] may have a file hashed and discarded instead (content the caller already holds) or
+//! handed over in memory (a pack's manifest). Durability is the caller's: nothing here fsyncs, so a
+//! whole staging directory is made durable by one `syncfs` rather than a flush per file.
 
 use std::cell::Cell;
 use std::collections::HashSet;
@@ -73,15 +76,54 @@ impl Default for Limits {
     }
 }
 
-/// A regular file written by extraction.
+/// A regular file read by extraction.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExtractedFile {
-    /// Where it landed, relative to the destination.
+    /// Where it landed (or would have), relative to the destination.
     pub path: RelativePath,
-    /// SHA-256 of what was written.
+    /// SHA-256 of its content.
     pub sha256: Sha256Digest,
-    /// Bytes written.
+    /// Its size in bytes.
     pub size: u64,
+    /// What was done with it: only [`Disposition::Write`] files are under the destination.
+    pub disposition: Disposition,
+}
+
+/// What extraction does with a regular file, decided from its path and declared size before any
+/// of its bytes are read. Every file is hashed and held to the limits whatever its disposition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// Written under the destination.
+    Write,
+    /// Hashed and dropped: the caller already holds this content (an unchanged file of the version
+    /// in place), so writing it would only be deleted again.
+    Discard,
+    /// Hashed and handed to [`Policy::captured`] instead of written (a small file the caller reads
+    /// itself, such as a pack's manifest). Files over [`CAPTURE_LIMIT`] are written instead.
+    Capture,
+}
+
+/// The largest file [`Disposition::Capture`] keeps in memory.
+pub const CAPTURE_LIMIT: u64 = 64 << 20;
+
+/// Decides, entry by entry, what extraction does with each regular file.
+pub trait Policy {
+    /// The disposition of the file at `path` declaring `declared` bytes; `first`: it is the
+    /// archive's first entry.
+    fn disposition(&mut self, path: &RelativePath, declared: u64, first: bool) -> Disposition;
+    /// The content of a file this policy asked to capture, once it is read in full.
+    fn captured(&mut self, path: &RelativePath, bytes: Vec<u8>);
+}
+
+/// The policy that writes every file.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WriteAll;
+
+impl Policy for WriteAll {
+    fn disposition(&mut self, _: &RelativePath, _: u64, _: bool) -> Disposition {
+        Disposition::Write
+    }
+    fn captured(&mut self, _: &RelativePath, _: Vec<u8>) {}
 }
 
 /// Why an archive was refused or could not be extracted. Entry names are as the archive spells them.
@@ -223,11 +265,23 @@ pub fn extract_file(
     dest: &Path,
     limits: &Limits,
 ) -> Result<Vec<ExtractedFile>, ExtractError> {
+    extract_file_with(archive, format, dest, limits, &mut WriteAll)
+}
+
+/// [`extract_file`] with a [`Policy`] deciding what is written.
+pub fn extract_file_with(
+    archive: &Path,
+    format: ArchiveFormat,
+    dest: &Path,
+    limits: &Limits,
+    policy: &mut dyn Policy,
+) -> Result<Vec<ExtractedFile>, ExtractError> {
     let file = File::open(archive).map_err(|source| ExtractError::Corrupt { entry: None, source })?;
+    let reader = io::BufReader::with_capacity(256 * 1024, file);
     match format {
-        ArchiveFormat::TarZst => extract_tar(io::BufReader::new(file), TarCompression::Zstd, dest, limits),
-        ArchiveFormat::TarGz => extract_tar(io::BufReader::new(file), TarCompression::Gzip, dest, limits),
-        ArchiveFormat::Zip => extract_zip(io::BufReader::new(file), dest, limits),
+        ArchiveFormat::TarZst => extract_tar_with(reader, TarCompression::Zstd, dest, limits, policy),
+        ArchiveFormat::TarGz => extract_tar_with(reader, TarCompression::Gzip, dest, limits, policy),
+        ArchiveFormat::Zip => extract_zip_with(reader, dest, limits, policy),
     }
 }
 
@@ -248,6 +302,17 @@ pub fn extract_tar<R: Read>(
     dest: &Path,
     limits: &Limits,
 ) -> Result<Vec<ExtractedFile>, ExtractError> {
+    extract_tar_with(reader, compression, dest, limits, &mut WriteAll)
+}
+
+/// [`extract_tar`] with a [`Policy`] deciding what is written.
+pub fn extract_tar_with<R: Read>(
+    reader: R,
+    compression: TarCompression,
+    dest: &Path,
+    limits: &Limits,
+    policy: &mut dyn Policy,
+) -> Result<Vec<ExtractedFile>, ExtractError> {
     check_empty_dir(dest)?;
     let compressed = Rc::new(Cell::new(0u64));
     let counting = CountingReader { inner: reader, count: Rc::clone(&compressed) };
@@ -259,7 +324,7 @@ pub fn extract_tar<R: Read>(
         TarCompression::Zstd => Box::new(zstd::stream::read::Decoder::new(counting).map_err(corrupt(None))?),
         TarCompression::Gzip => Box::new(flate2::read::GzDecoder::new(counting)),
     };
-    let mut writer = Writer::new(dest, limits, compressed);
+    let mut writer = Writer::new(dest, limits, compressed, policy);
     let mut archive = tar::Archive::new(decoder);
     for entry in archive.entries().map_err(corrupt(None))? {
         let mut entry = entry.map_err(corrupt(writer.last_name()))?;
@@ -303,9 +368,19 @@ pub fn extract_tar<R: Read>(
 /// Extracts a zip archive into `dest`, an existing empty directory. Zip needs `Seek` (its index is
 /// at the end), so network sources download to a file first.
 pub fn extract_zip<R: Read + Seek>(
+    reader: R,
+    dest: &Path,
+    limits: &Limits,
+) -> Result<Vec<ExtractedFile>, ExtractError> {
+    extract_zip_with(reader, dest, limits, &mut WriteAll)
+}
+
+/// [`extract_zip`] with a [`Policy`] deciding what is written.
+pub fn extract_zip_with<R: Read + Seek>(
     mut reader: R,
     dest: &Path,
     limits: &Limits,
+    policy: &mut dyn Policy,
 ) -> Result<Vec<ExtractedFile>, ExtractError> {
     check_empty_dir(dest)?;
     let corrupt = |entry: Option<&str>| {
@@ -325,7 +400,7 @@ pub fn extract_zip<R: Read + Seek>(
     reader.seek(SeekFrom::Start(0)).map_err(corrupt(None))?;
     let mut archive = zip::ZipArchive::new(reader).map_err(zip_corrupt(None))?;
     let compressed = Rc::new(Cell::new(archive_len));
-    let mut writer = Writer::new(dest, limits, compressed);
+    let mut writer = Writer::new(dest, limits, compressed, policy);
     for index in 0..archive.len() {
         let mut file = archive.by_index(index).map_err(zip_corrupt(writer.last_name()))?;
         let name = file.name().to_owned();
@@ -420,6 +495,7 @@ impl<R: Read> Read for CountingReader<R> {
 struct Writer<'a> {
     dest: &'a Path,
     limits: &'a Limits,
+    policy: &'a mut dyn Policy,
     compressed: Rc<Cell<u64>>,
     total: u64,
     entries: u64,
@@ -431,10 +507,11 @@ struct Writer<'a> {
 }
 
 impl<'a> Writer<'a> {
-    fn new(dest: &'a Path, limits: &'a Limits, compressed: Rc<Cell<u64>>) -> Self {
+    fn new(dest: &'a Path, limits: &'a Limits, compressed: Rc<Cell<u64>>, policy: &'a mut dyn Policy) -> Self {
         Self {
             dest,
             limits,
+            policy,
             compressed,
             total: 0,
             entries: 0,
@@ -492,16 +569,31 @@ impl<'a> Writer<'a> {
             return Err(ExtractError::EntryTooLarge { name: name.to_owned(), size: declared, limit });
         }
         let target = path.under(self.dest);
-        if let Some(parent) = target.parent() {
-            fs::create_dir_all(parent).map_err(|source| ExtractError::Write { path: parent.to_owned(), source })?;
-        }
+        let disposition = match self.policy.disposition(&path, declared, self.entries == 1) {
+            Disposition::Capture if declared > CAPTURE_LIMIT => Disposition::Write,
+            d => d,
+        };
+        let write_err = |source| ExtractError::Write { path: target.clone(), source };
+        let mut out = match disposition {
+            Disposition::Write => {
+                if let Some(parent) = target.parent() {
+                    fs::create_dir_all(parent)
+                        .map_err(|source| ExtractError::Write { path: parent.to_owned(), source })?;
+                }
+                // create_new: never follow or replace anything already there.
+                Some(OpenOptions::new().write(true).create_new(true).mode(0o644).open(&target).map_err(write_err)?)
+            }
+            Disposition::Discard | Disposition::Capture => None,
+        };
         for a in path.ancestors() {
             self.dirs.insert(a.to_owned());
         }
-        let write_err = |source| ExtractError::Write { path: target.clone(), source };
-        // create_new: never follow or replace anything already there.
-        let mut out = OpenOptions::new().write(true).create_new(true).mode(0o644).open(&target).map_err(write_err)?;
         self.files.insert(path.clone());
+        let mut captured = match disposition {
+            // Bounded by CAPTURE_LIMIT above.
+            Disposition::Capture => Vec::with_capacity(usize::try_from(declared).unwrap_or(0)),
+            _ => Vec::new(),
+        };
         let mut hasher = sha2::Sha256::new();
         let mut size = 0u64;
         let mut limited = reader.take(declared.saturating_add(1));
@@ -535,23 +627,23 @@ impl<'a> Writer<'a> {
                 });
             }
             hasher.update(chunk);
-            out.write_all(chunk).map_err(write_err)?;
+            match (&mut out, disposition) {
+                (Some(out), _) => out.write_all(chunk).map_err(write_err)?,
+                (None, Disposition::Capture) => captured.extend_from_slice(chunk),
+                (None, _) => {}
+            }
         }
         if size != declared {
             return Err(ExtractError::Truncated { name: name.to_owned(), declared, actual: size });
         }
-        // Durable before the journaled swap may rename it into the data dir.
-        out.sync_all().map_err(write_err)?;
-        self.out.push(ExtractedFile { path, sha256: Sha256Digest(hasher.finalize().into()), size });
+        if disposition == Disposition::Capture {
+            self.policy.captured(&path, captured);
+        }
+        self.out.push(ExtractedFile { path, sha256: Sha256Digest(hasher.finalize().into()), size, disposition });
         Ok(())
     }
 
     fn finish(self) -> Result<Vec<ExtractedFile>, ExtractError> {
-        let mut dirs: Vec<&String> = self.dirs.iter().collect();
-        dirs.sort();
-        for dir in dirs.into_iter().map(|d| self.dest.join(d)).chain([self.dest.to_owned()]) {
-            sync_dir(&dir).map_err(|source| ExtractError::Write { path: dir, source })?;
-        }
         let mut out = self.out;
         out.sort_by(|a, b| a.path.cmp(&b.path));
         Ok(out)
@@ -561,4 +653,11 @@ impl<'a> Writer<'a> {
 /// fsyncs a directory, making the names in it durable.
 pub(crate) fn sync_dir(path: &Path) -> io::Result<()> {
     File::open(path)?.sync_all()
+}
+
+/// Flushes everything written to the filesystem holding `path` (syncfs(2)): one call makes a whole
+/// extracted tree durable, files and directories, far faster than an fsync per file.
+pub(crate) fn sync_filesystem(path: &Path) -> io::Result<()> {
+    let dir = File::open(path)?;
+    nix::unistd::syncfs(&dir).map_err(io::Error::from)
 }

@@ -28,7 +28,7 @@ pub mod store;
 pub mod apply;
 pub mod source;
 
-pub use apply::{ApplyError, ApplyReport, SwapStep};
+pub use apply::{ApplyError, ApplyReport, PlannedSwap, SwapStep};
 pub use extract::{ArchiveFormat, Limits};
 pub use lock::{DataDirLock, lock, lock_path};
 pub use manifest::{Diff, FileEntry, PackManifest, PackVersion, Preserve, Sha256Digest, diff};

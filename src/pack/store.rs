@@ -202,12 +202,20 @@ pub struct StoreStatus {
 }
 
 /// A pack extracted into the store with every file verified against its manifest: the only thing
-/// [`PackStore::apply`] takes. Made only by [`PackStore::stage`].
+/// [`PackStore::apply`] takes. Made only by [`PackStore::stage`], which hashed every file as it
+/// wrote it; the swap therefore does not read them again.
 #[derive(Debug)]
 pub struct StagedPack {
     pub(crate) manifest: PackManifest,
     pub(crate) root: PathBuf,
+    pub(crate) proof: Verified,
 }
+
+/// Proof that this process hashed every staged file of a version while staging it and found it
+/// matching the manifest (the files then stayed under the data dir's lock). Only
+/// [`PackStore::stage`] makes one.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Verified(());
 
 impl StagedPack {
     /// The staged pack's manifest.
@@ -327,13 +335,26 @@ impl<'lock> PackStore<'lock> {
     ) -> Result<StagedPack, StoreError> {
         let files_dir = staging.join("files");
         fs::create_dir_all(&files_dir).map_err(io_err("create directory", &files_dir))?;
-        let mut extracted = extract::extract_file(archive, format, &files_dir, limits)?;
+        let current = match &self.state.current {
+            Some(v) => Some(self.read_manifest(v)?),
+            None => None,
+        };
+        let mut policy =
+            SkipUnchanged { data: self.layout.data(), current: current.as_ref(), new: None, captured: None };
+        let mut extracted = extract::extract_file_with(archive, format, &files_dir, limits, &mut policy)?;
+        let captured = policy.captured.take();
         let manifest = match extracted.iter().position(|f| f.path.as_str() == MANIFEST_FILE) {
             Some(index) => {
                 let entry = extracted.remove(index);
-                let path = entry.path.under(&files_dir);
-                let bytes = fs::read(&path).map_err(io_err("read", &path))?;
-                fs::remove_file(&path).map_err(io_err("remove", &path))?;
+                let bytes = match captured {
+                    Some(bytes) => bytes,
+                    None => {
+                        let path = entry.path.under(&files_dir);
+                        let bytes = fs::read(&path).map_err(io_err("read", &path))?;
+                        fs::remove_file(&path).map_err(io_err("remove", &path))?;
+                        bytes
+                    }
+                };
                 let manifest = PackManifest::from_json(&bytes)?;
                 if let Some(expected) = version
                     && *expected != manifest.version
@@ -353,14 +374,18 @@ impl<'lock> PackStore<'lock> {
                 PackManifest::new(version.clone(), None, Vec::new(), files)?
             }
         };
-        if self.state.current.as_ref() == Some(&manifest.version) {
-            let current = self.read_manifest(&manifest.version)?;
+        if let Some(current) = current
+            && current.version == manifest.version
+        {
             return Err(if current == manifest {
                 StoreError::AlreadyCurrent(manifest.version)
             } else {
                 StoreError::VersionReused(manifest.version)
             });
         }
+        // One flush of the filesystem makes every extracted file and directory durable before the
+        // swap may rename them into the data dir (an fsync per file costs far more).
+        extract::sync_filesystem(&files_dir).map_err(io_err("syncfs", &files_dir))?;
         let bytes = manifest.to_json()?;
         write_atomic(&staging.join(MANIFEST_FILE), &bytes).map_err(StoreError::Recover)?;
         let target = self.layout.version_dir(&manifest.version);
@@ -371,7 +396,7 @@ impl<'lock> PackStore<'lock> {
         }
         fs::rename(staging, &target).map_err(io_err("rename", staging))?;
         extract::sync_dir(self.layout.root()).map_err(io_err("fsync", self.layout.root()))?;
-        Ok(StagedPack { manifest, root: self.layout.root().to_owned() })
+        Ok(StagedPack { manifest, root: self.layout.root().to_owned(), proof: Verified(()) })
     }
 
     /// Deletes staging leftovers and versions that are neither current nor previous.
@@ -397,6 +422,43 @@ impl<'lock> PackStore<'lock> {
             result.map_err(io_err("remove", &path))?;
         }
         Ok(())
+    }
+}
+
+/// The staging policy of an Atlas pack whose `atlas-pack.json` comes first (as `pack build` writes
+/// it): a file whose path, sha256 and size equal the current version's entry, and which the data dir
+/// holds, is hashed (and so still verified) but not written, so an update writes only what changed.
+/// A manifest later in the archive, or a plain archive, is staged in full.
+struct SkipUnchanged<'a> {
+    data: &'a Path,
+    current: Option<&'a PackManifest>,
+    /// The new version's manifest, once captured and parsed.
+    new: Option<PackManifest>,
+    /// The manifest's bytes, parsed again (and any error reported) by `stage`.
+    captured: Option<Vec<u8>>,
+}
+
+impl extract::Policy for SkipUnchanged<'_> {
+    fn disposition(&mut self, path: &RelativePath, _declared: u64, first: bool) -> extract::Disposition {
+        use extract::Disposition;
+        if first && path.as_str() == MANIFEST_FILE {
+            return Disposition::Capture;
+        }
+        let (Some(current), Some(new)) = (self.current, &self.new) else { return Disposition::Write };
+        match (current.file(path), new.file(path)) {
+            (Some(old), Some(entry)) if old == entry => {
+                // Deleted by hand (or replaced by a directory or link): the swap puts it back from a
+                // staged copy.
+                let present = fs::symlink_metadata(path.under(self.data)).is_ok_and(|m| m.is_file());
+                if present { Disposition::Discard } else { Disposition::Write }
+            }
+            _ => Disposition::Write,
+        }
+    }
+
+    fn captured(&mut self, _path: &RelativePath, bytes: Vec<u8>) {
+        self.new = PackManifest::from_json(&bytes).ok();
+        self.captured = Some(bytes);
     }
 }
 

@@ -284,7 +284,9 @@ async fn attempt(
     {
         return Err(SourceError::Truncated { url: url.to_string(), expected: size, received: hashes.size });
     }
-    file.sync_all().await.map_err(io_err("fsync", partial))?;
+    // No fsync: a download is never trusted from disk without its digest (a kept file is hashed
+    // again before reuse, a resumed one checked in full), and staging flushes the filesystem
+    // before anything of it reaches the data dir.
     match hashes.check(expected, url) {
         Err(SourceError::VerifyDigest { .. }) if resume => {
             remove_if_exists(partial).await?;
