@@ -227,7 +227,12 @@ async fn create_list_verify_restore_gives_a_byte_identical_world() -> Result<()>
     assert_eq!(created.files, 3 * 4 + 1);
     assert_eq!(created.server_version.as_deref(), Some("1.21.4"));
     assert!(created.save_off_ms.is_none());
-    assert!(!data.0.join(".atlas/backup-staging").join(&created.name).exists(), "staging is cleaned up");
+    // The capture mirror stays for the next backup, holding exactly the captured worlds.
+    let mirror = data.0.join(".atlas/backup-mirror");
+    for world in worlds {
+        assert!(tree(&mirror.join(world))? == tree(&data.0.join(world))?, "{world} in the mirror");
+    }
+    assert!(!mirror.join("ops.json").exists());
 
     let listed = backup::list(&store).await?;
     assert_eq!(listed, std::slice::from_ref(&created));
@@ -367,6 +372,7 @@ fn fake_backup(name: &str, time: jiff::Timestamp) -> Manifest {
         archive_sha256: String::new(),
         archive_key: format!("archives/{name}.tar.zst"),
         save_off_ms: None,
+        upload_ms: None,
     }
 }
 
@@ -457,8 +463,8 @@ async fn a_cancelled_upload_leaves_no_backup_and_the_next_one_succeeds() -> Resu
         let store = store.clone();
         tokio::spawn(async move { backup::create(&store, &slow).await })
     };
-    let staging = data.0.join(".atlas/backup-staging");
-    until("the capture", || staged_big_file(&staging)).await?;
+    let mirror = data.0.join(".atlas/backup-mirror");
+    until("the capture", || mirrored_big_file(&mirror)).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     ensure!(!task.is_finished(), "the backup finished before it was cancelled");
     task.abort();
@@ -475,17 +481,12 @@ async fn a_cancelled_upload_leaves_no_backup_and_the_next_one_succeeds() -> Resu
 
     let created = backup::create(&store, &CreateOptions::new(&data.0)).await?;
     assert_eq!(backup::list(&store).await?, [created]);
-    let leftovers: Vec<_> = std::fs::read_dir(&staging)?.collect();
-    assert!(leftovers.is_empty(), "staging left behind: {leftovers:?}");
     Ok(())
 }
 
-/// Whether a capture in `staging` holds all of `big_capture`'s region file.
-fn staged_big_file(staging: &Path) -> bool {
-    let Ok(mut dirs) = std::fs::read_dir(staging) else { return false };
-    dirs.next().and_then(|d| d.ok()).is_some_and(|d| {
-        std::fs::metadata(d.path().join("world/region/r.0.0.mca")).is_ok_and(|m| m.len() == BIG_LEN as u64)
-    })
+/// Whether the capture mirror holds all of `big_capture`'s region file.
+fn mirrored_big_file(mirror: &Path) -> bool {
+    std::fs::metadata(mirror.join("world/region/r.0.0.mca")).is_ok_and(|m| m.len() == BIG_LEN as u64)
 }
 
 // ---- Aborting uploads: a multipart upload wrapped to count what happens to it ----
@@ -626,8 +627,8 @@ async fn seaweedfs_stopped_mid_upload_fails_the_backup_clearly() -> Result<()> {
     let mut options = CreateOptions::new(&data.0);
     options.compression_level = 19;
     let task = tokio::spawn(async move { backup::create(&store, &options).await });
-    let staging = data.0.join(".atlas/backup-staging");
-    until("the capture", || staged_big_file(&staging)).await?;
+    let mirror = data.0.join(".atlas/backup-mirror");
+    until("the capture", || mirrored_big_file(&mirror)).await?;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     ensure!(!task.is_finished(), "the backup finished before the store was stopped");
     let mut s3 = s3;
@@ -638,6 +639,5 @@ async fn seaweedfs_stopped_mid_upload_fails_the_backup_clearly() -> Result<()> {
     assert_eq!(err.category(), "upload", "{err:?}");
     assert!(matches!(err, BackupError::Upload(_) | BackupError::WriteManifest { .. }), "{err:?}");
     assert!(started.elapsed() < Duration::from_secs(60), "failing took {:?}", started.elapsed());
-    assert!(!staging.read_dir().is_ok_and(|mut d| d.next().is_some()), "the staging copy was left behind");
     Ok(())
 }

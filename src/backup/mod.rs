@@ -4,6 +4,8 @@
 //! The manifest is written last: a backup without its manifest does not exist, and is removed by `prune`.
 
 pub mod archive;
+pub mod cron;
+pub mod mirror;
 pub mod retention;
 pub mod snapshot;
 pub mod store;
@@ -21,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
-use crate::api::Retention;
+use crate::api::{BackupSpec, Retention};
 use crate::rcon::Rcon;
 use archive::{ArchiveError, ArchiveStats};
 use snapshot::{CaptureRules, SnapshotError};
@@ -65,6 +67,9 @@ pub struct Manifest {
     /// How long the server's saving was off, in milliseconds (absent without RCON).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub save_off_ms: Option<u64>,
+    /// How long compressing and uploading the archive took, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload_ms: Option<u64>,
 }
 
 /// Why a backup operation failed.
@@ -108,6 +113,10 @@ pub enum BackupError {
     Delete { key: String, source: object_store::Error },
     #[error("a blocking task failed")]
     Thread { source: tokio::task::JoinError },
+    #[error("another backup or restore is running on this data dir (pid {owner}, lock {path}); wait for it to finish")]
+    Busy { path: PathBuf, owner: String },
+    #[error("lock {path}")]
+    Lock { path: PathBuf, source: std::io::Error },
 }
 
 impl BackupError {
@@ -127,8 +136,46 @@ impl BackupError {
             | Self::CheckArchive { .. }
             | Self::FileCountMismatch { .. } => "corrupt_archive",
             Self::Thread { .. } => "internal",
+            Self::Busy { .. } => "busy",
+            Self::Lock { .. } => "local_io",
         }
     }
+}
+
+/// Where the lock that serialises backups and restores of one data dir lives, relative to it.
+pub const LOCK_FILE: &str = ".atlas/backup.lock";
+
+/// Proof that this process is the only one backing up or restoring a data dir; released on drop.
+#[derive(Debug)]
+pub struct BackupLock {
+    _file: std::fs::File,
+}
+
+/// Takes the data dir's backup lock, failing at once (naming the holder's pid) when another process or
+/// task holds it: two captures would fight over the mirror, and a restore must not race a capture.
+pub fn lock(data_dir: &Path) -> Result<BackupLock, BackupError> {
+    use std::io::{Read, Seek, Write};
+    let path = data_dir.join(LOCK_FILE);
+    let io = |source| BackupError::Lock { path: path.clone(), source };
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(io)?;
+    }
+    let mut file =
+        std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut owner = String::new();
+            let _ = file.read_to_string(&mut owner);
+            let owner = if owner.trim().is_empty() { "unknown".to_owned() } else { owner.trim().to_owned() };
+            return Err(BackupError::Busy { path, owner });
+        }
+        Err(std::fs::TryLockError::Error(source)) => return Err(io(source)),
+    }
+    file.set_len(0).map_err(io)?;
+    file.rewind().map_err(io)?;
+    write!(file, "{}", std::process::id()).map_err(io)?;
+    Ok(BackupLock { _file: file })
 }
 
 /// What `create` needs besides the store.
@@ -163,6 +210,16 @@ impl CreateOptions {
             pack_version: None,
         }
     }
+
+    /// The options `spec.backup` asks for (includes, excludes, compression level); defaults without one.
+    pub fn from_spec(data_dir: impl Into<PathBuf>, spec: Option<&BackupSpec>) -> Self {
+        let mut options = Self::new(data_dir);
+        if let Some(spec) = spec {
+            options.rules = CaptureRules { include: spec.include.clone(), exclude: spec.exclude.clone() };
+            options.compression_level = i32::from(spec.compression_level);
+        }
+        options
+    }
 }
 
 fn manifest_key(name: &str) -> ObjectPath {
@@ -182,27 +239,38 @@ fn local_dir(path: &Path) -> Result<(), BackupError> {
     std::fs::create_dir_all(path).map_err(|source| BackupError::LocalDir { path: path.to_owned(), source })
 }
 
-/// Takes a backup: snapshot into local staging, stream the archive to the store, write the manifest last.
+/// Takes a backup: snapshot into the data dir's capture mirror, stream the archive of the mirror to the store,
+/// write the manifest last.
+/// Fails with [`BackupError::Busy`] while another backup or restore of the data dir runs.
 pub async fn create(store: &Store, options: &CreateOptions) -> Result<Manifest, BackupError> {
-    let time = Timestamp::now();
-    let name = backup_name(time);
-    let staging_root = options.data_dir.join(snapshot::STAGING_DIR);
-    // One backup runs at a time per data directory: anything left here is from a backup that was cancelled
-    // or crashed, and only takes space.
-    if staging_root.exists() {
-        tokio::fs::remove_dir_all(&staging_root)
-            .await
-            .map_err(|source| BackupError::LocalDir { path: staging_root.clone(), source })?;
-    }
-    let staging = staging_root.join(&name);
-    local_dir(&staging_root)?;
-    let result = create_from_staging(store, options, &name, time, &staging).await;
-    // The staging copy is only needed until the upload ends, whatever its outcome.
-    let _ = tokio::fs::remove_dir_all(&staging).await;
-    result
+    let lock = lock(&options.data_dir)?;
+    create_locked(store, options, &lock).await
 }
 
-async fn create_from_staging(
+/// [`create`] under a lock the caller already holds (a restore's safety backup).
+pub async fn create_locked(
+    store: &Store,
+    options: &CreateOptions,
+    _lock: &BackupLock,
+) -> Result<Manifest, BackupError> {
+    // Wrong credentials or a missing bucket fail here, before the server's saving is paused.
+    store.probe().await?;
+    let time = Timestamp::now();
+    let name = backup_name(time);
+    let legacy = options.data_dir.join(snapshot::STAGING_DIR);
+    // Earlier versions staged a full copy per backup here; the mirror replaced it.
+    if legacy.exists() {
+        tokio::fs::remove_dir_all(&legacy)
+            .await
+            .map_err(|source| BackupError::LocalDir { path: legacy.clone(), source })?;
+    }
+    // The mirror persists between backups (that is what keeps the save-off pass short); the lock makes this
+    // the only capture writing it.
+    let mirror = options.data_dir.join(mirror::MIRROR_DIR);
+    create_from_mirror(store, options, &name, time, &mirror).await
+}
+
+async fn create_from_mirror(
     store: &Store,
     options: &CreateOptions,
     name: &str,
@@ -222,8 +290,10 @@ async fn create_from_staging(
     roots.sort();
 
     let key = archive_key(name);
+    let upload_started = std::time::Instant::now();
     let uploaded =
         upload::upload_archive(store.objects.as_ref(), &key, staging.to_owned(), options.compression_level).await?;
+    let upload_ms = u64::try_from(upload_started.elapsed().as_millis()).unwrap_or(u64::MAX);
     let manifest = Manifest {
         format: MANIFEST_FORMAT,
         name: name.to_owned(),
@@ -238,6 +308,7 @@ async fn create_from_staging(
         archive_sha256: uploaded.sha256,
         archive_key: key.to_string(),
         save_off_ms: capture.save_off_window.map(|w| u64::try_from(w.as_millis()).unwrap_or(u64::MAX)),
+        upload_ms: Some(upload_ms),
     };
     // Serializing plain data with string keys cannot fail.
     let body = serde_json::to_vec_pretty(&manifest).unwrap_or_default();
@@ -389,11 +460,48 @@ pub struct Restored {
     pub previous: Vec<PathBuf>,
 }
 
-/// Restores the backup `name` into `data_dir`. The server must not be running. The archive is downloaded,
-/// checked (size, SHA-256) and fully extracted into `DATA/.atlas/restore-NAME` first; only then is each world
-/// directory swapped in by rename, the live one kept as `<world>.before-restore-<time>`. A corrupt or
-/// truncated archive fails before the live world is touched. Included non-world files are copied over.
+/// Restores the backup `name` into `data_dir`: [`stage_restore`] then [`StagedRestore::swap`], under the
+/// data dir's backup lock. The server must not be running.
 pub async fn restore(store: &Store, name: &str, data_dir: &Path) -> Result<Restored, BackupError> {
+    let lock = lock(data_dir)?;
+    stage_restore(store, name, data_dir).await?.swap(&lock).await
+}
+
+/// A backup downloaded, checked (size, SHA-256, file count) and fully extracted into
+/// `DATA/.atlas/restore-NAME`, ready to be swapped in. Nothing live has changed yet, so the server may keep
+/// running while it is staged; dropping it removes the staging directory.
+#[derive(Debug)]
+pub struct StagedRestore {
+    manifest: Manifest,
+    data_dir: PathBuf,
+    work: PathBuf,
+}
+
+impl StagedRestore {
+    /// The backup being restored.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// Swaps each world directory in by rename, the live one kept as `<world>.before-restore-<time>`, then
+    /// copies included non-world files over. A failed swap puts back what it moved. The server must not be
+    /// running, and `_lock` keeps a capture from reading a half-swapped world.
+    pub async fn swap(self, _lock: &BackupLock) -> Result<Restored, BackupError> {
+        let previous = swap_in(&self.manifest, &self.data_dir, &self.work.join("tree")).await?;
+        Ok(Restored { manifest: self.manifest.clone(), previous })
+    }
+}
+
+impl Drop for StagedRestore {
+    fn drop(&mut self) {
+        // Blocking, but only a rename-emptied tree (after a swap) or a restore abandoned on an error path.
+        let _ = std::fs::remove_dir_all(&self.work);
+    }
+}
+
+/// Downloads the backup `name` and checks it in full into `DATA/.atlas/restore-NAME`. A missing, corrupt or
+/// truncated archive fails here, before anything live is touched.
+pub async fn stage_restore(store: &Store, name: &str, data_dir: &Path) -> Result<StagedRestore, BackupError> {
     let manifest = manifest(store, name).await?;
     // The digest covers the archive, not the manifest: its names become paths, so they must be plain names.
     for root in manifest.worlds.iter().chain(&manifest.roots) {
@@ -410,22 +518,12 @@ pub async fn restore(store: &Store, name: &str, data_dir: &Path) -> Result<Resto
     }
     let tree = work.join("tree");
     local_dir(&tree)?;
-    let result = restore_via(store, &manifest, data_dir, &work, &tree).await;
-    let _ = tokio::fs::remove_dir_all(&work).await;
-    result.map(|previous| Restored { manifest, previous })
-}
-
-async fn restore_via(
-    store: &Store,
-    manifest: &Manifest,
-    data_dir: &Path,
-    work: &Path,
-    tree: &Path,
-) -> Result<Vec<PathBuf>, BackupError> {
-    let file = work.join("archive.tar.zst");
-    download_checked(store, manifest, &file).await?;
+    // From here the guard removes the work directory on every error path.
+    let staged = StagedRestore { manifest, data_dir: data_dir.to_owned(), work };
+    let file = staged.work.join("archive.tar.zst");
+    download_checked(store, &staged.manifest, &file).await?;
     let (path, dest, roots, key) =
-        (file.clone(), tree.to_owned(), manifest.roots.clone(), manifest.archive_key.clone());
+        (file.clone(), tree.clone(), staged.manifest.roots.clone(), staged.manifest.archive_key.clone());
     let stats = tokio::task::spawn_blocking(move || {
         let input = std::fs::File::open(&path).map_err(|source| ArchiveError::ReadArchive { source })?;
         archive::extract_archive(std::io::BufReader::new(input), &dest, &roots)
@@ -433,8 +531,12 @@ async fn restore_via(
     .await
     .map_err(|source| BackupError::Thread { source })?
     .map_err(|source| BackupError::CheckArchive { key, source })?;
-    check_counts(manifest, stats)?;
+    check_counts(&staged.manifest, stats)?;
+    let _ = tokio::fs::remove_file(&file).await;
+    Ok(staged)
+}
 
+async fn swap_in(manifest: &Manifest, data_dir: &Path, tree: &Path) -> Result<Vec<PathBuf>, BackupError> {
     // Everything is extracted and checked: from here on the live data directory changes.
     let stamp = Timestamp::now().strftime("%Y%m%dT%H%M%SZ").to_string();
     let mut moved: Vec<(PathBuf, PathBuf, PathBuf)> = Vec::new();

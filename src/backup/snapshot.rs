@@ -1,5 +1,6 @@
-//! The consistent snapshot: pause the server's saving over RCON, flush, copy the world to local staging,
-//! and resume saving on every path, so compression and upload happen with the server saving normally.
+//! The consistent snapshot: bring the capture mirror up to date, pause the server's saving over RCON, flush,
+//! copy what changed since, and resume saving on every path, so compression and upload happen from the mirror
+//! with the server saving normally.
 
 use std::fs;
 use std::io;
@@ -8,10 +9,11 @@ use std::time::{Duration, Instant};
 
 use globset::{Glob, GlobSet, GlobSetBuilder};
 
+use super::mirror;
 use crate::rcon::{Rcon, RconError};
 use crate::server::properties::parse_properties;
 
-/// Where captures are staged, relative to the data directory.
+/// Where earlier versions staged a fresh copy per backup, relative to the data directory; removed when found.
 pub const STAGING_DIR: &str = ".atlas/backup-staging";
 
 /// What to capture besides the world directories.
@@ -26,11 +28,11 @@ pub struct CaptureRules {
 /// A finished capture in local staging.
 #[derive(Debug, Clone)]
 pub struct Capture {
-    /// The staging directory; it mirrors the data directory's layout.
+    /// The mirror directory; it holds the captured paths in the data directory's layout.
     pub dir: PathBuf,
     /// The world directories captured (`world`, `world_nether`, `world_the_end`).
     pub worlds: Vec<String>,
-    /// Regular files copied.
+    /// Regular files captured.
     pub files: u64,
     /// Their total size.
     pub bytes: u64,
@@ -136,27 +138,61 @@ impl Drop for SaveOnGuard {
     }
 }
 
-/// Captures the worlds and included files of `data_dir` into `staging` (created fresh). With `rcon`, saving
-/// is turned off and flushed first (waiting for "Saved the game" up to `flush_timeout`) and turned back on
-/// afterwards on every path; if saving was already off before, it is left off.
+/// Stops a mirror pass still running on its blocking thread when the snapshot future is dropped.
+struct StopOnDrop(mirror::StopFlag);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.stop();
+    }
+}
+
+/// Captures the worlds and included files of `data_dir` into `mirror` (see [`super::mirror`]): a first pass
+/// with the server saving normally brings the mirror up to date; with `rcon`, saving is then turned off and
+/// flushed (waiting for "Saved the game" up to `flush_timeout`), a second pass copies only what changed since,
+/// and saving is turned back on, on every path. If saving was already off before, it is left off.
 pub async fn snapshot(
     data_dir: &Path,
-    staging: &Path,
+    mirror: &Path,
     rules: &CaptureRules,
     rcon: Option<&Rcon>,
     flush_timeout: Duration,
 ) -> Result<Capture, SnapshotError> {
     let worlds = world_dirs(data_dir)?;
-    let include = glob_set(&rules.include)?;
-    let exclude = glob_set(&rules.exclude)?;
-    let copy = {
-        let (data_dir, staging, worlds) = (data_dir.to_owned(), staging.to_owned(), worlds.clone());
-        move || copy_capture(&data_dir, &staging, &worlds, &include, &exclude)
+    let selection = mirror::Selection {
+        worlds: worlds.clone(),
+        include: glob_set(&rules.include)?,
+        exclude: glob_set(&rules.exclude)?,
     };
+    let stop = StopOnDrop(mirror::StopFlag::default());
+    let pass = || {
+        let (data_dir, mirror, selection, stop) =
+            (data_dir.to_owned(), mirror.to_owned(), selection.clone(), stop.0.clone());
+        async move {
+            tokio::task::spawn_blocking(move || mirror::sync(&data_dir, &mirror, &selection, &stop))
+                .await
+                .map_err(|source| SnapshotError::CaptureThread { source })?
+        }
+    };
+    let started = Instant::now();
+    let first = pass().await?;
+    tracing::info!(
+        files = first.files,
+        copied = first.copied,
+        copied_bytes = first.copied_bytes,
+        reflinked = first.reflinked,
+        removed = first.removed,
+        took_ms = started.elapsed().as_millis() as u64,
+        "backup mirror brought up to date with saving on"
+    );
     let Some(rcon) = rcon else {
-        let (files, bytes) =
-            tokio::task::spawn_blocking(copy).await.map_err(|source| SnapshotError::CaptureThread { source })??;
-        return Ok(Capture { dir: staging.to_owned(), worlds, files, bytes, save_off_window: None });
+        return Ok(Capture {
+            dir: mirror.to_owned(),
+            worlds,
+            files: first.files,
+            bytes: first.bytes,
+            save_off_window: None,
+        });
     };
 
     let started = Instant::now();
@@ -174,7 +210,7 @@ pub async fn snapshot(
         if !reply.contains("Saved the game") {
             return Err(SnapshotError::FlushNotConfirmed { reply });
         }
-        tokio::task::spawn_blocking(copy).await.map_err(|source| SnapshotError::CaptureThread { source })?
+        pass().await
     }
     .await;
     let resumed = guard.restore().await;
@@ -183,92 +219,23 @@ pub async fn snapshot(
         // The capture's error is the one returned; this one must not vanish: saving may still be off.
         tracing::error!(%error, category = error.category(), "turning saving back on failed");
     }
-    let (files, bytes) = captured?;
+    let second = captured?;
     resumed?;
-    tracing::info!(window_ms = window.as_millis() as u64, files, bytes, "world captured with saving off");
-    Ok(Capture { dir: staging.to_owned(), worlds, files, bytes, save_off_window: Some(window) })
-}
-
-/// Copies the worlds and the included files into a fresh `staging`, skipping excluded paths.
-fn copy_capture(
-    data_dir: &Path,
-    staging: &Path,
-    worlds: &[String],
-    include: &GlobSet,
-    exclude: &GlobSet,
-) -> Result<(u64, u64), SnapshotError> {
-    let err = |path: &Path| {
-        let path = path.to_owned();
-        move |source| SnapshotError::Copy { path, source }
-    };
-    if staging.exists() {
-        fs::remove_dir_all(staging).map_err(err(staging))?;
-    }
-    fs::create_dir_all(staging).map_err(err(staging))?;
-    let mut totals = (0, 0);
-    for world in worlds {
-        copy_tree(data_dir, staging, Path::new(world), &|_| true, exclude, &mut totals)?;
-    }
-    if !include.is_empty() {
-        let mut top =
-            fs::read_dir(data_dir).map_err(err(data_dir))?.collect::<Result<Vec<_>, _>>().map_err(err(data_dir))?;
-        top.sort_by_key(|e| e.file_name());
-        for entry in top {
-            let name = entry.file_name();
-            // The worlds are already in; `.atlas` holds the runner's state, staging and local backups.
-            if name == ".atlas" || worlds.iter().any(|w| name == w.as_str()) {
-                continue;
-            }
-            copy_tree(data_dir, staging, Path::new(&name), &|p| include.is_match(p), exclude, &mut totals)?;
-        }
-    }
-    Ok(totals)
-}
-
-/// Copies `rel` (a file, link or directory under `from`) to the same place under `to`, keeping files that
-/// `keep` accepts and `exclude` does not.
-fn copy_tree(
-    from: &Path,
-    to: &Path,
-    rel: &Path,
-    keep: &dyn Fn(&Path) -> bool,
-    exclude: &GlobSet,
-    totals: &mut (u64, u64),
-) -> Result<(), SnapshotError> {
-    if exclude.is_match(rel) {
-        return Ok(());
-    }
-    let source = from.join(rel);
-    let err = |source_error| SnapshotError::Copy { path: source.clone(), source: source_error };
-    let meta = fs::symlink_metadata(&source).map_err(err)?;
-    let target = to.join(rel);
-    if meta.is_dir() {
-        if keep(rel) {
-            // Empty directories are part of the world too.
-            fs::create_dir_all(&target).map_err(err)?;
-        }
-        let mut entries = fs::read_dir(&source).map_err(err)?.collect::<Result<Vec<_>, _>>().map_err(err)?;
-        entries.sort_by_key(|e| e.file_name());
-        for entry in entries {
-            copy_tree(from, to, &rel.join(entry.file_name()), keep, exclude, totals)?;
-        }
-        return Ok(());
-    }
-    if !keep(rel) {
-        return Ok(());
-    }
-    if let Some(parent) = target.parent() {
-        fs::create_dir_all(parent).map_err(err)?;
-    }
-    if meta.file_type().is_symlink() {
-        let link = fs::read_link(&source).map_err(err)?;
-        std::os::unix::fs::symlink(link, &target).map_err(err)?;
-    } else if meta.is_file() {
-        // `fs::copy` uses copy_file_range on Linux, which shares extents where the filesystem can.
-        totals.1 += fs::copy(&source, &target).map_err(err)?;
-        totals.0 += 1;
-    }
-    Ok(())
+    tracing::info!(
+        window_ms = window.as_millis() as u64,
+        files = second.files,
+        bytes = second.bytes,
+        copied = second.copied,
+        copied_bytes = second.copied_bytes,
+        "world captured with saving off"
+    );
+    Ok(Capture {
+        dir: mirror.to_owned(),
+        worlds,
+        files: second.files,
+        bytes: second.bytes,
+        save_off_window: Some(window),
+    })
 }
 
 #[cfg(test)]

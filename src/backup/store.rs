@@ -218,21 +218,28 @@ impl Store {
 
 /// Sorts a store error into wrong credentials, a missing bucket, or anything else.
 pub fn classify(source: object_store::Error) -> StoreError {
+    match error_category(&source) {
+        "credentials" => StoreError::Credentials { source },
+        "bucket_missing" => StoreError::BucketMissing { source },
+        _ => StoreError::Probe { source },
+    }
+}
+
+/// `credentials`, `bucket_missing` or `store_unreachable` for a store error, as [`classify`] sorts it.
+pub fn error_category(source: &object_store::Error) -> &'static str {
     let text = source.to_string();
     match source {
-        object_store::Error::Unauthenticated { .. } | object_store::Error::PermissionDenied { .. } => {
-            StoreError::Credentials { source }
-        }
+        object_store::Error::Unauthenticated { .. } | object_store::Error::PermissionDenied { .. } => "credentials",
         _ if text.contains("SignatureDoesNotMatch")
             || text.contains("InvalidAccessKeyId")
             || text.contains("AccessDenied")
             || text.contains("403 Forbidden") =>
         {
-            StoreError::Credentials { source }
+            "credentials"
         }
-        object_store::Error::NotFound { .. } => StoreError::BucketMissing { source },
-        _ if text.contains("NoSuchBucket") || text.contains("404 Not Found") => StoreError::BucketMissing { source },
-        _ => StoreError::Probe { source },
+        object_store::Error::NotFound { .. } => "bucket_missing",
+        _ if text.contains("NoSuchBucket") || text.contains("404 Not Found") => "bucket_missing",
+        _ => "store_unreachable",
     }
 }
 

@@ -54,7 +54,16 @@ impl UploadError {
     /// A short static label for logs and metrics.
     pub fn category(&self) -> &'static str {
         match self {
-            Self::StartUpload { .. } | Self::UploadPart { .. } | Self::CompleteUpload { .. } => "upload",
+            Self::StartUpload { source, .. }
+            | Self::UploadPart { source, .. }
+            | Self::CompleteUpload { source, .. } => {
+                // A refused key or a missing bucket is not a transient upload failure: say which.
+                match super::store::error_category(source) {
+                    "credentials" => "credentials",
+                    "bucket_missing" => "bucket_missing",
+                    _ => "upload",
+                }
+            }
             Self::WriteArchive { source, .. } => source.category(),
             Self::WriterThread { .. } | Self::UploadClosed { .. } => "internal",
         }
