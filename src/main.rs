@@ -45,6 +45,9 @@ enum Command {
     /// Build, inspect and roll back server packs.
     #[command(subcommand)]
     Pack(PackCommand),
+    /// Take, list, verify, restore and prune world backups.
+    #[command(subcommand)]
+    Backup(BackupCommand),
     /// Print the MinecraftServer CustomResourceDefinition as YAML.
     Crd,
 }
@@ -60,6 +63,55 @@ enum PackCommand {
     Status(PackDataArgs),
     /// Go back to the previous pack version (no network needed).
     Rollback(PackDataArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum BackupCommand {
+    /// Back the world up now: through the runner (RCON save-off/flush/save-on) when one runs on the
+    /// data dir, else offline.
+    Create(BackupCreateArgs),
+    /// List the complete backups, newest first.
+    List(BackupArgs),
+    /// Download a backup and check its digest and every file in it.
+    Verify(BackupNameArgs),
+    /// Replace the world with a backup: checked in full first; with a runner, the server is stopped,
+    /// a safety backup taken, the worlds swapped and the server started again.
+    Restore(BackupNameArgs),
+    /// Delete the backups spec.backup.retention does not keep (never the newest).
+    Prune(BackupArgs),
+}
+
+#[derive(Debug, Args)]
+struct BackupArgs {
+    /// The MinecraftServer spec file; `spec.backup` names the store (default: DATA/.atlas/backups).
+    /// S3 credentials come from spec.backup.store.s3.credentialsFile or AWS_ACCESS_KEY_ID and
+    /// AWS_SECRET_ACCESS_KEY.
+    #[arg(long)]
+    spec: PathBuf,
+    /// The server's data directory.
+    #[arg(long)]
+    data: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct BackupCreateArgs {
+    #[command(flatten)]
+    backup: BackupArgs,
+    /// Also write the backup's metrics in the Prometheus text format to this file (for
+    /// node_exporter's textfile collector), replacing it atomically.
+    #[arg(long)]
+    metrics_textfile: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct BackupNameArgs {
+    /// The backup's name, as `backup list` shows it.
+    name: String,
+    #[command(flatten)]
+    backup: BackupArgs,
 }
 
 #[derive(Debug, Args)]
@@ -244,6 +296,7 @@ async fn run(command: Command, log_format: LogFormat) -> anyhow::Result<()> {
         Command::Stop(args) => lifecycle(&args, "/v1/stop", "stopped").await,
         Command::Restart(args) => lifecycle(&args, "/v1/restart", "restarting").await,
         Command::Pack(command) => pack(command, log_format).await,
+        Command::Backup(command) => backup(command).await,
         Command::Crd => {
             let yaml = atlas_runner::api::crd_yaml().context("render the CRD")?;
             tracing::debug!(bytes = yaml.len(), "rendered the MinecraftServer CRD");
@@ -636,4 +689,176 @@ async fn lifecycle(args: &ClientArgs, path: &str, done: &str) -> anyhow::Result<
         writeln!(std::io::stdout(), "{done}; phase {}", status.phase)?;
         Ok(())
     }
+}
+
+/// The spec and the store of a `backup` subcommand.
+fn backup_store(
+    args: &BackupArgs,
+) -> anyhow::Result<(atlas_runner::api::MinecraftServerSpec, atlas_runner::backup::store::Store)> {
+    use atlas_runner::runner::backup::BackupFailure;
+    let spec = runner::load_spec(&args.spec)?;
+    if !args.data.is_dir() {
+        bail!("the data dir {} does not exist; pass the server's --data DIR", args.data.display());
+    }
+    let store =
+        atlas_runner::backup::store::Store::open(spec.backup.as_ref().and_then(|b| b.store.as_ref()), &args.data, None)
+            .map_err(|e| BackupFailure::from_error(e.category(), &e))?;
+    Ok((spec, store))
+}
+
+fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, value)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+async fn backup(command: BackupCommand) -> anyhow::Result<()> {
+    use atlas_runner::backup as lib;
+    use atlas_runner::runner::backup::{self as ops, BackupFailure, TakenBy};
+    let fail = |e: lib::BackupError| BackupFailure::from_error(e.category(), &e);
+    match command {
+        BackupCommand::Create(args) => {
+            let (spec, store) = backup_store(&args.backup)?;
+            let registry = prometheus::Registry::new();
+            let metrics = atlas_runner::metrics::BackupMetrics::register(&registry)?;
+            let started = std::time::Instant::now();
+            let taken = ops::create_via_runner_or_offline(&args.backup.data, &spec, &store).await;
+            let outcome = taken.as_ref().map(|(m, _)| m).map_err(|f| match f.category.as_str() {
+                // The metric label must be static: the runner's categories are folded into known words.
+                "busy" => "busy",
+                "runner" => "runner",
+                _ => "backup",
+            });
+            metrics.observe(outcome, started.elapsed());
+            if let Some(path) = &args.metrics_textfile {
+                let tmp = path.with_extension("tmp");
+                std::fs::write(&tmp, atlas_runner::metrics::render(&registry))
+                    .with_context(|| format!("write {}", tmp.display()))?;
+                std::fs::rename(&tmp, path).with_context(|| format!("write {}", path.display()))?;
+            }
+            let (manifest, by) = taken?;
+            if args.backup.json {
+                return print_json(&manifest);
+            }
+            let how = match (by, manifest.save_off_ms) {
+                (TakenBy::Runner, Some(ms)) => format!("through the runner, saving off for {ms} ms"),
+                (TakenBy::Runner, None) => "through the runner, server not running".to_owned(),
+                (TakenBy::Offline, _) => "offline, no runner on the data dir".to_owned(),
+            };
+            writeln!(
+                std::io::stdout(),
+                "created {} ({how}): {} files, {} -> {} archive, in {}",
+                manifest.name,
+                manifest.files,
+                mib(manifest.raw_bytes),
+                mib(manifest.archive_bytes),
+                store.location
+            )?;
+        }
+        BackupCommand::List(args) => {
+            let (_, store) = backup_store(&args)?;
+            let manifests = lib::list(&store).await.map_err(fail)?;
+            if args.json {
+                return print_json(&manifests);
+            }
+            let mut out = std::io::stdout().lock();
+            if manifests.is_empty() {
+                writeln!(out, "no backups in {}", store.location)?;
+                return Ok(());
+            }
+            writeln!(
+                out,
+                "{:<22} {:<20} {:>8} {:>12} {:>12} {:>9}  SERVER",
+                "NAME", "TIME", "FILES", "WORLD", "ARCHIVE", "SAVE-OFF"
+            )?;
+            for m in &manifests {
+                let save_off = m.save_off_ms.map_or_else(|| "-".to_owned(), |ms| format!("{ms} ms"));
+                writeln!(
+                    out,
+                    "{:<22} {:<20} {:>8} {:>12} {:>12} {:>9}  {}",
+                    m.name,
+                    m.time.strftime("%Y-%m-%d %H:%M:%SZ").to_string(),
+                    m.files,
+                    mib(m.raw_bytes),
+                    mib(m.archive_bytes),
+                    save_off,
+                    m.server_version.as_deref().unwrap_or("-")
+                )?;
+            }
+        }
+        BackupCommand::Verify(args) => {
+            let (_, store) = backup_store(&args.backup)?;
+            let scratch = runner::atlas_dir(&args.backup.data).join("verify");
+            let manifest = lib::verify(&store, &args.name, &scratch).await.map_err(fail)?;
+            if args.backup.json {
+                return print_json(&manifest);
+            }
+            writeln!(
+                std::io::stdout(),
+                "{} is intact: {} bytes with sha256 {}, {} files ({}) read back",
+                manifest.name,
+                manifest.archive_bytes,
+                manifest.archive_sha256,
+                manifest.files,
+                mib(manifest.raw_bytes)
+            )?;
+        }
+        BackupCommand::Restore(args) => {
+            let (_, store) = backup_store(&args.backup)?;
+            let report = ops::restore_via_runner_or_offline(&args.backup.data, &store, &args.name).await?;
+            let previous: Vec<String> = report.restored.previous.iter().map(|p| p.display().to_string()).collect();
+            if args.backup.json {
+                return print_json(&serde_json::json!({
+                    "restored": report.restored.manifest.name,
+                    "worlds": report.restored.manifest.worlds,
+                    "previous": previous,
+                    "safetyBackup": report.safety.as_ref().map(|m| &m.name),
+                    "restarted": report.restarted,
+                }));
+            }
+            let mut out = std::io::stdout().lock();
+            writeln!(
+                out,
+                "restored {} ({})",
+                report.restored.manifest.name,
+                report.restored.manifest.worlds.join(", ")
+            )?;
+            if let Some(safety) = &report.safety {
+                writeln!(out, "safety backup of the replaced world: {}", safety.name)?;
+            }
+            for p in &previous {
+                writeln!(out, "the replaced world is kept at {p}")?;
+            }
+            if report.restarted {
+                writeln!(out, "the server is starting again")?;
+            }
+        }
+        BackupCommand::Prune(args) => {
+            let (spec, store) = backup_store(&args)?;
+            let retention = spec.backup.as_ref().map(|b| b.retention.clone()).unwrap_or_default();
+            let pruned = lib::prune(&store, &retention).await.map_err(fail)?;
+            if args.json {
+                return print_json(&serde_json::json!({
+                    "kept": pruned.kept, "deleted": pruned.deleted, "orphans": pruned.orphans,
+                }));
+            }
+            let mut out = std::io::stdout().lock();
+            writeln!(
+                out,
+                "kept {}, deleted {}, removed {} orphan archives",
+                pruned.kept.len(),
+                pruned.deleted.len(),
+                pruned.orphans.len()
+            )?;
+            for name in &pruned.deleted {
+                writeln!(out, "deleted {name}")?;
+            }
+        }
+    }
+    Ok(())
 }

@@ -183,3 +183,79 @@ impl PackMetrics {
         self.info.with_label_values(&[version]).set(1.0);
     }
 }
+
+/// Backup metrics: the runner's scheduled and on-demand backups, or one CLI run (textfile).
+#[derive(Debug, Clone)]
+pub struct BackupMetrics {
+    /// How long whole backups took (snapshot, archive, upload, manifest).
+    pub duration: Histogram,
+    /// The size of the last successful backup's archive.
+    pub size: IntGauge,
+    /// How long saving was off during the last successful backup.
+    pub save_off: Gauge,
+    /// Unix time of the last successful backup.
+    pub last_success: Gauge,
+    /// Failed backups by category.
+    pub failures: IntCounterVec,
+    /// Archive bytes uploaded by successful backups.
+    pub uploaded_bytes: IntCounter,
+    /// Time spent compressing and uploading those bytes (throughput = bytes / seconds).
+    pub upload_seconds: prometheus::Counter,
+}
+
+impl BackupMetrics {
+    /// Creates the metrics and registers them on `registry`.
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let m = Self {
+            duration: Histogram::with_opts(
+                HistogramOpts::new("atlas_backup_duration_seconds", "Time to take a whole backup, successful or not.")
+                    .buckets(vec![1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 900.0, 1800.0, 3600.0]),
+            )?,
+            size: IntGauge::new("atlas_backup_size_bytes", "Archive size of the last successful backup.")?,
+            save_off: Gauge::new(
+                "atlas_backup_save_off_seconds",
+                "How long the server's saving was off during the last successful backup.",
+            )?,
+            last_success: Gauge::new(
+                "atlas_backup_last_success_timestamp_seconds",
+                "Unix time of the last successful backup.",
+            )?,
+            failures: IntCounterVec::new(
+                Opts::new("atlas_backup_failures_total", "Failed backups, by category."),
+                &["category"],
+            )?,
+            uploaded_bytes: IntCounter::new(
+                "atlas_backup_uploaded_bytes_total",
+                "Archive bytes uploaded by successful backups.",
+            )?,
+            upload_seconds: prometheus::Counter::new(
+                "atlas_backup_upload_seconds_total",
+                "Time spent compressing and uploading successful backups' archives.",
+            )?,
+        };
+        registry.register(Box::new(m.duration.clone()))?;
+        registry.register(Box::new(m.size.clone()))?;
+        registry.register(Box::new(m.save_off.clone()))?;
+        registry.register(Box::new(m.last_success.clone()))?;
+        registry.register(Box::new(m.failures.clone()))?;
+        registry.register(Box::new(m.uploaded_bytes.clone()))?;
+        registry.register(Box::new(m.upload_seconds.clone()))?;
+        Ok(m)
+    }
+
+    /// Records a finished backup: its manifest on success, its error category on failure.
+    pub fn observe(&self, outcome: Result<&crate::backup::Manifest, &'static str>, took: std::time::Duration) {
+        self.duration.observe(took.as_secs_f64());
+        match outcome {
+            Ok(manifest) => {
+                self.size.set(i64::try_from(manifest.archive_bytes).unwrap_or(i64::MAX));
+                self.save_off.set(manifest.save_off_ms.unwrap_or(0) as f64 / 1000.0);
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+                self.last_success.set(now.map_or(0.0, |d| d.as_secs_f64()));
+                self.uploaded_bytes.inc_by(manifest.archive_bytes);
+                self.upload_seconds.inc_by(manifest.upload_ms.unwrap_or(0) as f64 / 1000.0);
+            }
+            Err(category) => self.failures.with_label_values(&[category]).inc(),
+        }
+    }
+}

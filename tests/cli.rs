@@ -48,7 +48,11 @@ fn help_lists_exactly_the_subcommands_that_exist() -> Result<()> {
         .lines()
         .filter_map(|l| l.split_whitespace().next())
         .collect();
-    assert_eq!(commands, ["run", "status", "logs", "console", "stop", "restart", "pack", "crd", "help"], "{help}");
+    assert_eq!(
+        commands,
+        ["run", "status", "logs", "console", "stop", "restart", "pack", "backup", "crd", "help"],
+        "{help}"
+    );
     assert!(help.contains("--log-format"), "{help}");
     Ok(())
 }

@@ -1,5 +1,5 @@
 //! HTTP: the admin router (`/metrics`, `/healthz`, `/readyz`) on TCP, and the control API (status,
-//! logs, console, stop, restart) as HTTP+JSON on a Unix socket, with the client the CLI uses.
+//! logs, console, stop, restart, backup) as HTTP+JSON on a Unix socket, with the client the CLI uses.
 
 pub mod client;
 
@@ -48,6 +48,7 @@ pub fn control_router(shared: Shared) -> Router {
         .route("/v1/console", post(console))
         .route("/v1/stop", post(stop))
         .route("/v1/restart", post(restart))
+        .route("/v1/backup", post(backup))
         .with_state(shared)
 }
 
@@ -142,6 +143,20 @@ async fn stop(State(shared): State<Shared>) -> Response {
 
 async fn restart(State(shared): State<Shared>) -> Response {
     send(&shared, ControlRequest::Restart).await
+}
+
+/// `POST /v1/backup`: takes a backup now and replies with its manifest.
+async fn backup(State(shared): State<Shared>) -> Response {
+    match shared.backups.create_now(&shared).await {
+        Ok(manifest) => axum::Json(manifest).into_response(),
+        Err(failure) => {
+            let status = match failure.category.as_str() {
+                "busy" | "server_busy" | "not_ready" => StatusCode::CONFLICT,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            error(status, failure.message)
+        }
+    }
 }
 
 async fn send(shared: &Shared, make: fn(oneshot::Sender<Result<(), String>>) -> ControlRequest) -> Response {

@@ -1,6 +1,7 @@
 //! The reconciler shared by `run` and (later) `agent`: a spec source in, a status out, and in between
 //! prepare -> start -> watch -> restart or stop.
 
+pub mod backup;
 mod prepare;
 mod spec;
 mod state;
@@ -36,6 +37,7 @@ pub struct ReconcilerOptions {
 /// Creates the shared state and the channel the control API sends requests on.
 pub fn shared(registry: prometheus::Registry) -> prometheus::Result<(Shared, mpsc::Receiver<ControlRequest>)> {
     let metrics = RunnerMetrics::register(&registry)?;
+    let backups = backup::Backups::register(&registry)?;
     let (requests, rx) = mpsc::channel(16);
     let (status, _) = watch::channel(RunnerStatus::default());
     let shared = Shared {
@@ -46,6 +48,7 @@ pub fn shared(registry: prometheus::Registry) -> prometheus::Result<(Shared, mps
         metrics,
         registry,
         started: Arc::new(Mutex::new(None)),
+        backups,
     };
     Ok((shared, rx))
 }
@@ -70,6 +73,9 @@ pub async fn reconcile(
     shutdown: CancellationToken,
 ) {
     let mut backoff = Backoff::new(options.restart);
+    // Scheduled backups run beside the loop, for as long as it does.
+    let _backups =
+        backup::spawn_scheduler(specs.clone(), shared.clone(), options.prepare.data_dir.clone(), shutdown.clone());
     let mut next = Next::Start;
     loop {
         match next {

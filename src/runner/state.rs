@@ -97,6 +97,8 @@ pub struct Shared {
     pub registry: prometheus::Registry,
     /// When the current server process started.
     pub started: Arc<Mutex<Option<Instant>>>,
+    /// Backups on demand and on schedule.
+    pub backups: super::backup::Backups,
 }
 
 impl Shared {

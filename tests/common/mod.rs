@@ -183,6 +183,11 @@ pub fn cli(data: &Path, args: &[&str]) -> Result<Output> {
 impl Runner {
     /// Starts the runner on `fixture` with fast test timings plus `extra` arguments.
     pub fn start(fixture: &Fixture, extra: &[&str]) -> Result<Self> {
+        Self::start_with_env(fixture, extra, &[])
+    }
+
+    /// [`Runner::start`] with extra environment variables.
+    pub fn start_with_env(fixture: &Fixture, extra: &[&str], env: &[(&str, &str)]) -> Result<Self> {
         let metrics_addr = format!("127.0.0.1:{}", free_port()?);
         let mut child = Command::new(binary())
             .args(["--log-format", "json", "run", "--spec"])
@@ -201,6 +206,7 @@ impl Runner {
             })
             .args(extra)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

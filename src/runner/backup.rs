@@ -1,0 +1,395 @@
+//! The runner's backups: on demand (`POST /v1/backup`) and on `spec.backup.schedule`, one at a time, through
+//! the running server's RCON, with retention applied after each scheduled success and metrics for both.
+
+use std::error::Error;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::Shared;
+use crate::api::{MinecraftServerSpec, Phase};
+use crate::backup::cron::Cron;
+use crate::backup::store::Store;
+use crate::backup::{self, CreateOptions, Manifest};
+use crate::metrics::{BackupMetrics, phase_name};
+
+/// Test and benchmark hook: when set to N, a spec with a schedule is backed up every N seconds instead of at
+/// the schedule's times (a one-minute cron is the finest real schedule, too slow for tests).
+pub const SCHEDULE_SECONDS_ENV: &str = "ATLAS_BACKUP_SCHEDULE_SECONDS";
+
+/// What a backup needs from the runner: the data dir and the current spec.
+#[derive(Debug, Clone)]
+struct Context {
+    data_dir: PathBuf,
+    spec: MinecraftServerSpec,
+}
+
+/// The runner's backup service, shared with the control API.
+#[derive(Debug, Clone)]
+pub struct Backups {
+    /// The backup metrics on the runner's registry.
+    pub metrics: BackupMetrics,
+    context: Arc<RwLock<Option<Context>>>,
+}
+
+/// A failed backup as the control API reports it: a static category and one line saying what happened.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct BackupFailure {
+    /// The error's category (the metric label).
+    pub category: String,
+    /// What went wrong, with its causes, and what to do.
+    pub message: String,
+}
+
+impl BackupFailure {
+    fn new(category: &'static str, message: String) -> Self {
+        Self { category: category.to_owned(), message }
+    }
+
+    /// A failure from `error`, its causes on one line, and what to do about it when that is not obvious.
+    pub fn from_error(category: &'static str, error: &dyn Error) -> Self {
+        let mut message = describe(error);
+        if let Some(hint) = hint(category) {
+            message.push_str("; ");
+            message.push_str(hint);
+        }
+        Self::new(category, message)
+    }
+}
+
+fn hint(category: &str) -> Option<&'static str> {
+    Some(match category {
+        "not_found" => "`atlas-runner backup list` shows the backups there are",
+        "corrupt_archive" => "nothing live was touched; pick another backup from `atlas-runner backup list`",
+        "corrupt_manifest" => "the backup's manifest is damaged; pick another backup",
+        "credentials" => "check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or spec.backup.store.s3.credentialsFile)",
+        "bucket_missing" => "create the bucket, or fix spec.backup.store.s3.bucket, endpoint and prefix",
+        "store_unreachable" | "upload" | "store" => {
+            "is the store reachable? the failed backup was aborted and left nothing behind; try again"
+        }
+        "world_missing" => "check --data and level-name in server.properties",
+        "rcon" | "flush" => "is the server healthy? `atlas-runner status` and `atlas-runner logs` tell",
+        _ => return None,
+    })
+}
+
+/// An error and its causes on one line, a cause already quoted by the line not repeated.
+pub fn describe(error: &dyn Error) -> String {
+    let mut line = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        source = cause.source();
+    }
+    line.replace('\n', " ")
+}
+
+impl Backups {
+    /// Creates the service and registers its metrics on `registry`.
+    pub fn register(registry: &prometheus::Registry) -> prometheus::Result<Self> {
+        Ok(Self { metrics: BackupMetrics::register(registry)?, context: Arc::new(RwLock::new(None)) })
+    }
+
+    fn set_context(&self, data_dir: PathBuf, spec: MinecraftServerSpec) {
+        if let Ok(mut context) = self.context.write() {
+            *context = Some(Context { data_dir, spec });
+        }
+    }
+
+    fn context(&self) -> Option<Context> {
+        self.context.read().ok().and_then(|c| c.clone())
+    }
+
+    /// Takes a backup now: through RCON while the server runs, offline while no server process runs, and
+    /// refused while one is starting or stopping. Recorded in the metrics either way.
+    pub async fn create_now(&self, shared: &Shared) -> Result<Manifest, BackupFailure> {
+        let started = Instant::now();
+        let result = self.create_inner(shared).await;
+        self.metrics.observe(result.as_ref().map_err(|(category, _)| *category), started.elapsed());
+        match result {
+            Ok(manifest) => Ok(manifest),
+            Err((category, message)) => {
+                tracing::error!(category, "backup failed: {message}");
+                Err(BackupFailure::new(category, message))
+            }
+        }
+    }
+
+    async fn create_inner(&self, shared: &Shared) -> Result<Manifest, (&'static str, String)> {
+        let Some(context) = self.context() else {
+            return Err(("not_ready", "the runner has not loaded its spec yet; try again in a moment".to_owned()));
+        };
+        let status = shared.snapshot();
+        let backup_spec = context.spec.backup.as_ref();
+        let mut options = CreateOptions::from_spec(&context.data_dir, backup_spec);
+        options.server_version = status.server_version.clone();
+        options.pack_version = status.pack_version.clone();
+        if status.phase == phase_name(Phase::Running) {
+            options.rcon = shared.rcon();
+        } else if status.pid.is_some() {
+            return Err((
+                "server_busy",
+                format!("the server is {}; try again when it is Running or stopped", status.phase),
+            ));
+        }
+        let store = Store::open(backup_spec.and_then(|b| b.store.as_ref()), &context.data_dir, None)
+            .map_err(|e| (e.category(), BackupFailure::from_error(e.category(), &e).message))?;
+        backup::create(&store, &options)
+            .await
+            .map_err(|e| (e.category(), BackupFailure::from_error(e.category(), &e).message))
+    }
+
+    /// Applies `spec.backup.retention` to the store.
+    async fn prune(&self) -> Result<backup::Pruned, BackupFailure> {
+        let Some(context) = self.context() else {
+            return Err(BackupFailure::new("not_ready", "the runner has not loaded its spec yet".to_owned()));
+        };
+        let backup_spec = context.spec.backup.as_ref();
+        let store = Store::open(backup_spec.and_then(|b| b.store.as_ref()), &context.data_dir, None)
+            .map_err(|e| BackupFailure::from_error(e.category(), &e))?;
+        let retention = backup_spec.map(|b| b.retention.clone()).unwrap_or_default();
+        backup::prune(&store, &retention).await.map_err(|e| BackupFailure::from_error(e.category(), &e))
+    }
+}
+
+/// Stops the scheduler task when dropped.
+#[derive(Debug)]
+pub struct SchedulerHandle(tokio::task::JoinHandle<()>);
+
+impl Drop for SchedulerHandle {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Starts the backup scheduler for `data_dir`: it follows the spec, and takes a backup at each time of
+/// `spec.backup.schedule` until `shutdown` (or until the handle is dropped).
+pub fn spawn_scheduler(
+    specs: watch::Receiver<MinecraftServerSpec>,
+    shared: Shared,
+    data_dir: PathBuf,
+    shutdown: CancellationToken,
+) -> SchedulerHandle {
+    shared.backups.set_context(data_dir.clone(), specs.borrow().clone());
+    SchedulerHandle(tokio::spawn(schedule(specs, shared, data_dir, shutdown)))
+}
+
+/// When the next scheduled backup is due, or `None` for no schedule.
+enum Due {
+    Never,
+    In(Duration),
+}
+
+fn next_due(spec: &MinecraftServerSpec, override_seconds: Option<u64>) -> Result<Due, String> {
+    let Some(schedule) = spec.backup.as_ref().and_then(|b| b.schedule.as_deref()) else {
+        return Ok(Due::Never);
+    };
+    let cron = Cron::parse(schedule).map_err(|e| e.to_string())?;
+    if let Some(seconds) = override_seconds {
+        return Ok(Due::In(Duration::from_secs(seconds.max(1))));
+    }
+    let now = jiff::Zoned::now();
+    let Some(next) = cron.next_after(&now) else {
+        return Err(format!("the backup schedule {schedule:?} never matches a date"));
+    };
+    let wait = next.timestamp().duration_since(now.timestamp());
+    Ok(Due::In(Duration::try_from(wait).unwrap_or(Duration::ZERO)))
+}
+
+async fn schedule(
+    mut specs: watch::Receiver<MinecraftServerSpec>,
+    shared: Shared,
+    data_dir: PathBuf,
+    shutdown: CancellationToken,
+) {
+    let override_seconds = std::env::var(SCHEDULE_SECONDS_ENV).ok().and_then(|s| s.parse::<u64>().ok());
+    if let Some(seconds) = override_seconds {
+        tracing::warn!(seconds, "{SCHEDULE_SECONDS_ENV} is set: scheduled backups run every {seconds} s");
+    }
+    loop {
+        let spec = specs.borrow_and_update().clone();
+        shared.backups.set_context(data_dir.clone(), spec.clone());
+        let wait = match next_due(&spec, override_seconds) {
+            Ok(Due::In(wait)) => Some(wait),
+            Ok(Due::Never) => None,
+            Err(message) => {
+                // Not fatal: the server runs on, and a corrected spec reschedules.
+                tracing::error!(category = "invalid_spec", "{message}; no scheduled backups until the spec is fixed");
+                None
+            }
+        };
+        let sleep = async {
+            match wait {
+                Some(wait) => tokio::time::sleep(wait).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = specs.changed() => {
+                if changed.is_err() { return; }
+                continue;
+            }
+            () = sleep => {}
+        }
+        tracing::info!("scheduled backup starting");
+        let taken = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            taken = shared.backups.create_now(&shared) => taken,
+        };
+        // A failure was logged and counted by `create_now`; older backups are never touched after one.
+        let Ok(manifest) = taken else { continue };
+        tracing::info!(backup = %manifest.name, archive_bytes = manifest.archive_bytes, save_off_ms = ?manifest.save_off_ms, "scheduled backup done");
+        match shared.backups.prune().await {
+            Ok(pruned) if !pruned.deleted.is_empty() || !pruned.orphans.is_empty() => {
+                tracing::info!(
+                    deleted = pruned.deleted.len(),
+                    orphans = pruned.orphans.len(),
+                    kept = pruned.kept.len(),
+                    "old backups pruned"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(category = %e.category, "pruning old backups failed: {e}"),
+        }
+    }
+}
+
+// ---- The CLI's side: `atlas-runner backup create|restore` with or without a runner on the data dir ----
+
+/// Who took a backup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TakenBy {
+    /// The runner on the data dir, through its server's RCON.
+    Runner,
+    /// This process, with no server running (no RCON).
+    Offline,
+}
+
+fn failure<E: Error>(category: &'static str) -> impl Fn(E) -> BackupFailure {
+    move |e| BackupFailure::from_error(category, &e)
+}
+
+fn backup_failure(e: backup::BackupError) -> BackupFailure {
+    BackupFailure::from_error(e.category(), &e)
+}
+
+/// Takes the runner's data dir lock for an offline operation, so no runner starts a server meanwhile.
+fn offline_lock(data_dir: &std::path::Path) -> Result<crate::pack::DataDirLock, BackupFailure> {
+    crate::pack::lock(&crate::pack::lock_path(data_dir)).map_err(|e| {
+        BackupFailure::new(
+            "busy",
+            format!(
+                "{}; its control socket {} does not answer, so the backup cannot go through it",
+                describe(&e),
+                client::socket_path(data_dir).display()
+            ),
+        )
+    })
+}
+
+use crate::http::client::{self, ClientError};
+
+/// Takes a backup of `data_dir`: through the runner when one answers on its control socket (so the
+/// server's saving is paused over RCON), else offline with the data dir locked against a runner starting.
+pub async fn create_via_runner_or_offline(
+    data_dir: &std::path::Path,
+    spec: &MinecraftServerSpec,
+    store: &Store,
+) -> Result<(Manifest, TakenBy), BackupFailure> {
+    match client::call(&client::socket_path(data_dir), "POST", "/v1/backup", None).await {
+        Ok(bytes) => {
+            let manifest = serde_json::from_slice(&bytes).map_err(failure::<serde_json::Error>("runner"))?;
+            return Ok((manifest, TakenBy::Runner));
+        }
+        Err(ClientError::Connect { .. }) => {}
+        Err(ClientError::Runner(message)) => return Err(BackupFailure::new("runner", message)),
+        Err(e) => return Err(BackupFailure::from_error(e.category(), &e)),
+    }
+    let _runner_lock = offline_lock(data_dir)?;
+    let options = CreateOptions::from_spec(data_dir, spec.backup.as_ref());
+    let manifest = backup::create(store, &options).await.map_err(backup_failure)?;
+    Ok((manifest, TakenBy::Offline))
+}
+
+/// What a CLI restore did.
+#[derive(Debug, Clone)]
+pub struct RestoreReport {
+    /// The restored backup and where the replaced worlds were moved.
+    pub restored: backup::Restored,
+    /// The backup taken of the live world just before it was replaced (with a runner only).
+    pub safety: Option<Manifest>,
+    /// Whether the runner's server was stopped for the swap and started again.
+    pub restarted: bool,
+}
+
+/// Restores the backup `name` into `data_dir`. The archive is downloaded and checked in full first (while
+/// any server keeps running); only then, with a runner on the data dir, is the server stopped through the
+/// control socket, a safety backup of the live world taken, the worlds swapped, and the server started again.
+/// Without a runner, the data dir is locked against one starting and the worlds are swapped.
+pub async fn restore_via_runner_or_offline(
+    data_dir: &std::path::Path,
+    store: &Store,
+    name: &str,
+) -> Result<RestoreReport, BackupFailure> {
+    // Held throughout: no capture (a scheduled one included) may read a half-swapped world.
+    let lock = backup::lock(data_dir).map_err(backup_failure)?;
+    let staged = backup::stage_restore(store, name, data_dir).await.map_err(backup_failure)?;
+    tracing::info!(backup = name, "backup downloaded and checked; replacing the world");
+    let socket = client::socket_path(data_dir);
+    let status = match client::call(&socket, "GET", "/v1/status", None).await {
+        Ok(bytes) => Some(
+            serde_json::from_slice::<super::RunnerStatus>(&bytes).map_err(failure::<serde_json::Error>("runner"))?,
+        ),
+        Err(ClientError::Connect { .. }) => None,
+        Err(e) => return Err(BackupFailure::from_error(e.category(), &e)),
+    };
+    let Some(status) = status else {
+        let _runner_lock = offline_lock(data_dir)?;
+        let restored = staged.swap(&lock).await.map_err(backup_failure)?;
+        return Ok(RestoreReport { restored, safety: None, restarted: false });
+    };
+
+    // A server an admin stopped, or one marked Failed, stays down after the restore.
+    let was_up = status.pid.is_some()
+        || (status.phase != phase_name(Phase::Stopped) && status.phase != phase_name(Phase::Failed));
+    client::call(&socket, "POST", "/v1/stop", None).await.map_err(|e| {
+        BackupFailure::new(
+            "runner",
+            format!("stopping the server for the restore failed: {}; nothing was restored", describe(&e)),
+        )
+    })?;
+    tracing::info!("server stopped; taking a safety backup of the live world");
+    let restart = || async {
+        if was_up && let Err(e) = client::call(&socket, "POST", "/v1/restart", None).await {
+            tracing::error!(error = %describe(&e), "starting the server again failed; run `atlas-runner restart`");
+        }
+    };
+    let mut options = CreateOptions::from_spec(data_dir, None);
+    options.server_version = status.server_version.clone();
+    options.pack_version = status.pack_version.clone();
+    // Worlds only: the included extras are what the restore copies over, and they are not replaced wholesale.
+    let safety = match backup::create_locked(store, &options, &lock).await {
+        Ok(safety) => safety,
+        Err(e) => {
+            restart().await;
+            let mut f = backup_failure(e);
+            f.message = format!("the safety backup failed, so nothing was restored: {}", f.message);
+            return Err(f);
+        }
+    };
+    tracing::info!(safety = %safety.name, "safety backup taken; swapping the worlds");
+    let swapped = staged.swap(&lock).await;
+    restart().await;
+    let restored = swapped.map_err(backup_failure)?;
+    Ok(RestoreReport { restored, safety: Some(safety), restarted: was_up })
+}

@@ -1,0 +1,278 @@
+//! `atlas-runner backup ...` as a user runs it, against real SeaweedFS: offline, and through a running
+//! runner supervising the fake server (`tests/fixtures/FakeServer.java`).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use atlas_runner::backup::Manifest;
+use atlas_testbed::{TestBucket, TestS3};
+use common::{Fixture, Runner, binary, http_get, wait_for};
+
+/// Appends `spec.backup` with the bucket's store (credentials from a file) and `extra` lines (4-space indent).
+fn add_backup_spec(fixture: &Fixture, bucket: &TestBucket, extra: &str) -> Result<()> {
+    let creds = fixture.root.join("s3.env");
+    std::fs::write(
+        &creds,
+        format!("AWS_ACCESS_KEY_ID={}\nAWS_SECRET_ACCESS_KEY={}\n", bucket.s3.access_key, bucket.s3.secret_key),
+    )?;
+    let mut spec = std::fs::read_to_string(&fixture.spec)?;
+    spec.push_str(&format!(
+        "  backup:\n    store:\n      s3: {{bucket: {}, prefix: cli/, endpoint: \"{}\", region: {}, pathStyle: true, credentialsFile: \"{}\"}}\n{extra}",
+        bucket.name,
+        bucket.s3.endpoint,
+        bucket.region,
+        creds.display()
+    ));
+    std::fs::write(&fixture.spec, spec)?;
+    Ok(())
+}
+
+/// `atlas-runner backup SUBCOMMAND --spec S --data D ARGS...`, with no AWS variables in the environment.
+fn backup_cli(fixture: &Fixture, subcommand: &str, args: &[&str]) -> Result<Output> {
+    Ok(Command::new(binary())
+        .args(["backup", subcommand, "--spec"])
+        .arg(&fixture.spec)
+        .arg("--data")
+        .arg(&fixture.data)
+        .args(args)
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env("RUST_LOG", "warn")
+        .output()?)
+}
+
+fn ok(out: Output, what: &str) -> Result<String> {
+    ensure!(
+        out.status.success(),
+        "{what} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// The one line a failing command printed on stderr.
+fn error_line(out: &Output, what: &str) -> Result<String> {
+    ensure!(!out.status.success(), "{what} succeeded:\n{}", String::from_utf8_lossy(&out.stdout));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("atlas-runner: ")).collect();
+    ensure!(lines.len() == 1, "{what}: expected one error line, got:\n{stderr}");
+    Ok(lines[0].to_owned())
+}
+
+/// Every file and directory under `root` (relative paths), with each file's bytes.
+fn tree(root: &Path) -> Result<BTreeMap<String, Option<Vec<u8>>>> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Option<Vec<u8>>>) -> Result<()> {
+        for entry in std::fs::read_dir(dir)? {
+            let path = entry?.path();
+            let rel = path.strip_prefix(root)?.display().to_string();
+            if path.is_dir() {
+                out.insert(rel, None);
+                walk(root, &path, out)?;
+            } else {
+                out.insert(rel, Some(std::fs::read(&path)?));
+            }
+        }
+        Ok(())
+    }
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out)?;
+    Ok(out)
+}
+
+fn write_world(data: &Path) -> Result<()> {
+    for (dim, files) in [("world", 40), ("world_nether", 5)] {
+        std::fs::create_dir_all(data.join(dim).join("region"))?;
+        std::fs::write(data.join(dim).join("level.dat"), format!("level of {dim}"))?;
+        for i in 0..files {
+            let bytes: Vec<u8> = (0..20_000u32).map(|b| (b.wrapping_mul(i + 7) >> 3) as u8).collect();
+            std::fs::write(data.join(dim).join(format!("region/r.{i}.0.mca")), bytes)?;
+        }
+    }
+    std::fs::create_dir_all(data.join("world/data/empty"))?;
+    Ok(())
+}
+
+async fn s3_get(bucket: &TestBucket, key: &str) -> Result<bytes::Bytes> {
+    let client = reqwest::Client::builder().no_proxy().build()?;
+    let response = client.get(bucket.presign("GET", key)?).send().await?.error_for_status()?;
+    Ok(response.bytes().await?)
+}
+
+async fn s3_put(bucket: &TestBucket, key: &str, body: bytes::Bytes) -> Result<()> {
+    let client = reqwest::Client::builder().no_proxy().build()?;
+    client.put(bucket.presign("PUT", key)?).body(body).send().await?.error_for_status()?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn create_list_verify_restore_through_the_cli_gives_a_byte_identical_world() -> Result<()> {
+    let fixture = Fixture::new("backup-cli")?;
+    let bucket = TestS3::shared().await?.bucket("backup-cli").await?;
+    add_backup_spec(&fixture, &bucket, "")?;
+    write_world(&fixture.data)?;
+    let before = (tree(&fixture.data.join("world"))?, tree(&fixture.data.join("world_nether"))?);
+
+    let created: Manifest = serde_json::from_str(&ok(backup_cli(&fixture, "create", &["--json"])?, "create")?)?;
+    assert_eq!(created.worlds, ["world", "world_nether"]);
+    assert_eq!(created.files, 47);
+    assert!(created.save_off_ms.is_none(), "no runner, so no RCON: {created:?}");
+    let listed: Vec<Manifest> = serde_json::from_str(&ok(backup_cli(&fixture, "list", &["--json"])?, "list")?)?;
+    assert_eq!(listed, std::slice::from_ref(&created));
+    let table = ok(backup_cli(&fixture, "list", &[])?, "list")?;
+    assert!(table.starts_with("NAME") && table.contains(&created.name), "{table}");
+    let verified = ok(backup_cli(&fixture, "verify", &[&created.name])?, "verify")?;
+    assert!(verified.contains("is intact") && verified.contains(&created.archive_sha256), "{verified}");
+
+    // The world moves on; the restore brings back exactly what was backed up.
+    std::fs::write(fixture.data.join("world/region/r.0.0.mca"), b"overwritten")?;
+    std::fs::write(fixture.data.join("world/new.dat"), b"new")?;
+    std::fs::remove_dir_all(fixture.data.join("world_nether"))?;
+    let restored = ok(backup_cli(&fixture, "restore", &[&created.name])?, "restore")?;
+    assert!(restored.contains(&format!("restored {}", created.name)), "{restored}");
+    assert!(tree(&fixture.data.join("world"))? == before.0, "the overworld differs after the restore");
+    assert!(tree(&fixture.data.join("world_nether"))? == before.1, "the nether differs after the restore");
+
+    // Errors are one line that says what to do.
+    let line = error_line(&backup_cli(&fixture, "verify", &["20260101T000000.000Z"])?, "verify of a missing backup")?;
+    assert!(line.contains("no backup named 20260101T000000.000Z") && line.contains("backup list"), "{line}");
+
+    // A truncated archive is refused before the live world is touched.
+    let key = format!("cli/{}", created.archive_key);
+    let good = s3_get(&bucket, &key).await?;
+    s3_put(&bucket, &key, good.slice(..good.len() - 100)).await?;
+    std::fs::write(fixture.data.join("world/live.dat"), b"live")?;
+    let live = tree(&fixture.data.join("world"))?;
+    let line = error_line(&backup_cli(&fixture, "restore", &[&created.name])?, "restore of a truncated archive")?;
+    assert!(line.contains("truncated") && line.contains("nothing live was touched"), "{line}");
+    assert!(tree(&fixture.data.join("world"))? == live, "the live world changed");
+    let line = error_line(&backup_cli(&fixture, "verify", &[&created.name])?, "verify of a truncated archive")?;
+    assert!(line.contains("truncated"), "{line}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn restore_through_a_running_runner_stops_takes_a_safety_backup_and_restarts() -> Result<()> {
+    let fixture = Fixture::new("backup-runner")?;
+    fixture.behaviour("autosave-interval-ms=50\nregion-write-ms=20\n")?;
+    let bucket = TestS3::shared().await?.bucket("backup-runner").await?;
+    add_backup_spec(&fixture, &bucket, "")?;
+    let mut runner = Runner::start(&fixture, &[])?;
+    let first_pid = runner.wait_running()?["pid"].as_u64().context("a pid")?;
+
+    // Through the runner: saving paused over RCON, the window measured.
+    let created: Manifest = serde_json::from_str(&ok(backup_cli(&fixture, "create", &["--json"])?, "create")?)?;
+    let window = created.save_off_ms.context("a backup through the runner measures the save-off window")?;
+    assert!(window < 5000, "saving was off for {window} ms");
+    assert_eq!(created.server_version.as_deref(), Some("1.21.4"));
+    // The capture mirror the backup was archived from holds a whole region file, never a torn one.
+    common::region_generation(&fixture.data.join(".atlas/backup-mirror/world/region/r.0.0.mca"))
+        .context("the mirrored region file")?;
+
+    std::fs::write(fixture.data.join("world/after-backup.dat"), b"made after the backup")?;
+    let out = ok(backup_cli(&fixture, "restore", &[&created.name, "--json"])?, "restore")?;
+    let report: serde_json::Value = serde_json::from_str(&out)?;
+    assert_eq!(report["restarted"], true, "{report}");
+    let safety = report["safetyBackup"].as_str().context("a safety backup")?.to_owned();
+    let previous = report["previous"][0].as_str().context("the replaced world kept aside")?.to_owned();
+
+    assert!(!fixture.data.join("world/after-backup.dat").exists(), "the world was not replaced");
+    assert_eq!(std::fs::read(Path::new(&previous).join("after-backup.dat"))?, b"made after the backup");
+    let status = runner.wait_running()?;
+    let second_pid = status["pid"].as_u64().context("a pid")?;
+    assert_ne!(first_pid, second_pid, "the server was not restarted");
+    assert!(!runner.logs_with("Stopping the server").is_empty() || !runner.logs_with("server exited").is_empty());
+
+    // The safety backup is a complete backup of the replaced world.
+    let listed: Vec<Manifest> = serde_json::from_str(&ok(backup_cli(&fixture, "list", &["--json"])?, "list")?)?;
+    let names: Vec<&str> = listed.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(names, [safety.as_str(), created.name.as_str()]);
+    ok(backup_cli(&fixture, "verify", &[&safety])?, "verify the safety backup")?;
+
+    // The runner's metrics count both backups it took; the CLI took the safety backup itself.
+    let (_, body) = http_get(&runner.metrics_addr, "/metrics")?;
+    assert!(body.contains("atlas_backup_duration_seconds_count 1"), "{body}");
+    assert!(!body.contains("atlas_backup_last_success_timestamp_seconds 0\n"), "{body}");
+    promtool_check(&body)?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn scheduled_backups_run_in_the_runner_prune_and_survive_failures() -> Result<()> {
+    let fixture = Fixture::new("backup-schedule")?;
+    let bucket = TestS3::shared().await?.bucket("backup-schedule").await?;
+    add_backup_spec(&fixture, &bucket, "    schedule: \"*/5 * * * *\"\n    retention: {keepLast: 2}\n")?;
+    let mut runner = Runner::start_with_env(&fixture, &[], &[("ATLAS_BACKUP_SCHEDULE_SECONDS", "1")])?;
+    runner.wait_running()?;
+    wait_for("three scheduled backups", Duration::from_secs(90), || {
+        (runner.logs_with("scheduled backup done").len() >= 3).then_some(())
+    })?;
+    // Retention ran after each success: never more than keepLast complete backups remain.
+    let listed: Vec<Manifest> = serde_json::from_str(&ok(backup_cli(&fixture, "list", &["--json"])?, "list")?)?;
+    assert!((1..=3).contains(&listed.len()), "{} backups with keepLast 2", listed.len());
+    assert!(listed.iter().all(|m| m.save_off_ms.is_some()), "scheduled backups go through RCON");
+
+    // The store refuses the credentials: backups fail, are counted, and delete nothing.
+    std::fs::write(
+        fixture.root.join("s3.env"),
+        format!("AWS_ACCESS_KEY_ID={}\nAWS_SECRET_ACCESS_KEY=wrong\n", bucket.s3.access_key),
+    )?;
+    let failures = |runner: &Runner| -> Option<u64> {
+        let (_, body) = http_get(&runner.metrics_addr, "/metrics").ok()?;
+        body.lines()
+            .find_map(|l| l.strip_prefix("atlas_backup_failures_total{category=\"credentials\"} "))
+            .and_then(|n| n.parse().ok())
+    };
+    wait_for("a counted failure", Duration::from_secs(30), || failures(&runner).filter(|n| *n >= 1))?;
+    let store = atlas_runner::backup::store::Store::open(
+        Some(&atlas_runner::api::BackupStore {
+            s3: Some(atlas_runner::api::S3Store {
+                bucket: bucket.name.clone(),
+                prefix: "cli/".to_owned(),
+                endpoint: Some(bucket.s3.endpoint.clone()),
+                region: bucket.region.clone(),
+                path_style: true,
+                credentials_secret_ref: None,
+                credentials_file: None,
+            }),
+            local: None,
+        }),
+        &fixture.data,
+        Some(atlas_runner::backup::store::S3Credentials {
+            access_key_id: bucket.s3.access_key.clone(),
+            secret_access_key: bucket.s3.secret_key.clone(),
+            session_token: None,
+        }),
+    )?;
+    let names = |m: Vec<Manifest>| m.into_iter().map(|m| m.name).collect::<Vec<_>>();
+    let before = names(atlas_runner::backup::list(&store).await?);
+    wait_for("two more failures", Duration::from_secs(30), || failures(&runner).filter(|n| *n >= 3))?;
+    assert!(!runner.logs_with("backup failed").is_empty());
+    assert_eq!(names(atlas_runner::backup::list(&store).await?), before, "a failed backup deleted backups");
+    assert!(!before.is_empty());
+    Ok(())
+}
+
+fn promtool_check(body: &str) -> Result<()> {
+    let mut check = Command::new(atlas_testbed::bin("promtool")?)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    std::io::Write::write_all(&mut check.stdin.take().context("stdin")?, body.as_bytes())?;
+    let out = check.wait_with_output()?;
+    ensure!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
