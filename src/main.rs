@@ -311,7 +311,7 @@ async fn run_server(args: RunArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&atlas_dir).with_context(|| format!("create {}", atlas_dir.display()))?;
     let data_dir = std::fs::canonicalize(&args.data).with_context(|| format!("resolve {}", args.data.display()))?;
     // One runner per data dir; the pack engine relies on the same lock.
-    let _lock = atlas_runner::pack::lock(&atlas_runner::pack::lock_path(&data_dir))?;
+    let lock = std::sync::Arc::new(atlas_runner::pack::lock(&atlas_runner::pack::lock_path(&data_dir))?);
     let socket = args.control.clone().unwrap_or_else(|| client::socket_path(&data_dir));
     let control_listener = bind_control_socket(&socket).await?;
     let admin_listener = tokio::net::TcpListener::bind(args.metrics_addr).await.with_context(|| {
@@ -337,6 +337,11 @@ async fn run_server(args: RunArgs) -> anyhow::Result<()> {
             base_urls,
             java: JavaSearch::with_extra(args.java),
             cgroup_root: args.cgroup_root,
+            // spec.pack is applied under the lock held above; its metrics are served on /metrics.
+            pack: Some(runner::PackContext {
+                lock: lock.clone(),
+                metrics: atlas_runner::metrics::PackMetrics::register(&shared.registry)?,
+            }),
         },
         stop: StopTimeouts { rcon: stop, stdin: stop, term: stop },
         restart: RestartPolicy {

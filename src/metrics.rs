@@ -149,6 +149,9 @@ pub struct PackMetrics {
     pub failures: IntCounterVec,
     /// 1 for the applied pack version.
     pub info: GaugeVec,
+    /// Automatic rollbacks of a pack update, by why (the new version's server failed before it
+    /// was ready, or could not be prepared).
+    pub rollbacks: IntCounterVec,
 }
 
 impl PackMetrics {
@@ -167,6 +170,10 @@ impl PackMetrics {
                 &["category"],
             )?,
             info: GaugeVec::new(Opts::new("atlas_pack_info", "1 for the applied pack version."), &["version"])?,
+            rollbacks: IntCounterVec::new(
+                Opts::new("atlas_pack_rollbacks_total", "Pack updates rolled back automatically, by reason."),
+                &["reason"],
+            )?,
         };
         registry.register(Box::new(m.apply_duration.clone()))?;
         registry.register(Box::new(m.downloaded_bytes.clone()))?;
@@ -174,6 +181,7 @@ impl PackMetrics {
         registry.register(Box::new(m.files_removed.clone()))?;
         registry.register(Box::new(m.failures.clone()))?;
         registry.register(Box::new(m.info.clone()))?;
+        registry.register(Box::new(m.rollbacks.clone()))?;
         Ok(m)
     }
 

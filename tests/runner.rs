@@ -346,3 +346,125 @@ fn a_vanilla_jar_with_the_wrong_digest_is_refused() -> Result<()> {
     assert!(status.get("pid").is_none(), "a server was started: {status}");
     Ok(())
 }
+
+/// A pack's files besides the fake server's jar: path and content.
+type PackFiles<'a> = &'a [(&'a str, &'a [u8])];
+
+/// The fake server's files as a pack: its jar (the spec's custom jar comes from the pack), a mod,
+/// and `extra` files.
+fn fake_server_pack(dir: &std::path::Path, version: &str, extra: PackFiles<'_>) -> Result<Vec<u8>> {
+    use atlas_runner::pack::PackVersion;
+    use atlas_runner::pack::build::{BuildOptions, build};
+    let src = dir.join(format!("src-{version}"));
+    std::fs::create_dir_all(&src)?;
+    std::fs::copy(common::fake_server_jar()?, src.join("fake-server.jar"))?;
+    for (path, content) in extra {
+        let target = src.join(path);
+        std::fs::create_dir_all(target.parent().context("a parent")?)?;
+        std::fs::write(target, content)?;
+    }
+    let out = dir.join(format!("{version}.tar.zst"));
+    build(&src, &out, &BuildOptions::new(PackVersion::new(version)?))?;
+    Ok(std::fs::read(out)?)
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// Writes the fixture's spec running the fake server as a custom jar shipped by the pack at `url`.
+fn write_pack_spec(fixture: &Fixture, url: &str, sha256: &str) -> Result<()> {
+    let spec = format!(
+        "apiVersion: atlas.dev/v1alpha1\nkind: MinecraftServer\nmetadata: {{name: test}}\nspec:\n  eula: true\n  server: {{type: custom, version: \"1.21.4\", jar: fake-server.jar}}\n  jvm: {{heap: 256M, flags: none}}\n  rcon: {{port: {}}}\n  properties:\n    server-port: \"{}\"\n  pack:\n    source:\n      url: {{url: \"{url}\", sha256: \"{sha256}\"}}\n",
+        fixture.rcon_port, fixture.game_port
+    );
+    let tmp = fixture.root.join("server.yaml.tmp");
+    std::fs::write(&tmp, spec)?;
+    std::fs::rename(&tmp, &fixture.spec)?;
+    Ok(())
+}
+
+/// A fixture without the fake server's jar (the pack brings it) and packs served from loopback:
+/// returns the base URL and each pack's bytes by version.
+fn pack_fixture(name: &str, packs: &[(&str, PackFiles<'_>)]) -> Result<(Fixture, String, Vec<Vec<u8>>)> {
+    let fixture = Fixture::new(name)?;
+    std::fs::remove_file(fixture.data.join("fake-server.jar"))?;
+    let dir = fixture.root.join("packs");
+    std::fs::create_dir_all(&dir)?;
+    let blobs = packs.iter().map(|(v, extra)| fake_server_pack(&dir, v, extra)).collect::<Result<Vec<_>>>()?;
+    let served: std::collections::HashMap<String, Vec<u8>> =
+        packs.iter().zip(&blobs).map(|((v, _), blob)| (format!("/{v}.tar.zst"), blob.clone())).collect();
+    let base = common::serve_files(|_| Ok(served))?;
+    Ok((fixture, base, blobs))
+}
+
+#[test]
+fn the_runner_applies_the_pack_updates_it_with_one_restart_and_keeps_running_on_a_bad_digest() -> Result<()> {
+    let (fixture, base, blobs) = pack_fixture(
+        "pack-update",
+        &[("1.0.0", &[("mods/a.jar", b"a-1"), ("mods/old.jar", b"old")]), ("2.0.0", &[("mods/a.jar", b"a-2")])],
+    )?;
+    write_pack_spec(&fixture, &format!("{base}/1.0.0.tar.zst"), &sha256_hex(&blobs[0]))?;
+    let mut runner = Runner::start(&fixture, &[])?;
+    let first = runner.wait_running()?;
+    assert_eq!(first["packVersion"], "1.0.0", "{first}");
+    assert_eq!(std::fs::read(fixture.data.join("mods/a.jar"))?, b"a-1");
+    assert!(fixture.data.join("mods/old.jar").is_file());
+    let (_, metrics) = http_get(&runner.metrics_addr, "/metrics")?;
+    assert!(metrics.contains("atlas_pack_info{version=\"1.0.0\"} 1"), "{metrics}");
+
+    // A new version: staged while the server runs, then exactly one restart.
+    write_pack_spec(&fixture, &format!("{base}/2.0.0.tar.zst"), &sha256_hex(&blobs[1]))?;
+    let second = runner.wait_status("pack 2.0.0 running", Duration::from_secs(60), |s| {
+        s["phase"] == "Running" && s["packVersion"] == "2.0.0" && s["pid"] != first["pid"]
+    })?;
+    assert_eq!(std::fs::read(fixture.data.join("mods/a.jar"))?, b"a-2");
+    assert!(!fixture.data.join("mods/old.jar").exists(), "a file the new version dropped stays");
+    let staged = runner.logs_with("pack staged; stopping the server");
+    let swapped = runner.logs_with("pack swapped in");
+    assert!(staged.len() == 1 && swapped.len() == 2, "staged {staged:?} swapped {swapped:?}");
+    std::thread::sleep(Duration::from_secs(2));
+    let now = runner.status()?;
+    assert_eq!((now["pid"].clone(), now["restarts"].clone()), (second["pid"].clone(), 0.into()));
+    assert_eq!(runner.logs_with("server process started").len(), 2, "not exactly one restart");
+
+    // A pack whose download fails its digest: the running server is not touched.
+    write_pack_spec(&fixture, &format!("{base}/2.0.0.tar.zst"), &sha256_hex(b"something else"))?;
+    wait_for("the digest error", Duration::from_secs(20), || {
+        (!runner.logs_with("keeping the running server").is_empty()).then_some(())
+    })?;
+    let still = runner.status()?;
+    assert_eq!(
+        (still["phase"].clone(), still["pid"].clone(), still["packVersion"].clone()),
+        ("Running".into(), second["pid"].clone(), "2.0.0".into())
+    );
+    let (_, metrics) = http_get(&runner.metrics_addr, "/metrics")?;
+    assert!(metrics.contains("atlas_pack_apply_failures_total{category=\"digest-mismatch\"} 1"), "{metrics}");
+    Ok(())
+}
+
+#[test]
+fn a_new_pack_version_whose_server_crashes_before_ready_is_rolled_back() -> Result<()> {
+    let crash: PackFiles<'_> = &[("mods/a.jar", b"a-2"), ("fake-server.properties", b"crash-on-start=true\n")];
+    let (fixture, base, blobs) = pack_fixture("pack-crash", &[("1.0.0", &[("mods/a.jar", b"a-1")]), ("2.0.0", crash)])?;
+    write_pack_spec(&fixture, &format!("{base}/1.0.0.tar.zst"), &sha256_hex(&blobs[0]))?;
+    let mut runner = Runner::start(&fixture, &[])?;
+    let first = runner.wait_running()?;
+    write_pack_spec(&fixture, &format!("{base}/2.0.0.tar.zst"), &sha256_hex(&blobs[1]))?;
+    wait_for("the rollback", Duration::from_secs(60), || {
+        (!runner.logs_with("rolling the pack back").is_empty()).then_some(())
+    })?;
+    let back = runner.wait_status("pack 1.0.0 running again", Duration::from_secs(60), |s| {
+        s["phase"] == "Running" && s["packVersion"] == "1.0.0" && s["pid"] != first["pid"]
+    })?;
+    assert_eq!(std::fs::read(fixture.data.join("mods/a.jar"))?, b"a-1");
+    assert!(!fixture.data.join("fake-server.properties").exists(), "the new version's file stays");
+    let (_, metrics) = http_get(&runner.metrics_addr, "/metrics")?;
+    assert!(metrics.contains("atlas_pack_rollbacks_total{reason=\"crash\"} 1"), "{metrics}");
+    assert!(metrics.contains("atlas_pack_info{version=\"1.0.0\"} 1"), "{metrics}");
+    let out = cli(&fixture.data, &["status"])?;
+    assert!(stdout(&out).contains("pack:      1.0.0"), "{}", stdout(&out));
+    assert_eq!(back["lastExitReason"], "crash");
+    Ok(())
+}

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use futures::future::BoxFuture;
 use tokio::sync::oneshot;
 
 use crate::api::PackSpec;
@@ -36,6 +37,10 @@ impl Provisioned {
         }
     }
 }
+
+/// Called with the version about to be swapped in, once it is staged and planned: stops the server
+/// and says whether to go on. Boxed: the runner's gate borrows its server process.
+pub type Gate<'a> = Box<dyn FnOnce(PackVersion) -> BoxFuture<'a, bool> + Send + 'a>;
 
 /// Applying the spec's pack failed; the data dir holds the version it held before.
 #[derive(Debug, thiserror::Error)]
@@ -93,7 +98,7 @@ pub async fn apply_spec(
     options: &FetchOptions,
     metrics: &PackMetrics,
 ) -> Result<Provisioned, ProvisionError> {
-    apply_spec_gated(pack, data_dir, lock, options, metrics, async |_: &PackVersion| true).await
+    apply_spec_gated(pack, data_dir, lock, options, metrics, Box::new(|_| Box::pin(std::future::ready(true)))).await
 }
 
 /// [`apply_spec`] for a data dir a server runs on: fetch, stage and plan while it runs, then
@@ -101,17 +106,14 @@ pub async fn apply_spec(
 /// follows at once. When fetching, verifying or planning fails, or the version is already
 /// applied, `gate` is not called: the running server is left alone. `gate` returning false calls
 /// the swap off ([`ProvisionError::CalledOff`]) with the data dir unchanged.
-pub async fn apply_spec_gated<G>(
+pub async fn apply_spec_gated(
     pack: &PackSpec,
     data_dir: &Path,
     lock: Arc<DataDirLock>,
     options: &FetchOptions,
     metrics: &PackMetrics,
-    gate: G,
-) -> Result<Provisioned, ProvisionError>
-where
-    G: AsyncFnOnce(&PackVersion) -> bool,
-{
+    gate: Gate<'_>,
+) -> Result<Provisioned, ProvisionError> {
     let started = std::time::Instant::now();
     let result = apply_spec_inner(pack, data_dir, lock, options, gate).await;
     metrics.apply_duration.observe(started.elapsed().as_secs_f64());
@@ -128,16 +130,13 @@ where
     result
 }
 
-async fn apply_spec_inner<G>(
+async fn apply_spec_inner(
     pack: &PackSpec,
     data_dir: &Path,
     lock: Arc<DataDirLock>,
     options: &FetchOptions,
-    gate: G,
-) -> Result<Provisioned, ProvisionError>
-where
-    G: AsyncFnOnce(&PackVersion) -> bool,
-{
+    gate: Gate<'_>,
+) -> Result<Provisioned, ProvisionError> {
     let preserve = Preserve::new(&pack.preserve)?;
     tracing::info!(pinned = pack.version.as_deref(), "fetching the pack");
     let fetched = source::fetch(&pack.source, pack.version.as_deref(), options).await?;
@@ -166,7 +165,7 @@ where
         Ok(Provisioned::Applied { report, bytes_downloaded: 0 })
     });
     if let Ok(to) = planned_rx.await {
-        let go = gate(&to).await;
+        let go = gate(to).await;
         // The task waits for this answer; it is gone only if it died.
         let _ = go_tx.send(go);
     }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-pub use prepare::{PrepareError, PrepareOptions, Prepared, prepare};
+pub use prepare::{PackContext, PackUpdate, PrepareError, PrepareOptions, Prepared, prepare};
 pub use spec::{FileSpecSource, SpecError, load_spec, parse_spec};
 pub use state::{ControlRequest, RunnerStatus, Shared};
 
@@ -147,6 +147,7 @@ async fn run_once(
         s.server_type = Some(prepared.server_type.clone());
         s.server_version = Some(prepared.minecraft_version.clone());
         s.players_max = prepared.max_players;
+        s.pack_version = prepared.pack_version.clone();
     });
     if let Ok(mut rcon) = shared.rcon.lock() {
         *rcon = Some(prepared.rcon.clone());
@@ -171,6 +172,8 @@ async fn run_once(
     let mut stats = ProcessStats::new(process.pid());
     // The readiness channel closes when the output ends; stop selecting on it then.
     let mut ready_open = true;
+    // After a pack update: what to go back to if this server fails before it is ready.
+    let mut fallback = prepared.fallback.clone();
 
     let (exit, after) = loop {
         tokio::select! {
@@ -178,6 +181,7 @@ async fn run_once(
             changed = ready.changed(), if ready_open && !*ready.borrow() => {
                 ready_open = changed.is_ok();
                 if changed.is_ok() && *ready.borrow() {
+                    fallback = None;
                     tracing::info!(after = ?process.started().elapsed(), "server is ready");
                     shared.set_phase(Phase::Running, None);
                     shared.metrics.last_ready_time.set(unix_now());
@@ -196,8 +200,35 @@ async fn run_once(
                     tracing::info!("spec changed; nothing that needs a restart");
                     continue;
                 }
+                if prepare::pack_changes(&prepared, &spec) {
+                    // Fetch, stage and verify the new pack while the server runs; it is stopped
+                    // only for the swap.
+                    let (rcon, running) = (prepared.rcon.clone(), &mut process);
+                    let stop = Box::pin(async move {
+                        shared.set_phase(Phase::Updating, Some("swapping in a new pack version".into()));
+                        running.stop(Some(&rcon), options.stop).await
+                    });
+                    match prepare::update_pack(&prepared, &spec, &options.prepare, stop).await {
+                        PackUpdate::Untouched(Some(e)) => {
+                            tracing::error!(category = e.category(), "{e}; keeping the running server");
+                            continue;
+                        }
+                        PackUpdate::Untouched(None) => {}
+                        PackUpdate::Ready { next, stopped } => {
+                            tracing::info!("pack updated; starting the server of the new version");
+                            backoff.reset();
+                            record_exit(shared, &stopped, false);
+                            return Next::Run(next);
+                        }
+                        PackUpdate::Reverted { error, stopped } => {
+                            tracing::error!(category = error.category(), "{error}; starting the previous version again");
+                            record_exit(shared, &stopped, false);
+                            return Next::Run(Box::new(prepared.clone()));
+                        }
+                    }
+                }
                 // Ready the new files while the old server still runs, then restart once.
-                match prepare(&spec, &options.prepare).await {
+                match prepare::prepare_change(&prepared, &spec, &options.prepare).await {
                     Ok(next) => {
                         tracing::info!("spec changed; restarting the server once with the new files ready");
                         shared.set_phase(Phase::Stopping, Some("restarting for a spec change".into()));
@@ -245,6 +276,24 @@ async fn run_once(
         return Next::Hold;
     };
     record_exit(shared, &Ok(exit.clone()), true);
+    if let Some(previous) = fallback {
+        // The new pack version's server never became ready: back to the version that ran.
+        let reason = exit.reason.category();
+        tracing::error!(
+            reason,
+            pack = prepared.pack_version.as_deref(),
+            back_to = previous.pack_version.as_deref(),
+            "the server of the new pack version exited before it was ready; rolling the pack back"
+        );
+        return match prepare::roll_back_pack(&options.prepare, reason).await {
+            Ok(()) => Next::Run(previous),
+            Err(e) => {
+                tracing::error!(category = e.category(), "{e}");
+                shared.set_phase(Phase::Failed, Some(format!("rolling the pack back failed: {e}")));
+                Next::Hold
+            }
+        };
+    }
     let jitter: f64 = rand::random();
     match backoff.on_exit(Instant::now(), exit.ran_for, exit.reason.is_failure(), jitter) {
         Verdict::RestartAfter(delay) => {

@@ -1,13 +1,22 @@
-//! Readies everything a server start needs, while the old server (if any) keeps running: the jar,
-//! `eula.txt`, `server.properties` with RCON, a matching Java, and the JVM command line.
+//! Readies everything a server start needs, while the old server (if any) keeps running: the
+//! spec's pack, the jar, `eula.txt`, `server.properties` with RCON, a matching Java, and the JVM
+//! command line. A pack update is fetched, staged and verified while the old server runs; the
+//! server is stopped only for the swap ([`update_pack`]).
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
+
 use crate::api::MinecraftServerSpec;
+use crate::metrics::PackMetrics;
+use crate::pack::provision::{self, ProvisionError, Provisioned};
+use crate::pack::source::FetchOptions;
+use crate::pack::{DataDirLock, PackVersion};
 use crate::rcon::Rcon;
 use crate::server::{self, BaseUrls, JavaSearch, Resolver, ServerError};
 
@@ -22,6 +31,18 @@ pub struct PrepareOptions {
     pub java: JavaSearch,
     /// The cgroup filesystem root the memory limit is read from.
     pub cgroup_root: PathBuf,
+    /// What applying `spec.pack` needs; `None` refuses a spec with a pack.
+    pub pack: Option<PackContext>,
+}
+
+/// The pack engine's share of the runner: the data dir's lock (which the runner holds for its
+/// whole life) and the pack metrics served on its `/metrics`.
+#[derive(Debug, Clone)]
+pub struct PackContext {
+    /// The data dir's lock.
+    pub lock: Arc<DataDirLock>,
+    /// The pack metrics.
+    pub metrics: PackMetrics,
 }
 
 /// A server ready to start.
@@ -39,6 +60,11 @@ pub struct Prepared {
     pub max_players: u32,
     /// The spec this was prepared from.
     pub spec: MinecraftServerSpec,
+    /// The pack version the data dir holds.
+    pub pack_version: Option<String>,
+    /// What ran before a pack update: when this server fails before it is ready, the pack is
+    /// rolled back and that one is started again.
+    pub fallback: Option<Box<Prepared>>,
 }
 
 impl Prepared {
@@ -63,6 +89,9 @@ pub enum PrepareError {
     /// The spec asks for something this build cannot do yet.
     #[error("{0}")]
     Unsupported(String),
+    /// Fetching, verifying or applying the pack failed; the data dir holds the version it held.
+    #[error("pack: {0}")]
+    Pack(#[from] ProvisionError),
 }
 
 impl PrepareError {
@@ -71,6 +100,7 @@ impl PrepareError {
         match self {
             Self::Server(e) => e.category(),
             Self::Unsupported(_) => "unsupported",
+            Self::Pack(e) => e.category(),
         }
     }
 
@@ -79,17 +109,156 @@ impl PrepareError {
         match self {
             Self::Server(e) => e.is_transient(),
             Self::Unsupported(_) => false,
+            Self::Pack(e) => e.is_transient(),
         }
     }
 }
 
-/// Resolves, writes files and builds the command line for `spec`.
+/// Applies the spec's pack (the server is not running), then resolves, writes files and builds the
+/// command line for `spec`.
 pub async fn prepare(spec: &MinecraftServerSpec, options: &PrepareOptions) -> Result<Prepared, PrepareError> {
-    if spec.pack.is_some() {
-        return Err(PrepareError::Unsupported(
-            "spec.pack is not supported by this build yet (the pack engine is not built); remove spec.pack to run the plain server".into(),
-        ));
+    let pack_version = match (&spec.pack, &options.pack) {
+        (Some(pack), Some(context)) => {
+            let fetch = FetchOptions::new(&options.data_dir);
+            let provisioned =
+                provision::apply_spec(pack, &options.data_dir, context.lock.clone(), &fetch, &context.metrics).await?;
+            Some(provisioned.version().to_string())
+        }
+        (Some(_), None) => {
+            return Err(PrepareError::Unsupported("spec.pack needs a runner that holds the data dir's lock".into()));
+        }
+        // No pack in the spec: a pack applied earlier stays as it is.
+        (None, Some(context)) => {
+            provision::current_version(&options.data_dir, context.lock.clone()).await?.map(|v| v.to_string())
+        }
+        (None, None) => None,
+    };
+    let mut prepared = prepare_server(spec, options).await?;
+    prepared.pack_version = pack_version;
+    Ok(prepared)
+}
+
+/// Readies a spec change whose pack is unchanged (see [`pack_changes`]) while the old server runs.
+pub async fn prepare_change(
+    current: &Prepared,
+    spec: &MinecraftServerSpec,
+    options: &PrepareOptions,
+) -> Result<Prepared, PrepareError> {
+    let mut prepared = prepare_server(spec, options).await?;
+    prepared.pack_version = current.pack_version.clone();
+    Ok(prepared)
+}
+
+/// Whether running `new` instead of `current` needs a pack update.
+pub fn pack_changes(current: &Prepared, new: &MinecraftServerSpec) -> bool {
+    new.pack.is_some() && current.spec.pack != new.pack
+}
+
+/// What [`update_pack`] did.
+#[derive(Debug)]
+pub enum PackUpdate<X> {
+    /// The server was not touched: the pack was refused before the swap (the error), or the data
+    /// dir already holds it (none; the change is then prepared like any other).
+    Untouched(Option<PrepareError>),
+    /// The server was stopped (what the stop returned), the new version swapped in and its server
+    /// prepared, with the old one as its fallback: start it.
+    Ready {
+        /// The server to start.
+        next: Box<Prepared>,
+        /// What stopping the old server returned.
+        stopped: X,
+    },
+    /// The server was stopped but the update failed: the swap was undone, or the new server could
+    /// not be prepared and the pack was rolled back. Start the old server again.
+    Reverted {
+        /// Why.
+        error: PrepareError,
+        /// What stopping the old server returned.
+        stopped: X,
+    },
+}
+
+/// A spec change with a new pack: fetch, stage, verify and plan while the old server runs, then
+/// stop it (`stop`, not polled before), swap, and prepare the new server. A pack that fails to fetch or verify leaves the
+/// running server alone.
+pub async fn update_pack<X: Send>(
+    current: &Prepared,
+    spec: &MinecraftServerSpec,
+    options: &PrepareOptions,
+    stop: BoxFuture<'_, X>,
+) -> PackUpdate<X> {
+    let (Some(pack), Some(context)) = (&spec.pack, &options.pack) else {
+        return PackUpdate::Untouched(Some(PrepareError::Unsupported(
+            "spec.pack needs a runner that holds the data dir's lock".into(),
+        )));
+    };
+    let fetch = FetchOptions::new(&options.data_dir);
+    let mut stopped = None;
+    let stopped_slot = &mut stopped;
+    let gate: provision::Gate<'_> = Box::new(move |to: PackVersion| {
+        Box::pin(async move {
+            if let Err(e) = backup_before_update(spec, options).await {
+                tracing::error!(category = e.category(), to = %to, "{e}; the pack update is called off");
+                return false;
+            }
+            tracing::info!(from = current.pack_version.as_deref(), to = %to, "pack staged; stopping the server for the swap");
+            *stopped_slot = Some(stop.await);
+            true
+        })
+    });
+    let result =
+        provision::apply_spec_gated(pack, &options.data_dir, context.lock.clone(), &fetch, &context.metrics, gate)
+            .await;
+    let Some(stopped) = stopped else {
+        return match result {
+            Ok(_) => PackUpdate::Untouched(None),
+            Err(e) => PackUpdate::Untouched(Some(e.into())),
+        };
+    };
+    let to = match result {
+        Ok(Provisioned::Applied { report, .. }) => report.to,
+        // The gate ran, so the plan was made; only the swap can have failed (and was undone).
+        Ok(Provisioned::AlreadyCurrent(_)) => {
+            return PackUpdate::Reverted { error: PrepareError::Unsupported("pack already applied".into()), stopped };
+        }
+        Err(e) => return PackUpdate::Reverted { error: e.into(), stopped },
+    };
+    match prepare_server(spec, options).await {
+        Ok(mut next) => {
+            next.pack_version = Some(to.to_string());
+            next.fallback = Some(Box::new(current.clone()));
+            PackUpdate::Ready { next: Box::new(next), stopped }
+        }
+        Err(error) => {
+            tracing::error!(category = error.category(), to = %to, "{error}; rolling the pack back");
+            if let Err(e) = roll_back_pack(options, error.category()).await {
+                return PackUpdate::Reverted { error: e, stopped };
+            }
+            PackUpdate::Reverted { error, stopped }
+        }
     }
+}
+
+/// Returns the data dir to the previous pack version (the server is stopped), counting why in
+/// `atlas_pack_rollbacks_total`.
+pub async fn roll_back_pack(options: &PrepareOptions, reason: &str) -> Result<(), PrepareError> {
+    let Some(context) = &options.pack else { return Ok(()) };
+    context.metrics.rollbacks.with_label_values(&[reason]).inc();
+    let report = provision::rollback(&options.data_dir, context.lock.clone(), &context.metrics).await?;
+    tracing::warn!(from = ?report.from.as_ref().map(PackVersion::as_str), to = %report.to, reason, "pack rolled back");
+    Ok(())
+}
+
+/// The seam for `spec.backup.beforeUpdate`: a backup of the world taken after the new pack is
+/// staged and before the server is stopped for the swap. An error calls the update off and the
+/// server keeps running. Nothing is taken yet.
+// Backups: wire the before-update backup here (the `backup` module's snapshot + upload).
+async fn backup_before_update(_spec: &MinecraftServerSpec, _options: &PrepareOptions) -> Result<(), PrepareError> {
+    Ok(())
+}
+
+/// Resolves, writes files and builds the command line for `spec`; the pack is left as it is.
+async fn prepare_server(spec: &MinecraftServerSpec, options: &PrepareOptions) -> Result<Prepared, PrepareError> {
     let data_dir = &options.data_dir;
     let atlas = super::atlas_dir(data_dir);
     std::fs::create_dir_all(&atlas).map_err(|source| ServerError::io(&atlas, source))?;
@@ -118,5 +287,7 @@ pub async fn prepare(spec: &MinecraftServerSpec, options: &PrepareOptions) -> Re
         minecraft_version: resolved.minecraft_version,
         max_players,
         spec: spec.clone(),
+        pack_version: None,
+        fallback: None,
     })
 }

@@ -238,9 +238,13 @@ pub(crate) async fn fetch(
     let mut seen = HashSet::new();
     let unique: Vec<&PlannedFile> = planned.iter().filter(|f| seen.insert(f.expected.sha512.clone())).collect();
     options.progress.add_total_files(unique.len() as u64);
-    let downloaded: Vec<u64> = futures::stream::iter(unique)
-        .map(|f| async {
-            let n = download_file(client, f, &cache, options).await?;
+    // By index: a closure taking `&PlannedFile` makes the whole fetch future fail rustc's
+    // higher-ranked Send check once it is spawned (the runner applies packs in a task).
+    let (unique, cache) = (&unique, &cache);
+    let downloaded: Vec<u64> = futures::stream::iter(0..unique.len())
+        .map(|i| async move {
+            let Some(f) = unique.get(i) else { return Ok(0) };
+            let n = download_file(client, f, cache, options).await?;
             options.progress.add_files(1);
             Ok::<_, SourceError>(n)
         })
