@@ -255,6 +255,8 @@ pub async fn create_locked(
 ) -> Result<Manifest, BackupError> {
     // Wrong credentials or a missing bucket fail here, before the server's saving is paused.
     store.probe().await?;
+    // An earlier backup that failed while the store was down could not abort its upload then; it can now.
+    upload::abort_stale(store, &options.data_dir.join(upload::JOURNAL_DIR)).await;
     let time = Timestamp::now();
     let name = backup_name(time);
     let legacy = options.data_dir.join(snapshot::STAGING_DIR);
@@ -290,9 +292,9 @@ async fn create_from_mirror(
     roots.sort();
 
     let key = archive_key(name);
+    let journal = options.data_dir.join(upload::JOURNAL_DIR);
     let upload_started = std::time::Instant::now();
-    let uploaded =
-        upload::upload_archive(store.objects.as_ref(), &key, staging.to_owned(), options.compression_level).await?;
+    let uploaded = upload::upload_archive(store, &key, staging.to_owned(), options.compression_level, &journal).await?;
     let upload_ms = u64::try_from(upload_started.elapsed().as_millis()).unwrap_or(u64::MAX);
     let manifest = Manifest {
         format: MANIFEST_FORMAT,

@@ -9,6 +9,8 @@ use futures::TryStreamExt;
 use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
+use object_store::multipart::MultipartStore;
+use object_store::path::Path as ObjectPath;
 use object_store::prefix::PrefixStore;
 use object_store::{BackoffConfig, ClientOptions, ObjectStore, RetryConfig};
 
@@ -122,18 +124,40 @@ impl S3Credentials {
 }
 
 /// An opened store, with every key already under the configured prefix.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Store {
     /// The objects, keyed relative to the prefix.
     pub objects: Arc<dyn ObjectStore>,
     /// A human-readable location (`s3://bucket/prefix`, a path, `memory`), without secrets.
     pub location: String,
+    /// The low-level multipart API of the same store (S3, memory), which names each upload by an id that can
+    /// be recorded and aborted later; keys here are full keys, the prefix included.
+    multipart: Option<Arc<dyn MultipartStore>>,
+    /// The key prefix, without slashes at either end.
+    prefix: String,
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Store")
+            .field("location", &self.location)
+            .field("multipart", &self.multipart.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Store {
     /// A fresh in-memory store, for tests.
     pub fn memory() -> Self {
-        Self { objects: Arc::new(InMemory::new()), location: "memory".to_owned() }
+        let memory = Arc::new(InMemory::new());
+        Self { objects: memory.clone(), location: "memory".to_owned(), multipart: Some(memory), prefix: String::new() }
+    }
+
+    /// The low-level multipart API and the full key of `key` in it, where the store has one.
+    pub fn multipart(&self, key: &ObjectPath) -> Option<(Arc<dyn MultipartStore>, ObjectPath)> {
+        let full =
+            if self.prefix.is_empty() { key.clone() } else { ObjectPath::from(format!("{}/{key}", self.prefix)) };
+        self.multipart.clone().map(|store| (store, full))
     }
 
     /// Opens the store `spec` names; `None` is the local default under `data_dir`. `credentials` overrides
@@ -184,7 +208,10 @@ impl Store {
                 }
                 let s3_store =
                     builder.build().map_err(|source| StoreError::OpenS3 { bucket: s3.bucket.clone(), source })?;
-                Ok(Self::with_prefix(Arc::new(s3_store), &s3.prefix, location))
+                let s3_store = Arc::new(s3_store);
+                let mut store = Self::with_prefix(s3_store.clone(), &s3.prefix, location);
+                store.multipart = Some(s3_store);
+                Ok(store)
             }
             Some(_) => Err(StoreError::InvalidSpec),
         }
@@ -194,16 +221,21 @@ impl Store {
         std::fs::create_dir_all(path).map_err(|source| StoreError::CreateLocalDir { path: path.to_owned(), source })?;
         let fs = LocalFileSystem::new_with_prefix(path)
             .map_err(|source| StoreError::OpenLocal { path: path.to_owned(), source })?;
-        Ok(Self { objects: Arc::new(fs), location: path.display().to_string() })
+        Ok(Self { objects: Arc::new(fs), location: path.display().to_string(), multipart: None, prefix: String::new() })
     }
 
     fn with_prefix(objects: Arc<dyn ObjectStore>, prefix: &str, location: String) -> Self {
         let prefix = prefix.trim_matches('/');
         if prefix.is_empty() {
-            return Self { objects, location };
+            return Self { objects, location, multipart: None, prefix: String::new() };
         }
         let location = format!("{location}/{prefix}");
-        Self { objects: Arc::new(PrefixStore::new(objects, prefix)), location }
+        Self {
+            objects: Arc::new(PrefixStore::new(objects, prefix)),
+            location,
+            multipart: None,
+            prefix: prefix.to_owned(),
+        }
     }
 
     /// Lists one key to check that the store answers, and turns the common failures into clear errors.

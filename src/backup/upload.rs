@@ -2,15 +2,23 @@
 //! an upload that fails or is dropped is aborted, so it leaves no object and no open multipart upload.
 
 use std::io::{self, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use futures::future::BoxFuture;
+use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path as ObjectPath;
-use object_store::{MultipartUpload, ObjectStore, ObjectStoreExt, WriteMultipart};
+use object_store::{MultipartId, MultipartUpload, ObjectStoreExt, PutPayload, PutResult, UploadPart, WriteMultipart};
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 use super::archive::{ArchiveError, ArchiveStats, write_archive};
+use super::store::Store;
+
+/// Where the ids of multipart uploads in progress are recorded, relative to the data directory.
+pub const JOURNAL_DIR: &str = ".atlas/backup-uploads";
 
 /// The size of each uploaded part (S3 needs at least 5 MiB for all but the last).
 pub const PART_SIZE: usize = 8 * 1024 * 1024;
@@ -48,6 +56,8 @@ pub enum UploadError {
     UploadClosed { key: String },
     #[error("the archive writer thread failed")]
     WriterThread { source: tokio::task::JoinError },
+    #[error("record the upload in {path}")]
+    Journal { path: PathBuf, source: io::Error },
 }
 
 impl UploadError {
@@ -66,6 +76,7 @@ impl UploadError {
             }
             Self::WriteArchive { source, .. } => source.category(),
             Self::WriterThread { .. } | Self::UploadClosed { .. } => "internal",
+            Self::Journal { .. } => "local_io",
         }
     }
 }
@@ -118,17 +129,143 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Archives `dir` (tar + zstd at `level`) straight into the object `key` by multipart upload.
+/// Archives `dir` (tar + zstd at `level`) straight into the object `key` by multipart upload. Where the store
+/// has a low-level multipart API, the upload's id is recorded under `journal` until it is completed or
+/// aborted, so an upload whose abort could not reach the store is aborted later by [`abort_stale`].
 pub async fn upload_archive(
-    store: &dyn ObjectStore,
+    store: &Store,
     key: &ObjectPath,
     dir: PathBuf,
     level: i32,
+    journal: &Path,
 ) -> Result<Uploaded, UploadError> {
     let shown = key.to_string();
-    let upload =
-        store.put_multipart(key).await.map_err(|source| UploadError::StartUpload { key: shown.clone(), source })?;
+    let start = |source| UploadError::StartUpload { key: shown.clone(), source };
+    let upload: Box<dyn MultipartUpload> = match store.multipart(key) {
+        Some((multipart, path)) => {
+            let id = multipart.create_multipart(&path).await.map_err(start)?;
+            let record = journal.join(format!("{}.json", hex::encode(Sha256::digest(id.as_bytes()))));
+            let entry = serde_json::to_vec(&JournalEntry { key: path.to_string(), id: id.clone() }).unwrap_or_default();
+            let written = std::fs::create_dir_all(journal).and_then(|()| std::fs::write(&record, entry));
+            let upload = Journaled { store: multipart, path, id, parts: Arc::default(), next: 0, record };
+            if let Err(source) = written {
+                let mut upload = upload;
+                let _ = upload.abort().await;
+                return Err(UploadError::Journal { path: journal.to_owned(), source });
+            }
+            Box::new(upload)
+        }
+        None => store.objects.put_multipart(key).await.map_err(start)?,
+    };
     stream_archive(upload, &shown, dir, level).await
+}
+
+/// One recorded upload.
+#[derive(Debug, Serialize, Deserialize)]
+struct JournalEntry {
+    key: String,
+    id: MultipartId,
+}
+
+/// Aborts the uploads recorded under `journal` by backups that failed while the store was unreachable (or
+/// were killed), forgetting each once the store has no such upload. One that still cannot be aborted stays
+/// recorded for the next time; it does not stop this backup.
+pub async fn abort_stale(store: &Store, journal: &Path) {
+    let Ok(entries) = std::fs::read_dir(journal) else { return };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Ok(entry) =
+            std::fs::read(&path).map_err(drop).and_then(|b| serde_json::from_slice::<JournalEntry>(&b).map_err(drop))
+        else {
+            let _ = std::fs::remove_file(&path);
+            continue;
+        };
+        let Some((multipart, _)) = store.multipart(&ObjectPath::from("")) else { return };
+        match multipart.abort_multipart(&ObjectPath::from(entry.key.as_str()), &entry.id).await {
+            Ok(()) => {
+                tracing::info!(key = %entry.key, "aborted the multipart upload of an earlier failed backup");
+                let _ = std::fs::remove_file(&path);
+            }
+            Err(object_store::Error::NotFound { .. }) => {
+                let _ = std::fs::remove_file(&path);
+            }
+            Err(error) if error.to_string().contains("NoSuchUpload") => {
+                let _ = std::fs::remove_file(&path);
+            }
+            Err(error) => {
+                tracing::warn!(%error, key = %entry.key, "the multipart upload of an earlier failed backup could not be aborted yet");
+            }
+        }
+    }
+}
+
+/// A multipart upload through [`MultipartStore`], which knows its id, and whose journal record is removed
+/// once it is completed or aborted.
+struct Journaled {
+    store: Arc<dyn MultipartStore>,
+    path: ObjectPath,
+    id: MultipartId,
+    parts: Arc<Mutex<Vec<Option<PartId>>>>,
+    next: usize,
+    record: PathBuf,
+}
+
+impl std::fmt::Debug for Journaled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Journaled").field("path", &self.path).field("id", &self.id).finish_non_exhaustive()
+    }
+}
+
+type BoxedResult<'a, T> = BoxFuture<'a, object_store::Result<T>>;
+
+// Written out by hand: the trait is `#[async_trait]` and this crate does not depend on async-trait.
+impl MultipartUpload for Journaled {
+    fn put_part(&mut self, data: PutPayload) -> UploadPart {
+        let index = self.next;
+        self.next += 1;
+        let (store, path, id, parts) = (self.store.clone(), self.path.clone(), self.id.clone(), self.parts.clone());
+        Box::pin(async move {
+            let part = store.put_part(&path, &id, index, data).await?;
+            let mut parts = parts.lock().map_err(|_| object_store::Error::Generic {
+                store: "multipart",
+                source: "the part list lock was poisoned".into(),
+            })?;
+            if parts.len() <= index {
+                parts.resize(index + 1, None);
+            }
+            parts[index] = Some(part);
+            Ok(())
+        })
+    }
+
+    fn complete<'life0, 'async_trait>(&'life0 mut self) -> BoxedResult<'async_trait, PutResult>
+    where
+        'life0: 'async_trait,
+        Self: 'async_trait,
+    {
+        Box::pin(async move {
+            let parts: Option<Vec<PartId>> =
+                self.parts.lock().ok().and_then(|parts| parts.iter().cloned().collect::<Option<Vec<_>>>());
+            let Some(parts) = parts else {
+                return Err(object_store::Error::Generic { store: "multipart", source: "a part is missing".into() });
+            };
+            let done = self.store.complete_multipart(&self.path, &self.id, parts).await?;
+            let _ = std::fs::remove_file(&self.record);
+            Ok(done)
+        })
+    }
+
+    fn abort<'life0, 'async_trait>(&'life0 mut self) -> BoxedResult<'async_trait, ()>
+    where
+        'life0: 'async_trait,
+        Self: 'async_trait,
+    {
+        Box::pin(async move {
+            self.store.abort_multipart(&self.path, &self.id).await?;
+            let _ = std::fs::remove_file(&self.record);
+            Ok(())
+        })
+    }
 }
 
 /// Archives `dir` into an upload already started (`key` names it in errors): the part of

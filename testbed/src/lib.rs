@@ -162,6 +162,15 @@ impl Processes {
         Ok(())
     }
 
+    /// Kills the process group of `name`, keeping the bed's directory (its data) for a restart.
+    pub fn kill(&mut self, name: &str) {
+        if let Some(index) = self.children.iter().position(|(n, _)| n == name) {
+            let (_, mut child) = self.children.remove(index);
+            let _ = quiet_kill("KILL", &child.id().to_string());
+            let _ = child.wait();
+        }
+    }
+
     /// Kills every process group (newest first) and removes the bed's directory.
     pub fn stop(&mut self) {
         for (_, child) in self.children.iter_mut().rev() {
@@ -361,6 +370,50 @@ pub struct S3Processes {
     pub processes: Processes,
     /// Where and how to reach it.
     pub endpoint: S3Endpoint,
+    /// The filer's HTTP address (`http://127.0.0.1:PORT`): SeaweedFS keeps each multipart upload in
+    /// progress there as a directory `/buckets/BUCKET/.uploads/ID/` (S3's ListMultipartUploads reads it).
+    pub filer: String,
+    s3_port: u16,
+    args: Vec<String>,
+}
+
+impl S3Processes {
+    /// Kills SeaweedFS at once, as an outage would, keeping its data for [`S3Processes::restart`].
+    pub fn kill(&mut self) {
+        self.processes.kill("weed");
+    }
+
+    /// Starts SeaweedFS again on the same ports and data, and waits until S3 answers.
+    pub fn restart(&mut self) -> Result<()> {
+        let weed = bin("weed")?;
+        self.processes.spawn("weed", &weed, self.args.clone())?;
+        wait_s3_ready(&mut self.processes, self.s3_port, &self.endpoint)
+    }
+
+    /// The ids of the multipart uploads in progress in `bucket`, read from the filer.
+    pub async fn uploads_in_progress(&self, bucket: &str) -> Result<Vec<String>> {
+        let url = format!("{}/buckets/{bucket}/.uploads/?limit=10000", self.filer);
+        let client = reqwest::Client::builder().no_proxy().build()?;
+        let response = client.get(&url).header("Accept", "application/json").send().await?;
+        if response.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(Vec::new());
+        }
+        let status = response.status();
+        let body = response.text().await?;
+        if !status.is_success() {
+            bail!("GET {url}: {status}: {body}");
+        }
+        let listing: serde_json::Value = serde_json::from_str(&body).with_context(|| format!("GET {url}: {body}"))?;
+        Ok(listing["Entries"]
+            .as_array()
+            .map(|entries| {
+                entries
+                    .iter()
+                    .filter_map(|e| e["FullPath"].as_str().map(|p| p.rsplit('/').next().unwrap_or(p).to_owned()))
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
 }
 
 /// Starts `weed mini` with an S3 identity on free loopback ports and waits until S3 answers.
@@ -380,6 +433,7 @@ pub fn start_s3() -> Result<S3Processes> {
 
     // weed mini opens a port for every component; pin each one to a free port.
     let s3_port = free_port()?;
+    let filer_port = free_port()?;
     let mut args = vec![
         "mini".to_owned(),
         format!("-dir={}", dir.join("data").display()),
@@ -389,11 +443,11 @@ pub fn start_s3() -> Result<S3Processes> {
         "-admin.ui=false".to_owned(),
         "-webdav=false".to_owned(),
         format!("-s3.port={s3_port}"),
+        format!("-filer.port={filer_port}"),
     ];
     for flag in [
         "master.port",
         "master.port.grpc",
-        "filer.port",
         "filer.port.grpc",
         "volume.port",
         "volume.port.grpc",
@@ -405,22 +459,27 @@ pub fn start_s3() -> Result<S3Processes> {
     ] {
         args.push(format!("-{flag}={}", free_port()?));
     }
-    processes.spawn("weed", &weed, args)?;
+    processes.spawn("weed", &weed, &args)?;
 
     let endpoint = S3Endpoint { endpoint: format!("http://127.0.0.1:{s3_port}"), access_key, secret_key };
+    wait_s3_ready(&mut processes, s3_port, &endpoint)?;
+    Ok(S3Processes { processes, endpoint, filer: format!("http://127.0.0.1:{filer_port}"), s3_port, args })
+}
+
+fn wait_s3_ready(processes: &mut Processes, s3_port: u16, endpoint: &S3Endpoint) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         processes.check_alive("weed")?;
         // A bucket create is the real readiness signal: the filer and a volume must be up for it.
-        if port_open(s3_port) && create_bucket_blocking(&endpoint, "atlas-ready-probe").is_ok() {
-            break;
+        // A fresh name each time: a restarted SeaweedFS still has the buckets made before.
+        if port_open(s3_port) && create_bucket_blocking(endpoint, &unique("atlas-ready-probe").to_lowercase()).is_ok() {
+            return Ok(());
         }
         if Instant::now() > deadline {
-            bail!("SeaweedFS S3 was not ready after 60 s; see {}", dir.join("weed.log").display());
+            bail!("SeaweedFS S3 was not ready after 60 s; see {}", processes.dir().join("weed.log").display());
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    Ok(S3Processes { processes, endpoint })
 }
 
 fn s3_bucket(endpoint: &S3Endpoint, name: &str) -> Result<(rusty_s3::Bucket, rusty_s3::Credentials)> {
