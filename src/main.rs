@@ -296,7 +296,7 @@ async fn run(command: Command, log_format: LogFormat) -> anyhow::Result<()> {
         Command::Stop(args) => lifecycle(&args, "/v1/stop", "stopped").await,
         Command::Restart(args) => lifecycle(&args, "/v1/restart", "restarting").await,
         Command::Pack(command) => pack(command, log_format).await,
-        Command::Backup(command) => backup(command).await,
+        Command::Backup(command) => backup(command, log_format).await,
         Command::Crd => {
             let yaml = atlas_runner::api::crd_yaml().context("render the CRD")?;
             tracing::debug!(bytes = yaml.len(), "rendered the MinecraftServer CRD");
@@ -722,17 +722,82 @@ fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
 
-async fn backup(command: BackupCommand) -> anyhow::Result<()> {
+/// On a terminal, a progress line (stage, bytes, rate, ETA) redrawn while a backup uploads or downloads;
+/// elsewhere the backup logs its milestones instead. Dropping the handle stops it.
+struct BackupProgressLine(Option<tokio::task::JoinHandle<()>>);
+
+impl BackupProgressLine {
+    fn show(progress: &std::sync::Arc<atlas_runner::backup::Progress>, log_format: LogFormat) -> Self {
+        use atlas_runner::backup::Stage;
+        use std::io::IsTerminal;
+        if log_format != LogFormat::Text || !std::io::stderr().is_terminal() {
+            return Self(None);
+        }
+        let progress = progress.clone();
+        Self(Some(tokio::spawn(async move {
+            // The stage, when this line first saw it, and how much was done then: the rate counts from there.
+            let mut stage_started = (Stage::Preparing, std::time::Instant::now(), 0);
+            loop {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                let (stage, done, total) = progress.snapshot();
+                if stage != stage_started.0 {
+                    stage_started = (stage, std::time::Instant::now(), done);
+                }
+                let label = match stage {
+                    Stage::Preparing => {
+                        let _ = write!(
+                            std::io::stderr(),
+                            "\rcapturing... {:.0}s   ",
+                            stage_started.1.elapsed().as_secs_f64()
+                        );
+                        continue;
+                    }
+                    Stage::Uploading => "archiving and uploading",
+                    Stage::Downloading => "downloading",
+                };
+                let secs = stage_started.1.elapsed().as_secs_f64().max(0.001);
+                let rate = done.saturating_sub(stage_started.2) as f64 / secs;
+                let eta = if total > done && rate > 0.0 {
+                    format!("  ETA {:.0}s", (total - done) as f64 / rate)
+                } else {
+                    String::new()
+                };
+                let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+                let _ = write!(
+                    std::io::stderr(),
+                    "\r{label} {:.1}/{:.1} MiB  {:.1} MiB/s{eta}   ",
+                    mib(done),
+                    mib(total),
+                    rate / (1024.0 * 1024.0)
+                );
+            }
+        })))
+    }
+}
+
+impl Drop for BackupProgressLine {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.take() {
+            task.abort();
+            let _ = writeln!(std::io::stderr());
+        }
+    }
+}
+
+async fn backup(command: BackupCommand, log_format: LogFormat) -> anyhow::Result<()> {
     use atlas_runner::backup as lib;
     use atlas_runner::runner::backup::{self as ops, BackupFailure, TakenBy};
     let fail = |e: lib::BackupError| BackupFailure::from_error(e.category(), &e);
+    let progress = std::sync::Arc::new(lib::Progress::default());
     match command {
         BackupCommand::Create(args) => {
             let (spec, store) = backup_store(&args.backup)?;
             let registry = prometheus::Registry::new();
             let metrics = atlas_runner::metrics::BackupMetrics::register(&registry)?;
             let started = std::time::Instant::now();
-            let taken = ops::create_via_runner_or_offline(&args.backup.data, &spec, &store).await;
+            let line = BackupProgressLine::show(&progress, log_format);
+            let taken = ops::create_via_runner_or_offline(&args.backup.data, &spec, &store, progress.clone()).await;
+            drop(line);
             let outcome = taken.as_ref().map(|(m, _)| m).map_err(|f| match f.category.as_str() {
                 // The metric label must be static: the runner's categories are folded into known words.
                 "busy" => "busy",
@@ -799,7 +864,10 @@ async fn backup(command: BackupCommand) -> anyhow::Result<()> {
         BackupCommand::Verify(args) => {
             let (_, store) = backup_store(&args.backup)?;
             let scratch = runner::atlas_dir(&args.backup.data).join("verify");
-            let manifest = lib::verify(&store, &args.name, &scratch).await.map_err(fail)?;
+            let line = BackupProgressLine::show(&progress, log_format);
+            let verified = lib::verify_with_progress(&store, &args.name, &scratch, &progress).await;
+            drop(line);
+            let manifest = verified.map_err(fail)?;
             if args.backup.json {
                 return print_json(&manifest);
             }
@@ -815,7 +883,10 @@ async fn backup(command: BackupCommand) -> anyhow::Result<()> {
         }
         BackupCommand::Restore(args) => {
             let (_, store) = backup_store(&args.backup)?;
-            let report = ops::restore_via_runner_or_offline(&args.backup.data, &store, &args.name).await?;
+            let line = BackupProgressLine::show(&progress, log_format);
+            let report = ops::restore_via_runner_or_offline(&args.backup.data, &store, &args.name, &progress).await;
+            drop(line);
+            let report = report?;
             let previous: Vec<String> = report.restored.previous.iter().map(|p| p.display().to_string()).collect();
             if args.backup.json {
                 return print_json(&serde_json::json!({

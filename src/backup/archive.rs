@@ -47,11 +47,21 @@ impl ArchiveError {
 /// Writes a zstd-compressed tar of everything under `dir` (names relative to it, in sorted order, symlinks
 /// stored as links) into `out`, and returns what it held. Blocking: run it on a blocking thread.
 pub fn write_archive<W: Write>(dir: &Path, out: W, level: i32) -> Result<ArchiveStats, ArchiveError> {
+    write_archive_counted(dir, out, level, &super::Progress::default())
+}
+
+/// [`write_archive`], adding each file's size to `progress` once it is archived.
+pub fn write_archive_counted<W: Write>(
+    dir: &Path,
+    out: W,
+    level: i32,
+    progress: &super::Progress,
+) -> Result<ArchiveStats, ArchiveError> {
     let encoder = zstd::Encoder::new(out, level).map_err(|source| ArchiveError::StartEncoder { source })?;
     let mut builder = tar::Builder::new(encoder);
     builder.follow_symlinks(false);
     let mut stats = ArchiveStats::default();
-    append_tree(&mut builder, dir, Path::new(""), &mut stats)?;
+    append_tree(&mut builder, dir, Path::new(""), &mut stats, progress)?;
     let encoder = builder.into_inner().map_err(|source| ArchiveError::FinishArchive { source })?;
     let mut out = encoder.finish().map_err(|source| ArchiveError::FinishArchive { source })?;
     out.flush().map_err(|source| ArchiveError::FinishArchive { source })?;
@@ -63,6 +73,7 @@ fn append_tree<W: Write>(
     root: &Path,
     rel: &Path,
     stats: &mut ArchiveStats,
+    progress: &super::Progress,
 ) -> Result<(), ArchiveError> {
     let dir = root.join(rel);
     let walk = |source| ArchiveError::WalkDir { path: dir.clone(), source };
@@ -75,13 +86,15 @@ fn append_tree<W: Write>(
         let append = |source| ArchiveError::AppendEntry { path: path.clone(), source };
         if kind.is_dir() {
             builder.append_dir(&name, &path).map_err(append)?;
-            append_tree(builder, root, &name, stats)?;
+            append_tree(builder, root, &name, stats, progress)?;
         } else {
+            let size = if kind.is_file() { entry.metadata().map_err(append)?.len() } else { 0 };
             if kind.is_file() {
                 stats.files += 1;
-                stats.raw_bytes += entry.metadata().map_err(append)?.len();
+                stats.raw_bytes += size;
             }
             builder.append_path_with_name(&path, &name).map_err(append)?;
+            progress.add(size);
         }
     }
     Ok(())

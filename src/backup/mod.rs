@@ -178,6 +178,51 @@ pub fn lock(data_dir: &Path) -> Result<BackupLock, BackupError> {
     Ok(BackupLock { _file: file })
 }
 
+/// What a long backup operation is doing, for a progress display: polled, never waited on.
+#[derive(Debug, Default)]
+pub struct Progress {
+    stage: std::sync::atomic::AtomicU8,
+    done: std::sync::atomic::AtomicU64,
+    total: std::sync::atomic::AtomicU64,
+}
+
+/// The stage a [`Progress`] reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Nothing measurable yet (capturing).
+    Preparing,
+    /// Archiving and uploading: bytes of world archived.
+    Uploading,
+    /// Downloading an archive: bytes downloaded.
+    Downloading,
+}
+
+impl Progress {
+    /// Starts `stage` with `total` bytes to go.
+    pub fn start(&self, stage: Stage, total: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.stage.store(stage as u8, Relaxed);
+        self.done.store(0, Relaxed);
+        self.total.store(total, Relaxed);
+    }
+
+    /// Counts `bytes` more done.
+    pub fn add(&self, bytes: u64) {
+        self.done.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The stage, bytes done and bytes in all.
+    pub fn snapshot(&self) -> (Stage, u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let stage = match self.stage.load(Relaxed) {
+            1 => Stage::Uploading,
+            2 => Stage::Downloading,
+            _ => Stage::Preparing,
+        };
+        (stage, self.done.load(Relaxed), self.total.load(Relaxed))
+    }
+}
+
 /// What `create` needs besides the store.
 #[derive(Debug, Clone)]
 pub struct CreateOptions {
@@ -195,6 +240,8 @@ pub struct CreateOptions {
     pub server_version: Option<String>,
     /// Recorded in the manifest.
     pub pack_version: Option<String>,
+    /// Where the upload reports how far it got.
+    pub progress: std::sync::Arc<Progress>,
 }
 
 impl CreateOptions {
@@ -208,6 +255,7 @@ impl CreateOptions {
             flush_timeout: Duration::from_secs(60),
             server_version: None,
             pack_version: None,
+            progress: std::sync::Arc::default(),
         }
     }
 
@@ -294,7 +342,10 @@ async fn create_from_mirror(
     let key = archive_key(name);
     let journal = options.data_dir.join(upload::JOURNAL_DIR);
     let upload_started = std::time::Instant::now();
-    let uploaded = upload::upload_archive(store, &key, staging.to_owned(), options.compression_level, &journal).await?;
+    let progress = options.progress.clone();
+    progress.start(Stage::Uploading, capture.bytes);
+    let uploaded =
+        upload::upload_archive(store, &key, staging.to_owned(), options.compression_level, &journal, progress).await?;
     let upload_ms = u64::try_from(upload_started.elapsed().as_millis()).unwrap_or(u64::MAX);
     let manifest = Manifest {
         format: MANIFEST_FORMAT,
@@ -385,7 +436,13 @@ pub async fn manifest(store: &Store, name: &str) -> Result<Manifest, BackupError
 }
 
 /// Downloads the archive of `manifest` to `path`, checking its size and SHA-256 against the manifest.
-async fn download_checked(store: &Store, manifest: &Manifest, path: &Path) -> Result<(), BackupError> {
+async fn download_checked(
+    store: &Store,
+    manifest: &Manifest,
+    path: &Path,
+    progress: &Progress,
+) -> Result<(), BackupError> {
+    progress.start(Stage::Downloading, manifest.archive_bytes);
     let key = ObjectPath::from(manifest.archive_key.as_str());
     let download = |source| BackupError::Download { key: manifest.archive_key.clone(), source };
     let save = |source| BackupError::SaveDownload { path: path.to_owned(), source };
@@ -396,6 +453,7 @@ async fn download_checked(store: &Store, manifest: &Manifest, path: &Path) -> Re
     while let Some(chunk) = stream.try_next().await.map_err(download)? {
         hasher.update(&chunk);
         size += chunk.len() as u64;
+        progress.add(chunk.len() as u64);
         file.write_all(&chunk).await.map_err(save)?;
     }
     file.flush().await.map_err(save)?;
@@ -432,11 +490,26 @@ fn check_counts(manifest: &Manifest, stats: ArchiveStats) -> Result<(), BackupEr
 /// Downloads the backup `name` into `scratch` (a local directory, emptied of the download afterwards) and
 /// checks its size, SHA-256, and that the zstd tar reads to its end with the manifest's file count.
 pub async fn verify(store: &Store, name: &str, scratch: &Path) -> Result<Manifest, BackupError> {
+    verify_with_progress(store, name, scratch, &Progress::default()).await
+}
+
+/// [`verify`], reporting the download on `progress`.
+pub async fn verify_with_progress(
+    store: &Store,
+    name: &str,
+    scratch: &Path,
+    progress: &Progress,
+) -> Result<Manifest, BackupError> {
     let manifest = manifest(store, name).await?;
     local_dir(scratch)?;
     let file = scratch.join(format!("verify-{name}.tar.zst"));
     let result = async {
-        download_checked(store, &manifest, &file).await?;
+        download_checked(store, &manifest, &file, progress).await?;
+        tracing::info!(
+            backup = name,
+            bytes = manifest.archive_bytes,
+            "archive downloaded, digest checked; reading it through"
+        );
         let path = file.clone();
         let key = manifest.archive_key.clone();
         let stats = tokio::task::spawn_blocking(move || {
@@ -504,6 +577,16 @@ impl Drop for StagedRestore {
 /// Downloads the backup `name` and checks it in full into `DATA/.atlas/restore-NAME`. A missing, corrupt or
 /// truncated archive fails here, before anything live is touched.
 pub async fn stage_restore(store: &Store, name: &str, data_dir: &Path) -> Result<StagedRestore, BackupError> {
+    stage_restore_with_progress(store, name, data_dir, &Progress::default()).await
+}
+
+/// [`stage_restore`], reporting the download on `progress`.
+pub async fn stage_restore_with_progress(
+    store: &Store,
+    name: &str,
+    data_dir: &Path,
+    progress: &Progress,
+) -> Result<StagedRestore, BackupError> {
     let manifest = manifest(store, name).await?;
     // The digest covers the archive, not the manifest: its names become paths, so they must be plain names.
     for root in manifest.worlds.iter().chain(&manifest.roots) {
@@ -523,7 +606,12 @@ pub async fn stage_restore(store: &Store, name: &str, data_dir: &Path) -> Result
     // From here the guard removes the work directory on every error path.
     let staged = StagedRestore { manifest, data_dir: data_dir.to_owned(), work };
     let file = staged.work.join("archive.tar.zst");
-    download_checked(store, &staged.manifest, &file).await?;
+    download_checked(store, &staged.manifest, &file, progress).await?;
+    tracing::info!(
+        backup = name,
+        bytes = staged.manifest.archive_bytes,
+        "archive downloaded, digest checked; extracting it"
+    );
     let (path, dest, roots, key) =
         (file.clone(), tree.clone(), staged.manifest.roots.clone(), staged.manifest.archive_key.clone());
     let stats = tokio::task::spawn_blocking(move || {

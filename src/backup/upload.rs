@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
-use super::archive::{ArchiveError, ArchiveStats, write_archive};
+use super::Progress;
+use super::archive::{ArchiveError, ArchiveStats, write_archive_counted};
 use super::store::Store;
 
 /// Where the ids of multipart uploads in progress are recorded, relative to the data directory.
@@ -138,6 +139,7 @@ pub async fn upload_archive(
     dir: PathBuf,
     level: i32,
     journal: &Path,
+    progress: Arc<Progress>,
 ) -> Result<Uploaded, UploadError> {
     let shown = key.to_string();
     let start = |source| UploadError::StartUpload { key: shown.clone(), source };
@@ -157,7 +159,7 @@ pub async fn upload_archive(
         }
         None => store.objects.put_multipart(key).await.map_err(start)?,
     };
-    stream_archive(upload, &shown, dir, level).await
+    stream(upload, &shown, dir, level, progress).await
 }
 
 /// One recorded upload.
@@ -276,6 +278,16 @@ pub async fn stream_archive(
     dir: PathBuf,
     level: i32,
 ) -> Result<Uploaded, UploadError> {
+    stream(upload, key, dir, level, Arc::default()).await
+}
+
+async fn stream(
+    upload: Box<dyn MultipartUpload>,
+    key: &str,
+    dir: PathBuf,
+    level: i32,
+    progress: Arc<Progress>,
+) -> Result<Uploaded, UploadError> {
     let shown = key.to_owned();
     let mut guard = AbortOnDrop(Some(WriteMultipart::new_with_chunk_size(upload, PART_SIZE)));
 
@@ -283,7 +295,7 @@ pub async fn stream_archive(
     let writer_dir = dir.clone();
     let writer = tokio::task::spawn_blocking(move || {
         let mut out = ChannelWriter { buf: Vec::with_capacity(CHUNK_SIZE), tx };
-        write_archive(&writer_dir, &mut out, level)
+        write_archive_counted(&writer_dir, &mut out, level, &progress)
     });
 
     let mut hasher = Sha256::new();

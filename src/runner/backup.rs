@@ -305,6 +305,7 @@ pub async fn create_via_runner_or_offline(
     data_dir: &std::path::Path,
     spec: &MinecraftServerSpec,
     store: &Store,
+    progress: Arc<backup::Progress>,
 ) -> Result<(Manifest, TakenBy), BackupFailure> {
     match client::call(&client::socket_path(data_dir), "POST", "/v1/backup", None).await {
         Ok(bytes) => {
@@ -316,7 +317,8 @@ pub async fn create_via_runner_or_offline(
         Err(e) => return Err(BackupFailure::from_error(e.category(), &e)),
     }
     let _runner_lock = offline_lock(data_dir)?;
-    let options = CreateOptions::from_spec(data_dir, spec.backup.as_ref());
+    let mut options = CreateOptions::from_spec(data_dir, spec.backup.as_ref());
+    options.progress = progress;
     let manifest = backup::create(store, &options).await.map_err(backup_failure)?;
     Ok((manifest, TakenBy::Offline))
 }
@@ -340,10 +342,11 @@ pub async fn restore_via_runner_or_offline(
     data_dir: &std::path::Path,
     store: &Store,
     name: &str,
+    progress: &backup::Progress,
 ) -> Result<RestoreReport, BackupFailure> {
     // Held throughout: no capture (a scheduled one included) may read a half-swapped world.
     let lock = backup::lock(data_dir).map_err(backup_failure)?;
-    let staged = backup::stage_restore(store, name, data_dir).await.map_err(backup_failure)?;
+    let staged = backup::stage_restore_with_progress(store, name, data_dir, progress).await.map_err(backup_failure)?;
     tracing::info!(backup = name, "backup downloaded and checked; replacing the world");
     let socket = client::socket_path(data_dir);
     let status = match client::call(&socket, "GET", "/v1/status", None).await {
