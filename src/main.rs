@@ -798,12 +798,7 @@ async fn backup(command: BackupCommand, log_format: LogFormat) -> anyhow::Result
             let line = BackupProgressLine::show(&progress, log_format);
             let taken = ops::create_via_runner_or_offline(&args.backup.data, &spec, &store, progress.clone()).await;
             drop(line);
-            let outcome = taken.as_ref().map(|(m, _)| m).map_err(|f| match f.category.as_str() {
-                // The metric label must be static: the runner's categories are folded into known words.
-                "busy" => "busy",
-                "runner" => "runner",
-                _ => "backup",
-            });
+            let outcome = taken.as_ref().map(|(m, _)| m).map_err(|f| f.category);
             metrics.observe(outcome, started.elapsed());
             if let Some(path) = &args.metrics_textfile {
                 let tmp = path.with_extension("tmp");

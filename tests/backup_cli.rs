@@ -119,8 +119,25 @@ async fn create_list_verify_restore_through_the_cli_gives_a_byte_identical_world
     write_world(&fixture.data)?;
     let before = (tree(&fixture.data.join("world"))?, tree(&fixture.data.join("world_nether"))?);
 
-    let created: Manifest = serde_json::from_str(&ok(backup_cli(&fixture, "create", &["--json"])?, "create")?)?;
+    let textfile = fixture.root.join("backup.prom");
+    let textfile_arg = textfile.display().to_string();
+    let created: Manifest = serde_json::from_str(&ok(
+        backup_cli(&fixture, "create", &["--json", "--metrics-textfile", &textfile_arg])?,
+        "create",
+    )?)?;
     assert_eq!(created.worlds, ["world", "world_nether"]);
+    // The run's metrics, as node_exporter's textfile collector reads them.
+    let metrics = std::fs::read_to_string(&textfile)?;
+    for line in [
+        "atlas_backup_duration_seconds_count 1".to_owned(),
+        format!("atlas_backup_size_bytes {}", created.archive_bytes),
+        format!("atlas_backup_uploaded_bytes_total {}", created.archive_bytes),
+        "atlas_backup_save_off_seconds 0".to_owned(),
+    ] {
+        assert!(metrics.contains(&line), "the textfile lacks {line:?}:\n{metrics}");
+    }
+    assert!(!metrics.contains("atlas_backup_last_success_timestamp_seconds 0\n"), "{metrics}");
+    promtool_check(&metrics)?;
     assert_eq!(created.files, 47);
     assert!(created.save_off_ms.is_none(), "no runner, so no RCON: {created:?}");
     let listed: Vec<Manifest> = serde_json::from_str(&ok(backup_cli(&fixture, "list", &["--json"])?, "list")?)?;

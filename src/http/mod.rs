@@ -150,7 +150,7 @@ async fn backup(State(shared): State<Shared>) -> Response {
     match shared.backups.create_now(&shared).await {
         Ok(manifest) => axum::Json(manifest).into_response(),
         Err(failure) => {
-            let status = match failure.category.as_str() {
+            let status = match failure.category {
                 "busy" | "server_busy" | "not_ready" => StatusCode::CONFLICT,
                 _ => StatusCode::INTERNAL_SERVER_ERROR,
             };

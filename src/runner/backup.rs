@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -37,18 +36,18 @@ pub struct Backups {
 }
 
 /// A failed backup as the control API reports it: a static category and one line saying what happened.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
 pub struct BackupFailure {
     /// The error's category (the metric label).
-    pub category: String,
+    pub category: &'static str,
     /// What went wrong, with its causes, and what to do.
     pub message: String,
 }
 
 impl BackupFailure {
     fn new(category: &'static str, message: String) -> Self {
-        Self { category: category.to_owned(), message }
+        Self { category, message }
     }
 
     /// A failure from `error`, its causes on one line, and what to do about it when that is not obvious.
