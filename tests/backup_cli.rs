@@ -115,7 +115,7 @@ async fn s3_put(bucket: &TestBucket, key: &str, body: bytes::Bytes) -> Result<()
 async fn create_list_verify_restore_through_the_cli_gives_a_byte_identical_world() -> Result<()> {
     let fixture = Fixture::new("backup-cli")?;
     let bucket = TestS3::shared().await?.bucket("backup-cli").await?;
-    add_backup_spec(&fixture, &bucket, "")?;
+    add_backup_spec(&fixture, &bucket, "    retention: {keepLast: 1}\n")?;
     write_world(&fixture.data)?;
     let before = (tree(&fixture.data.join("world"))?, tree(&fixture.data.join("world_nether"))?);
 
@@ -171,6 +171,14 @@ async fn create_list_verify_restore_through_the_cli_gives_a_byte_identical_world
     assert!(tree(&fixture.data.join("world"))? == live, "the live world changed");
     let line = error_line(&backup_cli(&fixture, "verify", &[&created.name])?, "verify of a truncated archive")?;
     assert!(line.contains("truncated"), "{line}");
+
+    // prune applies spec.backup.retention (keepLast 1): the newer backup stays, the older one goes.
+    let newer: Manifest = serde_json::from_str(&ok(backup_cli(&fixture, "create", &["--json"])?, "create")?)?;
+    let pruned: serde_json::Value = serde_json::from_str(&ok(backup_cli(&fixture, "prune", &["--json"])?, "prune")?)?;
+    assert_eq!(pruned["kept"], serde_json::json!([newer.name]), "{pruned}");
+    assert_eq!(pruned["deleted"], serde_json::json!([created.name]), "{pruned}");
+    let listed: Vec<Manifest> = serde_json::from_str(&ok(backup_cli(&fixture, "list", &["--json"])?, "list")?)?;
+    assert_eq!(listed, [newer]);
     Ok(())
 }
 
