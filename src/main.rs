@@ -649,6 +649,9 @@ fn print_status(status: &RunnerStatus, json: bool) -> anyhow::Result<()> {
     if let Some(reason) = &status.last_exit_reason {
         writeln!(out, "last exit: {reason}")?;
     }
+    if let Some(backup) = &status.last_backup {
+        writeln!(out, "backup:    {} ({} bytes)", backup.name, backup.size_bytes)?;
+    }
     Ok(())
 }
 

@@ -194,6 +194,7 @@ async fn restore_through_a_running_runner_stops_takes_a_safety_backup_and_restar
     // Through the runner: saving paused over RCON, the window measured.
     let created: Manifest = serde_json::from_str(&ok(backup_cli(&fixture, "create", &["--json"])?, "create")?)?;
     let window = created.save_off_ms.context("a backup through the runner measures the save-off window")?;
+    assert_eq!(runner.status()?["lastBackup"]["name"], created.name.as_str(), "status shows the last backup");
     assert!(window < 5000, "saving was off for {window} ms");
     assert_eq!(created.server_version.as_deref(), Some("1.21.4"));
     // The capture mirror the backup was archived from holds a whole region file, never a torn one.

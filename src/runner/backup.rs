@@ -115,7 +115,16 @@ impl Backups {
         let result = self.create_inner(shared).await;
         self.metrics.observe(result.as_ref().map_err(|(category, _)| *category), started.elapsed());
         match result {
-            Ok(manifest) => Ok(manifest),
+            Ok(manifest) => {
+                shared.status.send_modify(|s| {
+                    s.last_backup = Some(crate::api::BackupRef {
+                        name: manifest.name.clone(),
+                        time: manifest.time.to_string(),
+                        size_bytes: manifest.archive_bytes,
+                    });
+                });
+                Ok(manifest)
+            }
             Err((category, message)) => {
                 tracing::error!(category, "backup failed: {message}");
                 Err(BackupFailure::new(category, message))

@@ -50,6 +50,9 @@ pub struct RunnerStatus {
     /// Why the server last exited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_exit_reason: Option<String>,
+    /// The last backup this runner took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_backup: Option<crate::api::BackupRef>,
 }
 
 impl Default for RunnerStatus {
@@ -67,6 +70,7 @@ impl Default for RunnerStatus {
             pid: None,
             restarts: 0,
             last_exit_reason: None,
+            last_backup: None,
         }
     }
 }
