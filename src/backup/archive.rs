@@ -47,17 +47,22 @@ impl ArchiveError {
 /// Writes a zstd-compressed tar of everything under `dir` (names relative to it, in sorted order, symlinks
 /// stored as links) into `out`, and returns what it held. Blocking: run it on a blocking thread.
 pub fn write_archive<W: Write>(dir: &Path, out: W, level: i32) -> Result<ArchiveStats, ArchiveError> {
-    write_archive_counted(dir, out, level, &super::Progress::default())
+    write_archive_counted(dir, out, level, 1, &super::Progress::default())
 }
 
-/// [`write_archive`], adding each file's size to `progress` once it is archived.
+/// [`write_archive`] compressing on `threads` threads (zstd's workers; the output is one ordinary zstd
+/// stream either way), adding each file's size to `progress` once it is archived.
 pub fn write_archive_counted<W: Write>(
     dir: &Path,
     out: W,
     level: i32,
+    threads: u32,
     progress: &super::Progress,
 ) -> Result<ArchiveStats, ArchiveError> {
-    let encoder = zstd::Encoder::new(out, level).map_err(|source| ArchiveError::StartEncoder { source })?;
+    let mut encoder = zstd::Encoder::new(out, level).map_err(|source| ArchiveError::StartEncoder { source })?;
+    if threads > 1 {
+        encoder.multithread(threads).map_err(|source| ArchiveError::StartEncoder { source })?;
+    }
     let mut builder = tar::Builder::new(encoder);
     builder.follow_symlinks(false);
     let mut stats = ArchiveStats::default();

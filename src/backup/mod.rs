@@ -242,6 +242,16 @@ pub struct CreateOptions {
     pub pack_version: Option<String>,
     /// Where the upload reports how far it got.
     pub progress: std::sync::Arc<Progress>,
+    /// zstd worker threads; `None` picks [`default_threads`].
+    pub compression_threads: Option<u32>,
+}
+
+/// Compression threads when none are configured: every core (up to 4) with no server running; with one
+/// running, one core fewer, so the archive never competes with the server's tick thread for the last one.
+pub fn default_threads(server_running: bool) -> u32 {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cores = if server_running { cores.saturating_sub(1) } else { cores };
+    u32::try_from(cores.clamp(1, 4)).unwrap_or(1)
 }
 
 impl CreateOptions {
@@ -256,6 +266,7 @@ impl CreateOptions {
             server_version: None,
             pack_version: None,
             progress: std::sync::Arc::default(),
+            compression_threads: None,
         }
     }
 
@@ -344,8 +355,10 @@ async fn create_from_mirror(
     let upload_started = std::time::Instant::now();
     let progress = options.progress.clone();
     progress.start(Stage::Uploading, capture.bytes);
+    let threads = options.compression_threads.unwrap_or_else(|| default_threads(options.rcon.is_some()));
     let uploaded =
-        upload::upload_archive(store, &key, staging.to_owned(), options.compression_level, &journal, progress).await?;
+        upload::upload_archive(store, &key, staging.to_owned(), options.compression_level, threads, &journal, progress)
+            .await?;
     let upload_ms = u64::try_from(upload_started.elapsed().as_millis()).unwrap_or(u64::MAX);
     let manifest = Manifest {
         format: MANIFEST_FORMAT,

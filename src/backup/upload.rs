@@ -138,6 +138,7 @@ pub async fn upload_archive(
     key: &ObjectPath,
     dir: PathBuf,
     level: i32,
+    threads: u32,
     journal: &Path,
     progress: Arc<Progress>,
 ) -> Result<Uploaded, UploadError> {
@@ -159,7 +160,7 @@ pub async fn upload_archive(
         }
         None => store.objects.put_multipart(key).await.map_err(start)?,
     };
-    stream(upload, &shown, dir, level, progress).await
+    stream(upload, &shown, dir, level, threads, progress).await
 }
 
 /// One recorded upload.
@@ -278,7 +279,7 @@ pub async fn stream_archive(
     dir: PathBuf,
     level: i32,
 ) -> Result<Uploaded, UploadError> {
-    stream(upload, key, dir, level, Arc::default()).await
+    stream(upload, key, dir, level, 1, Arc::default()).await
 }
 
 async fn stream(
@@ -286,6 +287,7 @@ async fn stream(
     key: &str,
     dir: PathBuf,
     level: i32,
+    threads: u32,
     progress: Arc<Progress>,
 ) -> Result<Uploaded, UploadError> {
     let shown = key.to_owned();
@@ -295,7 +297,7 @@ async fn stream(
     let writer_dir = dir.clone();
     let writer = tokio::task::spawn_blocking(move || {
         let mut out = ChannelWriter { buf: Vec::with_capacity(CHUNK_SIZE), tx };
-        write_archive_counted(&writer_dir, &mut out, level, &progress)
+        write_archive_counted(&writer_dir, &mut out, level, threads, &progress)
     });
 
     let mut hasher = Sha256::new();
