@@ -17,7 +17,7 @@ Peak RSS comes from /usr/bin/time. Prints medians and ratios. Issue 3's targets:
 
     bench/pack_apply.py [--size-mib 1024] [--files 20000] [--rounds 3] [--workdir DIR]
 
-Keep --workdir off the repo: it holds the generated data (about 4x --size-mib).
+Keep --workdir off the repo: it holds the generated data (about 3 + 2 x --rounds times --size-mib).
 """
 
 import argparse
@@ -133,8 +133,15 @@ def main():
             data = os.path.join(work, f"data{n}")
             peer = os.path.join(work, f"peer{n}")
             os.makedirs(peer)
+            # Each measurement starts with nothing dirty in the page cache, so neither side pays for
+            # the other's writeback. Nothing is deleted until the end: on ext4 without a journal,
+            # creating files soon after deleting thousands scans past the recently deleted inodes,
+            # which would tax whichever side runs after a deletion.
+            run(["sync"])
             ours_wall, ours_rss, _ = timed([binary, "pack", "apply", "--spec", spec1, "--data", data], stdout=subprocess.DEVNULL)
+            run(["sync"])
             peer_wall, _, _ = timed(["sh", "-c", f"curl -s {base}/v1.tar.zst | zstd -d -q | tar -x -C {peer}"])
+            run(["sync"])
             env = dict(os.environ, RUST_LOG="info")
             start = time.perf_counter()
             upd_wall, upd_rss, log = timed([binary, "pack", "apply", "--spec", spec2, "--data", data, "--json"], stdout=subprocess.PIPE, env=env)
@@ -156,8 +163,6 @@ def main():
                             "update": upd_wall, "update_rss_mib": upd_rss / 1024, "swap_ms": swap_ms,
                             "update_installed": installed})
             print(f"round {n}: {results[-1]}", file=sys.stderr)
-            shutil.rmtree(data)
-            shutil.rmtree(peer)
         server.shutdown()
     finally:
         shutil.rmtree(work, ignore_errors=True)

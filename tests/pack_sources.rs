@@ -672,3 +672,67 @@ fn mrpack_parses_the_real_all_the_mods_index() -> Result<()> {
     ensure!(minecraft.loader.map(|l| (l.name, l.version)) == Some(("fabric".into(), Some("0.15.6".into()))));
     Ok(())
 }
+
+/// `apply_spec` of a url pack, with fast retries.
+async fn provision(data: &Path, source: &PackSource) -> Result<atlas_runner::pack::provision::Provisioned> {
+    use atlas_runner::pack::provision::apply_spec;
+    let spec =
+        atlas_runner::api::PackSpec { source: source.clone(), version: None, preserve: Vec::new(), update: None };
+    fs::create_dir_all(data.join(".atlas"))?;
+    let held = Arc::new(lock(&lock_path(data))?);
+    let metrics = atlas_runner::metrics::PackMetrics::register(&prometheus::Registry::new())?;
+    Ok(apply_spec(&spec, data, held, &options(data), &metrics).await?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_url_pack_is_staged_while_it_downloads_and_known_applied_without_a_fetch() -> Result<()> {
+    use atlas_runner::pack::provision::Provisioned;
+    let noise = noise(300_000);
+    let pack = atlas_pack("1.0.0", &[("mods/big.jar", &noise), ("config/a.toml", b"x = 1")])?;
+    let (addr, seen) = blob_server(pack.clone(), 0, false, 0).await?;
+    let data = TempDir::new()?;
+    let source = url_source(format!("http://{addr}/packs/p.tar.zst"), sha256_hex(&pack));
+    let applied = provision(data.path(), &source).await?;
+    ensure!(
+        matches!(&applied, Provisioned::Applied { bytes_downloaded, .. } if *bytes_downloaded == pack.len() as u64)
+    );
+    ensure!(fs::read(data.path().join("mods/big.jar"))? == noise);
+    // Streamed into the store: no copy of the archive is kept.
+    ensure!(partials(&data.path().join(".atlas/downloads"))?.is_empty());
+    ensure!(fs::read_dir(data.path().join(".atlas/downloads"))?.count() == 0);
+    // The state records the archive's digest: the same source is applied already, with no request.
+    let again = provision(data.path(), &source).await?;
+    ensure!(again == Provisioned::AlreadyCurrent(PackVersion::new("1.0.0")?), "{again:?}");
+    ensure!(seen.all().len() == 1, "requests: {:?}", seen.all());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_broken_mid_download_is_staged_from_the_retried_download() -> Result<()> {
+    let noise = noise(300_000);
+    let pack = atlas_pack("2.0.0", &[("mods/big.jar", &noise)])?;
+    let (addr, seen) = blob_server(pack.clone(), 1, false, pack.len() / 2).await?;
+    let data = TempDir::new()?;
+    let source = url_source(format!("http://{addr}/packs/p.tar.zst"), sha256_hex(&pack));
+    let applied = provision(data.path(), &source).await?;
+    ensure!(applied.version().as_str() == "2.0.0", "{applied:?}");
+    ensure!(fs::read(data.path().join("mods/big.jar"))? == noise);
+    // The streamed attempt kept no file, so the retry started from zero.
+    let requests = seen.all();
+    ensure!(requests.len() == 2 && !requests[1].1.contains_key("range"), "requests: {requests:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_pack_whose_digest_fails_leaves_nothing_staged() -> Result<()> {
+    let pack = atlas_pack("3.0.0", &[("mods/big.jar", &noise(300_000))])?;
+    let (addr, _) = blob_server(pack.clone(), 0, false, 0).await?;
+    let data = TempDir::new()?;
+    let source = url_source(format!("http://{addr}/packs/p.tar.zst"), sha256_hex(b"another archive"));
+    let err = provision(data.path(), &source).await.err().context("a pack with the wrong digest was applied")?;
+    ensure!(err.to_string().contains("sha256"), "{err:#}");
+    ensure!(!data.path().join("mods").exists(), "a file of the refused pack reached the data dir");
+    let store: Vec<_> = fs::read_dir(data.path().join(".atlas/packs"))?.filter_map(|e| e.ok()).collect();
+    ensure!(store.is_empty(), "left in the store: {:?}", store.iter().map(|e| e.file_name()).collect::<Vec<_>>());
+    Ok(())
+}

@@ -208,6 +208,7 @@ impl PackStore<'_> {
             current: Some(to.clone()),
             previous: from.as_ref().map(|(v, _)| v.clone()),
             preserve: preserve.patterns().to_vec(),
+            source: staged.source.clone(),
         };
         // The proof that stage hashed every file it wrote: nothing to read again.
         let _: super::store::Verified = staged.proof;
@@ -241,6 +242,8 @@ impl PackStore<'_> {
             current: Some(previous),
             previous: Some(current.clone()),
             preserve: self.state.preserve.clone(),
+            // Not recorded for the previous version: the next fetch of any source stages it.
+            source: None,
         };
         self.plan_swap(Some((current, from)), &to, &preserve, next_state, true)
     }

@@ -12,7 +12,7 @@ use crate::api::PackSpec;
 use crate::metrics::PackMetrics;
 use crate::pack::source::{self, FetchOptions, SourceError};
 use crate::pack::store::StoreError;
-use crate::pack::{ApplyError, ApplyReport, DataDirLock, Limits, PackStore, PackVersion, Preserve};
+use crate::pack::{ApplyError, ApplyReport, ArchiveFormat, DataDirLock, Limits, PackStore, PackVersion, Preserve};
 
 /// What applying did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,6 +60,9 @@ pub enum ProvisionError {
     /// The caller called the swap off (its server did not stop); the data dir was not changed.
     #[error("the swap to pack {0} was called off before it began")]
     CalledOff(PackVersion),
+    /// The fetch failed, so there was no archive to stage (the fetch's error is the one reported).
+    #[error("no archive to stage: the fetch failed")]
+    NoArchive,
     /// The blocking staging task died.
     #[error("the pack staging task failed")]
     Join,
@@ -74,6 +77,7 @@ impl ProvisionError {
             Self::Apply(e) => e.category(),
             Self::Preserve(_) => "preserve",
             Self::CalledOff(_) => "called-off",
+            Self::NoArchive => "network",
             Self::Join => "internal",
         }
     }
@@ -83,7 +87,7 @@ impl ProvisionError {
         match self {
             Self::Fetch(e) => e.is_transient(),
             Self::Store(StoreError::Io { .. }) | Self::Apply(ApplyError::Io { .. } | ApplyError::Swap { .. }) => true,
-            Self::CalledOff(_) | Self::Join => true,
+            Self::CalledOff(_) | Self::NoArchive | Self::Join => true,
             _ => false,
         }
     }
@@ -138,21 +142,53 @@ async fn apply_spec_inner(
     gate: Gate<'_>,
 ) -> Result<Provisioned, ProvisionError> {
     let preserve = Preserve::new(&pack.preserve)?;
-    tracing::info!(pinned = pack.version.as_deref(), "fetching the pack");
-    let fetched = source::fetch(&pack.source, pack.version.as_deref(), options).await?;
-    tracing::info!(archive = %fetched.archive.display(), bytes = fetched.bytes_downloaded, "pack fetched; staging");
+    let key = source::content_key(&pack.source);
+    if let Some(version) = already_applied(data_dir, &lock, key.as_deref(), pack.version.as_deref()).await? {
+        tracing::info!(version = %version, "the pack is already applied");
+        return Ok(Provisioned::AlreadyCurrent(version));
+    }
+    // A url source's tar archive is staged while it downloads; anything else (or a stream that
+    // broke, or a download already cached) is staged from the downloaded file.
+    let mut fetch_options = options.clone();
+    let stream = source::streamable(&pack.source, pack.version.as_deref()).map(|(compression, version)| {
+        let (tee, reader) = source::tee(8);
+        fetch_options.tee = Some(tee);
+        (reader, compression, version)
+    });
     // Staging hashes and writes the whole pack: a blocking thread, which keeps the store (and its
     // borrow of the lock) from the plan to the swap while this side waits for the gate.
+    let (fetched_tx, fetched_rx) = oneshot::channel::<Option<(PathBuf, ArchiveFormat, Option<PackVersion>)>>();
     let (planned_tx, planned_rx) = oneshot::channel::<PackVersion>();
     let (go_tx, go_rx) = oneshot::channel::<bool>();
     let data_dir: PathBuf = data_dir.to_owned();
-    let archive = fetched.archive.clone();
-    let (format, version) = (fetched.format, fetched.version.clone());
     let task = tokio::task::spawn_blocking(move || -> Result<Provisioned, ProvisionError> {
         let (mut store, recovery) = PackStore::open(&data_dir, &lock)?;
         tracing::debug!(?recovery, "pack store opened");
-        let staged = match store.stage(&archive, format, version.as_ref(), &Limits::default()) {
-            Ok(staged) => staged,
+        let limits = Limits::default();
+        let mut staged = None;
+        if let Some((mut reader, compression, version)) = stream {
+            match store.stage_stream(&mut reader, compression, version.as_ref(), &limits) {
+                Err(e) if !reader.verified() => {
+                    // Not a whole verified stream: stage the downloaded file, if there is one.
+                    tracing::debug!(error = %e, "the streamed download was not staged; staging the file");
+                }
+                result => staged = Some(result),
+            }
+        }
+        let staged = match staged {
+            Some(result) => result,
+            None => {
+                let Ok(Some((archive, format, version))) = fetched_rx.blocking_recv() else {
+                    return Err(ProvisionError::NoArchive);
+                };
+                store.stage(&archive, format, version.as_ref(), &limits)
+            }
+        };
+        let staged = match staged {
+            Ok(mut staged) => {
+                staged.set_source(key);
+                staged
+            }
             Err(StoreError::AlreadyCurrent(version)) => return Ok(Provisioned::AlreadyCurrent(version)),
             Err(e) => return Err(e.into()),
         };
@@ -164,6 +200,22 @@ async fn apply_spec_inner(
         let report = store.swap(planned)?;
         Ok(Provisioned::Applied { report, bytes_downloaded: 0 })
     });
+    tracing::info!(pinned = pack.version.as_deref(), "fetching the pack");
+    let fetched = source::fetch(&pack.source, pack.version.as_deref(), &fetch_options).await;
+    // The last sender of the tee: its reader now sees the end of the stream.
+    drop(fetch_options);
+    let fetched = match fetched {
+        Ok(fetched) => fetched,
+        Err(e) => {
+            let _ = fetched_tx.send(None);
+            // The staging thread ends at once (its stream is broken, and there is no file).
+            let _ = task.await;
+            return Err(e.into());
+        }
+    };
+    tracing::info!(archive = %fetched.archive.display(), bytes = fetched.bytes_downloaded, "pack fetched and verified");
+    // Unused when the stream was staged.
+    let _ = fetched_tx.send(Some((fetched.archive.clone(), fetched.format, fetched.version.clone())));
     if let Ok(to) = planned_rx.await {
         let go = gate(to).await;
         // The task waits for this answer; it is gone only if it died.
@@ -177,6 +229,27 @@ async fn apply_spec_inner(
         }
         other => other,
     })
+}
+
+/// The version the data dir holds when the state records it was applied from `key` (and it is
+/// the pinned version, if one is pinned).
+async fn already_applied(
+    data_dir: &Path,
+    lock: &Arc<DataDirLock>,
+    key: Option<&str>,
+    pinned: Option<&str>,
+) -> Result<Option<PackVersion>, ProvisionError> {
+    let Some(key) = key.map(str::to_owned) else { return Ok(None) };
+    let (data_dir, lock, pinned) = (data_dir.to_owned(), Arc::clone(lock), pinned.map(str::to_owned));
+    tokio::task::spawn_blocking(move || -> Result<Option<PackVersion>, ProvisionError> {
+        let (store, _) = PackStore::open(&data_dir, &lock)?;
+        let state = store.state();
+        let same = state.source.as_deref() == Some(key.as_str())
+            && pinned.as_deref().is_none_or(|p| state.current.as_ref().is_some_and(|c| c.as_str() == p));
+        Ok(if same { state.current.clone() } else { None })
+    })
+    .await
+    .map_err(|_| ProvisionError::Join)?
 }
 
 /// Goes back to the previous pack version (no network), recording it in `metrics`. For a data

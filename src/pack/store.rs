@@ -130,6 +130,10 @@ pub struct StoreState {
     /// The `preserve` globs the current version was applied with.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub preserve: Vec<String>,
+    /// What the current version was fetched from, when that names its content (`sha256:HEX` of a
+    /// url source's archive): the same source is then known applied without fetching it again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 /// Where things are in the data dir and the store.
@@ -209,6 +213,8 @@ pub struct StagedPack {
     pub(crate) manifest: PackManifest,
     pub(crate) root: PathBuf,
     pub(crate) proof: Verified,
+    /// What it was fetched from, recorded in the state it commits (see [`StoreState::source`]).
+    pub(crate) source: Option<String>,
 }
 
 /// Proof that this process hashed every staged file of a version while staging it and found it
@@ -226,6 +232,11 @@ impl StagedPack {
     /// The staged pack's version.
     pub fn version(&self) -> &PackVersion {
         &self.manifest.version
+    }
+
+    /// Records what the pack was fetched from (see [`StoreState::source`]).
+    pub fn set_source(&mut self, source: Option<String>) {
+        self.source = source;
     }
 }
 
@@ -313,9 +324,29 @@ impl<'lock> PackStore<'lock> {
         version: Option<&PackVersion>,
         limits: &Limits,
     ) -> Result<StagedPack, StoreError> {
+        self.stage_with(version, &mut |dest, policy| extract::extract_file_with(archive, format, dest, limits, policy))
+    }
+
+    /// [`PackStore::stage`] of a tar stream read as it arrives (a download in progress): the same
+    /// checks, and the pack is complete only if the stream ends cleanly.
+    pub fn stage_stream(
+        &self,
+        stream: impl io::Read,
+        compression: extract::TarCompression,
+        version: Option<&PackVersion>,
+        limits: &Limits,
+    ) -> Result<StagedPack, StoreError> {
+        let mut stream = Some(io::BufReader::with_capacity(256 * 1024, stream));
+        self.stage_with(version, &mut |dest, policy| match stream.take() {
+            Some(stream) => extract::extract_tar_with(stream, compression, dest, limits, policy),
+            None => Err(ExtractError::Corrupt { entry: None, source: io::Error::other("the stream was read already") }),
+        })
+    }
+
+    fn stage_with(&self, version: Option<&PackVersion>, extract: &mut Extract<'_>) -> Result<StagedPack, StoreError> {
         let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or_default();
         let staging = self.layout.root().join(format!("staging-{}-{nanos}", std::process::id()));
-        let result = self.stage_into(&staging, archive, format, version, limits);
+        let result = self.stage_into(&staging, version, extract);
         if result.is_err()
             && let Err(e) = fs::remove_dir_all(&staging)
             && e.kind() != io::ErrorKind::NotFound
@@ -328,10 +359,8 @@ impl<'lock> PackStore<'lock> {
     fn stage_into(
         &self,
         staging: &Path,
-        archive: &Path,
-        format: ArchiveFormat,
         version: Option<&PackVersion>,
-        limits: &Limits,
+        extract: &mut Extract<'_>,
     ) -> Result<StagedPack, StoreError> {
         let files_dir = staging.join("files");
         fs::create_dir_all(&files_dir).map_err(io_err("create directory", &files_dir))?;
@@ -341,7 +370,7 @@ impl<'lock> PackStore<'lock> {
         };
         let mut policy =
             SkipUnchanged { data: self.layout.data(), current: current.as_ref(), new: None, captured: None };
-        let mut extracted = extract::extract_file_with(archive, format, &files_dir, limits, &mut policy)?;
+        let mut extracted = extract(&files_dir, &mut policy)?;
         let captured = policy.captured.take();
         let manifest = match extracted.iter().position(|f| f.path.as_str() == MANIFEST_FILE) {
             Some(index) => {
@@ -396,7 +425,7 @@ impl<'lock> PackStore<'lock> {
         }
         fs::rename(staging, &target).map_err(io_err("rename", staging))?;
         extract::sync_dir(self.layout.root()).map_err(io_err("fsync", self.layout.root()))?;
-        Ok(StagedPack { manifest, root: self.layout.root().to_owned(), proof: Verified(()) })
+        Ok(StagedPack { manifest, root: self.layout.root().to_owned(), proof: Verified(()), source: None })
     }
 
     /// Deletes staging leftovers and versions that are neither current nor previous.
@@ -424,6 +453,9 @@ impl<'lock> PackStore<'lock> {
         Ok(())
     }
 }
+
+/// Extracts an archive into the given staging directory under a policy.
+type Extract<'a> = dyn FnMut(&Path, &mut dyn extract::Policy) -> Result<Vec<extract::ExtractedFile>, ExtractError> + 'a;
 
 /// The staging policy of an Atlas pack whose `atlas-pack.json` comes first (as `pack build` writes
 /// it): a file whose path, sha256 and size equal the current version's entry, and which the data dir

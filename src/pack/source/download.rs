@@ -11,6 +11,7 @@ use sha1::Sha1;
 use sha2::{Digest, Sha256, Sha512};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::Tee;
 use super::{FetchOptions, Progress, SourceError, io_err};
 
 /// What a download must hash to (lowercase hex digests) and weigh. Unset members are not checked.
@@ -145,6 +146,7 @@ pub(crate) async fn download(
     dest: &Path,
     options: &FetchOptions,
 ) -> Result<u64, SourceError> {
+    let tee = options.tee.as_ref();
     if expected.has_digest() && tokio::fs::try_exists(dest).await.map_err(io_err("stat", dest))? {
         let mut hashes = Hashes::new(expected);
         hash_file(dest, &mut hashes).await?;
@@ -165,7 +167,15 @@ pub(crate) async fn download(
         counted.store(size, Ordering::Relaxed);
     }
     let tally = Tally { received: &received, progress: &options.progress, counted: &counted };
-    let result = retry(options, url.as_str(), || attempt(client, url, token, expected, partial, tally)).await;
+    let result = retry(options, url.as_str(), || async {
+        let result = attempt(client, url, token, expected, partial, tally, tee).await;
+        if let (Err(_), Some(tee)) = (&result, tee) {
+            // A retry resumes or starts over: the consumer has a broken stream.
+            tee.abort();
+        }
+        result
+    })
+    .await;
     if result.is_err() {
         // A failed download is not part of the total any more (a mirror may serve it instead).
         options.progress.sub_total_bytes(counted.load(Ordering::Relaxed));
@@ -177,6 +187,11 @@ pub(crate) async fn download(
         remove_if_exists(partial).await?;
     }
     result?;
+    if tee.is_some_and(Tee::is_verified) {
+        // The archive went to the tee's consumer only: there is no file to keep.
+        remove_if_exists(partial).await?;
+        return Ok(received.into_inner());
+    }
     tokio::fs::rename(partial, dest).await.map_err(io_err("rename", partial))?;
     Ok(received.into_inner())
 }
@@ -190,6 +205,9 @@ struct Tally<'a> {
     counted: &'a AtomicU64,
 }
 
+/// The size of the pieces a download hands to its [`Tee`].
+const TEE_PIECE: usize = 1 << 20;
+
 /// One try: resume `partial` when the server honours `Range`, else start over.
 async fn attempt(
     client: &Client,
@@ -198,6 +216,7 @@ async fn attempt(
     expected: &Expected,
     partial: &Path,
     tally: Tally<'_>,
+    tee: Option<&Tee>,
 ) -> Result<(), SourceError> {
     let mut have = match tokio::fs::metadata(partial).await {
         Ok(m) => m.len(),
@@ -240,6 +259,17 @@ async fn attempt(
         _ => return Err(SourceError::Status { url: url.to_string(), status: status.as_u16() }),
     };
     let mut hashes = Hashes::new(expected);
+    // The consumer reads the archive from its start: a resumed download is not teed. A teed
+    // attempt writes no file (the consumer has the bytes; writing them too would double the disk
+    // traffic of a cold apply), so when it breaks the next attempt starts from zero.
+    let tee = match tee {
+        Some(tee) if resume => {
+            tee.abort();
+            None
+        }
+        Some(tee) if tee.is_open() => Some(tee),
+        _ => None,
+    };
     let mut file = if resume {
         hash_file(partial, &mut hashes).await?;
         tracing::info!(url = %url, offset = have, "resuming a broken download");
@@ -254,12 +284,22 @@ async fn attempt(
         tally.progress.add_total_bytes(total);
     }
     let mut body = response.bytes_stream();
+    let mut pending = bytes::BytesMut::with_capacity(if tee.is_some() { TEE_PIECE * 2 } else { 0 });
     let mut writer = tokio::io::BufWriter::with_capacity(256 * 1024, &mut file);
     let outcome = async {
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(request_err)?;
-            writer.write_all(&chunk).await.map_err(io_err("write", partial))?;
+            if tee.is_none() {
+                writer.write_all(&chunk).await.map_err(io_err("write", partial))?;
+            }
             hashes.update(&chunk);
+            if let Some(tee) = tee {
+                // Handed on in large pieces: one wake-up of the consumer per MiB, not per packet.
+                pending.extend_from_slice(&chunk);
+                if pending.len() >= TEE_PIECE {
+                    tee.send(pending.split().freeze()).await;
+                }
+            }
             tally.received.fetch_add(chunk.len() as u64, Ordering::Relaxed);
             tally.progress.add_bytes(chunk.len() as u64);
             if let Some(size) = expected.size
@@ -274,6 +314,11 @@ async fn attempt(
     // Keep what arrived, even after an error: the next try resumes from it.
     writer.flush().await.map_err(io_err("write", partial))?;
     outcome?;
+    if let Some(tee) = tee
+        && !pending.is_empty()
+    {
+        tee.send(pending.split().freeze()).await;
+    }
     if let Some(announced) = announced
         && hashes.size < announced
     {
@@ -291,6 +336,12 @@ async fn attempt(
         Err(SourceError::VerifyDigest { .. }) if resume => {
             remove_if_exists(partial).await?;
             Err(SourceError::VerifyResumed { url: url.to_string() })
+        }
+        Ok(()) => {
+            if let Some(tee) = tee {
+                tee.verified();
+            }
+            Ok(())
         }
         result => result,
     }

@@ -12,7 +12,7 @@ pub mod mrpack;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::api::{PackSource, PackSourceRef};
@@ -51,6 +51,9 @@ pub struct FetchOptions {
     pub base_delay: Duration,
     /// Live counters a progress display may poll while the fetch runs.
     pub progress: Arc<Progress>,
+    /// Where a url source's archive is handed as it downloads (see [`tee`]); for url sources only
+    /// (every download of a fetch would be teed).
+    pub tee: Option<Tee>,
 }
 
 /// Live counters of a fetch. Totals grow as they become known (a size from the source, a
@@ -112,6 +115,7 @@ impl FetchOptions {
             retries: 4,
             base_delay: Duration::from_millis(500),
             progress: Arc::default(),
+            tee: None,
         }
     }
 
@@ -119,6 +123,111 @@ impl FetchOptions {
     pub(crate) fn delay(&self, attempt: u32) -> Duration {
         self.base_delay.saturating_mul(1u32 << attempt.min(16)).min(Duration::from_secs(60))
     }
+}
+
+/// A url source's archive bytes handed, as they arrive, to a consumer on another thread, so the
+/// pack is staged while it downloads (as `curl | zstd -d | tar -x` overlaps its stages). Only an
+/// uninterrupted first attempt from byte 0 is teed, and it writes no file. The reader ends the stream (EOF) only once the
+/// whole download matched its published digest; an interrupted, resumed, reused or failed download
+/// is an error for the reader, whose caller then stages the downloaded file instead. A bounded
+/// channel: the download waits for the consumer, and memory stays bounded.
+pub fn tee(chunks: usize) -> (Tee, TeeReader) {
+    let (tx, rx) = tokio::sync::mpsc::channel(chunks.max(1));
+    let state = Arc::new(AtomicU8::new(TEE_OPEN));
+    (Tee { tx, state: Arc::clone(&state) }, TeeReader { rx, state, current: bytes::Bytes::new() })
+}
+
+const TEE_OPEN: u8 = 0;
+const TEE_VERIFIED: u8 = 1;
+const TEE_ABORTED: u8 = 2;
+
+/// The download's end of [`tee`].
+#[derive(Debug, Clone)]
+pub struct Tee {
+    tx: tokio::sync::mpsc::Sender<bytes::Bytes>,
+    state: Arc<AtomicU8>,
+}
+
+impl Tee {
+    pub(crate) async fn send(&self, chunk: bytes::Bytes) {
+        if self.state.load(Ordering::Acquire) == TEE_OPEN {
+            // The reader gone (it refused the pack) is no reason to stop the download.
+            let _ = self.tx.send(chunk).await;
+        }
+    }
+    pub(crate) fn verified(&self) {
+        let _ = self.state.compare_exchange(TEE_OPEN, TEE_VERIFIED, Ordering::AcqRel, Ordering::Acquire);
+    }
+    pub(crate) fn is_open(&self) -> bool {
+        self.state.load(Ordering::Acquire) == TEE_OPEN
+    }
+    pub(crate) fn is_verified(&self) -> bool {
+        self.state.load(Ordering::Acquire) == TEE_VERIFIED
+    }
+    pub(crate) fn abort(&self) {
+        let _ = self.state.compare_exchange(TEE_OPEN, TEE_ABORTED, Ordering::AcqRel, Ordering::Acquire);
+    }
+}
+
+/// The consumer's end of [`tee`]: a blocking [`io::Read`] of the archive as it downloads.
+#[derive(Debug)]
+pub struct TeeReader {
+    rx: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+    state: Arc<AtomicU8>,
+    current: bytes::Bytes,
+}
+
+impl TeeReader {
+    /// Whether the stream was whole and its digest verified (once the reader saw its end).
+    pub fn verified(&self) -> bool {
+        self.state.load(Ordering::Acquire) == TEE_VERIFIED
+    }
+}
+
+impl io::Read for TeeReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.current.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(chunk) => self.current = chunk,
+                // Every sender is gone: the fetch is over.
+                None if self.verified() => return Ok(0),
+                None => return Err(io::Error::other("the streamed download was interrupted or not used")),
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current.split_to(n));
+        Ok(n)
+    }
+}
+
+/// What names a source's content before it is fetched: `sha256:HEX` for a url source (hub channels
+/// and mrpack indexes can change under the same name).
+pub fn content_key(source: &PackSource) -> Option<String> {
+    match source.get()? {
+        PackSourceRef::Url(url) => check_hex(&url.sha256, 64).ok().map(|hex| format!("sha256:{hex}")),
+        _ => None,
+    }
+}
+
+/// For a url source of a tar archive: the compression and pinned version, known before the
+/// download, so its archive can be staged while it downloads ([`tee`]).
+pub fn streamable(
+    source: &PackSource,
+    pinned: Option<&str>,
+) -> Option<(crate::pack::extract::TarCompression, Option<PackVersion>)> {
+    use crate::pack::extract::TarCompression;
+    let PackSourceRef::Url(url) = source.get()? else { return None };
+    let compression = match format_of(&parse_url(&url.url).ok()?)? {
+        ArchiveFormat::TarZst => TarCompression::Zstd,
+        ArchiveFormat::TarGz => TarCompression::Gzip,
+        ArchiveFormat::Zip => return None,
+    };
+    let version = match pinned.map(parse_version) {
+        Some(Ok(v)) => Some(v),
+        Some(Err(_)) => return None,
+        None => None,
+    };
+    Some((compression, version))
 }
 
 /// Errors fetching a pack.
