@@ -292,3 +292,110 @@ fn kill_9_at_any_point_of_pack_apply_leaves_exactly_the_old_or_the_new_version()
     let _ = fs::remove_dir_all(&root);
     Ok(())
 }
+
+/// Serves `body` at any path to every connection, slowly: `pieces` writes, `pause` apart, so a
+/// download lasts long enough for a progress display to draw. Returns the base URL.
+fn serve_slowly(body: Vec<u8>, pieces: usize, pause: std::time::Duration) -> Result<String> {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let base = format!("http://{}", listener.local_addr()?);
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().map_while(Result::ok) {
+            let body = body.clone();
+            std::thread::spawn(move || {
+                let mut request = [0u8; 4096];
+                let _ = stream.read(&mut request);
+                let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+                let _ = stream.write_all(head.as_bytes());
+                for piece in body.chunks(body.len().div_ceil(pieces.max(1)).max(1)) {
+                    std::thread::sleep(pause);
+                    if stream.write_all(piece).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    Ok(base)
+}
+
+/// A spec whose pack (1 MiB of incompressible bytes in 20 files) downloads in about 1.5 s.
+fn slow_pack_spec(root: &Path) -> Result<std::path::PathBuf> {
+    use atlas_runner::pack::PackVersion;
+    use atlas_runner::pack::build::{BuildOptions, build};
+    use sha2::Digest;
+    let src = root.join("src");
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for i in 0..20 {
+        let bytes: Vec<u8> = (0..50_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        fs::create_dir_all(src.join("mods"))?;
+        fs::write(src.join(format!("mods/m{i:02}.jar")), bytes)?;
+    }
+    let archive = root.join("pack.tar.zst");
+    build(&src, &archive, &BuildOptions::new(PackVersion::new("1.0.0")?))?;
+    let bytes = fs::read(&archive)?;
+    let sha = hex::encode(sha2::Sha256::digest(&bytes));
+    let base = serve_slowly(bytes, 15, std::time::Duration::from_millis(100))?;
+    let spec = root.join("server.yaml");
+    fs::write(
+        &spec,
+        format!(
+            "eula: true\nserver: {{type: vanilla}}\npack:\n  source:\n    url: {{url: \"{base}/p.tar.zst\", sha256: {sha}}}\n"
+        ),
+    )?;
+    Ok(spec)
+}
+
+/// Runs `atlas-runner ARGS` on a pseudo-terminal (util-linux `script`) and returns what the
+/// terminal showed.
+fn on_a_terminal(args: &[&str]) -> Result<String> {
+    let mut command = String::from(common::binary());
+    for arg in args {
+        command.push_str(&format!(" '{arg}'"));
+    }
+    let out = Command::new("script").args(["-qec", &command, "/dev/null"]).env("RUST_LOG", "info").output()?;
+    let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+    anyhow::ensure!(out.status.success(), "{command} failed on a terminal:\n{shown}");
+    Ok(shown)
+}
+
+#[test]
+fn pack_apply_on_a_terminal_shows_progress_and_with_json_logs_milestones() -> Result<()> {
+    let root = tempfile::tempdir()?;
+    let spec = slow_pack_spec(root.path())?;
+    let spec = spec.to_str().context("utf-8 path")?;
+    let data = root.path().join("data");
+    let shown = on_a_terminal(&["pack", "apply", "--spec", spec, "--data", data.to_str().context("utf-8")?])?;
+    // A line redrawn in place: bytes of the total, the rate and the time left.
+    let progress: Vec<&str> = shown.split('\r').filter(|l| l.contains("MiB/s")).collect();
+    anyhow::ensure!(progress.len() >= 2, "no progress line redrawn:\n{shown:?}");
+    anyhow::ensure!(
+        progress.iter().any(|l| l.contains("/1.0 MiB  ") && l.contains("ETA")),
+        "the progress line lacks bytes of the total or an ETA: {progress:?}"
+    );
+    anyhow::ensure!(shown.contains("applied 1.0.0"), "{shown}");
+
+    // With JSON logs: no progress line, the milestones as log records.
+    let data = root.path().join("data-json");
+    let args = ["--log-format", "json", "pack", "apply", "--spec", spec, "--data", data.to_str().context("utf-8")?];
+    let shown = on_a_terminal(&args)?;
+    anyhow::ensure!(!shown.contains("MiB/s"), "a progress line with JSON logs:\n{shown}");
+    let messages: Vec<String> = shown
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l.trim()).ok())
+        .filter_map(|v| v["message"].as_str().map(str::to_owned))
+        .collect();
+    for milestone in
+        ["fetching the pack", "pack fetched and verified", "swapping it in", "pack swapped in", "pack applied"]
+    {
+        anyhow::ensure!(messages.iter().any(|m| m.contains(milestone)), "no {milestone:?} in {messages:?}");
+    }
+    Ok(())
+}
