@@ -736,3 +736,27 @@ async fn a_streamed_pack_whose_digest_fails_leaves_nothing_staged() -> Result<()
     ensure!(store.is_empty(), "left in the store: {:?}", store.iter().map(|e| e.file_name()).collect::<Vec<_>>());
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_pack_refused_mid_stream_names_the_entry() -> Result<()> {
+    // A tar whose second entry climbs out of the data dir, after enough bytes that the refusal
+    // comes while the download still runs.
+    let mut builder = tar::Builder::new(Vec::new());
+    for (name, data) in [("mods/big.jar", noise(300_000)), ("../evil.jar", b"evil".to_vec())] {
+        let mut header = tar::Header::new_gnu();
+        header.as_gnu_mut().context("gnu")?.name[..name.len()].copy_from_slice(name.as_bytes());
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        header.set_entry_type(tar::EntryType::Regular);
+        header.set_cksum();
+        builder.append(&header, data.as_slice())?;
+    }
+    let archive: Bytes = zstd::encode_all(builder.into_inner()?.as_slice(), 3)?.into();
+    let (addr, _) = blob_server(archive.clone(), 0, false, 0).await?;
+    let data = TempDir::new()?;
+    let source = url_source(format!("http://{addr}/packs/p.tar.zst"), sha256_hex(&archive));
+    let err = provision(data.path(), &source).await.err().context("an unsafe pack was applied")?;
+    ensure!(err.to_string().contains("../evil.jar"), "{err:#}");
+    ensure!(!data.path().join("mods").exists() && !data.path().parent().context("parent")?.join("evil.jar").exists());
+    Ok(())
+}

@@ -165,12 +165,14 @@ async fn apply_spec_inner(
         let (mut store, recovery) = PackStore::open(&data_dir, &lock)?;
         tracing::debug!(?recovery, "pack store opened");
         let limits = Limits::default();
-        let mut staged = None;
+        let (mut staged, mut stream_error) = (None, None);
         if let Some((mut reader, compression, version)) = stream {
             match store.stage_stream(&mut reader, compression, version.as_ref(), &limits) {
                 Err(e) if !reader.verified() => {
-                    // Not a whole verified stream: stage the downloaded file, if there is one.
-                    tracing::debug!(error = %e, "the streamed download was not staged; staging the file");
+                    // Refused before the stream ended, or the stream broke: which one, the fetch
+                    // tells (a broken stream leaves a downloaded file to stage instead).
+                    tracing::debug!(error = %e, "the streamed download was not staged");
+                    stream_error = Some(e);
                 }
                 result => staged = Some(result),
             }
@@ -181,7 +183,11 @@ async fn apply_spec_inner(
                 let Ok(Some((archive, format, version))) = fetched_rx.blocking_recv() else {
                     return Err(ProvisionError::NoArchive);
                 };
-                store.stage(&archive, format, version.as_ref(), &limits)
+                match stream_error {
+                    // The whole download went to the stream (no file was kept): its refusal stands.
+                    Some(e) if !archive.exists() => Err(e),
+                    _ => store.stage(&archive, format, version.as_ref(), &limits),
+                }
             }
         };
         let staged = match staged {
