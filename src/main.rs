@@ -338,10 +338,10 @@ async fn run_server(args: RunArgs) -> anyhow::Result<()> {
             java: JavaSearch::with_extra(args.java),
             cgroup_root: args.cgroup_root,
             // spec.pack is applied under the lock held above; its metrics are served on /metrics.
-            pack: Some(runner::PackContext {
-                lock: lock.clone(),
-                metrics: atlas_runner::metrics::PackMetrics::register(&shared.registry)?,
-            }),
+            pack: Some(runner::PackContext::new(
+                lock.clone(),
+                atlas_runner::metrics::PackMetrics::register(&shared.registry)?,
+            )),
         },
         stop: StopTimeouts { rcon: stop, stdin: stop, term: stop },
         restart: RestartPolicy {

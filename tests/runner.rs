@@ -466,5 +466,13 @@ fn a_new_pack_version_whose_server_crashes_before_ready_is_rolled_back() -> Resu
     let out = cli(&fixture.data, &["status"])?;
     assert!(stdout(&out).contains("pack:      1.0.0"), "{}", stdout(&out));
     assert_eq!(back["lastExitReason"], "crash");
+
+    // A later crash of the old version's server restarts it without applying the failed pack again.
+    cli(&fixture.data, &["console", "crash"])?;
+    runner.wait_status("a restart after the crash", Duration::from_secs(60), |s| {
+        s["phase"] == "Running" && s["pid"] != back["pid"]
+    })?;
+    assert_eq!(runner.status()?["packVersion"], "1.0.0");
+    assert_eq!(std::fs::read(fixture.data.join("mods/a.jar"))?, b"a-1");
     Ok(())
 }

@@ -7,12 +7,12 @@ use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 
-use crate::api::MinecraftServerSpec;
+use crate::api::{MinecraftServerSpec, PackSpec};
 use crate::metrics::PackMetrics;
 use crate::pack::provision::{self, ProvisionError, Provisioned};
 use crate::pack::source::FetchOptions;
@@ -43,6 +43,26 @@ pub struct PackContext {
     pub lock: Arc<DataDirLock>,
     /// The pack metrics.
     pub metrics: PackMetrics,
+    /// The pack last rolled back because its server failed: not applied again (by a crash restart
+    /// or another spec change) until the spec names another pack.
+    rolled_back: Arc<Mutex<Option<PackSpec>>>,
+}
+
+impl PackContext {
+    /// The context of a runner holding `lock`.
+    pub fn new(lock: Arc<DataDirLock>, metrics: PackMetrics) -> Self {
+        Self { lock, metrics, rolled_back: Arc::default() }
+    }
+
+    fn was_rolled_back(&self, pack: &PackSpec) -> bool {
+        self.rolled_back.lock().is_ok_and(|r| r.as_ref() == Some(pack))
+    }
+
+    fn set_rolled_back(&self, pack: Option<&PackSpec>) {
+        if let Ok(mut r) = self.rolled_back.lock() {
+            *r = pack.cloned();
+        }
+    }
 }
 
 /// A server ready to start.
@@ -118,10 +138,15 @@ impl PrepareError {
 /// command line for `spec`.
 pub async fn prepare(spec: &MinecraftServerSpec, options: &PrepareOptions) -> Result<Prepared, PrepareError> {
     let pack_version = match (&spec.pack, &options.pack) {
+        (Some(pack), Some(context)) if context.was_rolled_back(pack) => {
+            tracing::warn!("spec.pack names the pack rolled back after its server failed; keeping the applied one");
+            provision::current_version(&options.data_dir, context.lock.clone()).await?.map(|v| v.to_string())
+        }
         (Some(pack), Some(context)) => {
             let fetch = FetchOptions::new(&options.data_dir);
             let provisioned =
                 provision::apply_spec(pack, &options.data_dir, context.lock.clone(), &fetch, &context.metrics).await?;
+            context.set_rolled_back(None);
             Some(provisioned.version().to_string())
         }
         (Some(_), None) => {
@@ -192,6 +217,10 @@ pub async fn update_pack<X: Send>(
             "spec.pack needs a runner that holds the data dir's lock".into(),
         )));
     };
+    if context.was_rolled_back(pack) {
+        tracing::warn!("spec.pack names the pack rolled back after its server failed; keeping the applied one");
+        return PackUpdate::Untouched(None);
+    }
     let fetch = FetchOptions::new(&options.data_dir);
     let mut stopped = None;
     let stopped_slot = &mut stopped;
@@ -223,6 +252,7 @@ pub async fn update_pack<X: Send>(
         }
         Err(e) => return PackUpdate::Reverted { error: e.into(), stopped },
     };
+    context.set_rolled_back(None);
     match prepare_server(spec, options).await {
         Ok(mut next) => {
             next.pack_version = Some(to.to_string());
@@ -231,7 +261,7 @@ pub async fn update_pack<X: Send>(
         }
         Err(error) => {
             tracing::error!(category = error.category(), to = %to, "{error}; rolling the pack back");
-            if let Err(e) = roll_back_pack(options, error.category()).await {
+            if let Err(e) = roll_back_pack(options, error.category(), spec.pack.as_ref()).await {
                 return PackUpdate::Reverted { error: e, stopped };
             }
             PackUpdate::Reverted { error, stopped }
@@ -240,10 +270,16 @@ pub async fn update_pack<X: Send>(
 }
 
 /// Returns the data dir to the previous pack version (the server is stopped), counting why in
-/// `atlas_pack_rollbacks_total`.
-pub async fn roll_back_pack(options: &PrepareOptions, reason: &str) -> Result<(), PrepareError> {
+/// `atlas_pack_rollbacks_total`. `failed` (the spec's pack that failed) is not applied again until
+/// the spec names another pack.
+pub async fn roll_back_pack(
+    options: &PrepareOptions,
+    reason: &str,
+    failed: Option<&PackSpec>,
+) -> Result<(), PrepareError> {
     let Some(context) = &options.pack else { return Ok(()) };
     context.metrics.rollbacks.with_label_values(&[reason]).inc();
+    context.set_rolled_back(failed);
     let report = provision::rollback(&options.data_dir, context.lock.clone(), &context.metrics).await?;
     tracing::warn!(from = ?report.from.as_ref().map(PackVersion::as_str), to = %report.to, reason, "pack rolled back");
     Ok(())
