@@ -209,6 +209,8 @@ pub struct BackupMetrics {
     pub uploaded_bytes: IntCounter,
     /// Time spent compressing and uploading those bytes (throughput = bytes / seconds).
     pub upload_seconds: prometheus::Counter,
+    /// 1 while a backup holds the server's saving off, and after a `save-on` that failed (alert on it).
+    pub saving_off: IntGauge,
 }
 
 impl BackupMetrics {
@@ -240,6 +242,10 @@ impl BackupMetrics {
                 "atlas_backup_upload_seconds_total",
                 "Time spent compressing and uploading successful backups' archives.",
             )?,
+            saving_off: IntGauge::new(
+                "atlas_backup_saving_off",
+                "1 while a backup holds the server's saving off, and after turning it back on failed.",
+            )?,
         };
         registry.register(Box::new(m.duration.clone()))?;
         registry.register(Box::new(m.size.clone()))?;
@@ -248,6 +254,7 @@ impl BackupMetrics {
         registry.register(Box::new(m.failures.clone()))?;
         registry.register(Box::new(m.uploaded_bytes.clone()))?;
         registry.register(Box::new(m.upload_seconds.clone()))?;
+        registry.register(Box::new(m.saving_off.clone()))?;
         Ok(m)
     }
 

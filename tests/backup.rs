@@ -292,6 +292,42 @@ async fn a_backup_of_a_running_server_is_never_torn_and_saving_resumes() -> Resu
 }
 
 #[tokio::test]
+async fn saving_left_off_by_an_earlier_failed_save_on_is_turned_back_on() -> Result<()> {
+    let data = DataDir::new("world")?;
+    let rcon_port = free_port()?;
+    let _server = FakeServer::start(&data.0, rcon_port)?;
+    let rcon =
+        Rcon::new(SocketAddr::from((Ipv4Addr::LOCALHOST, rcon_port)), PASSWORD.to_owned(), Duration::from_secs(10));
+    let (_bucket, store) = s3_store("backup-saving-off", &data.0).await?;
+    let gauge = prometheus::IntGauge::new("saving_off", "test")?;
+    let mut options = CreateOptions::new(&data.0);
+    options.rcon = Some(rcon.clone());
+    options.flush_timeout = Duration::from_secs(20);
+    options.saving_off = Some(gauge.clone());
+    let marker = data.0.join(backup::snapshot::SAVING_OFF_MARKER);
+
+    // Saving off and our marker present: an earlier backup's save-on failed, so this one turns it back on.
+    rcon.command("save-off").await?;
+    std::fs::create_dir_all(marker.parent().context("marker parent")?)?;
+    std::fs::write(&marker, "1")?;
+    gauge.set(1);
+    backup::create(&store, &options).await?;
+    let reply = rcon.command("save-on").await?;
+    assert!(reply.contains("already turned on"), "saving stayed off: save-on answered {reply:?}");
+    assert!(!marker.exists(), "the marker outlived a successful save-on");
+    assert_eq!(gauge.get(), 0);
+
+    // Saving off by someone else (no marker): left off.
+    rcon.command("save-off").await?;
+    backup::create(&store, &options).await?;
+    let reply = rcon.command("save-on").await?;
+    assert!(reply.contains("now enabled"), "someone else's save-off was overridden: {reply:?}");
+    assert!(!marker.exists());
+    assert_eq!(gauge.get(), 0);
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_corrupt_or_truncated_archive_is_refused_before_the_live_world_is_touched() -> Result<()> {
     let data = DataDir::new("world")?;
     write_world(&data.0, "world")?;

@@ -244,6 +244,8 @@ pub struct CreateOptions {
     pub progress: std::sync::Arc<Progress>,
     /// zstd worker threads; `None` picks [`default_threads`].
     pub compression_threads: Option<u32>,
+    /// Set to 1 while the snapshot holds the server's saving off, left at 1 when turning it back on failed.
+    pub saving_off: Option<prometheus::IntGauge>,
 }
 
 /// Compression threads when none are configured: every core (up to 4) with no server running; with one
@@ -267,6 +269,7 @@ impl CreateOptions {
             pack_version: None,
             progress: std::sync::Arc::default(),
             compression_threads: None,
+            saving_off: None,
         }
     }
 
@@ -338,9 +341,15 @@ async fn create_from_mirror(
     time: Timestamp,
     staging: &Path,
 ) -> Result<Manifest, BackupError> {
-    let capture =
-        snapshot::snapshot(&options.data_dir, staging, &options.rules, options.rcon.as_ref(), options.flush_timeout)
-            .await?;
+    let capture = snapshot::snapshot(
+        &options.data_dir,
+        staging,
+        &options.rules,
+        options.rcon.as_ref(),
+        options.flush_timeout,
+        options.saving_off.as_ref(),
+    )
+    .await?;
     let mut roots = Vec::new();
     let entries =
         std::fs::read_dir(staging).map_err(|source| BackupError::LocalDir { path: staging.into(), source })?;

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use globset::{Glob, GlobSet, GlobSetBuilder};
+use prometheus::IntGauge;
 
 use super::mirror;
 use crate::rcon::{Rcon, RconError};
@@ -59,6 +60,8 @@ pub enum SnapshotError {
     FlushNotConfirmed { reply: String },
     #[error("RCON save-on (saving may still be off on the server)")]
     SaveOn { source: RconError },
+    #[error("write the saving-off marker {path}")]
+    WriteMarker { path: PathBuf, source: io::Error },
     #[error("copy {path} to staging")]
     Copy { path: PathBuf, source: io::Error },
     #[error("the capture thread failed")]
@@ -74,6 +77,7 @@ impl SnapshotError {
             Self::SaveOff { .. } | Self::Flush { .. } | Self::SaveOn { .. } => "rcon",
             Self::FlushTimeout { .. } | Self::FlushNotConfirmed { .. } => "flush",
             Self::Copy { .. } => "capture",
+            Self::WriteMarker { .. } => "local_io",
             Self::CaptureThread { .. } => "internal",
         }
     }
@@ -110,15 +114,35 @@ fn glob_set(globs: &[String]) -> Result<GlobSet, SnapshotError> {
     builder.build().map_err(|source| SnapshotError::InvalidGlob { glob: globs.join(","), source })
 }
 
-/// Turns saving back on when dropped without [`SaveOnGuard::restore`] (the snapshot future was cancelled).
+/// Present while this program holds the server's saving off, relative to the data directory: written before
+/// `save-off`, removed once `save-on` succeeded. Found while saving is already off, it says an earlier backup's
+/// `save-on` failed, so turning saving back on is ours to do (and nobody else's choice is overridden).
+pub const SAVING_OFF_MARKER: &str = ".atlas/backup-saving-off";
+
+/// Waits between `save-on` attempts: a server busy with a long tick or a dropped connection gets a few seconds.
+const SAVE_ON_BACKOFF: [Duration; 3] = [Duration::from_millis(500), Duration::from_secs(1), Duration::from_secs(2)];
+
+/// Turns saving back on: now with [`SaveOnGuard::restore`], or from a spawned task when dropped (the snapshot
+/// future was cancelled). Success removes the marker and clears the gauge; failure leaves both set.
 struct SaveOnGuard {
     rcon: Option<Rcon>,
+    marker: PathBuf,
+    saving_off: Option<IntGauge>,
 }
 
 impl SaveOnGuard {
+    /// Saving is someone else's business after all: no `save-on`, no marker, gauge cleared.
+    fn disarm(&mut self) {
+        self.rcon = None;
+        remove_marker(&self.marker);
+        if let Some(gauge) = &self.saving_off {
+            gauge.set(0);
+        }
+    }
+
     async fn restore(mut self) -> Result<(), SnapshotError> {
         match self.rcon.take() {
-            Some(rcon) => rcon.command("save-on").await.map(drop).map_err(|source| SnapshotError::SaveOn { source }),
+            Some(rcon) => resume_saving(rcon, self.marker.clone(), self.saving_off.take()).await,
             None => Ok(()),
         }
     }
@@ -129,12 +153,46 @@ impl Drop for SaveOnGuard {
         if let Some(rcon) = self.rcon.take()
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
+            let (marker, gauge) = (self.marker.clone(), self.saving_off.take());
             runtime.spawn(async move {
-                if let Err(error) = rcon.command("save-on").await {
+                if let Err(error) = resume_saving(rcon, marker, gauge).await {
                     tracing::error!(%error, category = error.category(), "turning saving back on failed");
                 }
             });
         }
+    }
+}
+
+/// Sends `save-on`, retrying with backoff; on success removes the marker and clears the gauge.
+async fn resume_saving(rcon: Rcon, marker: PathBuf, saving_off: Option<IntGauge>) -> Result<(), SnapshotError> {
+    let mut waits = SAVE_ON_BACKOFF.iter();
+    loop {
+        match rcon.command("save-on").await {
+            Ok(_) => {
+                remove_marker(&marker);
+                if let Some(gauge) = &saving_off {
+                    gauge.set(0);
+                }
+                return Ok(());
+            }
+            Err(error) => match waits.next() {
+                Some(wait) => {
+                    tracing::warn!(%error, category = error.category(), retry_in_ms = wait.as_millis() as u64, "RCON save-on failed; retrying");
+                    tokio::time::sleep(*wait).await;
+                }
+                // The marker stays: the next backup finds saving off, knows it was us, and turns it back on.
+                None => return Err(SnapshotError::SaveOn { source: error }),
+            },
+        }
+    }
+}
+
+fn remove_marker(marker: &Path) {
+    match fs::remove_file(marker) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        // Harmless but worth a line: the next backup would turn saving on even if an admin had turned it off.
+        Err(error) => tracing::warn!(%error, path = %marker.display(), "removing the saving-off marker failed"),
     }
 }
 
@@ -150,13 +208,16 @@ impl Drop for StopOnDrop {
 /// Captures the worlds and included files of `data_dir` into `mirror` (see [`super::mirror`]): a first pass
 /// with the server saving normally brings the mirror up to date; with `rcon`, saving is then turned off and
 /// flushed (waiting for "Saved the game" up to `flush_timeout`), a second pass copies only what changed since,
-/// and saving is turned back on, on every path. If saving was already off before, it is left off.
+/// and saving is turned back on (with retries), on every path. If saving was already off before, it is left
+/// off, unless [`SAVING_OFF_MARKER`] says an earlier backup turned it off and failed to turn it back on.
+/// `saving_off` is 1 while saving is held off and stays 1 when `save-on` failed.
 pub async fn snapshot(
     data_dir: &Path,
     mirror: &Path,
     rules: &CaptureRules,
     rcon: Option<&Rcon>,
     flush_timeout: Duration,
+    saving_off: Option<&IntGauge>,
 ) -> Result<Capture, SnapshotError> {
     let worlds = world_dirs(data_dir)?;
     let selection = mirror::Selection {
@@ -195,13 +256,30 @@ pub async fn snapshot(
         });
     };
 
+    let marker = data_dir.join(SAVING_OFF_MARKER);
+    let ours_before = marker.exists();
+    // Written before `save-off`, so even a crash right after it leaves the marker behind.
+    let write = |path: &Path| {
+        fs::create_dir_all(path.parent().unwrap_or(data_dir))?;
+        fs::write(path, std::process::id().to_string())
+    };
+    write(&marker).map_err(|source| SnapshotError::WriteMarker { path: marker.clone(), source })?;
+    if let Some(gauge) = saving_off {
+        gauge.set(1);
+    }
     let started = Instant::now();
-    let mut guard = SaveOnGuard { rcon: Some(rcon.clone()) };
+    let mut guard = SaveOnGuard { rcon: Some(rcon.clone()), marker, saving_off: saving_off.cloned() };
     let captured = async {
         let reply = rcon.command("save-off").await.map_err(|source| SnapshotError::SaveOff { source })?;
         if reply.contains("already turned off") {
-            // Someone else turned saving off; turning it back on would be a surprise.
-            guard.rcon = None;
+            if ours_before {
+                tracing::warn!(
+                    "saving was still off after an earlier backup's failed save-on; it is turned back on after this one"
+                );
+            } else {
+                // Someone else turned saving off; turning it back on would be a surprise.
+                guard.disarm();
+            }
         }
         let reply = tokio::time::timeout(flush_timeout, rcon.command("save-all flush"))
             .await
@@ -270,7 +348,7 @@ mod tests {
             exclude: vec!["**/session.lock".to_owned(), "config/cache/**".to_owned()],
         };
         let staging = data.join(STAGING_DIR).join("one");
-        let capture = snapshot(data, &staging, &rules, None, Duration::from_secs(1)).await.unwrap();
+        let capture = snapshot(data, &staging, &rules, None, Duration::from_secs(1), None).await.unwrap();
         assert_eq!(capture.worlds, ["realm", "realm_nether"]);
         assert_eq!(capture.files, 3);
         assert!(capture.save_off_window.is_none());

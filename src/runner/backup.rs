@@ -143,6 +143,7 @@ impl Backups {
         options.pack_version = status.pack_version.clone();
         if status.phase == phase_name(Phase::Running) {
             options.rcon = shared.rcon();
+            options.saving_off = Some(self.metrics.saving_off.clone());
         } else if status.pid.is_some() {
             return Err((
                 "server_busy",
