@@ -202,6 +202,13 @@ impl RconClient {
     /// packets as the server split it into. Refuses commands over [`MAX_COMMAND_LEN`] bytes without
     /// sending them.
     pub async fn command(&mut self, command: &str) -> Result<String, RconError> {
+        let timeout = self.timeout;
+        self.command_with_timeout(command, timeout).await
+    }
+
+    /// [`RconClient::command`] bounded by `timeout` instead of the connection's: for a command known to take
+    /// longer than usual (`save-all flush` on a big world).
+    pub async fn command_with_timeout(&mut self, command: &str, timeout: Duration) -> Result<String, RconError> {
         if command.len() > MAX_COMMAND_LEN {
             return Err(RconError::CommandTooLong { len: command.len() });
         }
@@ -213,7 +220,7 @@ impl RconClient {
         }
         // Until the exchange completes, the stream may hold half a reply: only success clears this.
         self.broken = true;
-        let (addr, timeout) = (self.addr, self.timeout);
+        let addr = self.addr;
         let reply = tokio::time::timeout(timeout, self.exchange(command)).await.map_err(|_| RconError::Timeout {
             addr,
             operation: "command",
@@ -340,6 +347,12 @@ impl Rcon {
 
     /// Runs `command` and returns its reply, connecting first if needed (see [`Rcon`] for retries).
     pub async fn command(&self, command: &str) -> Result<String, RconError> {
+        self.command_with_timeout(command, self.inner.timeout).await
+    }
+
+    /// [`Rcon::command`] with each attempt bounded by `timeout` instead of the handle's (connecting still uses
+    /// the handle's): for a command known to take longer than usual (`save-all flush` on a big world).
+    pub async fn command_with_timeout(&self, command: &str, timeout: Duration) -> Result<String, RconError> {
         if command.len() > MAX_COMMAND_LEN {
             return Err(RconError::CommandTooLong { len: command.len() });
         }
@@ -348,7 +361,7 @@ impl Rcon {
             Some(client) => (client, true),
             None => (self.connect().await?, false),
         };
-        match client.command(command).await {
+        match client.command_with_timeout(command, timeout).await {
             Ok(reply) => {
                 *slot = Some(client);
                 Ok(reply)
@@ -356,7 +369,7 @@ impl Rcon {
             Err(RconError::Io(error)) if reused => {
                 tracing::warn!(addr = %self.inner.addr, %error, "RCON connection lost; reconnecting once");
                 let mut client = self.connect().await?;
-                let reply = client.command(command).await?;
+                let reply = client.command_with_timeout(command, timeout).await?;
                 *slot = Some(client);
                 Ok(reply)
             }

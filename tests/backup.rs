@@ -134,6 +134,11 @@ struct FakeServer {
 
 impl FakeServer {
     fn start(data: &Path, rcon_port: u16) -> Result<Self> {
+        Self::start_with(data, rcon_port, "")
+    }
+
+    /// [`FakeServer::start`] with more `fake-server.properties` lines.
+    fn start_with(data: &Path, rcon_port: u16, fake_properties: &str) -> Result<Self> {
         std::fs::write(
             data.join("server.properties"),
             format!(
@@ -143,7 +148,10 @@ impl FakeServer {
             ),
         )?;
         // Rewrites are frequent and slow, so a copy taken while saving is on would very likely be torn.
-        std::fs::write(data.join("fake-server.properties"), "autosave-interval-ms=10\nregion-write-ms=40\n")?;
+        std::fs::write(
+            data.join("fake-server.properties"),
+            format!("autosave-interval-ms=10\nregion-write-ms=40\n{fake_properties}"),
+        )?;
         let mut child = Command::new(java_tool("java")?)
             .args(["-Xmx64m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1", "-jar"])
             .arg(fake_server_jar()?)
@@ -288,6 +296,30 @@ async fn a_backup_of_a_running_server_is_never_torn_and_saving_resumes() -> Resu
     let err = backup::create(&store, &options).await.err().context("a wrong RCON password was accepted")?;
     assert_eq!(err.category(), "rcon", "{err:?}");
     assert_eq!(backup::list(&store).await?.len(), before);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_slow_flush_is_bounded_by_the_flush_timeout_not_the_rcon_timeout() -> Result<()> {
+    let data = DataDir::new("world")?;
+    let rcon_port = free_port()?;
+    let _server = FakeServer::start_with(&data.0, rcon_port, "flush-ms=3000\n")?;
+    // A per-command timeout shorter than the flush, as the runner's RCON handle has.
+    let rcon =
+        Rcon::new(SocketAddr::from((Ipv4Addr::LOCALHOST, rcon_port)), PASSWORD.to_owned(), Duration::from_secs(1));
+    let (_bucket, store) = s3_store("backup-slow-flush", &data.0).await?;
+    let mut options = CreateOptions::new(&data.0);
+    options.rcon = Some(rcon.clone());
+    options.flush_timeout = Duration::from_secs(20);
+    let created = backup::create(&store, &options).await?;
+    assert!(created.save_off_ms.context("window")? >= 3000, "{created:?}");
+
+    options.flush_timeout = Duration::from_millis(500);
+    let err = backup::create(&store, &options).await.err().context("a flush over its timeout was accepted")?;
+    assert_eq!(err.category(), "flush", "{err:?}");
+    // save-on (retried until the server's thread is free again) still ran.
+    let reply = rcon.command_with_timeout("save-on", Duration::from_secs(10)).await?;
+    assert!(reply.contains("already turned on"), "saving stayed off: {reply:?}");
     Ok(())
 }
 

@@ -281,10 +281,14 @@ pub async fn snapshot(
                 guard.disarm();
             }
         }
-        let reply = tokio::time::timeout(flush_timeout, rcon.command("save-all flush"))
-            .await
-            .map_err(|_| SnapshotError::FlushTimeout { timeout: flush_timeout })?
-            .map_err(|source| SnapshotError::Flush { source })?;
+        // A big world's flush outlasts the handle's per-command timeout (the runner's is a few seconds).
+        let reply =
+            rcon.command_with_timeout("save-all flush", flush_timeout).await.map_err(|source| match source {
+                RconError::Timeout { operation: "command", .. } => {
+                    SnapshotError::FlushTimeout { timeout: flush_timeout }
+                }
+                source => SnapshotError::Flush { source },
+            })?;
         if !reply.contains("Saved the game") {
             return Err(SnapshotError::FlushNotConfirmed { reply });
         }
