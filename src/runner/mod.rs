@@ -53,6 +53,9 @@ pub fn shared(registry: prometheus::Registry) -> prometheus::Result<(Shared, mps
     Ok((shared, rx))
 }
 
+/// How long after a transient failure (the network) a pack update is tried again.
+const PACK_RETRY: Duration = Duration::from_secs(30);
+
 enum Next {
     /// Prepare and start (again).
     Start,
@@ -174,6 +177,8 @@ async fn run_once(
     let mut ready_open = true;
     // After a pack update: what to go back to if this server fails before it is ready.
     let mut fallback = prepared.fallback.clone();
+    // When a pack update failed transiently (the network): when to try it again.
+    let mut pack_retry: Option<tokio::time::Instant> = None;
 
     let (exit, after) = loop {
         tokio::select! {
@@ -186,6 +191,11 @@ async fn run_once(
                     shared.set_phase(Phase::Running, None);
                     shared.metrics.last_ready_time.set(unix_now());
                 }
+            }
+            _ = tokio::time::sleep_until(pack_retry.unwrap_or_else(tokio::time::Instant::now)), if pack_retry.is_some() => {
+                // Handled as a change of the same spec: the update is tried again.
+                pack_retry = None;
+                specs.mark_changed();
             }
             _ = poll.tick() => {
                 stats.sample(&shared.metrics);
@@ -210,7 +220,10 @@ async fn run_once(
                     });
                     match prepare::update_pack(&prepared, &spec, &options.prepare, stop).await {
                         PackUpdate::Untouched(Some(e)) => {
-                            tracing::error!(category = e.category(), "{e}; keeping the running server");
+                            tracing::error!(category = e.category(), transient = e.is_transient(), "{e}; keeping the running server");
+                            if e.is_transient() {
+                                pack_retry = Some(tokio::time::Instant::now() + PACK_RETRY);
+                            }
                             continue;
                         }
                         PackUpdate::Untouched(None) => {}

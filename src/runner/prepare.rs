@@ -14,7 +14,7 @@ use futures::future::BoxFuture;
 
 use crate::api::{MinecraftServerSpec, PackSpec};
 use crate::metrics::PackMetrics;
-use crate::pack::provision::{self, ProvisionError, Provisioned};
+use crate::pack::provision::{self, ProvisionError};
 use crate::pack::source::FetchOptions;
 use crate::pack::{DataDirLock, PackVersion};
 use crate::rcon::Rcon;
@@ -245,11 +245,8 @@ pub async fn update_pack<X: Send>(
         };
     };
     let to = match result {
-        Ok(Provisioned::Applied { report, .. }) => report.to,
-        // The gate ran, so the plan was made; only the swap can have failed (and was undone).
-        Ok(Provisioned::AlreadyCurrent(_)) => {
-            return PackUpdate::Reverted { error: PrepareError::Unsupported("pack already applied".into()), stopped };
-        }
+        Ok(provisioned) => provisioned.version().clone(),
+        // The gate ran, so the plan was made: the swap failed, and was undone.
         Err(e) => return PackUpdate::Reverted { error: e.into(), stopped },
     };
     context.set_rolled_back(None);
