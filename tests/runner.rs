@@ -375,10 +375,16 @@ fn sha256_hex(bytes: &[u8]) -> String {
 
 /// Writes the fixture's spec running the fake server as a custom jar shipped by the pack at `url`.
 fn write_pack_spec(fixture: &Fixture, url: &str, sha256: &str) -> Result<()> {
-    let spec = format!(
+    write_pack_spec_with(fixture, url, sha256, "")
+}
+
+/// [`write_pack_spec`] with `more` (YAML lines at spec level, two-space indent) appended.
+fn write_pack_spec_with(fixture: &Fixture, url: &str, sha256: &str, more: &str) -> Result<()> {
+    let mut spec = format!(
         "apiVersion: atlas.dev/v1alpha1\nkind: MinecraftServer\nmetadata: {{name: test}}\nspec:\n  eula: true\n  server: {{type: custom, version: \"1.21.4\", jar: fake-server.jar}}\n  jvm: {{heap: 256M, flags: none}}\n  rcon: {{port: {}}}\n  properties:\n    server-port: \"{}\"\n  pack:\n    source:\n      url: {{url: \"{url}\", sha256: \"{sha256}\"}}\n",
         fixture.rcon_port, fixture.game_port
     );
+    spec.push_str(more);
     let tmp = fixture.root.join("server.yaml.tmp");
     std::fs::write(&tmp, spec)?;
     std::fs::rename(&tmp, &fixture.spec)?;
@@ -441,6 +447,66 @@ fn the_runner_applies_the_pack_updates_it_with_one_restart_and_keeps_running_on_
     );
     let (_, metrics) = http_get(&runner.metrics_addr, "/metrics")?;
     assert!(metrics.contains("atlas_pack_apply_failures_total{category=\"digest-mismatch\"} 1"), "{metrics}");
+    Ok(())
+}
+
+#[test]
+fn a_pack_update_backs_the_world_up_first_and_a_failed_backup_calls_it_off() -> Result<()> {
+    let (fixture, base, blobs) = pack_fixture(
+        "pack-backup",
+        &[("1.0.0", &[("mods/a.jar", b"a-1")]), ("2.0.0", &[("mods/a.jar", b"a-2")]), ("3.0.0", &[])],
+    )?;
+    let store = fixture.root.join("backups");
+    let backup = |path: &std::path::Path| {
+        format!("  backup:\n    beforeUpdate: true\n    store: {{local: {{path: \"{}\"}}}}\n", path.display())
+    };
+    let v = |i: usize| (format!("{base}/{}.0.0.tar.zst", i + 1), sha256_hex(&blobs[i]));
+    let (url, sha) = v(0);
+    write_pack_spec_with(&fixture, &url, &sha, &backup(&store))?;
+    let mut runner = Runner::start(&fixture, &[])?;
+    let first = runner.wait_running()?;
+
+    // The update to 2.0.0 takes a backup of the world as 1.0.0 left it, before the server stops.
+    let (url, sha) = v(1);
+    write_pack_spec_with(&fixture, &url, &sha, &backup(&store))?;
+    runner.wait_status("pack 2.0.0 running", Duration::from_secs(60), |s| {
+        s["phase"] == "Running" && s["packVersion"] == "2.0.0" && s["pid"] != first["pid"]
+    })?;
+    let out = Command::new(common::binary())
+        .args(["backup", "list", "--json", "--spec"])
+        .arg(&fixture.spec)
+        .arg("--data")
+        .arg(&fixture.data)
+        .output()?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let listed: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["packVersion"], "1.0.0", "{listed:?}");
+    assert!(listed[0]["saveOffMs"].is_u64(), "not taken through RCON: {listed:?}");
+    let order: Vec<String> = runner
+        .logs()
+        .iter()
+        .filter_map(|l| l["message"].as_str().map(str::to_owned))
+        .filter(|m| m.contains("backed up before the pack update") || m.contains("stopping the server for the swap"))
+        .collect();
+    assert_eq!(order.len(), 2, "{order:?}");
+    assert!(order[0].contains("backed up"), "the server stopped before the backup: {order:?}");
+
+    // A backup that cannot be written calls the update to 3.0.0 off: the server keeps running 2.0.0.
+    let running = runner.status()?;
+    let blocked = fixture.root.join("not-a-directory");
+    std::fs::write(&blocked, b"a file where the store should be")?;
+    let (url, sha) = v(2);
+    write_pack_spec_with(&fixture, &url, &sha, &backup(&blocked))?;
+    wait_for("the failed backup", Duration::from_secs(30), || {
+        (!runner.logs_with("the backup before the pack update failed").is_empty()).then_some(())
+    })?;
+    let still = runner.status()?;
+    assert_eq!(
+        (still["phase"].clone(), still["pid"].clone(), still["packVersion"].clone()),
+        ("Running".into(), running["pid"].clone(), "2.0.0".into())
+    );
+    assert_eq!(std::fs::read(fixture.data.join("mods/a.jar"))?, b"a-2");
     Ok(())
 }
 

@@ -218,7 +218,14 @@ async fn run_once(
                         shared.set_phase(Phase::Updating, Some("swapping in a new pack version".into()));
                         running.stop(Some(&rcon), options.stop).await
                     });
-                    match prepare::update_pack(&prepared, &spec, &options.prepare, stop).await {
+                    // spec.backup.beforeUpdate: the world as the old version left it, taken through RCON
+                    // once the new pack is staged and before the server stops.
+                    let backup = spec.backup.as_ref().is_some_and(|b| b.before_update).then(|| {
+                        Box::pin(async move {
+                            shared.backups.create_now(shared).await.map(|m| m.name).map_err(|f| f.message)
+                        }) as futures::future::BoxFuture<'_, _>
+                    });
+                    match prepare::update_pack(&prepared, &spec, &options.prepare, backup, stop).await {
                         PackUpdate::Untouched(Some(e)) => {
                             tracing::error!(category = e.category(), transient = e.is_transient(), "{e}; keeping the running server");
                             if e.is_transient() {

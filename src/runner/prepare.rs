@@ -109,6 +109,9 @@ pub enum PrepareError {
     /// The spec asks for something this build cannot do yet.
     #[error("{0}")]
     Unsupported(String),
+    /// `spec.backup.beforeUpdate` is set and that backup failed.
+    #[error("the backup before the pack update failed: {0}")]
+    BackupBeforeUpdate(String),
     /// Fetching, verifying or applying the pack failed; the data dir holds the version it held.
     #[error("pack: {0}")]
     Pack(#[from] ProvisionError),
@@ -120,6 +123,7 @@ impl PrepareError {
         match self {
             Self::Server(e) => e.category(),
             Self::Unsupported(_) => "unsupported",
+            Self::BackupBeforeUpdate(_) => "backup",
             Self::Pack(e) => e.category(),
         }
     }
@@ -129,6 +133,8 @@ impl PrepareError {
         match self {
             Self::Server(e) => e.is_transient(),
             Self::Unsupported(_) => false,
+            // A store that was down may be back: the update is tried again later.
+            Self::BackupBeforeUpdate(_) => true,
             Self::Pack(e) => e.is_transient(),
         }
     }
@@ -204,12 +210,14 @@ pub enum PackUpdate<X> {
 }
 
 /// A spec change with a new pack: fetch, stage, verify and plan while the old server runs, then
-/// stop it (`stop`, not polled before), swap, and prepare the new server. A pack that fails to fetch or verify leaves the
-/// running server alone.
+/// take `backup` (`spec.backup.beforeUpdate`; not polled before, and an error calls the update off
+/// with the server still running), stop it (`stop`, not polled before), swap, and prepare the new
+/// server. A pack that fails to fetch or verify leaves the running server alone.
 pub async fn update_pack<X: Send>(
     current: &Prepared,
     spec: &MinecraftServerSpec,
     options: &PrepareOptions,
+    backup: Option<BoxFuture<'_, Result<String, String>>>,
     stop: BoxFuture<'_, X>,
 ) -> PackUpdate<X> {
     let (Some(pack), Some(context)) = (&spec.pack, &options.pack) else {
@@ -222,13 +230,19 @@ pub async fn update_pack<X: Send>(
         return PackUpdate::Untouched(None);
     }
     let fetch = FetchOptions::new(&options.data_dir);
-    let mut stopped = None;
-    let stopped_slot = &mut stopped;
+    let (mut stopped, mut backup_failed) = (None, None);
+    let (stopped_slot, failed_slot) = (&mut stopped, &mut backup_failed);
     let gate: provision::Gate<'_> = Box::new(move |to: PackVersion| {
         Box::pin(async move {
-            if let Err(e) = backup_before_update(spec, options).await {
-                tracing::error!(category = e.category(), to = %to, "{e}; the pack update is called off");
-                return false;
+            if let Some(backup) = backup {
+                tracing::info!(to = %to, "pack staged; backing the world up before the update");
+                match backup.await {
+                    Ok(name) => tracing::info!(backup = %name, "backed up before the pack update"),
+                    Err(e) => {
+                        *failed_slot = Some(e);
+                        return false;
+                    }
+                }
             }
             tracing::info!(from = current.pack_version.as_deref(), to = %to, "pack staged; stopping the server for the swap");
             *stopped_slot = Some(stop.await);
@@ -239,6 +253,9 @@ pub async fn update_pack<X: Send>(
         provision::apply_spec_gated(pack, &options.data_dir, context.lock.clone(), &fetch, &context.metrics, gate)
             .await;
     let Some(stopped) = stopped else {
+        if let Some(e) = backup_failed {
+            return PackUpdate::Untouched(Some(PrepareError::BackupBeforeUpdate(e)));
+        }
         return match result {
             Ok(_) => PackUpdate::Untouched(None),
             Err(e) => PackUpdate::Untouched(Some(e.into())),
@@ -279,14 +296,6 @@ pub async fn roll_back_pack(
     context.set_rolled_back(failed);
     let report = provision::rollback(&options.data_dir, context.lock.clone(), &context.metrics).await?;
     tracing::warn!(from = ?report.from.as_ref().map(PackVersion::as_str), to = %report.to, reason, "pack rolled back");
-    Ok(())
-}
-
-/// The seam for `spec.backup.beforeUpdate`: a backup of the world taken after the new pack is
-/// staged and before the server is stopped for the swap. An error calls the update off and the
-/// server keeps running. Nothing is taken yet.
-// Backups: wire the before-update backup here (the `backup` module's snapshot + upload).
-async fn backup_before_update(_spec: &MinecraftServerSpec, _options: &PrepareOptions) -> Result<(), PrepareError> {
     Ok(())
 }
 
