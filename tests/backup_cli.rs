@@ -230,6 +230,26 @@ async fn restore_through_a_running_runner_stops_takes_a_safety_backup_and_restar
 }
 
 #[tokio::test]
+async fn the_runner_starts_no_server_while_a_backup_or_restore_holds_the_data_dir() -> Result<()> {
+    let fixture = Fixture::new("backup-spawn-lock")?;
+    let mut runner = Runner::start(&fixture, &[])?;
+    runner.wait_running()?;
+    ok(common::cli(&fixture.data, &["stop"])?, "stop")?;
+    // What a capture or a restore swap holds.
+    let lock = atlas_runner::backup::lock(&fixture.data)?;
+    ok(common::cli(&fixture.data, &["restart"])?, "restart")?;
+    wait_for("the runner waiting for the lock", Duration::from_secs(30), || {
+        (!runner.logs_with("a backup or restore is running on the data dir").is_empty()).then_some(())
+    })?;
+    std::thread::sleep(Duration::from_secs(1));
+    let status = runner.status()?;
+    assert!(status["pid"].is_null(), "a server started under the backup lock: {status}");
+    drop(lock);
+    runner.wait_running()?;
+    Ok(())
+}
+
+#[tokio::test]
 async fn scheduled_backups_run_in_the_runner_prune_and_survive_failures() -> Result<()> {
     let fixture = Fixture::new("backup-schedule")?;
     let bucket = TestS3::shared().await?.bucket("backup-schedule").await?;

@@ -136,15 +136,21 @@ impl Backups {
         let Some(context) = self.context() else {
             return Err(("not_ready", "the runner has not loaded its spec yet; try again in a moment".to_owned()));
         };
+        let fail = |e: backup::BackupError| (e.category(), BackupFailure::from_error(e.category(), &e).message);
+        // Taken before the phase is read: the reconciler spawns the JVM only under this lock, so a server that
+        // is down now stays down until the capture is over.
+        let lock = backup::lock(&context.data_dir).map_err(fail)?;
         let status = shared.snapshot();
         let backup_spec = context.spec.backup.as_ref();
         let mut options = CreateOptions::from_spec(&context.data_dir, backup_spec);
         options.server_version = status.server_version.clone();
         options.pack_version = status.pack_version.clone();
+        let held = status.phase == phase_name(Phase::Stopped) || status.phase == phase_name(Phase::Failed);
         if status.phase == phase_name(Phase::Running) {
             options.rcon = shared.rcon();
             options.saving_off = Some(self.metrics.saving_off.clone());
-        } else if status.pid.is_some() {
+        } else if status.pid.is_some() || !held {
+            // Pending and Provisioning have no JVM yet but are about to start one.
             return Err((
                 "server_busy",
                 format!("the server is {}; try again when it is Running or stopped", status.phase),
@@ -152,9 +158,7 @@ impl Backups {
         }
         let store = Store::open(backup_spec.and_then(|b| b.store.as_ref()), &context.data_dir, None)
             .map_err(|e| (e.category(), BackupFailure::from_error(e.category(), &e).message))?;
-        backup::create(&store, &options)
-            .await
-            .map_err(|e| (e.category(), BackupFailure::from_error(e.category(), &e).message))
+        backup::create_locked(&store, &options, &lock).await.map_err(fail)
     }
 
     /// Applies `spec.backup.retention` to the store.
@@ -167,6 +171,46 @@ impl Backups {
             .map_err(|e| BackupFailure::from_error(e.category(), &e))?;
         let retention = backup_spec.map(|b| b.retention.clone()).unwrap_or_default();
         backup::prune(&store, &retention).await.map_err(|e| BackupFailure::from_error(e.category(), &e))
+    }
+}
+
+/// The backup lock as the reconciler holds it around spawning the JVM.
+pub(super) enum SpawnLock {
+    /// Held (or `None` when the lock file cannot be opened: the server starts anyway, with a warning).
+    Held(Option<backup::BackupLock>),
+    /// The runner is shutting down.
+    Shutdown,
+}
+
+/// Waits for the data dir's backup lock, so the JVM never starts in the middle of a capture or a restore swap.
+pub(super) async fn lock_for_spawn(
+    data_dir: &std::path::Path,
+    shared: &Shared,
+    shutdown: &CancellationToken,
+) -> SpawnLock {
+    let mut told = false;
+    loop {
+        match backup::lock(data_dir) {
+            Ok(lock) => return SpawnLock::Held(Some(lock)),
+            Err(backup::BackupError::Busy { owner, .. }) => {
+                if !told {
+                    told = true;
+                    tracing::info!(
+                        owner,
+                        "a backup or restore is running on the data dir; starting the server after it"
+                    );
+                    shared.set_phase(Phase::Starting, Some("waiting for a backup or restore to finish".to_owned()));
+                }
+            }
+            Err(error) => {
+                tracing::warn!(error = %describe(&error), category = error.category(), "cannot take the backup lock; starting the server without it");
+                return SpawnLock::Held(None);
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return SpawnLock::Shutdown,
+            () = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
     }
 }
 
@@ -353,7 +397,8 @@ pub async fn restore_via_runner_or_offline(
     name: &str,
     progress: &backup::Progress,
 ) -> Result<RestoreReport, BackupFailure> {
-    // Held throughout: no capture (a scheduled one included) may read a half-swapped world.
+    // Held from before the stop to after the swap: no capture (a scheduled one included) may read a
+    // half-swapped world, and the runner starts no server meanwhile (it spawns the JVM under this lock).
     let lock = backup::lock(data_dir).map_err(backup_failure)?;
     let staged = backup::stage_restore_with_progress(store, name, data_dir, progress).await.map_err(backup_failure)?;
     tracing::info!(backup = name, "backup downloaded and checked; replacing the world");
@@ -393,6 +438,8 @@ pub async fn restore_via_runner_or_offline(
     let safety = match backup::create_locked(store, &options, &lock).await {
         Ok(safety) => safety,
         Err(e) => {
+            // The reconciler starts the server only under the backup lock.
+            drop(lock);
             restart().await;
             let mut f = backup_failure(e);
             f.message = format!("the safety backup failed, so nothing was restored: {}", f.message);
@@ -401,6 +448,7 @@ pub async fn restore_via_runner_or_offline(
     };
     tracing::info!(safety = %safety.name, "safety backup taken; swapping the worlds");
     let swapped = staged.swap(&lock).await;
+    drop(lock);
     restart().await;
     let restored = swapped.map_err(backup_failure)?;
     Ok(RestoreReport { restored, safety: Some(safety), restarted: was_up })

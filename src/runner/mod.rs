@@ -156,8 +156,15 @@ async fn run_once(
         *rcon = Some(prepared.rcon.clone());
     }
     shared.set_phase(Phase::Starting, None);
+    // Held until the JVM is spawned: it must not start in the middle of a capture or a restore swap.
+    let backup_lock = match backup::lock_for_spawn(&options.prepare.data_dir, shared, shutdown).await {
+        backup::SpawnLock::Held(lock) => lock,
+        backup::SpawnLock::Shutdown => return Next::Exit,
+    };
     tracing::info!(command = ?prepared.command, "starting the server");
-    let mut process = match ServerProcess::spawn(&prepared.command, &options.prepare.data_dir, shared.logs.clone()) {
+    let spawned = ServerProcess::spawn(&prepared.command, &options.prepare.data_dir, shared.logs.clone());
+    drop(backup_lock);
+    let mut process = match spawned {
         Ok(p) => p,
         Err(e) => {
             tracing::error!(category = e.category(), "{e}");
