@@ -880,9 +880,10 @@ async fn backup(command: BackupCommand, log_format: LogFormat) -> anyhow::Result
             )?;
         }
         BackupCommand::Restore(args) => {
-            let (_, store) = backup_store(&args.backup)?;
+            let (spec, store) = backup_store(&args.backup)?;
             let line = BackupProgressLine::show(&progress, log_format);
-            let report = ops::restore_via_runner_or_offline(&args.backup.data, &store, &args.name, &progress).await;
+            let report =
+                ops::restore_via_runner_or_offline(&args.backup.data, &spec, &store, &args.name, &progress).await;
             drop(line);
             let report = report?;
             let previous: Vec<String> = report.restored.previous.iter().map(|p| p.display().to_string()).collect();
@@ -906,7 +907,7 @@ async fn backup(command: BackupCommand, log_format: LogFormat) -> anyhow::Result
                 writeln!(out, "safety backup of the replaced world: {}", safety.name)?;
             }
             for p in &previous {
-                writeln!(out, "the replaced world is kept at {p}")?;
+                writeln!(out, "what was replaced is kept at {p}")?;
             }
             if report.restarted {
                 writeln!(out, "the server is starting again")?;

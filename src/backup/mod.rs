@@ -107,8 +107,14 @@ pub enum BackupError {
     FileCountMismatch { key: String, expected: u64, actual: u64 },
     #[error("the manifest of {name} names {root:?}, not a plain top-level directory of the archive")]
     UnsafeManifest { name: String, root: String },
-    #[error("swap the restored {world} into place")]
+    #[error("swap the restored {world} into place (everything changed was put back)")]
     SwapWorld { world: String, source: std::io::Error },
+    #[error(
+        "swap the restored {} into place failed, and putting the live files back failed too; the data dir is          half restored: do not start the server until this is fixed by hand: {}",
+        path.display(),
+        failures.join("; ")
+    )]
+    SwapRollBack { path: PathBuf, source: std::io::Error, failures: Vec<String> },
     #[error("delete {key}")]
     Delete { key: String, source: object_store::Error },
     #[error("a blocking task failed")]
@@ -135,6 +141,7 @@ impl BackupError {
             | Self::DigestMismatch { .. }
             | Self::CheckArchive { .. }
             | Self::FileCountMismatch { .. } => "corrupt_archive",
+            Self::SwapRollBack { .. } => "restore_incomplete",
             Self::Thread { .. } => "internal",
             Self::Busy { .. } => "busy",
             Self::Lock { .. } => "local_io",
@@ -580,11 +587,17 @@ impl StagedRestore {
         &self.manifest
     }
 
-    /// Swaps each world directory in by rename, the live one kept as `<world>.before-restore-<time>`, then
-    /// copies included non-world files over. A failed swap puts back what it moved. The server must not be
-    /// running, and `_lock` keeps a capture from reading a half-swapped world.
+    /// Swaps each world directory in whole, the live one kept as `<world>.before-restore-<time>`, then each
+    /// included non-world file, the live one kept under `.atlas/before-restore-<time>/`; each by an atomic
+    /// exchange, so no path is ever missing. A failed swap puts back everything it changed; when even that
+    /// fails, [`BackupError::SwapRollBack`] says where things are, and the server must not be started. The
+    /// server must not be running, and `_lock` keeps a capture (or the runner's start) out meanwhile.
     pub async fn swap(self, _lock: &BackupLock) -> Result<Restored, BackupError> {
-        let previous = swap_in(&self.manifest, &self.data_dir, &self.work.join("tree")).await?;
+        let (manifest, data_dir, tree) = (self.manifest.clone(), self.data_dir.clone(), self.work.join("tree"));
+        let stamp = Timestamp::now().strftime("%Y%m%dT%H%M%SZ").to_string();
+        let previous = tokio::task::spawn_blocking(move || swap_in(&manifest, &data_dir, &tree, &stamp))
+            .await
+            .map_err(|source| BackupError::Thread { source })??;
         Ok(Restored { manifest: self.manifest.clone(), previous })
     }
 }
@@ -648,64 +661,141 @@ pub async fn stage_restore_with_progress(
     Ok(staged)
 }
 
-async fn swap_in(manifest: &Manifest, data_dir: &Path, tree: &Path) -> Result<Vec<PathBuf>, BackupError> {
+/// One change the swap made to the live data directory, undone in reverse order on a failure.
+#[derive(Debug)]
+enum SwapStep {
+    /// `from` was renamed to `to`.
+    Renamed { from: PathBuf, to: PathBuf },
+    /// `a` and `b` were exchanged.
+    Exchanged { a: PathBuf, b: PathBuf },
+}
+
+/// Swaps the restored `tree` into `data_dir`, in one blocking pass. Worlds are replaced whole, the live one
+/// kept as `<world>.before-restore-<stamp>`; included (non-world) files are replaced one by one, each live one
+/// kept under `.atlas/before-restore-<stamp>/`. Every replacement is a rename of the restored path next to
+/// the live one followed by an atomic exchange (`renameat2(RENAME_EXCHANGE)`), so a kill at any point leaves
+/// the live path whole, old or new, never missing. Any failure undoes every step taken.
+fn swap_in(manifest: &Manifest, data_dir: &Path, tree: &Path, stamp: &str) -> Result<Vec<PathBuf>, BackupError> {
     // Everything is extracted and checked: from here on the live data directory changes.
-    let stamp = Timestamp::now().strftime("%Y%m%dT%H%M%SZ").to_string();
-    let mut moved: Vec<(PathBuf, PathBuf, PathBuf)> = Vec::new();
-    for world in &manifest.worlds {
-        let live = data_dir.join(world);
-        let staged = tree.join(world);
-        let aside = data_dir.join(format!("{world}.before-restore-{stamp}"));
-        let swap = async {
-            if tokio::fs::symlink_metadata(&live).await.is_ok() {
-                tokio::fs::rename(&live, &aside).await?;
+    let extras_aside = data_dir.join(".atlas").join(format!("before-restore-{stamp}"));
+    let mut steps = Vec::new();
+    let mut previous = Vec::new();
+    let mut swap = || -> Result<(), (PathBuf, std::io::Error)> {
+        for world in &manifest.worlds {
+            let aside = data_dir.join(format!("{world}.before-restore-{stamp}"));
+            if place(&tree.join(world), &data_dir.join(world), &aside, false, &mut steps)? {
+                previous.push(aside);
             }
-            tokio::fs::rename(&staged, &live).await
+        }
+        let mut extras = false;
+        for root in manifest.roots.iter().filter(|r| !manifest.worlds.contains(r)) {
+            extras |= place(&tree.join(root), &data_dir.join(root), &extras_aside.join(root), true, &mut steps)?;
+        }
+        if extras {
+            previous.push(extras_aside.clone());
+        }
+        Ok(())
+    };
+    let Err((path, source)) = swap() else { return Ok(previous) };
+    let failures = roll_back(&steps);
+    if failures.is_empty() {
+        return Err(BackupError::SwapWorld { world: path.display().to_string(), source });
+    }
+    Err(BackupError::SwapRollBack { path, source, failures })
+}
+
+/// Puts the restored `staged` at `live`. With `live` present, `staged` is first renamed to `aside` (on the same
+/// filesystem) and then exchanged with `live`, so `aside` ends up holding the replaced one; returns whether
+/// something was replaced. With `merge`, directories present on both sides are merged entry by entry
+/// (includes), else replaced whole (worlds).
+fn place(
+    staged: &Path,
+    live: &Path,
+    aside: &Path,
+    merge: bool,
+    steps: &mut Vec<SwapStep>,
+) -> Result<bool, (PathBuf, std::io::Error)> {
+    fn at(path: &Path) -> impl FnOnce(std::io::Error) -> (PathBuf, std::io::Error) + '_ {
+        move |e| (path.to_owned(), e)
+    }
+    let is_dir = std::fs::symlink_metadata(staged).map_err(at(staged))?.is_dir();
+    let live_meta = match std::fs::symlink_metadata(live) {
+        Ok(meta) => Some(meta),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err((live.to_owned(), e)),
+    };
+    match live_meta {
+        None => {
+            std::fs::rename(staged, live).map_err(at(live))?;
+            steps.push(SwapStep::Renamed { from: staged.to_owned(), to: live.to_owned() });
+            Ok(false)
+        }
+        Some(meta) if merge && is_dir && meta.is_dir() => {
+            let mut replaced = false;
+            for entry in std::fs::read_dir(staged).map_err(at(staged))? {
+                let name = entry.map_err(at(staged))?.file_name();
+                replaced |= place(&staged.join(&name), &live.join(&name), &aside.join(&name), merge, steps)?;
+            }
+            Ok(replaced)
+        }
+        Some(_) => {
+            if let Some(parent) = aside.parent() {
+                std::fs::create_dir_all(parent).map_err(at(parent))?;
+            }
+            std::fs::rename(staged, aside).map_err(at(aside))?;
+            steps.push(SwapStep::Renamed { from: staged.to_owned(), to: aside.to_owned() });
+            exchange(aside, live).map_err(at(live))?;
+            steps.push(SwapStep::Exchanged { a: aside.to_owned(), b: live.to_owned() });
+            Ok(true)
+        }
+    }
+}
+
+/// Exchanges two paths atomically (`renameat2(RENAME_EXCHANGE)`). On a filesystem without it, falls back to
+/// three renames through a temporary name (not atomic: a kill in between leaves `b` at `b.exchanging`).
+fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    use rustix::fs::{CWD, RenameFlags, renameat_with};
+    use rustix::io::Errno;
+    match renameat_with(CWD, a, CWD, b, RenameFlags::EXCHANGE) {
+        Ok(()) => Ok(()),
+        Err(Errno::INVAL | Errno::NOSYS | Errno::OPNOTSUPP) => {
+            tracing::warn!(path = %b.display(), "the filesystem cannot exchange paths atomically; swapping by renames");
+            let mut tmp = b.as_os_str().to_owned();
+            tmp.push(".exchanging");
+            let tmp = PathBuf::from(tmp);
+            std::fs::rename(b, &tmp)?;
+            if let Err(e) = std::fs::rename(a, b) {
+                let _ = std::fs::rename(&tmp, b);
+                return Err(e);
+            }
+            std::fs::rename(&tmp, a)
+        }
+        Err(errno) => Err(errno.into()),
+    }
+}
+
+/// Undoes `steps` newest first; returns what could not be undone (each saying where things are now).
+fn roll_back(steps: &[SwapStep]) -> Vec<String> {
+    let mut failures = Vec::new();
+    for step in steps.iter().rev() {
+        let (undone, what) = match step {
+            SwapStep::Renamed { from, to } => {
+                (std::fs::rename(to, from), format!("{} (to be moved back to {})", to.display(), from.display()))
+            }
+            SwapStep::Exchanged { a, b } => (
+                exchange(a, b),
+                format!(
+                    "{} holds the restored copy and {} the live one (to be exchanged back)",
+                    b.display(),
+                    a.display()
+                ),
+            ),
         };
-        if let Err(source) = swap.await {
-            // Put back what was moved so the server never starts on a half-restored set of worlds.
-            roll_back(&moved).await;
-            if tokio::fs::symlink_metadata(&live).await.is_err() {
-                let _ = tokio::fs::rename(&aside, &live).await;
-            }
-            return Err(BackupError::SwapWorld { world: world.clone(), source });
-        }
-        moved.push((live, aside, staged));
-    }
-    for root in manifest.roots.iter().filter(|r| !manifest.worlds.contains(r)) {
-        let (from, to) = (tree.join(root), data_dir.join(root));
-        tokio::task::spawn_blocking(move || copy_over(&from, &to))
-            .await
-            .map_err(|source| BackupError::Thread { source })?
-            .map_err(|source| BackupError::SwapWorld { world: root.clone(), source })?;
-    }
-    Ok(moved.into_iter().filter(|(_, aside, _)| aside.exists()).map(|(_, aside, _)| aside).collect())
-}
-
-async fn roll_back(moved: &[(PathBuf, PathBuf, PathBuf)]) {
-    for (live, aside, staged) in moved.iter().rev() {
-        let _ = tokio::fs::rename(live, staged).await;
-        if tokio::fs::symlink_metadata(aside).await.is_ok() {
-            let _ = tokio::fs::rename(aside, live).await;
+        if let Err(e) = undone {
+            failures.push(format!("{what}: {e}"));
         }
     }
-}
-
-/// Copies a restored non-world path over the live one, file by file.
-fn copy_over(from: &Path, to: &Path) -> std::io::Result<()> {
-    let meta = std::fs::symlink_metadata(from)?;
-    if meta.is_dir() {
-        std::fs::create_dir_all(to)?;
-        for entry in std::fs::read_dir(from)? {
-            let entry = entry?;
-            copy_over(&entry.path(), &to.join(entry.file_name()))?;
-        }
-        return Ok(());
-    }
-    if let Some(parent) = to.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    std::fs::rename(from, to)
+    failures
 }
 
 /// What `prune` did.
@@ -768,5 +858,86 @@ async fn delete(store: &Store, key: &ObjectPath) -> Result<(), BackupError> {
     match store.objects.delete(key).await {
         Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
         Err(source) => Err(BackupError::Delete { key: key.to_string(), source }),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    fn write(path: &Path, text: &str) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+
+    fn read(path: &Path) -> String {
+        std::fs::read_to_string(path).unwrap()
+    }
+
+    fn manifest() -> Manifest {
+        Manifest {
+            format: MANIFEST_FORMAT,
+            name: "b".to_owned(),
+            time: Timestamp::UNIX_EPOCH,
+            server_version: None,
+            pack_version: None,
+            worlds: vec!["world".to_owned(), "world_nether".to_owned()],
+            roots: vec!["config".to_owned(), "world".to_owned(), "world_nether".to_owned()],
+            files: 0,
+            raw_bytes: 0,
+            archive_bytes: 0,
+            archive_sha256: String::new(),
+            archive_key: String::new(),
+            save_off_ms: None,
+            upload_ms: None,
+        }
+    }
+
+    /// A live data dir (worlds and config) and a restored tree beside it.
+    fn fixture() -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let tmp = tempfile::tempdir().unwrap();
+        let (data, tree) = (tmp.path().join("data"), tmp.path().join("data/.atlas/restore-b/tree"));
+        write(&data.join("world/level.dat"), "live");
+        write(&data.join("world/live-only.dat"), "live");
+        write(&data.join("config/a.toml"), "live a");
+        write(&data.join("config/untouched.toml"), "live u");
+        write(&tree.join("world/level.dat"), "restored");
+        write(&tree.join("world_nether/level.dat"), "restored nether");
+        write(&tree.join("config/a.toml"), "restored a");
+        write(&tree.join("config/sub/new.toml"), "restored new");
+        (tmp, data, tree)
+    }
+
+    #[test]
+    fn swap_replaces_worlds_whole_and_included_files_one_by_one_keeping_the_old_ones() {
+        let (_tmp, data, tree) = fixture();
+        let previous = swap_in(&manifest(), &data, &tree, "T").unwrap();
+        assert_eq!(read(&data.join("world/level.dat")), "restored");
+        assert!(!data.join("world/live-only.dat").exists());
+        assert_eq!(read(&data.join("world_nether/level.dat")), "restored nether");
+        assert_eq!(read(&data.join("config/a.toml")), "restored a");
+        assert_eq!(read(&data.join("config/sub/new.toml")), "restored new");
+        assert_eq!(read(&data.join("config/untouched.toml")), "live u");
+        assert_eq!(previous, [data.join("world.before-restore-T"), data.join(".atlas/before-restore-T")]);
+        assert_eq!(read(&data.join("world.before-restore-T/live-only.dat")), "live");
+        assert_eq!(read(&data.join(".atlas/before-restore-T/config/a.toml")), "live a");
+    }
+
+    #[test]
+    fn a_failed_swap_puts_everything_back() {
+        let (_tmp, data, tree) = fixture();
+        // The included file's aside directory cannot be made: the swap fails after the worlds were swapped.
+        write(&data.join(".atlas/before-restore-T/config"), "in the way");
+        let err = swap_in(&manifest(), &data, &tree, "T").unwrap_err();
+        assert!(matches!(err, BackupError::SwapWorld { .. }), "{err:?}");
+        assert_eq!(read(&data.join("world/level.dat")), "live");
+        assert_eq!(read(&data.join("world/live-only.dat")), "live");
+        assert!(!data.join("world_nether").exists());
+        assert!(!data.join("world.before-restore-T").exists());
+        assert_eq!(read(&data.join("config/a.toml")), "live a");
+        assert_eq!(read(&tree.join("world/level.dat")), "restored");
+        assert_eq!(read(&tree.join("world_nether/level.dat")), "restored nether");
+        assert_eq!(read(&tree.join("config/a.toml")), "restored a");
     }
 }

@@ -393,6 +393,7 @@ pub struct RestoreReport {
 /// Without a runner, the data dir is locked against one starting and the worlds are swapped.
 pub async fn restore_via_runner_or_offline(
     data_dir: &std::path::Path,
+    spec: &MinecraftServerSpec,
     store: &Store,
     name: &str,
     progress: &backup::Progress,
@@ -431,10 +432,10 @@ pub async fn restore_via_runner_or_offline(
             tracing::error!(error = %describe(&e), "starting the server again failed; run `atlas-runner restart`");
         }
     };
-    let mut options = CreateOptions::from_spec(data_dir, None);
+    // The spec's includes too: the restore replaces included files as well as worlds.
+    let mut options = CreateOptions::from_spec(data_dir, spec.backup.as_ref());
     options.server_version = status.server_version.clone();
     options.pack_version = status.pack_version.clone();
-    // Worlds only: the included extras are what the restore copies over, and they are not replaced wholesale.
     let safety = match backup::create_locked(store, &options, &lock).await {
         Ok(safety) => safety,
         Err(e) => {
@@ -449,6 +450,12 @@ pub async fn restore_via_runner_or_offline(
     tracing::info!(safety = %safety.name, "safety backup taken; swapping the worlds");
     let swapped = staged.swap(&lock).await;
     drop(lock);
+    if let Err(e @ backup::BackupError::SwapRollBack { .. }) = swapped {
+        // Half restored: starting the server now would load (and save over) a mixed world.
+        let mut f = backup_failure(e);
+        f.message = format!("{}; the server was left stopped", f.message);
+        return Err(f);
+    }
     restart().await;
     let restored = swapped.map_err(backup_failure)?;
     Ok(RestoreReport { restored, safety: Some(safety), restarted: was_up })
