@@ -888,13 +888,16 @@ async fn backup(command: BackupCommand, log_format: LogFormat) -> anyhow::Result
             let report = report?;
             let previous: Vec<String> = report.restored.previous.iter().map(|p| p.display().to_string()).collect();
             if args.backup.json {
-                return print_json(&serde_json::json!({
+                print_json(&serde_json::json!({
                     "restored": report.restored.manifest.name,
                     "worlds": report.restored.manifest.worlds,
                     "previous": previous,
                     "safetyBackup": report.safety.as_ref().map(|m| &m.name),
                     "restarted": report.restarted,
-                }));
+                    "restartError": report.restart_failed.as_ref().map(|f| &f.message),
+                }))?;
+                // Restored, but the server is down: that must not look like success.
+                return report.restart_failed.map_or(Ok(()), |f| Err(f.into()));
             }
             let mut out = std::io::stdout().lock();
             writeln!(
@@ -911,6 +914,9 @@ async fn backup(command: BackupCommand, log_format: LogFormat) -> anyhow::Result
             }
             if report.restarted {
                 writeln!(out, "the server is starting again")?;
+            }
+            if let Some(failure) = report.restart_failed {
+                return Err(failure.into());
             }
         }
         BackupCommand::Prune(args) => {

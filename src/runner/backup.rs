@@ -385,6 +385,8 @@ pub struct RestoreReport {
     pub safety: Option<Manifest>,
     /// Whether the runner's server was stopped for the swap and started again.
     pub restarted: bool,
+    /// The restore itself succeeded but starting the server again failed: report it and exit non-zero.
+    pub restart_failed: Option<BackupFailure>,
 }
 
 /// Restores the backup `name` into `data_dir`. The archive is downloaded and checked in full first (while
@@ -414,24 +416,43 @@ pub async fn restore_via_runner_or_offline(
     let Some(status) = status else {
         let _runner_lock = offline_lock(data_dir)?;
         let restored = staged.swap(&lock).await.map_err(backup_failure)?;
-        return Ok(RestoreReport { restored, safety: None, restarted: false });
+        return Ok(RestoreReport { restored, safety: None, restarted: false, restart_failed: None });
     };
 
     // A server an admin stopped, or one marked Failed, stays down after the restore.
     let was_up = status.pid.is_some()
         || (status.phase != phase_name(Phase::Stopped) && status.phase != phase_name(Phase::Failed));
-    client::call(&socket, "POST", "/v1/stop", None).await.map_err(|e| {
-        BackupFailure::new(
-            "runner",
-            format!("stopping the server for the restore failed: {}; nothing was restored", describe(&e)),
-        )
-    })?;
-    tracing::info!("server stopped; taking a safety backup of the live world");
     let restart = || async {
-        if was_up && let Err(e) = client::call(&socket, "POST", "/v1/restart", None).await {
-            tracing::error!(error = %describe(&e), "starting the server again failed; run `atlas-runner restart`");
+        if !was_up {
+            return Ok(());
         }
+        client::call(&socket, "POST", "/v1/restart", None).await.map(drop).map_err(|e| {
+            BackupFailure::new(
+                "runner",
+                format!("starting the server again failed: {}; run `atlas-runner restart`", describe(&e)),
+            )
+        })
     };
+    if let Err(e) = client::call(&socket, "POST", "/v1/stop", None).await {
+        drop(lock);
+        let mut message = format!("stopping the server for the restore failed: {}; nothing was restored", describe(&e));
+        // The stop may have got as far as stopping the server: bring it back if it was up and now is down.
+        let down = match client::call(&socket, "GET", "/v1/status", None).await {
+            Ok(bytes) => serde_json::from_slice::<super::RunnerStatus>(&bytes).is_ok_and(|s| {
+                s.pid.is_none() && (s.phase == phase_name(Phase::Stopped) || s.phase == phase_name(Phase::Failed))
+            }),
+            Err(_) => false,
+        };
+        if down {
+            match restart().await {
+                Ok(()) if was_up => message.push_str("; the server had stopped anyway and is starting again"),
+                Ok(()) => {}
+                Err(f) => message = format!("{message}; {}", f.message),
+            }
+        }
+        return Err(BackupFailure::new("runner", message));
+    }
+    tracing::info!("server stopped; taking a safety backup of the live world");
     // The spec's includes too: the restore replaces included files as well as worlds.
     let mut options = CreateOptions::from_spec(data_dir, spec.backup.as_ref());
     options.server_version = status.server_version.clone();
@@ -441,9 +462,12 @@ pub async fn restore_via_runner_or_offline(
         Err(e) => {
             // The reconciler starts the server only under the backup lock.
             drop(lock);
-            restart().await;
+            let restarted = restart().await;
             let mut f = backup_failure(e);
             f.message = format!("the safety backup failed, so nothing was restored: {}", f.message);
+            if let Err(r) = restarted {
+                f.message = format!("{}; {}", f.message, r.message);
+            }
             return Err(f);
         }
     };
@@ -456,7 +480,21 @@ pub async fn restore_via_runner_or_offline(
         f.message = format!("{}; the server was left stopped", f.message);
         return Err(f);
     }
-    restart().await;
-    let restored = swapped.map_err(backup_failure)?;
-    Ok(RestoreReport { restored, safety: Some(safety), restarted: was_up })
+    let restarted = restart().await;
+    let restored = match swapped {
+        Ok(restored) => restored,
+        Err(e) => {
+            let mut f = backup_failure(e);
+            if let Err(r) = restarted {
+                f.message = format!("{}; {}", f.message, r.message);
+            }
+            return Err(f);
+        }
+    };
+    Ok(RestoreReport {
+        restored,
+        safety: Some(safety),
+        restarted: was_up && restarted.is_ok(),
+        restart_failed: restarted.err(),
+    })
 }
