@@ -148,8 +148,7 @@ pub async fn upload_archive(
         Some((multipart, path)) => {
             let id = multipart.create_multipart(&path).await.map_err(start)?;
             let record = journal.join(format!("{}.json", hex::encode(Sha256::digest(id.as_bytes()))));
-            let entry = serde_json::to_vec(&JournalEntry { key: path.to_string(), id: id.clone() }).unwrap_or_default();
-            let written = std::fs::create_dir_all(journal).and_then(|()| std::fs::write(&record, entry));
+            let written = write_record(&record, &JournalEntry { key: path.to_string(), id: id.clone() });
             let upload = Journaled { store: multipart, path, id, parts: Arc::default(), next: 0, record };
             if let Err(source) = written {
                 let mut upload = upload;
@@ -170,18 +169,55 @@ struct JournalEntry {
     id: MultipartId,
 }
 
+/// Writes `entry` to `record` whole or not at all: a temporary file, fsynced, renamed into place, the
+/// directory fsynced, so a crash never leaves an empty or half record behind under the record's name.
+fn write_record(record: &Path, entry: &JournalEntry) -> io::Result<()> {
+    let dir = record.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let body = serde_json::to_vec(entry).map_err(io::Error::other)?;
+    let mut tmp = record.as_os_str().to_owned();
+    tmp.push(TMP_SUFFIX);
+    let tmp = PathBuf::from(tmp);
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(&body)?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&tmp, record)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// The suffix of a record being written; one left behind was never committed.
+const TMP_SUFFIX: &str = ".tmp";
+
 /// Aborts the uploads recorded under `journal` by backups that failed while the store was unreachable (or
 /// were killed), forgetting each once the store has no such upload. One that still cannot be aborted stays
-/// recorded for the next time; it does not stop this backup.
+/// recorded for the next time; it does not stop this backup. A record that cannot be read is kept and
+/// logged (it may name an upload still open: the bucket's AbortIncompleteMultipartUpload rule is the
+/// backstop); a temporary one left by a crash mid-write is removed.
 pub async fn abort_stale(store: &Store, journal: &Path) {
     let Ok(entries) = std::fs::read_dir(journal) else { return };
     for entry in entries.flatten() {
         let path = entry.path();
-        let Ok(entry) =
-            std::fs::read(&path).map_err(drop).and_then(|b| serde_json::from_slice::<JournalEntry>(&b).map_err(drop))
-        else {
-            let _ = std::fs::remove_file(&path);
-            continue;
+        let read = std::fs::read(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice::<JournalEntry>(&b).map_err(|e| e.to_string()));
+        let entry = match read {
+            Ok(entry) => entry,
+            Err(error) if path.to_string_lossy().ends_with(TMP_SUFFIX) => {
+                // Never renamed into place; written right after the upload started, so its upload (if any)
+                // is left to the bucket's lifecycle rule.
+                tracing::warn!(%error, path = %path.display(), "removing an uncommitted upload record");
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
+            Err(error) => {
+                tracing::warn!(
+                    %error,
+                    path = %path.display(),
+                    "an upload record cannot be read; kept: abort its upload by hand or let the bucket's lifecycle rule do it, then delete it"
+                );
+                continue;
+            }
         };
         let Some((multipart, _)) = store.multipart(&ObjectPath::from("")) else { return };
         match multipart.abort_multipart(&ObjectPath::from(entry.key.as_str()), &entry.id).await {
@@ -346,5 +382,30 @@ async fn abort_now(upload: Option<WriteMultipart>) {
         && let Err(error) = upload.abort().await
     {
         tracing::warn!(%error, "aborting a failed multipart upload failed");
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn stale_records_are_aborted_unreadable_ones_kept_uncommitted_ones_removed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let journal = tmp.path().join("journal");
+        let store = Store::memory();
+        let (multipart, path) = store.multipart(&ObjectPath::from("archives/a.tar.zst")).unwrap();
+        let id = multipart.create_multipart(&path).await.unwrap();
+        let record = journal.join("good.json");
+        write_record(&record, &JournalEntry { key: path.to_string(), id }).unwrap();
+        assert!(!journal.join(format!("good.json{TMP_SUFFIX}")).exists());
+        std::fs::write(journal.join("empty.json"), b"").unwrap();
+        std::fs::write(journal.join(format!("torn.json{TMP_SUFFIX}")), b"{\"ke").unwrap();
+
+        abort_stale(&store, &journal).await;
+        assert!(!record.exists(), "an aborted upload's record is forgotten");
+        assert!(journal.join("empty.json").exists(), "an unreadable record was deleted blindly");
+        assert!(!journal.join(format!("torn.json{TMP_SUFFIX}")).exists());
     }
 }
