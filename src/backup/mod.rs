@@ -263,6 +263,19 @@ pub fn default_threads(server_running: bool) -> u32 {
     u32::try_from(cores.clamp(1, 4)).unwrap_or(1)
 }
 
+/// The most zstd workers `level` may use within the memory target (128 MiB RSS for the whole process, of
+/// which the upload's buffers take about 28 MiB). Each worker has its own match tables and job buffers, and
+/// both grow with the level: about 6 MiB per worker up to level 5 (chain and hash logs up to 18, 4 MiB jobs),
+/// about 35 MiB at levels 6 to 9 (logs up to 21, jobs of 16-32 MiB), and from level 10 one compressor
+/// alone needs 40 to 90 MiB (logs 22-24, an 8 MiB window at 17 and above), so it gets no workers beside it.
+pub fn max_threads_for_level(level: i32) -> u32 {
+    match level {
+        ..=5 => 4,
+        6..=9 => 2,
+        _ => 1,
+    }
+}
+
 impl CreateOptions {
     /// Defaults for `data_dir`: no includes, level 3, no RCON, a 60 s flush timeout.
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
@@ -371,7 +384,16 @@ async fn create_from_mirror(
     let upload_started = std::time::Instant::now();
     let progress = options.progress.clone();
     progress.start(Stage::Uploading, capture.bytes);
-    let threads = options.compression_threads.unwrap_or_else(|| default_threads(options.rcon.is_some()));
+    let wanted = options.compression_threads.unwrap_or_else(|| default_threads(options.rcon.is_some()));
+    let threads = wanted.clamp(1, max_threads_for_level(options.compression_level));
+    if threads < wanted {
+        tracing::info!(
+            wanted,
+            threads,
+            level = options.compression_level,
+            "compression threads capped by the level's memory"
+        );
+    }
     let uploaded =
         upload::upload_archive(store, &key, staging.to_owned(), options.compression_level, threads, &journal, progress)
             .await?;
@@ -907,6 +929,18 @@ mod tests {
         write(&tree.join("config/a.toml"), "restored a");
         write(&tree.join("config/sub/new.toml"), "restored new");
         (tmp, data, tree)
+    }
+
+    #[test]
+    fn compression_threads_shrink_as_the_level_grows() {
+        assert_eq!(max_threads_for_level(1), 4);
+        assert_eq!(max_threads_for_level(3), 4);
+        assert_eq!(max_threads_for_level(5), 4);
+        assert_eq!(max_threads_for_level(6), 2);
+        assert_eq!(max_threads_for_level(9), 2);
+        assert_eq!(max_threads_for_level(10), 1);
+        assert_eq!(max_threads_for_level(19), 1);
+        assert!((1..=22).all(|l| max_threads_for_level(l) >= max_threads_for_level(l + 1)));
     }
 
     #[test]
