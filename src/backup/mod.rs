@@ -32,6 +32,10 @@ use upload::UploadError;
 
 const MANIFEST_DIR: &str = "manifests";
 const ARCHIVE_DIR: &str = "archives";
+/// `verified/NAME.json`, written after `verify` read the backup back whole (and removed when a later `verify`
+/// finds it corrupt): retention never deletes the newest such backup. Creating a backup does not count
+/// (nothing is read back then).
+const VERIFIED_DIR: &str = "verified";
 const MANIFEST_FORMAT: u32 = 1;
 
 /// The record of one complete backup, stored as `manifests/NAME.json`.
@@ -85,6 +89,8 @@ pub enum BackupError {
     LocalDir { path: PathBuf, source: std::io::Error },
     #[error("write the manifest {key}")]
     WriteManifest { key: String, source: object_store::Error },
+    #[error("the archive is intact, but recording that in {key} failed")]
+    RecordVerified { key: String, source: object_store::Error },
     #[error("list the backups")]
     ListBackups { source: StoreError },
     #[error("read the manifest {key}")]
@@ -134,7 +140,9 @@ impl BackupError {
             Self::Upload(e) => e.category(),
             Self::LocalDir { .. } | Self::SaveDownload { .. } | Self::SwapWorld { .. } => "local_io",
             Self::WriteManifest { .. } => "upload",
-            Self::ReadManifest { .. } | Self::Download { .. } | Self::Delete { .. } => "store",
+            Self::ReadManifest { .. } | Self::Download { .. } | Self::Delete { .. } | Self::RecordVerified { .. } => {
+                "store"
+            }
             Self::ParseManifest { .. } | Self::UnsafeManifest { .. } => "corrupt_manifest",
             Self::NotFound { .. } => "not_found",
             Self::SizeMismatch { .. }
@@ -306,6 +314,34 @@ impl CreateOptions {
 
 fn manifest_key(name: &str) -> ObjectPath {
     ObjectPath::from(format!("{MANIFEST_DIR}/{name}.json"))
+}
+
+fn verified_key(name: &str) -> ObjectPath {
+    ObjectPath::from(format!("{VERIFIED_DIR}/{name}.json"))
+}
+
+/// What `verified/NAME.json` holds.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct VerifiedRecord {
+    name: String,
+    verified_at: Timestamp,
+    archive_sha256: String,
+}
+
+/// The names of the backups with a `verified/` record.
+async fn verified_names(store: &Store) -> Result<BTreeSet<String>, BackupError> {
+    let prefix = ObjectPath::from(VERIFIED_DIR);
+    let objects: Vec<_> = store
+        .objects
+        .list(Some(&prefix))
+        .try_collect()
+        .await
+        .map_err(|source| BackupError::ListBackups { source: store::classify(source) })?;
+    Ok(objects
+        .iter()
+        .filter_map(|m| m.location.filename().and_then(|f| f.strip_suffix(".json")).map(str::to_owned))
+        .collect())
 }
 
 fn archive_key(name: &str) -> ObjectPath {
@@ -570,10 +606,33 @@ pub async fn verify_with_progress(
         .await
         .map_err(|source| BackupError::Thread { source })?
         .map_err(|source| BackupError::CheckArchive { key, source })?;
-        check_counts(&manifest, stats)
+        check_counts(&manifest, stats)?;
+        // Written only now: retention keeps the newest backup with this record.
+        let record = VerifiedRecord {
+            name: manifest.name.clone(),
+            verified_at: Timestamp::now(),
+            archive_sha256: manifest.archive_sha256.clone(),
+        };
+        // Serializing plain data with string keys cannot fail.
+        let body = serde_json::to_vec_pretty(&record).unwrap_or_default();
+        let key = verified_key(name);
+        store
+            .objects
+            .put(&key, PutPayload::from(body))
+            .await
+            .map(drop)
+            .map_err(|source| BackupError::RecordVerified { key: key.to_string(), source })
     }
     .await;
     let _ = tokio::fs::remove_file(&file).await;
+    if let Err(error) = &result
+        && error.category() == "corrupt_archive"
+    {
+        // It no longer reads back: retention must not hold on to it as the last good one.
+        if let Err(error) = delete(store, &verified_key(name)).await {
+            tracing::warn!(%error, backup = name, "removing the verified record of a corrupt backup failed");
+        }
+    }
     result.map(|()| manifest)
 }
 
@@ -841,13 +900,19 @@ pub struct Pruned {
 /// than the newest manifest are left alone: they may be a backup still being written.
 pub async fn prune(store: &Store, policy: &Retention) -> Result<Pruned, BackupError> {
     let (manifests, manifest_names) = list_all(store).await?;
-    let candidates: Vec<_> =
-        manifests.iter().map(|m| retention::Candidate { name: m.name.clone(), time: m.time }).collect();
+    let verified = verified_names(store).await?;
+    let candidates: Vec<_> = manifests
+        .iter()
+        .map(|m| retention::Candidate { name: m.name.clone(), time: m.time, verified: verified.contains(&m.name) })
+        .collect();
     let plan = retention::plan(&candidates, policy);
     for name in plan.delete.iter().rev() {
         let Some(doomed) = manifests.iter().find(|m| &m.name == name) else { continue };
         delete(store, &manifest_key(name)).await?;
         delete(store, &ObjectPath::from(doomed.archive_key.as_str())).await?;
+        if verified.contains(name) {
+            delete(store, &verified_key(name)).await?;
+        }
         tracing::info!(backup = %name, "backup pruned");
     }
 

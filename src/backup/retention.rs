@@ -3,7 +3,8 @@
 //! Semantics (as restic and borg): the newest `keep_last` backups; plus, walking from the newest, the newest
 //! backup of each of the `keep_daily` most recent UTC days that have a backup; plus the newest of each of the
 //! `keep_weekly` most recent ISO weeks that have a backup. The newest backup is always kept, whatever the
-//! policy says.
+//! policy says, and so is the newest verified one (the newest known to restore), so a run of bad backups can
+//! never push out the last good one.
 
 use std::collections::BTreeSet;
 
@@ -19,6 +20,8 @@ pub struct Candidate {
     pub name: String,
     /// When it was taken.
     pub time: Timestamp,
+    /// Whether `verify` read it back whole (digest and tar) since.
+    pub verified: bool,
 }
 
 /// The outcome: names to keep and to delete, each newest first.
@@ -48,6 +51,10 @@ pub fn plan(backups: &[Candidate], policy: &Retention) -> Plan {
         let week = t.to_zoned(TimeZone::UTC).date().iso_week_date();
         (i32::from(week.year()), i32::from(week.week()))
     });
+
+    if let Some(verified) = sorted.iter().find(|b| b.verified) {
+        keep.insert(verified.name.as_str());
+    }
 
     let (kept, deleted): (Vec<&Candidate>, Vec<&Candidate>) =
         sorted.into_iter().partition(|b| keep.contains(b.name.as_str()));
@@ -94,7 +101,7 @@ mod tests {
         (0..124)
             .map(|i| {
                 let time = start + jiff::SignedDuration::from_hours(6 * i);
-                Candidate { name: format!("b{:03}-{}", i, time), time }
+                Candidate { name: format!("b{:03}-{}", i, time), time, verified: false }
             })
             .collect()
     }
@@ -137,6 +144,21 @@ mod tests {
         let plan = plan(&backups, &Retention { keep_last: 0, keep_daily: 0, keep_weekly: 0 });
         assert_eq!(names(&plan), ["2026-10-31T18:00:00Z"]);
         assert_eq!(plan.delete.len(), 123);
+    }
+
+    #[test]
+    fn keeps_the_newest_verified_backup_besides_the_newest() {
+        let mut backups = month_every_6h();
+        // Verified: one from Oct 2 and an older one; the newer is kept whatever the policy.
+        backups[4].verified = true;
+        backups[2].verified = true;
+        let plan = plan(&backups, &Retention { keep_last: 2, keep_daily: 0, keep_weekly: 0 });
+        assert_eq!(names(&plan), ["2026-10-31T18:00:00Z", "2026-10-31T12:00:00Z", "2026-10-02T00:00:00Z"]);
+        assert_eq!(plan.delete.len(), 121);
+        // A verified backup already kept by the policy adds nothing.
+        backups[123].verified = true;
+        let plan = super::plan(&backups, &Retention { keep_last: 2, keep_daily: 0, keep_weekly: 0 });
+        assert_eq!(names(&plan), ["2026-10-31T18:00:00Z", "2026-10-31T12:00:00Z"]);
     }
 
     #[test]
