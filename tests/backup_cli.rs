@@ -159,6 +159,12 @@ async fn create_list_verify_restore_through_the_cli_gives_a_byte_identical_world
     // Errors are one line that says what to do.
     let line = error_line(&backup_cli(&fixture, "verify", &["20260101T000000.000Z"])?, "verify of a missing backup")?;
     assert!(line.contains("no backup named 20260101T000000.000Z") && line.contains("backup list"), "{line}");
+    // A bucket that does not exist: a clear error before anything is captured.
+    let spec = std::fs::read_to_string(&fixture.spec)?;
+    std::fs::write(&fixture.spec, spec.replace(&format!("bucket: {}", bucket.name), "bucket: no-such-bucket-here"))?;
+    let line = error_line(&backup_cli(&fixture, "create", &[])?, "create into a missing bucket")?;
+    assert!(line.contains("bucket does not exist") && line.contains("create the bucket"), "{line}");
+    std::fs::write(&fixture.spec, spec)?;
 
     // A truncated archive is refused before the live world is touched.
     let key = format!("cli/{}", created.archive_key);
@@ -256,23 +262,29 @@ async fn scheduled_backups_run_in_the_runner_prune_and_survive_failures() -> Res
     add_backup_spec(&fixture, &bucket, "    schedule: \"*/5 * * * *\"\n    retention: {keepLast: 2}\n")?;
     let mut runner = Runner::start_with_env(&fixture, &[], &[("ATLAS_BACKUP_SCHEDULE_SECONDS", "1")])?;
     runner.wait_running()?;
-    wait_for("three scheduled backups", Duration::from_secs(90), || {
-        (runner.logs_with("scheduled backup done").len() >= 3).then_some(())
+    // Retention runs after each success: the third backup's prune keeps exactly the two newest.
+    let pruned = wait_for("the first prune", Duration::from_secs(90), || {
+        runner.logs_with("old backups pruned").into_iter().next()
     })?;
-    // Retention ran after each success: never more than keepLast complete backups remain.
+    let done: Vec<String> = runner
+        .logs_with("scheduled backup done")
+        .iter()
+        .filter_map(|l| l["backup"].as_str().map(str::to_owned))
+        .collect();
+    ensure!(done.len() >= 3, "pruned before three backups: {done:?}");
+    assert_eq!(pruned["kept"], format!("{},{}", done[2], done[1]), "{pruned}");
+    assert_eq!(pruned["deleted"], done[0].as_str(), "{pruned}");
     let listed: Vec<Manifest> = serde_json::from_str(&ok(backup_cli(&fixture, "list", &["--json"])?, "list")?)?;
-    assert!((1..=3).contains(&listed.len()), "{} backups with keepLast 2", listed.len());
+    assert!(!listed.iter().any(|m| m.name == done[0]), "the pruned backup is still listed");
     assert!(listed.iter().all(|m| m.save_off_ms.is_some()), "scheduled backups go through RCON");
 
-    // The store refuses the credentials: backups fail, are counted, and delete nothing.
-    std::fs::write(
-        fixture.root.join("s3.env"),
-        format!("AWS_ACCESS_KEY_ID={}\nAWS_SECRET_ACCESS_KEY=wrong\n", bucket.s3.access_key),
-    )?;
+    // The server cannot save: backups fail (with the store working, so a prune would succeed), are counted,
+    // and delete nothing.
+    std::fs::write(fixture.data.join("fake-save-fails"), b"")?;
     let failures = |runner: &Runner| -> Option<u64> {
         let (_, body) = http_get(&runner.metrics_addr, "/metrics").ok()?;
         body.lines()
-            .find_map(|l| l.strip_prefix("atlas_backup_failures_total{category=\"credentials\"} "))
+            .find_map(|l| l.strip_prefix("atlas_backup_failures_total{category=\"flush\"} "))
             .and_then(|n| n.parse().ok())
     };
     wait_for("a counted failure", Duration::from_secs(30), || failures(&runner).filter(|n| *n >= 1))?;

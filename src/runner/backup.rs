@@ -305,9 +305,9 @@ async fn schedule(
         match shared.backups.prune().await {
             Ok(pruned) if !pruned.deleted.is_empty() || !pruned.orphans.is_empty() => {
                 tracing::info!(
-                    deleted = pruned.deleted.len(),
+                    deleted = %pruned.deleted.join(","),
                     orphans = pruned.orphans.len(),
-                    kept = pruned.kept.len(),
+                    kept = %pruned.kept.join(","),
                     "old backups pruned"
                 );
             }
