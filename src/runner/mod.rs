@@ -187,17 +187,22 @@ async fn run_once(
     // When a pack update failed transiently (the network): when to try it again.
     let mut pack_retry: Option<tokio::time::Instant> = None;
 
+    let mut is_ready = false;
+
     let (exit, after) = loop {
+        // Checked on every turn, not only in the branch below: that branch is disabled once the
+        // value is true, so a server ready before the loop first ran would never be marked Running.
+        if !is_ready && *ready.borrow() {
+            is_ready = true;
+            fallback = None;
+            tracing::info!(after = ?process.started().elapsed(), "server is ready");
+            shared.set_phase(Phase::Running, None);
+            shared.metrics.last_ready_time.set(unix_now());
+        }
         tokio::select! {
             exit = process.wait() => break (exit, None),
-            changed = ready.changed(), if ready_open && !*ready.borrow() => {
+            changed = ready.changed(), if ready_open && !is_ready => {
                 ready_open = changed.is_ok();
-                if changed.is_ok() && *ready.borrow() {
-                    fallback = None;
-                    tracing::info!(after = ?process.started().elapsed(), "server is ready");
-                    shared.set_phase(Phase::Running, None);
-                    shared.metrics.last_ready_time.set(unix_now());
-                }
             }
             _ = tokio::time::sleep_until(pack_retry.unwrap_or_else(tokio::time::Instant::now)), if pack_retry.is_some() => {
                 // Handled as a change of the same spec: the update is tried again.
