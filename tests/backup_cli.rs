@@ -236,21 +236,30 @@ async fn restore_through_a_running_runner_stops_takes_a_safety_backup_and_restar
 }
 
 #[tokio::test]
-async fn the_runner_starts_no_server_while_a_backup_or_restore_holds_the_data_dir() -> Result<()> {
+async fn the_runner_starts_no_server_while_a_capture_or_restore_holds_the_world_but_does_during_an_upload() -> Result<()>
+{
     let fixture = Fixture::new("backup-spawn-lock")?;
     let mut runner = Runner::start(&fixture, &[])?;
-    runner.wait_running()?;
+    let first = runner.wait_running()?;
+    // A backup that is uploading holds the backup lock only: a restart is not held back by it.
+    let uploading = atlas_runner::backup::lock(&fixture.data)?;
+    ok(common::cli(&fixture.data, &["restart"])?, "restart")?;
+    runner.wait_status("restarted during an upload", Duration::from_secs(60), |s| {
+        s["phase"] == "Running" && s["pid"] != first["pid"]
+    })?;
+    drop(uploading);
+
     ok(common::cli(&fixture.data, &["stop"])?, "stop")?;
     // What a capture or a restore swap holds.
-    let lock = atlas_runner::backup::lock(&fixture.data)?;
+    let world = atlas_runner::backup::world_lock(&fixture.data)?;
     ok(common::cli(&fixture.data, &["restart"])?, "restart")?;
     wait_for("the runner waiting for the lock", Duration::from_secs(30), || {
         (!runner.logs_with("a backup or restore is running on the data dir").is_empty()).then_some(())
     })?;
     std::thread::sleep(Duration::from_secs(1));
     let status = runner.status()?;
-    assert!(status["pid"].is_null(), "a server started under the backup lock: {status}");
-    drop(lock);
+    assert!(status["pid"].is_null(), "a server started under the world lock: {status}");
+    drop(world);
     runner.wait_running()?;
     Ok(())
 }

@@ -160,37 +160,69 @@ impl BackupError {
 /// Where the lock that serialises backups and restores of one data dir lives, relative to it.
 pub const LOCK_FILE: &str = ".atlas/backup.lock";
 
+/// Where the lock held while something reads or replaces the live world lives, relative to the data dir:
+/// a capture's mirror passes and a restore's swap. The runner starts the JVM only under it.
+pub const WORLD_LOCK_FILE: &str = ".atlas/world.lock";
+
 /// Proof that this process is the only one backing up or restoring a data dir; released on drop.
 #[derive(Debug)]
 pub struct BackupLock {
     _file: std::fs::File,
 }
 
+/// Proof that no server starts and no other capture or restore touches the live world; released on drop.
+#[derive(Debug)]
+pub struct WorldLock {
+    _file: std::fs::File,
+}
+
+/// How [`create_locked`] holds the world lock over its capture.
+#[derive(Debug)]
+pub enum WorldHold<'a> {
+    /// Take it for the capture and release it before the upload.
+    Take,
+    /// The caller took it (before reading the server's phase): release it after the capture.
+    Given(WorldLock),
+    /// The caller holds it beyond this backup (a restore's safety backup).
+    Kept(&'a WorldLock),
+}
+
 /// Takes the data dir's backup lock, failing at once (naming the holder's pid) when another process or
-/// task holds it: two captures would fight over the mirror, and a restore must not race a capture.
+/// task holds it: two backups would fight over the mirror, and a restore must not race a capture. Held for
+/// a whole backup, upload included.
 pub fn lock(data_dir: &Path) -> Result<BackupLock, BackupError> {
+    lock_file(&data_dir.join(LOCK_FILE)).map(|file| BackupLock { _file: file })
+}
+
+/// Takes the data dir's world lock, failing at once (naming the holder's pid) when it is held. Held only
+/// while the live world is read into the mirror or replaced, so a server that crashes during an upload is
+/// restarted without waiting for it.
+pub fn world_lock(data_dir: &Path) -> Result<WorldLock, BackupError> {
+    lock_file(&data_dir.join(WORLD_LOCK_FILE)).map(|file| WorldLock { _file: file })
+}
+
+fn lock_file(path: &Path) -> Result<std::fs::File, BackupError> {
     use std::io::{Read, Seek, Write};
-    let path = data_dir.join(LOCK_FILE);
-    let io = |source| BackupError::Lock { path: path.clone(), source };
+    let io = |source| BackupError::Lock { path: path.to_owned(), source };
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(io)?;
     }
     let mut file =
-        std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io)?;
+        std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).map_err(io)?;
     match file.try_lock() {
         Ok(()) => {}
         Err(std::fs::TryLockError::WouldBlock) => {
             let mut owner = String::new();
             let _ = file.read_to_string(&mut owner);
             let owner = if owner.trim().is_empty() { "unknown".to_owned() } else { owner.trim().to_owned() };
-            return Err(BackupError::Busy { path, owner });
+            return Err(BackupError::Busy { path: path.to_owned(), owner });
         }
         Err(std::fs::TryLockError::Error(source)) => return Err(io(source)),
     }
     file.set_len(0).map_err(io)?;
     file.rewind().map_err(io)?;
     write!(file, "{}", std::process::id()).map_err(io)?;
-    Ok(BackupLock { _file: file })
+    Ok(file)
 }
 
 /// What a long backup operation is doing, for a progress display: polled, never waited on.
@@ -362,7 +394,7 @@ fn local_dir(path: &Path) -> Result<(), BackupError> {
 /// Fails with [`BackupError::Busy`] while another backup or restore of the data dir runs.
 pub async fn create(store: &Store, options: &CreateOptions) -> Result<Manifest, BackupError> {
     let lock = lock(&options.data_dir)?;
-    create_locked(store, options, &lock).await
+    create_locked(store, options, &lock, WorldHold::Take).await
 }
 
 /// [`create`] under a lock the caller already holds (a restore's safety backup).
@@ -370,6 +402,7 @@ pub async fn create_locked(
     store: &Store,
     options: &CreateOptions,
     _lock: &BackupLock,
+    world: WorldHold<'_>,
 ) -> Result<Manifest, BackupError> {
     // Wrong credentials or a missing bucket fail here, before the server's saving is paused.
     store.probe().await?;
@@ -387,7 +420,7 @@ pub async fn create_locked(
     // The mirror persists between backups (that is what keeps the save-off pass short); the lock makes this
     // the only capture writing it.
     let mirror = options.data_dir.join(mirror::MIRROR_DIR);
-    create_from_mirror(store, options, &name, time, &mirror).await
+    create_from_mirror(store, options, &name, time, &mirror, world).await
 }
 
 async fn create_from_mirror(
@@ -396,7 +429,13 @@ async fn create_from_mirror(
     name: &str,
     time: Timestamp,
     staging: &Path,
+    world: WorldHold<'_>,
 ) -> Result<Manifest, BackupError> {
+    let held = match world {
+        WorldHold::Take => Some(world_lock(&options.data_dir)?),
+        WorldHold::Given(lock) => Some(lock),
+        WorldHold::Kept(_) => None,
+    };
     let capture = snapshot::snapshot(
         &options.data_dir,
         staging,
@@ -405,7 +444,10 @@ async fn create_from_mirror(
         options.flush_timeout,
         options.saving_off.as_ref(),
     )
-    .await?;
+    .await;
+    // The upload reads the mirror only: the live world is free again (a crashed server may restart).
+    drop(held);
+    let capture = capture?;
     let mut roots = Vec::new();
     let entries =
         std::fs::read_dir(staging).map_err(|source| BackupError::LocalDir { path: staging.into(), source })?;
@@ -646,10 +688,11 @@ pub struct Restored {
 }
 
 /// Restores the backup `name` into `data_dir`: [`stage_restore`] then [`StagedRestore::swap`], under the
-/// data dir's backup lock. The server must not be running.
+/// data dir's backup and world locks. The server must not be running.
 pub async fn restore(store: &Store, name: &str, data_dir: &Path) -> Result<Restored, BackupError> {
-    let lock = lock(data_dir)?;
-    stage_restore(store, name, data_dir).await?.swap(&lock).await
+    let _lock = lock(data_dir)?;
+    let staged = stage_restore(store, name, data_dir).await?;
+    staged.swap(&world_lock(data_dir)?).await
 }
 
 /// A backup downloaded, checked (size, SHA-256, file count) and fully extracted into
@@ -672,8 +715,8 @@ impl StagedRestore {
     /// included non-world file, the live one kept under `.atlas/before-restore-<time>/`; each by an atomic
     /// exchange, so no path is ever missing. A failed swap puts back everything it changed; when even that
     /// fails, [`BackupError::SwapRollBack`] says where things are, and the server must not be started. The
-    /// server must not be running, and `_lock` keeps a capture (or the runner's start) out meanwhile.
-    pub async fn swap(self, _lock: &BackupLock) -> Result<Restored, BackupError> {
+    /// server must not be running, and `_world` keeps a capture (or the runner's start) out meanwhile.
+    pub async fn swap(self, _world: &WorldLock) -> Result<Restored, BackupError> {
         let (manifest, data_dir, tree) = (self.manifest.clone(), self.data_dir.clone(), self.work.join("tree"));
         let stamp = Timestamp::now().strftime("%Y%m%dT%H%M%SZ").to_string();
         let previous = tokio::task::spawn_blocking(move || swap_in(&manifest, &data_dir, &tree, &stamp))

@@ -137,9 +137,10 @@ impl Backups {
             return Err(("not_ready", "the runner has not loaded its spec yet; try again in a moment".to_owned()));
         };
         let fail = |e: backup::BackupError| (e.category(), BackupFailure::from_error(e.category(), &e).message);
-        // Taken before the phase is read: the reconciler spawns the JVM only under this lock, so a server that
-        // is down now stays down until the capture is over.
         let lock = backup::lock(&context.data_dir).map_err(fail)?;
+        // Taken before the phase is read: the reconciler spawns the JVM only under the world lock, so a server
+        // that is down now stays down until the capture is over (not the upload: the lock goes with the capture).
+        let world = world_lock_within(&context.data_dir, WORLD_LOCK_WAIT).await.map_err(fail)?;
         let status = shared.snapshot();
         let backup_spec = context.spec.backup.as_ref();
         let mut options = CreateOptions::from_spec(&context.data_dir, backup_spec);
@@ -158,7 +159,7 @@ impl Backups {
         }
         let store = Store::open(backup_spec.and_then(|b| b.store.as_ref()), &context.data_dir, None)
             .map_err(|e| (e.category(), BackupFailure::from_error(e.category(), &e).message))?;
-        backup::create_locked(&store, &options, &lock).await.map_err(fail)
+        backup::create_locked(&store, &options, &lock, backup::WorldHold::Given(world)).await.map_err(fail)
     }
 
     /// Applies `spec.backup.retention` to the store.
@@ -174,15 +175,34 @@ impl Backups {
     }
 }
 
-/// The backup lock as the reconciler holds it around spawning the JVM.
+/// How long a backup waits for the world lock: the reconciler holds it for the moment of a JVM spawn.
+const WORLD_LOCK_WAIT: Duration = Duration::from_secs(5);
+
+/// Takes the world lock, waiting up to `wait` while it is busy.
+async fn world_lock_within(
+    data_dir: &std::path::Path,
+    wait: Duration,
+) -> Result<backup::WorldLock, backup::BackupError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match backup::world_lock(data_dir) {
+            Err(backup::BackupError::Busy { .. }) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// The world lock as the reconciler holds it around spawning the JVM.
 pub(super) enum SpawnLock {
     /// Held (or `None` when the lock file cannot be opened: the server starts anyway, with a warning).
-    Held(Option<backup::BackupLock>),
+    Held(Option<backup::WorldLock>),
     /// The runner is shutting down.
     Shutdown,
 }
 
-/// Waits for the data dir's backup lock, so the JVM never starts in the middle of a capture or a restore swap.
+/// Waits for the data dir's world lock, so the JVM never starts in the middle of a capture or a restore swap.
 pub(super) async fn lock_for_spawn(
     data_dir: &std::path::Path,
     shared: &Shared,
@@ -190,7 +210,7 @@ pub(super) async fn lock_for_spawn(
 ) -> SpawnLock {
     let mut told = false;
     loop {
-        match backup::lock(data_dir) {
+        match backup::world_lock(data_dir) {
             Ok(lock) => return SpawnLock::Held(Some(lock)),
             Err(backup::BackupError::Busy { owner, .. }) => {
                 if !told {
@@ -203,7 +223,7 @@ pub(super) async fn lock_for_spawn(
                 }
             }
             Err(error) => {
-                tracing::warn!(error = %describe(&error), category = error.category(), "cannot take the backup lock; starting the server without it");
+                tracing::warn!(error = %describe(&error), category = error.category(), "cannot take the world lock; starting the server without it");
                 return SpawnLock::Held(None);
             }
         }
@@ -403,6 +423,7 @@ pub async fn restore_via_runner_or_offline(
     // Held from before the stop to after the swap: no capture (a scheduled one included) may read a
     // half-swapped world, and the runner starts no server meanwhile (it spawns the JVM under this lock).
     let lock = backup::lock(data_dir).map_err(backup_failure)?;
+    let world = world_lock_within(data_dir, WORLD_LOCK_WAIT).await.map_err(backup_failure)?;
     let staged = backup::stage_restore_with_progress(store, name, data_dir, progress).await.map_err(backup_failure)?;
     tracing::info!(backup = name, "backup downloaded and checked; replacing the world");
     let socket = client::socket_path(data_dir);
@@ -415,7 +436,7 @@ pub async fn restore_via_runner_or_offline(
     };
     let Some(status) = status else {
         let _runner_lock = offline_lock(data_dir)?;
-        let restored = staged.swap(&lock).await.map_err(backup_failure)?;
+        let restored = staged.swap(&world).await.map_err(backup_failure)?;
         return Ok(RestoreReport { restored, safety: None, restarted: false, restart_failed: None });
     };
 
@@ -434,7 +455,7 @@ pub async fn restore_via_runner_or_offline(
         })
     };
     if let Err(e) = client::call(&socket, "POST", "/v1/stop", None).await {
-        drop(lock);
+        drop((world, lock));
         let mut message = format!("stopping the server for the restore failed: {}; nothing was restored", describe(&e));
         // The stop may have got as far as stopping the server: bring it back if it was up and now is down.
         let down = match client::call(&socket, "GET", "/v1/status", None).await {
@@ -457,11 +478,11 @@ pub async fn restore_via_runner_or_offline(
     let mut options = CreateOptions::from_spec(data_dir, spec.backup.as_ref());
     options.server_version = status.server_version.clone();
     options.pack_version = status.pack_version.clone();
-    let safety = match backup::create_locked(store, &options, &lock).await {
+    let safety = match backup::create_locked(store, &options, &lock, backup::WorldHold::Kept(&world)).await {
         Ok(safety) => safety,
         Err(e) => {
-            // The reconciler starts the server only under the backup lock.
-            drop(lock);
+            // The reconciler starts the server only under the world lock.
+            drop((world, lock));
             let restarted = restart().await;
             let mut f = backup_failure(e);
             f.message = format!("the safety backup failed, so nothing was restored: {}", f.message);
@@ -472,8 +493,8 @@ pub async fn restore_via_runner_or_offline(
         }
     };
     tracing::info!(safety = %safety.name, "safety backup taken; swapping the worlds");
-    let swapped = staged.swap(&lock).await;
-    drop(lock);
+    let swapped = staged.swap(&world).await;
+    drop((world, lock));
     if let Err(e @ backup::BackupError::SwapRollBack { .. }) = swapped {
         // Half restored: starting the server now would load (and save over) a mixed world.
         let mut f = backup_failure(e);
