@@ -170,6 +170,8 @@ def main():
     med = lambda k: statistics.median(r[k] for r in results if r[k] is not None)
     print(f"pack of {args.size_mib} MiB in {args.files} files, medians of {args.rounds} rounds")
     print(f"cold apply      {med('ours'):8.2f} s   curl|zstd|tar {med('peer'):8.2f} s   ratio {med('ours') / med('peer'):.2f}")
+    ratios = [r["ours"] / r["peer"] for r in results]
+    print(f"per-round ratios {', '.join(f'{x:.2f}' for x in ratios)}   median {statistics.median(ratios):.2f}")
     print(f"peak RSS        {max(r['ours_rss_mib'] for r in results):8.1f} MiB (cold), {max(r['update_rss_mib'] for r in results):.1f} MiB (update)")
     print(f"update (5 jars) {med('update'):8.2f} s   swap {med('swap_ms'):.1f} ms   "
           f"files written {max(r['update_installed'] or 0 for r in results)}")
