@@ -760,3 +760,48 @@ async fn a_streamed_pack_refused_mid_stream_names_the_entry() -> Result<()> {
     ensure!(!data.path().join("mods").exists() && !data.path().parent().context("parent")?.join("evil.jar").exists());
     Ok(())
 }
+
+/// `pack` (a tar.zst) as a tar.gz: gzip's decoder stops reading at the end of its member, before
+/// the download's end where the digest is checked.
+fn as_tar_gz(pack: &[u8]) -> Result<Bytes> {
+    use std::io::Write as _;
+    let tar = zstd::decode_all(pack)?;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&tar)?;
+    Ok(gz.finish()?.into())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_tar_gz_whose_digest_fails_is_refused_and_leaves_nothing_staged() -> Result<()> {
+    // Over the tee's 1 MiB piece, so the archive is staged while it still downloads.
+    let archive = as_tar_gz(&atlas_pack("4.0.0", &[("mods/big.jar", &noise(1_500_000))])?)?;
+    ensure!(archive.len() > 1 << 20);
+    let (addr, _) = blob_server(archive.clone(), 0, false, 0).await?;
+    let data = TempDir::new()?;
+    let source = url_source(format!("http://{addr}/packs/p.tar.gz"), sha256_hex(b"another archive"));
+    let result = tokio::time::timeout(Duration::from_secs(60), provision(data.path(), &source))
+        .await
+        .context("applying a tar.gz with a wrong digest hung")?;
+    let err = result.err().context("a tar.gz with the wrong digest was applied")?;
+    ensure!(err.to_string().contains("sha256"), "{err:#}");
+    ensure!(!data.path().join("mods").exists(), "a file of the refused pack reached the data dir");
+    let store: Vec<_> = fs::read_dir(data.path().join(".atlas/packs"))?.filter_map(|e| e.ok()).collect();
+    ensure!(store.is_empty(), "left in the store: {:?}", store.iter().map(|e| e.file_name()).collect::<Vec<_>>());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_tar_gz_with_the_right_digest_is_applied() -> Result<()> {
+    let noise = noise(1_500_000);
+    let archive = as_tar_gz(&atlas_pack("4.0.0", &[("mods/big.jar", &noise)])?)?;
+    let (addr, seen) = blob_server(archive.clone(), 0, false, 0).await?;
+    let data = TempDir::new()?;
+    let source = url_source(format!("http://{addr}/packs/p.tar.gz"), sha256_hex(&archive));
+    let applied = tokio::time::timeout(Duration::from_secs(60), provision(data.path(), &source))
+        .await
+        .context("applying a tar.gz hung")??;
+    ensure!(applied.version().as_str() == "4.0.0", "{applied:?}");
+    ensure!(fs::read(data.path().join("mods/big.jar"))? == noise);
+    ensure!(seen.all().len() == 1, "requests: {:?}", seen.all());
+    Ok(())
+}

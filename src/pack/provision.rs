@@ -2,6 +2,7 @@
 //! plan -> journaled swap, under the data-dir lock. `pack apply` and the runner call this; the
 //! runner stops its server between the plan and the swap (see [`apply_spec_gated`]).
 
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -10,6 +11,7 @@ use tokio::sync::oneshot;
 
 use crate::api::PackSpec;
 use crate::metrics::PackMetrics;
+use crate::pack::extract::ExtractError;
 use crate::pack::source::{self, FetchOptions, SourceError};
 use crate::pack::store::StoreError;
 use crate::pack::{ApplyError, ApplyReport, ArchiveFormat, DataDirLock, Limits, PackStore, PackVersion, Preserve};
@@ -174,6 +176,21 @@ async fn apply_spec_inner(
                     tracing::debug!(error = %e, "the streamed download was not staged");
                     stream_error = Some(e);
                 }
+                // A decoder may stop reading at the end of its archive (gzip stops at the end of
+                // its member) before the download's end, where its digest is checked: only a
+                // stream read to its end, and verified there, makes the staged version count.
+                Ok(pack) => match io::copy(&mut reader, &mut io::sink()) {
+                    Ok(_) if reader.verified() => staged = Some(Ok(pack)),
+                    drained => {
+                        store.discard(pack);
+                        let source = match drained {
+                            Err(e) => e,
+                            Ok(_) => io::Error::other("the streamed download ended unverified"),
+                        };
+                        tracing::debug!(error = %source, "the streamed download was staged but not verified");
+                        stream_error = Some(StoreError::ExtractArchive(ExtractError::Corrupt { entry: None, source }));
+                    }
+                },
                 result => staged = Some(result),
             }
         }
@@ -214,7 +231,10 @@ async fn apply_spec_inner(
         Ok(fetched) => fetched,
         Err(e) => {
             let _ = fetched_tx.send(None);
-            // The staging thread ends at once (its stream is broken, and there is no file).
+            // The staging thread ends at once (its stream is broken, and there is no file). Should
+            // it have planned a swap anyway, it must find the gate gone rather than wait for it.
+            drop(go_tx);
+            drop(planned_rx);
             let _ = task.await;
             return Err(e.into());
         }

@@ -428,6 +428,22 @@ impl<'lock> PackStore<'lock> {
         Ok(StagedPack { manifest, root: self.layout.root().to_owned(), proof: Verified(()), source: None })
     }
 
+    /// Removes a staged version that will not be applied (its archive turned out unverified). The
+    /// current and previous versions' directories are kept: the store's state names them.
+    pub fn discard(&self, staged: StagedPack) {
+        let version = staged.version();
+        if self.state.current.as_ref() == Some(version) || self.state.previous.as_ref() == Some(version) {
+            return;
+        }
+        let dir = self.layout.version_dir(version);
+        if let Err(e) = fs::remove_dir_all(&dir)
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            // Not fatal: the next open collects it as garbage.
+            tracing::warn!(path = %dir.display(), error = %e, "could not remove a discarded staged version");
+        }
+    }
+
     /// Deletes staging leftovers and versions that are neither current nor previous.
     fn collect_garbage(&self) -> Result<(), StoreError> {
         let root = self.layout.root();
