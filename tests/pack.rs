@@ -214,6 +214,30 @@ fn an_unowned_file_in_the_way_is_refused_and_an_identical_one_adopted() -> Resul
     Ok(())
 }
 
+#[test]
+fn a_link_where_the_pack_has_a_directory_is_never_followed_to_move_files() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let data = data_dir(tmp.path())?;
+    let p1 = pack(tmp.path(), "1", &[("mods/a.jar", b"a-1"), ("mods/b.jar", b"b-1")])?;
+    // Version 2 drops every mod: only removals under mods/, nothing the pack writes there.
+    let p2 = pack(tmp.path(), "2", &[("config/c.toml", b"c-2")])?;
+    let guard = lock(&lock_path(&data))?;
+    let (mut store, _) = open(&data, &guard)?;
+    stage_and_apply(&mut store, &p1)?;
+    // The admin moves mods/ elsewhere and links it back: the files are the pack's, the directory is not ours.
+    let outside = tmp.path().join("elsewhere");
+    fs::rename(data.join("mods"), &outside)?;
+    std::os::unix::fs::symlink(&outside, data.join("mods"))?;
+    let before = tree(&outside, false)?;
+    match stage_and_apply(&mut store, &p2).map_err(|e| e.downcast::<ApplyError>()) {
+        Err(Ok(ApplyError::Conflict { path, .. })) => ensure!(path.as_str() == "mods", "{path}"),
+        other => bail!("expected a conflict on mods, got {other:?}"),
+    }
+    ensure!(tree(&outside, false)? == before, "files behind the link were moved");
+    ensure!(store.status()?.current.map(|m| m.version.as_str().to_owned()).as_deref() == Some("1"));
+    Ok(())
+}
+
 /// The files under a version's store directory (what staging wrote), relative to it.
 fn staged_files(data: &Path, v: &str) -> Result<Vec<String>> {
     let dir = data.join(".atlas/packs").join(v).join("files");

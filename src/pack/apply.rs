@@ -457,7 +457,32 @@ fn plan(
     let d = diff(old_files, &to.files, preserve);
 
     let mut displace = Vec::new();
+    // Whether each ancestor directory of a displaced file is a real directory: a rename through a link
+    // would move a file from outside the data dir into the store (and collection would delete it).
+    let mut real_dirs: HashMap<&str, bool> = HashMap::new();
     for entry in d.changed.iter().chain(&d.removed) {
+        for ancestor in entry.path.ancestors() {
+            let real = match real_dirs.get(ancestor) {
+                Some(real) => *real,
+                None => {
+                    let dir = data.join(ancestor);
+                    let real = match fs::symlink_metadata(&dir) {
+                        Ok(meta) => meta.is_dir(),
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => true,
+                        Err(e) => return Err(stat_err(&dir)(e)),
+                    };
+                    real_dirs.insert(ancestor, real);
+                    real
+                }
+            };
+            if !real {
+                let path = super::path::sanitize_path(ancestor).unwrap_or_else(|_| entry.path.clone());
+                return Err(ApplyError::Conflict {
+                    path,
+                    reason: "a link or file is where the pack has a directory, and packs never follow links",
+                });
+            }
+        }
         match fs::symlink_metadata(entry.path.under(data)) {
             Ok(meta) if meta.is_dir() => {
                 return Err(ApplyError::Conflict {
