@@ -367,8 +367,8 @@ fn run_steps(
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(journal::io_err("rename", &source)(e).into()),
             }
-            touched.extend(dirs_up_to(&kept, layout.root()));
-            touched.extend(dirs_up_to(&source, data));
+            touched.extend(journal::dirs_within(&kept, layout.root()));
+            touched.extend(journal::dirs_within(&source, data));
         }
     }
     let to_files = layout.files_dir(&journal.to);
@@ -381,8 +381,8 @@ fn run_steps(
             remove_empty_tree(&target)?;
         }
         fs::rename(&staged, &target).map_err(journal::io_err("rename", &staged))?;
-        touched.extend(dirs_up_to(&staged, layout.root()));
-        touched.extend(dirs_up_to(&target, data));
+        touched.extend(journal::dirs_within(&staged, layout.root()));
+        touched.extend(journal::dirs_within(&target, data));
     }
     for entry in &journal.preserve_writes {
         at(SwapStep::WritePreserved(&entry.path)).map_err(StepError::Hook)?;
@@ -396,7 +396,7 @@ fn run_steps(
         fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(journal::io_err("fsync", &tmp))?;
         journal::create_parent(&target)?;
         fs::rename(&tmp, &target).map_err(journal::io_err("rename", &tmp))?;
-        touched.extend(dirs_up_to(&target, data));
+        touched.extend(journal::dirs_within(&target, data));
     }
     at(SwapStep::SyncDirs).map_err(StepError::Hook)?;
     journal::sync_all_dirs(touched)?;
@@ -430,12 +430,6 @@ fn remove_empty_tree(dir: &Path) -> Result<(), JournalError> {
         remove_empty_tree(&path)?;
     }
     fs::remove_dir(dir).map_err(journal::io_err("remove empty directory", dir))
-}
-
-/// The directories from `path`'s parent up to and including `top`: a rename or a newly created
-/// directory is durable once they are fsynced.
-fn dirs_up_to(path: &Path, top: &Path) -> Vec<PathBuf> {
-    path.ancestors().skip(1).take_while(|d| d.starts_with(top)).map(Path::to_owned).collect()
 }
 
 /// Diffs the versions and checks the data dir: what to move where, and what the report will say.

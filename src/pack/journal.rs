@@ -151,7 +151,7 @@ impl Journal {
                 && hash_file(&target).map(|(d, s)| d == entry.sha256 && s == entry.size).unwrap_or(false)
             {
                 fs::remove_file(&target).map_err(io_err("remove", &target))?;
-                touched.push(parent(&target));
+                touched.extend(dirs_within(&target, layout.data()));
             }
         }
         for path in self.install.iter().rev() {
@@ -160,7 +160,7 @@ impl Journal {
             if exists(&target)? && !exists(&staged)? {
                 create_parent(&staged)?;
                 fs::rename(&target, &staged).map_err(io_err("rename", &target))?;
-                touched.extend([parent(&target), parent(&staged)]);
+                touched.extend(dirs_within(&target, layout.data()).chain(dirs_within(&staged, layout.root())));
             }
         }
         if let Some(from) = &self.from {
@@ -178,7 +178,7 @@ impl Journal {
                 if !exists(&target)? {
                     create_parent(&target)?;
                     fs::rename(&kept, &target).map_err(io_err("rename", &kept))?;
-                    touched.extend([parent(&target), parent(&kept)]);
+                    touched.extend(dirs_within(&target, layout.data()).chain(dirs_within(&kept, layout.root())));
                 }
             }
         }
@@ -200,8 +200,10 @@ impl Journal {
     }
 }
 
-pub(crate) fn parent(path: &Path) -> PathBuf {
-    path.parent().map(Path::to_owned).unwrap_or_default()
+/// The directories from `path`'s parent up to and including `top`: a rename into a directory that
+/// `create_dir_all` may just have made (with its parents) is durable once they are all fsynced.
+pub(crate) fn dirs_within<'a>(path: &'a Path, top: &'a Path) -> impl Iterator<Item = PathBuf> + 'a {
+    path.ancestors().skip(1).take_while(move |d| d.starts_with(top)).map(Path::to_owned)
 }
 
 pub(crate) fn create_parent(path: &Path) -> Result<(), JournalError> {
