@@ -257,6 +257,12 @@ async fn run_once(
                             record_exit(shared, &stopped, false);
                             return Next::Run(Box::new(prepared.clone()));
                         }
+                        PackUpdate::Held { reason, stopped } => {
+                            tracing::error!("{reason}");
+                            record_exit(shared, &stopped, false);
+                            shared.set_phase(Phase::Failed, Some(reason));
+                            return Next::Hold;
+                        }
                     }
                 }
                 // Ready the new files while the old server still runs, then restart once.

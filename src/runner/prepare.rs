@@ -200,10 +200,19 @@ pub enum PackUpdate<X> {
         stopped: X,
     },
     /// The server was stopped but the update failed: the swap was undone, or the new server could
-    /// not be prepared and the pack was rolled back. Start the old server again.
+    /// not be prepared and the pack was rolled back; the store says the data dir holds the version
+    /// the old server was prepared for. Start the old server again.
     Reverted {
         /// Why.
         error: PrepareError,
+        /// What stopping the old server returned.
+        stopped: X,
+    },
+    /// The server was stopped, the update failed, and the data dir does not hold (or the store
+    /// cannot tell whether it holds) the version the old server was prepared for: start nothing.
+    Held {
+        /// Why, in one line.
+        reason: String,
         /// What stopping the old server returned.
         stopped: X,
     },
@@ -263,8 +272,9 @@ pub async fn update_pack<X: Send>(
     };
     let to = match result {
         Ok(provisioned) => provisioned.version().clone(),
-        // The gate ran, so the plan was made: the swap failed, and was undone.
-        Err(e) => return PackUpdate::Reverted { error: e.into(), stopped },
+        // The gate ran, so the server is stopped and the swap failed: undone, or not (a failed undo,
+        // a dead task), which only the store can tell.
+        Err(e) => return reverted_or_held(current, options, context, e.into(), stopped).await,
     };
     context.set_rolled_back(None);
     match prepare_server(spec, options).await {
@@ -276,9 +286,42 @@ pub async fn update_pack<X: Send>(
         Err(error) => {
             tracing::error!(category = error.category(), to = %to, "{error}; rolling the pack back");
             if let Err(e) = roll_back_pack(options, error.category(), spec.pack.as_ref()).await {
-                return PackUpdate::Reverted { error: e, stopped };
+                return reverted_or_held(current, options, context, e, stopped).await;
             }
-            PackUpdate::Reverted { error, stopped }
+            reverted_or_held(current, options, context, error, stopped).await
+        }
+    }
+}
+
+/// After the old server was stopped for an update that failed: [`PackUpdate::Reverted`] only when
+/// the store (opened afresh, which finishes or undoes a swap its journal left) holds the version
+/// `current` was prepared for; the old server must not start on any other.
+async fn reverted_or_held<X>(
+    current: &Prepared,
+    options: &PrepareOptions,
+    context: &PackContext,
+    error: PrepareError,
+    stopped: X,
+) -> PackUpdate<X> {
+    match check_holds(options, context, current.pack_version.as_deref()).await {
+        Ok(()) => PackUpdate::Reverted { error, stopped },
+        Err(held) => PackUpdate::Held { reason: format!("{error}; {held}"), stopped },
+    }
+}
+
+/// Whether the data dir holds pack version `expected` (none: no pack), with a one-line reason when
+/// it does not or cannot be told.
+async fn check_holds(options: &PrepareOptions, context: &PackContext, expected: Option<&str>) -> Result<(), String> {
+    let show = |v: Option<&str>| v.map_or_else(|| "no pack".to_owned(), |v| format!("pack {v}"));
+    match provision::current_version(&options.data_dir, context.lock.clone()).await {
+        Ok(found) if found.as_ref().map(PackVersion::as_str) == expected => Ok(()),
+        Ok(found) => Err(format!(
+            "the data dir holds {} but the old server was prepared for {}; not starting a server",
+            show(found.as_ref().map(PackVersion::as_str)),
+            show(expected)
+        )),
+        Err(e) => {
+            Err(format!("the pack store cannot say which version the data dir holds ({e}); not starting a server"))
         }
     }
 }
@@ -332,4 +375,84 @@ async fn prepare_server(spec: &MinecraftServerSpec, options: &PrepareOptions) ->
         pack_version: None,
         fallback: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::pack::build::{BuildOptions, build};
+    use crate::pack::{Limits, PackStore, Preserve, lock, lock_path};
+
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+    /// Applies a one-file pack of each version, in order, to `data`.
+    fn apply_versions(data: &Path, held: &DataDirLock, versions: &[&str]) -> TestResult {
+        let work = tempfile::tempdir()?;
+        let (mut store, _) = PackStore::open(data, held)?;
+        for version in versions {
+            let src = work.path().join(version);
+            std::fs::create_dir_all(src.join("mods"))?;
+            std::fs::write(src.join("mods/a.jar"), version.as_bytes())?;
+            let archive = work.path().join(format!("{version}.tar.zst"));
+            build(&src, &archive, &BuildOptions::new(PackVersion::new(version)?))?;
+            let staged = store.stage(&archive, crate::pack::ArchiveFormat::TarZst, None, &Limits::default())?;
+            store.apply(staged, &Preserve::none())?;
+        }
+        Ok(())
+    }
+
+    fn options(data: &Path, held: Arc<DataDirLock>) -> Result<PrepareOptions, Box<dyn std::error::Error>> {
+        let metrics = PackMetrics::register(&prometheus::Registry::new())?;
+        Ok(PrepareOptions {
+            data_dir: data.to_owned(),
+            base_urls: BaseUrls::default(),
+            java: JavaSearch::default(),
+            cgroup_root: data.join("no-cgroup"),
+            pack: Some(PackContext::new(held, metrics)),
+        })
+    }
+
+    fn prepared_for(pack_version: Option<&str>) -> Result<Prepared, Box<dyn std::error::Error>> {
+        let spec =
+            super::super::parse_spec(Path::new("s.yaml"), "eula: true\nserver: {type: vanilla, version: '1.21.4'}\n")?;
+        Ok(Prepared {
+            command: Vec::new(),
+            rcon: Rcon::new(SocketAddr::from((Ipv4Addr::LOCALHOST, 25575)), String::new(), Duration::from_secs(1)),
+            server_type: "vanilla".into(),
+            minecraft_version: "1.21.4".into(),
+            max_players: 20,
+            spec,
+            pack_version: pack_version.map(str::to_owned),
+            fallback: None,
+        })
+    }
+
+    fn failed() -> PrepareError {
+        PrepareError::Unsupported("the swap failed".into())
+    }
+
+    #[tokio::test]
+    async fn a_failed_update_leaving_another_version_holds_instead_of_starting_the_old_server() -> TestResult {
+        let data = tempfile::tempdir()?;
+        std::fs::create_dir_all(data.path().join(".atlas"))?;
+        let held = Arc::new(lock(&lock_path(data.path()))?);
+        // The update to 2.0.0 failed after the gate yet left 2.0.0 in the data dir.
+        apply_versions(data.path(), &held, &["1.0.0", "2.0.0"])?;
+        let options = options(data.path(), held)?;
+        let context = options.pack.clone().ok_or("no pack context")?;
+        let old = prepared_for(Some("1.0.0"))?;
+        let outcome = reverted_or_held(&old, &options, &context, failed(), ()).await;
+        let PackUpdate::Held { reason, .. } = outcome else {
+            return Err(format!("the old server would start on the new version: {outcome:?}").into());
+        };
+        assert!(reason.contains("pack 2.0.0") && reason.contains("pack 1.0.0"), "{reason}");
+        assert!(!reason.contains('\n'), "{reason}");
+        // Where the data dir does hold the old server's version, the old server starts again.
+        let current = prepared_for(Some("2.0.0"))?;
+        let outcome = reverted_or_held(&current, &options, &context, failed(), ()).await;
+        assert!(matches!(outcome, PackUpdate::Reverted { .. }), "{outcome:?}");
+        Ok(())
+    }
 }
