@@ -21,7 +21,7 @@ use atlas_runner::backup::upload::stream_archive;
 use atlas_runner::backup::{self, BackupError, CreateOptions, Manifest};
 use atlas_runner::rcon::Rcon;
 use atlas_testbed::{TestBucket, TestS3, free_port, unique};
-use common::{fake_server_jar, java_tool, region_generation};
+use common::{fake_server_jar, java_tool, region_generation, tree};
 use object_store::path::Path as ObjectPath;
 use object_store::{MultipartUpload, ObjectStoreExt, PutPayload, PutResult, UploadPart};
 
@@ -75,26 +75,6 @@ fn write_world(data: &Path, level: &str) -> Result<()> {
     std::fs::write(data.join(level).join("data/raids.dat"), noise(1000))?;
     std::fs::write(data.join("ops.json"), "[]")?;
     Ok(())
-}
-
-/// Every file and directory under `root` (relative paths), with each file's bytes.
-fn tree(root: &Path) -> Result<BTreeMap<String, Option<Vec<u8>>>> {
-    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Option<Vec<u8>>>) -> Result<()> {
-        for entry in std::fs::read_dir(dir)? {
-            let path = entry?.path();
-            let rel = path.strip_prefix(root)?.display().to_string();
-            if path.is_dir() {
-                out.insert(rel, None);
-                walk(root, &path, out)?;
-            } else {
-                out.insert(rel, Some(std::fs::read(&path)?));
-            }
-        }
-        Ok(())
-    }
-    let mut out = BTreeMap::new();
-    walk(root, root, &mut out)?;
-    Ok(out)
 }
 
 fn s3_spec(bucket: &TestBucket, prefix: &str) -> BackupStore {

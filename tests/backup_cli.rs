@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
@@ -11,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use atlas_runner::backup::Manifest;
 use atlas_testbed::{TestBucket, TestS3};
-use common::{Fixture, Runner, binary, http_get, wait_for};
+use common::{Fixture, Runner, binary, http_get, tree, wait_for};
 
 /// Appends `spec.backup` with the bucket's store (credentials from a file) and `extra` lines (4-space indent).
 fn add_backup_spec(fixture: &Fixture, bucket: &TestBucket, extra: &str) -> Result<()> {
@@ -64,26 +63,6 @@ fn error_line(out: &Output, what: &str) -> Result<String> {
     let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("atlas-runner: ")).collect();
     ensure!(lines.len() == 1, "{what}: expected one error line, got:\n{stderr}");
     Ok(lines[0].to_owned())
-}
-
-/// Every file and directory under `root` (relative paths), with each file's bytes.
-fn tree(root: &Path) -> Result<BTreeMap<String, Option<Vec<u8>>>> {
-    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Option<Vec<u8>>>) -> Result<()> {
-        for entry in std::fs::read_dir(dir)? {
-            let path = entry?.path();
-            let rel = path.strip_prefix(root)?.display().to_string();
-            if path.is_dir() {
-                out.insert(rel, None);
-                walk(root, &path, out)?;
-            } else {
-                out.insert(rel, Some(std::fs::read(&path)?));
-            }
-        }
-        Ok(())
-    }
-    let mut out = BTreeMap::new();
-    walk(root, root, &mut out)?;
-    Ok(out)
 }
 
 fn write_world(data: &Path) -> Result<()> {

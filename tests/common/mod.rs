@@ -351,3 +351,23 @@ pub fn serve_files(files: impl FnOnce(&str) -> Result<std::collections::HashMap<
     });
     Ok(base)
 }
+
+/// Every file and directory under `root` (relative paths), with each file's bytes.
+pub fn tree(root: &Path) -> Result<std::collections::BTreeMap<String, Option<Vec<u8>>>> {
+    fn walk(root: &Path, dir: &Path, out: &mut std::collections::BTreeMap<String, Option<Vec<u8>>>) -> Result<()> {
+        for entry in std::fs::read_dir(dir)? {
+            let path = entry?.path();
+            let rel = path.strip_prefix(root)?.display().to_string();
+            if path.is_dir() {
+                out.insert(rel, None);
+                walk(root, &path, out)?;
+            } else {
+                out.insert(rel, Some(std::fs::read(&path)?));
+            }
+        }
+        Ok(())
+    }
+    let mut out = std::collections::BTreeMap::new();
+    walk(root, root, &mut out)?;
+    Ok(out)
+}
