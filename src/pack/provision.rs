@@ -68,6 +68,18 @@ pub enum ProvisionError {
     /// The blocking staging task died.
     #[error("the pack staging task failed")]
     Join,
+    /// A rollback would go to another version than the one its caller restarts.
+    #[error("the kept previous pack is {}, not {} the rollback was for; the data dir was not changed", show(.found.as_ref()), show(.expected.as_ref()))]
+    RollbackTarget {
+        /// The version the caller would run after the rollback.
+        expected: Option<String>,
+        /// The store's previous version.
+        found: Option<PackVersion>,
+    },
+}
+
+fn show(version: Option<&impl std::fmt::Display>) -> String {
+    version.map_or_else(|| "no pack".to_owned(), |v| format!("version {v}"))
 }
 
 impl ProvisionError {
@@ -81,6 +93,7 @@ impl ProvisionError {
             Self::CalledOff(_) => "called-off",
             Self::NoArchive => "network",
             Self::Join => "internal",
+            Self::RollbackTarget { .. } => "rollback-target",
         }
     }
 
@@ -279,15 +292,22 @@ async fn already_applied(
 }
 
 /// Goes back to the previous pack version (no network), recording it in `metrics`. For a data
-/// dir whose server is stopped.
+/// dir whose server is stopped. `expected` is the version the caller will run afterwards: a store
+/// whose previous version is another one is left alone ([`ProvisionError::RollbackTarget`]).
 pub async fn rollback(
     data_dir: &Path,
     lock: Arc<DataDirLock>,
+    expected: Option<&str>,
     metrics: &PackMetrics,
 ) -> Result<ApplyReport, ProvisionError> {
     let data_dir = data_dir.to_owned();
+    let expected = expected.map(str::to_owned);
     let result = tokio::task::spawn_blocking(move || -> Result<ApplyReport, ProvisionError> {
         let (mut store, _) = PackStore::open(&data_dir, &lock)?;
+        let found = store.state().previous.clone();
+        if found.as_ref().map(PackVersion::as_str) != expected.as_deref() {
+            return Err(ProvisionError::RollbackTarget { expected, found });
+        }
         Ok(store.rollback()?)
     })
     .await

@@ -323,7 +323,8 @@ async fn run_once(
             back_to = previous.pack_version.as_deref(),
             "the server of the new pack version exited before it was ready; rolling the pack back"
         );
-        return match prepare::roll_back_pack(&options.prepare, reason, prepared.spec.pack.as_ref()).await {
+        let back_to = previous.pack_version.as_deref();
+        return match prepare::roll_back_pack(&options.prepare, reason, prepared.spec.pack.as_ref(), back_to).await {
             Ok(()) => Next::Run(previous),
             Err(e) => {
                 tracing::error!(category = e.category(), "{e}");

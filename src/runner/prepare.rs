@@ -280,12 +280,13 @@ pub async fn update_pack<X: Send>(
     match prepare_server(spec, options).await {
         Ok(mut next) => {
             next.pack_version = Some(to.to_string());
-            next.fallback = Some(Box::new(current.clone()));
+            next.fallback = Some(fallback_of(current));
             PackUpdate::Ready { next: Box::new(next), stopped }
         }
         Err(error) => {
             tracing::error!(category = error.category(), to = %to, "{error}; rolling the pack back");
-            if let Err(e) = roll_back_pack(options, error.category(), spec.pack.as_ref()).await {
+            let back_to = current.pack_version.as_deref();
+            if let Err(e) = roll_back_pack(options, error.category(), spec.pack.as_ref(), back_to).await {
                 return reverted_or_held(current, options, context, e, stopped).await;
             }
             reverted_or_held(current, options, context, error, stopped).await
@@ -326,18 +327,28 @@ async fn check_holds(options: &PrepareOptions, context: &PackContext, expected: 
     }
 }
 
+/// What a server of a new pack version falls back to: `current` alone. Its own fallback (the
+/// version before it) is dropped: the store keeps one previous version, and a rollback from the
+/// new version goes to `current`'s, so a second step back would run one version's command on
+/// another's files.
+fn fallback_of(current: &Prepared) -> Box<Prepared> {
+    Box::new(Prepared { fallback: None, ..current.clone() })
+}
+
 /// Returns the data dir to the previous pack version (the server is stopped), counting why in
 /// `atlas_pack_rollbacks_total`. `failed` (the spec's pack that failed) is not applied again until
-/// the spec names another pack.
+/// the spec names another pack. `back_to` is the pack version of the server started afterwards: a
+/// store keeping another previous version is refused, not rolled back.
 pub async fn roll_back_pack(
     options: &PrepareOptions,
     reason: &str,
     failed: Option<&PackSpec>,
+    back_to: Option<&str>,
 ) -> Result<(), PrepareError> {
     let Some(context) = &options.pack else { return Ok(()) };
     context.metrics.rollbacks.with_label_values(&[reason]).inc();
     context.set_rolled_back(failed);
-    let report = provision::rollback(&options.data_dir, context.lock.clone(), &context.metrics).await?;
+    let report = provision::rollback(&options.data_dir, context.lock.clone(), back_to, &context.metrics).await?;
     tracing::warn!(from = ?report.from.as_ref().map(PackVersion::as_str), to = %report.to, reason, "pack rolled back");
     Ok(())
 }
@@ -453,6 +464,37 @@ mod tests {
         let current = prepared_for(Some("2.0.0"))?;
         let outcome = reverted_or_held(&current, &options, &context, failed(), ()).await;
         assert!(matches!(outcome, PackUpdate::Reverted { .. }), "{outcome:?}");
+        Ok(())
+    }
+
+    #[test]
+    fn a_new_versions_fallback_does_not_carry_the_one_before_it() -> TestResult {
+        let mut v2 = prepared_for(Some("2.0.0"))?;
+        v2.fallback = Some(Box::new(prepared_for(Some("1.0.0"))?));
+        let fallback = fallback_of(&v2);
+        assert_eq!(fallback.pack_version.as_deref(), Some("2.0.0"));
+        assert!(fallback.fallback.is_none(), "the fallback chain reaches {:?}", fallback.fallback);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_rollback_to_another_version_than_the_stores_previous_is_refused() -> TestResult {
+        let data = tempfile::tempdir()?;
+        std::fs::create_dir_all(data.path().join(".atlas"))?;
+        let held = Arc::new(lock(&lock_path(data.path()))?);
+        apply_versions(data.path(), &held, &["1.0.0", "2.0.0", "3.0.0"])?;
+        let options = options(data.path(), Arc::clone(&held))?;
+        let refused = roll_back_pack(&options, "crash", None, Some("1.0.0")).await;
+        assert!(matches!(refused, Err(PrepareError::Pack(ProvisionError::RollbackTarget { .. }))), "{refused:?}");
+        assert_eq!(
+            provision::current_version(data.path(), Arc::clone(&held)).await?.map(|v| v.to_string()).as_deref(),
+            Some("3.0.0")
+        );
+        roll_back_pack(&options, "crash", None, Some("2.0.0")).await?;
+        assert_eq!(
+            provision::current_version(data.path(), held).await?.map(|v| v.to_string()).as_deref(),
+            Some("2.0.0")
+        );
         Ok(())
     }
 }
