@@ -361,15 +361,19 @@ struct VerifiedRecord {
     archive_sha256: String,
 }
 
-/// The names of the backups with a `verified/` record.
-async fn verified_names(store: &Store) -> Result<BTreeSet<String>, BackupError> {
-    let prefix = ObjectPath::from(VERIFIED_DIR);
-    let objects: Vec<_> = store
+/// Every object under `dir/` in the store.
+async fn list_dir(store: &Store, dir: &str) -> Result<Vec<object_store::ObjectMeta>, BackupError> {
+    store
         .objects
-        .list(Some(&prefix))
+        .list(Some(&ObjectPath::from(dir)))
         .try_collect()
         .await
-        .map_err(|source| BackupError::ListBackups { source: store::classify(source) })?;
+        .map_err(|source| BackupError::ListBackups { source: store::classify(source) })
+}
+
+/// The names of the backups with a `verified/` record.
+async fn verified_names(store: &Store) -> Result<BTreeSet<String>, BackupError> {
+    let objects = list_dir(store, VERIFIED_DIR).await?;
     Ok(objects
         .iter()
         .filter_map(|m| m.location.filename().and_then(|f| f.strip_suffix(".json")).map(str::to_owned))
@@ -517,13 +521,7 @@ pub async fn list(store: &Store) -> Result<Vec<Manifest>, BackupError> {
 
 /// The readable manifests, newest first, and the names of every manifest object, readable or not.
 async fn list_all(store: &Store) -> Result<(Vec<Manifest>, BTreeSet<String>), BackupError> {
-    let prefix = ObjectPath::from(MANIFEST_DIR);
-    let objects: Vec<_> = store
-        .objects
-        .list(Some(&prefix))
-        .try_collect()
-        .await
-        .map_err(|source| BackupError::ListBackups { source: store::classify(source) })?;
+    let objects = list_dir(store, MANIFEST_DIR).await?;
     let mut manifests = Vec::with_capacity(objects.len());
     let mut names = BTreeSet::new();
     for meta in objects {
@@ -963,13 +961,7 @@ pub async fn prune(store: &Store, policy: &Retention) -> Result<Pruned, BackupEr
     let kept_archives: Vec<&str> =
         manifests.iter().filter(|m| plan.keep.contains(&m.name)).map(|m| m.archive_key.as_str()).collect();
     if let Some(newest) = manifests.first() {
-        let prefix = ObjectPath::from(ARCHIVE_DIR);
-        let archives: Vec<_> = store
-            .objects
-            .list(Some(&prefix))
-            .try_collect()
-            .await
-            .map_err(|source| BackupError::ListBackups { source: store::classify(source) })?;
+        let archives = list_dir(store, ARCHIVE_DIR).await?;
         for meta in archives {
             let key = meta.location.to_string();
             let name = meta.location.filename().and_then(|f| f.strip_suffix(".tar.zst")).unwrap_or_default();
