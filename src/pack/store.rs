@@ -90,8 +90,8 @@ pub enum StoreError {
     /// This exact version is already the current one: nothing to do.
     #[error("version {0} is already applied")]
     AlreadyCurrent(PackVersion),
-    /// A different pack under the current version's name.
-    #[error("version {0} is applied with different content; a new pack needs a new version")]
+    /// A different pack under the name of the current version or of the one kept for rollback.
+    #[error("version {0} is applied or kept for rollback with different content; a new pack needs a new version")]
     VersionReused(PackVersion),
 }
 
@@ -418,8 +418,21 @@ impl<'lock> PackStore<'lock> {
         let bytes = manifest.to_json()?;
         write_atomic(&staging.join(MANIFEST_FILE), &bytes).map_err(StoreError::Recover)?;
         let target = self.layout.version_dir(&manifest.version);
-        // A leftover or the previous version (whose store directory holds only what differs from the
-        // current one): the fresh, complete staging replaces it.
+        if self.state.previous.as_ref() == Some(&manifest.version)
+            && self.layout.manifest_file(&manifest.version).is_file()
+        {
+            // The version kept for rollback, staged again: it must stay a rollback target whatever
+            // happens next (a crash, a refused plan, a called-off gate), so its directory is never
+            // removed; the fresh copies replace its files one rename at a time.
+            if self.read_manifest(&manifest.version)? != manifest {
+                return Err(StoreError::VersionReused(manifest.version));
+            }
+            merge_files(&files_dir, &self.layout.files_dir(&manifest.version))?;
+            extract::sync_filesystem(&target).map_err(io_err("syncfs", &target))?;
+            fs::remove_dir_all(staging).map_err(io_err("remove", staging))?;
+            return Ok(StagedPack { manifest, root: self.layout.root().to_owned(), proof: Verified(()), source: None });
+        }
+        // A leftover of an earlier staging: the fresh, complete staging replaces it.
         if journal::exists(&target).map_err(StoreError::Recover)? {
             fs::remove_dir_all(&target).map_err(io_err("remove", &target))?;
         }
@@ -519,6 +532,22 @@ fn read_state(layout: &Layout) -> Result<StoreState, StoreError> {
     }
 }
 
+/// Moves every file under `from` to the same path under `to`, replacing what is there (a rename,
+/// so each path holds the old or the new file at every moment).
+fn merge_files(from: &Path, to: &Path) -> Result<(), StoreError> {
+    fs::create_dir_all(to).map_err(io_err("create directory", to))?;
+    for entry in fs::read_dir(from).map_err(io_err("read directory", from))? {
+        let entry = entry.map_err(io_err("read directory", from))?;
+        let (source, target) = (entry.path(), to.join(entry.file_name()));
+        if entry.file_type().map_err(io_err("stat", &source))?.is_dir() {
+            merge_files(&source, &target)?;
+        } else {
+            fs::rename(&source, &target).map_err(io_err("rename", &source))?;
+        }
+    }
+    Ok(())
+}
+
 /// Every file of the manifest was extracted with its digest and size, and nothing else was.
 fn verify_extracted(manifest: &PackManifest, extracted: &[extract::ExtractedFile]) -> Result<(), StoreError> {
     let mut got = extracted.iter().peekable();
@@ -545,4 +574,69 @@ fn verify_extracted(manifest: &PackManifest, extracted: &[extract::ExtractedFile
         return Err(StoreError::UnlistedFile(extra.path.clone()));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pack::build::{BuildOptions, build};
+    use crate::pack::lock::lock;
+
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+    /// Builds a pack of `files` at `version` under `work`.
+    fn pack(work: &Path, version: &str, files: &[(&str, &str)]) -> Result<PathBuf, Box<dyn std::error::Error>> {
+        let src = work.join(format!("src-{version}-{}", files.len()));
+        for (path, content) in files {
+            let file = src.join(path);
+            fs::create_dir_all(file.parent().ok_or("no parent")?)?;
+            fs::write(file, content)?;
+        }
+        let out = work.join(format!("{version}-{}.tar.zst", files.len()));
+        build(&src, &out, &BuildOptions::new(PackVersion::new(version)?))?;
+        Ok(out)
+    }
+
+    fn stage(store: &PackStore<'_>, archive: &Path) -> Result<StagedPack, StoreError> {
+        store.stage(archive, ArchiveFormat::TarZst, None, &Limits::default())
+    }
+
+    #[test]
+    fn the_version_kept_for_rollback_survives_being_staged_again() -> TestResult {
+        let (work, data) = (tempfile::tempdir()?, tempfile::tempdir()?);
+        fs::create_dir_all(data.path().join(RESERVED_DIR))?;
+        let held = lock(&lock_path(data.path()))?;
+        let (mut store, _) = PackStore::open(data.path(), &held)?;
+        let v1 = pack(work.path(), "1.0.0", &[("mods/a.jar", "a-1"), ("mods/b.jar", "b")])?;
+        let v2 = pack(work.path(), "2.0.0", &[("mods/a.jar", "a-2"), ("mods/b.jar", "b")])?;
+        for archive in [&v1, &v2] {
+            let staged = stage(&store, archive)?;
+            store.apply(staged, &Preserve::none())?;
+        }
+        let previous = store.layout.version_dir(&PackVersion::new("1.0.0")?);
+
+        // Another pack under the kept version's name is refused, and the kept one stays.
+        let other = pack(work.path(), "1.0.0", &[("mods/a.jar", "not a-1")])?;
+        let reused = stage(&store, &other);
+        assert!(matches!(reused, Err(StoreError::VersionReused(_))), "{reused:?}");
+        assert!(store.layout.manifest_file(&PackVersion::new("1.0.0")?).is_file());
+
+        // The same pack staged again and then not applied (a refused plan, a called-off gate):
+        // the kept version is still there to roll back to.
+        let staged = stage(&store, &v1)?;
+        assert!(previous.join("files/mods/a.jar").is_file());
+        drop(staged);
+        let report = store.rollback()?;
+        assert_eq!(report.to.as_str(), "1.0.0");
+        assert_eq!(fs::read_to_string(data.path().join("mods/a.jar"))?, "a-1");
+
+        // And staged again, it applies like any version.
+        let staged = stage(&store, &v2)?;
+        store.apply(staged, &Preserve::none())?;
+        let staged = stage(&store, &v1)?;
+        store.apply(staged, &Preserve::none())?;
+        assert_eq!(fs::read_to_string(data.path().join("mods/a.jar"))?, "a-1");
+        assert_eq!(store.state().previous.as_ref().map(PackVersion::as_str), Some("2.0.0"));
+        Ok(())
+    }
 }
