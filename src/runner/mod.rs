@@ -56,6 +56,14 @@ pub fn shared(registry: prometheus::Registry) -> prometheus::Result<(Shared, mps
 /// How long after a transient failure (the network) a pack update is tried again.
 const PACK_RETRY: Duration = Duration::from_secs(30);
 
+/// When the server is started again: the crash backoff, and when a pack update that failed
+/// transiently (the network) is tried again. Kept across servers: a failed update may have
+/// restarted the old one.
+struct Pacing {
+    backoff: Backoff,
+    pack_retry: Option<tokio::time::Instant>,
+}
+
 enum Next {
     /// Prepare and start (again).
     Start,
@@ -75,7 +83,7 @@ pub async fn reconcile(
     options: ReconcilerOptions,
     shutdown: CancellationToken,
 ) {
-    let mut backoff = Backoff::new(options.restart);
+    let mut pacing = Pacing { backoff: Backoff::new(options.restart), pack_retry: None };
     // Scheduled backups run beside the loop, for as long as it does.
     let _backups =
         backup::spawn_scheduler(specs.clone(), shared.clone(), options.prepare.data_dir.clone(), shutdown.clone());
@@ -86,9 +94,9 @@ pub async fn reconcile(
             Next::Hold => {
                 next = tokio::select! {
                     _ = shutdown.cancelled() => Next::Exit,
-                    changed = specs.changed() => if changed.is_ok() { backoff.reset(); Next::Start } else { Next::Exit },
+                    changed = specs.changed() => if changed.is_ok() { pacing.backoff.reset(); Next::Start } else { Next::Exit },
                     Some(request) = requests.recv() => match request {
-                        ControlRequest::Restart(reply) => { backoff.reset(); let _ = reply.send(Ok(())); Next::Start }
+                        ControlRequest::Restart(reply) => { pacing.backoff.reset(); let _ = reply.send(Ok(())); Next::Start }
                         ControlRequest::Stop(reply) => { let _ = reply.send(Ok(())); Next::Hold }
                     },
                 };
@@ -114,10 +122,10 @@ pub async fn reconcile(
                         continue;
                     }
                 };
-                next = run_once(prepared, &mut specs, &shared, &mut requests, &options, &shutdown, &mut backoff).await;
+                next = run_once(prepared, &mut specs, &shared, &mut requests, &options, &shutdown, &mut pacing).await;
             }
             Next::Run(prepared) => {
-                next = run_once(*prepared, &mut specs, &shared, &mut requests, &options, &shutdown, &mut backoff).await;
+                next = run_once(*prepared, &mut specs, &shared, &mut requests, &options, &shutdown, &mut pacing).await;
             }
         }
     }
@@ -144,7 +152,7 @@ async fn run_once(
     requests: &mut mpsc::Receiver<ControlRequest>,
     options: &ReconcilerOptions,
     shutdown: &CancellationToken,
-    backoff: &mut Backoff,
+    pacing: &mut Pacing,
 ) -> Next {
     shared.status.send_modify(|s| {
         s.server_type = Some(prepared.server_type.clone());
@@ -184,8 +192,6 @@ async fn run_once(
     let mut ready_open = true;
     // After a pack update: what to go back to if this server fails before it is ready.
     let mut fallback = prepared.fallback.clone();
-    // When a pack update failed transiently (the network): when to try it again.
-    let mut pack_retry: Option<tokio::time::Instant> = None;
 
     let mut is_ready = false;
 
@@ -204,9 +210,9 @@ async fn run_once(
             changed = ready.changed(), if ready_open && !is_ready => {
                 ready_open = changed.is_ok();
             }
-            _ = tokio::time::sleep_until(pack_retry.unwrap_or_else(tokio::time::Instant::now)), if pack_retry.is_some() => {
+            _ = tokio::time::sleep_until(pacing.pack_retry.unwrap_or_else(tokio::time::Instant::now)), if pacing.pack_retry.is_some() => {
                 // Handled as a change of the same spec: the update is tried again.
-                pack_retry = None;
+                pacing.pack_retry = None;
                 specs.mark_changed();
             }
             _ = poll.tick() => {
@@ -241,19 +247,22 @@ async fn run_once(
                         PackUpdate::Untouched(Some(e)) => {
                             tracing::error!(category = e.category(), transient = e.is_transient(), "{e}; keeping the running server");
                             if e.is_transient() {
-                                pack_retry = Some(tokio::time::Instant::now() + PACK_RETRY);
+                                pacing.pack_retry = Some(tokio::time::Instant::now() + PACK_RETRY);
                             }
                             continue;
                         }
                         PackUpdate::Untouched(None) => {}
                         PackUpdate::Ready { next, stopped } => {
                             tracing::info!("pack updated; starting the server of the new version");
-                            backoff.reset();
+                            pacing.backoff.reset();
                             record_exit(shared, &stopped, false);
                             return Next::Run(next);
                         }
                         PackUpdate::Reverted { error, stopped } => {
-                            tracing::error!(category = error.category(), "{error}; starting the previous version again");
+                            tracing::error!(category = error.category(), transient = error.is_transient(), "{error}; starting the previous version again");
+                            if error.is_transient() {
+                                pacing.pack_retry = Some(tokio::time::Instant::now() + PACK_RETRY);
+                            }
                             record_exit(shared, &stopped, false);
                             return Next::Run(Box::new(prepared.clone()));
                         }
@@ -271,7 +280,7 @@ async fn run_once(
                         tracing::info!("spec changed; restarting the server once with the new files ready");
                         shared.set_phase(Phase::Stopping, Some("restarting for a spec change".into()));
                         let exit = process.stop(Some(&prepared.rcon), options.stop).await;
-                        backoff.reset();
+                        pacing.backoff.reset();
                         record_exit(shared, &exit, false);
                         return Next::Run(Box::new(next));
                     }
@@ -290,7 +299,7 @@ async fn run_once(
                     }
                     ControlRequest::Restart(reply) => {
                         record_exit(shared, &exit, false);
-                        backoff.reset();
+                        pacing.backoff.reset();
                         let _ = reply.send(exit.map(|_| ()).map_err(|e| e.to_string()));
                         return Next::Start;
                     }
@@ -334,7 +343,7 @@ async fn run_once(
         };
     }
     let jitter: f64 = rand::random();
-    match backoff.on_exit(Instant::now(), exit.ran_for, exit.reason.is_failure(), jitter) {
+    match pacing.backoff.on_exit(Instant::now(), exit.ran_for, exit.reason.is_failure(), jitter) {
         Verdict::RestartAfter(delay) => {
             tracing::warn!(reason = exit.reason.category(), ?delay, "server exited; restarting after a delay");
             shared.set_phase(

@@ -286,7 +286,10 @@ pub async fn update_pack<X: Send>(
         Err(error) => {
             tracing::error!(category = error.category(), to = %to, "{error}; rolling the pack back");
             let back_to = current.pack_version.as_deref();
-            if let Err(e) = roll_back_pack(options, error.category(), spec.pack.as_ref(), back_to).await {
+            // A transient error (a jar download's network) says nothing against the pack: it is
+            // rolled back for now and may be tried again. Only a permanent one marks it failed.
+            let failed = if error.is_transient() { None } else { spec.pack.as_ref() };
+            if let Err(e) = roll_back_pack(options, error.category(), failed, back_to).await {
                 return reverted_or_held(current, options, context, e, stopped).await;
             }
             reverted_or_held(current, options, context, error, stopped).await
@@ -495,6 +498,46 @@ mod tests {
             provision::current_version(data.path(), held).await?.map(|v| v.to_string()).as_deref(),
             Some("2.0.0")
         );
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_transient_error_after_the_swap_rolls_back_without_marking_the_pack_failed() -> TestResult {
+        use sha2::Digest as _;
+        let data = tempfile::tempdir()?;
+        std::fs::create_dir_all(data.path().join(".atlas"))?;
+        let held = Arc::new(lock(&lock_path(data.path()))?);
+        apply_versions(data.path(), &held, &["1.0.0"])?;
+        // Version 2.0.0, served from loopback.
+        let work = tempfile::tempdir()?;
+        std::fs::create_dir_all(work.path().join("src/mods"))?;
+        std::fs::write(work.path().join("src/mods/a.jar"), b"2.0.0")?;
+        let archive = work.path().join("2.0.0.tar.zst");
+        build(&work.path().join("src"), &archive, &BuildOptions::new(PackVersion::new("2.0.0")?))?;
+        let blob = std::fs::read(&archive)?;
+        let sha256 = hex::encode(sha2::Sha256::digest(&blob));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let router = axum::Router::new().route("/2.0.0.tar.zst", axum::routing::get(move || async move { blob }));
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        // The new server's jar cannot be resolved: its API is down (a network error).
+        let mut options = options(data.path(), Arc::clone(&held))?;
+        options.base_urls.mojang_manifest = "http://127.0.0.1:9/version_manifest_v2.json".into();
+        let text = format!(
+            "eula: true\nserver: {{type: vanilla, version: '1.21.4'}}\npack:\n  source:\n    url: {{url: 'http://{addr}/2.0.0.tar.zst', sha256: '{sha256}'}}\n"
+        );
+        let spec = super::super::parse_spec(Path::new("s.yaml"), &text)?;
+        let old = prepared_for(Some("1.0.0"))?;
+        let outcome = update_pack(&old, &spec, &options, None, Box::pin(async {})).await;
+        let PackUpdate::Reverted { error, .. } = outcome else {
+            return Err(format!("expected the old server back: {outcome:?}").into());
+        };
+        assert!(error.is_transient(), "{error}");
+        let current = provision::current_version(data.path(), held).await?;
+        assert_eq!(current.as_ref().map(PackVersion::as_str), Some("1.0.0"));
+        // The pack is not held against: the retry applies it again.
+        let context = options.pack.as_ref().ok_or("no pack context")?;
+        assert!(!context.was_rolled_back(spec.pack.as_ref().ok_or("no pack")?));
         Ok(())
     }
 }
