@@ -542,3 +542,50 @@ fn a_new_pack_version_whose_server_crashes_before_ready_is_rolled_back() -> Resu
     assert_eq!(std::fs::read(fixture.data.join("mods/a.jar"))?, b"a-1");
     Ok(())
 }
+
+/// Serves every request a 200 whose body (announced as 64 MiB) trickles in at 1 KiB per 100 ms,
+/// until the client goes: a download that outlasts the test. Returns the base URL.
+fn serve_slowly() -> Result<String> {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let base = format!("http://{}", listener.local_addr()?);
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut request = [0u8; 4096];
+                let _ = stream.read(&mut request);
+                let head =
+                    "HTTP/1.1 200 OK\r\nContent-Length: 67108864\r\nContent-Type: application/octet-stream\r\n\r\n";
+                if stream.write_all(head.as_bytes()).is_err() {
+                    return;
+                }
+                while stream.write_all(&[0u8; 1024]).is_ok() {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            });
+        }
+    });
+    Ok(base)
+}
+
+#[test]
+fn sigterm_during_a_long_pack_download_stops_the_server_gracefully() -> Result<()> {
+    let (fixture, base, blobs) = pack_fixture("pack-sigterm", &[("1.0.0", &[("mods/a.jar", b"a-1")])])?;
+    write_pack_spec(&fixture, &format!("{base}/1.0.0.tar.zst"), &sha256_hex(&blobs[0]))?;
+    let mut runner = Runner::start(&fixture, &[])?;
+    let pid = runner.wait_running()?["pid"].as_u64().context("pid")?;
+    let slow = serve_slowly()?;
+    write_pack_spec(&fixture, &format!("{slow}/2.0.0.tar.zst"), &sha256_hex(b"never finishes"))?;
+    wait_for("the download to start", Duration::from_secs(30), || {
+        (!runner.logs_with("fetching the pack").is_empty()).then_some(())
+    })?;
+    std::thread::sleep(Duration::from_millis(500));
+    Command::new("kill").args(["-s", "TERM", &runner.pid().to_string()]).status()?;
+    let exit = runner.wait_exit(Duration::from_secs(30))?;
+    assert!(exit.success(), "runner exited with {exit}");
+    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "the JVM outlived the runner");
+    assert!(!runner.logs_with("Stopping the server").is_empty(), "the server did not stop gracefully");
+    // Nothing of the called-off update is left to apply: the data dir holds 1.0.0.
+    assert_eq!(std::fs::read(fixture.data.join("mods/a.jar"))?, b"a-1");
+    Ok(())
+}

@@ -7,6 +7,7 @@ mod spec;
 mod state;
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -231,8 +232,12 @@ async fn run_once(
                 if prepare::pack_changes(&prepared, &spec) {
                     // Fetch, stage and verify the new pack while the server runs; it is stopped
                     // only for the swap.
+                    // Set once the gate begins (the backup before the update, or the stop): from then
+                    // on the update runs to its end, even through a shutdown.
+                    let gated = &AtomicBool::new(false);
                     let (rcon, running) = (prepared.rcon.clone(), &mut process);
                     let stop = Box::pin(async move {
+                        gated.store(true, Ordering::Release);
                         shared.set_phase(Phase::Updating, Some("swapping in a new pack version".into()));
                         running.stop(Some(&rcon), options.stop).await
                     });
@@ -240,10 +245,41 @@ async fn run_once(
                     // once the new pack is staged and before the server stops.
                     let backup = spec.backup.as_ref().is_some_and(|b| b.before_update).then(|| {
                         Box::pin(async move {
+                            gated.store(true, Ordering::Release);
                             shared.backups.create_now(shared).await.map(|m| m.name).map_err(|f| f.message)
                         }) as futures::future::BoxFuture<'_, _>
                     });
-                    match prepare::update_pack(&prepared, &spec, &options.prepare, backup, stop).await {
+                    // Fetching and staging can take long: a shutdown meanwhile drops the update (nothing
+                    // changed yet; the staging task sees its stream and channels gone) and stops the
+                    // server as any shutdown does.
+                    let outcome = {
+                        let update = prepare::update_pack(&prepared, &spec, &options.prepare, backup, stop);
+                        tokio::pin!(update);
+                        tokio::select! {
+                            outcome = &mut update => Some(outcome),
+                            _ = shutdown.cancelled() => {
+                                if gated.load(Ordering::Acquire) { Some((&mut update).await) } else { None }
+                            }
+                        }
+                    };
+                    let Some(outcome) = outcome else {
+                        tracing::info!("runner shutting down; the pack update was called off before the swap");
+                        shared.set_phase(Phase::Stopping, Some("runner shutting down".into()));
+                        let exit = process.stop(Some(&prepared.rcon), options.stop).await;
+                        record_exit(shared, &exit, false);
+                        shared.set_phase(Phase::Stopped, None);
+                        break (exit, Some(Next::Exit));
+                    };
+                    if shutdown.is_cancelled()
+                        && let PackUpdate::Ready { stopped, .. } | PackUpdate::Reverted { stopped, .. } | PackUpdate::Held { stopped, .. } = &outcome
+                    {
+                        // The server stopped for the swap, and the runner is going: start nothing.
+                        tracing::info!("runner shutting down after the pack swap; not starting a server");
+                        record_exit(shared, stopped, false);
+                        shared.set_phase(Phase::Stopped, None);
+                        return Next::Exit;
+                    }
+                    match outcome {
                         PackUpdate::Untouched(Some(e)) => {
                             tracing::error!(category = e.category(), transient = e.is_transient(), "{e}; keeping the running server");
                             if e.is_transient() {
