@@ -5,6 +5,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures::future::BoxFuture;
 use tokio::sync::oneshot;
@@ -176,6 +177,10 @@ async fn apply_spec_inner(
     let (planned_tx, planned_rx) = oneshot::channel::<PackVersion>();
     let (go_tx, go_rx) = oneshot::channel::<bool>();
     let data_dir: PathBuf = data_dir.to_owned();
+    // Set when this future is dropped (a runner shutting down before the gate): the staging task
+    // then stops reading the archive and plans nothing.
+    let cancel = CancelOnDrop(Arc::new(AtomicBool::new(false)));
+    let cancelled = Arc::clone(&cancel.0);
     let task = tokio::task::spawn_blocking(move || -> Result<Provisioned, ProvisionError> {
         let (mut store, recovery) = PackStore::open(&data_dir, &lock)?;
         tracing::debug!(?recovery, "pack store opened");
@@ -216,7 +221,7 @@ async fn apply_spec_inner(
                 match stream_error {
                     // The whole download went to the stream (no file was kept): its refusal stands.
                     Some(e) if !archive.exists() => Err(e),
-                    _ => store.stage(&archive, format, version.as_ref(), &limits),
+                    _ => store.stage_cancellable(&archive, format, version.as_ref(), &limits, &cancelled),
                 }
             }
         };
@@ -228,6 +233,11 @@ async fn apply_spec_inner(
             Err(StoreError::AlreadyCurrent(version)) => return Ok(Provisioned::AlreadyCurrent(version)),
             Err(e) => return Err(e.into()),
         };
+        if cancelled.load(Ordering::Acquire) {
+            let to = staged.version().clone();
+            store.discard(staged);
+            return Err(ProvisionError::CalledOff(to));
+        }
         let planned = store.plan_apply(staged, &preserve)?;
         let to = planned.to().clone();
         if planned_tx.send(to.clone()).is_err() || !go_rx.blocking_recv().unwrap_or(false) {
@@ -268,6 +278,15 @@ async fn apply_spec_inner(
         }
         other => other,
     })
+}
+
+/// Sets its flag when dropped.
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
 }
 
 /// The version the data dir holds when the state records it was applied from `key` (and it is

@@ -4,11 +4,12 @@
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use super::extract::{self, ArchiveFormat, ExtractError, Limits};
+use super::extract::{self, ArchiveFormat, ExtractError, Limits, TarCompression};
 use super::journal::{self, Journal, JournalError, write_atomic};
 use super::lock::{DataDirLock, lock_path};
 use super::manifest::{FileEntry, MANIFEST_FILE, ManifestError, PackManifest, PackVersion, Preserve, RESERVED_DIR};
@@ -327,12 +328,33 @@ impl<'lock> PackStore<'lock> {
         self.stage_with(version, &mut |dest, policy| extract::extract_file_with(archive, format, dest, limits, policy))
     }
 
+    /// [`PackStore::stage`] that gives up, leaving nothing behind, once `cancel` is set (its caller
+    /// went away): staging a large archive on a blocking thread then ends at the next read.
+    pub fn stage_cancellable(
+        &self,
+        archive: &Path,
+        format: ArchiveFormat,
+        version: Option<&PackVersion>,
+        limits: &Limits,
+        cancel: &AtomicBool,
+    ) -> Result<StagedPack, StoreError> {
+        self.stage_with(version, &mut |dest, policy| {
+            let file = fs::File::open(archive).map_err(|source| ExtractError::Corrupt { entry: None, source })?;
+            let reader = io::BufReader::with_capacity(256 * 1024, Cancellable { inner: file, cancel });
+            match format {
+                ArchiveFormat::TarZst => extract::extract_tar_with(reader, TarCompression::Zstd, dest, limits, policy),
+                ArchiveFormat::TarGz => extract::extract_tar_with(reader, TarCompression::Gzip, dest, limits, policy),
+                ArchiveFormat::Zip => extract::extract_zip_with(reader, dest, limits, policy),
+            }
+        })
+    }
+
     /// [`PackStore::stage`] of a tar stream read as it arrives (a download in progress): the same
     /// checks, and the pack is complete only if the stream ends cleanly.
     pub fn stage_stream(
         &self,
         stream: impl io::Read,
-        compression: extract::TarCompression,
+        compression: TarCompression,
         version: Option<&PackVersion>,
         limits: &Limits,
     ) -> Result<StagedPack, StoreError> {
@@ -532,6 +554,28 @@ fn read_state(layout: &Layout) -> Result<StoreState, StoreError> {
     }
 }
 
+/// A reader that fails once `cancel` is set.
+struct Cancellable<'a, R> {
+    inner: R,
+    cancel: &'a AtomicBool,
+}
+
+impl<R: io::Read> io::Read for Cancellable<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.cancel.load(Ordering::Acquire) {
+            // Not `Interrupted`: readers retry that.
+            return Err(io::Error::other("staging was called off"));
+        }
+        self.inner.read(buf)
+    }
+}
+
+impl<R: io::Seek> io::Seek for Cancellable<'_, R> {
+    fn seek(&mut self, pos: io::SeekFrom) -> io::Result<u64> {
+        self.inner.seek(pos)
+    }
+}
+
 /// Moves every file under `from` to the same path under `to`, replacing what is there (a rename,
 /// so each path holds the old or the new file at every moment).
 fn merge_files(from: &Path, to: &Path) -> Result<(), StoreError> {
@@ -637,6 +681,22 @@ mod tests {
         store.apply(staged, &Preserve::none())?;
         assert_eq!(fs::read_to_string(data.path().join("mods/a.jar"))?, "a-1");
         assert_eq!(store.state().previous.as_ref().map(PackVersion::as_str), Some("2.0.0"));
+        Ok(())
+    }
+
+    #[test]
+    fn a_called_off_staging_stops_reading_and_leaves_nothing() -> TestResult {
+        let (work, data) = (tempfile::tempdir()?, tempfile::tempdir()?);
+        fs::create_dir_all(data.path().join(RESERVED_DIR))?;
+        let held = lock(&lock_path(data.path()))?;
+        let (store, _) = PackStore::open(data.path(), &held)?;
+        let archive = pack(work.path(), "1.0.0", &[("mods/a.jar", "a-1")])?;
+        let cancel = AtomicBool::new(true);
+        let staged = store.stage_cancellable(&archive, ArchiveFormat::TarZst, None, &Limits::default(), &cancel);
+        assert!(staged.is_err(), "{staged:?}");
+        assert_eq!(fs::read_dir(store.layout.root())?.count(), 0, "something was left in the store");
+        cancel.store(false, Ordering::Release);
+        store.stage_cancellable(&archive, ArchiveFormat::TarZst, None, &Limits::default(), &cancel)?;
         Ok(())
     }
 }
