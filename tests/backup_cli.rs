@@ -4,13 +4,13 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use atlas_runner::backup::Manifest;
 use atlas_testbed::{TestBucket, TestS3};
-use common::{Fixture, Runner, binary, http_get, tree, wait_for};
+use common::{Fixture, Runner, binary, http_get, promtool_check, tree, wait_for};
 
 /// Appends `spec.backup` with the bucket's store (credentials from a file) and `extra` lines (4-space indent).
 fn add_backup_spec(fixture: &Fixture, bucket: &TestBucket, extra: &str) -> Result<()> {
@@ -302,23 +302,5 @@ async fn scheduled_backups_run_in_the_runner_prune_and_survive_failures() -> Res
     assert!(!runner.logs_with("backup failed").is_empty());
     assert_eq!(names(atlas_runner::backup::list(&store).await?), before, "a failed backup deleted backups");
     assert!(!before.is_empty());
-    Ok(())
-}
-
-fn promtool_check(body: &str) -> Result<()> {
-    let mut check = Command::new(atlas_testbed::bin("promtool")?)
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    std::io::Write::write_all(&mut check.stdin.take().context("stdin")?, body.as_bytes())?;
-    let out = check.wait_with_output()?;
-    ensure!(
-        out.status.success(),
-        "promtool check metrics: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
     Ok(())
 }

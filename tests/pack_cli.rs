@@ -237,15 +237,7 @@ fn kill_9_at_any_point_of_pack_apply_leaves_exactly_the_old_or_the_new_version()
     ] {
         assert!(metrics.contains(line), "metrics lack {line:?}:\n{metrics}");
     }
-    let mut check = Command::new(atlas_testbed::bin("promtool")?)
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
-    std::io::Write::write_all(&mut check.stdin.take().context("stdin")?, metrics.as_bytes())?;
-    let checked = check.wait_with_output()?;
-    assert!(checked.status.success(), "promtool: {}", String::from_utf8_lossy(&checked.stdout));
+    common::promtool_check(&metrics)?;
 
     // Half the kills spread over the whole run (start-up, fetch, staging), half over the swap.
     let runs = 40;

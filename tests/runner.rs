@@ -217,16 +217,7 @@ fn metrics_pass_promtool_and_readyz_follows_the_server() -> Result<()> {
     ] {
         assert!(body.contains(name), "/metrics lacks {name}:\n{body}");
     }
-    let promtool = atlas_testbed::bin("promtool")?;
-    let mut check = Command::new(promtool)
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    std::io::Write::write_all(&mut check.stdin.take().context("stdin")?, body.as_bytes())?;
-    let out = check.wait_with_output()?;
-    assert!(out.status.success(), "promtool check metrics: {}{}", stdout(&out), String::from_utf8_lossy(&out.stderr));
+    common::promtool_check(&body)?;
     Ok(())
 }
 

@@ -371,3 +371,22 @@ pub fn tree(root: &Path) -> Result<std::collections::BTreeMap<String, Option<Vec
     walk(root, root, &mut out)?;
     Ok(out)
 }
+
+/// Fails unless `promtool check metrics` (Prometheus' own linter, from the test bed) accepts `body`.
+pub fn promtool_check(body: &str) -> Result<()> {
+    let mut check = Command::new(atlas_testbed::bin("promtool")?)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    std::io::Write::write_all(&mut check.stdin.take().context("promtool's stdin")?, body.as_bytes())?;
+    let out = check.wait_with_output()?;
+    ensure!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
