@@ -15,13 +15,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use atlas_runner::api::{BackupStore, Retention, S3Store};
+use atlas_runner::api::Retention;
 use atlas_runner::backup::store::{S3Credentials, Store, StoreError};
 use atlas_runner::backup::upload::stream_archive;
 use atlas_runner::backup::{self, BackupError, CreateOptions, Manifest};
 use atlas_runner::rcon::Rcon;
 use atlas_testbed::{TestBucket, TestS3, free_port, unique};
-use common::{fake_server_jar, java_tool, region_generation, tree};
+use common::{fake_server_jar, java_tool, region_generation, s3_spec, tree};
 use object_store::path::Path as ObjectPath;
 use object_store::{MultipartUpload, ObjectStoreExt, PutPayload, PutResult, UploadPart};
 
@@ -75,21 +75,6 @@ fn write_world(data: &Path, level: &str) -> Result<()> {
     std::fs::write(data.join(level).join("data/raids.dat"), noise(1000))?;
     std::fs::write(data.join("ops.json"), "[]")?;
     Ok(())
-}
-
-fn s3_spec(bucket: &TestBucket, prefix: &str) -> BackupStore {
-    BackupStore {
-        s3: Some(S3Store {
-            bucket: bucket.name.clone(),
-            prefix: prefix.to_owned(),
-            endpoint: Some(bucket.s3.endpoint.clone()),
-            region: bucket.region.clone(),
-            path_style: true,
-            credentials_secret_ref: None,
-            credentials_file: None,
-        }),
-        local: None,
-    }
 }
 
 fn credentials(bucket: &TestBucket) -> S3Credentials {

@@ -277,18 +277,7 @@ async fn scheduled_backups_run_in_the_runner_prune_and_survive_failures() -> Res
     };
     wait_for("a counted failure", Duration::from_secs(30), || failures(&runner).filter(|n| *n >= 1))?;
     let store = atlas_runner::backup::store::Store::open(
-        Some(&atlas_runner::api::BackupStore {
-            s3: Some(atlas_runner::api::S3Store {
-                bucket: bucket.name.clone(),
-                prefix: "cli/".to_owned(),
-                endpoint: Some(bucket.s3.endpoint.clone()),
-                region: bucket.region.clone(),
-                path_style: true,
-                credentials_secret_ref: None,
-                credentials_file: None,
-            }),
-            local: None,
-        }),
+        Some(&common::s3_spec(&bucket, "cli/")),
         &fixture.data,
         Some(atlas_runner::backup::store::S3Credentials {
             access_key_id: bucket.s3.access_key.clone(),

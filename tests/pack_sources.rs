@@ -723,6 +723,15 @@ async fn a_stream_broken_mid_download_is_staged_from_the_retried_download() -> R
     Ok(())
 }
 
+/// A pack refused for its digest: the error says so, and neither the data dir nor the store kept any of it.
+fn refused_for_its_digest(data: &Path, err: &impl std::fmt::Display) -> Result<()> {
+    ensure!(err.to_string().contains("sha256"), "{err:#}");
+    ensure!(!data.join("mods").exists(), "a file of the refused pack reached the data dir");
+    let store: Vec<_> = fs::read_dir(data.join(".atlas/packs"))?.filter_map(|e| e.ok()).collect();
+    ensure!(store.is_empty(), "left in the store: {:?}", store.iter().map(|e| e.file_name()).collect::<Vec<_>>());
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_streamed_pack_whose_digest_fails_leaves_nothing_staged() -> Result<()> {
     let pack = atlas_pack("3.0.0", &[("mods/big.jar", &noise(300_000))])?;
@@ -730,11 +739,7 @@ async fn a_streamed_pack_whose_digest_fails_leaves_nothing_staged() -> Result<()
     let data = TempDir::new()?;
     let source = url_source(format!("http://{addr}/packs/p.tar.zst"), sha256_hex(b"another archive"));
     let err = provision(data.path(), &source).await.err().context("a pack with the wrong digest was applied")?;
-    ensure!(err.to_string().contains("sha256"), "{err:#}");
-    ensure!(!data.path().join("mods").exists(), "a file of the refused pack reached the data dir");
-    let store: Vec<_> = fs::read_dir(data.path().join(".atlas/packs"))?.filter_map(|e| e.ok()).collect();
-    ensure!(store.is_empty(), "left in the store: {:?}", store.iter().map(|e| e.file_name()).collect::<Vec<_>>());
-    Ok(())
+    refused_for_its_digest(data.path(), &err)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -783,11 +788,7 @@ async fn a_streamed_tar_gz_whose_digest_fails_is_refused_and_leaves_nothing_stag
         .await
         .context("applying a tar.gz with a wrong digest hung")?;
     let err = result.err().context("a tar.gz with the wrong digest was applied")?;
-    ensure!(err.to_string().contains("sha256"), "{err:#}");
-    ensure!(!data.path().join("mods").exists(), "a file of the refused pack reached the data dir");
-    let store: Vec<_> = fs::read_dir(data.path().join(".atlas/packs"))?.filter_map(|e| e.ok()).collect();
-    ensure!(store.is_empty(), "left in the store: {:?}", store.iter().map(|e| e.file_name()).collect::<Vec<_>>());
-    Ok(())
+    refused_for_its_digest(data.path(), &err)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -390,3 +390,19 @@ pub fn promtool_check(body: &str) -> Result<()> {
     );
     Ok(())
 }
+
+/// A backup store spec for `bucket` of the test bed's S3, under `prefix`.
+pub fn s3_spec(bucket: &atlas_testbed::TestBucket, prefix: &str) -> atlas_runner::api::BackupStore {
+    atlas_runner::api::BackupStore {
+        s3: Some(atlas_runner::api::S3Store {
+            bucket: bucket.name.clone(),
+            prefix: prefix.to_owned(),
+            endpoint: Some(bucket.s3.endpoint.clone()),
+            region: bucket.region.clone(),
+            path_style: true,
+            credentials_secret_ref: None,
+            credentials_file: None,
+        }),
+        local: None,
+    }
+}
