@@ -5,8 +5,9 @@
 //! repeat or collide with another entry, and sizes and the expansion ratio must stay within
 //! [`Limits`]. Truncated and corrupt streams are errors. Files are hashed while written; a
 //! [`Policy`] may have a file hashed and discarded instead (content the caller already holds) or
-//! handed over in memory (a pack's manifest). Durability is the caller's: nothing here fsyncs, so a
-//! whole staging directory is made durable by one `syncfs` rather than a flush per file.
+//! handed over in memory (a pack's manifest). An accepted archive's files are durable when
+//! extraction returns: the filesystem is flushed (`syncfs`) while the files are written and once at
+//! the end, rather than a flush per file.
 
 use std::cell::Cell;
 use std::collections::HashSet;
@@ -15,6 +16,7 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
 use sha2::Digest;
 
@@ -314,6 +316,17 @@ pub fn extract_tar_with<R: Read>(
     policy: &mut dyn Policy,
 ) -> Result<Vec<ExtractedFile>, ExtractError> {
     check_empty_dir(dest)?;
+    with_disk(dest, |disk| read_tar(reader, compression, dest, limits, policy, disk))
+}
+
+fn read_tar<R: Read>(
+    reader: R,
+    compression: TarCompression,
+    dest: &Path,
+    limits: &Limits,
+    policy: &mut dyn Policy,
+    disk: &mut Disk,
+) -> Result<Vec<ExtractedFile>, ExtractError> {
     let compressed = Rc::new(Cell::new(0u64));
     let counting = CountingReader { inner: reader, count: Rc::clone(&compressed) };
     let corrupt = |entry: Option<&str>| {
@@ -324,7 +337,7 @@ pub fn extract_tar_with<R: Read>(
         TarCompression::Zstd => Box::new(zstd::stream::read::Decoder::new(counting).map_err(corrupt(None))?),
         TarCompression::Gzip => Box::new(flate2::read::GzDecoder::new(counting)),
     };
-    let mut writer = Writer::new(dest, limits, compressed, policy);
+    let mut writer = Writer::new(dest, limits, compressed, policy, disk);
     let mut archive = tar::Archive::new(decoder);
     for entry in archive.entries().map_err(corrupt(None))? {
         let mut entry = entry.map_err(corrupt(writer.last_name()))?;
@@ -400,31 +413,33 @@ pub fn extract_zip_with<R: Read + Seek>(
     reader.seek(SeekFrom::Start(0)).map_err(corrupt(None))?;
     let mut archive = zip::ZipArchive::new(reader).map_err(zip_corrupt(None))?;
     let compressed = Rc::new(Cell::new(archive_len));
-    let mut writer = Writer::new(dest, limits, compressed, policy);
-    for index in 0..archive.len() {
-        let mut file = archive.by_index(index).map_err(zip_corrupt(writer.last_name()))?;
-        let name = file.name().to_owned();
-        const S_IFMT: u32 = 0o170000;
-        let kind = match file.unix_mode().map(|m| m & S_IFMT) {
-            None | Some(0) | Some(0o100000) | Some(0o040000) => None,
-            Some(0o120000) => return Err(ExtractError::Link { name, kind: "symlink" }),
-            Some(0o020000) => Some("character device"),
-            Some(0o060000) => Some("block device"),
-            Some(0o010000) => Some("fifo"),
-            Some(0o140000) => Some("socket"),
-            Some(_) => Some("unknown file type"),
-        };
-        if let Some(kind) = kind {
-            return Err(ExtractError::SpecialFile { name, kind });
+    with_disk(dest, |disk| {
+        let mut writer = Writer::new(dest, limits, compressed, policy, disk);
+        for index in 0..archive.len() {
+            let mut file = archive.by_index(index).map_err(zip_corrupt(writer.last_name()))?;
+            let name = file.name().to_owned();
+            const S_IFMT: u32 = 0o170000;
+            let kind = match file.unix_mode().map(|m| m & S_IFMT) {
+                None | Some(0) | Some(0o100000) | Some(0o040000) => None,
+                Some(0o120000) => return Err(ExtractError::Link { name, kind: "symlink" }),
+                Some(0o020000) => Some("character device"),
+                Some(0o060000) => Some("block device"),
+                Some(0o010000) => Some("fifo"),
+                Some(0o140000) => Some("socket"),
+                Some(_) => Some("unknown file type"),
+            };
+            if let Some(kind) = kind {
+                return Err(ExtractError::SpecialFile { name, kind });
+            }
+            if file.is_dir() {
+                writer.dir(&name)?;
+            } else {
+                let declared = file.size();
+                writer.file(&name, declared, &mut file)?;
+            }
         }
-        if file.is_dir() {
-            writer.dir(&name)?;
-        } else {
-            let declared = file.size();
-            writer.file(&name, declared, &mut file)?;
-        }
-    }
-    writer.finish()
+        writer.finish()
+    })
 }
 
 /// The first name the zip's central directory lists twice. `None` for a zip64 directory, whose
@@ -503,11 +518,17 @@ struct Writer<'a> {
     dirs: HashSet<String>,
     out: Vec<ExtractedFile>,
     last: Option<String>,
-    buf: Vec<u8>,
+    disk: &'a mut Disk,
 }
 
 impl<'a> Writer<'a> {
-    fn new(dest: &'a Path, limits: &'a Limits, compressed: Rc<Cell<u64>>, policy: &'a mut dyn Policy) -> Self {
+    fn new(
+        dest: &'a Path,
+        limits: &'a Limits,
+        compressed: Rc<Cell<u64>>,
+        policy: &'a mut dyn Policy,
+        disk: &'a mut Disk,
+    ) -> Self {
         Self {
             dest,
             limits,
@@ -519,7 +540,7 @@ impl<'a> Writer<'a> {
             dirs: HashSet::new(),
             out: Vec::new(),
             last: None,
-            buf: vec![0; 128 * 1024],
+            disk,
         }
     }
 
@@ -550,8 +571,7 @@ impl<'a> Writer<'a> {
         if self.files.contains(&path) {
             return Err(ExtractError::Duplicate { name: name.to_owned() });
         }
-        let target = path.under(self.dest);
-        fs::create_dir_all(&target).map_err(|source| ExtractError::Write { path: target, source })?;
+        self.disk.send(Op::Dir(path.under(self.dest)))?;
         for a in path.ancestors() {
             self.dirs.insert(a.to_owned());
         }
@@ -573,18 +593,9 @@ impl<'a> Writer<'a> {
             Disposition::Capture if declared > CAPTURE_LIMIT => Disposition::Write,
             d => d,
         };
-        let write_err = |source| ExtractError::Write { path: target.clone(), source };
-        let mut out = match disposition {
-            Disposition::Write => {
-                if let Some(parent) = target.parent() {
-                    fs::create_dir_all(parent)
-                        .map_err(|source| ExtractError::Write { path: parent.to_owned(), source })?;
-                }
-                // create_new: never follow or replace anything already there.
-                Some(OpenOptions::new().write(true).create_new(true).mode(0o644).open(&target).map_err(write_err)?)
-            }
-            Disposition::Discard | Disposition::Capture => None,
-        };
+        if disposition == Disposition::Write {
+            self.disk.send(Op::File(target))?;
+        }
         for a in path.ancestors() {
             self.dirs.insert(a.to_owned());
         }
@@ -598,13 +609,14 @@ impl<'a> Writer<'a> {
         let mut size = 0u64;
         let mut limited = reader.take(declared.saturating_add(1));
         loop {
-            let n = match limited.read(&mut self.buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(source) => return Err(ExtractError::Corrupt { entry: Some(name.to_owned()), source }),
-            };
-            let chunk = &self.buf[..n];
+            let mut buf = self.disk.buffer();
+            let n = read_full(&mut limited, &mut buf)
+                .map_err(|source| ExtractError::Corrupt { entry: Some(name.to_owned()), source })?;
+            if n == 0 {
+                self.disk.spare.push(buf);
+                break;
+            }
+            let chunk = &buf[..n];
             size += n as u64;
             self.total += n as u64;
             if size > limit {
@@ -627,10 +639,13 @@ impl<'a> Writer<'a> {
                 });
             }
             hasher.update(chunk);
-            match (&mut out, disposition) {
-                (Some(out), _) => out.write_all(chunk).map_err(write_err)?,
-                (None, Disposition::Capture) => captured.extend_from_slice(chunk),
-                (None, _) => {}
+            match disposition {
+                Disposition::Write => self.disk.send(Op::Data(buf, n))?,
+                Disposition::Capture => {
+                    captured.extend_from_slice(chunk);
+                    self.disk.spare.push(buf);
+                }
+                Disposition::Discard => self.disk.spare.push(buf),
             }
         }
         if size != declared {
@@ -650,14 +665,208 @@ impl<'a> Writer<'a> {
     }
 }
 
+/// Fills `buf` from `reader` as far as it goes; fewer bytes only at the end of the stream.
+fn read_full(reader: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match reader.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+/// The bytes of one piece of file content handed to the writing thread.
+const CHUNK: usize = 128 * 1024;
+/// Pieces in flight to the writing thread: bounds the memory the split costs (2 MiB) while giving
+/// the reading side room to run ahead of a write that waits.
+const CHUNKS_IN_FLIGHT: usize = 16;
+
+/// Filesystem work, in archive order, from the thread reading an archive to the one writing it.
+enum Op {
+    /// Create a directory (and its parents).
+    Dir(PathBuf),
+    /// Create a new file (and its parent directories); the `Data` that follows is its content.
+    File(PathBuf),
+    /// The first `.1` bytes of the buffer, appended to the file created last.
+    Data(Vec<u8>, usize),
+    /// The archive was read in full and accepted: make everything durable.
+    Finish,
+}
+
+/// Bytes written between two flushes started during extraction.
+const FLUSH_EVERY: u64 = 64 << 20;
+
+/// The reading side's end of the writing thread: sends [`Op`]s and reuses the buffers written.
+struct Disk {
+    ops: SyncSender<Op>,
+    written: Receiver<Vec<u8>>,
+    spare: Vec<Vec<u8>>,
+    dest: PathBuf,
+}
+
+impl Disk {
+    fn send(&self, op: Op) -> Result<(), ExtractError> {
+        // The writing thread only goes away early on an error of its own, which `with_disk` returns.
+        self.ops.send(op).map_err(|_| ExtractError::Write {
+            path: self.dest.clone(),
+            source: io::Error::other("the writing thread stopped"),
+        })
+    }
+
+    fn buffer(&mut self) -> Vec<u8> {
+        self.spare.pop().or_else(|| self.written.try_recv().ok()).unwrap_or_else(|| vec![0; CHUNK])
+    }
+}
+
+/// Runs `read` (which reads and checks an archive) on this thread while another does its
+/// filesystem work, as `zstd -d | tar -x` splits decompression from writing: the reading side
+/// decompresses, checks and hashes, the writing side spends its time in the kernel. A third thread
+/// flushes the filesystem (syncfs) every [`FLUSH_EVERY`] bytes, so the disk works while the archive
+/// is still read and the final flush, once `read` accepted the archive, finds little left to write.
+/// On success everything extracted is durable. An error of the writing side wins: the reading
+/// side's is then only that the writer stopped.
+fn with_disk<T>(dest: &Path, read: impl FnOnce(&mut Disk) -> Result<T, ExtractError>) -> Result<T, ExtractError> {
+    let io_error = |source| ExtractError::Write { path: dest.to_owned(), source };
+    // Opened before the first write, so its syncfs reports any writeback error of the extraction.
+    let filesystem = File::open(dest).map_err(io_error)?;
+    let filesystem = &filesystem;
+    std::thread::scope(|scope| {
+        let (ops, ops_rx) = sync_channel(CHUNKS_IN_FLIGHT);
+        let (written_tx, written) = sync_channel(CHUNKS_IN_FLIGHT + 2);
+        let (flush, flush_rx) = sync_channel::<()>(1);
+        let flushing = std::thread::Builder::new()
+            .name("pack-flusher".into())
+            .spawn_scoped(scope, move || flush_rx.iter().try_for_each(|()| syncfs(filesystem)))
+            .map_err(io_error)?;
+        let writing = std::thread::Builder::new()
+            .name("pack-writer".into())
+            .spawn_scoped(scope, move || write_ops(ops_rx, written_tx, flush, (filesystem, dest)))
+            .map_err(io_error)?;
+        let mut disk = Disk { ops, written, spare: Vec::new(), dest: dest.to_owned() };
+        let read = read(&mut disk);
+        if read.is_ok() {
+            // A send that fails means the writer stopped on an error, returned below.
+            let _ = disk.ops.send(Op::Finish);
+        }
+        // Dropping the sender lets the writing thread finish.
+        drop(disk);
+        let written = writing.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        let flushed = flushing.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        written?;
+        flushed.map_err(io_error)?;
+        read
+    })
+}
+
+/// Flushes everything written to the filesystem holding `dir` (syncfs(2)).
+fn syncfs(dir: &File) -> io::Result<()> {
+    nix::unistd::syncfs(dir).map_err(io::Error::from)
+}
+
+/// The writing thread: carries out `ops` until they end or one fails, handing each written buffer
+/// back for reuse. Files are created with `create_new`, never following or replacing anything.
+fn write_ops(
+    ops: Receiver<Op>,
+    written: SyncSender<Vec<u8>>,
+    flush: SyncSender<()>,
+    (filesystem, dest): (&File, &Path),
+) -> Result<(), ExtractError> {
+    let mut current: Option<(File, PathBuf)> = None;
+    let mut unflushed = 0u64;
+    // Directories made so far: most files share their parent with the one before.
+    let mut made: HashSet<PathBuf> = HashSet::new();
+    let mut make_dir = |path: &Path| -> Result<(), ExtractError> {
+        if !made.contains(path) {
+            fs::create_dir_all(path).map_err(|source| ExtractError::Write { path: path.to_owned(), source })?;
+            made.insert(path.to_owned());
+        }
+        Ok(())
+    };
+    for op in ops {
+        match op {
+            Op::Dir(path) => {
+                current = None;
+                make_dir(&path)?;
+            }
+            Op::File(path) => {
+                if let Some(parent) = path.parent() {
+                    make_dir(parent)?;
+                }
+                let file = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o644)
+                    .open(&path)
+                    .map_err(|source| ExtractError::Write { path: path.clone(), source })?;
+                current = Some((file, path));
+            }
+            Op::Data(buf, len) => {
+                let Some((file, path)) = current.as_mut() else {
+                    return Err(ExtractError::Write {
+                        path: PathBuf::new(),
+                        source: io::Error::other("file content with no file to write it to"),
+                    });
+                };
+                file.write_all(&buf[..len]).map_err(|source| ExtractError::Write { path: path.clone(), source })?;
+                // A full return channel only means enough spares: drop this one.
+                let _ = written.try_send(buf);
+                unflushed += len as u64;
+                if unflushed >= FLUSH_EVERY {
+                    // A flush still running covers these bytes well enough: never wait for it.
+                    let _ = flush.try_send(());
+                    unflushed = 0;
+                }
+            }
+            Op::Finish => {
+                current = None;
+                syncfs(filesystem).map_err(|source| ExtractError::Write { path: dest.to_owned(), source })?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// fsyncs a directory, making the names in it durable.
 pub(crate) fn sync_dir(path: &Path) -> io::Result<()> {
     File::open(path)?.sync_all()
 }
 
 /// Flushes everything written to the filesystem holding `path` (syncfs(2)): one call makes a whole
-/// extracted tree durable, files and directories, far faster than an fsync per file.
+/// tree durable, files and directories, far faster than an fsync per file.
 pub(crate) fn sync_filesystem(path: &Path) -> io::Result<()> {
-    let dir = File::open(path)?;
-    nix::unistd::syncfs(&dir).map_err(io::Error::from)
+    syncfs(&File::open(path)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_of_the_writing_thread_is_the_error_returned_and_stops_the_reading_side() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let blocker = dir.path().join("mods");
+        fs::write(&blocker, b"a file where the archive needs a directory")?;
+        let mut sent = 0u64;
+        let result: Result<(), ExtractError> = with_disk(dir.path(), |disk| {
+            disk.send(Op::File(blocker.join("a.jar")))?;
+            // The reading side goes on until a send fails: the writer stopped.
+            loop {
+                disk.send(Op::Data(vec![1; CHUNK], CHUNK))?;
+                sent += 1;
+            }
+        });
+        match result {
+            Err(ExtractError::Write { path, source }) => {
+                anyhow::ensure!(path == blocker, "the error names {}", path.display());
+                anyhow::ensure!(source.kind() != io::ErrorKind::Other, "the reading side's error won: {source}");
+            }
+            other => anyhow::bail!("expected the writer's error, got {other:?}"),
+        }
+        anyhow::ensure!(sent <= CHUNKS_IN_FLIGHT as u64 + 1, "{sent} chunks sent after the writer stopped");
+        Ok(())
+    }
 }

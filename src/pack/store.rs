@@ -358,7 +358,8 @@ impl<'lock> PackStore<'lock> {
         version: Option<&PackVersion>,
         limits: &Limits,
     ) -> Result<StagedPack, StoreError> {
-        let mut stream = Some(io::BufReader::with_capacity(256 * 1024, stream));
+        // No buffer of our own: the decoder reads through one.
+        let mut stream = Some(stream);
         self.stage_with(version, &mut |dest, policy| match stream.take() {
             Some(stream) => extract::extract_tar_with(stream, compression, dest, limits, policy),
             None => Err(ExtractError::Corrupt { entry: None, source: io::Error::other("the stream was read already") }),
@@ -434,9 +435,8 @@ impl<'lock> PackStore<'lock> {
                 StoreError::VersionReused(manifest.version)
             });
         }
-        // One flush of the filesystem makes every extracted file and directory durable before the
-        // swap may rename them into the data dir (an fsync per file costs far more).
-        extract::sync_filesystem(&files_dir).map_err(io_err("syncfs", &files_dir))?;
+        // Extraction made every file and directory it wrote durable before returning, so the swap
+        // may rename them into the data dir.
         let bytes = manifest.to_json()?;
         write_atomic(&staging.join(MANIFEST_FILE), &bytes).map_err(StoreError::Recover)?;
         let target = self.layout.version_dir(&manifest.version);
