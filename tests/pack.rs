@@ -724,3 +724,126 @@ fn a_rollback_interrupted_at_any_step_recovers_to_exactly_one_version() -> Resul
     ensure!(crash_at >= 30, "only {crash_at} crash points");
     Ok(())
 }
+
+/// The steps of a swap, spelled for comparison.
+fn step_name(step: atlas_runner::pack::SwapStep<'_>) -> String {
+    use atlas_runner::pack::SwapStep as S;
+    match step {
+        S::Install(path) => format!("install {path}"),
+        S::InstallDir(path) => format!("install dir {path}"),
+        S::Displace(path) => format!("displace {path}"),
+        S::WritePreserved(path) => format!("preserve {path}"),
+        other => format!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_first_apply_moves_whole_directories_and_a_directory_made_since_the_plan_gets_files_one_by_one() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let p1 = pack(tmp.path(), "1", V1)?;
+    let installs = |steps: &[String]| -> Vec<String> {
+        let mut v: Vec<String> =
+            steps.iter().filter(|s| s.starts_with("install") || s.starts_with("preserve")).cloned().collect();
+        v.sort();
+        v
+    };
+
+    // Nothing where the pack's directories go: one rename each; preserved files are still copies.
+    let data = data_dir(&tmp.path().join("cold"))?;
+    let guard = lock(&lock_path(&data))?;
+    let (mut store, _) = open(&data, &guard)?;
+    let staged = store.stage(&p1, ArchiveFormat::TarZst, None, &Limits::default())?;
+    let mut steps = Vec::new();
+    let report = store.apply_with_hook(staged, &preserve()?, &mut |_, step| {
+        steps.push(step_name(step));
+        Ok(())
+    })?;
+    ensure!(
+        installs(&steps)
+            == ["install dir libraries", "install dir mods", "preserve config/x.toml", "preserve server.properties"],
+        "{steps:?}"
+    );
+    ensure!(report.installed.len() == 3, "the report still names every file: {:?}", report.installed);
+    for (path, content) in V1 {
+        ensure!(read(&data, path)? == *content, "{path}");
+    }
+    // The update after it moves files one by one, as before.
+    let p2 = pack(tmp.path(), "2", V2)?;
+    stage_and_apply(&mut store, &p2)?;
+    ensure!(read(&data, "mods/c.jar")? == b"c-2" && !data.join("mods/b.jar").exists());
+    store.rollback()?;
+    ensure!(read(&data, "mods/b.jar")? == b"b-1" && !data.join("mods/c.jar").exists());
+    drop(store);
+
+    // The server made mods/ (with a file of its own) between the plan and the swap: that directory
+    // gets the pack's files one by one and keeps the server's file.
+    let data = data_dir(&tmp.path().join("raced"))?;
+    let guard = lock(&lock_path(&data))?;
+    let (mut store, _) = open(&data, &guard)?;
+    let staged = store.stage(&p1, ArchiveFormat::TarZst, None, &Limits::default())?;
+    let planned = store.plan_apply(staged, &preserve()?)?;
+    write_tree(&data, &[("mods/server-made.jar", b"mine")])?;
+    let mut steps = Vec::new();
+    store.swap_with_hook(planned, &mut |_, step| {
+        steps.push(step_name(step));
+        Ok(())
+    })?;
+    ensure!(
+        installs(&steps)
+            == [
+                "install dir libraries",
+                "install mods/a.jar",
+                "install mods/b.jar",
+                "preserve config/x.toml",
+                "preserve server.properties"
+            ],
+        "{steps:?}"
+    );
+    ensure!(read(&data, "mods/server-made.jar")? == b"mine" && read(&data, "mods/a.jar")? == b"a-1");
+    Ok(())
+}
+
+#[test]
+fn a_first_apply_interrupted_at_any_step_recovers_to_no_pack_or_the_whole_pack() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let p1 = pack(tmp.path(), "1", V1)?;
+    let empty = files_of(&tree(&data_dir(&tmp.path().join("before"))?, true)?);
+    let (mut crash_at, mut dir_steps) = (0usize, 0usize);
+    loop {
+        let data = data_dir(&tmp.path().join(format!("run-{crash_at}")))?;
+        let guard = lock(&lock_path(&data))?;
+        let finished = {
+            let (mut store, _) = open(&data, &guard)?;
+            let staged = store.stage(&p1, ArchiveFormat::TarZst, None, &Limits::default())?;
+            let mut hook = |step: usize, s: atlas_runner::pack::SwapStep<'_>| {
+                if matches!(s, atlas_runner::pack::SwapStep::InstallDir(_)) && step == crash_at {
+                    dir_steps += 1;
+                }
+                if step == crash_at { Err(()) } else { Ok(()) }
+            };
+            match store.apply_with_hook(staged, &preserve()?, &mut hook) {
+                Ok(_) => true,
+                Err(ApplyError::Interrupted { step, .. }) if step == crash_at => false,
+                Err(e) => bail!("crash point {crash_at}: {e}"),
+            }
+        };
+        let (store, _) = open(&data, &guard)?;
+        let now = files_of(&tree(&data, true)?);
+        match store.state().current.as_ref().map(PackVersion::as_str) {
+            None => ensure!(now == empty, "crash point {crash_at}: no version but {:?}", differing(&now, &empty)),
+            Some("1") => {
+                for (path, content) in V1 {
+                    ensure!(read(&data, path)? == *content, "crash point {crash_at}: {path}");
+                }
+                ensure!(now.len() == empty.len() + V1.len(), "crash point {crash_at}: {now:?}");
+            }
+            other => bail!("crash point {crash_at}: state says {other:?}"),
+        }
+        if finished {
+            break;
+        }
+        crash_at += 1;
+    }
+    ensure!(dir_steps == 2 && crash_at >= 6, "{crash_at} crash points, {dir_steps} before a directory rename");
+    Ok(())
+}

@@ -24,6 +24,8 @@ pub enum SwapStep<'a> {
     Displace(&'a RelativePath),
     /// Moving a new version's file from the store into the data dir.
     Install(&'a RelativePath),
+    /// Moving a new version's whole directory from the store into the data dir, where nothing is.
+    InstallDir(&'a RelativePath),
     /// Writing an absent preserved file.
     WritePreserved(&'a RelativePath),
     /// fsyncing the directories the swap changed.
@@ -150,6 +152,9 @@ pub struct PlannedSwap {
     journal: Journal,
     report: ApplyReport,
     root: PathBuf,
+    /// The files under each of `journal.install_dirs`, installed one by one instead should
+    /// something appear at the directory's place before the swap.
+    dir_files: Vec<Vec<RelativePath>>,
 }
 
 impl PlannedSwap {
@@ -261,7 +266,9 @@ impl PackStore<'_> {
             verify_sources(&self.layout, &journal, to)?;
         }
         clear_stale_displace_targets(&self.layout, &journal)?;
-        Ok(PlannedSwap { journal, report, root: self.layout.root().to_owned() })
+        let mut journal = journal;
+        let dir_files = group_install_dirs(&self.layout, &mut journal)?;
+        Ok(PlannedSwap { journal, report, root: self.layout.root().to_owned(), dir_files })
     }
 
     /// Runs a planned swap: the journal, the renames, the commit (`state.json` replaced), then the
@@ -274,10 +281,21 @@ impl PackStore<'_> {
     /// [`PackStore::swap`] with a step hook; for crash tests.
     #[doc(hidden)]
     pub fn swap_with_hook(&mut self, planned: PlannedSwap, hook: &mut StepHook<'_>) -> Result<ApplyReport, ApplyError> {
-        let PlannedSwap { journal, report, root } = planned;
+        let PlannedSwap { mut journal, report, root, dir_files } = planned;
         if root != self.layout.root() || journal.from != self.state.current {
             return Err(ApplyError::NotStaged(journal.to));
         }
+        // The server ran since the plan: a directory it made where the plan found none gets the
+        // pack's files one by one, as any existing directory does.
+        let mut dirs = Vec::with_capacity(journal.install_dirs.len());
+        for (dir, files) in std::mem::take(&mut journal.install_dirs).into_iter().zip(dir_files) {
+            if exists(&dir.under(self.layout.data())).map_err(|e| ApplyError::Store(StoreError::Recover(e)))? {
+                journal.install.extend(files);
+            } else {
+                dirs.push(dir);
+            }
+        }
+        journal.install_dirs = dirs;
         let mut step = 0usize;
         let mut at = |s: SwapStep<'_>| -> Result<(), ApplyError> {
             let index = step;
@@ -290,6 +308,7 @@ impl PackStore<'_> {
             from = journal.from.as_ref().map(PackVersion::as_str),
             to = %journal.to,
             install = journal.install.len(),
+            install_dirs = journal.install_dirs.len(),
             displace = journal.displace.len(),
             "pack staged and verified; swapping it in"
         );
@@ -372,6 +391,15 @@ fn run_steps(
         }
     }
     let to_files = layout.files_dir(&journal.to);
+    for path in &journal.install_dirs {
+        at(SwapStep::InstallDir(path)).map_err(StepError::Hook)?;
+        let staged = path.under(&to_files);
+        let target = path.under(data);
+        journal::create_parent(&target)?;
+        fs::rename(&staged, &target).map_err(journal::io_err("rename", &staged))?;
+        touched.extend(journal::dirs_within(&staged, layout.root()));
+        touched.extend(journal::dirs_within(&target, data));
+    }
     for path in &journal.install {
         at(SwapStep::Install(path)).map_err(StepError::Hook)?;
         let staged = path.under(&to_files);
@@ -589,12 +617,109 @@ fn plan(
         from: from.map(|(v, _)| v.clone()),
         to: to.version.clone(),
         displace,
+        install_dirs: Vec::new(),
         install,
         preserve_writes,
         discard,
         next_state,
     };
     Ok((journal, report))
+}
+
+/// Moves into `journal.install_dirs` the outermost directories of the new version under which the
+/// data dir has nothing at all: each is installed by one rename of its staged directory rather
+/// than a rename per file (a first apply of 20,000 files becomes a few renames). A directory
+/// qualifies only if every file staged under it is one the swap installs (no preserved file, whose
+/// staged copy the store keeps, and nothing else), checked by reading the staged tree. Returns the
+/// files each directory covers, taken out of `journal.install`.
+fn group_install_dirs(layout: &Layout, journal: &mut Journal) -> Result<Vec<Vec<RelativePath>>, ApplyError> {
+    let data = layout.data();
+    let to_files = layout.files_dir(&journal.to);
+    // Directories holding a staged file the swap does not move: never moved whole.
+    let mut pinned: BTreeSet<&str> = BTreeSet::new();
+    for path in journal.preserve_writes.iter().map(|e| &e.path).chain(&journal.discard) {
+        pinned.extend(path.ancestors());
+    }
+    let mut absent: HashMap<String, bool> = HashMap::new();
+    let mut chosen: Vec<String> = Vec::new();
+    let mut covered: HashMap<String, Vec<RelativePath>> = HashMap::new();
+    let mut rest = Vec::new();
+    for path in &journal.install {
+        let mut dir_for = None;
+        for ancestor in path.ancestors() {
+            let is_absent = match absent.get(ancestor) {
+                Some(a) => *a,
+                None => {
+                    let a = !exists(&data.join(ancestor)).map_err(|e| ApplyError::Store(StoreError::Recover(e)))?;
+                    absent.insert(ancestor.to_owned(), a);
+                    a
+                }
+            };
+            if is_absent && !pinned.contains(ancestor) {
+                dir_for = Some(ancestor);
+                break;
+            }
+        }
+        match dir_for {
+            Some(dir) => {
+                if !covered.contains_key(dir) {
+                    chosen.push(dir.to_owned());
+                }
+                covered.entry(dir.to_owned()).or_default().push(path.clone());
+            }
+            None => rest.push(path.clone()),
+        }
+    }
+    let mut dirs = Vec::new();
+    let mut dir_files = Vec::new();
+    for dir in chosen {
+        let files = covered.remove(&dir).unwrap_or_default();
+        let wanted: BTreeSet<&str> = files.iter().map(RelativePath::as_str).collect();
+        let staged = to_files.join(&dir);
+        let whole = match super::path::sanitize_path(&dir) {
+            Ok(relative) if holds_exactly(&to_files, &staged, &wanted)? => Some(relative),
+            _ => None,
+        };
+        match whole {
+            Some(relative) => {
+                dirs.push(relative);
+                dir_files.push(files);
+            }
+            None => rest.extend(files),
+        }
+    }
+    journal.install = rest;
+    journal.install_dirs = dirs;
+    Ok(dir_files)
+}
+
+/// Whether the staged tree at `dir` (under `root`) holds regular files and directories only, and
+/// its files are exactly `wanted` (paths relative to `root`).
+fn holds_exactly(root: &Path, dir: &Path, wanted: &BTreeSet<&str>) -> Result<bool, ApplyError> {
+    let mut found = 0usize;
+    let mut pending = vec![dir.to_owned()];
+    while let Some(next) = pending.pop() {
+        let entries = fs::read_dir(&next).map_err(|source| ApplyError::Io {
+            op: "read directory",
+            path: next.clone(),
+            source,
+        })?;
+        for entry in entries {
+            let entry = entry.map_err(|source| ApplyError::Io { op: "read directory", path: next.clone(), source })?;
+            let path = entry.path();
+            let kind = entry.file_type().map_err(|source| ApplyError::Io { op: "stat", path: path.clone(), source })?;
+            if kind.is_dir() {
+                pending.push(path);
+            } else if kind.is_file()
+                && path.strip_prefix(root).ok().and_then(Path::to_str).is_some_and(|rel| wanted.contains(rel))
+            {
+                found += 1;
+            } else {
+                return Ok(false);
+            }
+        }
+    }
+    Ok(found == wanted.len())
 }
 
 /// Hashes every file the swap will install from the store; any mismatch stops the apply before

@@ -65,6 +65,10 @@ pub struct Journal {
     pub to: PackVersion,
     /// Files of `from` moved out of the data dir into `from`'s store directory, in order.
     pub displace: Vec<RelativePath>,
+    /// Directories of `to` moved whole from its store directory into the data dir, where nothing
+    /// was, before the files of `install`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub install_dirs: Vec<RelativePath>,
     /// Files moved from `to`'s store directory into the data dir, in order.
     pub install: Vec<RelativePath>,
     /// Preserved files written into the data dir because they were absent.
@@ -154,7 +158,7 @@ impl Journal {
                 touched.extend(dirs_within(&target, layout.data()));
             }
         }
-        for path in self.install.iter().rev() {
+        for path in self.install.iter().rev().chain(self.install_dirs.iter().rev()) {
             let target = path.under(layout.data());
             let staged = path.under(&to_files);
             if exists(&target)? && !exists(&staged)? {
