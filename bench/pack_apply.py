@@ -18,6 +18,9 @@ Peak RSS comes from /usr/bin/time. Prints medians and ratios. Issue 3's targets:
     bench/pack_apply.py [--size-mib 1024] [--files 20000] [--rounds 3] [--workdir DIR]
 
 Keep --workdir off the repo: it holds the generated data (about 3 + 2 x --rounds times --size-mib).
+On ext4 without a journal, file creation skips inodes deleted in the last minutes (fs/ext4/ialloc.c
+`recently_deleted`), which slows both sides unevenly: wait a few minutes after deleting a large
+tree (such as an earlier run's work dir) before measuring.
 """
 
 import argparse
@@ -104,6 +107,11 @@ def main():
 
     run(["cargo", "build", "--release", "--locked", "--bin", "atlas-runner"], cwd=REPO)
     binary = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(REPO, "target")), "release", "atlas-runner")
+    need = (3 + 2 * args.rounds) * args.size_mib * 1024 * 1024
+    free = shutil.disk_usage(args.workdir or tempfile.gettempdir()).free
+    if free < need * 1.1:
+        sys.exit(f"pack_apply.py: {need / 2**30:.1f} GiB needed in the work dir, {free / 2**30:.1f} GiB free; "
+                 "pass --workdir on a larger filesystem or fewer --rounds")
     work = tempfile.mkdtemp(prefix="atlas-pack-bench-", dir=args.workdir)
     try:
         src = os.path.join(work, "src")
