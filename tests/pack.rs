@@ -800,6 +800,57 @@ fn a_first_apply_moves_whole_directories_and_a_directory_made_since_the_plan_get
         "{steps:?}"
     );
     ensure!(read(&data, "mods/server-made.jar")? == b"mine" && read(&data, "mods/a.jar")? == b"a-1");
+    drop(store);
+
+    // What appeared is checked as the plan checks any directory: a link there, or a file where the
+    // pack puts one, refuses the swap with nothing changed.
+    let elsewhere = tmp.path().join("elsewhere");
+    fs::create_dir_all(&elsewhere)?;
+    for (case, make) in [
+        (
+            "link",
+            &(|data: &Path| Ok(std::os::unix::fs::symlink(&elsewhere, data.join("mods"))?))
+                as &dyn Fn(&Path) -> Result<()>,
+        ),
+        ("file", &|data: &Path| write_tree(data, &[("mods/a.jar", b"the admin's")])),
+    ] {
+        let data = data_dir(&tmp.path().join(case))?;
+        let guard = lock(&lock_path(&data))?;
+        let (mut store, _) = open(&data, &guard)?;
+        let staged = store.stage(&p1, ArchiveFormat::TarZst, None, &Limits::default())?;
+        let planned = store.plan_apply(staged, &preserve()?)?;
+        make(&data)?;
+        let before = tree(&data, true)?;
+        match store.swap(planned) {
+            Err(ApplyError::Conflict { path, .. }) => {
+                ensure!(path.as_str() == if case == "link" { "mods" } else { "mods/a.jar" }, "{case}: {path}")
+            }
+            other => bail!("{case}: expected a conflict, got {other:?}"),
+        }
+        ensure!(tree(&data, true)? == before, "{case}: the refused swap changed the data dir");
+        ensure!(store.state().current.is_none(), "{case}");
+    }
+    ensure!(fs::read_dir(&elsewhere)?.next().is_none(), "files went through the link");
+    Ok(())
+}
+
+#[test]
+fn an_empty_directory_in_an_archive_is_not_moved_into_the_data_dir() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let data = data_dir(tmp.path())?;
+    let empty_dir = RawEntry { name: "mods/empty/", kind: tar::EntryType::Directory, data: b"", link: None };
+    let archive = tmp.path().join("p.tar.zst");
+    fs::write(&archive, zst(&raw_tar(&[file("mods/a.jar", b"a"), empty_dir])?)?)?;
+    let guard = lock(&lock_path(&data))?;
+    let (mut store, _) = open(&data, &guard)?;
+    let staged = store.stage(&archive, ArchiveFormat::TarZst, Some(&version("1")?), &Limits::default())?;
+    let mut steps = Vec::new();
+    store.apply_with_hook(staged, &Preserve::none(), &mut |_, step| {
+        steps.push(step_name(step));
+        Ok(())
+    })?;
+    ensure!(steps.iter().any(|s| s == "install mods/a.jar") && !steps.iter().any(|s| s.starts_with("install dir")));
+    ensure!(read(&data, "mods/a.jar")? == b"a" && !data.join("mods/empty").exists(), "{steps:?}");
     Ok(())
 }
 

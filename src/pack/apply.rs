@@ -286,10 +286,11 @@ impl PackStore<'_> {
             return Err(ApplyError::NotStaged(journal.to));
         }
         // The server ran since the plan: a directory it made where the plan found none gets the
-        // pack's files one by one, as any existing directory does.
+        // pack's files one by one, once checked as the plan checks any existing directory.
         let mut dirs = Vec::with_capacity(journal.install_dirs.len());
         for (dir, files) in std::mem::take(&mut journal.install_dirs).into_iter().zip(dir_files) {
             if exists(&dir.under(self.layout.data())).map_err(|e| ApplyError::Store(StoreError::Recover(e)))? {
+                check_appeared(self.layout.data(), &dir, &files)?;
                 journal.install.extend(files);
             } else {
                 dirs.push(dir);
@@ -396,7 +397,7 @@ fn run_steps(
         let staged = path.under(&to_files);
         let target = path.under(data);
         journal::create_parent(&target)?;
-        fs::rename(&staged, &target).map_err(journal::io_err("rename", &staged))?;
+        rename_no_replace(&staged, &target).map_err(journal::io_err("rename", &staged))?;
         touched.extend(journal::dirs_within(&staged, layout.root()));
         touched.extend(journal::dirs_within(&target, data));
     }
@@ -693,8 +694,9 @@ fn group_install_dirs(layout: &Layout, journal: &mut Journal) -> Result<Vec<Vec<
     Ok(dir_files)
 }
 
-/// Whether the staged tree at `dir` (under `root`) holds regular files and directories only, and
-/// its files are exactly `wanted` (paths relative to `root`).
+/// Whether the staged tree at `dir` (under `root`) holds regular files and directories only, no
+/// empty directory (which the pack does not list, so the data dir should not get it), and its files
+/// are exactly `wanted` (paths relative to `root`).
 fn holds_exactly(root: &Path, dir: &Path, wanted: &BTreeSet<&str>) -> Result<bool, ApplyError> {
     let mut found = 0usize;
     let mut pending = vec![dir.to_owned()];
@@ -704,7 +706,9 @@ fn holds_exactly(root: &Path, dir: &Path, wanted: &BTreeSet<&str>) -> Result<boo
             path: next.clone(),
             source,
         })?;
+        let mut empty = true;
         for entry in entries {
+            empty = false;
             let entry = entry.map_err(|source| ApplyError::Io { op: "read directory", path: next.clone(), source })?;
             let path = entry.path();
             let kind = entry.file_type().map_err(|source| ApplyError::Io { op: "stat", path: path.clone(), source })?;
@@ -718,8 +722,70 @@ fn holds_exactly(root: &Path, dir: &Path, wanted: &BTreeSet<&str>) -> Result<boo
                 return Ok(false);
             }
         }
+        if empty {
+            return Ok(false);
+        }
     }
     Ok(found == wanted.len())
+}
+
+/// Checks a directory that appeared, since the plan, where the swap was to install `dir` whole
+/// (`files` under it): every file's place must be free and reached through real directories only,
+/// as the plan requires of any existing directory. Otherwise nothing has changed yet, and the swap
+/// is refused.
+fn check_appeared(data: &Path, dir: &RelativePath, files: &[RelativePath]) -> Result<(), ApplyError> {
+    let conflict = |path: &str, reason| {
+        let path = super::path::sanitize_path(path).unwrap_or_else(|_| dir.clone());
+        ApplyError::Conflict { path, reason }
+    };
+    let mut checked: HashMap<&str, bool> = HashMap::new();
+    for file in files {
+        // The directory itself and its descendants above the file: absent (and then so is the
+        // rest), or a real directory.
+        let mut absent = false;
+        for ancestor in file.ancestors().filter(|a| a.len() >= dir.as_str().len()) {
+            let present = match checked.get(ancestor) {
+                Some(present) => *present,
+                None => {
+                    let path = data.join(ancestor);
+                    let present = match fs::symlink_metadata(&path) {
+                        Ok(meta) if meta.is_dir() => true,
+                        Ok(_) => {
+                            return Err(conflict(
+                                ancestor,
+                                "a file or link appeared where the pack has a directory, and packs never follow links",
+                            ));
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+                        Err(source) => return Err(ApplyError::Io { op: "stat", path, source }),
+                    };
+                    checked.insert(ancestor, present);
+                    present
+                }
+            };
+            if !present {
+                absent = true;
+                break;
+            }
+        }
+        if !absent && exists(&file.under(data)).map_err(|e| ApplyError::Store(StoreError::Recover(e)))? {
+            return Err(conflict(file.as_str(), "a file no pack version owns appeared where the new version puts one"));
+        }
+    }
+    Ok(())
+}
+
+/// Renames `from` to `to` unless something is at `to` (`renameat2(RENAME_NOREPLACE)`): a plain
+/// rename would silently replace an empty directory there. A filesystem without the flag gets a
+/// plain rename, after the check the caller made.
+fn rename_no_replace(from: &Path, to: &Path) -> io::Result<()> {
+    use rustix::fs::{CWD, RenameFlags, renameat_with};
+    use rustix::io::Errno;
+    match renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE) {
+        Ok(()) => Ok(()),
+        Err(Errno::INVAL | Errno::NOSYS | Errno::OPNOTSUPP) => fs::rename(from, to),
+        Err(errno) => Err(errno.into()),
+    }
 }
 
 /// Hashes every file the swap will install from the store; any mismatch stops the apply before

@@ -706,14 +706,16 @@ struct Disk {
     written: Receiver<Vec<u8>>,
     spare: Vec<Vec<u8>>,
     dest: PathBuf,
+    /// A send failed: the writing thread stopped on an error of its own.
+    writer_gone: bool,
 }
 
 impl Disk {
-    fn send(&self, op: Op) -> Result<(), ExtractError> {
+    fn send(&mut self, op: Op) -> Result<(), ExtractError> {
         // The writing thread only goes away early on an error of its own, which `with_disk` returns.
-        self.ops.send(op).map_err(|_| ExtractError::Write {
-            path: self.dest.clone(),
-            source: io::Error::other("the writing thread stopped"),
+        self.ops.send(op).map_err(|_| {
+            self.writer_gone = true;
+            ExtractError::Write { path: self.dest.clone(), source: io::Error::other("the writing thread stopped") }
         })
     }
 
@@ -727,8 +729,13 @@ impl Disk {
 /// decompresses, checks and hashes, the writing side spends its time in the kernel. A third thread
 /// flushes the filesystem (syncfs) every [`FLUSH_EVERY`] bytes, so the disk works while the archive
 /// is still read and the final flush, once `read` accepted the archive, finds little left to write.
-/// On success everything extracted is durable. An error of the writing side wins: the reading
-/// side's is then only that the writer stopped.
+/// (syncfs flushes the whole filesystem, a running server's world included: that only writes its
+/// data out sooner, and an I/O error anywhere on the filesystem fails the staging, as it would the
+/// final flush.) On success everything extracted is durable.
+///
+/// Which error is returned: the reading side's (the archive refused, or unreadable), unless it is
+/// only that the writer stopped; then the flusher's (an I/O error there explains the writer's), then
+/// the writer's.
 fn with_disk<T>(dest: &Path, read: impl FnOnce(&mut Disk) -> Result<T, ExtractError>) -> Result<T, ExtractError> {
     let io_error = |source| ExtractError::Write { path: dest.to_owned(), source };
     // Opened before the first write, so its syncfs reports any writeback error of the extraction.
@@ -746,18 +753,22 @@ fn with_disk<T>(dest: &Path, read: impl FnOnce(&mut Disk) -> Result<T, ExtractEr
             .name("pack-writer".into())
             .spawn_scoped(scope, move || write_ops(ops_rx, written_tx, flush, (filesystem, dest)))
             .map_err(io_error)?;
-        let mut disk = Disk { ops, written, spare: Vec::new(), dest: dest.to_owned() };
+        let mut disk = Disk { ops, written, spare: Vec::new(), dest: dest.to_owned(), writer_gone: false };
         let read = read(&mut disk);
         if read.is_ok() {
             // A send that fails means the writer stopped on an error, returned below.
-            let _ = disk.ops.send(Op::Finish);
+            let _ = disk.send(Op::Finish);
         }
+        let writer_gone = disk.writer_gone;
         // Dropping the sender lets the writing thread finish.
         drop(disk);
         let written = writing.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
         let flushed = flushing.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-        written?;
+        if read.is_err() && !writer_gone {
+            return read;
+        }
         flushed.map_err(io_error)?;
+        written?;
         read
     })
 }

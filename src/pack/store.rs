@@ -404,6 +404,9 @@ impl<'lock> PackStore<'lock> {
                         let path = entry.path.under(&files_dir);
                         let bytes = fs::read(&path).map_err(io_err("read", &path))?;
                         fs::remove_file(&path).map_err(io_err("remove", &path))?;
+                        // Extraction's flush is over: a removal that came back after a crash would
+                        // leave a file in the store that no version lists.
+                        extract::sync_dir(&files_dir).map_err(io_err("fsync", &files_dir))?;
                         bytes
                     }
                 };
