@@ -16,9 +16,9 @@ round measures:
 Peak RSS comes from /usr/bin/time. Prints medians and ratios. Issue 3's targets: cold apply at most
 1.15x the pipeline, peak RSS at most 64 MiB, the update's swap at most 200 ms.
 
-    bench/pack_apply.py [--size-mib 1024] [--files 20000] [--rounds 3] [--workdir DIR]
+    bench/pack_apply.py [--size-mib 1024] [--files 20000] [--rounds 3] [--warmup 1] [--workdir DIR]
 
-Keep --workdir off the repo: it holds the generated data (about 3 + 2 x --rounds times --size-mib).
+Keep --workdir off the repo: it holds the generated data (about 3 + 2 x (--rounds + --warmup) times --size-mib).
 On ext4 without a journal, file creation skips inodes deleted in the last minutes (fs/ext4/ialloc.c
 `recently_deleted`), which slows both sides unevenly: wait a few minutes after deleting a large
 tree (such as an earlier run's work dir) before measuring.
@@ -103,12 +103,14 @@ def main():
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--files", type=int, default=20000)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1,
+                    help="rounds run first and not counted: the disk is still absorbing the generated data")
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
 
     run(["cargo", "build", "--release", "--locked", "--bin", "atlas-runner"], cwd=REPO)
     binary = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(REPO, "target")), "release", "atlas-runner")
-    need = (3 + 2 * args.rounds) * args.size_mib * 1024 * 1024
+    need = (3 + 2 * (args.rounds + args.warmup)) * args.size_mib * 1024 * 1024
     free = shutil.disk_usage(args.workdir or tempfile.gettempdir()).free
     if free < need * 1.1:
         sys.exit(f"pack_apply.py: {need / 2**30:.1f} GiB needed in the work dir, {free / 2**30:.1f} GiB free; "
@@ -138,7 +140,7 @@ def main():
 
         spec1, spec2 = spec(1), spec(2)
         results = []
-        for n in range(args.rounds):
+        for n in range(args.warmup + args.rounds):
             data = os.path.join(work, f"data{n}")
             peer = os.path.join(work, f"peer{n}")
             os.makedirs(peer)
@@ -180,6 +182,9 @@ def main():
                 swap_ms = (parse(stamps["pack swapped in"]) - parse(stamps["swapping it in"])).total_seconds() * 1000
             else:
                 print(f"round {n}: swap log lines not found:\n{log}", file=sys.stderr)
+            if n < args.warmup:
+                print(f"warm-up round {n}: ours {ours_wall:.2f} s, pipeline {peer_wall:.2f} s (not counted)", file=sys.stderr)
+                continue
             results.append({"ours": ours_wall, "ours_rss_mib": ours_rss / 1024, "peer": peer_wall,
                             "update": upd_wall, "update_rss_mib": upd_rss / 1024, "swap_ms": swap_ms,
                             "update_installed": installed})
@@ -189,7 +194,7 @@ def main():
         shutil.rmtree(work, ignore_errors=True)
 
     med = lambda k: statistics.median(r[k] for r in results if r[k] is not None)
-    print(f"pack of {args.size_mib} MiB in {args.files} files, medians of {args.rounds} rounds")
+    print(f"pack of {args.size_mib} MiB in {args.files} files, medians of {args.rounds} rounds after {args.warmup} warm-up")
     print(f"cold apply      {med('ours'):8.2f} s   curl|zstd|tar {med('peer'):8.2f} s   ratio {med('ours') / med('peer'):.2f}")
     ratios = [r["ours"] / r["peer"] for r in results]
     print(f"per-round ratios {', '.join(f'{x:.2f}' for x in ratios)}   median {statistics.median(ratios):.2f}"
