@@ -56,14 +56,16 @@ fn build_and_apply(root: &Path, data: &Path, version: &str, files: &[(&str, &str
 
 #[test]
 fn build_status_and_rollback_from_the_command_line() -> Result<()> {
-    let root = std::env::temp_dir().join(atlas_testbed::unique("pack-cli"));
+    // Removed when the guard drops, also when the test fails.
+    let root_dir = tempfile::Builder::new().prefix("atlas-pack-cli-").tempdir()?;
+    let root = root_dir.path();
     let data = root.join("data");
     fs::create_dir_all(data.join("world"))?;
     fs::write(data.join("world/level.dat"), "the world")?;
 
-    let printed = build_and_apply(&root, &data, "1.0.0", &[("mods/a.jar", "a1"), ("mods/b.jar", "b1")])?;
+    let printed = build_and_apply(root, &data, "1.0.0", &[("mods/a.jar", "a1"), ("mods/b.jar", "b1")])?;
     assert!(printed.contains("version 1.0.0: 2 files"), "{printed}");
-    build_and_apply(&root, &data, "1.1.0", &[("mods/a.jar", "a2"), ("config/c.toml", "c")])?;
+    build_and_apply(root, &data, "1.1.0", &[("mods/a.jar", "a2"), ("config/c.toml", "c")])?;
 
     let s = data.display().to_string();
     let status = ok(atlas(&["pack", "status", "--data", &s])?)?;
@@ -86,13 +88,13 @@ fn build_status_and_rollback_from_the_command_line() -> Result<()> {
     // A second rollback has nowhere to go... except back to 1.1.0, which is now the kept version.
     let status = ok(atlas(&["pack", "status", "--data", &s])?)?;
     assert!(status.contains("current:  1.0.0") && status.contains("previous: 1.1.0"), "{status}");
-    let _ = fs::remove_dir_all(&root);
     Ok(())
 }
 
 #[test]
 fn a_held_data_dir_and_a_missing_previous_version_are_one_line_errors() -> Result<()> {
-    let root = std::env::temp_dir().join(atlas_testbed::unique("pack-cli-err"));
+    let root_dir = tempfile::Builder::new().prefix("atlas-pack-cli-err-").tempdir()?;
+    let root = root_dir.path();
     let data = root.join("data");
     fs::create_dir_all(&data)?;
     let s = data.display().to_string();
@@ -108,7 +110,6 @@ fn a_held_data_dir_and_a_missing_previous_version_are_one_line_errors() -> Resul
     assert!(!out.status.success() && err.contains("held by another atlas-runner"), "{err}");
     assert!(err.contains(&std::process::id().to_string()), "the error names the holder: {err}");
     drop(held);
-    let _ = fs::remove_dir_all(&root);
     Ok(())
 }
 
@@ -140,7 +141,8 @@ fn kill_9_at_any_point_of_pack_apply_leaves_exactly_the_old_or_the_new_version()
     use atlas_runner::pack::build::{BuildOptions, build};
     use sha2::Digest;
 
-    let root = std::env::temp_dir().join(atlas_testbed::unique("pack-kill"));
+    let root_dir = tempfile::Builder::new().prefix("atlas-pack-kill-").tempdir()?;
+    let root = root_dir.path();
     // v1: 400 files; v2 changes 200 of them, drops 100 and adds 100, so the swap has real work.
     let v1: std::collections::BTreeMap<String, Vec<u8>> =
         (0..400).map(|i| (format!("mods/m{i:03}.jar"), format!("v1 {i} ").repeat(200).into_bytes())).collect();
@@ -281,7 +283,6 @@ fn kill_9_at_any_point_of_pack_apply_leaves_exactly_the_old_or_the_new_version()
     assert!(old > 0, "no kill landed before the commit point");
     assert!(recoveries.iter().any(|r| r != "Clean"), "no kill landed inside a swap: {recoveries:?}");
     assert_eq!(old + new, runs);
-    let _ = fs::remove_dir_all(&root);
     Ok(())
 }
 

@@ -2,7 +2,7 @@
 //! (serving the real document shapes), and Java selection against this machine's Java installs.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -199,10 +199,10 @@ async fn unreachable_urls() -> Result<BaseUrls> {
     })
 }
 
-fn fresh_dir(name: &str) -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("atlas-server-it-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(dir.join("data"))?;
+/// A fresh directory with an empty `data/` in it, removed when the returned guard drops.
+fn fresh_dir(name: &str) -> Result<tempfile::TempDir> {
+    let dir = tempfile::Builder::new().prefix(&format!("atlas-server-it-{name}-")).tempdir()?;
+    std::fs::create_dir_all(dir.path().join("data"))?;
     Ok(dir)
 }
 
@@ -226,8 +226,9 @@ fn cache_listing(dir: &Path) -> Result<Vec<String>> {
 #[tokio::test]
 async fn vanilla_jar_is_downloaded_verified_cached_and_reused() -> Result<()> {
     let api = StandIn::start().await?;
-    let dir = fresh_dir("vanilla")?;
-    let resolver = resolver(api.urls(), &dir)?;
+    let tmp = fresh_dir("vanilla")?;
+    let dir = tmp.path();
+    let resolver = resolver(api.urls(), dir)?;
     let resolved = resolver.resolve(&spec(ServerType::Vanilla, "1.21.4"), &dir.join("data")).await?;
     let jar = api.jar("vanilla-1.21.4.jar")?;
     assert_eq!(resolved.kind, ServerType::Vanilla);
@@ -237,7 +238,7 @@ async fn vanilla_jar_is_downloaded_verified_cached_and_reused() -> Result<()> {
     assert!(resolved.jar.is_absolute());
     assert_eq!(resolved.jar.file_name().and_then(|n| n.to_str()), Some(format!("{}.jar", resolved.sha256).as_str()));
     assert_eq!(std::fs::read(&resolved.jar)?, jar);
-    assert_eq!(cache_listing(&dir)?, [format!("{}.jar", resolved.sha256), "index.json".to_owned()]);
+    assert_eq!(cache_listing(dir)?, [format!("{}.jar", resolved.sha256), "index.json".to_owned()]);
 
     // A second start reuses the cached jar.
     let again = resolver.resolve(&spec(ServerType::Vanilla, "1.21.4"), &dir.join("data")).await?;
@@ -249,8 +250,9 @@ async fn vanilla_jar_is_downloaded_verified_cached_and_reused() -> Result<()> {
 #[tokio::test]
 async fn year_numbered_versions_need_java_25_and_latest_is_the_newest_release() -> Result<()> {
     let api = StandIn::start().await?;
-    let dir = fresh_dir("latest")?;
-    let resolver = resolver(api.urls(), &dir)?;
+    let tmp = fresh_dir("latest")?;
+    let dir = tmp.path();
+    let resolver = resolver(api.urls(), dir)?;
     let data = dir.join("data");
     let v26 = resolver.resolve(&spec(ServerType::Vanilla, "26.2"), &data).await?;
     assert_eq!((v26.minecraft_version.as_str(), v26.java_major), ("26.2", 25));
@@ -267,8 +269,9 @@ async fn year_numbered_versions_need_java_25_and_latest_is_the_newest_release() 
 #[tokio::test]
 async fn paper_jar_is_checked_by_its_sha256_and_requested_with_a_contact_user_agent() -> Result<()> {
     let api = StandIn::start().await?;
-    let dir = fresh_dir("paper")?;
-    let resolved = resolver(api.urls(), &dir)?.resolve(&spec(ServerType::Paper, "1.21.4"), &dir.join("data")).await?;
+    let tmp = fresh_dir("paper")?;
+    let dir = tmp.path();
+    let resolved = resolver(api.urls(), dir)?.resolve(&spec(ServerType::Paper, "1.21.4"), &dir.join("data")).await?;
     let jar = api.jar("paper-1.21.4-232.jar")?;
     assert_eq!(
         (resolved.kind, resolved.minecraft_version.as_str(), resolved.java_major),
@@ -287,8 +290,9 @@ async fn paper_jar_is_checked_by_its_sha256_and_requested_with_a_contact_user_ag
 #[tokio::test]
 async fn fabric_launcher_uses_the_stable_loader_and_installer_and_records_its_digest() -> Result<()> {
     let api = StandIn::start().await?;
-    let dir = fresh_dir("fabric")?;
-    let resolver = resolver(api.urls(), &dir)?;
+    let tmp = fresh_dir("fabric")?;
+    let dir = tmp.path();
+    let resolver = resolver(api.urls(), dir)?;
     let resolved = resolver.resolve(&spec(ServerType::Fabric, "1.21.4"), &dir.join("data")).await?;
     let jar = api.jar(&format!("/fabric/v2/versions/loader/1.21.4/{FABRIC_LOADER}/{FABRIC_INSTALLER}/server/jar"))?;
     assert_eq!((resolved.kind, resolved.java_major), (ServerType::Fabric, 21));
@@ -306,8 +310,9 @@ async fn fabric_launcher_uses_the_stable_loader_and_installer_and_records_its_di
 async fn digest_mismatch_is_refused_and_nothing_is_cached() -> Result<()> {
     let api = StandIn::start().await?;
     api.api.corrupt_jars.store(true, Ordering::SeqCst);
-    let dir = fresh_dir("mismatch")?;
-    let resolver = resolver(api.urls(), &dir)?;
+    let tmp = fresh_dir("mismatch")?;
+    let dir = tmp.path();
+    let resolver = resolver(api.urls(), dir)?;
     for (kind, published) in [
         (ServerType::Vanilla, sha1_hex(api.jar("vanilla-1.21.4.jar")?)),
         (ServerType::Paper, sha256_hex(api.jar("paper-1.21.4-232.jar")?)),
@@ -323,20 +328,21 @@ async fn digest_mismatch_is_refused_and_nothing_is_cached() -> Result<()> {
         assert!(text.contains(&format!("expected {published}")) && text.contains("got "), "{text}");
         assert!(text.contains("nothing was cached"), "{text}");
     }
-    assert_eq!(cache_listing(&dir)?, Vec::<String>::new());
+    assert_eq!(cache_listing(dir)?, Vec::<String>::new());
     Ok(())
 }
 
 #[tokio::test]
 async fn unreachable_api_starts_from_the_cached_jar() -> Result<()> {
     let api = StandIn::start().await?;
-    let dir = fresh_dir("offline")?;
+    let tmp = fresh_dir("offline")?;
+    let dir = tmp.path();
     let data = dir.join("data");
-    let online = resolver(api.urls(), &dir)?;
+    let online = resolver(api.urls(), dir)?;
     let paper = online.resolve(&spec(ServerType::Paper, "1.21.4"), &data).await?;
     let vanilla = online.resolve(&spec(ServerType::Vanilla, "latest"), &data).await?;
 
-    let offline = resolver(unreachable_urls().await?, &dir)?;
+    let offline = resolver(unreachable_urls().await?, dir)?;
     assert_eq!(offline.resolve(&spec(ServerType::Paper, "1.21.4"), &data).await?, paper);
     // `latest` offline is the most recently resolved version of that software.
     assert_eq!(offline.resolve(&spec(ServerType::Paper, "latest"), &data).await?, paper);
@@ -347,9 +353,10 @@ async fn unreachable_api_starts_from_the_cached_jar() -> Result<()> {
 
 #[tokio::test]
 async fn unreachable_api_without_a_cached_jar_is_a_clear_transient_error() -> Result<()> {
-    let dir = fresh_dir("offline-empty")?;
+    let tmp = fresh_dir("offline-empty")?;
+    let dir = tmp.path();
     let urls = unreachable_urls().await?;
-    let err = match resolver(urls.clone(), &dir)?.resolve(&spec(ServerType::Vanilla, "1.21.4"), &dir.join("data")).await
+    let err = match resolver(urls.clone(), dir)?.resolve(&spec(ServerType::Vanilla, "1.21.4"), &dir.join("data")).await
     {
         Ok(r) => bail!("resolved without an API or a cache: {r:?}"),
         Err(e) => e,
@@ -365,8 +372,9 @@ async fn unreachable_api_without_a_cached_jar_is_a_clear_transient_error() -> Re
 #[tokio::test]
 async fn unknown_versions_are_permanent_errors() -> Result<()> {
     let api = StandIn::start().await?;
-    let dir = fresh_dir("unknown")?;
-    let resolver = resolver(api.urls(), &dir)?;
+    let tmp = fresh_dir("unknown")?;
+    let dir = tmp.path();
+    let resolver = resolver(api.urls(), dir)?;
     for kind in [ServerType::Vanilla, ServerType::Paper, ServerType::Fabric] {
         let version = if kind == ServerType::Paper { "1.21.11" } else { "9.9.9" };
         match resolver.resolve(&spec(kind, version), &dir.join("data")).await {
@@ -383,16 +391,17 @@ async fn unknown_versions_are_permanent_errors() -> Result<()> {
 #[tokio::test]
 async fn custom_jar_is_taken_from_the_data_dir_with_the_versions_java() -> Result<()> {
     let api = StandIn::start().await?;
-    let dir = fresh_dir("custom")?;
+    let tmp = fresh_dir("custom")?;
+    let dir = tmp.path();
     let data = dir.join("data");
     std::fs::write(data.join("server.jar"), b"custom jar")?;
     let custom = ServerSpec { kind: ServerType::Custom, version: "26.2".into(), jar: Some("server.jar".into()) };
-    let resolved = resolver(api.urls(), &dir)?.resolve(&custom, &data).await?;
+    let resolved = resolver(api.urls(), dir)?.resolve(&custom, &data).await?;
     assert_eq!(resolved.jar, std::fs::canonicalize(data.join("server.jar"))?);
     assert_eq!((resolved.minecraft_version.as_str(), resolved.java_major), ("26.2", 25));
     assert_eq!(resolved.sha256, sha256_hex(b"custom jar"));
 
-    let offline = resolver(unreachable_urls().await?, &dir)?;
+    let offline = resolver(unreachable_urls().await?, dir)?;
     let latest = ServerSpec { version: "latest".into(), ..custom };
     let resolved = offline.resolve(&latest, &data).await?;
     assert_eq!((resolved.minecraft_version.as_str(), resolved.java_major), ("unknown", 21));

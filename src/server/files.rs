@@ -111,35 +111,38 @@ mod tests {
 
     #[test]
     fn eula_is_written_only_when_accepted() -> anyhow::Result<()> {
-        let dir = temp_dir("eula")?;
-        let refused = write_eula(&dir, false);
+        let tmp = temp_dir("eula")?;
+        let dir = tmp.path();
+        let refused = write_eula(dir, false);
         assert!(matches!(refused, Err(ServerError::Eula)));
         assert!(refused.err().is_some_and(|e| e.to_string().contains("spec.eula: true")));
         assert!(!dir.join("eula.txt").exists());
-        write_eula(&dir, true)?;
+        write_eula(dir, true)?;
         assert!(std::fs::read_to_string(dir.join("eula.txt"))?.lines().any(|l| l == "eula=true"));
         Ok(())
     }
 
     #[test]
     fn generated_rcon_password_is_private_and_reused() -> anyhow::Result<()> {
-        let dir = temp_dir("rcon")?;
-        let first = rcon_password(&dir, None)?;
+        let tmp = temp_dir("rcon")?;
+        let dir = tmp.path();
+        let first = rcon_password(dir, None)?;
         assert!(first.len() >= 24 && first.chars().all(|c| c.is_ascii_alphanumeric()), "{first}");
         let mode = std::fs::metadata(dir.join(RCON_PASSWORD_FILE))?.permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        assert_eq!(rcon_password(&dir, None)?, first);
+        assert_eq!(rcon_password(dir, None)?, first);
         Ok(())
     }
 
     #[test]
     fn rcon_password_file_is_used_when_set() -> anyhow::Result<()> {
-        let dir = temp_dir("rcon-file")?;
+        let tmp = temp_dir("rcon-file")?;
+        let dir = tmp.path();
         std::fs::write(dir.join("pw"), "s3cret-pass\n")?;
         let spec = RconSpec { port: 25575, password_secret_ref: None, password_file: Some("pw".into()) };
-        assert_eq!(rcon_password(&dir, Some(&spec))?, "s3cret-pass");
+        assert_eq!(rcon_password(dir, Some(&spec))?, "s3cret-pass");
         let missing = RconSpec { password_file: Some("nope".into()), ..spec };
-        let err = rcon_password(&dir, Some(&missing)).err().map(|e| e.to_string()).unwrap_or_default();
+        let err = rcon_password(dir, Some(&missing)).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("passwordFile") && err.contains("nope"), "{err}");
         Ok(())
     }

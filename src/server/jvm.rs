@@ -183,30 +183,35 @@ mod tests {
 
     #[test]
     fn cgroup_v2_v1_and_unlimited_limits_are_read() -> anyhow::Result<()> {
-        let v2 = test_dir("cgroup-v2")?;
+        let v2_dir = test_dir("cgroup-v2")?;
+        let v2 = v2_dir.path();
         std::fs::write(v2.join("memory.max"), "2147483648\n")?;
-        assert_eq!(cgroup_memory_limit(&v2), Some(2 * GIB));
-        assert!(memory_limit(&v2) <= 2 * GIB);
+        assert_eq!(cgroup_memory_limit(v2), Some(2 * GIB));
+        assert!(memory_limit(v2) <= 2 * GIB);
 
-        let v2_unlimited = test_dir("cgroup-v2-max")?;
+        let v2_unlimited_dir = test_dir("cgroup-v2-max")?;
+        let v2_unlimited = v2_unlimited_dir.path();
         std::fs::write(v2_unlimited.join("memory.max"), "max\n")?;
-        assert_eq!(cgroup_memory_limit(&v2_unlimited), None);
-        assert_eq!(memory_limit(&v2_unlimited), host_memory());
+        assert_eq!(cgroup_memory_limit(v2_unlimited), None);
+        assert_eq!(memory_limit(v2_unlimited), host_memory());
 
-        let v1 = test_dir("cgroup-v1")?;
+        let v1_dir = test_dir("cgroup-v1")?;
+        let v1 = v1_dir.path();
         std::fs::create_dir_all(v1.join("memory"))?;
         std::fs::write(v1.join("memory/memory.limit_in_bytes"), "1073741824\n")?;
-        assert_eq!(cgroup_memory_limit(&v1), Some(GIB));
+        assert_eq!(cgroup_memory_limit(v1), Some(GIB));
 
-        let v1_unlimited = test_dir("cgroup-v1-unlimited")?;
+        let v1_unlimited_dir = test_dir("cgroup-v1-unlimited")?;
+        let v1_unlimited = v1_unlimited_dir.path();
         std::fs::create_dir_all(v1_unlimited.join("memory"))?;
         std::fs::write(v1_unlimited.join("memory/memory.limit_in_bytes"), "9223372036854771712\n")?;
-        assert_eq!(memory_limit(&v1_unlimited), host_memory());
+        assert_eq!(memory_limit(v1_unlimited), host_memory());
 
-        let none = test_dir("cgroup-none")?;
-        assert_eq!(cgroup_memory_limit(&none), None);
+        let none_dir = test_dir("cgroup-none")?;
+        let none = none_dir.path();
+        assert_eq!(cgroup_memory_limit(none), None);
         assert!(host_memory() > 0);
-        assert_eq!(memory_limit(&none), host_memory());
+        assert_eq!(memory_limit(none), host_memory());
         Ok(())
     }
 

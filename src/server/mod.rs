@@ -177,13 +177,10 @@ impl ServerError {
     }
 }
 
-/// A fresh, empty directory for one unit test.
+/// A fresh, empty directory for one unit test, removed when the returned guard drops.
 #[cfg(test)]
-pub(crate) fn test_dir(name: &str) -> std::io::Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("atlas-server-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
+pub(crate) fn test_dir(name: &str) -> std::io::Result<tempfile::TempDir> {
+    tempfile::Builder::new().prefix(&format!("atlas-server-{name}-")).tempdir()
 }
 
 #[cfg(test)]

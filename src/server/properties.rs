@@ -270,8 +270,9 @@ mod tests {
 
     #[test]
     fn write_properties_creates_and_reports_the_file() -> anyhow::Result<()> {
-        let dir = crate::server::test_dir("properties")?;
-        let written = write_properties(&dir, &map(&[("motd", "hi")]), &map(&[("enable-rcon", "true")]))?;
+        let tmp = crate::server::test_dir("properties")?;
+        let dir = tmp.path();
+        let written = write_properties(dir, &map(&[("motd", "hi")]), &map(&[("enable-rcon", "true")]))?;
         assert_eq!(written, map(&[("enable-rcon", "true"), ("motd", "hi")]));
         assert_eq!(std::fs::read_to_string(dir.join("server.properties"))?, "enable-rcon=true\nmotd=hi\n");
         Ok(())

@@ -422,7 +422,8 @@ mod tests {
 
     #[test]
     fn custom_jars_must_stay_inside_the_data_dir() -> anyhow::Result<()> {
-        let root = crate::server::test_dir("custom-jar")?;
+        let root_dir = crate::server::test_dir("custom-jar")?;
+        let root = root_dir.path();
         let data = root.join("data");
         std::fs::create_dir_all(data.join("jars"))?;
         std::fs::write(data.join("jars/server.jar"), b"jar")?;

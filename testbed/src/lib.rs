@@ -89,6 +89,11 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{}-{n}-{:x}", std::process::id(), nanos & 0xffff)
 }
 
+/// How long a stopped process may take to exit after SIGTERM before it gets SIGKILL. SeaweedFS needs
+/// about 4 s (more on a busy machine) to stop its servers, and only a clean exit removes the gRPC
+/// sockets it keeps at fixed paths in /tmp (`/tmp/seaweedfs-master-grpc-PORT.sock`, ...; no flag moves them).
+const STOP_GRACE: Duration = Duration::from_secs(15);
+
 /// The processes a bed owns. Each runs in its own process group; [`Processes::stop`] kills the groups
 /// and a reaper does the same if the owner dies first.
 #[derive(Debug)]
@@ -128,11 +133,14 @@ impl Processes {
             .spawn()
             .with_context(|| format!("start {}", program.display()))?;
         let pgid = child.id();
-        // The reaper outlives a SIGKILLed owner: it polls the owner's pid and then kills the group.
+        // The reaper outlives a SIGKILLed owner: it polls the owner's pid and then stops the group,
+        // giving it the same grace as [`Processes::stop`].
         let reaper = format!(
             "while kill -0 {owner} 2>/dev/null; do sleep 1; done; kill -TERM -{pgid} 2>/dev/null; \
-             sleep 2; kill -KILL -{pgid} 2>/dev/null; rm -rf '{dir}'",
+             i=0; while [ $i -lt {grace} ] && kill -0 -{pgid} 2>/dev/null; do sleep 1; i=$((i+1)); done; \
+             kill -KILL -{pgid} 2>/dev/null; rm -rf '{dir}'",
             owner = std::process::id(),
+            grace = STOP_GRACE.as_secs(),
             dir = self.dir.display()
         );
         let reaper = Command::new("sh")
@@ -176,7 +184,7 @@ impl Processes {
         for (_, child) in self.children.iter_mut().rev() {
             let pgid = child.id().to_string();
             let _ = quiet_kill("TERM", &pgid);
-            let deadline = Instant::now() + Duration::from_secs(5);
+            let deadline = Instant::now() + STOP_GRACE;
             while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -434,9 +442,13 @@ pub fn start_s3() -> Result<S3Processes> {
     // weed mini opens a port for every component; pin each one to a free port.
     let s3_port = free_port()?;
     let filer_port = free_port()?;
+    // Its glog files and the filer's and S3's local sockets would otherwise land in /tmp and stay there.
     let mut args = vec![
+        format!("-logdir={}", dir.display()),
         "mini".to_owned(),
         format!("-dir={}", dir.join("data").display()),
+        format!("-filer.localSocket={}", dir.join("filer.sock").display()),
+        format!("-s3.localSocket={}", dir.join("s3.sock").display()),
         "-ip=127.0.0.1".to_owned(),
         "-ip.bind=127.0.0.1".to_owned(),
         format!("-s3.config={}", dir.join("s3.json").display()),
