@@ -818,7 +818,7 @@ fn write_ops(
             Op::Data(buf, len) => {
                 let Some((file, path)) = current.as_mut() else {
                     return Err(ExtractError::Write {
-                        path: PathBuf::new(),
+                        path: dest.to_owned(),
                         source: io::Error::other("file content with no file to write it to"),
                     });
                 };
