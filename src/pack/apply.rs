@@ -9,6 +9,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
+use super::IoError;
 use super::journal::{self, Journal, JournalError, exists, hash_file, write_atomic};
 use super::manifest::{FileEntry, ManifestError, PackManifest, PackVersion, Preserve, diff};
 use super::path::RelativePath;
@@ -64,16 +65,8 @@ pub enum ApplyError {
     #[error("there is no previous pack version to roll back to")]
     NoPrevious,
     /// A filesystem operation failed before the swap began: nothing was changed.
-    #[error("{op} {}: {source}", path.display())]
-    Io {
-        /// What was being done.
-        op: &'static str,
-        /// The path it was done to.
-        path: PathBuf,
-        /// The I/O error.
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     /// The store could not be read.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -110,7 +103,7 @@ impl ApplyError {
             Self::Conflict { .. } => "conflict",
             Self::VerifyDigest { .. } => "digest-mismatch",
             Self::NoPrevious => "no-previous",
-            Self::Io { .. } => "io",
+            Self::Io(_) => "io",
             Self::Store(e) => e.category(),
             Self::Manifest(e) => e.category(),
             Self::Swap { .. } => "swap-failed",
@@ -474,7 +467,7 @@ fn plan(
     let to_files = layout.files_dir(&to.version);
     let stat_err = |path: &Path| {
         let path = path.to_owned();
-        move |source| ApplyError::Io { op: "stat", path, source }
+        move |source| ApplyError::Io(IoError { op: "stat", path, source })
     };
     let old_files: &[FileEntry] = from.map(|(_, m)| m.files.as_slice()).unwrap_or(&[]);
     let d = diff(old_files, &to.files, preserve);
@@ -701,17 +694,17 @@ fn holds_exactly(root: &Path, dir: &Path, wanted: &BTreeSet<&str>) -> Result<boo
     let mut found = 0usize;
     let mut pending = vec![dir.to_owned()];
     while let Some(next) = pending.pop() {
-        let entries = fs::read_dir(&next).map_err(|source| ApplyError::Io {
-            op: "read directory",
-            path: next.clone(),
-            source,
-        })?;
+        let entries = fs::read_dir(&next)
+            .map_err(|source| ApplyError::Io(IoError { op: "read directory", path: next.clone(), source }))?;
         let mut empty = true;
         for entry in entries {
             empty = false;
-            let entry = entry.map_err(|source| ApplyError::Io { op: "read directory", path: next.clone(), source })?;
+            let entry =
+                entry.map_err(|source| ApplyError::Io(IoError { op: "read directory", path: next.clone(), source }))?;
             let path = entry.path();
-            let kind = entry.file_type().map_err(|source| ApplyError::Io { op: "stat", path: path.clone(), source })?;
+            let kind = entry
+                .file_type()
+                .map_err(|source| ApplyError::Io(IoError { op: "stat", path: path.clone(), source }))?;
             if kind.is_dir() {
                 pending.push(path);
             } else if kind.is_file()
@@ -757,7 +750,7 @@ fn check_appeared(data: &Path, dir: &RelativePath, files: &[RelativePath]) -> Re
                             ));
                         }
                         Err(e) if e.kind() == io::ErrorKind::NotFound => false,
-                        Err(source) => return Err(ApplyError::Io { op: "stat", path, source }),
+                        Err(source) => return Err(ApplyError::Io(IoError { op: "stat", path, source })),
                     };
                     checked.insert(ancestor, present);
                     present
@@ -812,7 +805,7 @@ fn verify_sources(layout: &Layout, journal: &Journal, to: &PackManifest) -> Resu
                     reason: "missing from the store".into(),
                 });
             }
-            Err(source) => return Err(ApplyError::Io { op: "read", path: staged, source }),
+            Err(source) => return Err(ApplyError::Io(IoError { op: "read", path: staged, source })),
         }
     }
     Ok(())
@@ -829,7 +822,7 @@ fn clear_stale_displace_targets(layout: &Layout, journal: &Journal) -> Result<()
         match fs::remove_file(&kept) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(source) => return Err(ApplyError::Io { op: "remove", path: kept, source }),
+            Err(source) => return Err(ApplyError::Io(IoError { op: "remove", path: kept, source })),
         }
     }
     Ok(())

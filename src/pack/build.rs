@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::Digest;
 
+use super::IoError;
 use super::manifest::{
     FileEntry, MANIFEST_FILE, ManifestError, MinecraftTarget, PackManifest, PackVersion, RESERVED_DIR, Sha256Digest,
 };
@@ -16,16 +17,8 @@ use super::path::{PathError, sanitize_path};
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
     /// Reading the source directory or writing the archive failed.
-    #[error("{op} {}: {source}", path.display())]
-    Io {
-        /// What was being done.
-        op: &'static str,
-        /// The path it was done to.
-        path: PathBuf,
-        /// The I/O error.
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     /// A link, device or other non-regular file in the source directory.
     #[error("{} is not a regular file or directory; packs may not contain links or devices", .0.display())]
     NotRegular(PathBuf),
@@ -49,7 +42,7 @@ impl BuildError {
     /// Short static category, used as log field and metric label.
     pub fn category(&self) -> &'static str {
         match self {
-            Self::Io { .. } => "io",
+            Self::Io(_) => "io",
             Self::NotRegular(_) | Self::BadName { .. } => "invalid-source",
             Self::Changed(_) => "source-changed",
             Self::Manifest(e) => e.category(),
@@ -96,14 +89,14 @@ pub fn build(dir: &Path, out: &Path, options: &BuildOptions) -> Result<PackManif
         let _ = fs::remove_file(&tmp);
     }
     result?;
-    fs::rename(&tmp, out).map_err(|source| BuildError::Io { op: "rename", path: out.to_owned(), source })?;
+    fs::rename(&tmp, out).map_err(|source| BuildError::Io(IoError { op: "rename", path: out.to_owned(), source }))?;
     Ok(manifest)
 }
 
 fn write_archive(dir: &Path, tmp: &Path, manifest: &PackManifest, level: i32) -> Result<(), BuildError> {
     let io_err = |op, path: &Path| {
         let path = path.to_owned();
-        move |source| BuildError::Io { op, path, source }
+        move |source| BuildError::Io(IoError { op, path, source })
     };
     let file = File::create(tmp).map_err(io_err("create", tmp))?;
     let encoder = zstd::stream::write::Encoder::new(BufWriter::new(file), level).map_err(io_err("compress", tmp))?;
@@ -124,11 +117,9 @@ fn write_archive(dir: &Path, tmp: &Path, manifest: &PackManifest, level: i32) ->
     }
     let encoder = tar.into_inner().map_err(io_err("write", tmp))?;
     let writer = encoder.finish().map_err(io_err("compress", tmp))?;
-    let file = writer.into_inner().map_err(|e| BuildError::Io {
-        op: "write",
-        path: tmp.to_owned(),
-        source: e.into_error(),
-    })?;
+    let file = writer
+        .into_inner()
+        .map_err(|e| BuildError::Io(IoError { op: "write", path: tmp.to_owned(), source: e.into_error() }))?;
     file.sync_all().map_err(io_err("fsync", tmp))
 }
 
@@ -159,24 +150,23 @@ impl<R: Read> Read for HashingReader<R> {
 }
 
 fn hash(path: &Path) -> Result<(Sha256Digest, u64), BuildError> {
-    let mut file = File::open(path).map_err(|source| BuildError::Io { op: "open", path: path.to_owned(), source })?;
+    let mut file =
+        File::open(path).map_err(|source| BuildError::Io(IoError { op: "open", path: path.to_owned(), source }))?;
     let mut hasher = sha2::Sha256::new();
-    let size = io::copy(&mut file, &mut hasher).map_err(|source| BuildError::Io {
-        op: "read",
-        path: path.to_owned(),
-        source,
-    })?;
+    let size = io::copy(&mut file, &mut hasher)
+        .map_err(|source| BuildError::Io(IoError { op: "read", path: path.to_owned(), source }))?;
     Ok((Sha256Digest(hasher.finalize().into()), size))
 }
 
 fn walk(root: &Path, dir: &Path, out: &mut Vec<(super::path::RelativePath, PathBuf)>) -> Result<(), BuildError> {
-    let read =
-        fs::read_dir(dir).map_err(|source| BuildError::Io { op: "read directory", path: dir.to_owned(), source })?;
+    let read = fs::read_dir(dir)
+        .map_err(|source| BuildError::Io(IoError { op: "read directory", path: dir.to_owned(), source }))?;
     for entry in read {
-        let entry = entry.map_err(|source| BuildError::Io { op: "read directory", path: dir.to_owned(), source })?;
+        let entry =
+            entry.map_err(|source| BuildError::Io(IoError { op: "read directory", path: dir.to_owned(), source }))?;
         let path = entry.path();
         let file_type =
-            entry.file_type().map_err(|source| BuildError::Io { op: "stat", path: path.clone(), source })?;
+            entry.file_type().map_err(|source| BuildError::Io(IoError { op: "stat", path: path.clone(), source }))?;
         let rel = path.strip_prefix(root).unwrap_or(&path);
         let Some(rel_str) = rel.to_str() else {
             return Err(BuildError::BadName { path, reason: "the name is not UTF-8".into() });

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::IoError;
 use super::extract::sync_dir;
 use super::manifest::{FileEntry, PackVersion, Sha256Digest};
 use super::path::RelativePath;
@@ -19,16 +20,8 @@ use super::store::{Layout, StoreState};
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
     /// A filesystem operation failed.
-    #[error("{op} {}: {source}", path.display())]
-    Io {
-        /// What was being done.
-        op: &'static str,
-        /// The path it was done to.
-        path: PathBuf,
-        /// The I/O error.
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     /// The journal does not parse. It is written atomically, so this means outside damage.
     #[error("parse journal {}: {source}", path.display())]
     Parse {
@@ -44,7 +37,7 @@ impl JournalError {
     /// Short static category, used as log field and metric label.
     pub fn category(&self) -> &'static str {
         match self {
-            Self::Io { .. } => "io",
+            Self::Io(_) => "io",
             Self::Parse { .. } => "corrupt-journal",
         }
     }
@@ -52,7 +45,7 @@ impl JournalError {
 
 pub(crate) fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> JournalError {
     let path = path.to_owned();
-    move |source| JournalError::Io { op, path, source }
+    move |source| JournalError::Io(IoError { op, path, source })
 }
 
 /// The plan of one swap from version `from` (none on a first apply) to version `to`.
@@ -98,7 +91,7 @@ pub(crate) fn exists(path: &Path) -> Result<bool, JournalError> {
         Ok(_) => Ok(true),
         // NotADirectory: an ancestor is a file, so nothing is at `path`.
         Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => Ok(false),
-        Err(source) => Err(JournalError::Io { op: "stat", path: path.to_owned(), source }),
+        Err(source) => Err(JournalError::Io(IoError { op: "stat", path: path.to_owned(), source })),
     }
 }
 
@@ -127,7 +120,7 @@ impl Journal {
                 serde_json::from_slice(&bytes).map(Some).map_err(|source| JournalError::Parse { path, source })
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(JournalError::Io { op: "read", path, source }),
+            Err(source) => Err(JournalError::Io(IoError { op: "read", path, source })),
         }
     }
 
@@ -137,7 +130,7 @@ impl Journal {
         match fs::remove_file(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(source) => return Err(JournalError::Io { op: "remove", path, source }),
+            Err(source) => return Err(JournalError::Io(IoError { op: "remove", path, source })),
         }
         sync_dir(layout.root()).map_err(io_err("fsync", layout.root()))
     }
@@ -197,7 +190,7 @@ impl Journal {
             match fs::remove_file(&staged) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(source) => return Err(JournalError::Io { op: "remove", path: staged, source }),
+                Err(source) => return Err(JournalError::Io(IoError { op: "remove", path: staged, source })),
             }
         }
         Ok(())
@@ -226,7 +219,7 @@ pub(crate) fn sync_all_dirs(mut dirs: Vec<PathBuf>) -> Result<(), JournalError> 
             Ok(()) => {}
             // Removed since (an emptied staging directory): nothing to make durable there.
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(source) => return Err(JournalError::Io { op: "fsync", path: dir, source }),
+            Err(source) => return Err(JournalError::Io(IoError { op: "fsync", path: dir, source })),
         }
     }
     Ok(())

@@ -34,3 +34,17 @@ pub use lock::{DataDirLock, lock, lock_path};
 pub use manifest::{Diff, FileEntry, PackManifest, PackVersion, Preserve, Sha256Digest, diff};
 pub use path::{RelativePath, sanitize_path};
 pub use store::{PackStore, StagedPack};
+
+/// A filesystem operation of the pack engine that failed: what was done, to which path. Each
+/// module's error wraps it (`Io`), so every such failure reads the same: `rename PATH: reason`.
+#[derive(Debug, thiserror::Error)]
+#[error("{op} {}: {source}", path.display())]
+pub struct IoError {
+    /// What was being done.
+    pub op: &'static str,
+    /// The path it was done to.
+    pub path: std::path::PathBuf,
+    /// The I/O error.
+    #[source]
+    pub source: std::io::Error,
+}

@@ -102,7 +102,7 @@ impl ProvisionError {
     pub fn is_transient(&self) -> bool {
         match self {
             Self::Fetch(e) => e.is_transient(),
-            Self::Store(StoreError::Io { .. }) | Self::Apply(ApplyError::Io { .. } | ApplyError::Swap { .. }) => true,
+            Self::Store(StoreError::Io(_)) | Self::Apply(ApplyError::Io(_) | ApplyError::Swap { .. }) => true,
             Self::CalledOff(_) | Self::NoArchive | Self::Join => true,
             _ => false,
         }

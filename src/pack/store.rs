@@ -9,6 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use super::IoError;
 use super::extract::{self, ArchiveFormat, ExtractError, Limits, TarCompression};
 use super::journal::{self, Journal, JournalError, write_atomic};
 use super::lock::{DataDirLock, lock_path};
@@ -19,16 +20,8 @@ use super::path::RelativePath;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// A filesystem operation failed.
-    #[error("{op} {}: {source}", path.display())]
-    Io {
-        /// What was being done.
-        op: &'static str,
-        /// The path it was done to.
-        path: PathBuf,
-        /// The I/O error.
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     /// The lock passed in is not this data dir's.
     #[error("the lock {} is not the lock of data dir {}", lock.display(), data_dir.display())]
     WrongLock {
@@ -100,7 +93,7 @@ impl StoreError {
     /// Short static category, used as log field and metric label.
     pub fn category(&self) -> &'static str {
         match self {
-            Self::Io { .. } => "io",
+            Self::Io(_) => "io",
             Self::WrongLock { .. } => "locked",
             Self::State { .. } => "corrupt-store",
             Self::Recover(e) => e.category(),
@@ -115,7 +108,7 @@ impl StoreError {
 
 fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StoreError {
     let path = path.to_owned();
-    move |source| StoreError::Io { op, path, source }
+    move |source| StoreError::Io(IoError { op, path, source })
 }
 
 /// The committed state of the store (`state.json`). A swap commits by replacing this file.
@@ -553,7 +546,7 @@ fn read_state(layout: &Layout) -> Result<StoreState, StoreError> {
     match fs::read(&path) {
         Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| StoreError::State { path, source }),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(StoreState::default()),
-        Err(source) => Err(StoreError::Io { op: "read", path, source }),
+        Err(source) => Err(StoreError::Io(IoError { op: "read", path, source })),
     }
 }
 

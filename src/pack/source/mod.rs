@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::api::{PackSource, PackSourceRef};
+use crate::pack::IoError;
 use crate::pack::build::BuildError;
 use crate::pack::extract::ExtractError;
 use crate::pack::manifest::ManifestError;
@@ -326,16 +327,8 @@ pub enum SourceError {
         actual: u64,
     },
     /// A filesystem operation failed.
-    #[error("{op} {}: {source}", path.display())]
-    Io {
-        /// What was being done.
-        op: &'static str,
-        /// The path it was done to.
-        path: PathBuf,
-        /// The I/O error.
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     /// The hub token file cannot be read or is empty.
     #[error("read hub token file {}: {source}", path.display())]
     ReadToken {
@@ -402,7 +395,7 @@ impl SourceError {
             Self::Status { .. } => "http-status",
             Self::Authorize { .. } | Self::ReadToken { .. } => "unauthorized",
             Self::VerifyDigest { .. } | Self::VerifySize { .. } => "digest-mismatch",
-            Self::Io { .. } => "io",
+            Self::Io(_) => "io",
             Self::ParseHubAnswer { .. } => "invalid-response",
             Self::ParseVersion(_) | Self::CheckVersion { .. } => "invalid-version",
             Self::ExtractMrpack(e) => e.category(),
@@ -416,7 +409,7 @@ impl SourceError {
     pub fn is_transient(&self) -> bool {
         match self {
             Self::Request { source, .. } => !source.is_builder(),
-            Self::Truncated { .. } | Self::VerifyResumed { .. } | Self::Io { .. } | Self::Join(_) => true,
+            Self::Truncated { .. } | Self::VerifyResumed { .. } | Self::Io(_) | Self::Join(_) => true,
             Self::Status { status, .. } => *status >= 500 || *status == 429 || *status == 408,
             _ => false,
         }
@@ -425,7 +418,7 @@ impl SourceError {
 
 pub(crate) fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> SourceError {
     let path = path.to_owned();
-    move |source| SourceError::Io { op, path, source }
+    move |source| SourceError::Io(IoError { op, path, source })
 }
 
 pub(crate) fn parse_url(raw: &str) -> Result<reqwest::Url, SourceError> {
