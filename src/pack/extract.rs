@@ -12,7 +12,7 @@
 use std::cell::Cell;
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, BufRead, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -297,8 +297,8 @@ pub enum TarCompression {
 }
 
 /// Extracts a compressed tar stream into `dest`, an existing empty directory. Streams: memory use
-/// does not depend on the archive's size.
-pub fn extract_tar<R: Read>(
+/// does not depend on the archive's size. The decoder reads straight from `reader`'s buffer.
+pub fn extract_tar<R: BufRead>(
     reader: R,
     compression: TarCompression,
     dest: &Path,
@@ -308,7 +308,7 @@ pub fn extract_tar<R: Read>(
 }
 
 /// [`extract_tar`] with a [`Policy`] deciding what is written.
-pub fn extract_tar_with<R: Read>(
+pub fn extract_tar_with<R: BufRead>(
     reader: R,
     compression: TarCompression,
     dest: &Path,
@@ -319,7 +319,7 @@ pub fn extract_tar_with<R: Read>(
     with_disk(dest, |disk| read_tar(reader, compression, dest, limits, policy, disk))
 }
 
-fn read_tar<R: Read>(
+fn read_tar<R: BufRead>(
     reader: R,
     compression: TarCompression,
     dest: &Path,
@@ -334,8 +334,8 @@ fn read_tar<R: Read>(
         move |source| ExtractError::Corrupt { entry, source }
     };
     let decoder: Box<dyn Read> = match compression {
-        TarCompression::Zstd => Box::new(zstd::stream::read::Decoder::new(counting).map_err(corrupt(None))?),
-        TarCompression::Gzip => Box::new(flate2::read::GzDecoder::new(counting)),
+        TarCompression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(counting).map_err(corrupt(None))?),
+        TarCompression::Gzip => Box::new(flate2::bufread::GzDecoder::new(counting)),
     };
     let mut writer = Writer::new(dest, limits, compressed, policy, disk);
     let mut archive = tar::Archive::new(decoder);
@@ -503,6 +503,16 @@ impl<R: Read> Read for CountingReader<R> {
         let n = self.inner.read(buf)?;
         self.count.set(self.count.get() + n as u64);
         Ok(n)
+    }
+}
+
+impl<R: BufRead> BufRead for CountingReader<R> {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        self.inner.fill_buf()
+    }
+    fn consume(&mut self, n: usize) {
+        self.count.set(self.count.get() + n as u64);
+        self.inner.consume(n);
     }
 }
 

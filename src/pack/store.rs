@@ -346,12 +346,11 @@ impl<'lock> PackStore<'lock> {
     /// checks, and the pack is complete only if the stream ends cleanly.
     pub fn stage_stream(
         &self,
-        stream: impl io::Read,
+        stream: impl io::BufRead,
         compression: TarCompression,
         version: Option<&PackVersion>,
         limits: &Limits,
     ) -> Result<StagedPack, StoreError> {
-        // No buffer of our own: the decoder reads through one.
         let mut stream = Some(stream);
         self.stage_with(version, &mut |dest, policy| match stream.take() {
             Some(stream) => extract::extract_tar_with(stream, compression, dest, limits, policy),

@@ -187,17 +187,33 @@ impl TeeReader {
 
 impl io::Read for TeeReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = {
+            let available = io::BufRead::fill_buf(self)?;
+            let n = buf.len().min(available.len());
+            buf[..n].copy_from_slice(&available[..n]);
+            n
+        };
+        io::BufRead::consume(self, n);
+        Ok(n)
+    }
+}
+
+/// The downloaded chunks are the buffer: a decoder reads them where they are.
+impl io::BufRead for TeeReader {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
         while self.current.is_empty() {
             match self.rx.blocking_recv() {
                 Some(chunk) => self.current = chunk,
-                // Every sender is gone: the fetch is over.
-                None if self.verified() => return Ok(0),
+                // Every sender is gone: the fetch is over (an empty buffer: the end of the stream).
+                None if self.verified() => return Ok(&[]),
                 None => return Err(io::Error::other("the streamed download was interrupted or not used")),
             }
         }
-        let n = buf.len().min(self.current.len());
-        buf[..n].copy_from_slice(&self.current.split_to(n));
-        Ok(n)
+        Ok(&self.current)
+    }
+    fn consume(&mut self, n: usize) {
+        let n = n.min(self.current.len());
+        bytes::Buf::advance(&mut self.current, n);
     }
 }
 
