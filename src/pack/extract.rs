@@ -59,7 +59,7 @@ pub struct Limits {
     pub max_total_size: u64,
     /// Most entries (files and directories).
     pub max_entries: u64,
-    /// Largest accepted ratio of expanded bytes to compressed bytes read so far...
+    /// Largest accepted ratio of expanded bytes to compressed bytes the decoder consumed so far...
     pub max_ratio: u64,
     /// ...checked only once this many bytes have been expanded, so small, very compressible
     /// packs (a few config files) are not mistaken for bombs.
@@ -335,7 +335,9 @@ fn read_tar<R: BufRead>(
     };
     let decoder: Box<dyn Read> = match compression {
         TarCompression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(counting).map_err(corrupt(None))?),
-        TarCompression::Gzip => Box::new(flate2::bufread::GzDecoder::new(counting)),
+        // Every member: a .tar.gz may be several gzip members end to end (bgzip and parallel
+        // compressors write them), and the first alone would end at a header boundary unnoticed.
+        TarCompression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(counting)),
     };
     let mut writer = Writer::new(dest, limits, compressed, policy, disk);
     let mut archive = tar::Archive::new(decoder);
@@ -865,6 +867,38 @@ pub(crate) fn sync_filesystem(path: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tar_gz_of_several_gzip_members_is_extracted_whole() -> anyhow::Result<()> {
+        use std::io::Write as _;
+        let mut tar = tar::Builder::new(Vec::new());
+        for (name, content) in [("mods/a.jar", &b"first"[..]), ("mods/b.jar", &b"second"[..])] {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(content.len() as u64);
+            header.set_mode(0o644);
+            header.set_cksum();
+            tar.append_data(&mut header, name, content)?;
+        }
+        let bytes = tar.into_inner()?;
+        // The second entry's header starts after the first header and its padded data.
+        let (first, second) = bytes.split_at(1024);
+        let mut archive = Vec::new();
+        for part in [first, second] {
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            gz.write_all(part)?;
+            archive.extend(gz.finish()?);
+        }
+        let dir = tempfile::tempdir()?;
+        let files = extract_tar(&archive[..], TarCompression::Gzip, dir.path(), &Limits::default())?;
+        anyhow::ensure!(files.len() == 2, "{files:?}");
+        anyhow::ensure!(fs::read(dir.path().join("mods/b.jar"))? == b"second");
+        // Junk after the last member is an error, as after a zstd frame.
+        archive.extend_from_slice(b"junk");
+        let junk = tempfile::tempdir()?;
+        let result = extract_tar(&archive[..], TarCompression::Gzip, junk.path(), &Limits::default());
+        anyhow::ensure!(matches!(result, Err(ExtractError::Corrupt { .. })), "{result:?}");
+        Ok(())
+    }
 
     #[test]
     fn an_error_of_the_writing_thread_is_the_error_returned_and_stops_the_reading_side() -> anyhow::Result<()> {

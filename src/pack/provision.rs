@@ -194,9 +194,9 @@ async fn apply_spec_inner(
                     tracing::debug!(error = %e, "the streamed download was not staged");
                     stream_error = Some(e);
                 }
-                // A decoder may stop reading at the end of its archive (gzip stops at the end of
-                // its member) before the download's end, where its digest is checked: only a
-                // stream read to its end, and verified there, makes the staged version count.
+                // Extraction reads the compressed stream to its end, but only the download's end
+                // checks its digest: only a stream read to its end, and verified there, makes the
+                // staged version count (whatever a decoder left unread is read here).
                 Ok(pack) => match io::copy(&mut reader, &mut io::sink()) {
                     Ok(_) if reader.verified() => staged = Some(Ok(pack)),
                     drained => {
