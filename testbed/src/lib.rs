@@ -179,16 +179,18 @@ impl Processes {
         }
     }
 
-    /// Kills every process group (newest first) and removes the bed's directory.
+    /// Kills every process group and removes the bed's directory: SIGTERM to all at once, then one
+    /// shared [`STOP_GRACE`] for all of them, then SIGKILL to what is left.
     pub fn stop(&mut self) {
+        for (_, child) in self.children.iter().rev() {
+            let _ = quiet_kill("TERM", &child.id().to_string());
+        }
+        let deadline = Instant::now() + STOP_GRACE;
         for (_, child) in self.children.iter_mut().rev() {
-            let pgid = child.id().to_string();
-            let _ = quiet_kill("TERM", &pgid);
-            let deadline = Instant::now() + STOP_GRACE;
             while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
                 std::thread::sleep(Duration::from_millis(50));
             }
-            let _ = quiet_kill("KILL", &pgid);
+            let _ = quiet_kill("KILL", &child.id().to_string());
             let _ = child.wait();
         }
         self.children.clear();

@@ -170,7 +170,7 @@ impl Tee {
     }
 }
 
-/// The consumer's end of [`tee`]: a blocking [`io::Read`] of the archive as it downloads.
+/// The consumer's end of [`tee`]: a blocking [`io::BufRead`] of the archive as it downloads.
 #[derive(Debug)]
 pub struct TeeReader {
     rx: tokio::sync::mpsc::Receiver<bytes::Bytes>,
