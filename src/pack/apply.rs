@@ -4,7 +4,7 @@
 //! The swap is the only part during which the server must be stopped; the caller stops it, and
 //! holds the data dir's lock (a [`PackStore`] borrows it).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -280,15 +280,26 @@ impl PackStore<'_> {
         }
         // The server ran since the plan: a directory it made where the plan found none gets the
         // pack's files one by one, once checked as the plan checks any existing directory.
-        let mut dirs = Vec::with_capacity(journal.install_dirs.len());
+        let (mut dirs, mut one_by_one) = (Vec::with_capacity(journal.install_dirs.len()), Vec::new());
+        let displaced: BTreeSet<&str> = journal.displace.iter().map(RelativePath::as_str).collect();
+        let mut dirs_ok = HashSet::new();
         for (dir, files) in std::mem::take(&mut journal.install_dirs).into_iter().zip(dir_files) {
             if exists(&dir.under(self.layout.data())).map_err(|e| ApplyError::Store(StoreError::Recover(e)))? {
-                check_appeared(self.layout.data(), &dir, &files)?;
-                journal.install.extend(files);
+                for file in &files {
+                    check_parents(self.layout.data(), file, &displaced, &mut dirs_ok)?;
+                    if exists(&file.under(self.layout.data())).map_err(|e| ApplyError::Store(StoreError::Recover(e)))? {
+                        return Err(ApplyError::Conflict {
+                            path: file.clone(),
+                            reason: "a file no pack version owns appeared where the new version puts one",
+                        });
+                    }
+                }
+                one_by_one.extend(files);
             } else {
                 dirs.push(dir);
             }
         }
+        journal.install.extend(one_by_one);
         journal.install_dirs = dirs;
         let mut step = 0usize;
         let mut at = |s: SwapStep<'_>| -> Result<(), ApplyError> {
@@ -431,18 +442,46 @@ fn run_steps(
 
 /// Whether every file under `dir` is one the swap moves away (and there is no link).
 fn holds_only(data: &Path, dir: &Path, displaced: &BTreeSet<&str>) -> bool {
-    let Ok(entries) = fs::read_dir(dir) else { return false };
-    entries.into_iter().all(|entry| {
-        let Ok(entry) = entry else { return false };
-        let path = entry.path();
-        match entry.file_type() {
-            Ok(t) if t.is_dir() => holds_only(data, &path, displaced),
-            Ok(t) if t.is_file() => {
-                path.strip_prefix(data).ok().and_then(Path::to_str).is_some_and(|rel| displaced.contains(rel))
+    match tree_files(dir) {
+        Ok(Some(tree)) => tree.files.iter().all(|path| relative_in(data, path, displaced)),
+        _ => false,
+    }
+}
+
+/// The regular files of a tree, and whether it has an empty directory.
+struct TreeFiles {
+    files: Vec<PathBuf>,
+    empty_dir: bool,
+}
+
+/// The tree at `dir`; `None` when it holds anything but regular files and directories (a link).
+fn tree_files(dir: &Path) -> Result<Option<TreeFiles>, IoError> {
+    let mut tree = TreeFiles { files: Vec::new(), empty_dir: false };
+    let mut pending = vec![dir.to_owned()];
+    while let Some(next) = pending.pop() {
+        let read_err = |source| IoError { op: "read directory", path: next.clone(), source };
+        let mut empty = true;
+        for entry in fs::read_dir(&next).map_err(read_err)? {
+            empty = false;
+            let entry = entry.map_err(read_err)?;
+            let path = entry.path();
+            let kind = entry.file_type().map_err(|source| IoError { op: "stat", path: path.clone(), source })?;
+            if kind.is_dir() {
+                pending.push(path);
+            } else if kind.is_file() {
+                tree.files.push(path);
+            } else {
+                return Ok(None);
             }
-            _ => false,
         }
-    })
+        tree.empty_dir |= empty;
+    }
+    Ok(Some(tree))
+}
+
+/// Whether `path`, relative to `root`, is in `set`.
+fn relative_in(root: &Path, path: &Path, set: &BTreeSet<&str>) -> bool {
+    path.strip_prefix(root).ok().and_then(Path::to_str).is_some_and(|rel| set.contains(rel))
 }
 
 /// Removes a tree of empty directories; fails (leaving the rest) when anything else is in it.
@@ -512,33 +551,8 @@ fn plan(
         }
     }
     let displaced: BTreeSet<&str> = displace.iter().map(RelativePath::as_str).collect();
-    let mut dirs_ok: HashMap<String, bool> = HashMap::new();
-    let mut check_parents = |path: &RelativePath| -> Result<(), ApplyError> {
-        for ancestor in path.ancestors() {
-            if displaced.contains(ancestor) {
-                // A file of the old version that this swap moves away first.
-                continue;
-            }
-            if dirs_ok.get(ancestor) == Some(&true) {
-                continue;
-            }
-            let dir = data.join(ancestor);
-            let ok = match fs::symlink_metadata(&dir) {
-                Ok(meta) => meta.is_dir(),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => true,
-                Err(e) => return Err(stat_err(&dir)(e)),
-            };
-            dirs_ok.insert(ancestor.to_owned(), ok);
-            if !ok {
-                let path = super::path::sanitize_path(ancestor).unwrap_or_else(|_| path.clone());
-                return Err(ApplyError::Conflict {
-                    path,
-                    reason: "a file or link is where the pack needs a directory",
-                });
-            }
-        }
-        Ok(())
-    };
+    let mut dirs_ok = HashSet::new();
+    let mut check_parents = |path: &RelativePath| check_parents(data, path, &displaced, &mut dirs_ok);
 
     let mut install = Vec::new();
     let mut discard = Vec::new();
@@ -691,79 +705,43 @@ fn group_install_dirs(layout: &Layout, journal: &mut Journal) -> Result<Vec<Vec<
 /// empty directory (which the pack does not list, so the data dir should not get it), and its files
 /// are exactly `wanted` (paths relative to `root`).
 fn holds_exactly(root: &Path, dir: &Path, wanted: &BTreeSet<&str>) -> Result<bool, ApplyError> {
-    let mut found = 0usize;
-    let mut pending = vec![dir.to_owned()];
-    while let Some(next) = pending.pop() {
-        let entries = fs::read_dir(&next)
-            .map_err(|source| ApplyError::Io(IoError { op: "read directory", path: next.clone(), source }))?;
-        let mut empty = true;
-        for entry in entries {
-            empty = false;
-            let entry =
-                entry.map_err(|source| ApplyError::Io(IoError { op: "read directory", path: next.clone(), source }))?;
-            let path = entry.path();
-            let kind = entry
-                .file_type()
-                .map_err(|source| ApplyError::Io(IoError { op: "stat", path: path.clone(), source }))?;
-            if kind.is_dir() {
-                pending.push(path);
-            } else if kind.is_file()
-                && path.strip_prefix(root).ok().and_then(Path::to_str).is_some_and(|rel| wanted.contains(rel))
-            {
-                found += 1;
-            } else {
-                return Ok(false);
-            }
+    Ok(match tree_files(dir)? {
+        Some(tree) => {
+            !tree.empty_dir
+                && tree.files.len() == wanted.len()
+                && tree.files.iter().all(|path| relative_in(root, path, wanted))
         }
-        if empty {
-            return Ok(false);
-        }
-    }
-    Ok(found == wanted.len())
+        None => false,
+    })
 }
 
-/// Checks a directory that appeared, since the plan, where the swap was to install `dir` whole
-/// (`files` under it): every file's place must be free and reached through real directories only,
-/// as the plan requires of any existing directory. Otherwise nothing has changed yet, and the swap
-/// is refused.
-fn check_appeared(data: &Path, dir: &RelativePath, files: &[RelativePath]) -> Result<(), ApplyError> {
-    let conflict = |path: &str, reason| {
-        let path = super::path::sanitize_path(path).unwrap_or_else(|_| dir.clone());
-        ApplyError::Conflict { path, reason }
-    };
-    let mut checked: HashMap<&str, bool> = HashMap::new();
-    for file in files {
-        // The directory itself and its descendants above the file: absent (and then so is the
-        // rest), or a real directory.
-        let mut absent = false;
-        for ancestor in file.ancestors().filter(|a| a.len() >= dir.as_str().len()) {
-            let present = match checked.get(ancestor) {
-                Some(present) => *present,
-                None => {
-                    let path = data.join(ancestor);
-                    let present = match fs::symlink_metadata(&path) {
-                        Ok(meta) if meta.is_dir() => true,
-                        Ok(_) => {
-                            return Err(conflict(
-                                ancestor,
-                                "a file or link appeared where the pack has a directory, and packs never follow links",
-                            ));
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::NotFound => false,
-                        Err(source) => return Err(ApplyError::Io(IoError { op: "stat", path, source })),
-                    };
-                    checked.insert(ancestor, present);
-                    present
-                }
-            };
-            if !present {
-                absent = true;
-                break;
+/// Checks that every ancestor directory of `path` in the data dir is a real directory or absent (a
+/// file of the old version the swap moves away first excepted): a rename through a link or a file
+/// is refused. `dirs_ok` remembers the ancestors already found fine.
+fn check_parents(
+    data: &Path,
+    path: &RelativePath,
+    displaced: &BTreeSet<&str>,
+    dirs_ok: &mut HashSet<String>,
+) -> Result<(), ApplyError> {
+    for ancestor in path.ancestors() {
+        if displaced.contains(ancestor) || dirs_ok.contains(ancestor) {
+            continue;
+        }
+        let dir = data.join(ancestor);
+        match fs::symlink_metadata(&dir) {
+            Ok(meta) if meta.is_dir() => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Ok(_) => {
+                let path = super::path::sanitize_path(ancestor).unwrap_or_else(|_| path.clone());
+                return Err(ApplyError::Conflict {
+                    path,
+                    reason: "a file or link is where the pack needs a directory",
+                });
             }
+            Err(source) => return Err(ApplyError::Io(IoError { op: "stat", path: dir, source })),
         }
-        if !absent && exists(&file.under(data)).map_err(|e| ApplyError::Store(StoreError::Recover(e)))? {
-            return Err(conflict(file.as_str(), "a file no pack version owns appeared where the new version puts one"));
-        }
+        dirs_ok.insert(ancestor.to_owned());
     }
     Ok(())
 }
