@@ -20,7 +20,7 @@ use atlas_runner::backup::store::{S3Credentials, Store, StoreError};
 use atlas_runner::backup::upload::stream_archive;
 use atlas_runner::backup::{self, BackupError, CreateOptions, Manifest};
 use atlas_runner::rcon::Rcon;
-use atlas_testbed::{TestBucket, TestS3, free_port, unique};
+use atlas_testbed::{S3Endpoint, TestBucket, TestS3, free_port, unique};
 use common::{fake_server_jar, java_tool, region_generation, s3_spec, tree};
 use object_store::path::Path as ObjectPath;
 use object_store::{MultipartUpload, ObjectStoreExt, PutPayload, PutResult, UploadPart};
@@ -556,6 +556,82 @@ async fn a_cancelled_upload_leaves_no_backup_and_the_next_one_succeeds() -> Resu
     Ok(())
 }
 
+#[tokio::test]
+async fn a_backup_cancelled_while_the_store_starts_its_upload_leaves_no_upload() -> Result<()> {
+    // A private SeaweedFS, reached through a proxy that holds every answer back: the store holds the new
+    // upload half a second before the backup learns its id.
+    let s3 = tokio::task::spawn_blocking(atlas_testbed::start_s3).await??;
+    let bucket_name = unique("backup-cancel-start").to_lowercase();
+    atlas_testbed::create_bucket(&s3.endpoint, &bucket_name).await?;
+    let upstream: SocketAddr = s3.endpoint.endpoint.trim_start_matches("http://").parse()?;
+    let proxy = slow_answers_proxy(upstream, Duration::from_millis(500)).await?;
+    let slow = S3Endpoint { endpoint: format!("http://{proxy}"), ..s3.endpoint.clone() };
+    let bucket = TestBucket { s3: slow, name: bucket_name.clone(), region: atlas_testbed::S3_REGION.to_owned() };
+    let data = DataDir::new("world")?;
+    write_world(&data.0, "world")?;
+    let store = Store::open(Some(&s3_spec(&bucket, "survival/")), &data.0, Some(credentials(&bucket)))?;
+
+    let task = {
+        let store = store.clone();
+        let options = CreateOptions::new(&data.0);
+        tokio::spawn(async move { backup::create(&store, &options).await })
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while s3.uploads_in_progress(&bucket_name).await?.is_empty() {
+        if task.is_finished() {
+            bail!("the backup ended before its upload started: {:?}", task.await?);
+        }
+        ensure!(Instant::now() < deadline, "the upload never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    task.abort();
+    assert!(task.await.is_err_and(|e| e.is_cancelled()), "the backup finished before it was cancelled");
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = s3.uploads_in_progress(&bucket_name).await?;
+        if left.is_empty() {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "a backup cancelled while its upload started left it: {left:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let journal = data.0.join(backup::upload::JOURNAL_DIR);
+    until("the upload's record to go", || std::fs::read_dir(&journal).is_ok_and(|mut d| d.next().is_none())).await?;
+    Ok(())
+}
+
+/// A loopback TCP proxy to `upstream` that holds every chunk of an answer back for `delay`: requests reach
+/// the server at once, answers reach the client late, as on a slow link.
+async fn slow_answers_proxy(upstream: SocketAddr, delay: Duration) -> Result<SocketAddr> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+    let address = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect(upstream).await else { return };
+                let (mut from_client, mut to_client) = client.into_split();
+                let (mut from_server, mut to_server) = server.into_split();
+                let requests = tokio::io::copy(&mut from_client, &mut to_server);
+                let answers = async {
+                    let mut buf = vec![0; 64 * 1024];
+                    loop {
+                        let n = from_server.read(&mut buf).await?;
+                        if n == 0 {
+                            return to_client.shutdown().await;
+                        }
+                        tokio::time::sleep(delay).await;
+                        to_client.write_all(&buf[..n]).await?;
+                    }
+                };
+                let _ = tokio::join!(requests, answers);
+            });
+        }
+    });
+    Ok(address)
+}
+
 /// Whether the capture mirror holds all of `big_capture`'s region file.
 fn mirrored_big_file(mirror: &Path) -> bool {
     std::fs::metadata(mirror.join("world/region/r.0.0.mca")).is_ok_and(|m| m.len() == BIG_LEN as u64)
@@ -566,7 +642,12 @@ fn mirrored_big_file(mirror: &Path) -> bool {
 #[derive(Debug, Default)]
 struct Counters {
     parts: AtomicUsize,
+    /// Parts answered (by the store, or by the injected failure).
+    answered: AtomicUsize,
+    /// Parts sent but not answered when the upload was aborted.
+    unanswered_at_abort: AtomicUsize,
     completed: AtomicUsize,
+    /// Aborts the store has confirmed.
     aborted: AtomicUsize,
 }
 
@@ -586,13 +667,16 @@ impl MultipartUpload for Watched {
     fn put_part(&mut self, data: PutPayload) -> UploadPart {
         let n = self.counters.parts.fetch_add(1, Ordering::SeqCst) + 1;
         let inner = self.inner.put_part(data);
-        let (fail, delay) = (self.fail_part == Some(n), self.part_delay);
+        let (fail, delay, counters) = (self.fail_part == Some(n), self.part_delay, self.counters.clone());
         Box::pin(async move {
             tokio::time::sleep(delay).await;
-            if fail {
-                return Err(object_store::Error::Generic { store: "watched", source: "injected part failure".into() });
-            }
-            inner.await
+            let answer = if fail {
+                Err(object_store::Error::Generic { store: "watched", source: "injected part failure".into() })
+            } else {
+                inner.await
+            };
+            counters.answered.fetch_add(1, Ordering::SeqCst);
+            answer
         })
     }
 
@@ -610,8 +694,13 @@ impl MultipartUpload for Watched {
         'life0: 'async_trait,
         Self: 'async_trait,
     {
-        self.counters.aborted.fetch_add(1, Ordering::SeqCst);
-        Box::pin(self.inner.abort())
+        let unanswered = self.counters.parts.load(Ordering::SeqCst) - self.counters.answered.load(Ordering::SeqCst);
+        self.counters.unanswered_at_abort.store(unanswered, Ordering::SeqCst);
+        Box::pin(async move {
+            self.inner.abort().await?;
+            self.counters.aborted.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        })
     }
 }
 
@@ -679,6 +768,8 @@ async fn a_cancelled_multipart_upload_is_aborted() -> Result<()> {
     task.abort();
     assert!(task.await.is_err(), "the upload finished before it was cancelled");
     until("the abort", || counters.aborted.load(Ordering::SeqCst) == 1).await?;
+    // A part's request still on its way could be stored after the abort and open the upload again.
+    assert_eq!(counters.unanswered_at_abort.load(Ordering::SeqCst), 0, "aborted with parts in flight: {counters:?}");
     assert_eq!(counters.completed.load(Ordering::SeqCst), 0);
     assert!(store.objects.head(&key).await.is_err(), "a cancelled upload left an object");
     Ok(())

@@ -57,6 +57,8 @@ pub enum UploadError {
     UploadClosed { key: String },
     #[error("the archive writer thread failed")]
     WriterThread { source: tokio::task::JoinError },
+    #[error("the task starting the multipart upload of {key} failed")]
+    StartTask { key: String, source: tokio::task::JoinError },
     #[error("record the upload in {path}")]
     Journal { path: PathBuf, source: io::Error },
 }
@@ -76,7 +78,7 @@ impl UploadError {
                 }
             }
             Self::WriteArchive { source, .. } => source.category(),
-            Self::WriterThread { .. } | Self::UploadClosed { .. } => "internal",
+            Self::WriterThread { .. } | Self::StartTask { .. } | Self::UploadClosed { .. } => "internal",
             Self::Journal { .. } => "local_io",
         }
     }
@@ -122,12 +124,22 @@ impl Drop for AbortOnDrop {
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
             runtime.spawn(async move {
-                if let Err(error) = upload.abort().await {
+                if let Err(error) = abort_settled(upload).await {
                     tracing::warn!(%error, "aborting a cancelled multipart upload failed");
                 }
             });
         }
     }
+}
+
+/// Aborts an unfinished upload once the parts already sent have been answered. A part's request that is
+/// merely cancelled may still be stored: S3 documents that parts in flight during an abort may succeed, and
+/// that the abort may then have to be repeated to free them. Waiting first leaves no part to race the
+/// abort. Each part's wait is bounded by the client's request timeout.
+async fn abort_settled(mut upload: WriteMultipart) -> object_store::Result<()> {
+    // Each failed part is one fewer in flight; wait for the rest.
+    while upload.wait_for_capacity(0).await.is_err() {}
+    upload.abort().await
 }
 
 /// Archives `dir` (tar + zstd at `level`) straight into the object `key` by multipart upload. Where the store
@@ -142,24 +154,56 @@ pub async fn upload_archive(
     journal: &Path,
     progress: Arc<Progress>,
 ) -> Result<Uploaded, UploadError> {
+    let upload = start_upload(store, key, journal).await?;
+    stream(upload, key.as_ref(), dir, level, threads, progress).await
+}
+
+/// Starts the multipart upload of `key` on a task of its own. The store holds the upload before its answer
+/// arrives with the id: a backup cancelled in between would never learn which upload to abort. The task
+/// outlives such a cancel, and aborts the upload it started when nobody waits for it any more.
+async fn start_upload(
+    store: &Store,
+    key: &ObjectPath,
+    journal: &Path,
+) -> Result<Box<dyn MultipartUpload>, UploadError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (store, key, journal) = (store.clone(), key.clone(), journal.to_owned());
     let shown = key.to_string();
-    let start = |source| UploadError::StartUpload { key: shown.clone(), source };
-    let upload: Box<dyn MultipartUpload> = match store.multipart(key) {
-        Some((multipart, path)) => {
-            let id = multipart.create_multipart(&path).await.map_err(start)?;
-            let record = journal.join(format!("{}.json", hex::encode(Sha256::digest(id.as_bytes()))));
-            let written = write_record(&record, &JournalEntry { key: path.to_string(), id: id.clone() });
-            let upload = Journaled { store: multipart, path, id, parts: Arc::default(), next: 0, record };
-            if let Err(source) = written {
-                let mut upload = upload;
-                let _ = upload.abort().await;
-                return Err(UploadError::Journal { path: journal.to_owned(), source });
-            }
-            Box::new(upload)
+    let task = tokio::spawn(async move {
+        let started = begin_upload(&store, &key, &journal).await;
+        if let Err(Ok(mut upload)) = tx.send(started)
+            && let Err(error) = upload.abort().await
+        {
+            tracing::warn!(%error, "aborting the multipart upload of a cancelled backup failed");
         }
-        None => store.objects.put_multipart(key).await.map_err(start)?,
+    });
+    let Ok(started) = rx.await else {
+        return Err(match task.await {
+            Err(source) => UploadError::StartTask { key: shown, source },
+            Ok(()) => UploadError::UploadClosed { key: shown },
+        });
     };
-    stream(upload, &shown, dir, level, threads, progress).await
+    started
+}
+
+async fn begin_upload(
+    store: &Store,
+    key: &ObjectPath,
+    journal: &Path,
+) -> Result<Box<dyn MultipartUpload>, UploadError> {
+    let start = |source| UploadError::StartUpload { key: key.to_string(), source };
+    let Some((multipart, path)) = store.multipart(key) else {
+        return store.objects.put_multipart(key).await.map_err(start);
+    };
+    let id = multipart.create_multipart(&path).await.map_err(start)?;
+    let record = journal.join(format!("{}.json", hex::encode(Sha256::digest(id.as_bytes()))));
+    let written = write_record(&record, &JournalEntry { key: path.to_string(), id: id.clone() });
+    let mut upload = Journaled { store: multipart, path, id, parts: Arc::default(), next: 0, record };
+    if let Err(source) = written {
+        let _ = upload.abort().await;
+        return Err(UploadError::Journal { path: journal.to_owned(), source });
+    }
+    Ok(Box::new(upload))
 }
 
 /// One recorded upload.
@@ -369,17 +413,24 @@ async fn stream(
             return Err(UploadError::WriterThread { source });
         }
     };
+    // Every full part answered before `finish`, whose own abort on a failed part would cancel the others.
+    if let Some(multipart) = guard.0.as_mut()
+        && let Err(source) = multipart.wait_for_capacity(0).await
+    {
+        abort_now(abort(&mut guard)).await;
+        return Err(UploadError::UploadPart { key: shown, source });
+    }
     let Some(multipart) = guard.0.take() else {
         return Err(UploadError::UploadClosed { key: shown });
     };
-    // `finish` aborts the upload itself when it fails.
+    // `finish` sends the last part alone and aborts the upload itself when that or the completion fails.
     multipart.finish().await.map_err(|source| UploadError::CompleteUpload { key: shown, source })?;
     Ok(Uploaded { stats, archive_bytes, sha256: hex::encode(hasher.finalize()) })
 }
 
 async fn abort_now(upload: Option<WriteMultipart>) {
     if let Some(upload) = upload
-        && let Err(error) = upload.abort().await
+        && let Err(error) = abort_settled(upload).await
     {
         tracing::warn!(%error, "aborting a failed multipart upload failed");
     }
