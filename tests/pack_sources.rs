@@ -708,6 +708,27 @@ async fn a_url_pack_is_staged_while_it_downloads_and_known_applied_without_a_fet
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_pack_already_applied_is_known_by_its_lookup_without_its_blob() -> Result<()> {
+    use atlas_runner::pack::provision::Provisioned;
+    let (base, seen, _, v2) = hub_server().await?;
+    let data = TempDir::new()?;
+    fs::write(data.path().join("token"), TOKEN)?;
+    let source = hub_source(&base, Some("token"));
+    let applied = provision(data.path(), &source).await?;
+    ensure!(
+        matches!(&applied, Provisioned::Applied { bytes_downloaded, .. } if *bytes_downloaded == v2.len() as u64),
+        "{applied:?}"
+    );
+    // No cached download to fall back on: only the hub's answer can tell the pack is applied.
+    fs::remove_dir_all(data.path().join(".atlas/downloads"))?;
+    let again = provision(data.path(), &source).await?;
+    ensure!(again == Provisioned::AlreadyCurrent(PackVersion::new("2.0.0")?), "{again:?}");
+    ensure!(seen.count("/hub/blobs/modded-2.0.0.tar.zst") == 1, "requests: {:?}", seen.all());
+    ensure!(seen.count("/hub/api/v1/packs/modded/channels/stable") >= 2, "requests: {:?}", seen.all());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_broken_mid_download_is_staged_from_the_retried_download() -> Result<()> {
     let noise = noise(300_000);
     let pack = atlas_pack("2.0.0", &[("mods/big.jar", &noise)])?;

@@ -15,7 +15,7 @@ use crate::metrics::PackMetrics;
 use crate::pack::extract::ExtractError;
 use crate::pack::source::{self, FetchOptions, SourceError};
 use crate::pack::store::StoreError;
-use crate::pack::{ApplyError, ApplyReport, ArchiveFormat, DataDirLock, Limits, PackStore, PackVersion, Preserve};
+use crate::pack::{ApplyError, ApplyReport, DataDirLock, Limits, PackStore, PackVersion, Preserve};
 
 /// What applying did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -158,7 +158,9 @@ async fn apply_spec_inner(
     gate: Gate<'_>,
 ) -> Result<Provisioned, ProvisionError> {
     let preserve = Preserve::new(&pack.preserve)?;
-    let key = source::content_key(&pack.source);
+    // A hub is asked which version it names (a small request, or a 304): its archive is not downloaded
+    // again for a version the data dir holds.
+    let key = source::name(&pack.source, pack.version.as_deref(), options).await?.key;
     if let Some(version) = already_applied(data_dir, &lock, key.as_deref(), pack.version.as_deref()).await? {
         tracing::info!(version = %version, "the pack is already applied");
         return Ok(Provisioned::AlreadyCurrent(version));
@@ -173,7 +175,7 @@ async fn apply_spec_inner(
     });
     // Staging hashes and writes the whole pack: a blocking thread, which keeps the store (and its
     // borrow of the lock) from the plan to the swap while this side waits for the gate.
-    let (fetched_tx, fetched_rx) = oneshot::channel::<Option<(PathBuf, ArchiveFormat, Option<PackVersion>)>>();
+    let (fetched_tx, fetched_rx) = oneshot::channel::<Option<source::Fetched>>();
     let (planned_tx, planned_rx) = oneshot::channel::<PackVersion>();
     let (go_tx, go_rx) = oneshot::channel::<bool>();
     let data_dir: PathBuf = data_dir.to_owned();
@@ -185,7 +187,7 @@ async fn apply_spec_inner(
         let (mut store, recovery) = PackStore::open(&data_dir, &lock)?;
         tracing::debug!(?recovery, "pack store opened");
         let limits = Limits::default();
-        let (mut staged, mut stream_error) = (None, None);
+        let (mut staged, mut stream_error, mut key) = (None, None, key);
         if let Some((mut reader, compression, version)) = stream {
             match store.stage_stream(&mut reader, compression, version.as_ref(), &limits) {
                 Err(e) if !reader.verified() => {
@@ -215,13 +217,21 @@ async fn apply_spec_inner(
         let staged = match staged {
             Some(result) => result,
             None => {
-                let Ok(Some((archive, format, version))) = fetched_rx.blocking_recv() else {
+                let Ok(Some(fetched)) = fetched_rx.blocking_recv() else {
                     return Err(ProvisionError::NoArchive);
                 };
+                // What was fetched, which a hub may have moved on from since it was named.
+                key = fetched.key;
                 match stream_error {
                     // The whole download went to the stream (no file was kept): its refusal stands.
-                    Some(e) if !archive.exists() => Err(e),
-                    _ => store.stage_cancellable(&archive, format, version.as_ref(), &limits, &cancelled),
+                    Some(e) if !fetched.archive.exists() => Err(e),
+                    _ => store.stage_cancellable(
+                        &fetched.archive,
+                        fetched.format,
+                        fetched.version.as_ref(),
+                        &limits,
+                        &cancelled,
+                    ),
                 }
             }
         };
@@ -264,7 +274,7 @@ async fn apply_spec_inner(
     };
     tracing::info!(archive = %fetched.archive.display(), bytes = fetched.bytes_downloaded, "pack fetched and verified");
     // Unused when the stream was staged.
-    let _ = fetched_tx.send(Some((fetched.archive.clone(), fetched.format, fetched.version.clone())));
+    let _ = fetched_tx.send(Some(fetched.clone()));
     if let Ok(to) = planned_rx.await {
         let go = gate(to).await;
         // The task waits for this answer; it is gone only if it died.

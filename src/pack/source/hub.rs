@@ -63,7 +63,7 @@ fn api_url(base: &Url, segments: &[&str]) -> Result<Url, SourceError> {
 }
 
 /// The bearer token, from `tokenFile` (relative to the data dir), trimmed.
-fn token(hub: &HubSource, options: &FetchOptions) -> Result<Option<String>, SourceError> {
+pub(crate) fn token(hub: &HubSource, options: &FetchOptions) -> Result<Option<String>, SourceError> {
     let Some(file) = &hub.token_file else {
         return match hub.token_secret_ref {
             Some(_) => Err(SourceError::ResolveTokenSecret),
@@ -182,5 +182,5 @@ pub(crate) async fn fetch(
     let blob_token = if blob_url.origin() == base.origin() { token.as_deref() } else { None };
     let bytes_downloaded =
         download::download(client, &blob_url, blob_token, &expected, &partial, &archive, options).await?;
-    Ok(Fetched { archive, format, version: Some(version), bytes_downloaded })
+    Ok(Fetched { archive, format, version: Some(version), bytes_downloaded, key: Some(format!("sha256:{sha256}")) })
 }

@@ -37,6 +37,8 @@ pub struct Fetched {
     pub version: Option<PackVersion>,
     /// Bytes received over the network by this fetch (0 when everything was cached).
     pub bytes_downloaded: u64,
+    /// What names this content ([`Named::key`]).
+    pub key: Option<String>,
 }
 
 /// Where and how to fetch.
@@ -217,12 +219,36 @@ impl io::BufRead for TeeReader {
     }
 }
 
-/// What names a source's content before it is fetched: `sha256:HEX` for a url source (hub channels
-/// and mrpack indexes can change under the same name).
-pub fn content_key(source: &PackSource) -> Option<String> {
-    match source.get()? {
-        PackSourceRef::Url(url) => check_hex(&url.sha256, 64).ok().map(|hex| format!("sha256:{hex}")),
-        _ => None,
+/// What a source names now, known before its archive is fetched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Named {
+    /// Equal keys name equal content: `sha256:HEX` of an archive (a url source's, or the blob a hub
+    /// names), `sha512:HEX` of an `.mrpack` whose digest the spec gives. `None`: only a fetch tells (an
+    /// `.mrpack` without a digest can change under the same URL).
+    pub key: Option<String>,
+    /// The version, where it is known before the fetch: a hub's answer, or the pin.
+    pub version: Option<PackVersion>,
+}
+
+/// Asks what `source` names now, downloading no archive: a url or an `.mrpack` is named by the spec
+/// alone, a hub by looking up its channel (with `If-None-Match`) or the pinned version.
+pub async fn name(source: &PackSource, pinned: Option<&str>, options: &FetchOptions) -> Result<Named, SourceError> {
+    let version = pinned.map(parse_version).transpose()?;
+    match source.get().ok_or(SourceError::SelectSource)? {
+        PackSourceRef::Url(url) => Ok(Named { key: Some(format!("sha256:{}", check_hex(&url.sha256, 64)?)), version }),
+        PackSourceRef::Mrpack(mrpack) => {
+            let key = mrpack.sha512.as_deref().map(|hex| check_hex(hex, 128)).transpose()?;
+            Ok(Named { key: key.map(|hex| format!("sha512:{hex}")), version })
+        }
+        PackSourceRef::Hub(hub) => {
+            tokio::fs::create_dir_all(&options.work_dir)
+                .await
+                .map_err(io_err("create directory", &options.work_dir))?;
+            let token = hub::token(hub, options)?;
+            let answer = hub::lookup(&client()?, hub, pinned, token.as_deref(), options).await?;
+            let key = format!("sha256:{}", check_hex(&answer.blob.sha256, 64)?);
+            Ok(Named { key: Some(key), version: Some(parse_version(&answer.version)?) })
+        }
     }
 }
 
@@ -508,7 +534,7 @@ async fn fetch_url(
     let archive = options.work_dir.join(format!("{sha256}.{}", extension(format)));
     let partial = options.work_dir.join(format!("{sha256}.partial"));
     let bytes_downloaded = download::download(client, &url, None, &expected, &partial, &archive, options).await?;
-    Ok(Fetched { archive, format, version, bytes_downloaded })
+    Ok(Fetched { archive, format, version, bytes_downloaded, key: Some(format!("sha256:{sha256}")) })
 }
 
 #[cfg(test)]

@@ -270,7 +270,14 @@ pub(crate) async fn fetch(
         })
         .await?;
     }
-    Ok(Fetched { archive: out, format: ArchiveFormat::TarZst, version: Some(version), bytes_downloaded })
+    let content_key = source.sha512.is_some().then(|| format!("sha512:{key}"));
+    Ok(Fetched {
+        archive: out,
+        format: ArchiveFormat::TarZst,
+        version: Some(version),
+        bytes_downloaded,
+        key: content_key,
+    })
 }
 
 async fn blocking<T: Send + 'static>(
