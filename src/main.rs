@@ -639,6 +639,9 @@ fn print_status(status: &RunnerStatus, json: bool) -> anyhow::Result<()> {
     if let Some(pack) = &status.pack_version {
         writeln!(out, "pack:      {pack}")?;
     }
+    if let Some(version) = &status.pack_update_available {
+        writeln!(out, "update:    {version} available")?;
+    }
     let names =
         if status.player_names.is_empty() { String::new() } else { format!(" ({})", status.player_names.join(", ")) };
     writeln!(out, "players:   {}/{}{names}", status.players_online, status.players_max)?;

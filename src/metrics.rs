@@ -152,6 +152,10 @@ pub struct PackMetrics {
     /// Automatic rollbacks of a pack update, by why (the new version's server failed before it
     /// was ready, or could not be prepared).
     pub rollbacks: IntCounterVec,
+    /// Checks of a hub channel for a new pack version, by result (`current`, `available`, `failed`).
+    pub update_checks: IntCounterVec,
+    /// 1 for the version the channel names when it is not the applied one; no series otherwise.
+    pub update_available: GaugeVec,
 }
 
 impl PackMetrics {
@@ -174,6 +178,14 @@ impl PackMetrics {
                 Opts::new("atlas_pack_rollbacks_total", "Pack updates rolled back automatically, by reason."),
                 &["reason"],
             )?,
+            update_checks: IntCounterVec::new(
+                Opts::new("atlas_pack_update_checks_total", "Checks of the pack's hub channel, by result."),
+                &["result"],
+            )?,
+            update_available: GaugeVec::new(
+                Opts::new("atlas_pack_update_available", "1 for the version the hub channel names, when not applied."),
+                &["version"],
+            )?,
         };
         registry.register(Box::new(m.apply_duration.clone()))?;
         registry.register(Box::new(m.downloaded_bytes.clone()))?;
@@ -182,6 +194,8 @@ impl PackMetrics {
         registry.register(Box::new(m.failures.clone()))?;
         registry.register(Box::new(m.info.clone()))?;
         registry.register(Box::new(m.rollbacks.clone()))?;
+        registry.register(Box::new(m.update_checks.clone()))?;
+        registry.register(Box::new(m.update_available.clone()))?;
         Ok(m)
     }
 

@@ -371,8 +371,13 @@ fn write_pack_spec(fixture: &Fixture, url: &str, sha256: &str) -> Result<()> {
 
 /// [`write_pack_spec`] with `more` (YAML lines at spec level, two-space indent) appended.
 fn write_pack_spec_with(fixture: &Fixture, url: &str, sha256: &str, more: &str) -> Result<()> {
+    write_spec_with_pack_source(fixture, &format!("url: {{url: \"{url}\", sha256: \"{sha256}\"}}"), more)
+}
+
+/// The fixture's spec with `source` (one line of YAML) as spec.pack.source, then `more`.
+fn write_spec_with_pack_source(fixture: &Fixture, source: &str, more: &str) -> Result<()> {
     let mut spec = format!(
-        "apiVersion: atlas.dev/v1alpha1\nkind: MinecraftServer\nmetadata: {{name: test}}\nspec:\n  eula: true\n  server: {{type: custom, version: \"1.21.4\", jar: fake-server.jar}}\n  jvm: {{heap: 256M, flags: none}}\n  rcon: {{port: {}}}\n  properties:\n    server-port: \"{}\"\n  pack:\n    source:\n      url: {{url: \"{url}\", sha256: \"{sha256}\"}}\n",
+        "apiVersion: atlas.dev/v1alpha1\nkind: MinecraftServer\nmetadata: {{name: test}}\nspec:\n  eula: true\n  server: {{type: custom, version: \"1.21.4\", jar: fake-server.jar}}\n  jvm: {{heap: 256M, flags: none}}\n  rcon: {{port: {}}}\n  properties:\n    server-port: \"{}\"\n  pack:\n    source:\n      {source}\n",
         fixture.rcon_port, fixture.game_port
     );
     spec.push_str(more);
@@ -578,5 +583,81 @@ fn sigterm_during_a_long_pack_download_stops_the_server_gracefully() -> Result<(
     assert!(!runner.logs_with("Stopping the server").is_empty(), "the server did not stop gracefully");
     // Nothing of the called-off update is left to apply: the data dir holds 1.0.0.
     assert_eq!(std::fs::read(fixture.data.join("mods/a.jar"))?, b"a-1");
+    Ok(())
+}
+
+/// Where the test hub answers for the `server` pack's `stable` channel.
+const CHANNEL: &str = "/api/v1/packs/server/channels/stable";
+
+/// The hub's answer naming `version`, whose blob is `blob`, served at `blobs/VERSION.tar.zst`.
+fn channel_answer(version: &str, blob: &[u8]) -> Vec<u8> {
+    let blob =
+        serde_json::json!({"url": format!("blobs/{version}.tar.zst"), "sha256": sha256_hex(blob), "size": blob.len()});
+    serde_json::json!({"version": version, "blob": blob}).to_string().into_bytes()
+}
+
+#[test]
+fn a_followed_hub_channel_is_updated_automatically_once_nobody_is_online() -> Result<()> {
+    let fixture = Fixture::new("hub-auto-update")?;
+    std::fs::remove_file(fixture.data.join("fake-server.jar"))?;
+    let dir = fixture.root.join("packs");
+    std::fs::create_dir_all(&dir)?;
+    let v1 = fake_server_pack(&dir, "1.0.0", &[("mods/a.jar", b"a-1")])?;
+    let v2 = fake_server_pack(&dir, "2.0.0", &[("mods/a.jar", b"a-2")])?;
+    let (base, hub) = common::serve_changing_files()?;
+    let publish = |version: &str, blob: &[u8]| -> Result<()> {
+        let mut files = hub.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+        files.insert(format!("/blobs/{version}.tar.zst"), blob.to_vec());
+        files.insert(CHANNEL.into(), channel_answer(version, blob));
+        Ok(())
+    };
+    publish("1.0.0", &v1)?;
+    write_spec_with_pack_source(
+        &fixture,
+        &format!("hub: {{url: \"{base}\", pack: server, channel: stable}}"),
+        "    update: {mode: auto, interval: 1s, requireNoPlayers: true}\n",
+    )?;
+    let mut runner = Runner::start(&fixture, &[])?;
+    let first = runner.wait_running()?;
+    assert_eq!(first["packVersion"], "1.0.0", "{first}");
+
+    // Someone is online when the channel moves on: the update is reported and waits for them.
+    cli(&fixture.data, &["console", "fake-join", "alex"])?;
+    runner.wait_status("a player online", Duration::from_secs(20), |s| s["playersOnline"] == 1)?;
+    publish("2.0.0", &v2)?;
+    runner.wait_status("the update reported", Duration::from_secs(30), |s| s["packUpdateAvailable"] == "2.0.0")?;
+    wait_for("the wait logged", Duration::from_secs(20), || {
+        (!runner.logs_with("waiting until no players are online").is_empty()).then_some(())
+    })?;
+    // Two more checks find the same: nothing changes while the player stays.
+    std::thread::sleep(Duration::from_secs(2));
+    let waiting = runner.status()?;
+    assert_eq!((waiting["packVersion"].clone(), waiting["pid"].clone()), ("1.0.0".into(), first["pid"].clone()));
+    assert_eq!(std::fs::read(fixture.data.join("mods/a.jar"))?, b"a-1");
+    let (_, metrics) = http_get(&runner.metrics_addr, "/metrics")?;
+    assert!(metrics.contains("atlas_pack_update_available{version=\"2.0.0\"} 1"), "{metrics}");
+    let human = stdout(&cli(&fixture.data, &["status"])?);
+    assert!(human.contains("update:    2.0.0 available"), "{human}");
+
+    // The player leaves: a check applies the new version, with one restart.
+    cli(&fixture.data, &["console", "fake-leave", "alex"])?;
+    let updated = runner.wait_status("pack 2.0.0 running", Duration::from_secs(60), |s| {
+        s["phase"] == "Running" && s["packVersion"] == "2.0.0" && s["pid"] != first["pid"]
+    })?;
+    assert_eq!(std::fs::read(fixture.data.join("mods/a.jar"))?, b"a-2");
+    assert!(updated.get("packUpdateAvailable").is_none(), "{updated}");
+    assert_eq!(runner.logs_with("server process started").len(), 2, "not exactly one restart");
+
+    // A change of the update policy alone needs no restart: the data dir holds the pack already.
+    write_spec_with_pack_source(
+        &fixture,
+        &format!("hub: {{url: \"{base}\", pack: server, channel: stable}}"),
+        "    update: {mode: manual, interval: 1s}\n",
+    )?;
+    wait_for("the new policy taken without a restart", Duration::from_secs(20), || {
+        (!runner.logs_with("the data dir holds its pack and nothing else needs a restart").is_empty()).then_some(())
+    })?;
+    let same = runner.status()?;
+    assert_eq!((same["phase"].clone(), same["pid"].clone()), ("Running".into(), updated["pid"].clone()));
     Ok(())
 }

@@ -290,11 +290,13 @@ pub struct SecretRef {
 #[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct UpdatePolicy {
-    /// `auto`: apply new versions when found (within `window`); `manual`: only report them in the
-    /// `UpdateAvailable` condition.
+    /// `auto`: apply new versions when found (within `window`); `manual`: only report them (in
+    /// `atlas-runner status` and the `atlas_pack_update_available` metric).
     #[serde(default)]
     pub mode: UpdateMode,
-    /// How often the source is checked for a new version, as a duration (`30s`, `5m`, `1h`).
+    /// How often the source is checked for a new version, as a duration (`30s`, `5m`, `1h30m`);
+    /// default 5m. Only a hub source followed on its channel (no `version`) can change, so only it is
+    /// checked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^([0-9]+(s|m|h))+$"))]
     pub interval: Option<String>,

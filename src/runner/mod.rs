@@ -5,6 +5,7 @@ pub mod backup;
 mod prepare;
 mod spec;
 mod state;
+pub mod update;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -147,7 +148,7 @@ async fn wait_or_shutdown(
 /// Starts a prepared server and watches it until it must be started again, held down, or the
 /// runner exits.
 async fn run_once(
-    prepared: Prepared,
+    mut prepared: Prepared,
     specs: &mut watch::Receiver<MinecraftServerSpec>,
     shared: &Shared,
     requests: &mut mpsc::Receiver<ControlRequest>,
@@ -160,7 +161,11 @@ async fn run_once(
         s.server_version = Some(prepared.minecraft_version.clone());
         s.players_max = prepared.max_players;
         s.pack_version = prepared.pack_version.clone();
+        s.pack_update_available = None;
     });
+    if let Some(context) = &options.prepare.pack {
+        context.metrics.update_available.reset();
+    }
     if let Ok(mut rcon) = shared.rcon.lock() {
         *rcon = Some(prepared.rcon.clone());
     }
@@ -195,6 +200,17 @@ async fn run_once(
     let mut fallback = prepared.fallback.clone();
 
     let mut is_ready = false;
+    // spec.pack.update: a pack that follows a hub channel is checked for a new version while the
+    // server runs; each check is a task of its own, so a slow hub holds nothing up.
+    let mut schedule = update_schedule(&prepared);
+    let mut checks = check_ticker(schedule.as_ref());
+    let (check_tx, mut check_rx) = mpsc::channel(1);
+    let mut check: Option<CheckTask> = None;
+    // The version a check found to apply now: handled as a change of the same spec.
+    let mut update_due: Option<String> = None;
+    // A version whose update was refused for good (a bad digest, an unsafe archive): not fetched again.
+    let mut refused: Option<String> = None;
+    let mut last_said: Option<String> = None;
 
     let (exit, after) = loop {
         // Checked on every turn, not only in the branch below: that branch is disabled once the
@@ -222,14 +238,71 @@ async fn run_once(
                     poll_players(shared, &prepared.rcon).await;
                 }
             }
+            _ = checks.tick(), if schedule.is_some() && check.is_none() => {
+                if let Some(pack) = prepared.spec.pack.clone() {
+                    check = Some(CheckTask::spawn(pack, &options.prepare.data_dir, check_tx.clone()));
+                }
+            }
+            Some(found) = check_rx.recv() => {
+                check = None;
+                let (Some(plan), Some(pack), Some(context)) = (&schedule, &prepared.spec.pack, &options.prepare.pack) else { continue };
+                let version = match found {
+                    Err(e) => {
+                        context.metrics.update_checks.with_label_values(&["failed"]).inc();
+                        tracing::warn!("checking the pack's hub channel for a new version failed: {e}");
+                        continue;
+                    }
+                    Ok(version) => version,
+                };
+                context.metrics.update_available.reset();
+                if version == prepared.pack_version {
+                    context.metrics.update_checks.with_label_values(&["current"]).inc();
+                    shared.status.send_modify(|s| s.pack_update_available = None);
+                    continue;
+                }
+                let version = version.unwrap_or_default();
+                context.metrics.update_checks.with_label_values(&["available"]).inc();
+                context.metrics.update_available.with_label_values(&[version.as_str()]).set(1.0);
+                shared.status.send_modify(|s| s.pack_update_available = Some(version.clone()));
+                let players = shared.status.borrow().players_online;
+                let wait = if !plan.auto {
+                    Some("spec.pack.update.mode is manual: change the spec to apply it")
+                } else if !is_ready {
+                    Some("waiting for the server to be ready")
+                } else if !plan.window_allows(&jiff::Zoned::now()) {
+                    Some("waiting for spec.pack.update.window")
+                } else if plan.require_no_players && players > 0 {
+                    Some("waiting until no players are online (spec.pack.update.requireNoPlayers)")
+                } else if !context.may_update_to(pack, &version) {
+                    Some("the channel still names the version rolled back after its server failed")
+                } else if refused.as_deref() == Some(version.as_str()) {
+                    Some("the channel still names the version refused before")
+                } else {
+                    None
+                };
+                let said = format!("{version}: {}", wait.unwrap_or("updating"));
+                if last_said.as_deref() != Some(said.as_str()) {
+                    tracing::info!(from = prepared.pack_version.as_deref(), to = %version, "the pack's hub channel names a new version; {}", wait.unwrap_or("updating"));
+                    last_said = Some(said);
+                }
+                if wait.is_none() {
+                    update_due = Some(version);
+                    specs.mark_changed();
+                }
+            }
             changed = specs.changed() => {
                 if changed.is_err() { continue; }
+                let due = update_due.take();
                 let spec = specs.borrow_and_update().clone();
-                if !prepared.needs_restart_for(&spec) {
+                if due.is_none() && !prepared.needs_restart_for(&spec) {
                     tracing::info!("spec changed; nothing that needs a restart");
                     continue;
                 }
-                if prepare::pack_changes(&prepared, &spec) {
+                if (due.is_some() && spec.pack.is_some()) || prepare::pack_changes(&prepared, &spec) {
+                    // The update looks the channel up itself: no check may run beside it.
+                    if let Some(check) = check.take() {
+                        check.stop().await;
+                    }
                     // Fetch, stage and verify the new pack while the server runs; it is stopped
                     // only for the swap.
                     // Set once the gate begins (the backup before the update, or the stop): from then
@@ -284,10 +357,24 @@ async fn run_once(
                             tracing::error!(category = e.category(), transient = e.is_transient(), "{e}; keeping the running server");
                             if e.is_transient() {
                                 pacing.pack_retry = Some(tokio::time::Instant::now() + PACK_RETRY);
+                            } else if due.is_some() {
+                                refused = due;
                             }
                             continue;
                         }
-                        PackUpdate::Untouched(None) => {}
+                        PackUpdate::Untouched(None) => {
+                            // The data dir holds the spec's pack already: restart only for what else
+                            // changed.
+                            let mut same_pack = spec.clone();
+                            same_pack.pack.clone_from(&prepared.spec.pack);
+                            if !prepared.needs_restart_for(&same_pack) {
+                                tracing::info!("spec changed; the data dir holds its pack and nothing else needs a restart");
+                                prepared.spec.pack.clone_from(&spec.pack);
+                                schedule = update_schedule(&prepared);
+                                checks = check_ticker(schedule.as_ref());
+                                continue;
+                            }
+                        }
                         PackUpdate::Ready { next, stopped } => {
                             tracing::info!("pack updated; starting the server of the new version");
                             pacing.backoff.reset();
@@ -369,7 +456,8 @@ async fn run_once(
             "the server of the new pack version exited before it was ready; rolling the pack back"
         );
         let back_to = previous.pack_version.as_deref();
-        return match prepare::roll_back_pack(&options.prepare, reason, prepared.spec.pack.as_ref(), back_to).await {
+        let failed = prepared.spec.pack.as_ref().map(|pack| (pack, prepared.pack_version.as_deref()));
+        return match prepare::roll_back_pack(&options.prepare, reason, failed, back_to).await {
             Ok(()) => Next::Run(previous),
             Err(e) => {
                 tracing::error!(category = e.category(), "{e}");
@@ -400,6 +488,48 @@ async fn run_once(
             shared.set_phase(Phase::Failed, Some(message));
             Next::Hold
         }
+    }
+}
+
+/// The update checks the running server's pack asks for (none if its policy cannot be read: the spec
+/// check refuses such a spec before it runs).
+fn update_schedule(prepared: &Prepared) -> Option<update::Schedule> {
+    prepared.spec.pack.as_ref().and_then(|pack| update::Schedule::of(pack).ok().flatten())
+}
+
+/// Ticks every check interval, the first one interval from now.
+fn check_ticker(schedule: Option<&update::Schedule>) -> tokio::time::Interval {
+    let every = schedule.map_or(update::DEFAULT_INTERVAL, |s| s.interval);
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker
+}
+
+/// One look at what the pack's hub channel names, sent on its channel; stopped when dropped.
+struct CheckTask(tokio::task::JoinHandle<()>);
+
+/// What a check found: the version the channel names, or why it could not tell.
+type Checked = Result<Option<String>, String>;
+
+impl CheckTask {
+    fn spawn(pack: crate::api::PackSpec, data_dir: &std::path::Path, found: mpsc::Sender<Checked>) -> Self {
+        let fetch = crate::pack::source::FetchOptions::new(data_dir);
+        Self(tokio::spawn(async move {
+            let named = crate::pack::source::name(&pack.source, None, &fetch).await;
+            let _ = found.send(named.map(|n| n.version.map(|v| v.to_string())).map_err(|e| e.to_string())).await;
+        }))
+    }
+
+    /// Stops the check and waits until it has.
+    async fn stop(mut self) {
+        self.0.abort();
+        let _ = (&mut self.0).await;
+    }
+}
+
+impl Drop for CheckTask {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -43,10 +43,14 @@ pub struct PackContext {
     pub lock: Arc<DataDirLock>,
     /// The pack metrics.
     pub metrics: PackMetrics,
-    /// The pack last rolled back because its server failed: not applied again (by a crash restart
-    /// or another spec change) until the spec names another pack.
-    rolled_back: Arc<Mutex<Option<PackSpec>>>,
+    /// The pack last rolled back because its server failed, with the version that failed: not
+    /// applied again (by a crash restart or another spec change) until the spec names another pack,
+    /// or its hub channel names another version.
+    rolled_back: Arc<Mutex<Option<RolledBack>>>,
 }
+
+/// A pack spec rolled back after its server failed, and the version that failed.
+type RolledBack = (PackSpec, Option<String>);
 
 impl PackContext {
     /// The context of a runner holding `lock`.
@@ -55,12 +59,29 @@ impl PackContext {
     }
 
     fn was_rolled_back(&self, pack: &PackSpec) -> bool {
-        self.rolled_back.lock().is_ok_and(|r| r.as_ref() == Some(pack))
+        self.rolled_back.lock().is_ok_and(|r| r.as_ref().is_some_and(|(spec, _)| spec == pack))
     }
 
-    fn set_rolled_back(&self, pack: Option<&PackSpec>) {
+    fn set_rolled_back(&self, failed: Option<(&PackSpec, Option<&str>)>) {
         if let Ok(mut r) = self.rolled_back.lock() {
-            *r = pack.cloned();
+            *r = failed.map(|(pack, version)| (pack.clone(), version.map(str::to_owned)));
+        }
+    }
+
+    /// For an update check of `pack` that found `version`: false when that is the version rolled back
+    /// after its server failed; otherwise true, and a rollback of `pack` is forgotten, since its
+    /// channel has moved on from the version that failed.
+    pub fn may_update_to(&self, pack: &PackSpec, version: &str) -> bool {
+        let Ok(mut r) = self.rolled_back.lock() else { return false };
+        match r.as_ref() {
+            Some((spec, failed)) if spec == pack => {
+                if failed.as_deref() == Some(version) {
+                    return false;
+                }
+                *r = None;
+                true
+            }
+            _ => true,
         }
     }
 }
@@ -289,6 +310,7 @@ pub async fn update_pack<X: Send>(
             // A transient error (a jar download's network) says nothing against the pack: it is
             // rolled back for now and may be tried again. Only a permanent one marks it failed.
             let failed = if error.is_transient() { None } else { spec.pack.as_ref() };
+            let failed = failed.map(|pack| (pack, Some(to.as_str())));
             if let Err(e) = roll_back_pack(options, error.category(), failed, back_to).await {
                 return reverted_or_held(current, options, context, e, stopped).await;
             }
@@ -339,13 +361,13 @@ fn fallback_of(current: &Prepared) -> Box<Prepared> {
 }
 
 /// Returns the data dir to the previous pack version (the server is stopped), counting why in
-/// `atlas_pack_rollbacks_total`. `failed` (the spec's pack that failed) is not applied again until
-/// the spec names another pack. `back_to` is the pack version of the server started afterwards: a
+/// `atlas_pack_rollbacks_total`. `failed` (the spec's pack that failed, and the version it failed
+/// at) is not applied again until the spec names another pack or its channel another version. `back_to` is the pack version of the server started afterwards: a
 /// store keeping another previous version is refused, not rolled back.
 pub async fn roll_back_pack(
     options: &PrepareOptions,
     reason: &str,
-    failed: Option<&PackSpec>,
+    failed: Option<(&PackSpec, Option<&str>)>,
     back_to: Option<&str>,
 ) -> Result<(), PrepareError> {
     let Some(context) = &options.pack else { return Ok(()) };
@@ -538,6 +560,24 @@ mod tests {
         // The pack is not held against: the retry applies it again.
         let context = options.pack.as_ref().ok_or("no pack context")?;
         assert!(!context.was_rolled_back(spec.pack.as_ref().ok_or("no pack")?));
+        Ok(())
+    }
+
+    #[test]
+    fn a_rollback_holds_only_until_the_channel_names_another_version() -> TestResult {
+        let data = tempfile::tempdir()?;
+        std::fs::create_dir_all(data.path().join(".atlas"))?;
+        let held = Arc::new(lock(&lock_path(data.path()))?);
+        let options = options(data.path(), held)?;
+        let context = options.pack.as_ref().ok_or("no pack context")?;
+        let text = "eula: true\nserver: {type: vanilla, version: '1.21.4'}\npack:\n  source:\n    hub: {url: 'http://127.0.0.1:9', pack: p, channel: stable}\n";
+        let spec = super::super::parse_spec(Path::new("s.yaml"), text)?;
+        let pack = spec.pack.as_ref().ok_or("no pack")?;
+        context.set_rolled_back(Some((pack, Some("2.0.0"))));
+        assert!(!context.may_update_to(pack, "2.0.0"), "the version that failed is applied again");
+        assert!(context.was_rolled_back(pack));
+        assert!(context.may_update_to(pack, "3.0.0"));
+        assert!(!context.was_rolled_back(pack), "the channel moved on, the rollback is forgotten");
         Ok(())
     }
 }

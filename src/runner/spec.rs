@@ -80,6 +80,9 @@ fn check(spec: &MinecraftServerSpec) -> Result<(), String> {
     {
         return Err("spec.pack.source must set exactly one of hub, url or mrpack".into());
     }
+    if let Some(policy) = spec.pack.as_ref().and_then(|p| p.update.as_ref()) {
+        super::update::Schedule::parse(policy)?;
+    }
     if let Some(jvm) = &spec.jvm
         && jvm.heap.is_some()
         && jvm.heap_percent.is_some()

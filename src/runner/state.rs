@@ -29,6 +29,9 @@ pub struct RunnerStatus {
     /// The pack version applied.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pack_version: Option<String>,
+    /// The version the pack's hub channel names when it is not the applied one (`spec.pack.update`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pack_update_available: Option<String>,
     /// Players online.
     #[serde(default)]
     pub players_online: u32,
@@ -63,6 +66,7 @@ impl Default for RunnerStatus {
             server_type: None,
             server_version: None,
             pack_version: None,
+            pack_update_available: None,
             players_online: 0,
             players_max: 0,
             player_names: Vec::new(),

@@ -328,11 +328,24 @@ pub fn region_generation(path: &Path) -> Result<u64> {
 /// process. `files` gets the base URL (`http://127.0.0.1:PORT`), since documents often link to their
 /// own server, and returns path -> body. Returns the base URL.
 pub fn serve_files(files: impl FnOnce(&str) -> Result<std::collections::HashMap<String, Vec<u8>>>) -> Result<String> {
+    let (base, served) = serve_changing_files()?;
+    let files = files(&base)?;
+    served.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.extend(files);
+    Ok(base)
+}
+
+/// Files a test may change while they are served: path -> body.
+pub type ServedFiles = Arc<Mutex<std::collections::HashMap<String, Vec<u8>>>>;
+
+/// Like [`serve_files`], starting empty: returns the base URL and the files, which the test fills and
+/// changes as it goes.
+pub fn serve_changing_files() -> Result<(String, ServedFiles)> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let base = format!("http://{}", listener.local_addr()?);
-    let files = files(&base)?;
+    let files = ServedFiles::default();
+    let served = files.clone();
     let app = axum::Router::new().fallback(move |uri: axum::http::Uri| {
-        let body = files.get(uri.path()).cloned();
+        let body = served.lock().ok().and_then(|files| files.get(uri.path()).cloned());
         async move {
             match body {
                 Some(body) => (axum::http::StatusCode::OK, body),
@@ -349,7 +362,7 @@ pub fn serve_files(files: impl FnOnce(&str) -> Result<std::collections::HashMap<
             }
         })
     });
-    Ok(base)
+    Ok((base, files))
 }
 
 /// Every file and directory under `root` (relative paths), with each file's bytes.
