@@ -268,7 +268,9 @@ async fn a_backup_of_a_running_server_is_never_torn_and_saving_resumes() -> Resu
 async fn a_slow_flush_is_bounded_by_the_flush_timeout_not_the_rcon_timeout() -> Result<()> {
     let data = DataDir::new("world")?;
     let rcon_port = free_port()?;
-    let _server = FakeServer::start_with(&data.0, rcon_port, "flush-ms=3000\n")?;
+    // Autosaves slowed down: each holds the server's thread, which a loaded disk could stretch past the
+    // 1 s command timeout before save-off even answers.
+    let _server = FakeServer::start_with(&data.0, rcon_port, "flush-ms=3000\nautosave-interval-ms=1000\n")?;
     // A per-command timeout shorter than the flush, as the runner's RCON handle has.
     let rcon =
         Rcon::new(SocketAddr::from((Ipv4Addr::LOCALHOST, rcon_port)), PASSWORD.to_owned(), Duration::from_secs(1));
@@ -796,9 +798,13 @@ async fn seaweedfs_stopped_mid_upload_fails_clearly_leaves_no_upload_and_the_nex
         let store = store.clone();
         tokio::spawn(async move { backup::create(&store, &options).await })
     };
-    let mirror = data.0.join(".atlas/backup-mirror");
-    until("the capture", || mirrored_big_file(&mirror)).await?;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Stopped once the upload is recorded (started, its id known): what the next backup must abort.
+    let journal = data.0.join(backup::upload::JOURNAL_DIR);
+    let recorded = || {
+        std::fs::read_dir(&journal)
+            .is_ok_and(|entries| entries.flatten().any(|e| e.path().extension().is_some_and(|x| x == "json")))
+    };
+    until("the upload's record", recorded).await?;
     ensure!(!task.is_finished(), "the backup finished before the store was stopped");
     let mut s3 = tokio::task::spawn_blocking(move || {
         let mut s3 = s3;
@@ -813,7 +819,6 @@ async fn seaweedfs_stopped_mid_upload_fails_clearly_leaves_no_upload_and_the_nex
     assert!(matches!(err, BackupError::Upload(_) | BackupError::WriteManifest { .. }), "{err:?}");
     assert!(started.elapsed() < Duration::from_secs(60), "failing took {:?}", started.elapsed());
     // The abort could not reach the store either: the upload is recorded for the next backup to abort.
-    let journal = data.0.join(".atlas/backup-uploads");
     assert_eq!(std::fs::read_dir(&journal)?.count(), 1, "the failed upload is not recorded");
 
     let s3 = tokio::task::spawn_blocking(move || s3.restart().map(|()| s3)).await??;

@@ -180,7 +180,8 @@ async fn restore_through_a_running_runner_stops_takes_a_safety_backup_and_restar
     let created: Manifest = serde_json::from_str(&ok(backup_cli(&fixture, "create", &["--json"])?, "create")?)?;
     let window = created.save_off_ms.context("a backup through the runner measures the save-off window")?;
     assert_eq!(runner.status()?["lastBackup"]["name"], created.name.as_str(), "status shows the last backup");
-    assert!(window < 5000, "saving was off for {window} ms");
+    // Bounded, not instant: save-off, the flush and save-on each wait for a write in progress.
+    assert!(window < 30_000, "saving was off for {window} ms");
     assert_eq!(created.server_version.as_deref(), Some("1.21.4"));
     // The capture mirror the backup was archived from holds a whole region file, never a torn one.
     common::region_generation(&fixture.data.join(".atlas/backup-mirror/world/region/r.0.0.mca"))

@@ -241,17 +241,23 @@ fn kill_9_at_any_point_of_pack_apply_leaves_exactly_the_old_or_the_new_version()
     }
     common::promtool_check(&metrics)?;
 
-    // Half the kills spread over the whole run (start-up, fetch, staging), half over the swap.
+    // Half the kills spread over the whole run (start-up, fetch, staging), half over the swap. The swap
+    // is short: should no kill have landed inside one (a loaded machine's timing), more runs aim at it,
+    // up to 40.
     let runs = 40;
     let (mut old, mut new) = (0, 0);
-    let mut recoveries = Vec::new();
-    for n in 1..=runs {
+    let mut recoveries: Vec<String> = Vec::new();
+    for n in 1..=runs * 2 {
+        let aimed = n > runs;
+        if aimed && recoveries.iter().any(|r| r != "Clean") {
+            break;
+        }
         let data = fresh(n)?;
         let (mut child, swapping) = apply(&data)?;
-        if n % 2 == 0 {
+        if n % 2 == 0 && !aimed {
             std::thread::sleep(full.mul_f64(n as f64 / runs as f64));
         } else if let Ok(at) = swapping.recv_timeout(std::time::Duration::from_secs(30)) {
-            let offset = swap.mul_f64(1.2 * n as f64 / runs as f64);
+            let offset = swap.mul_f64(1.2 * (n % runs) as f64 / runs as f64);
             std::thread::sleep(offset.saturating_sub(at.elapsed()));
         }
         let _ = child.kill(); // SIGKILL
@@ -282,7 +288,8 @@ fn kill_9_at_any_point_of_pack_apply_leaves_exactly_the_old_or_the_new_version()
     );
     assert!(old > 0, "no kill landed before the commit point");
     assert!(recoveries.iter().any(|r| r != "Clean"), "no kill landed inside a swap: {recoveries:?}");
-    assert_eq!(old + new, runs);
+    assert_eq!(old + new, recoveries.len());
+    assert!(recoveries.len() >= runs);
     Ok(())
 }
 

@@ -334,9 +334,8 @@ async fn command_times_out_when_the_server_stops_answering() -> Result<()> {
         std::future::pending::<()>().await;
         Ok(())
     });
-    let timeout = Duration::from_millis(300);
-    let mut client = RconClient::connect(addr, PASSWORD, timeout).await?;
-    let result = client.command("list").await;
+    let mut client = RconClient::connect(addr, PASSWORD, RCON_TIMEOUT).await?;
+    let result = client.command_with_timeout("list", Duration::from_millis(300)).await;
     assert!(matches!(result, Err(RconError::Timeout { operation: "command", .. })), "{result:?}");
     // The connection may hold half a reply now: it is abandoned rather than reused.
     assert!(matches!(client.command("list").await, Err(RconError::Io(_))));
@@ -352,8 +351,8 @@ async fn fake_server_saves_only_while_saving_is_on() -> Result<()> {
     let mut server = FakeServer::start(&data)?;
     let rcon = Rcon::new(data.rcon_addr(), PASSWORD.to_owned(), RCON_TIMEOUT);
     let region = data.region_file();
-    region_generation(&region)?;
 
+    // Read only once saving is off: an autosave rewrites the file in place.
     assert_eq!(rcon.command("save-off").await?, "Automatic saving is now disabled");
     assert_eq!(rcon.command("save-off").await?, "Saving is already turned off");
     let frozen = region_generation(&region)?;

@@ -50,7 +50,7 @@ fn starts_to_ready_and_answers_status_console_and_logs() -> Result<()> {
     let logs = stdout(&cli(&fixture.data, &["logs", "--tail", "500"])?);
     assert!(logs.contains("Done ("), "{logs}");
     let mut follow = Command::new(common::binary())
-        .args(["logs", "-f", "--tail", "0", "--data"])
+        .args(["logs", "-f", "--tail", "1", "--data"])
         .arg(&fixture.data)
         .stdout(Stdio::piped())
         .spawn()?;
@@ -63,8 +63,9 @@ fn starts_to_ready_and_answers_status_console_and_logs() -> Result<()> {
             }
         }
     });
-    // Give the follower a moment to subscribe, then make the server print something.
-    std::thread::sleep(Duration::from_millis(300));
+    // The tail and the subscription are taken together: once the last line arrives, the follower is
+    // subscribed. Then make the server print something.
+    rx.recv_timeout(Duration::from_secs(10)).context("logs -f showed no tail")?;
     cli(&fixture.data, &["console", "say", "followed-line-42"])?;
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut seen = false;
@@ -572,8 +573,9 @@ fn sigterm_during_a_long_pack_download_stops_the_server_gracefully() -> Result<(
     let pid = runner.wait_running()?["pid"].as_u64().context("pid")?;
     let slow = serve_slowly()?;
     write_pack_spec(&fixture, &format!("{slow}/2.0.0.tar.zst"), &sha256_hex(b"never finishes"))?;
+    // The first fetch was 1.0.0's, at start.
     wait_for("the download to start", Duration::from_secs(30), || {
-        (!runner.logs_with("fetching the pack").is_empty()).then_some(())
+        (runner.logs_with("fetching the pack").len() >= 2).then_some(())
     })?;
     std::thread::sleep(Duration::from_millis(500));
     Command::new("kill").args(["-s", "TERM", &runner.pid().to_string()]).status()?;
@@ -581,6 +583,7 @@ fn sigterm_during_a_long_pack_download_stops_the_server_gracefully() -> Result<(
     assert!(exit.success(), "runner exited with {exit}");
     assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "the JVM outlived the runner");
     assert!(!runner.logs_with("Stopping the server").is_empty(), "the server did not stop gracefully");
+    assert!(!runner.logs_with("the pack update was called off").is_empty(), "SIGTERM came outside the download");
     // Nothing of the called-off update is left to apply: the data dir holds 1.0.0.
     assert_eq!(std::fs::read(fixture.data.join("mods/a.jar"))?, b"a-1");
     Ok(())
