@@ -58,10 +58,39 @@ pub fn bin(name: &str) -> Result<PathBuf> {
     }
 }
 
-/// A free TCP port on 127.0.0.1 (the kernel picks it; the listener is closed before returning).
+/// A free TCP port for a server a test starts later, never handed out twice by this process. It is
+/// taken below the kernel's ephemeral range: a port the kernel picks (a `bind` to port 0, an outgoing
+/// connection) would otherwise be free to take it between this check and the server's own bind,
+/// and a server that cannot bind its port fails (a JVM crash-looping on "Address already in use").
 pub fn free_port() -> Result<u16> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("bind a free loopback port")?;
-    Ok(listener.local_addr()?.port())
+    static HANDED: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| text.split_whitespace().next().and_then(|low| low.parse::<u16>().ok()))
+        .unwrap_or(32768);
+    let (low, high) = (10_000u16, ephemeral_low);
+    if high <= low + 1000 {
+        // An unusual range: let the kernel pick, as before.
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("bind a free loopback port")?;
+        return Ok(listener.local_addr()?.port());
+    }
+    let mut handed = HANDED.lock().map_err(|_| anyhow!("the port list lock was poisoned"))?;
+    // A small xorshift seeded by the clock and the process: test processes pick different ports.
+    let mut seed = u64::from(std::process::id())
+        ^ std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
+        ^ (handed.len() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    for _ in 0..1000 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let port = low + (seed % u64::from(high - low)) as u16;
+        // Free on every address: a server binding *:PORT needs that, not just loopback.
+        if !handed.contains(&port) && TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).is_ok() {
+            handed.push(port);
+            return Ok(port);
+        }
+    }
+    bail!("no free port found in {low}..{high}")
 }
 
 /// Polls `ready` until it returns true or `timeout` passes.
