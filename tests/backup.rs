@@ -561,12 +561,12 @@ async fn a_cancelled_upload_leaves_no_backup_and_the_next_one_succeeds() -> Resu
 #[tokio::test]
 async fn a_backup_cancelled_while_the_store_starts_its_upload_leaves_no_upload() -> Result<()> {
     // A private SeaweedFS, reached through a proxy that holds every answer back: the store holds the new
-    // upload half a second before the backup learns its id.
+    // upload 1.5 s before the backup learns its id.
     let s3 = tokio::task::spawn_blocking(atlas_testbed::start_s3).await??;
     let bucket_name = unique("backup-cancel-start").to_lowercase();
     atlas_testbed::create_bucket(&s3.endpoint, &bucket_name).await?;
     let upstream: SocketAddr = s3.endpoint.endpoint.trim_start_matches("http://").parse()?;
-    let proxy = slow_answers_proxy(upstream, Duration::from_millis(500)).await?;
+    let proxy = slow_answers_proxy(upstream, Duration::from_millis(1500)).await?;
     let slow = S3Endpoint { endpoint: format!("http://{proxy}"), ..s3.endpoint.clone() };
     let bucket = TestBucket { s3: slow, name: bucket_name.clone(), region: atlas_testbed::S3_REGION.to_owned() };
     let data = DataDir::new("world")?;

@@ -651,16 +651,40 @@ fn a_followed_hub_channel_is_updated_automatically_once_nobody_is_online() -> Re
     assert!(updated.get("packUpdateAvailable").is_none(), "{updated}");
     assert_eq!(runner.logs_with("server process started").len(), 2, "not exactly one restart");
 
-    // A change of the update policy alone needs no restart: the data dir holds the pack already.
+    // Someone online again, and 3.0.0 waits for them. Switching to manual mode then is only a policy
+    // change: nothing is fetched or restarted, and 3.0.0 is reported, not applied.
+    cli(&fixture.data, &["console", "fake-join", "alex"])?;
+    runner.wait_status("a player online", Duration::from_secs(20), |s| s["playersOnline"] == 1)?;
+    let v3 = fake_server_pack(&dir, "3.0.0", &[("mods/a.jar", b"a-3")])?;
+    publish("3.0.0", &v3)?;
+    runner.wait_status("3.0.0 reported", Duration::from_secs(30), |s| s["packUpdateAvailable"] == "3.0.0")?;
     write_spec_with_pack_source(
         &fixture,
         &format!("hub: {{url: \"{base}\", pack: server, channel: stable}}"),
         "    update: {mode: manual, interval: 1s}\n",
     )?;
-    wait_for("the new policy taken without a restart", Duration::from_secs(20), || {
-        (!runner.logs_with("the data dir holds its pack and nothing else needs a restart").is_empty()).then_some(())
+    wait_for("the manual policy taken", Duration::from_secs(20), || {
+        (!runner.logs_with("spec.pack.update.mode is manual").is_empty()).then_some(())
     })?;
-    let same = runner.status()?;
-    assert_eq!((same["phase"].clone(), same["pid"].clone()), ("Running".into(), updated["pid"].clone()));
+    assert_eq!(runner.logs_with("only spec.pack.update, taken without a restart").len(), 1);
+    let manual = runner.status()?;
+    assert_eq!(
+        (manual["phase"].clone(), manual["pid"].clone(), manual["packVersion"].clone()),
+        ("Running".into(), updated["pid"].clone(), "2.0.0".into())
+    );
+
+    // A restart while the channel names a version that cannot be applied (its digest is wrong) starts
+    // the version the data dir holds.
+    hub.lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .insert(CHANNEL.into(), channel_answer("4.0.0", b"not the blob served"));
+    hub.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.insert("/blobs/4.0.0.tar.zst".into(), v3.clone());
+    cli(&fixture.data, &["restart"])?;
+    let restarted = runner.wait_status("the held version restarted", Duration::from_secs(60), |s| {
+        s["phase"] == "Running" && s["pid"] != updated["pid"]
+    })?;
+    assert_eq!(restarted["packVersion"], "2.0.0", "{restarted}");
+    assert_eq!(std::fs::read(fixture.data.join("mods/a.jar"))?, b"a-2");
+    assert_eq!(runner.logs_with("starting the pack version the data dir holds").len(), 1);
     Ok(())
 }

@@ -160,7 +160,7 @@ pub async fn upload_archive(
 
 /// Starts the multipart upload of `key` on a task of its own. The store holds the upload before its answer
 /// arrives with the id: a backup cancelled in between would never learn which upload to abort. The task
-/// outlives such a cancel, and aborts the upload it started when nobody waits for it any more.
+/// outlives such a cancel, and the upload it started is aborted if nobody claims it.
 async fn start_upload(
     store: &Store,
     key: &ObjectPath,
@@ -171,11 +171,8 @@ async fn start_upload(
     let shown = key.to_string();
     let task = tokio::spawn(async move {
         let started = begin_upload(&store, &key, &journal).await;
-        if let Err(Ok(mut upload)) = tx.send(started)
-            && let Err(error) = upload.abort().await
-        {
-            tracing::warn!(%error, "aborting the multipart upload of a cancelled backup failed");
-        }
+        // Not received (the backup was cancelled): dropped, so aborted.
+        let _ = tx.send(started.map(|upload| Unclaimed(Some(upload))));
     });
     let Ok(started) = rx.await else {
         return Err(match task.await {
@@ -183,7 +180,24 @@ async fn start_upload(
             Ok(()) => UploadError::UploadClosed { key: shown },
         });
     };
-    started
+    started?.0.take().ok_or(UploadError::UploadClosed { key: shown })
+}
+
+/// An upload handed from the task that started it; aborted when dropped before it is taken out.
+struct Unclaimed(Option<Box<dyn MultipartUpload>>);
+
+impl Drop for Unclaimed {
+    fn drop(&mut self) {
+        if let Some(mut upload) = self.0.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(async move {
+                if let Err(error) = upload.abort().await {
+                    tracing::warn!(%error, "aborting the multipart upload of a cancelled backup failed");
+                }
+            });
+        }
+    }
 }
 
 async fn begin_upload(

@@ -160,8 +160,9 @@ async fn apply_spec_inner(
     let preserve = Preserve::new(&pack.preserve)?;
     // A hub is asked which version it names (a small request, or a 304): its archive is not downloaded
     // again for a version the data dir holds.
-    let key = source::name(&pack.source, pack.version.as_deref(), options).await?.key;
-    if let Some(version) = already_applied(data_dir, &lock, key.as_deref(), pack.version.as_deref()).await? {
+    let named = source::name(&pack.source, pack.version.as_deref(), options).await?;
+    let (key, named_version) = (named.key, named.version.as_ref().map(PackVersion::as_str));
+    if let Some(version) = already_applied(data_dir, &lock, key.as_deref(), named_version).await? {
         tracing::info!(version = %version, "the pack is already applied");
         return Ok(Provisioned::AlreadyCurrent(version));
     }
@@ -300,7 +301,7 @@ impl Drop for CancelOnDrop {
 }
 
 /// The version the data dir holds when the state records it was applied from `key` (and it is
-/// the pinned version, if one is pinned).
+/// the version the source names, a pin or a hub's answer, if it names one).
 async fn already_applied(
     data_dir: &Path,
     lock: &Arc<DataDirLock>,

@@ -254,25 +254,31 @@ async fn run_once(
                     }
                     Ok(version) => version,
                 };
-                context.metrics.update_available.reset();
+                let reported = shared.status.borrow().pack_update_available.clone();
                 if version == prepared.pack_version {
                     context.metrics.update_checks.with_label_values(&["current"]).inc();
-                    shared.status.send_modify(|s| s.pack_update_available = None);
+                    if reported.is_some() {
+                        context.metrics.update_available.reset();
+                        shared.status.send_modify(|s| s.pack_update_available = None);
+                    }
                     continue;
                 }
                 let version = version.unwrap_or_default();
                 context.metrics.update_checks.with_label_values(&["available"]).inc();
-                context.metrics.update_available.with_label_values(&[version.as_str()]).set(1.0);
-                shared.status.send_modify(|s| s.pack_update_available = Some(version.clone()));
-                let players = shared.status.borrow().players_online;
+                if reported.as_ref() != Some(&version) {
+                    // The new series first, then the old one goes: a scrape never finds none.
+                    context.metrics.update_available.with_label_values(&[version.as_str()]).set(1.0);
+                    if let Some(old) = &reported {
+                        let _ = context.metrics.update_available.remove_label_values(&[old.as_str()]);
+                    }
+                    shared.status.send_modify(|s| s.pack_update_available = Some(version.clone()));
+                }
                 let wait = if !plan.auto {
                     Some("spec.pack.update.mode is manual: change the spec to apply it")
                 } else if !is_ready {
                     Some("waiting for the server to be ready")
-                } else if !plan.window_allows(&jiff::Zoned::now()) {
-                    Some("waiting for spec.pack.update.window")
-                } else if plan.require_no_players && players > 0 {
-                    Some("waiting until no players are online (spec.pack.update.requireNoPlayers)")
+                } else if let Some(why) = update_waits(plan, shared) {
+                    Some(why)
                 } else if !context.may_update_to(pack, &version) {
                     Some("the channel still names the version rolled back after its server failed")
                 } else if refused.as_deref() == Some(version.as_str()) {
@@ -294,6 +300,14 @@ async fn run_once(
                 if changed.is_err() { continue; }
                 let due = update_due.take();
                 let spec = specs.borrow_and_update().clone();
+                if due.is_none() && prepare::only_update_policy_changes(&prepared, &spec) {
+                    tracing::info!("spec changed; only spec.pack.update, taken without a restart");
+                    prepared.spec.pack.clone_from(&spec.pack);
+                    schedule = update_schedule(&prepared);
+                    checks = check_ticker(schedule.as_ref());
+                    last_said = None;
+                    continue;
+                }
                 if due.is_none() && !prepared.needs_restart_for(&spec) {
                     tracing::info!("spec changed; nothing that needs a restart");
                     continue;
@@ -326,7 +340,22 @@ async fn run_once(
                     // changed yet; the staging task sees its stream and channels gone) and stops the
                     // server as any shutdown does.
                     let outcome = {
-                        let update = prepare::update_pack(&prepared, &spec, &options.prepare, backup, stop);
+                        // An update a check found goes ahead only with the version it found, and only
+                        // while the policy still allows it (a download takes time).
+                        let plan = schedule.clone();
+                        let still_wanted = due.as_deref().map(|version| {
+                            move |to: &crate::pack::PackVersion| -> Result<(), String> {
+                                if to.as_str() != version {
+                                    return Err(format!("the channel names {to} now, not {version}"));
+                                }
+                                match plan.as_ref().and_then(|plan| update_waits(plan, shared)) {
+                                    Some(why) => Err(why.to_owned()),
+                                    None => Ok(()),
+                                }
+                            }
+                        });
+                        let proceed = still_wanted.as_ref().map(|f| f as prepare::Proceed<'_>);
+                        let update = prepare::update_pack(&prepared, &spec, &options.prepare, proceed, backup, stop);
                         tokio::pin!(update);
                         tokio::select! {
                             outcome = &mut update => Some(outcome),
@@ -353,6 +382,10 @@ async fn run_once(
                         return Next::Exit;
                     }
                     match outcome {
+                        PackUpdate::Untouched(Some(e @ PrepareError::Deferred(_))) => {
+                            tracing::info!("{e}; the next check decides again");
+                            continue;
+                        }
                         PackUpdate::Untouched(Some(e)) => {
                             tracing::error!(category = e.category(), transient = e.is_transient(), "{e}; keeping the running server");
                             if e.is_transient() {
@@ -488,6 +521,18 @@ async fn run_once(
             shared.set_phase(Phase::Failed, Some(message));
             Next::Hold
         }
+    }
+}
+
+/// Why an update a check found must wait now, if it must: outside `window`, or with players online
+/// and `requireNoPlayers`.
+fn update_waits(plan: &update::Schedule, shared: &Shared) -> Option<&'static str> {
+    if !plan.window_allows(&jiff::Zoned::now()) {
+        Some("waiting for spec.pack.update.window")
+    } else if plan.require_no_players && shared.status.borrow().players_online > 0 {
+        Some("waiting until no players are online (spec.pack.update.requireNoPlayers)")
+    } else {
+        None
     }
 }
 

@@ -133,6 +133,9 @@ pub enum PrepareError {
     /// `spec.backup.beforeUpdate` is set and that backup failed.
     #[error("the backup before the pack update failed: {0}")]
     BackupBeforeUpdate(String),
+    /// The update was staged, but what it waited for no longer holds (`spec.pack.update`).
+    #[error("the pack update was put off: {0}")]
+    Deferred(String),
     /// Fetching, verifying or applying the pack failed; the data dir holds the version it held.
     #[error("pack: {0}")]
     Pack(#[from] ProvisionError),
@@ -145,6 +148,7 @@ impl PrepareError {
             Self::Server(e) => e.category(),
             Self::Unsupported(_) => "unsupported",
             Self::BackupBeforeUpdate(_) => "backup",
+            Self::Deferred(_) => "deferred",
             Self::Pack(e) => e.category(),
         }
     }
@@ -156,6 +160,8 @@ impl PrepareError {
             Self::Unsupported(_) => false,
             // A store that was down may be back: the update is tried again later.
             Self::BackupBeforeUpdate(_) => true,
+            // The next update check decides again.
+            Self::Deferred(_) => true,
             Self::Pack(e) => e.is_transient(),
         }
     }
@@ -171,10 +177,22 @@ pub async fn prepare(spec: &MinecraftServerSpec, options: &PrepareOptions) -> Re
         }
         (Some(pack), Some(context)) => {
             let fetch = FetchOptions::new(&options.data_dir);
-            let provisioned =
-                provision::apply_spec(pack, &options.data_dir, context.lock.clone(), &fetch, &context.metrics).await?;
-            context.set_rolled_back(None);
-            Some(provisioned.version().to_string())
+            match provision::apply_spec(pack, &options.data_dir, context.lock.clone(), &fetch, &context.metrics).await {
+                Ok(provisioned) => {
+                    context.set_rolled_back(None);
+                    Some(provisioned.version().to_string())
+                }
+                // A followed hub channel that cannot be applied now (the hub down, a bad new version):
+                // the version the data dir holds starts, and the update checks go on.
+                Err(e) if follows_channel(pack) => {
+                    let Some(held) = provision::current_version(&options.data_dir, context.lock.clone()).await? else {
+                        return Err(e.into());
+                    };
+                    tracing::warn!(category = e.category(), version = %held, "{e}; starting the pack version the data dir holds");
+                    Some(held.to_string())
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
         (Some(_), None) => {
             return Err(PrepareError::Unsupported("spec.pack needs a runner that holds the data dir's lock".into()));
@@ -190,6 +208,11 @@ pub async fn prepare(spec: &MinecraftServerSpec, options: &PrepareOptions) -> Re
     Ok(prepared)
 }
 
+/// Whether `pack` follows a hub channel (no pinned version): what it names can change under the same spec.
+pub(super) fn follows_channel(pack: &PackSpec) -> bool {
+    matches!(pack.source.get(), Some(crate::api::PackSourceRef::Hub(_))) && pack.version.is_none()
+}
+
 /// Readies a spec change whose pack is unchanged (see [`pack_changes`]) while the old server runs.
 pub async fn prepare_change(
     current: &Prepared,
@@ -201,10 +224,31 @@ pub async fn prepare_change(
     Ok(prepared)
 }
 
-/// Whether running `new` instead of `current` needs a pack update.
+/// Whether running `new` instead of `current` needs a pack update: its pack differs in more than
+/// `update`, which says when updates run, not what the pack is.
 pub fn pack_changes(current: &Prepared, new: &MinecraftServerSpec) -> bool {
-    new.pack.is_some() && current.spec.pack != new.pack
+    new.pack.is_some() && !same_pack(current.spec.pack.as_ref(), new.pack.as_ref())
 }
+
+/// Whether `new` differs from the spec `current` runs in `spec.pack.update` alone.
+pub fn only_update_policy_changes(current: &Prepared, new: &MinecraftServerSpec) -> bool {
+    let mut same = new.clone();
+    same.pack.clone_from(&current.spec.pack);
+    current.spec.pack != new.pack
+        && same_pack(current.spec.pack.as_ref(), new.pack.as_ref())
+        && !current.needs_restart_for(&same)
+}
+
+fn same_pack(a: Option<&PackSpec>, b: Option<&PackSpec>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => a.source == b.source && a.version == b.version && a.preserve == b.preserve,
+        (a, b) => a.is_none() && b.is_none(),
+    }
+}
+
+/// Asked once the new version is staged, before the backup and the stop: `Err(why)` puts the
+/// update off with the server still running.
+pub type Proceed<'a> = &'a (dyn Fn(&PackVersion) -> Result<(), String> + Sync);
 
 /// What [`update_pack`] did.
 #[derive(Debug)]
@@ -239,14 +283,16 @@ pub enum PackUpdate<X> {
     },
 }
 
-/// A spec change with a new pack: fetch, stage, verify and plan while the old server runs, then
-/// take `backup` (`spec.backup.beforeUpdate`; not polled before, and an error calls the update off
-/// with the server still running), stop it (`stop`, not polled before), swap, and prepare the new
-/// server. A pack that fails to fetch or verify leaves the running server alone.
+/// A spec change with a new pack: fetch, stage, verify and plan while the old server runs, ask
+/// `proceed` (an update check's conditions), then take `backup` (`spec.backup.beforeUpdate`; not
+/// polled before, and an error calls the update off with the server still running), stop it
+/// (`stop`, not polled before), swap, and prepare the new server. A pack that fails to fetch or
+/// verify leaves the running server alone.
 pub async fn update_pack<X: Send>(
     current: &Prepared,
     spec: &MinecraftServerSpec,
     options: &PrepareOptions,
+    proceed: Option<Proceed<'_>>,
     backup: Option<BoxFuture<'_, Result<String, String>>>,
     stop: BoxFuture<'_, X>,
 ) -> PackUpdate<X> {
@@ -260,16 +306,20 @@ pub async fn update_pack<X: Send>(
         return PackUpdate::Untouched(None);
     }
     let fetch = FetchOptions::new(&options.data_dir);
-    let (mut stopped, mut backup_failed) = (None, None);
-    let (stopped_slot, failed_slot) = (&mut stopped, &mut backup_failed);
+    let (mut stopped, mut called_off) = (None, None);
+    let (stopped_slot, called_off_slot) = (&mut stopped, &mut called_off);
     let gate: provision::Gate<'_> = Box::new(move |to: PackVersion| {
         Box::pin(async move {
+            if let Some(Err(why)) = proceed.map(|proceed| proceed(&to)) {
+                *called_off_slot = Some(PrepareError::Deferred(why));
+                return false;
+            }
             if let Some(backup) = backup {
                 tracing::info!(to = %to, "pack staged; backing the world up before the update");
                 match backup.await {
                     Ok(name) => tracing::info!(backup = %name, "backed up before the pack update"),
                     Err(e) => {
-                        *failed_slot = Some(e);
+                        *called_off_slot = Some(PrepareError::BackupBeforeUpdate(e));
                         return false;
                     }
                 }
@@ -283,8 +333,8 @@ pub async fn update_pack<X: Send>(
         provision::apply_spec_gated(pack, &options.data_dir, context.lock.clone(), &fetch, &context.metrics, gate)
             .await;
     let Some(stopped) = stopped else {
-        if let Some(e) = backup_failed {
-            return PackUpdate::Untouched(Some(PrepareError::BackupBeforeUpdate(e)));
+        if let Some(e) = called_off {
+            return PackUpdate::Untouched(Some(e));
         }
         return match result {
             Ok(_) => PackUpdate::Untouched(None),
@@ -550,7 +600,7 @@ mod tests {
         );
         let spec = super::super::parse_spec(Path::new("s.yaml"), &text)?;
         let old = prepared_for(Some("1.0.0"))?;
-        let outcome = update_pack(&old, &spec, &options, None, Box::pin(async {})).await;
+        let outcome = update_pack(&old, &spec, &options, None, None, Box::pin(async {})).await;
         let PackUpdate::Reverted { error, .. } = outcome else {
             return Err(format!("expected the old server back: {outcome:?}").into());
         };

@@ -5,12 +5,14 @@ use std::time::Duration;
 
 use jiff::civil::Weekday;
 
-use crate::api::{PackSourceRef, PackSpec, UpdateMode, UpdatePolicy};
+use crate::api::{PackSpec, UpdateMode, UpdatePolicy};
 
 /// How often the source is checked when `interval` is omitted.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(300);
 /// The shortest interval taken: a hub is not polled more often than this.
 const MIN_INTERVAL: Duration = Duration::from_secs(1);
+/// The longest interval taken (168h).
+const MAX_INTERVAL: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// The checks a pack spec asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,8 +33,7 @@ impl Schedule {
     pub fn of(pack: &PackSpec) -> Result<Option<Self>, String> {
         let Some(policy) = &pack.update else { return Ok(None) };
         let schedule = Self::parse(policy)?;
-        let follows_channel = matches!(pack.source.get(), Some(PackSourceRef::Hub(_))) && pack.version.is_none();
-        Ok(follows_channel.then_some(schedule))
+        Ok(super::prepare::follows_channel(pack).then_some(schedule))
     }
 
     /// Parses a policy, whatever its source.
@@ -84,7 +85,11 @@ pub fn parse_interval(text: &str) -> Result<Duration, String> {
             _ => return Err(format!("{c:?} is not a unit (s, m or h)")),
         };
         let n: u64 = digits.parse().map_err(|_| format!("a number must come before {c:?}"))?;
-        total += Duration::from_secs(n.saturating_mul(unit));
+        total = n
+            .checked_mul(unit)
+            .and_then(|secs| total.checked_add(Duration::from_secs(secs)))
+            .filter(|t| *t <= MAX_INTERVAL)
+            .ok_or("longer than a week")?;
         digits.clear();
     }
     if !digits.is_empty() || text.is_empty() {
@@ -175,6 +180,9 @@ mod tests {
         assert!(parse_interval("m").is_err());
         assert!(parse_interval("5d").is_err());
         assert!(parse_interval("").is_err());
+        assert!(parse_interval("169h").is_err_and(|e| e.contains("week")));
+        assert!(parse_interval("18446744073709551615s").is_err());
+        assert!(parse_interval("18446744073709551615s1s").is_err());
     }
 
     #[test]

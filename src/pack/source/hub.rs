@@ -146,7 +146,8 @@ pub async fn lookup(
     if let (Some(path), Some(etag)) = (&state, etag) {
         let bytes = serde_json::to_vec(&Remembered { url: url.to_string(), etag, answer: answer.clone() })
             .map_err(|source| SourceError::ParseHubAnswer { url: url.to_string(), source })?;
-        let tmp = path.with_extension("json.tmp");
+        // Its own name: a runner's update check and its update may both look the channel up.
+        let tmp = path.with_extension(format!("json.{:08x}.tmp", rand::random::<u32>()));
         std::fs::write(&tmp, bytes).map_err(io_err("write", &tmp))?;
         std::fs::rename(&tmp, path).map_err(io_err("rename", &tmp))?;
     }
