@@ -295,8 +295,8 @@ pub struct UpdatePolicy {
     #[serde(default)]
     pub mode: UpdateMode,
     /// How often the source is checked for a new version, as a duration (`30s`, `5m`, `1h30m`);
-    /// default 5m. Only a hub source followed on its channel (no `version`) can change, so only it is
-    /// checked.
+    /// default 5m, at most 168h. Only a hub source followed on its channel (no `version`) can change,
+    /// so only it is checked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^([0-9]+(s|m|h))+$"))]
     pub interval: Option<String>,

@@ -298,14 +298,27 @@ async fn run_once(
             }
             changed = specs.changed() => {
                 if changed.is_err() { continue; }
-                let due = update_due.take();
                 let spec = specs.borrow_and_update().clone();
-                if due.is_none() && prepare::only_update_policy_changes(&prepared, &spec) {
+                // An update a check found yields to a change of the spec made meanwhile: that one is
+                // handled as any spec change, and the next check decides again.
+                let due = update_due.take().filter(|_| {
+                    !prepare::pack_changes(&prepared, &spec)
+                        && !prepared.needs_restart_for(&spec)
+                        && !prepare::only_update_policy_changes(&prepared, &spec)
+                });
+                if prepare::only_update_policy_changes(&prepared, &spec) {
                     tracing::info!("spec changed; only spec.pack.update, taken without a restart");
                     prepared.spec.pack.clone_from(&spec.pack);
                     schedule = update_schedule(&prepared);
                     checks = check_ticker(schedule.as_ref());
                     last_said = None;
+                    if schedule.is_none() {
+                        // No more checks: nothing is reported as available any more.
+                        if let Some(context) = &options.prepare.pack {
+                            context.metrics.update_available.reset();
+                        }
+                        shared.status.send_modify(|s| s.pack_update_available = None);
+                    }
                     continue;
                 }
                 if due.is_none() && !prepared.needs_restart_for(&spec) {
@@ -341,20 +354,23 @@ async fn run_once(
                     // server as any shutdown does.
                     let outcome = {
                         // An update a check found goes ahead only with the version it found, and only
-                        // while the policy still allows it (a download takes time).
-                        let plan = schedule.clone();
-                        let still_wanted = due.as_deref().map(|version| {
-                            move |to: &crate::pack::PackVersion| -> Result<(), String> {
-                                if to.as_str() != version {
-                                    return Err(format!("the channel names {to} now, not {version}"));
-                                }
-                                match plan.as_ref().and_then(|plan| update_waits(plan, shared)) {
-                                    Some(why) => Err(why.to_owned()),
-                                    None => Ok(()),
-                                }
-                            }
+                        // while the policy still allows it: the download took time, and players are
+                        // asked again.
+                        let (plan, rcon) = (schedule.clone(), prepared.rcon.clone());
+                        let proceed = due.clone().map(|version| -> prepare::Proceed<'_> {
+                            Box::new(move |to: crate::pack::PackVersion| {
+                                Box::pin(async move {
+                                    if to.as_str() != version {
+                                        return Err(format!("the channel names {to} now, not {version}"));
+                                    }
+                                    poll_players(shared, &rcon).await;
+                                    match plan.as_ref().and_then(|plan| update_waits(plan, shared)) {
+                                        Some(why) => Err(why.to_owned()),
+                                        None => Ok(()),
+                                    }
+                                })
+                            })
                         });
-                        let proceed = still_wanted.as_ref().map(|f| f as prepare::Proceed<'_>);
                         let update = prepare::update_pack(&prepared, &spec, &options.prepare, proceed, backup, stop);
                         tokio::pin!(update);
                         tokio::select! {

@@ -47,6 +47,9 @@ pub struct PackContext {
     /// applied again (by a crash restart or another spec change) until the spec names another pack,
     /// or its hub channel names another version.
     rolled_back: Arc<Mutex<Option<RolledBack>>>,
+    /// The pack this runner last applied (or found applied): a start whose followed channel cannot
+    /// be applied falls back to the version the data dir holds only when it came from this pack.
+    applied: Arc<Mutex<Option<PackSpec>>>,
 }
 
 /// A pack spec rolled back after its server failed, and the version that failed.
@@ -55,11 +58,21 @@ type RolledBack = (PackSpec, Option<String>);
 impl PackContext {
     /// The context of a runner holding `lock`.
     pub fn new(lock: Arc<DataDirLock>, metrics: PackMetrics) -> Self {
-        Self { lock, metrics, rolled_back: Arc::default() }
+        Self { lock, metrics, rolled_back: Arc::default(), applied: Arc::default() }
+    }
+
+    fn set_applied(&self, pack: &PackSpec) {
+        if let Ok(mut applied) = self.applied.lock() {
+            *applied = Some(pack.clone());
+        }
+    }
+
+    fn holds(&self, pack: &PackSpec) -> bool {
+        self.applied.lock().is_ok_and(|applied| same_pack(applied.as_ref(), Some(pack)))
     }
 
     fn was_rolled_back(&self, pack: &PackSpec) -> bool {
-        self.rolled_back.lock().is_ok_and(|r| r.as_ref().is_some_and(|(spec, _)| spec == pack))
+        self.rolled_back.lock().is_ok_and(|r| r.as_ref().is_some_and(|(spec, _)| same_pack(Some(spec), Some(pack))))
     }
 
     fn set_rolled_back(&self, failed: Option<(&PackSpec, Option<&str>)>) {
@@ -74,7 +87,7 @@ impl PackContext {
     pub fn may_update_to(&self, pack: &PackSpec, version: &str) -> bool {
         let Ok(mut r) = self.rolled_back.lock() else { return false };
         match r.as_ref() {
-            Some((spec, failed)) if spec == pack => {
+            Some((spec, failed)) if same_pack(Some(spec), Some(pack)) => {
                 if failed.as_deref() == Some(version) {
                     return false;
                 }
@@ -180,11 +193,13 @@ pub async fn prepare(spec: &MinecraftServerSpec, options: &PrepareOptions) -> Re
             match provision::apply_spec(pack, &options.data_dir, context.lock.clone(), &fetch, &context.metrics).await {
                 Ok(provisioned) => {
                     context.set_rolled_back(None);
+                    context.set_applied(pack);
                     Some(provisioned.version().to_string())
                 }
-                // A followed hub channel that cannot be applied now (the hub down, a bad new version):
-                // the version the data dir holds starts, and the update checks go on.
-                Err(e) if follows_channel(pack) => {
+                // A followed hub channel that cannot be applied now (the hub down, a bad new version)
+                // on a restart of this runner's server: the version of that same pack the data dir
+                // holds starts, and the update checks (if any) go on.
+                Err(e) if follows_channel(pack) && context.holds(pack) => {
                     let Some(held) = provision::current_version(&options.data_dir, context.lock.clone()).await? else {
                         return Err(e.into());
                     };
@@ -248,7 +263,7 @@ fn same_pack(a: Option<&PackSpec>, b: Option<&PackSpec>) -> bool {
 
 /// Asked once the new version is staged, before the backup and the stop: `Err(why)` puts the
 /// update off with the server still running.
-pub type Proceed<'a> = &'a (dyn Fn(&PackVersion) -> Result<(), String> + Sync);
+pub type Proceed<'a> = Box<dyn FnOnce(PackVersion) -> BoxFuture<'a, Result<(), String>> + Send + 'a>;
 
 /// What [`update_pack`] did.
 #[derive(Debug)]
@@ -310,7 +325,9 @@ pub async fn update_pack<X: Send>(
     let (stopped_slot, called_off_slot) = (&mut stopped, &mut called_off);
     let gate: provision::Gate<'_> = Box::new(move |to: PackVersion| {
         Box::pin(async move {
-            if let Some(Err(why)) = proceed.map(|proceed| proceed(&to)) {
+            if let Some(proceed) = proceed
+                && let Err(why) = proceed(to.clone()).await
+            {
                 *called_off_slot = Some(PrepareError::Deferred(why));
                 return false;
             }
@@ -337,7 +354,10 @@ pub async fn update_pack<X: Send>(
             return PackUpdate::Untouched(Some(e));
         }
         return match result {
-            Ok(_) => PackUpdate::Untouched(None),
+            Ok(_) => {
+                context.set_applied(pack);
+                PackUpdate::Untouched(None)
+            }
             Err(e) => PackUpdate::Untouched(Some(e.into())),
         };
     };
@@ -348,6 +368,7 @@ pub async fn update_pack<X: Send>(
         Err(e) => return reverted_or_held(current, options, context, e.into(), stopped).await,
     };
     context.set_rolled_back(None);
+    context.set_applied(pack);
     match prepare_server(spec, options).await {
         Ok(mut next) => {
             next.pack_version = Some(to.to_string());
