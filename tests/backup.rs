@@ -536,15 +536,7 @@ async fn a_cancelled_upload_leaves_no_backup_and_the_next_one_succeeds() -> Resu
     task.abort();
     assert!(task.await.is_err_and(|e| e.is_cancelled()));
     // The abort of the multipart upload runs on a spawned task: wait for SeaweedFS to have no upload left.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let left = s3.uploads_in_progress(&bucket_name).await?;
-        if left.is_empty() {
-            break;
-        }
-        ensure!(Instant::now() < deadline, "a cancelled backup left multipart uploads: {left:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    no_upload_left(&s3, &bucket_name, "a cancelled backup").await?;
 
     assert!(backup::list(&store).await?.is_empty(), "a cancelled backup left a manifest");
     let objects: Vec<_> = {
@@ -588,19 +580,23 @@ async fn a_backup_cancelled_while_the_store_starts_its_upload_leaves_no_upload()
     }
     task.abort();
     assert!(task.await.is_err_and(|e| e.is_cancelled()), "the backup finished before it was cancelled");
-
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let left = s3.uploads_in_progress(&bucket_name).await?;
-        if left.is_empty() {
-            break;
-        }
-        ensure!(Instant::now() < deadline, "a backup cancelled while its upload started left it: {left:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    no_upload_left(&s3, &bucket_name, "a backup cancelled while its upload started").await?;
     let journal = data.0.join(backup::upload::JOURNAL_DIR);
     until("the upload's record to go", || std::fs::read_dir(&journal).is_ok_and(|mut d| d.next().is_none())).await?;
     Ok(())
+}
+
+/// Waits up to 20 s for SeaweedFS to hold no multipart upload in `bucket` (aborts run on spawned tasks).
+async fn no_upload_left(s3: &atlas_testbed::S3Processes, bucket: &str, who: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = s3.uploads_in_progress(bucket).await?;
+        if left.is_empty() {
+            return Ok(());
+        }
+        ensure!(Instant::now() < deadline, "{who} left multipart uploads: {left:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// A loopback TCP proxy to `upstream` that holds every chunk of an answer back for `delay`: requests reach
