@@ -161,7 +161,7 @@ async fn apply_spec_inner(
     // A hub is asked which version it names (a small request, or a 304): its archive is not downloaded
     // again for a version the data dir holds.
     let named = source::name(&pack.source, pack.version.as_deref(), options).await?;
-    let (key, named_version) = (named.key, named.version.as_ref().map(PackVersion::as_str));
+    let (key, named_version) = (named.key.clone(), named.version.as_ref().map(PackVersion::as_str));
     if let Some(version) = already_applied(data_dir, &lock, key.as_deref(), named_version).await? {
         tracing::info!(version = %version, "the pack is already applied");
         return Ok(Provisioned::AlreadyCurrent(version));
@@ -188,7 +188,7 @@ async fn apply_spec_inner(
         let (mut store, recovery) = PackStore::open(&data_dir, &lock)?;
         tracing::debug!(?recovery, "pack store opened");
         let limits = Limits::default();
-        let (mut staged, mut stream_error, mut key) = (None, None, key);
+        let (mut staged, mut stream_error) = (None, None);
         if let Some((mut reader, compression, version)) = stream {
             match store.stage_stream(&mut reader, compression, version.as_ref(), &limits) {
                 Err(e) if !reader.verified() => {
@@ -221,8 +221,6 @@ async fn apply_spec_inner(
                 let Ok(Some(fetched)) = fetched_rx.blocking_recv() else {
                     return Err(ProvisionError::NoArchive);
                 };
-                // What was fetched, which a hub may have moved on from since it was named.
-                key = fetched.key;
                 match stream_error {
                     // The whole download went to the stream (no file was kept): its refusal stands.
                     Some(e) if !fetched.archive.exists() => Err(e),
@@ -258,7 +256,8 @@ async fn apply_spec_inner(
         Ok(Provisioned::Applied { report, bytes_downloaded: 0 })
     });
     tracing::info!(pinned = pack.version.as_deref(), "fetching the pack");
-    let fetched = source::fetch(&pack.source, pack.version.as_deref(), &fetch_options).await;
+    // The hub's answer is the one just named: its blob is fetched without asking again.
+    let fetched = source::fetch_named(&pack.source, pack.version.as_deref(), &named, &fetch_options).await;
     // The last sender of the tee: its reader now sees the end of the stream.
     drop(fetch_options);
     let fetched = match fetched {
@@ -306,15 +305,15 @@ async fn already_applied(
     data_dir: &Path,
     lock: &Arc<DataDirLock>,
     key: Option<&str>,
-    pinned: Option<&str>,
+    named: Option<&str>,
 ) -> Result<Option<PackVersion>, ProvisionError> {
     let Some(key) = key.map(str::to_owned) else { return Ok(None) };
-    let (data_dir, lock, pinned) = (data_dir.to_owned(), Arc::clone(lock), pinned.map(str::to_owned));
+    let (data_dir, lock, named) = (data_dir.to_owned(), Arc::clone(lock), named.map(str::to_owned));
     tokio::task::spawn_blocking(move || -> Result<Option<PackVersion>, ProvisionError> {
         let (store, _) = PackStore::open(&data_dir, &lock)?;
         let state = store.state();
         let same = state.source.as_deref() == Some(key.as_str())
-            && pinned.as_deref().is_none_or(|p| state.current.as_ref().is_some_and(|c| c.as_str() == p));
+            && named.as_deref().is_none_or(|p| state.current.as_ref().is_some_and(|c| c.as_str() == p));
         Ok(if same { state.current.clone() } else { None })
     })
     .await

@@ -159,15 +159,19 @@ pub async fn lookup(
     Ok(answer)
 }
 
-/// Looks the version up and downloads its blob.
+/// Downloads the blob of `answered` (a lookup already made), or of the version a lookup finds now.
 pub(crate) async fn fetch(
     client: &Client,
     hub: &HubSource,
     pinned: Option<&str>,
+    answered: Option<&HubAnswer>,
     options: &FetchOptions,
 ) -> Result<Fetched, SourceError> {
     let token = token(hub, options)?;
-    let answer = lookup(client, hub, pinned, token.as_deref(), options).await?;
+    let answer = match answered {
+        Some(answer) => answer.clone(),
+        None => lookup(client, hub, pinned, token.as_deref(), options).await?,
+    };
     let version = parse_version(&answer.version)?;
     let base = base_url(&hub.url)?;
     let blob_url = base
@@ -183,5 +187,5 @@ pub(crate) async fn fetch(
     let blob_token = if blob_url.origin() == base.origin() { token.as_deref() } else { None };
     let bytes_downloaded =
         download::download(client, &blob_url, blob_token, &expected, &partial, &archive, options).await?;
-    Ok(Fetched { archive, format, version: Some(version), bytes_downloaded, key: Some(format!("sha256:{sha256}")) })
+    Ok(Fetched { archive, format, version: Some(version), bytes_downloaded })
 }

@@ -37,8 +37,6 @@ pub struct Fetched {
     pub version: Option<PackVersion>,
     /// Bytes received over the network by this fetch (0 when everything was cached).
     pub bytes_downloaded: u64,
-    /// What names this content ([`Named::key`]).
-    pub key: Option<String>,
 }
 
 /// Where and how to fetch.
@@ -228,6 +226,13 @@ pub struct Named {
     pub key: Option<String>,
     /// The version, where it is known before the fetch: a hub's answer, or the pin.
     pub version: Option<PackVersion>,
+    /// A hub's answer, which [`fetch_named`] downloads without asking again.
+    hub_answer: Option<hub::HubAnswer>,
+}
+
+/// The key of an archive whose sha256 is `hex` ([`Named::key`]).
+fn sha256_key(hex: &str) -> String {
+    format!("sha256:{hex}")
 }
 
 /// Asks what `source` names now, downloading no archive: a url or an `.mrpack` is named by the spec
@@ -235,10 +240,12 @@ pub struct Named {
 pub async fn name(source: &PackSource, pinned: Option<&str>, options: &FetchOptions) -> Result<Named, SourceError> {
     let version = pinned.map(parse_version).transpose()?;
     match source.get().ok_or(SourceError::SelectSource)? {
-        PackSourceRef::Url(url) => Ok(Named { key: Some(format!("sha256:{}", check_hex(&url.sha256, 64)?)), version }),
+        PackSourceRef::Url(url) => {
+            Ok(Named { key: Some(sha256_key(&check_hex(&url.sha256, 64)?)), version, hub_answer: None })
+        }
         PackSourceRef::Mrpack(mrpack) => {
             let key = mrpack.sha512.as_deref().map(|hex| check_hex(hex, 128)).transpose()?;
-            Ok(Named { key: key.map(|hex| format!("sha512:{hex}")), version })
+            Ok(Named { key: key.map(|hex| format!("sha512:{hex}")), version, hub_answer: None })
         }
         PackSourceRef::Hub(hub) => {
             tokio::fs::create_dir_all(&options.work_dir)
@@ -246,8 +253,11 @@ pub async fn name(source: &PackSource, pinned: Option<&str>, options: &FetchOpti
                 .map_err(io_err("create directory", &options.work_dir))?;
             let token = hub::token(hub, options)?;
             let answer = hub::lookup(&client()?, hub, pinned, token.as_deref(), options).await?;
-            let key = format!("sha256:{}", check_hex(&answer.blob.sha256, 64)?);
-            Ok(Named { key: Some(key), version: Some(parse_version(&answer.version)?) })
+            Ok(Named {
+                key: Some(sha256_key(&check_hex(&answer.blob.sha256, 64)?)),
+                version: Some(parse_version(&answer.version)?),
+                hub_answer: Some(answer),
+            })
         }
     }
 }
@@ -510,11 +520,30 @@ pub(crate) fn parse_version(raw: &str) -> Result<PackVersion, SourceError> {
 
 /// Fetches the pack a spec names. `pinned` is spec.pack.version.
 pub async fn fetch(source: &PackSource, pinned: Option<&str>, options: &FetchOptions) -> Result<Fetched, SourceError> {
+    fetch_as(source, pinned, None, options).await
+}
+
+/// [`fetch`] of what [`name`] found: a hub is not asked again.
+pub async fn fetch_named(
+    source: &PackSource,
+    pinned: Option<&str>,
+    named: &Named,
+    options: &FetchOptions,
+) -> Result<Fetched, SourceError> {
+    fetch_as(source, pinned, named.hub_answer.as_ref(), options).await
+}
+
+async fn fetch_as(
+    source: &PackSource,
+    pinned: Option<&str>,
+    answered: Option<&hub::HubAnswer>,
+    options: &FetchOptions,
+) -> Result<Fetched, SourceError> {
     tokio::fs::create_dir_all(&options.work_dir).await.map_err(io_err("create directory", &options.work_dir))?;
     let client = client()?;
     match source.get().ok_or(SourceError::SelectSource)? {
         PackSourceRef::Url(url) => fetch_url(&client, &url.url, &url.sha256, pinned, options).await,
-        PackSourceRef::Hub(hub) => hub::fetch(&client, hub, pinned, options).await,
+        PackSourceRef::Hub(hub) => hub::fetch(&client, hub, pinned, answered, options).await,
         PackSourceRef::Mrpack(mrpack) => mrpack::fetch(&client, mrpack, pinned, options).await,
     }
 }
@@ -534,7 +563,7 @@ async fn fetch_url(
     let archive = options.work_dir.join(format!("{sha256}.{}", extension(format)));
     let partial = options.work_dir.join(format!("{sha256}.partial"));
     let bytes_downloaded = download::download(client, &url, None, &expected, &partial, &archive, options).await?;
-    Ok(Fetched { archive, format, version, bytes_downloaded, key: Some(format!("sha256:{sha256}")) })
+    Ok(Fetched { archive, format, version, bytes_downloaded })
 }
 
 #[cfg(test)]

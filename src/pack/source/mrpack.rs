@@ -270,14 +270,7 @@ pub(crate) async fn fetch(
         })
         .await?;
     }
-    let content_key = source.sha512.is_some().then(|| format!("sha512:{key}"));
-    Ok(Fetched {
-        archive: out,
-        format: ArchiveFormat::TarZst,
-        version: Some(version),
-        bytes_downloaded,
-        key: content_key,
-    })
+    Ok(Fetched { archive: out, format: ArchiveFormat::TarZst, version: Some(version), bytes_downloaded })
 }
 
 async fn blocking<T: Send + 'static>(
