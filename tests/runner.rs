@@ -608,12 +608,14 @@ fn a_followed_hub_channel_is_updated_automatically_once_nobody_is_online() -> Re
     let v1 = fake_server_pack(&dir, "1.0.0", &[("mods/a.jar", b"a-1")])?;
     let v2 = fake_server_pack(&dir, "2.0.0", &[("mods/a.jar", b"a-2")])?;
     let (base, hub) = common::serve_changing_files()?;
-    let publish = |version: &str, blob: &[u8]| -> Result<()> {
+    // The channel names `version`, whose answer describes `described`; the hub serves `served` as its blob.
+    let publish_as = |version: &str, served: &[u8], described: &[u8]| -> Result<()> {
         let mut files = hub.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
-        files.insert(format!("/blobs/{version}.tar.zst"), blob.to_vec());
-        files.insert(CHANNEL.into(), channel_answer(version, blob));
+        files.insert(format!("/blobs/{version}.tar.zst"), served.to_vec());
+        files.insert(CHANNEL.into(), channel_answer(version, described));
         Ok(())
     };
+    let publish = |version: &str, blob: &[u8]| publish_as(version, blob, blob);
     publish("1.0.0", &v1)?;
     write_spec_with_pack_source(
         &fixture,
@@ -675,10 +677,7 @@ fn a_followed_hub_channel_is_updated_automatically_once_nobody_is_online() -> Re
 
     // A restart while the channel names a version that cannot be applied (its digest is wrong) starts
     // the version the data dir holds.
-    hub.lock()
-        .map_err(|_| anyhow::anyhow!("poisoned"))?
-        .insert(CHANNEL.into(), channel_answer("4.0.0", b"not the blob served"));
-    hub.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.insert("/blobs/4.0.0.tar.zst".into(), v3.clone());
+    publish_as("4.0.0", &v3, b"not the blob served")?;
     cli(&fixture.data, &["restart"])?;
     let restarted = runner.wait_status("the held version restarted", Duration::from_secs(60), |s| {
         s["phase"] == "Running" && s["pid"] != updated["pid"]

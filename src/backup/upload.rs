@@ -120,15 +120,21 @@ struct AbortOnDrop(Option<WriteMultipart>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
-        if let Some(upload) = self.0.take()
-            && let Ok(runtime) = tokio::runtime::Handle::try_current()
-        {
-            runtime.spawn(async move {
-                if let Err(error) = abort_settled(upload).await {
-                    tracing::warn!(%error, "aborting a cancelled multipart upload failed");
-                }
-            });
+        if let Some(upload) = self.0.take() {
+            abort_in_background(abort_settled(upload), "aborting a cancelled multipart upload failed");
         }
+    }
+}
+
+/// Runs `abort` on the current runtime without waiting for it (a `Drop` cannot), logging `failed` with
+/// its error.
+fn abort_in_background(abort: impl Future<Output = object_store::Result<()>> + Send + 'static, failed: &'static str) {
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(async move {
+            if let Err(error) = abort.await {
+                tracing::warn!(%error, "{failed}");
+            }
+        });
     }
 }
 
@@ -188,14 +194,9 @@ struct Unclaimed(Option<Box<dyn MultipartUpload>>);
 
 impl Drop for Unclaimed {
     fn drop(&mut self) {
-        if let Some(mut upload) = self.0.take()
-            && let Ok(runtime) = tokio::runtime::Handle::try_current()
-        {
-            runtime.spawn(async move {
-                if let Err(error) = upload.abort().await {
-                    tracing::warn!(%error, "aborting the multipart upload of a cancelled backup failed");
-                }
-            });
+        if let Some(mut upload) = self.0.take() {
+            let abort = async move { upload.abort().await };
+            abort_in_background(abort, "aborting the multipart upload of a cancelled backup failed");
         }
     }
 }

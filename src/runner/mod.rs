@@ -161,11 +161,8 @@ async fn run_once(
         s.server_version = Some(prepared.minecraft_version.clone());
         s.players_max = prepared.max_players;
         s.pack_version = prepared.pack_version.clone();
-        s.pack_update_available = None;
     });
-    if let Some(context) = &options.prepare.pack {
-        context.metrics.update_available.reset();
-    }
+    clear_update_report(shared, options);
     if let Ok(mut rcon) = shared.rcon.lock() {
         *rcon = Some(prepared.rcon.clone());
     }
@@ -258,8 +255,7 @@ async fn run_once(
                 if version == prepared.pack_version {
                     context.metrics.update_checks.with_label_values(&["current"]).inc();
                     if reported.is_some() {
-                        context.metrics.update_available.reset();
-                        shared.status.send_modify(|s| s.pack_update_available = None);
+                        clear_update_report(shared, options);
                     }
                     continue;
                 }
@@ -308,17 +304,8 @@ async fn run_once(
                 });
                 if prepare::only_update_policy_changes(&prepared, &spec) {
                     tracing::info!("spec changed; only spec.pack.update, taken without a restart");
-                    prepared.spec.pack.clone_from(&spec.pack);
-                    schedule = update_schedule(&prepared);
-                    checks = check_ticker(schedule.as_ref());
+                    (schedule, checks) = adopt_pack_spec(&mut prepared, spec.pack.as_ref(), shared, options);
                     last_said = None;
-                    if schedule.is_none() {
-                        // No more checks: nothing is reported as available any more.
-                        if let Some(context) = &options.prepare.pack {
-                            context.metrics.update_available.reset();
-                        }
-                        shared.status.send_modify(|s| s.pack_update_available = None);
-                    }
                     continue;
                 }
                 if due.is_none() && !prepared.needs_restart_for(&spec) {
@@ -414,13 +401,10 @@ async fn run_once(
                         PackUpdate::Untouched(None) => {
                             // The data dir holds the spec's pack already: restart only for what else
                             // changed.
-                            let mut same_pack = spec.clone();
-                            same_pack.pack.clone_from(&prepared.spec.pack);
-                            if !prepared.needs_restart_for(&same_pack) {
+                            if !prepared.needs_restart_besides_pack(&spec) {
                                 tracing::info!("spec changed; the data dir holds its pack and nothing else needs a restart");
-                                prepared.spec.pack.clone_from(&spec.pack);
-                                schedule = update_schedule(&prepared);
-                                checks = check_ticker(schedule.as_ref());
+                                (schedule, checks) = adopt_pack_spec(&mut prepared, spec.pack.as_ref(), shared, options);
+                                last_said = None;
                                 continue;
                             }
                         }
@@ -550,6 +534,31 @@ fn update_waits(plan: &update::Schedule, shared: &Shared) -> Option<&'static str
     } else {
         None
     }
+}
+
+/// Nothing is reported as an available pack update any more.
+fn clear_update_report(shared: &Shared, options: &ReconcilerOptions) {
+    shared.status.send_modify(|s| s.pack_update_available = None);
+    if let Some(context) = &options.prepare.pack {
+        context.metrics.update_available.reset();
+    }
+}
+
+/// Runs on with `pack` as the running server's pack spec (the data dir holds its content): its update
+/// checks replace the old ones, and with none, nothing stays reported available.
+fn adopt_pack_spec(
+    prepared: &mut Prepared,
+    pack: Option<&crate::api::PackSpec>,
+    shared: &Shared,
+    options: &ReconcilerOptions,
+) -> (Option<update::Schedule>, tokio::time::Interval) {
+    prepared.spec.pack = pack.cloned();
+    let schedule = update_schedule(prepared);
+    if schedule.is_none() {
+        clear_update_report(shared, options);
+    }
+    let ticker = check_ticker(schedule.as_ref());
+    (schedule, ticker)
 }
 
 /// The update checks the running server's pack asks for (none if its policy cannot be read: the spec

@@ -132,6 +132,13 @@ impl Prepared {
             || old.properties != new.properties
             || old.rcon != new.rcon
     }
+
+    /// Whether running `new` needs a restart for anything besides its pack.
+    pub fn needs_restart_besides_pack(&self, new: &MinecraftServerSpec) -> bool {
+        let mut same_pack = new.clone();
+        same_pack.pack.clone_from(&self.spec.pack);
+        self.needs_restart_for(&same_pack)
+    }
 }
 
 /// Preparation failed.
@@ -247,11 +254,9 @@ pub fn pack_changes(current: &Prepared, new: &MinecraftServerSpec) -> bool {
 
 /// Whether `new` differs from the spec `current` runs in `spec.pack.update` alone.
 pub fn only_update_policy_changes(current: &Prepared, new: &MinecraftServerSpec) -> bool {
-    let mut same = new.clone();
-    same.pack.clone_from(&current.spec.pack);
     current.spec.pack != new.pack
         && same_pack(current.spec.pack.as_ref(), new.pack.as_ref())
-        && !current.needs_restart_for(&same)
+        && !current.needs_restart_besides_pack(new)
 }
 
 fn same_pack(a: Option<&PackSpec>, b: Option<&PackSpec>) -> bool {
