@@ -138,8 +138,9 @@ fn base(name: &str) -> Value {
             "rcon": {"port": 25575},
             "backup": {"schedule": "0 */6 * * *", "store": {"local": {"path": "/backups"}},
                        "retention": {"keepLast": 3}},
-            "storage": {"size": "10Gi", "storageClassName": "fast"},
-            "service": {"type": "ClusterIP", "port": 25565}
+            "storage": {"size": "10Gi", "storageClassName": "fast", "deleteWithServer": false},
+            "service": {"type": "ClusterIP", "port": 25565},
+            "upgrade": {"window": "Sat,Sun 02:00-06:00", "requireNoPlayers": true}
         }
     })
 }
@@ -228,6 +229,12 @@ fn invalid_specs() -> Vec<Case> {
         case("nodePort on ClusterIP", vec![("spec/service/nodePort", json!(30001))], &["spec.service.nodePort"]),
         case("storage size not a quantity", vec![("spec/storage/size", json!("ten gigs"))], &["spec.storage.size"]),
         case("unknown field", vec![("spec/replicas", json!(2))], &["spec.replicas", "not declared in schema"]),
+        case("upgrade window not a window", vec![("spec/upgrade/window", json!("weekends"))], &["spec.upgrade.window"]),
+        case(
+            "deleteWithServer not a boolean",
+            vec![("spec/storage/deleteWithServer", json!("yes"))],
+            &["spec.storage.deleteWithServer", "boolean"],
+        ),
         case("name too long for a StatefulSet", vec![("metadata/name", json!(long_name))], &["metadata.name", "52"]),
     ]
 }

@@ -92,6 +92,13 @@ pub struct MinecraftServerSpec {
     /// Operator only: how the game port is exposed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<ServiceSpec>,
+
+    /// Operator only: when the operator may replace the server's pod after what the pod runs
+    /// changed (a new Atlas Runner image after `helm upgrade`, new resources, another Secret). The
+    /// pod is replaced only then; until then the server keeps running and the `UpgradePending`
+    /// condition says what it waits for. Omitted: as soon as no player is online, at any time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgrade: Option<UpgradePolicy>,
 }
 
 /// What server software runs.
@@ -312,6 +319,29 @@ pub struct UpdatePolicy {
     pub require_no_players: bool,
 }
 
+/// When the operator may replace the server's pod.
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct UpgradePolicy {
+    /// When the pod may be replaced, in the operator's local time (UTC unless the chart sets `TZ`):
+    /// optional comma-separated days, then `HH:MM-HH:MM` (`Sat,Sun 02:00-06:00`). Omitted: any time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(
+        pattern = r"^((Mon|Tue|Wed|Thu|Fri|Sat|Sun)(,(Mon|Tue|Wed|Thu|Fri|Sat|Sun))* )?([01][0-9]|2[0-3]):[0-5][0-9]-([01][0-9]|2[0-3]):[0-5][0-9]$"
+    ))]
+    pub window: Option<String>,
+    /// Wait until no player is online (as `status.players` reports) before replacing the pod.
+    /// Default true: an upgrade never kicks players. False replaces it within `window` regardless.
+    #[serde(default = "yes")]
+    pub require_no_players: bool,
+}
+
+impl Default for UpgradePolicy {
+    fn default() -> Self {
+        Self { window: None, require_no_players: true }
+    }
+}
+
 /// How pack updates are applied.
 #[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
@@ -521,6 +551,11 @@ pub struct StorageSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub storage_class_name: Option<String>,
+    /// Delete the volume, and the world on it, when the MinecraftServer is deleted. Default false:
+    /// the volume outlives the resource, and a server created again under the same name gets its
+    /// world back. Pausing a server never deletes its volume.
+    #[serde(default)]
+    pub delete_with_server: bool,
 }
 
 fn ten_gi() -> String {
