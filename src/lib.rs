@@ -6,6 +6,7 @@ pub mod api;
 pub mod backup;
 pub mod http;
 pub mod metrics;
+pub mod operator;
 pub mod pack;
 pub mod rcon;
 pub mod runner;

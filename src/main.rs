@@ -50,6 +50,8 @@ enum Command {
     Backup(BackupCommand),
     /// Print the MinecraftServer CustomResourceDefinition as YAML.
     Crd,
+    /// Run the cluster operator: every MinecraftServer becomes a StatefulSet, Services, RBAC and Secrets.
+    Operator(atlas_runner::operator::Options),
 }
 
 #[derive(Debug, Subcommand)]
@@ -297,6 +299,7 @@ async fn run(command: Command, log_format: LogFormat) -> anyhow::Result<()> {
         Command::Restart(args) => lifecycle(&args, "/v1/restart", "restarting").await,
         Command::Pack(command) => pack(command, log_format).await,
         Command::Backup(command) => backup(command, log_format).await,
+        Command::Operator(options) => Ok(atlas_runner::operator::run_until_signal(options).await?),
         Command::Crd => {
             let yaml = atlas_runner::api::crd_yaml().context("render the CRD")?;
             tracing::debug!(bytes = yaml.len(), "rendered the MinecraftServer CRD");
