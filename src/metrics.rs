@@ -225,6 +225,9 @@ pub struct BackupMetrics {
     pub upload_seconds: prometheus::Counter,
     /// 1 while a backup holds the server's saving off, and after a `save-on` that failed (alert on it).
     pub saving_off: IntGauge,
+    /// The longest time between two runs of `spec.backup.schedule` (0 without a schedule): how old
+    /// the newest backup may get when every scheduled backup succeeds.
+    pub schedule_interval: Gauge,
 }
 
 impl BackupMetrics {
@@ -260,6 +263,10 @@ impl BackupMetrics {
                 "atlas_backup_saving_off",
                 "1 while a backup holds the server's saving off, and after turning it back on failed.",
             )?,
+            schedule_interval: Gauge::new(
+                "atlas_backup_schedule_interval_seconds",
+                "The longest time between two scheduled backups (0 without a schedule).",
+            )?,
         };
         registry.register(Box::new(m.duration.clone()))?;
         registry.register(Box::new(m.size.clone()))?;
@@ -269,6 +276,7 @@ impl BackupMetrics {
         registry.register(Box::new(m.uploaded_bytes.clone()))?;
         registry.register(Box::new(m.upload_seconds.clone()))?;
         registry.register(Box::new(m.saving_off.clone()))?;
+        registry.register(Box::new(m.schedule_interval.clone()))?;
         Ok(m)
     }
 

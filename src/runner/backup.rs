@@ -278,6 +278,19 @@ fn next_due(spec: &MinecraftServerSpec, override_seconds: Option<u64>) -> Result
     Ok(Due::In(Duration::try_from(wait).unwrap_or(Duration::ZERO)))
 }
 
+/// The longest gap between two scheduled backups over the next few weeks, in seconds; 0 without a
+/// (valid) schedule.
+fn schedule_interval(spec: &MinecraftServerSpec, override_seconds: Option<u64>) -> f64 {
+    let Some(schedule) = spec.backup.as_ref().and_then(|b| b.schedule.as_deref()) else { return 0.0 };
+    if let Some(seconds) = override_seconds {
+        return seconds.max(1) as f64;
+    }
+    Cron::parse(schedule)
+        .ok()
+        .and_then(|cron| cron.longest_gap(&jiff::Zoned::now(), 64))
+        .map_or(0.0, |gap| gap.as_secs_f64())
+}
+
 async fn schedule(
     mut specs: watch::Receiver<MinecraftServerSpec>,
     shared: Shared,
@@ -291,6 +304,7 @@ async fn schedule(
     loop {
         let spec = specs.borrow_and_update().clone();
         shared.backups.set_context(data_dir.clone(), spec.clone());
+        shared.backups.metrics.schedule_interval.set(schedule_interval(&spec, override_seconds));
         let wait = match next_due(&spec, override_seconds) {
             Ok(Due::In(wait)) => Some(wait),
             Ok(Due::Never) => None,
