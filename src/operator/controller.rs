@@ -545,7 +545,17 @@ pub async fn run(options: Options, shutdown: CancellationToken) -> Result<(), St
         failures: Mutex::new(HashMap::new()),
     });
 
-    let caches = ctx.caches.clone();
+    // Reconciling against caches still filling would re-apply what already exists, so reconciles
+    // wait until every cache has listed once. One task waits on the caches and tells the others
+    // through a watch channel: a Store's readiness wakes only one of several concurrent waiters.
+    let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
+    let waiter = {
+        let caches = ctx.caches.clone();
+        tokio::spawn(async move {
+            wait_ready(&caches).await;
+            let _ = ready_tx.send(true);
+        })
+    };
     let mut controller = Controller::for_stream(servers_stream, servers)
         .owns_stream(sts_stream)
         .owns_stream(svc_stream)
@@ -567,10 +577,9 @@ pub async fn run(options: Options, shutdown: CancellationToken) -> Result<(), St
         .graceful_shutdown_on(shutdown.clone().cancelled_owned())
         .run(
             move |server, ctx: Arc<Context>| {
-                let caches = caches.clone();
+                let mut ready = ready_rx.clone();
                 async move {
-                    // Reconciling against caches still filling would re-apply what already exists.
-                    wait_ready(&caches).await;
+                    let _ = ready.wait_for(|ready| *ready).await;
                     reconcile(server, ctx).await
                 }
             },
@@ -593,6 +602,7 @@ pub async fn run(options: Options, shutdown: CancellationToken) -> Result<(), St
         shutdown.cancel();
     }
     let _ = controller.await;
+    waiter.abort();
     metrics.leader.set(0);
     if let (Ok(()), Some(elector)) = (&outcome, &mut elector) {
         elector.release().await;
