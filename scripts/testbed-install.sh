@@ -87,6 +87,20 @@ if ! command -v promtool >/dev/null 2>&1 && [ ! -x "$BIN/promtool" ]; then
 fi
 if [ ! -x "$BIN/promtool" ]; then ln -sf "$(command -v promtool)" "$BIN/promtool"; fi
 
+# ---- The Prometheus Operator's CRDs (PodMonitor, ServiceMonitor, PrometheusRule): the chart's
+# optional monitoring objects are dry-run and the operator's PodMonitors applied against the real
+# schemas. They come with the project's Go module (example/prometheus-operator-crd).
+PROMETHEUS_OPERATOR_VERSION=${PROMETHEUS_OPERATOR_VERSION:-0.85.0}
+if [ "$(cat "$BIN/prometheus-operator-crds/.version" 2>/dev/null)" != "$PROMETHEUS_OPERATOR_VERSION" ]; then
+  log "fetching the Prometheus Operator's CRDs v$PROMETHEUS_OPERATOR_VERSION (Go module)"
+  dir=$(cd "$WORK" && go mod download -json "github.com/prometheus-operator/prometheus-operator@v$PROMETHEUS_OPERATOR_VERSION" | sed -n 's/.*"Dir": "\(.*\)",*/\1/p')
+  rm -rf "$BIN/prometheus-operator-crds"; mkdir -p "$BIN/prometheus-operator-crds"
+  for kind in podmonitors servicemonitors prometheusrules; do
+    cp "$dir/example/prometheus-operator-crd/monitoring.coreos.com_$kind.yaml" "$BIN/prometheus-operator-crds/"
+  done
+  echo "$PROMETHEUS_OPERATOR_VERSION" > "$BIN/prometheus-operator-crds/.version"
+fi
+
 # ---- Java: javac 17+ compiles the test server; the runner's tests run it as a 1.21 server, which
 # needs a Java 21 or newer (Temurin 25 usually lives in /usr/lib/jvm on these machines)
 need_cmd javac "install a JDK 17+ (apt-get install openjdk-17-jdk-headless)"
