@@ -781,6 +781,7 @@ async fn an_idle_resync_writes_nothing() -> Result<()> {
     })
     .await?;
     assert_eq!(writes(&operator)?, settled, "an idle resync wrote:\n{}", operator.logs());
+    promtool_check(&operator.metrics()?)?;
     assert_eq!(versions(installed.api::<StatefulSet>().list(&ListParams::default()).await?.items), before);
 
     // Someone else's edit to a field the operator owns is put back at the next round.
@@ -950,5 +951,31 @@ async fn the_upgrade_window_holds_the_pod_outside_it() -> Result<()> {
     let spec = minimal(json!({"storage": {"size": "1Gi"}, "upgrade": {"window": "00:00-00:00"}}));
     apply_server(&installed, &server_doc("windowed", spec)).await?;
     wait_object(&pods, "windowed-0", "the replaced pod", |p| p.metadata.uid != old.metadata.uid).await?;
+    Ok(())
+}
+
+fn promtool_check(body: &str) -> Result<()> {
+    run(Command::new(bin("promtool")?).args(["check", "metrics"]), Some(body)).map(|_| ())
+}
+
+#[test]
+fn without_a_cluster_the_operator_says_how_to_give_it_one() -> Result<()> {
+    let dir = std::env::temp_dir().join(unique("atlas-no-cluster"));
+    let out = Command::new(env!("CARGO_BIN_EXE_atlas-runner"))
+        .args(["operator", "--agent-image", IMAGE])
+        .env("KUBECONFIG", dir.join("missing-kubeconfig"))
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("KUBERNETES_SERVICE_PORT")
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("KUBECONFIG") && err.contains("ServiceAccount"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+
+    // The image of the server pods is required (the chart always sets it).
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_atlas-runner")).arg("operator").env_remove("ATLAS_AGENT_IMAGE").output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--agent-image"), "{err}");
     Ok(())
 }
