@@ -10,6 +10,7 @@ use futures::{Stream, StreamExt};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
@@ -87,12 +88,24 @@ struct Context {
     resync: Duration,
     /// Consecutive transient failures per server, for the backoff.
     failures: Mutex<HashMap<ObjectRef<MinecraftServer>, u32>>,
+    /// The conditions last written per server, with the resourceVersion the server had in the
+    /// cache when they were: until the cache shows a newer version, it cannot know of the write,
+    /// and a round it triggers (a child's event) must not write the same again.
+    written: Mutex<HashMap<ObjectRef<MinecraftServer>, Written>>,
 }
+
+/// The resourceVersion a server had when its conditions were written, and those conditions.
+type Written = (Option<String>, Vec<Condition>);
 
 impl Context {
     fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<ObjectRef<MinecraftServer>, u32>> {
         // A poisoned map only loses backoff counts.
         self.failures.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn written(&self) -> std::sync::MutexGuard<'_, HashMap<ObjectRef<MinecraftServer>, Written>> {
+        // A poisoned map only costs a repeated status write.
+        self.written.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     async fn publish(&self, server: &MinecraftServer, type_: EventType, reason: &str, action: &str, note: String) {
@@ -237,8 +250,13 @@ async fn round(server: &MinecraftServer, ctx: &Context) -> Result<Action, Error>
             observed.stateful_set.as_deref(),
         )
         .await?;
-        if existing.claim_templates.is_some() {
-            grow_claim(ctx, &id, &children::storage_size(spec)).await?;
+        // Only a size grown past the claim template's can need the claim itself asked for more.
+        let template_size = existing.claim_templates.as_ref().and_then(|t| {
+            t.first()?.spec.as_ref()?.resources.as_ref()?.requests.as_ref()?.get("storage").map(|q| q.0.clone())
+        });
+        let wanted_size = children::storage_size(spec);
+        if template_size.is_some_and(|t| apply::larger(&wanted_size, &t)) {
+            grow_claim(ctx, &id, &wanted_size).await?;
         }
     }
 
@@ -263,7 +281,17 @@ async fn round(server: &MinecraftServer, ctx: &Context) -> Result<Action, Error>
     ];
     let previous = server.status.as_ref().map(|s| s.conditions.clone()).unwrap_or_default();
     let wanted = status::conditions(&verdicts, &previous, server.metadata.generation, jiff::Timestamp::now());
-    if status::changed(&wanted, &previous) {
+    let key = ObjectRef::from_obj(server);
+    let version = server.metadata.resource_version.clone();
+    let already_written = {
+        let mut written = ctx.written();
+        // Once the cache holds a newer version, it knows of the write: the entry has done its job.
+        if written.get(&key).is_some_and(|(seen, _)| *seen != version) {
+            written.remove(&key);
+        }
+        written.get(&key).is_some_and(|(_, sent)| !status::changed(&wanted, sent))
+    };
+    if status::changed(&wanted, &previous) && !already_written {
         let api: Api<MinecraftServer> = Api::namespaced(client.clone(), ns);
         status::write(&api, &id.name, &wanted).await.map_err(|source| Error::WriteStatus {
             namespace: ns.to_owned(),
@@ -271,6 +299,7 @@ async fn round(server: &MinecraftServer, ctx: &Context) -> Result<Action, Error>
             source,
         })?;
         ctx.metrics.wrote("status");
+        ctx.written().insert(key, (version, wanted));
         announce(ctx, server, &verdicts, &previous).await;
     }
 
@@ -283,12 +312,7 @@ async fn round(server: &MinecraftServer, ctx: &Context) -> Result<Action, Error>
 }
 
 /// Events on transitions only: a Secret problem appearing or going away, a pod starting to wait.
-async fn announce(
-    ctx: &Context,
-    server: &MinecraftServer,
-    verdicts: &[status::Verdict],
-    previous: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
-) {
+async fn announce(ctx: &Context, server: &MinecraftServer, verdicts: &[status::Verdict], previous: &[Condition]) {
     for verdict in verdicts {
         let now_bad = match verdict.kind {
             SECRETS_RESOLVED => !verdict.status,
@@ -543,6 +567,7 @@ pub async fn run(options: Options, shutdown: CancellationToken) -> Result<(), St
         metrics: metrics.clone(),
         resync: Duration::from_secs(options.resync_seconds.max(1)),
         failures: Mutex::new(HashMap::new()),
+        written: Mutex::new(HashMap::new()),
     });
 
     // Reconciling against caches still filling would re-apply what already exists, so reconciles

@@ -76,9 +76,12 @@ pub fn workload_verdict(paused: bool, secrets_ok: bool, sts: Option<&StatefulSet
     if paused {
         return verdict(false, "Paused", "spec.paused is true: scaled to zero, the volume is kept");
     }
+    const PROGRESSING: &str = "the StatefulSet controller has not observed the latest spec yet";
     let Some(sts) = sts else {
+        // Just created (or about to be): the same verdict as a StatefulSet not yet observed, so a
+        // new server's conditions are written once, not once per step.
         return if secrets_ok {
-            verdict(false, "Creating", "the StatefulSet is being created")
+            verdict(false, "Progressing", PROGRESSING)
         } else {
             verdict(false, "SecretsUnresolved", "the StatefulSet waits for the referenced Secrets")
         };
@@ -86,7 +89,7 @@ pub fn workload_verdict(paused: bool, secrets_ok: bool, sts: Option<&StatefulSet
     let status = sts.status.as_ref();
     let observed = status.and_then(|s| s.observed_generation);
     if observed.is_none() || observed < sts.metadata.generation {
-        return verdict(false, "Progressing", "the StatefulSet controller has not observed the latest spec yet");
+        return verdict(false, "Progressing", PROGRESSING);
     }
     if status.and_then(|s| s.ready_replicas).unwrap_or(0) >= 1 {
         verdict(true, "PodReady", "the server's pod is ready")
@@ -206,8 +209,8 @@ mod tests {
         assert_eq!(first[0].last_transition_time, Time(t0));
 
         // Same status, other reason: the time stays, but it is a change worth writing.
-        let progressing = Verdict { reason: "Progressing", ..not_ready.clone() };
-        let second = conditions(&[progressing], &first, Some(1), t1);
+        let pod_not_ready = Verdict { reason: "PodNotReady", ..not_ready.clone() };
+        let second = conditions(&[pod_not_ready], &first, Some(1), t1);
         assert_eq!(second[0].last_transition_time, Time(t0));
         assert!(changed(&second, &first));
 
