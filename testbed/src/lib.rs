@@ -32,6 +32,8 @@ pub mod env {
     pub const S3_ACCESS_KEY: &str = "ATLAS_TEST_S3_ACCESS_KEY";
     /// Secret key of the shared S3 endpoint's admin identity.
     pub const S3_SECRET_KEY: &str = "ATLAS_TEST_S3_SECRET_KEY";
+    /// Read when starting a bed: the API server's Service address range (default `10.0.0.0/24`).
+    pub const SERVICE_CIDR: &str = "ATLAS_TEST_SERVICE_CIDR";
 }
 
 /// The region SeaweedFS answers for; any value is accepted, this one is conventional.
@@ -302,7 +304,11 @@ pub fn start_cluster() -> Result<ClusterProcesses> {
             format!("--secure-port={api_port}"),
             "--bind-address=127.0.0.1".to_owned(),
             "--advertise-address=127.0.0.1".to_owned(),
-            "--service-cluster-ip-range=10.0.0.0/24".to_owned(),
+            // A /24 unless the caller needs more Services (the operator's bench makes 1,000).
+            format!(
+                "--service-cluster-ip-range={}",
+                std::env::var(env::SERVICE_CIDR).unwrap_or_else(|_| "10.0.0.0/24".to_owned())
+            ),
             "--allow-privileged=true".to_owned(),
             "--authorization-mode=RBAC".to_owned(),
             "--disable-admission-plugins=ServiceAccount".to_owned(),
