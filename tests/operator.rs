@@ -979,3 +979,41 @@ fn without_a_cluster_the_operator_says_how_to_give_it_one() -> Result<()> {
     assert!(!out.status.success() && err.contains("--agent-image"), "{err}");
     Ok(())
 }
+
+#[tokio::test]
+async fn with_podmonitors_enabled_each_server_gets_one_scraping_its_metrics_port() -> Result<()> {
+    let cluster = TestCluster::shared().await?;
+    let crds = atlas_testbed::bin_dir().join("prometheus-operator-crds");
+    ensure!(crds.is_dir(), "{} is missing: run `make testbed`", crds.display());
+    run(cluster.kubectl()?.args(["apply", "--server-side", "--force-conflicts", "-f"]).arg(&crds), None)?;
+    run(
+        cluster.kubectl()?.args([
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/podmonitors.monitoring.coreos.com",
+        ]),
+        None,
+    )?;
+    // The chart's RBAC with PodMonitors on (the rule for them is there only then).
+    let installed = Installed::new("op-podmonitor", &["metrics.podMonitor.enabled=true"]).await?;
+    let _operator = installed.start_operator(&["--pod-monitors"])?;
+    let server = apply_server(&installed, &server_doc("scraped", minimal(json!({})))).await?;
+    let resource = kube::core::ApiResource::from_gvk_with_plural(
+        &kube::core::GroupVersionKind::gvk("monitoring.coreos.com", "v1", "PodMonitor"),
+        "podmonitors",
+    );
+    let monitors: Api<kube::api::DynamicObject> =
+        Api::namespaced_with(installed.ns.client.clone(), &installed.ns.name, &resource);
+    let monitor =
+        eventually("the PodMonitor", Duration::from_secs(60), || async { Ok(monitors.get_opt("scraped").await?) })
+            .await?;
+    let owner = monitor.metadata.owner_references.as_ref().and_then(|o| o.first()).context("an owner")?;
+    assert_eq!(Some(owner.uid.clone()), server.uid());
+    let spec = &monitor.data["spec"];
+    assert_eq!(spec["selector"]["matchLabels"]["app.kubernetes.io/instance"], "scraped");
+    let endpoint = &spec["podMetricsEndpoints"][0];
+    assert_eq!((endpoint["port"].as_str(), endpoint["path"].as_str()), (Some("metrics"), Some("/metrics")));
+    assert_eq!(endpoint["relabelings"][0]["targetLabel"], "server");
+    Ok(())
+}
