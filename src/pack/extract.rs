@@ -1,8 +1,9 @@
 //! Safe extraction of pack archives (`.tar.zst`, `.tar.gz`, `.zip`) into an empty staging directory.
 //!
 //! Every entry is checked before a byte of it is written: its path must sanitise (no `..`, not
-//! absolute), it must be a regular file or a directory (no links, devices or fifos), it must not
-//! repeat or collide with another entry, and sizes and the expansion ratio must stay within
+//! absolute; a `./` prefix is dropped, and a `./` directory entry is the destination itself), it
+//! must be a regular file or a directory (no links, devices or fifos), it must not repeat or
+//! collide with another entry, and sizes and the expansion ratio must stay within
 //! [`Limits`]. Truncated and corrupt streams are errors. Files are hashed while written; a
 //! [`Policy`] may have a file hashed and discarded instead (content the caller already holds) or
 //! handed over in memory (a pack's manifest). An accepted archive's files are durable when
@@ -21,7 +22,7 @@ use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use sha2::Digest;
 
 use super::manifest::Sha256Digest;
-use super::path::{PathError, RelativePath, sanitize_path};
+use super::path::{PathError, RelativePath, names_root, sanitize_path};
 
 /// The archive formats a pack may come in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,7 +112,7 @@ pub const CAPTURE_LIMIT: u64 = 64 << 20;
 /// Decides, entry by entry, what extraction does with each regular file.
 pub trait Policy {
     /// The disposition of the file at `path` declaring `declared` bytes; `first`: it is the
-    /// archive's first entry.
+    /// archive's first regular file (directories may come before it).
     fn disposition(&mut self, path: &RelativePath, declared: u64, first: bool) -> Disposition;
     /// The content of a file this policy asked to capture, once it is read in full.
     fn captured(&mut self, path: &RelativePath, bytes: Vec<u8>);
@@ -560,7 +561,8 @@ impl<'a> Writer<'a> {
         self.last.as_deref()
     }
 
-    fn admit(&mut self, name: &str) -> Result<RelativePath, ExtractError> {
+    /// Counts an entry against [`Limits::max_entries`].
+    fn count(&mut self, name: &str) -> Result<(), ExtractError> {
         self.last = Some(name.to_owned());
         self.entries += 1;
         if self.entries > self.limits.max_entries {
@@ -570,6 +572,11 @@ impl<'a> Writer<'a> {
                 what: "entries",
             });
         }
+        Ok(())
+    }
+
+    fn admit(&mut self, name: &str) -> Result<RelativePath, ExtractError> {
+        self.count(name)?;
         let path = sanitize_path(name).map_err(|source| ExtractError::UnsafePath { name: name.to_owned(), source })?;
         // No ancestor of this entry may be a file.
         if path.ancestors().any(|a| self.files.contains(a)) {
@@ -579,6 +586,11 @@ impl<'a> Writer<'a> {
     }
 
     fn dir(&mut self, name: &str) -> Result<(), ExtractError> {
+        // `./` (GNU tar's `-C DIR .`, Python's shutil) is the directory archived: the destination,
+        // which exists. Only a directory may name it; a file there is refused by `admit` below.
+        if names_root(name) {
+            return self.count(name);
+        }
         let path = self.admit(name)?;
         if self.files.contains(&path) {
             return Err(ExtractError::Duplicate { name: name.to_owned() });
@@ -601,7 +613,8 @@ impl<'a> Writer<'a> {
             return Err(ExtractError::EntryTooLarge { name: name.to_owned(), size: declared, limit });
         }
         let target = path.under(self.dest);
-        let disposition = match self.policy.disposition(&path, declared, self.entries == 1) {
+        // Directory entries before it (a tar of `.` starts with `./`) carry no content to skip.
+        let disposition = match self.policy.disposition(&path, declared, self.out.is_empty()) {
             Disposition::Capture if declared > CAPTURE_LIMIT => Disposition::Write,
             d => d,
         };

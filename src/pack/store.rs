@@ -503,8 +503,8 @@ impl<'lock> PackStore<'lock> {
 /// Extracts an archive into the given staging directory under a policy.
 type Extract<'a> = dyn FnMut(&Path, &mut dyn extract::Policy) -> Result<Vec<extract::ExtractedFile>, ExtractError> + 'a;
 
-/// The staging policy of an Atlas pack whose `atlas-pack.json` comes first (as `pack build` writes
-/// it): a file whose path, sha256 and size equal the current version's entry, and which the data dir
+/// The staging policy of an Atlas pack whose `atlas-pack.json` comes before its other files (as
+/// `pack build` writes it): a file whose path, sha256 and size equal the current version's entry, and which the data dir
 /// holds, is hashed (and so still verified) but not written, so an update writes only what changed.
 /// A manifest later in the archive, or a plain archive, is staged in full.
 struct SkipUnchanged<'a> {
