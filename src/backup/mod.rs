@@ -93,6 +93,13 @@ pub enum BackupError {
     RecordVerified { key: String, source: object_store::Error },
     #[error("list the backups")]
     ListBackups { source: StoreError },
+    #[error(
+        "the store took the manifest {key} but does not list it back at {location}, so `backup list` and retention \
+         would never see the backup; {}. Check the bucket, the endpoint and pathStyle (a service that does not read \
+         the bucket from the host name stores such requests elsewhere)",
+        if *removed { "it was deleted again" } else { "deleting it failed too, so its objects may remain there" }
+    )]
+    NotListedBack { key: String, location: String, removed: bool },
     #[error("read the manifest {key}")]
     ReadManifest { key: String, source: object_store::Error },
     #[error("parse the manifest {key}")]
@@ -144,6 +151,7 @@ impl BackupError {
                 "store"
             }
             Self::ParseManifest { .. } | Self::UnsafeManifest { .. } => "corrupt_manifest",
+            Self::NotListedBack { .. } => "not_listed_back",
             Self::NotFound { .. } => "not_found",
             Self::SizeMismatch { .. }
             | Self::DigestMismatch { .. }
@@ -498,12 +506,26 @@ async fn create_from_mirror(
     };
     // Serializing plain data with string keys cannot fail.
     let body = serde_json::to_vec_pretty(&manifest).unwrap_or_default();
+    let size = body.len() as u64;
     let mkey = manifest_key(name);
     store
         .objects
         .put(&mkey, PutPayload::from(body))
         .await
         .map_err(|source| BackupError::WriteManifest { key: mkey.to_string(), source })?;
+    if let Err(mut error) = listed_back(store, name, size).await {
+        // Whatever the store did with them, these objects are no backup anyone will find: remove them
+        // where they went (a `DELETE` of the key reaches the place its `PUT` did).
+        for key in [&mkey, &key] {
+            if let Err(e) = store.objects.delete(key).await {
+                tracing::warn!(key = %key, error = %e, "could not delete an object of a backup not listed back");
+                if let BackupError::NotListedBack { removed, .. } = &mut error {
+                    *removed = false;
+                }
+            }
+        }
+        return Err(error);
+    }
     tracing::info!(
         backup = %manifest.name,
         files = manifest.files,
@@ -512,6 +534,31 @@ async fn create_from_mirror(
         "backup created"
     );
     Ok(manifest)
+}
+
+/// Finds the manifest just written as [`list`] finds backups, by listing `manifests/`, in one request (the
+/// listing starts at the backup's name). A read of the key itself would not do: a store that files a
+/// misaddressed write under another bucket (an S3 service that does not read the bucket from the host name
+/// takes the first path segment for it) answers a read of the same key from the same wrong place, while the
+/// listing `backup list` and retention make finds nothing.
+async fn listed_back(store: &Store, name: &str, size: u64) -> Result<(), BackupError> {
+    let key = manifest_key(name);
+    let offset = ObjectPath::from(format!("{MANIFEST_DIR}/{name}"));
+    let mut listing = store.objects.list_with_offset(Some(&ObjectPath::from(MANIFEST_DIR)), &offset);
+    let not_listed =
+        || BackupError::NotListedBack { key: key.to_string(), location: store.location.clone(), removed: true };
+    // Sorted by key: past the manifest's key, it is not there.
+    while let Some(meta) =
+        listing.try_next().await.map_err(|source| BackupError::ListBackups { source: store::classify(source) })?
+    {
+        if meta.location == key {
+            return if meta.size == size { Ok(()) } else { Err(not_listed()) };
+        }
+        if meta.location.as_ref() > key.as_ref() {
+            break;
+        }
+    }
+    Err(not_listed())
 }
 
 /// The complete backups in the store, newest first.

@@ -412,7 +412,7 @@ pub fn s3_spec(bucket: &atlas_testbed::TestBucket, prefix: &str) -> atlas_runner
             prefix: prefix.to_owned(),
             endpoint: Some(bucket.s3.endpoint.clone()),
             region: bucket.region.clone(),
-            path_style: true,
+            path_style: Some(true),
             credentials_secret_ref: None,
             credentials_file: None,
         }),
