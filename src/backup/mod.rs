@@ -123,7 +123,7 @@ pub enum BackupError {
     #[error("swap the restored {world} into place (everything changed was put back)")]
     SwapWorld { world: String, source: std::io::Error },
     #[error(
-        "swap the restored {} into place failed, and putting the live files back failed too; the data dir is          half restored: do not start the server until this is fixed by hand: {}",
+        "swap the restored {} into place failed, and putting the live files back failed too; the data dir is half restored: do not start the server until this is fixed by hand: {}",
         path.display(),
         failures.join("; ")
     )]
