@@ -234,9 +234,12 @@ async fn url_plain_zip_takes_the_pinned_version() -> Result<()> {
     let source = url_source(format!("http://{addr}/packs/plugins.zip"), sha256_hex(&archive));
     let unpinned = fetch(&source, None, &options(data.path())).await?;
     ensure!(unpinned.format == ArchiveFormat::Zip && unpinned.version.is_none());
-    // Without atlas-pack.json and without a pin, the store cannot name the version.
+    // Without atlas-pack.json and without a pin, the digest names the version (provisioning uses it).
+    let by_digest = format!("sha256-{}", &sha256_hex(&archive)[..12]);
+    ensure!(unpinned.fallback_version.as_ref().map(PackVersion::as_str) == Some(by_digest.as_str()));
+    // Staged with neither, the store cannot name the version.
     let refused = stage_and_apply(data.path(), &unpinned).err().context("staged without a version")?;
-    ensure!(refused.to_string().contains("a version must be given"), "{refused:#}");
+    ensure!(refused.to_string().contains("set spec.pack.version"), "{refused:#}");
     let pinned = fetch(&source, Some("3.0.0"), &options(data.path())).await?;
     ensure!(pinned.version.as_ref().map(PackVersion::as_str) == Some("3.0.0") && pinned.bytes_downloaded == 0);
     ensure!(stage_and_apply(data.path(), &pinned)?.as_str() == "3.0.0");

@@ -336,3 +336,60 @@ fn unsafe_archives_made_by_the_same_tools_are_refused_and_change_nothing() -> Re
     ensure!(fs::read(root.join("outside/escape.txt"))? == b"outside the pack");
     Ok(())
 }
+
+#[test]
+fn a_plain_archive_at_a_url_needs_no_version_its_digest_names_one() -> Result<()> {
+    let root = tempfile::tempdir()?;
+    let root = root.path();
+    write_files(&root.join("pack"), FILES)?;
+    // The minimal spec: a url and its sha256. A tar (staged while it downloads) and a zip (staged
+    // from the downloaded file), then a changed pack, then an Atlas pack that names its own version.
+    sh(root, "tar -C pack -czf v1.tar.gz . && cd pack && zip -qr ../v1.zip .")?;
+    write_files(&root.join("pack"), &[("mods/a.jar", b"jar a, second edition")])?;
+    sh(root, "tar -C pack -czf v2.tar.gz .")?;
+    let built = Command::new(binary())
+        .args(["pack", "build", "pack", "-o", "named.tar.zst", "--version", "3.1.0"])
+        .current_dir(root)
+        .output()?;
+    ensure!(built.status.success(), "{}", String::from_utf8_lossy(&built.stderr));
+    let files = ["v1.tar.gz", "v1.zip", "v2.tar.gz", "named.tar.zst"];
+    let blobs: HashMap<String, Vec<u8>> =
+        files.iter().map(|f| Ok((format!("/{f}"), fs::read(root.join(f))?))).collect::<Result<_>>()?;
+    let digest = |file: &str| sha256_hex(&blobs[&format!("/{file}")]);
+    let base = serve_files({
+        let blobs = blobs.clone();
+        |_| Ok(blobs)
+    })?;
+    let source = |file: &str| format!("url: {{url: \"{base}/{file}\", sha256: {}}}", digest(file));
+    let status = |data: &Path| -> Result<serde_json::Value> {
+        let out = Command::new(binary()).args(["pack", "status", "--json", "--data"]).arg(data).output()?;
+        ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        Ok(serde_json::from_slice(&out.stdout)?)
+    };
+    let current = |data: &Path| -> Result<String> {
+        let s = status(data)?;
+        s["current"]["version"].as_str().map(str::to_owned).with_context(|| format!("no current version in {s}"))
+    };
+
+    for first in ["v1.tar.gz", "v1.zip"] {
+        let data = data_dir(root, &format!("data-{first}"))?;
+        let want = format!("sha256-{}", &digest(first)[..12]);
+        let applied = pack_apply(root, &data, &source(first), None)?.map_err(anyhow::Error::msg)?;
+        ensure!(applied.contains(&want), "{first}: {applied}");
+        ensure!(current(&data)? == want, "{first}: pack status shows {}", current(&data)?);
+        // The same spec again: already applied, nothing fetched.
+        let again = pack_apply(root, &data, &source(first), None)?.map_err(anyhow::Error::msg)?;
+        ensure!(again.contains("already"), "{first} again: {again}");
+        // A new archive is a new version; the first is kept for rollback.
+        pack_apply(root, &data, &source("v2.tar.gz"), None)?.map_err(anyhow::Error::msg)?;
+        let s = status(&data)?;
+        ensure!(s["current"]["version"] == format!("sha256-{}", &digest("v2.tar.gz")[..12]), "{s}");
+        ensure!(s["previous"]["version"] == want.as_str(), "{s}");
+        ensure!(files_under(&data)?["mods/a.jar"] == b"jar a, second edition");
+    }
+    // An archive with atlas-pack.json names its own version.
+    let data = data_dir(root, "data-named")?;
+    pack_apply(root, &data, &source("named.tar.zst"), None)?.map_err(anyhow::Error::msg)?;
+    ensure!(current(&data)? == "3.1.0");
+    Ok(())
+}

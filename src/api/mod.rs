@@ -155,7 +155,10 @@ pub struct PackSpec {
     /// Where the pack comes from: exactly one of `hub`, `url` or `mrpack`.
     pub source: PackSource,
 
-    /// Pin to this pack version. Omitted: follow the hub channel (hub sources only).
+    /// Pin to this pack version. Omitted: a hub source follows its channel; an archive with an
+    /// `atlas-pack.json`, or an `.mrpack`, is the version it names; a url archive without one is
+    /// `sha256-` and the first 12 hex digits of its sha256 (`sha256-9f86d081884c`), so a new digest
+    /// is a new version.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 128))]
     pub version: Option<String>,

@@ -49,7 +49,7 @@ pub enum StoreError {
     #[error("pack manifest: {0}")]
     Manifest(#[from] ManifestError),
     /// A plain archive (no `atlas-pack.json`) staged without a version.
-    #[error("the archive has no {MANIFEST_FILE}; a version must be given for it")]
+    #[error("the archive has no {MANIFEST_FILE} naming its version; set spec.pack.version")]
     MissingVersion,
     /// The manifest's version is not the one asked for.
     #[error("the pack is version {found}, expected {expected}")]
@@ -199,6 +199,24 @@ pub struct StoreStatus {
     pub preserve: Vec<String>,
 }
 
+/// What names the version of a pack being staged.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Versioning {
+    /// The version the pack must be (the spec's pin, a hub's or an index's answer): an
+    /// `atlas-pack.json` naming another is refused, and a plain archive gets it.
+    pub pinned: Option<PackVersion>,
+    /// The version a plain archive (no `atlas-pack.json`) gets when nothing is pinned: a url source's
+    /// version derived from its sha256. An `atlas-pack.json` names its own.
+    pub fallback: Option<PackVersion>,
+}
+
+impl Versioning {
+    /// Only a pin (or nothing).
+    pub fn pinned(version: Option<&PackVersion>) -> Self {
+        Self { pinned: version.cloned(), fallback: None }
+    }
+}
+
 /// A pack extracted into the store with every file verified against its manifest: the only thing
 /// [`PackStore::apply`] takes. Made only by [`PackStore::stage`], which hashed every file as it
 /// wrote it; the swap therefore does not read them again.
@@ -318,7 +336,9 @@ impl<'lock> PackStore<'lock> {
         version: Option<&PackVersion>,
         limits: &Limits,
     ) -> Result<StagedPack, StoreError> {
-        self.stage_with(version, &mut |dest, policy| extract::extract_file_with(archive, format, dest, limits, policy))
+        self.stage_with(&Versioning::pinned(version), &mut |dest, policy| {
+            extract::extract_file_with(archive, format, dest, limits, policy)
+        })
     }
 
     /// [`PackStore::stage`] that gives up, leaving nothing behind, once `cancel` is set (its caller
@@ -327,7 +347,7 @@ impl<'lock> PackStore<'lock> {
         &self,
         archive: &Path,
         format: ArchiveFormat,
-        version: Option<&PackVersion>,
+        version: &Versioning,
         limits: &Limits,
         cancel: &AtomicBool,
     ) -> Result<StagedPack, StoreError> {
@@ -348,7 +368,7 @@ impl<'lock> PackStore<'lock> {
         &self,
         stream: impl io::BufRead,
         compression: TarCompression,
-        version: Option<&PackVersion>,
+        version: &Versioning,
         limits: &Limits,
     ) -> Result<StagedPack, StoreError> {
         let mut stream = Some(stream);
@@ -358,7 +378,7 @@ impl<'lock> PackStore<'lock> {
         })
     }
 
-    fn stage_with(&self, version: Option<&PackVersion>, extract: &mut Extract<'_>) -> Result<StagedPack, StoreError> {
+    fn stage_with(&self, version: &Versioning, extract: &mut Extract<'_>) -> Result<StagedPack, StoreError> {
         let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or_default();
         let staging = self.layout.root().join(format!("staging-{}-{nanos}", std::process::id()));
         let result = self.stage_into(&staging, version, extract);
@@ -374,7 +394,7 @@ impl<'lock> PackStore<'lock> {
     fn stage_into(
         &self,
         staging: &Path,
-        version: Option<&PackVersion>,
+        version: &Versioning,
         extract: &mut Extract<'_>,
     ) -> Result<StagedPack, StoreError> {
         let files_dir = staging.join("files");
@@ -403,7 +423,7 @@ impl<'lock> PackStore<'lock> {
                     }
                 };
                 let manifest = PackManifest::from_json(&bytes)?;
-                if let Some(expected) = version
+                if let Some(expected) = &version.pinned
                     && *expected != manifest.version
                 {
                     return Err(StoreError::VersionMismatch {
@@ -415,7 +435,8 @@ impl<'lock> PackStore<'lock> {
                 manifest
             }
             None => {
-                let version = version.ok_or(StoreError::MissingVersion)?;
+                let version =
+                    version.pinned.as_ref().or(version.fallback.as_ref()).ok_or(StoreError::MissingVersion)?;
                 let files =
                     extracted.into_iter().map(|f| FileEntry { path: f.path, sha256: f.sha256, size: f.size }).collect();
                 PackManifest::new(version.clone(), None, Vec::new(), files)?
@@ -687,11 +708,23 @@ mod tests {
         let (store, _) = PackStore::open(data.path(), &held)?;
         let archive = pack(work.path(), "1.0.0", &[("mods/a.jar", "a-1")])?;
         let cancel = AtomicBool::new(true);
-        let staged = store.stage_cancellable(&archive, ArchiveFormat::TarZst, None, &Limits::default(), &cancel);
+        let staged = store.stage_cancellable(
+            &archive,
+            ArchiveFormat::TarZst,
+            &Versioning::default(),
+            &Limits::default(),
+            &cancel,
+        );
         assert!(staged.is_err(), "{staged:?}");
         assert_eq!(fs::read_dir(store.layout.root())?.count(), 0, "something was left in the store");
         cancel.store(false, Ordering::Release);
-        store.stage_cancellable(&archive, ArchiveFormat::TarZst, None, &Limits::default(), &cancel)?;
+        store.stage_cancellable(
+            &archive,
+            ArchiveFormat::TarZst,
+            &Versioning::default(),
+            &Limits::default(),
+            &cancel,
+        )?;
         Ok(())
     }
 }
