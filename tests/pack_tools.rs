@@ -38,7 +38,7 @@ fn write_files(dir: &Path, files: &[(&str, &[u8])]) -> Result<()> {
 
 /// A shell command line run in `dir` (the archives are made the way a person types them).
 fn sh(dir: &Path, line: &str) -> Result<()> {
-    run_tool(Command::new("sh").arg("-ec").arg(line).current_dir(dir))
+    run_tool(Command::new("bash").args(["-o", "pipefail", "-ec"]).arg(line).current_dir(dir))
 }
 
 fn python(dir: &Path, script: &str) -> Result<()> {

@@ -525,9 +525,11 @@ impl<'lock> PackStore<'lock> {
 type Extract<'a> = dyn FnMut(&Path, &mut dyn extract::Policy) -> Result<Vec<extract::ExtractedFile>, ExtractError> + 'a;
 
 /// The staging policy of an Atlas pack whose `atlas-pack.json` comes before its other files (as
-/// `pack build` writes it): a file whose path, sha256 and size equal the current version's entry, and which the data dir
-/// holds, is hashed (and so still verified) but not written, so an update writes only what changed.
-/// A manifest later in the archive, or a plain archive, is staged in full.
+/// `pack build` writes it): every later file is held to the size the manifest declares (one it
+/// does not list is refused), and a file whose path, sha256 and size equal the current version's
+/// entry, and which the data dir holds, is hashed (and so still verified) but not written, so an
+/// update writes only what changed. A manifest later in the archive, or a plain archive, is staged
+/// in full.
 struct SkipUnchanged<'a> {
     data: &'a Path,
     current: Option<&'a PackManifest>,
@@ -558,6 +560,15 @@ impl extract::Policy for SkipUnchanged<'_> {
     fn captured(&mut self, _path: &RelativePath, bytes: Vec<u8>) {
         self.new = PackManifest::from_json(&bytes).ok();
         self.captured = Some(bytes);
+    }
+
+    fn declared(&self, path: &RelativePath) -> extract::Declared {
+        match &self.new {
+            None => extract::Declared::Nothing,
+            Some(manifest) => {
+                manifest.file(path).map_or(extract::Declared::Unlisted, |f| extract::Declared::Size(f.size))
+            }
+        }
     }
 }
 
