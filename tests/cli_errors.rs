@@ -62,3 +62,22 @@ fn each_backup_command_against_an_unreachable_store_speaks_of_what_it_did() -> R
     }
     Ok(())
 }
+
+#[test]
+fn console_takes_its_options_after_the_command_too() -> Result<()> {
+    let root = tempfile::tempdir()?;
+    let data = root.path().join("data");
+    std::fs::create_dir_all(&data)?;
+    let data = data.to_str().context("utf-8 path")?;
+    // No runner: the error names the socket the options chose, the data dir's, not ./.atlas's.
+    for args in [&["console", "list", "--data", data][..], &["console", "--data", data, "list"]] {
+        let out = Command::new(binary()).args(args).current_dir(root.path()).output()?;
+        let line = error_line(&out)?;
+        ensure!(line.contains(&format!("{data}/.atlas/control.sock")), "{args:?}: {line}");
+    }
+    // A word the console does not know as an option: clap says how to pass it.
+    let out = Command::new(binary()).args(["console", "say", "--loud", "--data", data]).output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success() && stderr.contains("'-- --loud'"), "{stderr}");
+    Ok(())
+}

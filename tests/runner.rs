@@ -40,6 +40,23 @@ fn starts_to_ready_and_answers_status_console_and_logs() -> Result<()> {
     assert!(list.status.success(), "{}", String::from_utf8_lossy(&list.stderr));
     assert!(stdout(&list).contains("There are 0 of a max of 20 players online"), "{}", stdout(&list));
 
+    // The options after the command, as `logs` and `status` take them.
+    let after =
+        Command::new(common::binary()).args(["console", "list", "--json", "--data"]).arg(&fixture.data).output()?;
+    assert!(after.status.success(), "{}", String::from_utf8_lossy(&after.stderr));
+    let reply: serde_json::Value = serde_json::from_slice(&after.stdout)?;
+    assert!(reply["output"].as_str().is_some_and(|o| o.contains("There are 0 of a max")), "{reply}");
+    // Words after `--` are the command's, even when they look like options.
+    let literal = Command::new(common::binary())
+        .args(["console", "--data"])
+        .arg(&fixture.data)
+        .args(["--", "say", "--json", "is", "a", "word"])
+        .output()?;
+    assert!(literal.status.success(), "{}", String::from_utf8_lossy(&literal.stderr));
+    wait_for("the said line in the log", Duration::from_secs(10), || {
+        stdout(&cli(&fixture.data, &["logs", "--tail", "50"]).ok()?).contains("--json is a word").then_some(())
+    })?;
+
     cli(&fixture.data, &["console", "fake-join", "alice"])?;
     let status = runner.wait_status("alice online", Duration::from_secs(10), |s| s["playersOnline"] == 1)?;
     assert_eq!(status["playerNames"][0], "alice");
