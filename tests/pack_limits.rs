@@ -311,43 +311,73 @@ fn an_atlas_pack_is_held_to_the_sizes_its_manifest_declares_not_to_a_ratio() -> 
     Ok(())
 }
 
+/// `atlas-runner pack apply` of `source` into a data dir on a private tmpfs of `size` bytes (a
+/// mount namespace of an unprivileged user namespace, gone with the process): nothing else writes
+/// there, so its free space is known. The error line, and what the tmpfs held afterwards.
+fn apply_on_a_small_volume(root: &Path, source: &str, size: u64) -> Result<(String, String)> {
+    let spec = root.join(format!("spec-{size}.yaml"));
+    fs::write(&spec, format!("eula: true\nserver: {{type: vanilla}}\npack:\n  source:\n    {source}\n"))?;
+    let mount = root.join(format!("volume-{size}"));
+    fs::create_dir_all(&mount)?;
+    let script = r#"
+set -e
+mount -t tmpfs -o size="$SIZE" tmpfs "$VOLUME"
+mkdir -p "$VOLUME/data/world" && echo live > "$VOLUME/data/world/level.dat"
+"$BIN" pack apply --spec "$SPEC" --data "$VOLUME/data" && echo "applied"
+echo "store holds $(find "$VOLUME/data/.atlas/packs" -mindepth 1 | wc -l) entries"
+find "$VOLUME/data" -path "$VOLUME/data/.atlas" -prune -o -type f -print | sed "s|^$VOLUME/data/||"
+"#;
+    let out = Command::new("unshare")
+        .args(["--user", "--map-root-user", "--mount", "sh", "-c", script])
+        .env("SIZE", size.to_string())
+        .env("VOLUME", &mount)
+        .env("BIN", binary())
+        .env("SPEC", &spec)
+        .output()
+        .context("unshare (util-linux) is needed to mount a private tmpfs")?;
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    ensure!(
+        !stderr.contains("unshare:") && !stderr.contains("mount:"),
+        "a private tmpfs needs unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1): {stderr}"
+    );
+    let line = stderr.lines().filter(|l| l.starts_with("atlas-runner: ")).collect::<Vec<_>>().join("\n");
+    Ok((line, String::from_utf8(out.stdout)?))
+}
+
 #[test]
 fn a_pack_that_would_fill_the_volume_is_refused_and_leaves_nothing() -> Result<()> {
     let root = tempfile::tempdir()?;
     let root = root.path();
-    // 10 files of 16 MiB that do not compress (so no ratio is involved).
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    // 10 files of 16 MiB of numbered lines: they compress (about 10 MiB in all), far from a ratio
+    // that could be taken for a bomb.
     fs::create_dir_all(root.join("big"))?;
     for i in 0..10 {
-        let bytes: Vec<u8> = (0..16 << 20)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
-        fs::write(root.join(format!("big/part{i}.bin")), bytes)?;
+        let text: String = (0..(16 << 20) / 32).map(|j| format!("part {i:02} line {j:018}\n")).collect::<String>();
+        ensure!(text.len() == 16 << 20);
+        fs::write(root.join(format!("big/part{i}.bin")), text)?;
     }
-    sh(root, "tar -C big -cf - . | zstd -q -1 -o big.tar.zst")?;
-    let free = || -> Result<u64> {
-        let stat = nix::sys::statvfs::statvfs(root)?;
-        Ok(stat.blocks_available() * stat.fragment_size())
-    };
-    // A reserve above the free space: refused at the first file, with nothing written.
-    let all = Limits { min_free_bytes: free()? + (1 << 30), ..Limits::default() };
-    match refused(root, &root.join("big.tar.zst"), &all)? {
-        StoreError::ExtractArchive(e @ ExtractError::NoSpace { .. }) => {
-            ensure!(e.to_string().contains("./part"), "{e}");
-        }
-        other => bail!("refused for another reason: {other}"),
-    }
-    // A reserve 48 MiB below the free space: the 160 MiB pack runs out part way, and what it wrote
-    // is removed.
-    let some = Limits { min_free_bytes: free()?.saturating_sub(48 << 20), ..Limits::default() };
-    match refused(root, &root.join("big.tar.zst"), &some)? {
-        StoreError::ExtractArchive(ExtractError::NoSpace { needed, .. }) => ensure!(needed == 16 << 20),
-        other => bail!("refused for another reason: {other}"),
-    }
+    sh(root, "tar -C big -cf - . | zstd -q -o big.tar.zst")?;
+    let archive = fs::read(root.join("big.tar.zst"))?;
+    let listing = Command::new("tar").arg("-tf").arg(root.join("big.tar.zst")).output()?;
+    let first = String::from_utf8(listing.stdout)?.lines().find(|l| l.ends_with(".bin")).context("no file")?.to_owned();
+    let digest = sha256_hex(&archive);
+    let base = serve_files(|_| Ok(HashMap::from([("/big.tar.zst".to_owned(), archive)])))?;
+    let source = format!("url: {{url: \"{base}/big.tar.zst\", sha256: {digest}}}");
+    let reserve = Limits::default().min_free_bytes;
+    let untouched = "store holds 0 entries\nworld/level.dat\n";
+
+    // A volume smaller than the reserve: the first file is refused, nothing is written.
+    let (error, after) = apply_on_a_small_volume(root, &source, reserve - (8 << 20))?;
+    ensure!(error.contains(&format!("archive entry {first:?} needs 16777216 bytes")), "{error:?}, then:\n{after}");
+    ensure!(error.contains("stay for the running server"), "{error}");
+    ensure!(after == untouched, "the volume holds:\n{after}");
+
+    // Room for two files above the reserve: the third does not fit, and the two written go again.
+    let (error, after) = apply_on_a_small_volume(root, &source, reserve + (40 << 20))?;
+    ensure!(
+        error.contains("needs 16777216 bytes") && !error.contains(&format!("{first:?}")),
+        "{error:?}, then:\n{after}"
+    );
+    ensure!(after == untouched, "the volume holds:\n{after}");
     Ok(())
 }
