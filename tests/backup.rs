@@ -5,13 +5,11 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::io::{BufRead, BufReader, Read};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -21,7 +19,7 @@ use atlas_runner::backup::upload::stream_archive;
 use atlas_runner::backup::{self, BackupError, CreateOptions, Manifest};
 use atlas_runner::rcon::Rcon;
 use atlas_testbed::{S3Endpoint, TestBucket, TestS3, free_port, unique};
-use common::{fake_server_jar, java_tool, region_generation, s3_spec, tree};
+use common::{FakeServer, region_generation, s3_spec, tree};
 use object_store::path::Path as ObjectPath;
 use object_store::{MultipartUpload, ObjectStoreExt, PutPayload, PutResult, UploadPart};
 
@@ -91,84 +89,23 @@ async fn s3_store(prefix: &str, data: &Path) -> Result<(TestBucket, Store)> {
     Ok((bucket, store))
 }
 
-/// A running fake server; killed on drop.
-struct FakeServer {
-    child: Child,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl FakeServer {
-    fn start(data: &Path, rcon_port: u16) -> Result<Self> {
-        Self::start_with(data, rcon_port, "")
-    }
-
-    /// [`FakeServer::start`] with more `fake-server.properties` lines.
-    fn start_with(data: &Path, rcon_port: u16, fake_properties: &str) -> Result<Self> {
-        std::fs::write(
-            data.join("server.properties"),
-            format!(
-                "server-ip=127.0.0.1\nserver-port={}\nenable-rcon=true\nrcon.port={rcon_port}\n\
-                 rcon.password={PASSWORD}\nlevel-name=world\n",
-                free_port()?
-            ),
-        )?;
-        // Rewrites are frequent and slow, so a copy taken while saving is on would very likely be torn.
-        std::fs::write(
-            data.join("fake-server.properties"),
-            format!("autosave-interval-ms=10\nregion-write-ms=40\n{fake_properties}"),
-        )?;
-        let mut child = Command::new(java_tool("java")?)
-            .args(["-Xmx64m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1", "-jar"])
-            .arg(fake_server_jar()?)
-            .arg("nogui")
-            .current_dir(data)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("start the fake server")?;
-        let log = Arc::new(Mutex::new(Vec::new()));
-        for stream in [
-            Box::new(child.stdout.take().context("stdout")?) as Box<dyn Read + Send>,
-            Box::new(child.stderr.take().context("stderr")?),
-        ] {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                    if let Ok(mut lines) = log.lock() {
-                        lines.push(line);
-                    }
-                }
-            });
-        }
-        let mut server = Self { child, log };
-        server.wait_for_line("RCON running on", Duration::from_secs(60))?;
-        Ok(server)
-    }
-
-    fn wait_for_line(&mut self, needle: &str, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let text = self.log.lock().map(|l| l.join("\n")).unwrap_or_default();
-            if text.contains(needle) {
-                return Ok(());
-            }
-            if let Some(status) = self.child.try_wait()? {
-                bail!("fake server exited ({status}):\n{text}");
-            }
-            if Instant::now() > deadline {
-                bail!("fake server did not print {needle:?}:\n{text}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for FakeServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Starts the fake server in `data` with RCON on `rcon_port`, writing often and slowly, plus
+/// `fake_properties` (more `fake-server.properties` lines).
+fn start_server(data: &Path, rcon_port: u16, fake_properties: &str) -> Result<FakeServer> {
+    std::fs::write(
+        data.join("server.properties"),
+        format!(
+            "server-ip=127.0.0.1\nserver-port={}\nenable-rcon=true\nrcon.port={rcon_port}\n\
+             rcon.password={PASSWORD}\nlevel-name=world\n",
+            free_port()?
+        ),
+    )?;
+    // Rewrites are frequent and slow, so a copy taken while saving is on would very likely be torn.
+    std::fs::write(
+        data.join("fake-server.properties"),
+        format!("autosave-interval-ms=10\nregion-write-ms=40\n{fake_properties}"),
+    )?;
+    FakeServer::start(data)
 }
 
 // ---- Tests ----
@@ -233,7 +170,7 @@ async fn create_list_verify_restore_gives_a_byte_identical_world() -> Result<()>
 async fn a_backup_of_a_running_server_is_never_torn_and_saving_resumes() -> Result<()> {
     let data = DataDir::new("world")?;
     let rcon_port = free_port()?;
-    let _server = FakeServer::start(&data.0, rcon_port)?;
+    let _server = start_server(&data.0, rcon_port, "")?;
     let rcon =
         Rcon::new(SocketAddr::from((Ipv4Addr::LOCALHOST, rcon_port)), PASSWORD.to_owned(), Duration::from_secs(10));
     let (_bucket, store) = s3_store("backup-live", &data.0).await?;
@@ -270,7 +207,7 @@ async fn a_slow_flush_is_bounded_by_the_flush_timeout_not_the_rcon_timeout() -> 
     let rcon_port = free_port()?;
     // Autosaves slowed down: each holds the server's thread, which a loaded disk could stretch past the
     // 1 s command timeout before save-off even answers.
-    let _server = FakeServer::start_with(&data.0, rcon_port, "flush-ms=3000\nautosave-interval-ms=1000\n")?;
+    let _server = start_server(&data.0, rcon_port, "flush-ms=3000\nautosave-interval-ms=1000\n")?;
     // A per-command timeout shorter than the flush, as the runner's RCON handle has.
     let rcon =
         Rcon::new(SocketAddr::from((Ipv4Addr::LOCALHOST, rcon_port)), PASSWORD.to_owned(), Duration::from_secs(1));
@@ -294,7 +231,7 @@ async fn a_slow_flush_is_bounded_by_the_flush_timeout_not_the_rcon_timeout() -> 
 async fn saving_left_off_by_an_earlier_failed_save_on_is_turned_back_on() -> Result<()> {
     let data = DataDir::new("world")?;
     let rcon_port = free_port()?;
-    let _server = FakeServer::start(&data.0, rcon_port)?;
+    let _server = start_server(&data.0, rcon_port, "")?;
     let rcon =
         Rcon::new(SocketAddr::from((Ipv4Addr::LOCALHOST, rcon_port)), PASSWORD.to_owned(), Duration::from_secs(10));
     let (_bucket, store) = s3_store("backup-saving-off", &data.0).await?;
