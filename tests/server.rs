@@ -187,16 +187,18 @@ async fn serve(State(api): State<Arc<Api>>, headers: HeaderMap, uri: Uri) -> Res
     (StatusCode::NOT_FOUND, format!("no stand-in for {path}")).into_response()
 }
 
-/// A base URL where nothing listens.
-async fn unreachable_urls() -> Result<BaseUrls> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let base = format!("http://{}", listener.local_addr()?);
-    drop(listener);
-    Ok(BaseUrls {
+/// Base URLs where nothing listens, and the socket that holds their port: bound but never listening, so
+/// every connection is refused and no other socket can take the port while the test runs.
+fn unreachable_urls() -> Result<(BaseUrls, tokio::net::TcpSocket)> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind("127.0.0.1:0".parse()?)?;
+    let base = format!("http://{}", socket.local_addr()?);
+    let urls = BaseUrls {
         mojang_manifest: format!("{base}/mojang/version_manifest_v2.json"),
         paper_api: format!("{base}/paper"),
         fabric_meta: format!("{base}/fabric"),
-    })
+    };
+    Ok((urls, socket))
 }
 
 /// A fresh directory with an empty `data/` in it, removed when the returned guard drops.
@@ -342,7 +344,8 @@ async fn unreachable_api_starts_from_the_cached_jar() -> Result<()> {
     let paper = online.resolve(&spec(ServerType::Paper, "1.21.4"), &data).await?;
     let vanilla = online.resolve(&spec(ServerType::Vanilla, "latest"), &data).await?;
 
-    let offline = resolver(unreachable_urls().await?, dir)?;
+    let (urls, _closed) = unreachable_urls()?;
+    let offline = resolver(urls, dir)?;
     assert_eq!(offline.resolve(&spec(ServerType::Paper, "1.21.4"), &data).await?, paper);
     // `latest` offline is the most recently resolved version of that software.
     assert_eq!(offline.resolve(&spec(ServerType::Paper, "latest"), &data).await?, paper);
@@ -355,7 +358,7 @@ async fn unreachable_api_starts_from_the_cached_jar() -> Result<()> {
 async fn unreachable_api_without_a_cached_jar_is_a_clear_transient_error() -> Result<()> {
     let tmp = fresh_dir("offline-empty")?;
     let dir = tmp.path();
-    let urls = unreachable_urls().await?;
+    let (urls, _closed) = unreachable_urls()?;
     let err = match resolver(urls.clone(), dir)?.resolve(&spec(ServerType::Vanilla, "1.21.4"), &dir.join("data")).await
     {
         Ok(r) => bail!("resolved without an API or a cache: {r:?}"),
@@ -401,7 +404,8 @@ async fn custom_jar_is_taken_from_the_data_dir_with_the_versions_java() -> Resul
     assert_eq!((resolved.minecraft_version.as_str(), resolved.java_major), ("26.2", 25));
     assert_eq!(resolved.sha256, sha256_hex(b"custom jar"));
 
-    let offline = resolver(unreachable_urls().await?, dir)?;
+    let (urls, _closed) = unreachable_urls()?;
+    let offline = resolver(urls, dir)?;
     let latest = ServerSpec { version: "latest".into(), ..custom };
     let resolved = offline.resolve(&latest, &data).await?;
     assert_eq!((resolved.minecraft_version.as_str(), resolved.java_major), ("unknown", 21));
