@@ -100,15 +100,29 @@ async fn login_list_and_fake_joins() -> Result<()> {
 #[tokio::test]
 async fn wrong_password_is_refused() -> Result<()> {
     let data = DataDir::new()?;
-    let _server = FakeServer::start(&data.path)?;
+    let server = FakeServer::start(&data.path)?;
+    // The fake logs each RCON connection when it opens and when it closes, as vanilla does.
+    let connections = |what: &str| {
+        server.log_lines().iter().filter(|l| l.contains("Thread RCON Client") && l.ends_with(what)).count()
+    };
     let err = RconClient::connect(data.rcon_addr(), "not-the-password", RCON_TIMEOUT).await;
     match err {
         Err(err @ RconError::Auth) => assert_eq!(err.category(), "auth"),
         other => bail!("expected an auth error, got {other:?}"),
     }
-    // The handle reports the same, and does not retry a refused password.
+    // The handle reports the same, and does not retry a refused password: one connection, not two.
     let rcon = Rcon::new(data.rcon_addr(), String::new(), RCON_TIMEOUT);
     assert!(matches!(rcon.command("list").await, Err(RconError::Auth)));
+    assert!(matches!(rcon.command("list").await, Err(RconError::Auth)), "the second command");
+    // Every connection made is closed by now (the server closes a refused one): wait until the log shows
+    // them all closed, then count them.
+    let deadline = Instant::now() + RCON_TIMEOUT;
+    while connections("shutting down") < connections("started") || connections("started") < 3 {
+        ensure!(Instant::now() < deadline, "connections never closed:\n{}", server.log_text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(connections("started"), 3, "one connection per refused login:\n{}", server.log_text());
     Ok(())
 }
 
