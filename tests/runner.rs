@@ -175,8 +175,24 @@ fn a_server_that_hangs_on_stop_is_killed_after_the_timeouts() -> Result<()> {
     assert_eq!(status["phase"], "Stopped");
     assert_eq!(status["lastExitReason"], "killed_on_stop");
     // RCON stop, stdin stop and SIGTERM each waited their second before SIGKILL.
-    assert!(took >= Duration::from_secs(2), "stopped too fast: {took:?}");
+    assert!(took >= Duration::from_secs(3), "stopped too fast: {took:?}");
     assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "the JVM is still alive");
+    // The stages in order: the server saw the RCON stop, then the stdin stop (its console's own line, not
+    // RCON's), then the runner gave up on SIGTERM.
+    let messages: Vec<String> = runner.logs().iter().filter_map(|l| l["message"].as_str().map(str::to_owned)).collect();
+    let stages = [
+        "[Rcon: Stopping the server]",
+        "server ignored RCON stop; trying stdin",
+        "]: Stopping the server",
+        "server ignored stop on stdin; sending SIGTERM",
+        "server ignored SIGTERM; sending SIGKILL",
+    ];
+    let at: Vec<Option<usize>> = stages.iter().map(|stage| messages.iter().position(|m| m.contains(stage))).collect();
+    assert!(
+        at.windows(2).all(|w| matches!(w, [Some(a), Some(b)] if a < b)),
+        "stages out of order or missing ({at:?}):\n{}",
+        messages.join("\n")
+    );
     Ok(())
 }
 
