@@ -546,13 +546,23 @@ fn a_new_pack_version_whose_server_crashes_before_ready_is_rolled_back() -> Resu
     assert!(stdout(&out).contains("pack:      1.0.0"), "{}", stdout(&out));
     assert_eq!(back["lastExitReason"], "crash");
 
-    // A later crash of the old version's server restarts it without applying the failed pack again.
+    // A later crash of the old version's server restarts it without applying the failed pack again. Had it
+    // been applied, its server would have crashed and been rolled back, ending as above: so count the swaps,
+    // rollbacks and starts as well.
+    let counts = |runner: &Runner| {
+        ["pack swapped in", "rolling the pack back", "server process started"].map(|line| runner.logs_with(line).len())
+    };
+    let before = counts(&runner);
+    assert_eq!(before, [3, 1, 3], "1.0.0 applied, 2.0.0 applied and rolled back, three servers started");
     cli(&fixture.data, &["console", "crash"])?;
     runner.wait_status("a restart after the crash", Duration::from_secs(60), |s| {
         s["phase"] == "Running" && s["pid"] != back["pid"]
     })?;
     assert_eq!(runner.status()?["packVersion"], "1.0.0");
     assert_eq!(std::fs::read(fixture.data.join("mods/a.jar"))?, b"a-1");
+    assert_eq!(counts(&runner), [before[0], before[1], before[2] + 1], "the crash restart swapped packs");
+    let (_, metrics) = http_get(&runner.metrics_addr, "/metrics")?;
+    assert!(metrics.contains("atlas_pack_rollbacks_total{reason=\"crash\"} 1"), "{metrics}");
     Ok(())
 }
 
