@@ -633,7 +633,7 @@ fn a_followed_hub_channel_is_updated_automatically_once_nobody_is_online() -> Re
     std::fs::create_dir_all(&dir)?;
     let v1 = fake_server_pack(&dir, "1.0.0", &[("mods/a.jar", b"a-1")])?;
     let v2 = fake_server_pack(&dir, "2.0.0", &[("mods/a.jar", b"a-2")])?;
-    let (base, hub) = common::serve_changing_files()?;
+    let (base, hub, requests) = common::serve_changing_files_logged()?;
     // The channel names `version`, whose answer describes `described`; the hub serves `served` as its blob.
     let publish_as = |version: &str, served: &[u8], described: &[u8]| -> Result<()> {
         let mut files = hub.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
@@ -686,6 +686,11 @@ fn a_followed_hub_channel_is_updated_automatically_once_nobody_is_online() -> Re
     let v3 = fake_server_pack(&dir, "3.0.0", &[("mods/a.jar", b"a-3")])?;
     publish("3.0.0", &v3)?;
     runner.wait_status("3.0.0 reported", Duration::from_secs(30), |s| s["packUpdateAvailable"] == "3.0.0")?;
+    let blobs_fetched = || -> Vec<String> {
+        requests.lock().map(|r| r.iter().filter(|p| p.starts_with("/blobs/")).cloned().collect()).unwrap_or_default()
+    };
+    let fetched_before = blobs_fetched();
+    assert!(!fetched_before.iter().any(|p| p.contains("3.0.0")), "3.0.0 was fetched with a player online");
     write_spec_with_pack_source(
         &fixture,
         &format!("hub: {{url: \"{base}\", pack: server, channel: stable}}"),
@@ -695,6 +700,13 @@ fn a_followed_hub_channel_is_updated_automatically_once_nobody_is_online() -> Re
         (!runner.logs_with("spec.pack.update.mode is manual").is_empty()).then_some(())
     })?;
     assert_eq!(runner.logs_with("only spec.pack.update, taken without a restart").len(), 1);
+    // Two more checks (1 s apart) find 3.0.0 again and fetch nothing either.
+    let checks = requests.lock().map(|r| r.iter().filter(|p| *p == CHANNEL).count()).unwrap_or_default();
+    wait_for("two more channel checks", Duration::from_secs(20), || {
+        let now = requests.lock().map(|r| r.iter().filter(|p| *p == CHANNEL).count()).unwrap_or_default();
+        (now >= checks + 2).then_some(())
+    })?;
+    assert_eq!(blobs_fetched(), fetched_before, "switching to manual mode fetched a pack");
     let manual = runner.status()?;
     assert_eq!(
         (manual["phase"].clone(), manual["pid"].clone(), manual["packVersion"].clone()),

@@ -436,14 +436,26 @@ pub fn serve_files(files: impl FnOnce(&str) -> Result<std::collections::HashMap<
 /// Files a test may change while they are served: path -> body.
 pub type ServedFiles = Arc<Mutex<std::collections::HashMap<String, Vec<u8>>>>;
 
+/// The path of every request a stand-in answered, in order.
+pub type RequestLog = Arc<Mutex<Vec<String>>>;
+
 /// Like [`serve_files`], starting empty: returns the base URL and the files, which the test fills and
 /// changes as it goes.
 pub fn serve_changing_files() -> Result<(String, ServedFiles)> {
+    serve_changing_files_logged().map(|(base, files, _)| (base, files))
+}
+
+/// [`serve_changing_files`], also returning the path of every request served.
+pub fn serve_changing_files_logged() -> Result<(String, ServedFiles, RequestLog)> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let base = format!("http://{}", listener.local_addr()?);
     let files = ServedFiles::default();
-    let served = files.clone();
+    let requests = RequestLog::default();
+    let (served, seen) = (files.clone(), requests.clone());
     let app = axum::Router::new().fallback(move |uri: axum::http::Uri| {
+        if let Ok(mut seen) = seen.lock() {
+            seen.push(uri.path().to_owned());
+        }
         let body = served.lock().ok().and_then(|files| files.get(uri.path()).cloned());
         async move {
             match body {
@@ -461,7 +473,7 @@ pub fn serve_changing_files() -> Result<(String, ServedFiles)> {
             }
         })
     });
-    Ok((base, files))
+    Ok((base, files, requests))
 }
 
 /// Every file and directory under `root` (relative paths), with each file's bytes.
