@@ -666,15 +666,30 @@ async fn watched_upload(
     Ok((Box::new(Watched { inner, counters: counters.clone(), fail_part, part_delay }), counters))
 }
 
+/// A private SeaweedFS (whose filer tells the multipart uploads in progress) with a fresh bucket, and a
+/// store on it.
+async fn private_s3(prefix: &str, data: &Path) -> Result<(atlas_testbed::S3Processes, String, Store)> {
+    let s3 = tokio::task::spawn_blocking(atlas_testbed::start_s3).await??;
+    let bucket_name = unique(prefix).to_lowercase();
+    atlas_testbed::create_bucket(&s3.endpoint, &bucket_name).await?;
+    let bucket =
+        TestBucket { s3: s3.endpoint.clone(), name: bucket_name.clone(), region: atlas_testbed::S3_REGION.to_owned() };
+    let store = Store::open(Some(&s3_spec(&bucket, "survival/")), data, Some(credentials(&bucket)))?;
+    Ok((s3, bucket_name, store))
+}
+
 #[tokio::test]
 async fn a_failed_part_aborts_the_multipart_upload() -> Result<()> {
     let dir = DataDir::new("world")?;
     big_capture(&dir.0)?;
-    let store = Store::memory();
+    let (s3, bucket, store) = private_s3("backup-failed-part", &dir.0).await?;
     let key = ObjectPath::from("archives/failed.tar.zst");
     let (upload, counters) = watched_upload(&store, &key, Some(2), Duration::ZERO).await?;
+    // SeaweedFS holds the upload (so the check below can see one go).
+    ensure!(s3.uploads_in_progress(&bucket).await?.len() == 1, "the upload did not start");
     let err = stream_archive(upload, "archives/failed.tar.zst", dir.0.clone(), 1).await.err().context("succeeded")?;
     assert_eq!(err.category(), "upload", "{err:?}");
+    no_upload_left(&s3, &bucket, "a failed part").await?;
     assert_eq!(counters.aborted.load(Ordering::SeqCst), 1, "{counters:?}");
     assert_eq!(counters.completed.load(Ordering::SeqCst), 0, "{counters:?}");
     assert!(store.objects.head(&key).await.is_err(), "a failed upload left an object");
@@ -695,13 +710,16 @@ async fn until(what: &str, done: impl Fn() -> bool) -> Result<()> {
 async fn a_cancelled_multipart_upload_is_aborted() -> Result<()> {
     let dir = DataDir::new("world")?;
     big_capture(&dir.0)?;
-    let store = Store::memory();
+    let (s3, bucket, store) = private_s3("backup-cancelled-part", &dir.0).await?;
     let key = ObjectPath::from("archives/cancelled.tar.zst");
     let (upload, counters) = watched_upload(&store, &key, None, Duration::from_millis(300)).await?;
+    ensure!(s3.uploads_in_progress(&bucket).await?.len() == 1, "the upload did not start");
     let task = tokio::spawn(stream_archive(upload, "archives/cancelled.tar.zst", dir.0.clone(), 1));
     until("the first part", || counters.parts.load(Ordering::SeqCst) > 0).await?;
     task.abort();
     assert!(task.await.is_err(), "the upload finished before it was cancelled");
+    // The abort runs on a spawned task: SeaweedFS holds no upload once it is done.
+    no_upload_left(&s3, &bucket, "a cancelled upload").await?;
     until("the abort", || counters.aborted.load(Ordering::SeqCst) == 1).await?;
     // A part's request still on its way could be stored after the abort and open the upload again.
     assert_eq!(counters.unanswered_at_abort.load(Ordering::SeqCst), 0, "aborted with parts in flight: {counters:?}");
