@@ -9,7 +9,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -495,7 +495,7 @@ async fn a_backup_cancelled_while_the_store_starts_its_upload_leaves_no_upload()
     let bucket_name = unique("backup-cancel-start").to_lowercase();
     atlas_testbed::create_bucket(&s3.endpoint, &bucket_name).await?;
     let upstream: SocketAddr = s3.endpoint.endpoint.trim_start_matches("http://").parse()?;
-    let proxy = slow_answers_proxy(upstream, Duration::from_millis(1500)).await?;
+    let (proxy, id_answered) = slow_answers_proxy(upstream, Duration::from_millis(1500)).await?;
     let slow = S3Endpoint { endpoint: format!("http://{proxy}"), ..s3.endpoint.clone() };
     let bucket = TestBucket { s3: slow, name: bucket_name.clone(), region: atlas_testbed::S3_REGION.to_owned() };
     let data = DataDir::new("world")?;
@@ -516,6 +516,9 @@ async fn a_backup_cancelled_while_the_store_starts_its_upload_leaves_no_upload()
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     task.abort();
+    // The test runs on one thread: the backup has not run since the check above, so what the proxy had
+    // passed on by now is all the backup could have seen.
+    ensure!(!id_answered.load(Ordering::SeqCst), "the backup knew its upload's id before it was cancelled");
     assert!(task.await.is_err_and(|e| e.is_cancelled()), "the backup finished before it was cancelled");
     no_upload_left(&s3, &bucket_name, "a backup cancelled while its upload started").await?;
     let journal = data.0.join(backup::upload::JOURNAL_DIR);
@@ -537,13 +540,17 @@ async fn no_upload_left(s3: &atlas_testbed::S3Processes, bucket: &str, who: &str
 }
 
 /// A loopback TCP proxy to `upstream` that holds every chunk of an answer back for `delay`: requests reach
-/// the server at once, answers reach the client late, as on a slow link.
-async fn slow_answers_proxy(upstream: SocketAddr, delay: Duration) -> Result<SocketAddr> {
+/// the server at once, answers reach the client late, as on a slow link. The flag is set just before an
+/// answer carrying a multipart upload's id (`<UploadId>`) is passed on to the client.
+async fn slow_answers_proxy(upstream: SocketAddr, delay: Duration) -> Result<(SocketAddr, Arc<AtomicBool>)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
     let address = listener.local_addr()?;
+    let id_answered = Arc::new(AtomicBool::new(false));
+    let flag = id_answered.clone();
     tokio::spawn(async move {
         while let Ok((client, _)) = listener.accept().await {
+            let flag = flag.clone();
             tokio::spawn(async move {
                 let Ok(server) = tokio::net::TcpStream::connect(upstream).await else { return };
                 let (mut from_client, mut to_client) = client.into_split();
@@ -557,6 +564,9 @@ async fn slow_answers_proxy(upstream: SocketAddr, delay: Duration) -> Result<Soc
                             return to_client.shutdown().await;
                         }
                         tokio::time::sleep(delay).await;
+                        if buf[..n].windows(10).any(|w| w == b"<UploadId>") {
+                            flag.store(true, Ordering::SeqCst);
+                        }
                         to_client.write_all(&buf[..n]).await?;
                     }
                 };
@@ -564,7 +574,7 @@ async fn slow_answers_proxy(upstream: SocketAddr, delay: Duration) -> Result<Soc
             });
         }
     });
-    Ok(address)
+    Ok((address, id_answered))
 }
 
 /// Whether the capture mirror holds all of `big_capture`'s region file.
