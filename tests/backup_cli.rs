@@ -65,6 +65,30 @@ fn error_line(out: &Output, what: &str) -> Result<String> {
     Ok(lines[0].to_owned())
 }
 
+/// The value of the sample `name` (no labels) in Prometheus text, if there is one.
+fn sample(metrics: &str, name: &str) -> Option<f64> {
+    metrics.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Fails unless `metrics` has `atlas_backup_last_success_timestamp_seconds` and it is within a few
+/// minutes of now (a missing line must not pass for a set one).
+fn assert_recent_success(metrics: &str) -> Result<()> {
+    let name = "atlas_backup_last_success_timestamp_seconds";
+    let value = sample(metrics, name).with_context(|| format!("no {name} sample:\n{metrics}"))?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs_f64();
+    ensure!((now - value).abs() < 300.0, "{name} is {value}, now is {now}");
+    Ok(())
+}
+
+/// The files of a backup's archive (`NAME.tar.zst` in `bucket`), extracted with the `tar` and `zstd`
+/// crates, not the runner's own reader, into `into`.
+async fn extract_backup(bucket: &TestBucket, manifest: &Manifest, into: &Path) -> Result<()> {
+    let archive = s3_get(bucket, &format!("cli/{}", manifest.archive_key)).await?;
+    let decoder = zstd::stream::read::Decoder::new(std::io::Cursor::new(archive))?;
+    tar::Archive::new(decoder).unpack(into).with_context(|| format!("unpack {}", manifest.name))?;
+    Ok(())
+}
+
 fn write_world(data: &Path) -> Result<()> {
     for (dim, files) in [("world", 40), ("world_nether", 5)] {
         std::fs::create_dir_all(data.join(dim).join("region"))?;
@@ -115,7 +139,7 @@ async fn create_list_verify_restore_through_the_cli_gives_a_byte_identical_world
     ] {
         assert!(metrics.contains(&line), "the textfile lacks {line:?}:\n{metrics}");
     }
-    assert!(!metrics.contains("atlas_backup_last_success_timestamp_seconds 0\n"), "{metrics}");
+    assert_recent_success(&metrics)?;
     promtool_check(&metrics)?;
     assert_eq!(created.files, 47);
     assert!(created.save_off_ms.is_none(), "no runner, so no RCON: {created:?}");
@@ -199,18 +223,38 @@ async fn restore_through_a_running_runner_stops_takes_a_safety_backup_and_restar
     let status = runner.wait_running()?;
     let second_pid = status["pid"].as_u64().context("a pid")?;
     assert_ne!(first_pid, second_pid, "the server was not restarted");
-    assert!(!runner.logs_with("Stopping the server").is_empty() || !runner.logs_with("server exited").is_empty());
+    // The first server was stopped gracefully (over RCON, a clean exit the runner expected), not killed
+    // or crashed, and exactly once.
+    assert_eq!(runner.logs_with("[Rcon: Stopping the server]").len(), 1, "the server was not stopped over RCON");
+    let exits: Vec<(String, bool)> = runner
+        .logs_with("server exited")
+        .iter()
+        .map(|l| (l["reason"].as_str().unwrap_or_default().to_owned(), l["unexpected"] == true))
+        .collect();
+    assert_eq!(exits, [("clean".to_owned(), false)], "how the first server ended");
 
-    // The safety backup is a complete backup of the replaced world.
+    // The safety backup is a complete backup of the replaced world: its archive holds exactly the world
+    // the restore moved aside.
     let listed: Vec<Manifest> = serde_json::from_str(&ok(backup_cli(&fixture, "list", &["--json"])?, "list")?)?;
     let names: Vec<&str> = listed.iter().map(|m| m.name.as_str()).collect();
     assert_eq!(names, [safety.as_str(), created.name.as_str()]);
     ok(backup_cli(&fixture, "verify", &[&safety])?, "verify the safety backup")?;
+    let safety_manifest = &listed[0];
+    assert_eq!(safety_manifest.worlds, ["world"], "{safety_manifest:?}");
+    let extracted = fixture.root.join("safety-extracted");
+    extract_backup(&bucket, safety_manifest, &extracted).await?;
+    let replaced = tree(Path::new(&previous))?;
+    assert!(
+        replaced.contains_key("after-backup.dat") && replaced.contains_key("region/r.0.0.mca"),
+        "{:?}",
+        replaced.keys()
+    );
+    assert!(tree(&extracted.join("world"))? == replaced, "the safety backup differs from the replaced world");
 
-    // The runner's metrics count both backups it took; the CLI took the safety backup itself.
+    // The runner's metrics count the one backup it took; the CLI took the safety backup itself.
     let (_, body) = http_get(&runner.metrics_addr, "/metrics")?;
     assert!(body.contains("atlas_backup_duration_seconds_count 1"), "{body}");
-    assert!(!body.contains("atlas_backup_last_success_timestamp_seconds 0\n"), "{body}");
+    assert_recent_success(&body)?;
     promtool_check(&body)?;
     Ok(())
 }
