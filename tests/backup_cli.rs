@@ -294,7 +294,7 @@ async fn scheduled_backups_run_in_the_runner_prune_and_survive_failures() -> Res
     let bucket = TestS3::shared().await?.bucket("backup-schedule").await?;
     add_backup_spec(&fixture, &bucket, "    schedule: \"*/5 * * * *\"\n    retention: {keepLast: 2}\n")?;
     let mut runner = Runner::start_with_env(&fixture, &[], &[("ATLAS_BACKUP_SCHEDULE_SECONDS", "1")])?;
-    runner.wait_running()?;
+    let server = runner.wait_running()?;
     // Retention runs after each success: the third backup's prune keeps exactly the two newest.
     let pruned = wait_for("the first prune", Duration::from_secs(90), || {
         runner.logs_with("old backups pruned").into_iter().next()
@@ -336,5 +336,21 @@ async fn scheduled_backups_run_in_the_runner_prune_and_survive_failures() -> Res
     assert!(!runner.logs_with("backup failed").is_empty());
     assert_eq!(names(atlas_runner::backup::list(&store).await?), before, "a failed backup deleted backups");
     assert!(!before.is_empty());
+
+    // The server ran on through the failures, and once it can save again the schedule takes backups again.
+    let now = runner.status()?;
+    assert_eq!((&now["phase"], &now["pid"]), (&"Running".into(), &server["pid"]), "{now}");
+    let done = |runner: &Runner| runner.logs_with("scheduled backup done").len();
+    let succeeded = done(&runner);
+    std::fs::remove_file(fixture.data.join("fake-save-fails"))?;
+    wait_for("a scheduled backup after the failures", Duration::from_secs(60), || {
+        (done(&runner) > succeeded).then_some(())
+    })?;
+    let newest = runner.logs_with("scheduled backup done").last().and_then(|l| l["backup"].as_str().map(str::to_owned));
+    let listed = names(atlas_runner::backup::list(&store).await?);
+    assert!(newest.is_some() && listed.first() == newest.as_ref(), "{newest:?} is not the newest of {listed:?}");
+    assert!(!before.contains(&listed[0]), "no new backup: {listed:?}");
+    let now = runner.status()?;
+    assert_eq!((&now["phase"], &now["pid"]), (&"Running".into(), &server["pid"]), "{now}");
     Ok(())
 }
