@@ -530,10 +530,9 @@ async fn cdn(State(cdn): State<Cdn>, uri: Uri, headers: HeaderMap) -> Response {
 
 #[tokio::test]
 async fn mrpack_end_to_end() -> Result<()> {
+    // Bound first and kept: the index names URLs on its address.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    drop(listener);
-    // Reserve the address first: the index names URLs on it. Rebinding right away is safe on loopback.
     let jar = b"fabric jar with a plus".as_slice();
     let lib = b"library jar".as_slice();
     let client_only = b"client only".as_slice();
@@ -567,7 +566,6 @@ async fn mrpack_end_to_end() -> Result<()> {
         ("/packs/test.mrpack".to_owned(), mrpack.clone()),
     ]
     .into();
-    let listener = tokio::net::TcpListener::bind(addr).await?;
     let seen = Seen::default();
     let router = Router::new().fallback(cdn).with_state(Cdn { seen: seen.clone(), files: Arc::new(files) });
     tokio::spawn(async move { axum::serve(listener, router).await });
@@ -618,9 +616,9 @@ async fn mrpack_end_to_end() -> Result<()> {
 async fn mrpack_refuses_a_file_with_a_wrong_sha512() -> Result<()> {
     let good = b"good".as_slice();
     let evil = b"evil".as_slice();
+    // Bound first and kept: the index names URLs on its address.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    drop(listener);
     let mut bad = index_file("mods/bad.jar", good, "required", &[format!("http://{addr}/cdn/bad.jar")]);
     bad["hashes"]["sha1"] = serde_json::json!(sha1_hex(evil));
     let index = serde_json::json!({
@@ -630,7 +628,6 @@ async fn mrpack_refuses_a_file_with_a_wrong_sha512() -> Result<()> {
     let mrpack = zip_of(&[("modrinth.index.json", index.to_string().as_bytes())])?;
     let files: BTreeMap<String, Bytes> =
         [("/cdn/bad.jar".to_owned(), Bytes::from_static(evil)), ("/p.mrpack".to_owned(), mrpack)].into();
-    let listener = tokio::net::TcpListener::bind(addr).await?;
     let router = Router::new().fallback(cdn).with_state(Cdn { seen: Seen::default(), files: Arc::new(files) });
     tokio::spawn(async move { axum::serve(listener, router).await });
 

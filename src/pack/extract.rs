@@ -1053,11 +1053,13 @@ mod tests {
         let mut sent = 0u64;
         let result: Result<(), ExtractError> = with_disk(dir.path(), |disk| {
             disk.send(Op::File(blocker.join("a.jar")))?;
-            // The reading side goes on until a send fails: the writer stopped.
-            loop {
+            // The reading side goes on until a send fails: the writer stopped. Bounded, so a writer that
+            // never stops fails the count below instead of hanging the test.
+            for _ in 0..CHUNKS_IN_FLIGHT * 4 {
                 disk.send(Op::Data(vec![1; CHUNK], CHUNK))?;
                 sent += 1;
             }
+            Ok(())
         });
         match result {
             Err(ExtractError::Write { path, source }) => {

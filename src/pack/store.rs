@@ -738,4 +738,66 @@ mod tests {
         )?;
         Ok(())
     }
+
+    #[test]
+    fn staging_called_off_part_way_stops_and_leaves_nothing() -> TestResult {
+        let (work, data) = (tempfile::tempdir()?, tempfile::tempdir()?);
+        fs::create_dir_all(data.path().join(RESERVED_DIR))?;
+        let held = lock(&lock_path(data.path()))?;
+        let (store, _) = PackStore::open(data.path(), &held)?;
+        // 2 MiB that zstd cannot shrink, so half the archive holds part of the first file.
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let noise: String = (0..2 << 20)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                char::from(b'!' + (seed % 90) as u8)
+            })
+            .collect();
+        let archive = fs::read(pack(work.path(), "1.0.0", &[("mods/a.jar", &noise), ("mods/b.jar", "b")])?)?;
+        // The archive arrives through a pipe the test feeds: the first half, then (once the staging is
+        // called off) the rest, so the call-off lands while staging is under way.
+        let fifo = work.path().join("archive.fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU)?;
+        let cancel = AtomicBool::new(false);
+        let (go, rest) = std::sync::mpsc::channel::<()>();
+        let staged = std::thread::scope(|scope| -> Result<_, Box<dyn std::error::Error>> {
+            let (fifo, archive) = (&fifo, &archive);
+            let feeder = scope.spawn(move || -> io::Result<()> {
+                use std::io::Write;
+                let mut pipe = fs::OpenOptions::new().write(true).open(fifo)?;
+                let (first, second) = archive.split_at(archive.len() / 2);
+                // The reader stops reading once it is called off, perhaps before the first half is all
+                // read: a broken pipe is how either write may end.
+                let _ = pipe.write_all(first);
+                let _ = rest.recv();
+                let _ = pipe.write_all(second);
+                Ok(())
+            });
+            let staging =
+                scope.spawn(|| store.stage_cancellable(fifo, ArchiveFormat::TarZst, None, &Limits::default(), &cancel));
+            // Part of the first file is extracted: staging is under way.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            let under_way = || {
+                fs::read_dir(store.layout.root()).into_iter().flatten().flatten().any(|e| {
+                    e.file_name().to_string_lossy().starts_with("staging-")
+                        && e.path().join("files/mods/a.jar").is_file()
+                })
+            };
+            while !under_way() {
+                assert!(std::time::Instant::now() < deadline, "staging never started");
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            cancel.store(true, Ordering::Release);
+            go.send(())?;
+            let staged = staging.join().map_err(|_| "the staging thread panicked")?;
+            feeder.join().map_err(|_| "the feeding thread panicked")??;
+            Ok(staged)
+        })?;
+        let err = staged.err().ok_or("staging called off part-way went on to the end")?;
+        assert!(err.to_string().contains("called off"), "{err}");
+        assert_eq!(fs::read_dir(store.layout.root())?.count(), 0, "something was left in the store");
+        Ok(())
+    }
 }

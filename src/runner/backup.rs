@@ -298,7 +298,8 @@ enum Due {
     In(Duration),
 }
 
-fn next_due(spec: &MinecraftServerSpec, override_seconds: Option<u64>) -> Result<Due, String> {
+/// How long from `now` (the clock a parameter, so tests can set it) until `spec`'s schedule is next due.
+fn next_due(spec: &MinecraftServerSpec, override_seconds: Option<u64>, now: &jiff::Zoned) -> Result<Due, String> {
     let Some(schedule) = spec.backup.as_ref().and_then(|b| b.schedule.as_deref()) else {
         return Ok(Due::Never);
     };
@@ -306,8 +307,7 @@ fn next_due(spec: &MinecraftServerSpec, override_seconds: Option<u64>) -> Result
     if let Some(seconds) = override_seconds {
         return Ok(Due::In(Duration::from_secs(seconds.max(1))));
     }
-    let now = jiff::Zoned::now();
-    let Some(next) = cron.next_after(&now) else {
+    let Some(next) = cron.next_after(now) else {
         return Err(format!("the backup schedule {schedule:?} never matches a date"));
     };
     let wait = next.timestamp().duration_since(now.timestamp());
@@ -327,7 +327,7 @@ async fn schedule(
     loop {
         let spec = specs.borrow_and_update().clone();
         shared.backups.set_context(data_dir.clone(), spec.clone());
-        let wait = match next_due(&spec, override_seconds) {
+        let wait = match next_due(&spec, override_seconds, &jiff::Zoned::now()) {
             Ok(Due::In(wait)) => Some(wait),
             Ok(Due::Never) => None,
             Err(message) => {
@@ -559,4 +559,62 @@ pub async fn restore_via_runner_or_offline(
         restarted: was_up && restarted.is_ok(),
         restart_failed: restarted.err(),
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    fn spec(schedule: Option<&str>) -> MinecraftServerSpec {
+        let backup = schedule.map_or(String::new(), |s| format!("backup: {{schedule: \"{s}\"}}\n"));
+        serde_yaml::from_str(&format!("eula: true\nserver: {{type: vanilla}}\n{backup}")).unwrap()
+    }
+
+    /// The wait `next_due` gives at the clock reading `now`.
+    fn wait(schedule: Option<&str>, override_seconds: Option<u64>, now: &str) -> Option<Duration> {
+        match next_due(&spec(schedule), override_seconds, &now.parse().unwrap()).unwrap() {
+            Due::In(wait) => Some(wait),
+            Due::Never => None,
+        }
+    }
+
+    const fn hms(h: u64, m: u64, s: u64) -> Duration {
+        Duration::from_secs(h * 3600 + m * 60 + s)
+    }
+
+    #[test]
+    fn the_wait_runs_from_the_clock_to_the_next_scheduled_time() {
+        let utc = |t: &str| format!("{t}+00:00[UTC]");
+        assert_eq!(wait(Some("0 */6 * * *"), None, &utc("2026-11-26T10:41:30")), Some(hms(1, 18, 30)));
+        // Exactly on a scheduled minute: the next one, not now.
+        assert_eq!(wait(Some("0 */6 * * *"), None, &utc("2026-11-26T12:00:00")), Some(hms(6, 0, 0)));
+        assert_eq!(wait(Some("@daily"), None, &utc("2026-12-31T23:59:59.5")), Some(Duration::from_millis(500)));
+        assert_eq!(wait(Some("* * * * *"), None, &utc("2026-11-26T10:41:59")), Some(hms(0, 0, 1)));
+        // In the server's local time: the same instant is 01:00 in UTC and 02:00 in Berlin.
+        assert_eq!(wait(Some("0 3 * * *"), None, "2026-11-26T01:00:00+00:00[UTC]"), Some(hms(2, 0, 0)));
+        assert_eq!(wait(Some("0 3 * * *"), None, "2026-11-26T02:00:00+01:00[Europe/Berlin]"), Some(hms(1, 0, 0)));
+    }
+
+    #[test]
+    fn the_wait_is_real_time_across_a_clock_change() {
+        // Berlin skips 02:00-03:00 on 2026-03-29: from 01:30 to 06:00 local is 3.5 hours, not 4.5.
+        assert_eq!(wait(Some("0 6 * * *"), None, "2026-03-29T01:30:00+01:00[Europe/Berlin]"), Some(hms(3, 30, 0)));
+        // And repeats 02:00-03:00 on 2026-10-25: from 01:30 to 06:00 local is 5.5 hours.
+        assert_eq!(wait(Some("0 6 * * *"), None, "2026-10-25T01:30:00+02:00[Europe/Berlin]"), Some(hms(5, 30, 0)));
+    }
+
+    #[test]
+    fn no_schedule_waits_forever_and_a_bad_one_is_an_error() {
+        assert_eq!(wait(None, None, "2026-11-26T10:00:00+00:00[UTC]"), None);
+        let now: jiff::Zoned = "2026-11-26T10:00:00+00:00[UTC]".parse().unwrap();
+        let Err(message) = next_due(&spec(Some("0 0 30 2 *")), None, &now) else { panic!("Feb 30 matched") };
+        assert!(message.contains("never matches a date"), "{message}");
+        let Err(message) = next_due(&spec(Some("every hour")), None, &now) else { panic!("a bad schedule parsed") };
+        assert!(message.contains("invalid cron schedule"), "{message}");
+        // The test override replaces the times but not the check of the schedule.
+        assert_eq!(wait(Some("0 */6 * * *"), Some(2), "2026-11-26T10:41:30+00:00[UTC]"), Some(hms(0, 0, 2)));
+        assert_eq!(wait(Some("0 */6 * * *"), Some(0), "2026-11-26T10:41:30+00:00[UTC]"), Some(hms(0, 0, 1)));
+        assert!(next_due(&spec(Some("every hour")), Some(2), &now).is_err());
+    }
 }
