@@ -775,8 +775,15 @@ mod tests {
                 let _ = pipe.write_all(second);
                 Ok(())
             });
-            let staging =
-                scope.spawn(|| store.stage_cancellable(fifo, ArchiveFormat::TarZst, None, &Limits::default(), &cancel));
+            let staging = scope.spawn(|| {
+                store.stage_cancellable(
+                    fifo,
+                    ArchiveFormat::TarZst,
+                    &Versioning::default(),
+                    &Limits::default(),
+                    &cancel,
+                )
+            });
             // Part of the first file is extracted: staging is under way.
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
             let under_way = || {
