@@ -1017,3 +1017,25 @@ async fn with_podmonitors_enabled_each_server_gets_one_scraping_its_metrics_port
     assert_eq!(endpoint["relabelings"][0]["targetLabel"], "server");
     Ok(())
 }
+
+#[tokio::test]
+async fn an_operator_stopped_while_its_caches_fill_exits_promptly() -> Result<()> {
+    let installed = Installed::new("op-early-stop", &[]).await?;
+    for i in 0..30 {
+        apply_server(&installed, &server_doc(&format!("early-{i}"), minimal(json!({})))).await?;
+    }
+    for attempt in 0..3 {
+        let mut operator = installed.start_operator(&[])?;
+        // SIGTERM as soon as it leads: its rounds are then waiting for the caches to list.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !operator.logs().contains("became the leader") {
+            ensure!(Instant::now() < deadline, "attempt {attempt}: no leadership:\n{}", operator.logs());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let started = Instant::now();
+        let status = operator.stop()?;
+        assert!(status.success(), "attempt {attempt}: exited with {status}:\n{}", operator.logs());
+        assert!(started.elapsed() < Duration::from_secs(10), "attempt {attempt}: took {:?}", started.elapsed());
+    }
+    Ok(())
+}

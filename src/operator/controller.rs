@@ -76,6 +76,8 @@ const PERMANENT_RETRY: Duration = Duration::from_secs(600);
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// How often a server whose Secrets are missing is looked at again (Secrets are not watched).
 const SECRET_RETRY: Duration = Duration::from_secs(15);
+/// How long rounds in flight get to finish after SIGTERM (the pod's grace period is 30 s).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 /// How often a pod waiting for `spec.upgrade` is looked at again (the window opens with time).
 const UPGRADE_RETRY: Duration = Duration::from_secs(60);
 
@@ -574,6 +576,7 @@ pub async fn run(options: Options, shutdown: CancellationToken) -> Result<(), St
     // wait until every cache has listed once. One task waits on the caches and tells the others
     // through a watch channel: a Store's readiness wakes only one of several concurrent waiters.
     let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
+    let ready_watch = ready_rx.clone();
     let waiter = {
         let caches = ctx.caches.clone();
         tokio::spawn(async move {
@@ -598,13 +601,23 @@ pub async fn run(options: Options, shutdown: CancellationToken) -> Result<(), St
     if let Some(stream) = pod_monitor_stream {
         controller = controller.owns_stream_with(stream, children::pod_monitor_resource());
     }
+    let stopping = shutdown.clone();
     let reconciles = controller
         .graceful_shutdown_on(shutdown.clone().cancelled_owned())
         .run(
             move |server, ctx: Arc<Context>| {
                 let mut ready = ready_rx.clone();
+                let stopping = stopping.clone();
                 async move {
-                    let _ = ready.wait_for(|ready| *ready).await;
+                    // A graceful shutdown stops feeding the caches and waits for running rounds:
+                    // a round still waiting for them must give up, or the two wait for each other.
+                    let ready = tokio::select! {
+                        ready = ready.wait_for(|ready| *ready) => ready.is_ok(),
+                        () = stopping.cancelled() => false,
+                    };
+                    if !ready {
+                        return Ok(Action::await_change());
+                    }
                     reconcile(server, ctx).await
                 }
             },
@@ -626,7 +639,16 @@ pub async fn run(options: Options, shutdown: CancellationToken) -> Result<(), St
         controller.abort();
         shutdown.cancel();
     }
-    let _ = controller.await;
+    // Rounds in flight finish (a status write, an apply); one stuck on an unanswered request does
+    // not hold the exit past the pod's grace period. Before the caches have listed no round has
+    // written anything, and kube-runtime's graceful shutdown would wait for its own cache, which
+    // it no longer feeds: stop at once then.
+    let abort = controller.abort_handle();
+    let grace = if *ready_watch.borrow() { SHUTDOWN_GRACE } else { Duration::ZERO };
+    if tokio::time::timeout(grace, controller).await.is_err() {
+        tracing::info!(seconds = grace.as_secs(), "rounds still running at shutdown; stopping them");
+        abort.abort();
+    }
     waiter.abort();
     metrics.leader.set(0);
     if let (Ok(()), Some(elector)) = (&outcome, &mut elector) {
