@@ -39,11 +39,11 @@ async fn a_statefulset_of_our_image_reads_itself_serves_through_kube_proxy_and_k
     Api::<StatefulSet>::namespaced(ns.client.clone(), &ns.name).create(&create, &object(stateful_set(&image))?).await?;
 
     let pods = Api::<Pod>::namespaced(ns.client.clone(), &ns.name);
-    let first = wait_ready(&cluster, &ns, &pods, None).await?;
+    let first = wait_ready(cluster, &ns, &pods, None).await?;
     let first_uid = first.metadata.uid.clone().context("the pod has no uid")?;
 
     // Its ServiceAccount token, used from inside the pod, read the pod's own object.
-    let selfget = kubectl(&cluster, &ns, &["logs", POD, "-c", "selfget"])?;
+    let selfget = kubectl(cluster, &ns, &["logs", POD, "-c", "selfget"])?;
     ensure!(
         selfget.contains(&format!("selfget: HTTP 200 pod {}/{POD} uid {first_uid}", ns.name)),
         "the pod did not read its own object with its token: {selfget}"
@@ -84,21 +84,21 @@ async fn a_statefulset_of_our_image_reads_itself_serves_through_kube_proxy_and_k
     assert_eq!(config["config"]["WorkingDir"], "/data");
     let history = config["history"].to_string();
     ensure!(history.contains("atlas-runner"), "the image's history does not show the Dockerfile's steps: {history}");
-    assert_eq!(kubectl(&cluster, &ns, &["exec", POD, "-c", "server", "--", "id", "-u"])?.trim(), "10001");
+    assert_eq!(kubectl(cluster, &ns, &["exec", POD, "-c", "server", "--", "id", "-u"])?.trim(), "10001");
 
     // The pod's DNS is the bed's CoreDNS behind the kube-dns Service, never the host's resolver.
-    let resolv = kubectl(&cluster, &ns, &["exec", POD, "-c", "server", "--", "cat", "/etc/resolv.conf"])?;
+    let resolv = kubectl(cluster, &ns, &["exec", POD, "-c", "server", "--", "cat", "/etc/resolv.conf"])?;
     ensure!(resolv.lines().any(|l| l.trim() == "nameserver 10.0.0.10"), "pod resolv.conf: {resolv}");
 
     // Data written to the volume outlives the pod.
     let marker = unique("marker");
-    kubectl(&cluster, &ns, &["exec", POD, "-c", "server", "--", "sh", "-c", &format!("echo {marker} > /data/marker")])?;
+    kubectl(cluster, &ns, &["exec", POD, "-c", "server", "--", "sh", "-c", &format!("echo {marker} > /data/marker")])?;
     pods.delete(POD, &Default::default()).await?;
-    let second = wait_ready(&cluster, &ns, &pods, Some(&first_uid)).await?;
+    let second = wait_ready(cluster, &ns, &pods, Some(&first_uid)).await?;
     let second_uid = second.metadata.uid.clone().context("the pod has no uid")?;
     assert_ne!(second_uid, first_uid);
-    assert_eq!(kubectl(&cluster, &ns, &["exec", POD, "-c", "server", "--", "cat", "/data/marker"])?.trim(), marker);
-    let selfget = kubectl(&cluster, &ns, &["logs", POD, "-c", "selfget"])?;
+    assert_eq!(kubectl(cluster, &ns, &["exec", POD, "-c", "server", "--", "cat", "/data/marker"])?.trim(), marker);
+    let selfget = kubectl(cluster, &ns, &["logs", POD, "-c", "selfget"])?;
     ensure!(selfget.contains(&format!("uid {second_uid}")), "the new pod did not read itself: {selfget}");
     Ok(())
 }

@@ -8,6 +8,10 @@
 //!
 //! Tests get isolation, not separate beds: [`TestCluster::namespace`] makes a fresh namespace and
 //! [`TestS3::bucket`] a fresh bucket.
+//!
+//! A test that needs pods asks [`TestCluster::with_nodes`] for a cluster with a node (see [`node`]):
+//! the one `atlas-testbed run --nodes` started, else a private one. A test that needs only objects
+//! keeps the bare API server, which starts in a second.
 
 use std::ffi::OsStr;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -693,8 +697,7 @@ impl TestCluster {
     /// An S3 endpoint pods can reach (and so can the test): the run's (`ATLAS_TEST_S3_POD_ENDPOINT`
     /// with the `ATLAS_TEST_S3_*` keys), else, for a private bed, one started now on its host address.
     pub fn s3_for_pods(&self) -> Result<S3Endpoint> {
-        let nodes = self.nodes()?;
-        let _ = nodes;
+        self.nodes()?;
         self.pod_s3
             .get_or_init(|| {
                 let from_env = (
