@@ -106,7 +106,7 @@ fn start_run() -> Result<Run> {
     ensure!(testbed.is_file(), "{} is not built: cargo build --workspace", testbed.display());
     // The pod makes the node use what a bed can leave behind: a sandbox, mounts, cgroups, iptables.
     let script = r#"set -e
-k() { "$ATLAS_TEST_BIN/kubectl" --kubeconfig "$ATLAS_TEST_KUBECONFIG" "$@"; }
+k() { "$ATLAS_TEST_BIN/kubectl" --kubeconfig "$ATLAS_TEST_NODE_KUBECONFIG" "$@"; }
 k wait --for=create serviceaccount/default --timeout=60s >/dev/null
 k run leak --image="$ATLAS_TEST_IMAGE" --image-pull-policy=Never --restart=Never --command -- sleep 3600 >/dev/null
 k wait --for=condition=Ready pod/leak --timeout=120s >/dev/null
@@ -114,7 +114,18 @@ echo READY
 read -r _ || true
 "#;
     let mut child = Command::new(&testbed)
-        .args(["run", "--nodes", "--no-s3", "--image-binary", common::binary(), "--", "sh", "-c", script])
+        .args([
+            "run",
+            "--nodes",
+            "--no-cluster",
+            "--no-s3",
+            "--image-binary",
+            common::binary(),
+            "--",
+            "sh",
+            "-c",
+            script,
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -40,7 +40,10 @@ pub mod env {
     pub const S3_ACCESS_KEY: &str = "ATLAS_TEST_S3_ACCESS_KEY";
     /// Secret key of the shared S3 endpoint's admin identity.
     pub const S3_SECRET_KEY: &str = "ATLAS_TEST_S3_SECRET_KEY";
-    /// With a node (`atlas-testbed run --nodes`): our image's name as the node knows it (pods use it
+    /// With a node (`atlas-testbed run --nodes`): an admin kubeconfig for the cluster with the node
+    /// (a cluster of its own, beside the bare API server of [`KUBECONFIG`]).
+    pub const NODE_KUBECONFIG: &str = "ATLAS_TEST_NODE_KUBECONFIG";
+    /// With a node: our image's name as the node knows it (pods use it
     /// with `imagePullPolicy: Never`).
     pub const IMAGE: &str = "ATLAS_TEST_IMAGE";
     /// With a node: the path of our image's config (labels, history) as built from the Dockerfile.
@@ -650,7 +653,7 @@ impl TestCluster {
     }
 
     /// The run's cluster with a node that runs pods: the one `atlas-testbed run --nodes` started
-    /// (named by `ATLAS_TEST_IMAGE` and friends), else a private one started now, whose image is
+    /// (named by `ATLAS_TEST_NODE_KUBECONFIG`, `ATLAS_TEST_IMAGE` and friends), else a private one started now, whose image is
     /// built from the Dockerfile around `binary` (a test passes `env!("CARGO_BIN_EXE_atlas-runner")`).
     pub async fn with_nodes(binary: &Path) -> Result<&'static TestCluster> {
         let binary = binary.to_path_buf();
@@ -658,7 +661,7 @@ impl TestCluster {
             NODE_CLUSTER
                 .get_or_init(|| {
                     let from_env = (
-                        std::env::var_os(env::KUBECONFIG),
+                        std::env::var_os(env::NODE_KUBECONFIG),
                         std::env::var(env::IMAGE),
                         std::env::var_os(env::IMAGE_CONFIG),
                         std::env::var(env::NODE_NETNS),

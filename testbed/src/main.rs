@@ -1,14 +1,15 @@
 //! `atlas-testbed run [--no-cluster] [--no-s3] [--nodes [--image-binary PATH]] -- CMD ARGS...`: starts
 //! the test bed once, runs CMD with the bed's addresses in `ATLAS_TEST_*`, stops the bed and exits
-//! with CMD's status. `--nodes` starts a cluster with a node that runs pods (our image built from the
-//! Dockerfile around the image binary, `target/release/atlas-runner` unless given) instead of a bare
-//! API server, and S3 on the bed's host address, where pods reach it too.
+//! with CMD's status. `--nodes` also starts a cluster with a node that runs pods (our image built from
+//! the Dockerfile around the image binary, `target/release/atlas-runner` unless given), beside the
+//! bare API server tests that need no node keep using, and puts S3 on the node bed's host address,
+//! where pods reach it too.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
-use atlas_testbed::node::{NodeCluster, NodeOptions, start_node_cluster};
+use atlas_testbed::node::{NodeOptions, start_node_cluster};
 use atlas_testbed::{ClusterProcesses, S3Processes, env, start_cluster, start_s3, start_s3_on};
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -24,11 +25,6 @@ async fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
-}
-
-enum Cluster {
-    Bare(Box<ClusterProcesses>),
-    Nodes(Box<NodeCluster>),
 }
 
 async fn run() -> Result<ExitCode> {
@@ -53,9 +49,6 @@ async fn run() -> Result<ExitCode> {
             other => bail!("unknown flag {other}; {USAGE}"),
         }
     }
-    if nodes && !want_cluster {
-        bail!("--nodes and --no-cluster contradict each other");
-    }
     if nodes && !image_binary.is_file() {
         bail!(
             "--nodes: the image binary {} does not exist: build it first (cargo build --release --bin atlas-runner) or pass --image-binary",
@@ -64,36 +57,34 @@ async fn run() -> Result<ExitCode> {
     }
 
     let started = std::time::Instant::now();
-    // The cluster and S3 start side by side; with a node, S3 waits for the bed's host address.
-    let (cluster, s3) = if nodes {
+    // The bare API server (what tests that need no node use) and the node cluster start side by
+    // side; S3 listens on the node bed's host address when there is one, so pods reach it too.
+    let cluster = tokio::task::spawn_blocking(move || want_cluster.then(start_cluster).transpose());
+    let (node_cluster, s3) = if nodes {
         let options = NodeOptions { image_binary, volumes };
-        let cluster = tokio::task::spawn_blocking(move || start_node_cluster(&options)).await??;
-        let host_ip = cluster.network.host_ip;
+        let node_cluster = tokio::task::spawn_blocking(move || start_node_cluster(&options)).await??;
+        let host_ip = node_cluster.network.host_ip;
         let s3 = tokio::task::spawn_blocking(move || want_s3.then(|| start_s3_on(host_ip)).transpose()).await??;
-        eprintln!("atlas-testbed: node bed {} in {}", cluster.network.name, cluster.network.dir.display());
-        eprintln!("atlas-testbed: node Ready {:.1}s after start", cluster.started_in.as_secs_f64());
-        (Some(Cluster::Nodes(Box::new(cluster))), s3)
+        eprintln!("atlas-testbed: node bed {} in {}", node_cluster.network.name, node_cluster.network.dir.display());
+        eprintln!("atlas-testbed: node Ready {:.1}s after start", node_cluster.started_in.as_secs_f64());
+        (Some(node_cluster), s3)
     } else {
-        let cluster = tokio::task::spawn_blocking(move || want_cluster.then(start_cluster).transpose());
-        let s3 = tokio::task::spawn_blocking(move || want_s3.then(start_s3).transpose());
-        (cluster.await??.map(|c| Cluster::Bare(Box::new(c))), s3.await??)
+        (None, tokio::task::spawn_blocking(move || want_s3.then(start_s3).transpose()).await??)
     };
+    let cluster: Option<ClusterProcesses> = cluster.await??;
     let s3: Option<S3Processes> = s3;
     eprintln!("atlas-testbed: bed ready in {:.1}s", started.elapsed().as_secs_f64());
 
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(command_args).env(env::BIN, atlas_testbed::bin_dir());
-    match &cluster {
-        Some(Cluster::Bare(c)) => {
-            cmd.env(env::KUBECONFIG, &c.kubeconfig);
-        }
-        Some(Cluster::Nodes(c)) => {
-            cmd.env(env::KUBECONFIG, c.kubeconfig())
-                .env(env::IMAGE, &c.image.name)
-                .env(env::IMAGE_CONFIG, &c.image.config)
-                .env(env::NODE_NETNS, c.network.netns_path());
-        }
-        None => {}
+    if let Some(c) = &cluster {
+        cmd.env(env::KUBECONFIG, &c.kubeconfig);
+    }
+    if let Some(c) = &node_cluster {
+        cmd.env(env::NODE_KUBECONFIG, c.kubeconfig())
+            .env(env::IMAGE, &c.image.name)
+            .env(env::IMAGE_CONFIG, &c.image.config)
+            .env(env::NODE_NETNS, c.network.netns_path());
     }
     if let Some(s) = &s3 {
         cmd.env(env::S3_ENDPOINT, &s.endpoint.endpoint)
@@ -116,6 +107,7 @@ async fn run() -> Result<ExitCode> {
     }
     // Dropping the beds stops their processes and removes what they added.
     drop(s3);
+    drop(node_cluster);
     drop(cluster);
     Ok(match status.and_then(|s| s.code()) {
         Some(0) => ExitCode::SUCCESS,
