@@ -73,6 +73,12 @@ pub fn our_image(binary: &Path) -> Result<BuiltImage> {
     if archive.exists() && config.exists() {
         return Ok(BuiltImage { name, archive, config });
     }
+    // One build at a time on the machine: beds of other test runs may want the same image now.
+    let lock = std::fs::File::create(images_dir().join("build.lock"))?;
+    lock.lock()?;
+    if archive.exists() && config.exists() {
+        return Ok(BuiltImage { name, archive, config });
+    }
 
     let storage = bin_dir().join("../containers");
     let buildah = |args: &[&str]| -> Command {
@@ -117,7 +123,10 @@ pub fn our_image(binary: &Path) -> Result<BuiltImage> {
     run_out(buildah(&["push", "--quiet", &name, &format!("oci-archive:{}:{name}", partial.display())]))?;
     // The archive is all the bed needs: the storage keeps only the base.
     let _ = buildah(&["rmi", &name]).stdout(Stdio::null()).stderr(Stdio::null()).status();
-    std::fs::write(&config, archive_config(&partial)?)?;
+    // The config first: the archive's presence says both are there.
+    let config_partial = config.with_extension("partial");
+    std::fs::write(&config_partial, archive_config(&partial)?)?;
+    std::fs::rename(&config_partial, &config)?;
     std::fs::rename(&partial, &archive)?;
     prune_old(&archive);
     Ok(BuiltImage { name, archive, config })

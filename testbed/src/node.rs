@@ -421,7 +421,7 @@ pub fn start_node_cluster(options: &NodeOptions) -> Result<NodeCluster> {
     });
 
     write_node_files(&d, &bed, &api)?;
-    apply(&api, &cluster_objects(&bed, &d, options.volumes))?;
+    apply(&api, &cluster_objects(&bed, &d, options.volumes)?)?;
     let cfg = |name: &str| d.join(name).display().to_string();
     let node_ip = bed.node_ip;
     bed.spawn_in(
@@ -715,7 +715,7 @@ conntrack: {{maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeo
 
 /// The objects a cluster's add-ons would make: CoreDNS's RBAC, the `kube-dns` Service (its endpoint
 /// is CoreDNS on the node's address), the `manual` StorageClass and the bed's local volumes.
-fn cluster_objects(network: &BedNetwork, d: &Path, volumes: usize) -> String {
+fn cluster_objects(network: &BedNetwork, d: &Path, volumes: usize) -> Result<String> {
     let node_ip = network.node_ip;
     let mut yaml = format!(
         r#"apiVersion: rbac.authorization.k8s.io/v1
@@ -771,7 +771,7 @@ reclaimPolicy: Retain
     );
     for i in 0..volumes {
         let path = d.join(format!("volumes/pv-{i}"));
-        let _ = std::fs::create_dir_all(&path);
+        std::fs::create_dir_all(&path).with_context(|| format!("create the local volume {}", path.display()))?;
         yaml += &format!(
             r#"---
 apiVersion: v1
@@ -792,7 +792,7 @@ spec:
             path = path.display()
         );
     }
-    yaml
+    Ok(yaml)
 }
 
 fn apply(api: &ClusterProcesses, yaml: &str) -> Result<()> {
