@@ -90,6 +90,44 @@ async fn a_statefulset_of_our_image_reads_itself_serves_through_kube_proxy_and_k
     let resolv = kubectl(cluster, &ns, &["exec", POD, "-c", "server", "--", "cat", "/etc/resolv.conf"])?;
     ensure!(resolv.lines().any(|l| l.trim() == "nameserver 10.0.0.10"), "pod resolv.conf: {resolv}");
 
+    // S3 is reachable from the pod: the runner in it lists a fresh bucket of the bed's S3 with
+    // SigV4-signed requests, and the same list with a wrong secret is refused by S3 itself.
+    let s3 = cluster.s3_for_pods().await?;
+    let bucket = unique("smoke").to_lowercase();
+    atlas_testbed::create_bucket(&s3, &bucket).await?;
+    let spec = backup_spec(&s3.endpoint, &bucket);
+    let write_spec = format!("printf '%s' '{spec}' > /tmp/backup.yaml");
+    kubectl(cluster, &ns, &["exec", POD, "-c", "server", "--", "sh", "-c", &write_spec])?;
+    let list = |secret: &str| {
+        kubectl(
+            cluster,
+            &ns,
+            &[
+                "exec",
+                POD,
+                "-c",
+                "server",
+                "--",
+                "env",
+                &format!("AWS_ACCESS_KEY_ID={}", s3.access_key),
+                &format!("AWS_SECRET_ACCESS_KEY={secret}"),
+                "atlas-runner",
+                "backup",
+                "list",
+                "--spec",
+                "/tmp/backup.yaml",
+                "--data",
+                "/data",
+            ],
+        )
+    };
+    list(&s3.secret_key).context("backup list from the pod against the bed's S3")?;
+    let refused = list("not-the-secret").err().map(|e| format!("{e:#}")).unwrap_or_default();
+    ensure!(
+        refused.contains("403") || refused.to_lowercase().contains("signature"),
+        "a wrong secret was not refused: {refused}"
+    );
+
     // Data written to the volume outlives the pod.
     let marker = unique("marker");
     kubectl(cluster, &ns, &["exec", POD, "-c", "server", "--", "sh", "-c", &format!("echo {marker} > /data/marker")])?;
@@ -177,6 +215,16 @@ fn fixture_config_map() -> Result<ConfigMap> {
         .into(),
     );
     Ok(map)
+}
+
+/// A spec whose backups go to `bucket` of the S3 at `endpoint` (credentials from the environment).
+fn backup_spec(endpoint: &str, bucket: &str) -> String {
+    format!(
+        "apiVersion: atlas.dev/v1alpha1\nkind: MinecraftServer\nmetadata: {{name: smoke}}\nspec:\n  eula: true\n  \
+         server: {{type: custom, version: \"1.21.4\", jar: fake-server.jar}}\n  backup:\n    schedule: \"0 * * * *\"\n    \
+         store: {{s3: {{bucket: {bucket}, endpoint: \"{endpoint}\", region: {region}, pathStyle: true}}}}\n",
+        region = atlas_testbed::S3_REGION
+    )
 }
 
 fn node_port_service() -> serde_json::Value {

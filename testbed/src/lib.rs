@@ -699,8 +699,13 @@ impl TestCluster {
 
     /// An S3 endpoint pods can reach (and so can the test): the run's (`ATLAS_TEST_S3_POD_ENDPOINT`
     /// with the `ATLAS_TEST_S3_*` keys), else, for a private bed, one started now on its host address.
-    pub fn s3_for_pods(&self) -> Result<S3Endpoint> {
+    pub async fn s3_for_pods(&'static self) -> Result<S3Endpoint> {
         self.nodes()?;
+        // Starting S3 blocks (and runs a small runtime of its own): off the test's runtime.
+        tokio::task::spawn_blocking(move || self.s3_for_pods_blocking()).await?
+    }
+
+    fn s3_for_pods_blocking(&self) -> Result<S3Endpoint> {
         self.pod_s3
             .get_or_init(|| {
                 let from_env = (

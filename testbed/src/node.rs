@@ -6,14 +6,14 @@
 //! route (IPv4; IPv6 is off), so a packet from a pod or a node component reaches the bed's own
 //! addresses or nothing. Everything the node adds to the machine goes with it: iptables chains and
 //! links live in its network namespace, mounts in its private mount namespace, and every process
-//! (containers included) in a PID namespace whose init's death kills them all. What is left, the
-//! named network namespace, the bed's cgroups and its directory, is removed by a teardown that runs
-//! at stop, in a reaper when the owner is killed, and from the next bed when both were killed.
+//! (containers included) in a PID namespace whose init's death kills them all; the namespaces are
+//! held by one process and are never named, so they go with it. What is left, the bed's cgroups, its
+//! host link should anything still hold the namespace, and its directory, is removed by a teardown
+//! that runs at stop, in a reaper when the owner is killed, and from the next bed when both were.
 //!
 //! Several beds share a machine: each claims a slot `S` (its directory `$TMPDIR/atlas-bed-S`, held by
-//! a lock for the owner's lifetime), and every name it adds derives from the slot: the network
-//! namespace and host link `atlas-bed-S`, the cgroup `/atlas-bed-S`, the addresses `10.213.S.0/30`
-//! (link) and `10.214.S.0/24` (pods).
+//! a lock for the owner's lifetime), and every name it adds derives from the slot: the host link and
+//! the cgroup `atlas-bed-S`, the addresses `10.213.S.0/30` (link) and `10.214.S.0/24` (pods).
 
 use std::fs::File;
 use std::io::Write as _;
