@@ -368,13 +368,14 @@ fn output(cmd: &mut Command) -> Result<String> {
 /// in the bed's namespaces, and our image imported into the node's containerd.
 #[derive(Debug)]
 pub struct NodeCluster {
-    // Field order is drop order: the API server, then the bed (the node and the teardown).
+    // Field order is drop order: the bed's teardown first kills every process at once (the API
+    // server too, so it never waits out the graceful end of the node's watches), then removes the rest.
+    /// The bed: slot, addresses, the node's namespaces and processes.
+    pub network: BedNetwork,
     /// etcd and the API server (listening on the bed's host address).
     pub api: ClusterProcesses,
     /// Our image as the node knows it (pods use it with `imagePullPolicy: Never`).
     pub image: image::BuiltImage,
-    /// The bed: slot, addresses, the node's namespaces and processes.
-    pub network: BedNetwork,
     /// How long the start took until the node was Ready.
     pub started_in: Duration,
 }
@@ -490,7 +491,7 @@ pub fn start_node_cluster(options: &NodeOptions) -> Result<NodeCluster> {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    Ok(NodeCluster { api, image: built, network: bed, started_in: started.elapsed() })
+    Ok(NodeCluster { network: bed, api, image: built, started_in: started.elapsed() })
 }
 
 fn node_ready(api: &ClusterProcesses) -> Result<bool> {
