@@ -48,8 +48,14 @@ pub mod env {
     pub const IMAGE: &str = "ATLAS_TEST_IMAGE";
     /// With a node: the path of our image's config (labels, history) as built from the Dockerfile.
     pub const IMAGE_CONFIG: &str = "ATLAS_TEST_IMAGE_CONFIG";
-    /// With a node: the shared S3 endpoint as pods see it (`http://ADDRESS:PORT`).
+    /// With a node: an S3 endpoint pods reach (`http://ADDRESS:PORT`, the node bed's host address;
+    /// the tests reach it too). A SeaweedFS of its own beside the loopback one of [`S3_ENDPOINT`],
+    /// whose virtual-hosted `BUCKET.localhost` names only loopback can serve.
     pub const S3_POD_ENDPOINT: &str = "ATLAS_TEST_S3_POD_ENDPOINT";
+    /// Access key of [`S3_POD_ENDPOINT`].
+    pub const S3_POD_ACCESS_KEY: &str = "ATLAS_TEST_S3_POD_ACCESS_KEY";
+    /// Secret key of [`S3_POD_ENDPOINT`].
+    pub const S3_POD_SECRET_KEY: &str = "ATLAS_TEST_S3_POD_SECRET_KEY";
     /// With a node: the node's network namespace as a path (`nsenter --net=PATH ip route`).
     pub const NODE_NETNS: &str = "ATLAS_TEST_NODE_NETNS";
 }
@@ -484,13 +490,20 @@ impl S3Processes {
 }
 
 /// Starts `weed mini` with an S3 identity on free loopback ports and waits until S3 answers.
+/// Virtual-hosted-style requests work on `BUCKET.localhost:PORT` (path-style ones on any host).
 pub fn start_s3() -> Result<S3Processes> {
-    start_s3_on(Ipv4Addr::LOCALHOST)
+    start_s3_on(Ipv4Addr::LOCALHOST, Some("localhost"))
 }
 
-/// Starts `weed mini` with an S3 identity on free ports of `ip` (an address of this machine) and
-/// waits until S3 answers.
-pub fn start_s3_on(ip: Ipv4Addr) -> Result<S3Processes> {
+/// [`start_s3`] with `domain` as the host name suffix of virtual-hosted-style requests; `None`, as
+/// SeaweedFS ships, reads every request's bucket from its path.
+pub fn start_s3_with_domain(domain: Option<&str>) -> Result<S3Processes> {
+    start_s3_on(Ipv4Addr::LOCALHOST, domain)
+}
+
+/// Starts `weed mini` with an S3 identity on free ports of `ip` (an address of this machine), with
+/// `domain` as in [`start_s3_with_domain`], and waits until S3 answers.
+pub fn start_s3_on(ip: Ipv4Addr, domain: Option<&str>) -> Result<S3Processes> {
     let weed = bin("weed")?;
     let mut processes = Processes::new("atlas-s3")?;
     let dir = processes.dir().to_path_buf();
@@ -522,6 +535,9 @@ pub fn start_s3_on(ip: Ipv4Addr) -> Result<S3Processes> {
         format!("-s3.port={s3_port}"),
         format!("-filer.port={filer_port}"),
     ];
+    if let Some(domain) = domain {
+        args.push(format!("-s3.domainName={domain}"));
+    }
     for flag in [
         "master.port",
         "master.port.grpc",
@@ -697,8 +713,8 @@ impl TestCluster {
         self.nodes.as_ref().context("this cluster has no node: get it from TestCluster::with_nodes")
     }
 
-    /// An S3 endpoint pods can reach (and so can the test): the run's (`ATLAS_TEST_S3_POD_ENDPOINT`
-    /// with the `ATLAS_TEST_S3_*` keys), else, for a private bed, one started now on its host address.
+    /// An S3 endpoint pods can reach (and so can the test): the run's (`ATLAS_TEST_S3_POD_*`), else,
+    /// for a private bed, one started now on its host address.
     pub async fn s3_for_pods(&'static self) -> Result<S3Endpoint> {
         self.nodes()?;
         // Starting S3 blocks (and runs a small runtime of its own): off the test's runtime.
@@ -710,8 +726,8 @@ impl TestCluster {
             .get_or_init(|| {
                 let from_env = (
                     std::env::var(env::S3_POD_ENDPOINT),
-                    std::env::var(env::S3_ACCESS_KEY),
-                    std::env::var(env::S3_SECRET_KEY),
+                    std::env::var(env::S3_POD_ACCESS_KEY),
+                    std::env::var(env::S3_POD_SECRET_KEY),
                 );
                 if let (Ok(endpoint), Ok(access_key), Ok(secret_key)) = from_env {
                     return Ok((S3Endpoint { endpoint, access_key, secret_key }, None));
@@ -722,7 +738,7 @@ impl TestCluster {
                         env::S3_POD_ENDPOINT
                     ));
                 };
-                start_s3_on(private.network.host_ip)
+                start_s3_on(private.network.host_ip, None)
                     .map(|s| (s.endpoint.clone(), Some(s)))
                     .map_err(|e| format!("{e:#}"))
             })

@@ -2,8 +2,8 @@
 //! the test bed once, runs CMD with the bed's addresses in `ATLAS_TEST_*`, stops the bed and exits
 //! with CMD's status. `--nodes` also starts a cluster with a node that runs pods (our image built from
 //! the Dockerfile around the image binary, `target/release/atlas-runner` unless given), beside the
-//! bare API server tests that need no node keep using, and puts S3 on the node bed's host address,
-//! where pods reach it too.
+//! bare API server tests that need no node keep using, and a second S3 on the node bed's host
+//! address, where pods reach it (`ATLAS_TEST_S3_POD_*`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -57,22 +57,24 @@ async fn run() -> Result<ExitCode> {
     }
 
     let started = std::time::Instant::now();
-    // The bare API server (what tests that need no node use) and the node cluster start side by
-    // side; S3 listens on the node bed's host address when there is one, so pods reach it too.
+    // The bare API server (what tests that need no node use), S3 on loopback and the node cluster
+    // start side by side; pods get an S3 of their own on the node bed's host address.
     let cluster = tokio::task::spawn_blocking(move || want_cluster.then(start_cluster).transpose());
-    let (node_cluster, s3) = if nodes {
+    let s3 = tokio::task::spawn_blocking(move || want_s3.then(start_s3).transpose());
+    let (node_cluster, pod_s3) = if nodes {
         let options = NodeOptions { image_binary, volumes };
         let node_cluster = tokio::task::spawn_blocking(move || start_node_cluster(&options)).await??;
         let host_ip = node_cluster.network.host_ip;
-        let s3 = tokio::task::spawn_blocking(move || want_s3.then(|| start_s3_on(host_ip)).transpose()).await??;
+        let pod_s3 =
+            tokio::task::spawn_blocking(move || want_s3.then(|| start_s3_on(host_ip, None)).transpose()).await??;
         eprintln!("atlas-testbed: node bed {} in {}", node_cluster.network.name, node_cluster.network.dir.display());
         eprintln!("atlas-testbed: node Ready {:.1}s after start", node_cluster.started_in.as_secs_f64());
-        (Some(node_cluster), s3)
+        (Some(node_cluster), pod_s3)
     } else {
-        (None, tokio::task::spawn_blocking(move || want_s3.then(start_s3).transpose()).await??)
+        (None, None)
     };
     let cluster: Option<ClusterProcesses> = cluster.await??;
-    let s3: Option<S3Processes> = s3;
+    let s3: Option<S3Processes> = s3.await??;
     eprintln!("atlas-testbed: bed ready in {:.1}s", started.elapsed().as_secs_f64());
 
     let mut cmd = tokio::process::Command::new(program);
@@ -90,9 +92,11 @@ async fn run() -> Result<ExitCode> {
         cmd.env(env::S3_ENDPOINT, &s.endpoint.endpoint)
             .env(env::S3_ACCESS_KEY, &s.endpoint.access_key)
             .env(env::S3_SECRET_KEY, &s.endpoint.secret_key);
-        if nodes {
-            cmd.env(env::S3_POD_ENDPOINT, &s.endpoint.endpoint);
-        }
+    }
+    if let Some(s) = &pod_s3 {
+        cmd.env(env::S3_POD_ENDPOINT, &s.endpoint.endpoint)
+            .env(env::S3_POD_ACCESS_KEY, &s.endpoint.access_key)
+            .env(env::S3_POD_SECRET_KEY, &s.endpoint.secret_key);
     }
     let mut child = cmd.spawn().with_context(|| format!("start {program}"))?;
     let mut term = signal(SignalKind::terminate())?;
@@ -106,6 +110,7 @@ async fn run() -> Result<ExitCode> {
         let _ = child.kill().await;
     }
     // Dropping the beds stops their processes and removes what they added.
+    drop(pod_s3);
     drop(s3);
     drop(node_cluster);
     drop(cluster);

@@ -1,0 +1,179 @@
+//! `atlas-runner run`: the standalone runner's arguments and the wiring of its reconciler, HTTP servers
+//! and signals.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use atlas_runner::http::{self, client};
+use atlas_runner::runner::{self, FileSpecSource, PrepareOptions, ReconcilerOptions};
+use atlas_runner::server::{BaseUrls, JavaSearch};
+use atlas_runner::supervisor::{RestartPolicy, StopTimeouts};
+use clap::Args;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Args)]
+pub(crate) struct RunArgs {
+    /// The MinecraftServer spec file (a whole resource, as for `kubectl apply`, or just its spec).
+    #[arg(long)]
+    spec: PathBuf,
+    /// The server's data directory (created if missing).
+    #[arg(long)]
+    data: PathBuf,
+    /// Where to serve /metrics, /healthz and /readyz.
+    #[arg(long, default_value = "127.0.0.1:9100", env = "ATLAS_METRICS_ADDR")]
+    metrics_addr: SocketAddr,
+    /// The control socket (default: DATA/.atlas/control.sock).
+    #[arg(long)]
+    control: Option<PathBuf>,
+    /// A Java installation (JAVA_HOME-style directory) to consider; repeatable. JAVA_HOME,
+    /// /usr/lib/jvm and PATH are searched too.
+    #[arg(long = "java")]
+    java: Vec<PathBuf>,
+    /// Mojang's version manifest URL (a mirror).
+    #[arg(long, env = "ATLAS_MOJANG_MANIFEST_URL")]
+    mojang_manifest_url: Option<String>,
+    /// PaperMC's API base URL (a mirror).
+    #[arg(long, env = "ATLAS_PAPER_API_URL")]
+    paper_api_url: Option<String>,
+    /// Fabric's meta API base URL (a mirror).
+    #[arg(long, env = "ATLAS_FABRIC_META_URL")]
+    fabric_meta_url: Option<String>,
+    /// Seconds to wait after each stop step (RCON stop, stdin stop, SIGTERM) before the next.
+    #[arg(long, default_value_t = 30)]
+    stop_timeout: u64,
+    /// Mark the server Failed after this many crashes within --crash-window.
+    #[arg(long, default_value_t = 5)]
+    max_crashes: usize,
+    /// The window crashes are counted in, in seconds.
+    #[arg(long, default_value_t = 600)]
+    crash_window: u64,
+    /// The first restart delay in milliseconds; it doubles per crash up to 5 minutes.
+    #[arg(long, default_value_t = 1000)]
+    restart_delay_ms: u64,
+    /// How often players and JVM stats are sampled, in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    poll_ms: u64,
+    /// How often the spec file is checked for changes, in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    spec_poll_ms: u64,
+    /// The cgroup filesystem the memory limit is read from.
+    #[arg(long, default_value = "/sys/fs/cgroup", hide = true)]
+    cgroup_root: PathBuf,
+}
+
+pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let atlas_dir = runner::atlas_dir(&args.data);
+    std::fs::create_dir_all(&atlas_dir).with_context(|| format!("create {}", atlas_dir.display()))?;
+    let data_dir = std::fs::canonicalize(&args.data).with_context(|| format!("resolve {}", args.data.display()))?;
+    // One runner per data dir; the pack engine relies on the same lock.
+    let lock = std::sync::Arc::new(atlas_runner::pack::lock(&atlas_runner::pack::lock_path(&data_dir))?);
+    let socket = args.control.clone().unwrap_or_else(|| client::socket_path(&data_dir));
+    let control_listener = bind_control_socket(&socket).await?;
+    let admin_listener = tokio::net::TcpListener::bind(args.metrics_addr).await.with_context(|| {
+        format!("cannot listen on {} for metrics: is another runner using it? pass --metrics-addr", args.metrics_addr)
+    })?;
+
+    let specs = FileSpecSource::start(args.spec.clone(), Duration::from_millis(args.spec_poll_ms))?;
+    let (shared, requests) = runner::shared(prometheus::Registry::new())?;
+    let mut base_urls = BaseUrls::default();
+    if let Some(url) = args.mojang_manifest_url {
+        base_urls.mojang_manifest = url;
+    }
+    if let Some(url) = args.paper_api_url {
+        base_urls.paper_api = url;
+    }
+    if let Some(url) = args.fabric_meta_url {
+        base_urls.fabric_meta = url;
+    }
+    let stop = Duration::from_secs(args.stop_timeout);
+    let options = ReconcilerOptions {
+        prepare: PrepareOptions {
+            data_dir: data_dir.clone(),
+            base_urls,
+            java: JavaSearch::with_extra(args.java),
+            cgroup_root: args.cgroup_root,
+            // spec.pack is applied under the lock held above; its metrics are served on /metrics.
+            pack: Some(runner::PackContext::new(
+                lock.clone(),
+                atlas_runner::metrics::PackMetrics::register(&shared.registry)?,
+            )),
+        },
+        stop: StopTimeouts { rcon: stop, stdin: stop, term: stop },
+        restart: RestartPolicy {
+            base: Duration::from_millis(args.restart_delay_ms),
+            max_failures: args.max_crashes,
+            window: Duration::from_secs(args.crash_window),
+            ..RestartPolicy::default()
+        },
+        poll: Duration::from_millis(args.poll_ms),
+    };
+
+    let shutdown = CancellationToken::new();
+    let admin = {
+        let shutdown = shutdown.clone();
+        let router = http::admin_router(shared.clone());
+        tokio::spawn(async move {
+            axum::serve(admin_listener, router).with_graceful_shutdown(shutdown.cancelled_owned()).await
+        })
+    };
+    let control = {
+        let shutdown = shutdown.clone();
+        let router = http::control_router(shared.clone());
+        tokio::spawn(async move {
+            axum::serve(control_listener, router).with_graceful_shutdown(shutdown.cancelled_owned()).await
+        })
+    };
+    tracing::info!(data = %data_dir.display(), metrics = %args.metrics_addr, control = %socket.display(), "runner started");
+
+    let reconciler = tokio::spawn(runner::reconcile(specs.receiver(), shared, requests, options, shutdown.clone()));
+    let signals = {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("signal received; stopping the server gracefully");
+            shutdown.cancel();
+        })
+    };
+    reconciler.await.context("the reconciler task failed")?;
+    shutdown.cancel();
+    signals.abort();
+    // Followers of `logs -f` hold connections open; graceful shutdown waits for them briefly only.
+    let _ = tokio::time::timeout(Duration::from_secs(2), admin).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), control).await;
+    let _ = std::fs::remove_file(&socket);
+    tracing::info!("runner stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => std::future::pending().await,
+    }
+}
+
+async fn bind_control_socket(socket: &Path) -> anyhow::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if socket.exists() {
+        if tokio::net::UnixStream::connect(socket).await.is_ok() {
+            bail!("control socket {} is in use by another runner; stop it first or pass --control", socket.display());
+        }
+        // Left behind by a runner that died: nobody answers, so it is safe to replace.
+        std::fs::remove_file(socket).with_context(|| format!("remove stale {}", socket.display()))?;
+    }
+    if let Some(parent) = socket.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let listener =
+        tokio::net::UnixListener::bind(socket).with_context(|| format!("bind control socket {}", socket.display()))?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}

@@ -1,0 +1,674 @@
+//! The reconciler's rounds. A round is one server's life, as named steps over one context
+//! ([`Round`]):
+//!
+//! ```text
+//! prepare -> start -> watch -> { ready | poll | check | spec change | request | shutdown }* -> end
+//! ```
+//!
+//! A spec change is planned first ([`plan_change`], pure) and then applied: nothing, a new update
+//! policy, a pack update (staged while the server runs, swapped with it stopped), or one restart.
+//! The round ends in what comes next ([`Next`]): another round, a hold, or the runner's exit.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::checks::{self, Checked, Checking, UpdateChecks};
+use super::observe::{ProcessStats, poll_players, record_exit, unix_now};
+use super::prepare::{self, PackUpdate, PrepareError, Prepared};
+use super::{ControlRequest, ReconcilerOptions, Shared, backup};
+use crate::api::{MinecraftServerSpec, Phase};
+use crate::supervisor::{Backoff, Exit, ServerProcess, SupervisorError, Verdict};
+
+/// How long after a transient failure (the network) a pack update is tried again.
+const PACK_RETRY: Duration = Duration::from_secs(30);
+
+/// When the server is started again: the crash backoff, and when a pack update that failed
+/// transiently (the network) is tried again. Kept across rounds: a failed update may have
+/// restarted the old server.
+struct Pacing {
+    backoff: Backoff,
+    pack_retry: Option<tokio::time::Instant>,
+}
+
+/// What comes after a round.
+pub(super) enum Next {
+    /// Prepare and start (again).
+    Start,
+    /// Start what is already prepared (a spec change readied it while the old server ran).
+    Run(Box<Prepared>),
+    /// Stay down until the spec changes or an admin restarts.
+    Hold,
+    /// Leave the loop.
+    Exit,
+}
+
+/// The reconciler: what lives across rounds.
+pub(super) struct Reconciler {
+    specs: watch::Receiver<MinecraftServerSpec>,
+    shared: Shared,
+    requests: mpsc::Receiver<ControlRequest>,
+    options: ReconcilerOptions,
+    shutdown: CancellationToken,
+    pacing: Pacing,
+}
+
+/// One running server and what the round tracks about it.
+struct Round {
+    prepared: Prepared,
+    process: ServerProcess,
+    ready: watch::Receiver<bool>,
+    // The readiness channel closes when the output ends; it is not waited on after that.
+    ready_open: bool,
+    is_ready: bool,
+    // After a pack update: what to go back to if this server fails before it is ready.
+    fallback: Option<Box<Prepared>>,
+    poll: tokio::time::Interval,
+    stats: ProcessStats,
+    updates: UpdateChecks,
+}
+
+/// What the watch step saw.
+enum Happened {
+    Exited(Result<Exit, SupervisorError>),
+    ReadyChanged { open: bool },
+    PackRetryDue,
+    PollDue,
+    Checks(Checking),
+    SpecChanged { open: bool },
+    Request(ControlRequest),
+    Shutdown,
+}
+
+/// How a round goes on after a step.
+enum Flow {
+    /// Keep watching.
+    Continue,
+    /// The server exited on its own.
+    Exited(Result<Exit, SupervisorError>),
+    /// The round is over.
+    Done(Next),
+}
+
+/// What a spec change asks of the running server.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Change {
+    /// Nothing that needs a restart.
+    Nothing,
+    /// Only `spec.pack.update`: taken without a restart.
+    UpdatePolicy,
+    /// A new pack (or the version a check found, `due`): staged while the server runs.
+    Pack { due: Option<String> },
+    /// One restart with the new files readied first.
+    Restart,
+}
+
+/// Plans a change from what `prepared` runs to `spec`; `due` is the version an update check found,
+/// which yields to any change of the spec made meanwhile (that is handled as any spec change, and
+/// the next check decides again).
+pub(super) fn plan_change(prepared: &Prepared, spec: &MinecraftServerSpec, due: Option<String>) -> Change {
+    let policy_only = prepare::only_update_policy_changes(prepared, spec);
+    let pack_changes = prepare::pack_changes(prepared, spec);
+    let restart = prepared.needs_restart_for(spec);
+    let due = due.filter(|_| !pack_changes && !restart && !policy_only);
+    if policy_only {
+        Change::UpdatePolicy
+    } else if due.is_none() && !restart {
+        Change::Nothing
+    } else if (due.is_some() && spec.pack.is_some()) || pack_changes {
+        Change::Pack { due }
+    } else {
+        Change::Restart
+    }
+}
+
+impl Reconciler {
+    pub(super) fn new(
+        specs: watch::Receiver<MinecraftServerSpec>,
+        shared: Shared,
+        requests: mpsc::Receiver<ControlRequest>,
+        options: ReconcilerOptions,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let pacing = Pacing { backoff: Backoff::new(options.restart), pack_retry: None };
+        Self { specs, shared, requests, options, shutdown, pacing }
+    }
+
+    /// Runs rounds until shutdown, then stops the server gracefully.
+    pub(super) async fn run(mut self) {
+        // Scheduled backups run beside the rounds, for as long as they do.
+        let _backups = backup::spawn_scheduler(
+            self.specs.clone(),
+            self.shared.clone(),
+            self.options.prepare.data_dir.clone(),
+            self.shutdown.clone(),
+        );
+        let mut next = Next::Start;
+        loop {
+            next = match next {
+                Next::Exit => return,
+                Next::Hold => self.hold().await,
+                Next::Start => self.prepare().await,
+                Next::Run(prepared) => self.round(*prepared).await,
+            };
+        }
+    }
+
+    /// Stays down until the spec changes, an admin restarts, or the runner exits.
+    async fn hold(&mut self) -> Next {
+        tokio::select! {
+            _ = self.shutdown.cancelled() => Next::Exit,
+            changed = self.specs.changed() => if changed.is_ok() { self.pacing.backoff.reset(); Next::Start } else { Next::Exit },
+            Some(request) = self.requests.recv() => match request {
+                ControlRequest::Restart(reply) => { self.pacing.backoff.reset(); let _ = reply.send(Ok(())); Next::Start }
+                ControlRequest::Stop(reply) => { let _ = reply.send(Ok(())); Next::Hold }
+            },
+        }
+    }
+
+    /// Readies the current spec (its pack applied, with no server running).
+    async fn prepare(&mut self) -> Next {
+        let spec = self.specs.borrow_and_update().clone();
+        self.shared.set_phase(Phase::Provisioning, None);
+        let prepared = tokio::select! {
+            _ = self.shutdown.cancelled() => return Next::Exit,
+            prepared = prepare::prepare(&spec, &self.options.prepare) => prepared,
+        };
+        match prepared {
+            Ok(prepared) => Next::Run(Box::new(prepared)),
+            Err(e) => {
+                tracing::error!(category = e.category(), "{e}");
+                if e.is_transient() {
+                    self.shared.set_phase(Phase::Pending, Some(format!("{e}; retrying")));
+                    self.wait_then_start(Duration::from_secs(10)).await
+                } else {
+                    self.shared.set_phase(Phase::Failed, Some(e.to_string()));
+                    Next::Hold
+                }
+            }
+        }
+    }
+
+    /// A round: starts a prepared server and watches it until it must be started again, held down,
+    /// or the runner exits.
+    async fn round(&mut self, prepared: Prepared) -> Next {
+        let mut round = match self.start(prepared).await {
+            Ok(round) => round,
+            Err(next) => return next,
+        };
+        loop {
+            self.note_ready(&mut round);
+            let happened = self.watch(&mut round).await;
+            match self.handle(&mut round, happened).await {
+                Flow::Continue => {}
+                Flow::Exited(exit) => return self.end(round, exit).await,
+                Flow::Done(next) => return next,
+            }
+        }
+    }
+
+    /// Reports what is about to run and spawns its JVM (never in the middle of a backup's capture or
+    /// a restore's swap).
+    async fn start(&mut self, prepared: Prepared) -> Result<Round, Next> {
+        let shared = &self.shared;
+        shared.status.send_modify(|s| {
+            s.server_type = Some(prepared.server_type.clone());
+            s.server_version = Some(prepared.minecraft_version.clone());
+            s.players_max = prepared.max_players;
+            s.pack_version = prepared.pack_version.clone();
+        });
+        checks::clear_update_report(shared, &self.options);
+        if let Ok(mut rcon) = shared.rcon.lock() {
+            *rcon = Some(prepared.rcon.clone());
+        }
+        shared.set_phase(Phase::Starting, None);
+        // Held until the JVM is spawned.
+        let backup_lock = match backup::lock_for_spawn(&self.options.prepare.data_dir, shared, &self.shutdown).await {
+            backup::SpawnLock::Held(lock) => lock,
+            backup::SpawnLock::Shutdown => return Err(Next::Exit),
+        };
+        tracing::info!(command = ?prepared.command, "starting the server");
+        let spawned = ServerProcess::spawn(&prepared.command, &self.options.prepare.data_dir, shared.logs.clone());
+        drop(backup_lock);
+        let process = match spawned {
+            Ok(process) => process,
+            Err(e) => {
+                tracing::error!(category = e.category(), "{e}");
+                shared.set_phase(Phase::Failed, Some(e.to_string()));
+                return Err(Next::Hold);
+            }
+        };
+        if let Ok(mut started) = shared.started.lock() {
+            *started = Some(process.started());
+        }
+        shared.status.send_modify(|s| s.pid = process.pid());
+        let mut poll = tokio::time::interval(self.options.poll);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Ok(Round {
+            ready: process.ready(),
+            ready_open: true,
+            is_ready: false,
+            fallback: prepared.fallback.clone(),
+            poll,
+            stats: ProcessStats::new(process.pid()),
+            updates: UpdateChecks::new(prepared.spec.pack.as_ref()),
+            process,
+            prepared,
+        })
+    }
+
+    /// Marks the server Running once it is ready. Checked on every turn, not only when the readiness
+    /// channel changes: a server ready before the round first watched would never be marked.
+    fn note_ready(&self, round: &mut Round) {
+        if !round.is_ready && *round.ready.borrow() {
+            round.is_ready = true;
+            round.fallback = None;
+            tracing::info!(after = ?round.process.started().elapsed(), "server is ready");
+            self.shared.set_phase(Phase::Running, None);
+            self.shared.metrics.last_ready_time.set(unix_now());
+        }
+    }
+
+    /// Waits for the next thing that happens to the running server.
+    async fn watch(&mut self, round: &mut Round) -> Happened {
+        let retry_at = self.pacing.pack_retry;
+        tokio::select! {
+            exit = round.process.wait() => Happened::Exited(exit),
+            changed = round.ready.changed(), if round.ready_open && !round.is_ready => {
+                Happened::ReadyChanged { open: changed.is_ok() }
+            }
+            _ = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)), if retry_at.is_some() => {
+                Happened::PackRetryDue
+            }
+            _ = round.poll.tick() => Happened::PollDue,
+            checking = round.updates.next() => Happened::Checks(checking),
+            changed = self.specs.changed() => Happened::SpecChanged { open: changed.is_ok() },
+            Some(request) = self.requests.recv() => Happened::Request(request),
+            _ = self.shutdown.cancelled() => Happened::Shutdown,
+        }
+    }
+
+    /// Acts on what the watch step saw.
+    async fn handle(&mut self, round: &mut Round, happened: Happened) -> Flow {
+        match happened {
+            Happened::Exited(exit) => return Flow::Exited(exit),
+            Happened::ReadyChanged { open } => round.ready_open = open,
+            Happened::PackRetryDue => {
+                // Handled as a change of the same spec: the update is tried again.
+                self.pacing.pack_retry = None;
+                self.specs.mark_changed();
+            }
+            Happened::PollDue => {
+                round.stats.sample(&self.shared.metrics);
+                if *round.ready.borrow() {
+                    poll_players(&self.shared, &round.prepared.rcon).await;
+                }
+            }
+            Happened::Checks(Checking::Due) => {
+                if let Some(pack) = round.prepared.spec.pack.clone() {
+                    round.updates.start(pack, &self.options.prepare.data_dir);
+                }
+            }
+            Happened::Checks(Checking::Found(found)) => self.checked(round, found),
+            Happened::SpecChanged { open: false } => {}
+            Happened::SpecChanged { open: true } => return self.spec_changed(round).await,
+            Happened::Request(request) => return Flow::Done(self.requested(round, request).await),
+            Happened::Shutdown => {
+                self.shared.set_phase(Phase::Stopping, Some("runner shutting down".into()));
+                let exit = round.process.stop(Some(&round.prepared.rcon), self.options.stop).await;
+                record_exit(&self.shared, &exit, false);
+                self.shared.set_phase(Phase::Stopped, None);
+                return Flow::Done(Next::Exit);
+            }
+        }
+        Flow::Continue
+    }
+
+    /// An update check ended: reports what it found and, when the policy allows applying it now,
+    /// makes it due (handled as a change of the same spec).
+    fn checked(&mut self, round: &mut Round, found: Checked) {
+        round.updates.ended();
+        let (Some(plan), Some(pack), Some(context)) =
+            (&round.updates.schedule, &round.prepared.spec.pack, &self.options.prepare.pack)
+        else {
+            return;
+        };
+        let version = match found {
+            Err(e) => {
+                context.metrics.update_checks.with_label_values(&["failed"]).inc();
+                tracing::warn!("checking the pack's hub channel for a new version failed: {e}");
+                return;
+            }
+            Ok(version) => version,
+        };
+        if version == round.prepared.pack_version {
+            context.metrics.update_checks.with_label_values(&["current"]).inc();
+            if self.shared.status.borrow().pack_update_available.is_some() {
+                checks::clear_update_report(&self.shared, &self.options);
+            }
+            return;
+        }
+        let version = version.unwrap_or_default();
+        context.metrics.update_checks.with_label_values(&["available"]).inc();
+        checks::report_available(&self.shared, &self.options, &version);
+        let wait = if !plan.auto {
+            Some("spec.pack.update.mode is manual: change the spec to apply it")
+        } else if !round.is_ready {
+            Some("waiting for the server to be ready")
+        } else if let Some(why) = checks::update_waits(plan, &self.shared) {
+            Some(why)
+        } else if !context.may_update_to(pack, &version) {
+            Some("the channel still names the version rolled back after its server failed")
+        } else if round.updates.refused.as_deref() == Some(version.as_str()) {
+            Some("the channel still names the version refused before")
+        } else {
+            None
+        };
+        round.updates.say(&version, round.prepared.pack_version.as_deref(), wait);
+        if wait.is_none() {
+            round.updates.due = Some(version);
+            self.specs.mark_changed();
+        }
+    }
+
+    /// The spec changed (or an update became due): plan what it asks of the running server, then do it.
+    async fn spec_changed(&mut self, round: &mut Round) -> Flow {
+        let spec = self.specs.borrow_and_update().clone();
+        match plan_change(&round.prepared, &spec, round.updates.due.take()) {
+            Change::Nothing => {
+                tracing::info!("spec changed; nothing that needs a restart");
+                Flow::Continue
+            }
+            Change::UpdatePolicy => {
+                tracing::info!("spec changed; only spec.pack.update, taken without a restart");
+                self.adopt_pack_spec(round, &spec);
+                Flow::Continue
+            }
+            Change::Pack { due } => self.update_pack(round, spec, due).await,
+            Change::Restart => self.restart_for(round, &spec).await,
+        }
+    }
+
+    /// Runs on with `spec`'s pack spec (the data dir holds its content), without a restart.
+    fn adopt_pack_spec(&self, round: &mut Round, spec: &MinecraftServerSpec) {
+        round.prepared.spec.pack = spec.pack.clone();
+        round.updates.adopt(spec.pack.as_ref(), &self.shared, &self.options);
+    }
+
+    /// Readies the new files while the old server still runs, then restarts it once.
+    async fn restart_for(&mut self, round: &mut Round, spec: &MinecraftServerSpec) -> Flow {
+        match prepare::prepare_change(&round.prepared, spec, &self.options.prepare).await {
+            Ok(next) => {
+                tracing::info!("spec changed; restarting the server once with the new files ready");
+                self.shared.set_phase(Phase::Stopping, Some("restarting for a spec change".into()));
+                let exit = round.process.stop(Some(&round.prepared.rcon), self.options.stop).await;
+                self.pacing.backoff.reset();
+                record_exit(&self.shared, &exit, false);
+                Flow::Done(Next::Run(Box::new(next)))
+            }
+            Err(e) => {
+                tracing::error!(category = e.category(), "{e}; keeping the running server");
+                Flow::Continue
+            }
+        }
+    }
+
+    /// A new pack (or the version a check found): fetched, staged and verified while the server runs,
+    /// which is stopped only for the swap.
+    async fn update_pack(&mut self, round: &mut Round, spec: MinecraftServerSpec, due: Option<String>) -> Flow {
+        // The update looks the channel up itself: no check may run beside it.
+        round.updates.stop().await;
+        let (shared, options) = (&self.shared, &self.options);
+        // Set once the gate begins (the backup before the update, or the stop): from then on the
+        // update runs to its end, even through a shutdown.
+        let gated = &AtomicBool::new(false);
+        let (rcon, running) = (round.prepared.rcon.clone(), &mut round.process);
+        let stop = Box::pin(async move {
+            gated.store(true, Ordering::Release);
+            shared.set_phase(Phase::Updating, Some("swapping in a new pack version".into()));
+            running.stop(Some(&rcon), options.stop).await
+        });
+        // spec.backup.beforeUpdate: the world as the old version left it, taken through RCON once the
+        // new pack is staged and before the server stops.
+        let backup = spec.backup.as_ref().is_some_and(|b| b.before_update).then(|| {
+            Box::pin(async move {
+                gated.store(true, Ordering::Release);
+                shared.backups.create_now(shared).await.map(|m| m.name).map_err(|f| f.message)
+            }) as futures::future::BoxFuture<'_, _>
+        });
+        let proceed = due.clone().map(|version| {
+            checks::proceed_with(version, round.updates.schedule.clone(), shared, round.prepared.rcon.clone())
+        });
+        // Fetching and staging can take long: a shutdown meanwhile drops the update (nothing changed
+        // yet; the staging task sees its stream and channels gone) and stops the server as any
+        // shutdown does.
+        let outcome = {
+            let update = prepare::update_pack(&round.prepared, &spec, &options.prepare, proceed, backup, stop);
+            tokio::pin!(update);
+            tokio::select! {
+                outcome = &mut update => Some(outcome),
+                _ = self.shutdown.cancelled() => {
+                    if gated.load(Ordering::Acquire) { Some((&mut update).await) } else { None }
+                }
+            }
+        };
+        let Some(outcome) = outcome else {
+            tracing::info!("runner shutting down; the pack update was called off before the swap");
+            shared.set_phase(Phase::Stopping, Some("runner shutting down".into()));
+            let exit = round.process.stop(Some(&round.prepared.rcon), options.stop).await;
+            record_exit(shared, &exit, false);
+            shared.set_phase(Phase::Stopped, None);
+            return Flow::Done(Next::Exit);
+        };
+        if self.shutdown.is_cancelled()
+            && let PackUpdate::Ready { stopped, .. }
+            | PackUpdate::Reverted { stopped, .. }
+            | PackUpdate::Held { stopped, .. } = &outcome
+        {
+            // The server stopped for the swap, and the runner is going: start nothing.
+            tracing::info!("runner shutting down after the pack swap; not starting a server");
+            record_exit(shared, stopped, false);
+            shared.set_phase(Phase::Stopped, None);
+            return Flow::Done(Next::Exit);
+        }
+        match outcome {
+            PackUpdate::Untouched(Some(e @ PrepareError::Deferred(_))) => {
+                tracing::info!("{e}; the next check decides again");
+                Flow::Continue
+            }
+            PackUpdate::Untouched(Some(e)) => {
+                tracing::error!(
+                    category = e.category(),
+                    transient = e.is_transient(),
+                    "{e}; keeping the running server"
+                );
+                if e.is_transient() {
+                    self.pacing.pack_retry = Some(tokio::time::Instant::now() + PACK_RETRY);
+                } else if due.is_some() {
+                    round.updates.refused = due;
+                }
+                Flow::Continue
+            }
+            PackUpdate::Untouched(None) => {
+                // The data dir holds the spec's pack already: restart only for what else changed.
+                if round.prepared.needs_restart_besides_pack(&spec) {
+                    return self.restart_for(round, &spec).await;
+                }
+                tracing::info!("spec changed; the data dir holds its pack and nothing else needs a restart");
+                self.adopt_pack_spec(round, &spec);
+                Flow::Continue
+            }
+            PackUpdate::Ready { next, stopped } => {
+                tracing::info!("pack updated; starting the server of the new version");
+                self.pacing.backoff.reset();
+                record_exit(shared, &stopped, false);
+                Flow::Done(Next::Run(next))
+            }
+            PackUpdate::Reverted { error, stopped } => {
+                tracing::error!(
+                    category = error.category(),
+                    transient = error.is_transient(),
+                    "{error}; starting the previous version again"
+                );
+                if error.is_transient() {
+                    self.pacing.pack_retry = Some(tokio::time::Instant::now() + PACK_RETRY);
+                }
+                record_exit(shared, &stopped, false);
+                Flow::Done(Next::Run(Box::new(round.prepared.clone())))
+            }
+            PackUpdate::Held { reason, stopped } => {
+                tracing::error!("{reason}");
+                record_exit(shared, &stopped, false);
+                shared.set_phase(Phase::Failed, Some(reason));
+                Flow::Done(Next::Hold)
+            }
+        }
+    }
+
+    /// A control request (stop or restart) while the server runs.
+    async fn requested(&mut self, round: &mut Round, request: ControlRequest) -> Next {
+        self.shared.set_phase(Phase::Stopping, None);
+        let exit = round.process.stop(Some(&round.prepared.rcon), self.options.stop).await;
+        record_exit(&self.shared, &exit, false);
+        match request {
+            ControlRequest::Stop(reply) => {
+                self.shared.set_phase(Phase::Stopped, Some("stopped on request".into()));
+                let _ = reply.send(exit.map(|_| ()).map_err(|e| e.to_string()));
+                Next::Hold
+            }
+            ControlRequest::Restart(reply) => {
+                self.pacing.backoff.reset();
+                let _ = reply.send(exit.map(|_| ()).map_err(|e| e.to_string()));
+                Next::Start
+            }
+        }
+    }
+
+    /// The server exited on its own: back to the version before an update that never became ready,
+    /// else a restart after the crash backoff, or Failed once crashes pass the limit.
+    async fn end(&mut self, round: Round, exit: Result<Exit, SupervisorError>) -> Next {
+        let Ok(exit) = exit else {
+            self.shared.set_phase(Phase::Failed, Some("lost track of the server process".into()));
+            return Next::Hold;
+        };
+        record_exit(&self.shared, &Ok(exit.clone()), true);
+        if let Some(previous) = round.fallback {
+            return self.roll_back(&round.prepared, previous, &exit).await;
+        }
+        let jitter: f64 = rand::random();
+        match self.pacing.backoff.on_exit(Instant::now(), exit.ran_for, exit.reason.is_failure(), jitter) {
+            Verdict::RestartAfter(delay) => {
+                tracing::warn!(reason = exit.reason.category(), ?delay, "server exited; restarting after a delay");
+                self.shared.set_phase(
+                    Phase::Pending,
+                    Some(format!("exited ({}); restarting in {:.1}s", exit.reason.category(), delay.as_secs_f64())),
+                );
+                self.shared.metrics.restarts.inc();
+                self.shared.status.send_modify(|s| s.restarts += 1);
+                self.wait_then_start(delay).await
+            }
+            Verdict::GiveUp { failures } => {
+                let message = format!(
+                    "{failures} failures within {:?}, the last: {}; fix the cause and run `atlas-runner restart`",
+                    self.options.restart.window,
+                    exit.reason.category()
+                );
+                tracing::error!("{message}");
+                self.shared.set_phase(Phase::Failed, Some(message));
+                Next::Hold
+            }
+        }
+    }
+
+    /// The new pack version's server never became ready: back to the version that ran.
+    async fn roll_back(&mut self, failed: &Prepared, previous: Box<Prepared>, exit: &Exit) -> Next {
+        let reason = exit.reason.category();
+        tracing::error!(
+            reason,
+            pack = failed.pack_version.as_deref(),
+            back_to = previous.pack_version.as_deref(),
+            "the server of the new pack version exited before it was ready; rolling the pack back"
+        );
+        let back_to = previous.pack_version.as_deref();
+        let failed_pack = failed.spec.pack.as_ref().map(|pack| (pack, failed.pack_version.as_deref()));
+        match prepare::roll_back_pack(&self.options.prepare, reason, failed_pack, back_to).await {
+            Ok(()) => Next::Run(previous),
+            Err(e) => {
+                tracing::error!(category = e.category(), "{e}");
+                self.shared.set_phase(Phase::Failed, Some(format!("rolling the pack back failed: {e}")));
+                Next::Hold
+            }
+        }
+    }
+
+    /// Waits `delay` (a spec change cuts it short), then starts again; or exits on shutdown.
+    async fn wait_then_start(&mut self, delay: Duration) -> Next {
+        tokio::select! {
+            _ = self.shutdown.cancelled() => Next::Exit,
+            _ = tokio::time::sleep(delay) => Next::Start,
+            _ = self.specs.changed() => Next::Start,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, SocketAddr};
+    use std::path::Path;
+
+    use super::*;
+    use crate::rcon::Rcon;
+
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+    fn spec(extra: &str) -> Result<MinecraftServerSpec, super::super::SpecError> {
+        super::super::parse_spec(
+            Path::new("s.yaml"),
+            &format!("eula: true\nserver: {{type: vanilla, version: '1.21.4'}}\nproperties: {{motd: hi}}\n{extra}"),
+        )
+    }
+
+    fn running(spec: MinecraftServerSpec) -> Prepared {
+        Prepared {
+            command: Vec::new(),
+            rcon: Rcon::new(SocketAddr::from((Ipv4Addr::LOCALHOST, 25575)), String::new(), Duration::from_secs(1)),
+            server_type: "vanilla".into(),
+            minecraft_version: "1.21.4".into(),
+            max_players: 20,
+            spec,
+            pack_version: Some("1.0.0".into()),
+            fallback: None,
+        }
+    }
+
+    const HUB: &str = "pack:\n  source:\n    hub: {url: 'http://127.0.0.1:9', pack: p, channel: stable}\n";
+
+    #[test]
+    fn a_change_is_planned_from_what_it_touches() -> TestResult {
+        let now = running(spec(HUB)?);
+        assert_eq!(plan_change(&now, &spec(HUB)?, None), Change::Nothing);
+        let backup = format!("{HUB}backup: {{schedule: '@daily'}}\n");
+        assert_eq!(plan_change(&now, &spec(&backup)?, None), Change::Nothing, "backups need no restart");
+        let policy = format!("{HUB}  update: {{mode: auto}}\n");
+        assert_eq!(plan_change(&now, &spec(&policy)?, None), Change::UpdatePolicy);
+        let pinned = format!("{HUB}  version: 2.0.0\n");
+        assert_eq!(plan_change(&now, &spec(&pinned)?, None), Change::Pack { due: None });
+        let jvm = format!("{HUB}jvm: {{heap: 1G}}\n");
+        assert_eq!(plan_change(&now, &spec(&jvm)?, None), Change::Restart);
+        Ok(())
+    }
+
+    #[test]
+    fn a_version_a_check_found_yields_to_a_spec_change_made_meanwhile() -> TestResult {
+        let now = running(spec(HUB)?);
+        let due = Some("2.0.0".to_owned());
+        assert_eq!(plan_change(&now, &spec(HUB)?, due.clone()), Change::Pack { due: due.clone() });
+        let jvm = format!("{HUB}jvm: {{heap: 1G}}\n");
+        assert_eq!(plan_change(&now, &spec(&jvm)?, due.clone()), Change::Restart);
+        let policy = format!("{HUB}  update: {{mode: manual}}\n");
+        assert_eq!(plan_change(&now, &spec(&policy)?, due), Change::UpdatePolicy);
+        Ok(())
+    }
+}
