@@ -24,7 +24,7 @@ use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 
 use super::apply::{self, Applied, FIELD_MANAGER};
-use super::children::{self, CHILD_SELECTOR, Existing, Identity, Settings};
+use super::children::{self, CHILD_SELECTOR, Children, Existing, Identity, Settings};
 use super::gather::{self, Caches, SecretState};
 use super::lease::{Elector, LeaseSettings};
 use super::metrics::OperatorMetrics;
@@ -148,6 +148,24 @@ where
     }
 }
 
+/// [`apply_child`] of a namespaced kind of a fixed type.
+async fn apply_in<K>(
+    ctx: &Context,
+    namespace: &str,
+    kind: &'static str,
+    desired: K,
+    observed: Option<&K>,
+) -> Result<(), Error>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Serialize
+        + DeserializeOwned
+        + Clone
+        + std::fmt::Debug,
+{
+    apply_child(ctx, kind, Api::namespaced(ctx.client.clone(), namespace), desired, observed).await
+}
+
 fn random_password() -> String {
     rand::rng().sample_iter(&rand::distr::Alphanumeric).take(32).map(char::from).collect()
 }
@@ -170,20 +188,49 @@ async fn round(server: &MinecraftServer, ctx: &Context) -> Result<Action, Error>
         return Ok(Action::await_change());
     }
     let id = Identity::of(server)?;
-    let spec = &server.spec;
-    let ns = id.namespace.as_str();
+    let gathered = gather(ctx, server, &id).await?;
+    let built = children::build(server, &ctx.settings, &gathered.existing)?;
+    apply_children(ctx, server, &id, built, &gathered).await?;
+    let rollout = roll_out(ctx, server, &id, &gathered).await?;
+    report(ctx, server, &id, &gathered, &rollout).await?;
+    Ok(match rollout {
+        _ if !gathered.secrets_ok() => Action::requeue(SECRET_RETRY),
+        Rollout::Wait { .. } => Action::requeue(UPGRADE_RETRY),
+        Rollout::Settling | Rollout::Replacing => Action::requeue(Duration::from_secs(5)),
+        _ => Action::requeue(ctx.resync),
+    })
+}
 
-    // Gather: the children as cached, every referenced Secret as the API server holds it.
-    let observed = ctx.caches.observe(&id);
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-    let uses = children::secret_uses(&id.name, spec);
-    let mut checks = gather::check_secrets(&secrets, uses).await.map_err(read_error("Secret", ns, &id.name))?;
-    for check in checks.iter_mut().filter(|c| c.usage.generated && c.state == SecretState::Missing) {
+/// What a round reads before it builds anything.
+struct Gathered {
+    /// The children as the caches hold them.
+    observed: gather::Observed,
+    /// Each referenced Secret's state.
+    secrets: Vec<gather::SecretCheck>,
+    /// What the StatefulSet holds that cannot change.
+    existing: Existing,
+}
+
+impl Gathered {
+    fn secrets_ok(&self) -> bool {
+        self.secrets.iter().all(|c| c.state == SecretState::Present)
+    }
+}
+
+/// Gather: the children as cached, every referenced Secret as the API server holds it, and the
+/// generated RCON Secret created when it is missing.
+async fn gather(ctx: &Context, server: &MinecraftServer, id: &Identity) -> Result<Gathered, Error> {
+    let ns = id.namespace.as_str();
+    let observed = ctx.caches.observe(id);
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let uses = children::secret_uses(&id.name, &server.spec);
+    let mut secrets = gather::check_secrets(&api, uses).await.map_err(read_error("Secret", ns, &id.name))?;
+    for check in secrets.iter_mut().filter(|c| c.usage.generated && c.state == SecretState::Missing) {
         // Created once with a fresh password and never written again: a password is not rotated
         // by accident, and an existing Secret of that name (the user's) is taken as it is.
-        let secret = children::rcon_secret(&id, &random_password());
+        let secret = children::rcon_secret(id, &random_password());
         let params = PostParams { field_manager: Some(FIELD_MANAGER.to_owned()), ..PostParams::default() };
-        match secrets.create(&params, &secret).await {
+        match api.create(&params, &secret).await {
             Ok(_) => {
                 ctx.metrics.wrote("create");
                 tracing::info!(namespace = %ns, name = %check.usage.name, "created the RCON Secret");
@@ -195,76 +242,57 @@ async fn round(server: &MinecraftServer, ctx: &Context) -> Result<Action, Error>
         }
         check.state = SecretState::Present;
     }
-    let secrets_ok = checks.iter().all(|c| c.state == SecretState::Present);
-
-    // Build: pure.
     let existing = Existing {
         claim_templates: observed.stateful_set.as_ref().and_then(|s| s.spec.as_ref()?.volume_claim_templates.clone()),
     };
-    let built = children::build(server, &ctx.settings, &existing)?;
+    Ok(Gathered { observed, secrets, existing })
+}
 
-    // Apply: the agent's RBAC before the pod that uses it; the StatefulSet only once every Secret
-    // it mounts exists (a pod with a volume that cannot mount never starts).
-    let client = &ctx.client;
-    apply_child(
-        ctx,
-        "ServiceAccount",
-        Api::namespaced(client.clone(), ns),
-        built.service_account,
-        observed.service_account.as_deref(),
-    )
-    .await?;
-    apply_child(ctx, "Role", Api::namespaced(client.clone(), ns), built.role, observed.role.as_deref()).await?;
-    apply_child(
-        ctx,
-        "RoleBinding",
-        Api::namespaced(client.clone(), ns),
-        built.role_binding,
-        observed.role_binding.as_deref(),
-    )
-    .await?;
-    apply_child(
-        ctx,
-        "Service",
-        Api::namespaced(client.clone(), ns),
-        built.headless_service,
-        observed.headless_service.as_deref(),
-    )
-    .await?;
-    apply_child(
-        ctx,
-        "Service",
-        Api::namespaced(client.clone(), ns),
-        built.game_service,
-        observed.game_service.as_deref(),
-    )
-    .await?;
+/// Apply: the agent's RBAC before the pod that uses it; the StatefulSet only once every Secret it
+/// mounts exists (a pod with a volume that cannot mount never starts).
+async fn apply_children(
+    ctx: &Context,
+    server: &MinecraftServer,
+    id: &Identity,
+    built: Children,
+    gathered: &Gathered,
+) -> Result<(), Error> {
+    let (ns, seen) = (id.namespace.as_str(), &gathered.observed);
+    apply_in(ctx, ns, "ServiceAccount", built.service_account, seen.service_account.as_deref()).await?;
+    apply_in(ctx, ns, "Role", built.role, seen.role.as_deref()).await?;
+    apply_in(ctx, ns, "RoleBinding", built.role_binding, seen.role_binding.as_deref()).await?;
+    apply_in(ctx, ns, "Service", built.headless_service, seen.headless_service.as_deref()).await?;
+    apply_in(ctx, ns, "Service", built.game_service, seen.game_service.as_deref()).await?;
     if let Some(monitor) = built.pod_monitor {
-        let api = Api::namespaced_with(client.clone(), ns, &children::pod_monitor_resource());
-        apply_child(ctx, "PodMonitor", api, monitor, observed.pod_monitor.as_deref()).await?;
+        let api = Api::namespaced_with(ctx.client.clone(), ns, &children::pod_monitor_resource());
+        apply_child(ctx, "PodMonitor", api, monitor, seen.pod_monitor.as_deref()).await?;
     }
-    if secrets_ok {
-        apply_child(
-            ctx,
-            "StatefulSet",
-            Api::namespaced(client.clone(), ns),
-            built.stateful_set,
-            observed.stateful_set.as_deref(),
-        )
-        .await?;
-        // Only a size grown past the claim template's can need the claim itself asked for more.
-        let template_size = existing.claim_templates.as_ref().and_then(|t| {
-            t.first()?.spec.as_ref()?.resources.as_ref()?.requests.as_ref()?.get("storage").map(|q| q.0.clone())
-        });
-        let wanted_size = children::storage_size(spec);
-        if template_size.is_some_and(|t| apply::larger(&wanted_size, &t)) {
-            grow_claim(ctx, &id, &wanted_size).await?;
-        }
+    if !gathered.secrets_ok() {
+        return Ok(());
     }
+    apply_in(ctx, ns, "StatefulSet", built.stateful_set, seen.stateful_set.as_deref()).await?;
+    // Only a size grown past the claim template's can need the claim itself asked for more.
+    let template_size = gathered.existing.claim_templates.as_ref().and_then(|t| {
+        t.first()?.spec.as_ref()?.resources.as_ref()?.requests.as_ref()?.get("storage").map(|q| q.0.clone())
+    });
+    let wanted_size = children::storage_size(&server.spec);
+    if template_size.is_some_and(|t| apply::larger(&wanted_size, &t)) {
+        grow_claim(ctx, id, &wanted_size).await?;
+    }
+    Ok(())
+}
 
-    // Roll out: an outdated pod is replaced when spec.upgrade allows.
+/// Roll out: an outdated pod is replaced when `spec.upgrade` allows.
+async fn roll_out(
+    ctx: &Context,
+    server: &MinecraftServer,
+    id: &Identity,
+    gathered: &Gathered,
+) -> Result<Rollout, Error> {
+    let spec = &server.spec;
     let players = server.status.as_ref().and_then(|s| s.players).map_or(0, |p| p.online);
     let policy = spec.upgrade.clone().unwrap_or_default();
+    let observed = &gathered.observed;
     let rollout = match &observed.stateful_set {
         Some(sts) if !spec.paused => {
             upgrade::decide(sts, observed.pod.as_deref(), players, &policy, &jiff::Zoned::now())?
@@ -272,14 +300,23 @@ async fn round(server: &MinecraftServer, ctx: &Context) -> Result<Action, Error>
         _ => Rollout::NoPod,
     };
     if let (Rollout::Replace { from, to }, Some(pod)) = (&rollout, &observed.pod) {
-        replace_pod(ctx, server, &id, pod, from, to).await?;
+        replace_pod(ctx, server, id, pod, from, to).await?;
     }
+    Ok(rollout)
+}
 
-    // Status: the operator's three conditions, written only when they say something new.
+/// Status: the operator's three conditions, written only when they say something new.
+async fn report(
+    ctx: &Context,
+    server: &MinecraftServer,
+    id: &Identity,
+    gathered: &Gathered,
+    rollout: &Rollout,
+) -> Result<(), Error> {
     let verdicts = [
-        status::workload_verdict(spec.paused, secrets_ok, observed.stateful_set.as_deref()),
-        status::secrets_verdict(ns, &checks),
-        status::upgrade_verdict(&rollout),
+        status::workload_verdict(server.spec.paused, gathered.secrets_ok(), gathered.observed.stateful_set.as_deref()),
+        status::secrets_verdict(&id.namespace, &gathered.secrets),
+        status::upgrade_verdict(rollout),
     ];
     let previous = server.status.as_ref().map(|s| s.conditions.clone()).unwrap_or_default();
     let wanted = status::conditions(&verdicts, &previous, server.metadata.generation, jiff::Timestamp::now());
@@ -293,24 +330,19 @@ async fn round(server: &MinecraftServer, ctx: &Context) -> Result<Action, Error>
         }
         written.get(&key).is_some_and(|(_, sent)| !status::changed(&wanted, sent))
     };
-    if status::changed(&wanted, &previous) && !already_written {
-        let api: Api<MinecraftServer> = Api::namespaced(client.clone(), ns);
-        status::write(&api, &id.name, &wanted).await.map_err(|source| Error::WriteStatus {
-            namespace: ns.to_owned(),
-            name: id.name.clone(),
-            source,
-        })?;
-        ctx.metrics.wrote("status");
-        ctx.written().insert(key, (version, wanted));
-        announce(ctx, server, &verdicts, &previous).await;
+    if !status::changed(&wanted, &previous) || already_written {
+        return Ok(());
     }
-
-    Ok(match rollout {
-        _ if !secrets_ok => Action::requeue(SECRET_RETRY),
-        Rollout::Wait { .. } => Action::requeue(UPGRADE_RETRY),
-        Rollout::Settling | Rollout::Replacing => Action::requeue(Duration::from_secs(5)),
-        _ => Action::requeue(ctx.resync),
-    })
+    let api: Api<MinecraftServer> = Api::namespaced(ctx.client.clone(), &id.namespace);
+    status::write(&api, &id.name, &wanted).await.map_err(|source| Error::WriteStatus {
+        namespace: id.namespace.clone(),
+        name: id.name.clone(),
+        source,
+    })?;
+    ctx.metrics.wrote("status");
+    ctx.written().insert(key, (version, wanted));
+    announce(ctx, server, &verdicts, &previous).await;
+    Ok(())
 }
 
 /// Events on transitions only: a Secret problem appearing or going away, a pod starting to wait.
