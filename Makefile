@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 TESTBED := $(or $(CARGO_TARGET_DIR),target)/debug/atlas-testbed
 
-.PHONY: test testbed lint build crds chart clean-testbed run
+.PHONY: test testbed lint build crds chart reference docs clean-testbed run
 
 ## test: install the real parts (cached), lint, then run every test against one shared bed
 test: testbed lint
@@ -26,6 +26,14 @@ build:
 crds:
 	$(CARGO) run --quiet --locked -- crd > crds/minecraftservers.atlas.dev.yaml
 	cp crds/minecraftservers.atlas.dev.yaml charts/atlas-runner/crds/minecraftservers.atlas.dev.yaml
+
+## reference: regenerate the book's reference pages (docs/reference/) from the code; a test fails when they are stale
+reference:
+	$(CARGO) run --quiet --locked -- reference --out docs/reference
+
+## docs: build the book into target/book (mdbook from the test bed's cache; `make test` also checks its links)
+docs: testbed
+	$${ATLAS_TEST_BIN:-$$HOME/.cache/atlas-runner/test-bin}/mdbook build docs
 
 ## chart: lint the Helm chart
 chart: testbed
