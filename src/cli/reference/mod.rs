@@ -59,3 +59,80 @@ pub(crate) fn run(args: &ReferenceArgs, command: &clap::Command) -> anyhow::Resu
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    use clap::Parser;
+
+    /// Every `atlas-runner` command line in the `sh` blocks of a Markdown text, without a leading
+    /// `sudo -u USER` and a trailing `# comment`, as words.
+    fn commands(markdown: &str) -> Vec<Vec<String>> {
+        let mut out = Vec::new();
+        let mut in_sh = false;
+        for line in markdown.lines() {
+            let trimmed = line.trim();
+            if let Some(fence) = trimmed.strip_prefix("```") {
+                in_sh = !in_sh && (fence == "sh" || fence == "bash");
+                continue;
+            }
+            if !in_sh {
+                continue;
+            }
+            let code = trimmed.split(" #").next().unwrap_or_default();
+            let mut words: Vec<String> = code.split_whitespace().map(str::to_owned).collect();
+            if words.first().is_some_and(|w| w == "sudo") && words.get(1).is_some_and(|w| w == "-u") {
+                words.drain(..3);
+            }
+            if words.first().is_some_and(|w| w == "atlas-runner") {
+                out.push(words);
+            }
+        }
+        out
+    }
+
+    fn markdown_files(dir: &Path, out: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                markdown_files(&path, out);
+            } else if path.extension().is_some_and(|e| e == "md") {
+                out.push(path);
+            }
+        }
+    }
+
+    /// The book and the README show only commands and options that exist: each one parses as the
+    /// binary parses its arguments (the commands themselves are run by the tests the guides cite).
+    #[test]
+    fn every_command_the_book_shows_parses() {
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut files = vec![repo.join("README.md")];
+        markdown_files(&repo.join("docs"), &mut files);
+        let mut checked = 0;
+        let mut failures = Vec::new();
+        for file in files {
+            let text = std::fs::read_to_string(&file).unwrap_or_default();
+            for words in commands(&text) {
+                checked += 1;
+                if let Err(e) = crate::Cli::try_parse_from(&words) {
+                    // `--version` and `--help` end parsing by design; they are still valid lines.
+                    if !matches!(e.kind(), clap::error::ErrorKind::DisplayVersion | clap::error::ErrorKind::DisplayHelp)
+                    {
+                        failures.push(format!("{}: `{}`: {}", file.display(), words.join(" "), e.kind()));
+                    }
+                }
+            }
+        }
+        assert!(checked > 20, "only {checked} commands found in the book");
+        assert!(failures.is_empty(), "commands in the book that do not parse:\n{}", failures.join("\n"));
+    }
+
+    #[test]
+    fn commands_are_read_from_sh_blocks_only() {
+        let text = "```sh\nsudo -u minecraft atlas-runner status --data /d   # a comment\nmake build\n```\n\
+                    ```text\natlas-runner [OPTIONS] <COMMAND>\n```\n";
+        assert_eq!(commands(text), [["atlas-runner", "status", "--data", "/d"]]);
+    }
+}
