@@ -68,14 +68,14 @@ fn the_helm_values_page_is_made_from_a_charts_schema_and_defaults() -> Result<()
     for text in [
         "# Helm values",
         "Values of a small test chart.",
-        "### `image` {#image}\n\n- Type: object\n- Required\n",
-        "### `image.repository` {#image.repository}\n\n- Type: string\n- Required\n- Default: `\"atlas-runner\"`\n- Must be at least 1 characters long\n\nThe image to run.",
-        "### `image.pullPolicy` {#image.pullPolicy}\n\n- Type: string\n- Default: `\"IfNotPresent\"`\n- Must be one of `Always`, `IfNotPresent`, `Never`\n",
+        "<a id=\"image\"></a>\n### `image`\n\n- Type: object\n- Required\n",
+        "<a id=\"image.repository\"></a>\n### `image.repository`\n\n- Type: string\n- Required\n- Default: `\"atlas-runner\"`\n- Must be at least 1 characters long\n\nThe image to run.",
+        "<a id=\"image.pullPolicy\"></a>\n### `image.pullPolicy`\n\n- Type: string\n- Default: `\"IfNotPresent\"`\n- Must be one of `Always`, `IfNotPresent`, `Never`\n",
         // The schema's own default wins; values.yaml has none for it.
-        "### `resyncSeconds` {#resyncSeconds}\n\n- Type: integer\n- Default: `300`\n- Must be at least 1\n",
+        "<a id=\"resyncSeconds\"></a>\n### `resyncSeconds`\n\n- Type: integer\n- Default: `300`\n- Must be at least 1\n",
         "How many &lt;replicas> run.",
-        "### `imagePullSecrets[].name` {#imagePullSecrets[].name}\n\n- Type: string\n- Required\n",
-        "### `resources` {#resources}\n\n- Type: map of string to string or number\n",
+        "<a id=\"imagePullSecrets[].name\"></a>\n### `imagePullSecrets[].name`\n\n- Type: string\n- Required\n",
+        "<a id=\"resources\"></a>\n### `resources`\n\n- Type: map of string to string or number\n",
     ] {
         assert!(page.contains(text), "helm-values.md lacks {text:?}:\n{page}");
     }
@@ -95,7 +95,7 @@ fn every_metric_the_runner_exports_is_on_the_metrics_page() -> Result<()> {
     let gathered = shared.registry.gather();
     ensure!(gathered.len() >= 10, "only {} metric families gathered", gathered.len());
     for family in gathered {
-        let heading = format!("### `{0}` {{#{0}}}", family.name());
+        let heading = format!("<a id=\"{0}\"></a>\n### `{0}`", family.name());
         assert!(page.contains(&heading), "docs/reference/metrics.md lacks {}", family.name());
     }
     Ok(())
@@ -337,9 +337,9 @@ fn every_error_category_has_a_troubleshooting_entry_and_every_entry_a_category()
     let page = std::fs::read_to_string(repo().join("docs/troubleshooting.md"))?;
     let areas = ["pack", "backup", "spec", "server", "runner", "process", "exit", "rcon", "control", "logging"];
     let entries: BTreeSet<String> = page
-        .split("{#")
+        .split("<a id=\"")
         .skip(1)
-        .filter_map(|rest| rest.split('}').next())
+        .filter_map(|rest| rest.split('"').next())
         .filter(|id| areas.iter().any(|a| id.starts_with(&format!("{a}-"))))
         .map(str::to_owned)
         .collect();

@@ -5,7 +5,7 @@ use std::fmt::Write;
 
 use clap::{Arg, ArgAction, Command};
 
-use super::markdown::{code, generated, text};
+use super::markdown::{code, generated, heading, text};
 
 /// How an argument is written: `--data <DIR>`, `-f, --follow`, `<COMMAND>...`.
 fn synopsis(arg: &Arg) -> String {
@@ -92,8 +92,7 @@ fn anchor(path: &str) -> String {
 }
 
 fn write_command(page: &mut String, command: &Command, path: &str, depth: usize) {
-    let heading = "#".repeat((depth + 2).min(5));
-    let _ = writeln!(page, "{heading} {} {{#{}}}\n", code(path), anchor(path));
+    page.push_str(&heading((depth + 2).min(5), &code(path), &anchor(path)));
     if let Some(about) = command.get_long_about().or(command.get_about()) {
         let _ = writeln!(page, "{}\n", text(about.to_string().trim()));
     }
@@ -200,7 +199,7 @@ mod tests {
         let page = page(&<Tool as clap::CommandFactory>::command());
         for text in [
             "# Command line",
-            "### `tool greet` {#tool-greet}",
+            "<a id=\"tool-greet\"></a>\n### `tool greet`\n",
             "- [`greet`](#tool-greet): Greet someone",
             "tool greet [OPTIONS] [NAMES]...",
             "- `--log <LOG>` *(default `text`; one of `text` (For people), `json`)*: Log format",

@@ -5,7 +5,7 @@
 
 use std::fmt::Write;
 
-use super::markdown::{code, generated, text};
+use super::markdown::{code, generated, heading, text};
 
 /// The source the constants are read from.
 const API_SOURCE: &str = include_str!("../../api/mod.rs");
@@ -89,7 +89,7 @@ fn render(sections: &[Section]) -> String {
             let _ = writeln!(page, "{}\n", text(&section.doc));
         }
         for word in &section.words {
-            let _ = writeln!(page, "### {} {{#{prefix}-{}}}\n", code(&word.value), word.value);
+            page.push_str(&heading(3, &code(&word.value), &format!("{prefix}-{}", word.value)));
             let _ = writeln!(page, "{}\n", text(&word.doc));
         }
     }
@@ -157,9 +157,12 @@ pub const LATER: &str = "Later";
             ]
         );
         let page = render(&sections);
-        assert!(page.contains("### `Ready` {#type-Ready}\n\nThe server runs and answers (agent)."), "{page}");
+        assert!(
+            page.contains("<a id=\"type-Ready\"></a>\n### `Ready`\n\nThe server runs and answers (agent)."),
+            "{page}"
+        );
         assert!(page.contains("## Reasons\n\nCondition reasons, also Event reasons."), "{page}");
-        assert!(page.contains("### `Running` {#reason-Running}"), "{page}");
+        assert!(page.contains("<a id=\"reason-Running\"></a>\n### `Running`"), "{page}");
         assert!(!page.contains("Later"), "{page}");
     }
 

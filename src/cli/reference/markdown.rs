@@ -24,6 +24,12 @@ pub(super) fn text(s: &str) -> String {
     out
 }
 
+/// A heading with an anchor of our choosing (`spec.backup.schedule`, `pack-io`) that mdBook and a
+/// repository browser both honour: an empty `<a id>` before it, since only mdBook reads `{#id}`.
+pub(super) fn heading(level: usize, text: &str, id: &str) -> String {
+    format!("<a id=\"{id}\"></a>\n{} {text}\n\n", "#".repeat(level))
+}
+
 /// A code span holding `s` verbatim, fenced with enough backticks for any it contains.
 pub(super) fn code(s: &str) -> String {
     let longest = s.split(|c| c != '`').map(str::len).max().unwrap_or(0);
@@ -39,6 +45,11 @@ mod tests {
     #[test]
     fn text_escapes_tags_outside_code_only() {
         assert_eq!(text("the <FILE> and `a<b`"), "the &lt;FILE> and `a<b`");
+    }
+
+    #[test]
+    fn headings_carry_their_anchor() {
+        assert_eq!(heading(3, "`spec.eula`", "spec.eula"), "<a id=\"spec.eula\"></a>\n### `spec.eula`\n\n");
     }
 
     #[test]

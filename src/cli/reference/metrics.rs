@@ -8,7 +8,7 @@ use prometheus::Registry;
 use prometheus::core::Collector;
 use prometheus::proto::MetricType;
 
-use super::markdown::{code, generated, text};
+use super::markdown::{code, generated, heading, text};
 
 /// One component's metrics, as its own `register` creates them.
 struct Component {
@@ -65,7 +65,7 @@ pub(super) fn page() -> anyhow::Result<String> {
         for desc in component.metrics.desc() {
             let family = families.iter().find(|f| f.name() == desc.fq_name);
             let kind = family.map_or("untyped", |f| type_name(f.get_field_type()));
-            let _ = writeln!(page, "### {} {{#{}}}\n", code(&desc.fq_name), desc.fq_name);
+            page.push_str(&heading(3, &code(&desc.fq_name), &desc.fq_name));
             let _ = writeln!(page, "- Type: {kind}");
             for label in &desc.variable_labels {
                 let mut values: Vec<&str> = family

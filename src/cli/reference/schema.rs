@@ -10,7 +10,7 @@ use anyhow::{Context, bail};
 use kube::CustomResourceExt;
 use serde_json::Value;
 
-use super::markdown::{code, generated, text};
+use super::markdown::{code, generated, heading, text};
 use atlas_runner::api::MinecraftServer;
 
 /// One property of a schema, under its full path.
@@ -129,7 +129,7 @@ fn rules(schema: &Value) -> Vec<String> {
 
 /// One field's section: a heading anchored at its path, then what it takes, then its description.
 fn write_field(page: &mut String, field: &Field<'_>, default: Option<&Value>) {
-    let _ = writeln!(page, "### {} {{#{}}}\n", code(&field.path), field.path);
+    page.push_str(&heading(3, &code(&field.path), &field.path));
     let _ = writeln!(page, "- Type: {}", type_name(field.schema));
     if field.required {
         let _ = writeln!(page, "- Required");
@@ -313,10 +313,10 @@ mod tests {
     fn the_crd_page_documents_every_spec_field_with_its_rules() -> anyhow::Result<()> {
         let page = crd_page()?;
         for text in [
-            "### `spec.eula` {#spec.eula}",
+            "<a id=\"spec.eula\"></a>\n### `spec.eula`\n",
             "- Required",
             "spec.eula must be true",
-            "### `spec.pack.source.url.sha256` {#spec.pack.source.url.sha256}",
+            "<a id=\"spec.pack.source.url.sha256\"></a>\n### `spec.pack.source.url.sha256`\n",
             "- Must match `^[0-9a-f]{64}$`",
             "### `spec.backup.retention.keepLast`",
             "- Default: `10`",
