@@ -5,7 +5,7 @@ TESTBED := $(or $(CARGO_TARGET_DIR),target)/debug/atlas-testbed
 # The binary the bed's image is built around (from the Dockerfile, by buildah).
 IMAGE_BINARY := $(or $(CARGO_TARGET_DIR),target)/release/atlas-runner
 
-.PHONY: test testbed lint build crds chart manifests clean-testbed run
+.PHONY: test testbed lint build crds chart manifests reference docs clean-testbed run
 
 ## test: install the real parts (cached), lint, then run every test against one shared bed: a
 ## cluster with a node that runs our image (built from the Dockerfile around the release binary)
@@ -32,6 +32,14 @@ crds:
 	$(CARGO) run --quiet --locked -- crd > crds/minecraftservers.atlas.dev.yaml
 	cp crds/minecraftservers.atlas.dev.yaml charts/atlas-runner/crds/minecraftservers.atlas.dev.yaml
 	$(MAKE) --no-print-directory manifests
+
+## reference: regenerate the book's reference pages (docs/reference/) from the code; a test fails when they are stale
+reference:
+	$(CARGO) run --quiet --locked -- reference --out docs/reference
+
+## docs: build the book into target/book (mdbook from the test bed's cache; `make test` also checks its links)
+docs: testbed
+	$${ATLAS_TEST_BIN:-$$HOME/.cache/atlas-runner/test-bin}/mdbook build docs
 
 ## chart: lint the Helm chart, check and unit-test its alert rules
 chart: testbed

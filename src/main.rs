@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use atlas_runner::telemetry::{self, LogFormat};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 mod cli;
 
@@ -50,6 +50,9 @@ enum Command {
     Crd,
     /// Run the cluster operator: every MinecraftServer becomes a StatefulSet, Services, RBAC and Secrets.
     Operator(atlas_runner::operator::Options),
+    /// Write the book's generated reference pages (`make reference`).
+    #[command(hide = true)]
+    Reference(cli::reference::ReferenceArgs),
 }
 
 fn main() -> ExitCode {
@@ -102,6 +105,7 @@ async fn run(command: Command, log_format: LogFormat) -> anyhow::Result<()> {
         Command::Pack(command) => cli::pack::run(command, log_format).await,
         Command::Backup(command) => cli::backup::run(command, log_format).await,
         Command::Operator(options) => Ok(atlas_runner::operator::run_until_signal(options).await?),
+        Command::Reference(args) => cli::reference::run(&args, &Cli::command()),
         Command::Crd => {
             let yaml = atlas_runner::api::crd_yaml().context("render the CRD")?;
             tracing::debug!(bytes = yaml.len(), "rendered the MinecraftServer CRD");

@@ -1,6 +1,8 @@
 //! The operator's metrics: reconciles and their errors by category, reconcile duration, API writes,
 //! pod replacements, leadership, and servers by phase.
 
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
 use prometheus::{GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 use crate::api::MinecraftServer;
@@ -36,7 +38,8 @@ pub struct OperatorMetrics {
 }
 
 impl OperatorMetrics {
-    /// Creates the metrics and registers them on `registry`.
+    /// Creates the metrics and registers them on `registry`, as one collector (so the reference
+    /// page reads every family from it, a vec with no series yet included).
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
         let m = Self {
             reconciles: IntCounter::new("atlas_operator_reconciles_total", "Reconciles finished, successful or not.")?,
@@ -66,21 +69,28 @@ impl OperatorMetrics {
                 &["phase"],
             )?,
         };
-        registry.register(Box::new(m.reconciles.clone()))?;
-        registry.register(Box::new(m.errors.clone()))?;
-        registry.register(Box::new(m.duration.clone()))?;
-        registry.register(Box::new(m.writes.clone()))?;
-        registry.register(Box::new(m.pods_replaced.clone()))?;
-        registry.register(Box::new(m.upgrades_pending.clone()))?;
-        registry.register(Box::new(m.leader.clone()))?;
-        registry.register(Box::new(m.servers.clone()))?;
+        registry.register(Box::new(m.clone()))?;
         for category in ERROR_CATEGORIES {
             m.errors.with_label_values(&[category]);
         }
         for kind in WRITE_KINDS {
             m.writes.with_label_values(&[kind]);
         }
+        m.count_servers(std::iter::empty());
         Ok(m)
+    }
+
+    fn parts(&self) -> [&dyn Collector; 8] {
+        [
+            &self.reconciles,
+            &self.errors,
+            &self.duration,
+            &self.writes,
+            &self.pods_replaced,
+            &self.upgrades_pending,
+            &self.leader,
+            &self.servers,
+        ]
     }
 
     /// Counts one write of `kind` (one of [`WRITE_KINDS`]).
@@ -107,5 +117,15 @@ impl OperatorMetrics {
         }
         self.servers.with_label_values(&["Unknown"]).set(f64::from(counts[PHASES.len()]));
         self.upgrades_pending.set(pending);
+    }
+}
+
+impl Collector for OperatorMetrics {
+    fn desc(&self) -> Vec<&Desc> {
+        self.parts().iter().flat_map(|part| part.desc()).collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        self.parts().iter().flat_map(|part| part.collect()).collect()
     }
 }
