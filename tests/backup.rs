@@ -351,6 +351,45 @@ fn fake_backup(name: &str, time: jiff::Timestamp) -> Manifest {
 }
 
 #[tokio::test]
+async fn a_backup_on_a_local_store_is_created_though_later_backups_list_before_it() -> Result<()> {
+    let data = DataDir::new("world")?;
+    write_world(&data.0, "world")?;
+    // The default store, a directory: it lists keys in the order the filesystem keeps them, not sorted.
+    let store = Store::open(None, &data.0, None)?;
+    // Backups named after this one (made on a host whose clock ran ahead, or copied in).
+    let mut later = Vec::new();
+    for day in 1..=8 {
+        let time: jiff::Timestamp = format!("2099-01-{day:02}T00:00:00Z").parse()?;
+        let manifest = fake_backup(&backup::backup_name(time), time);
+        let key = ObjectPath::from(format!("manifests/{}.json", manifest.name));
+        store.objects.put(&key, PutPayload::from(serde_json::to_vec(&manifest)?)).await?;
+        later.push(manifest);
+    }
+    let mut unsorted = false;
+    for _ in 0..3 {
+        let created = backup::create(&store, &CreateOptions::new(&data.0)).await?;
+        let listed = backup::list(&store).await?;
+        assert!(listed.contains(&created), "{} is not listed", created.name);
+        assert!(store.objects.head(&ObjectPath::from(created.archive_key.as_str())).await.is_ok(), "archive gone");
+        // The case this test is about: the listing from the new backup's name on put a later one first.
+        let keys: Vec<String> = {
+            use futures::TryStreamExt;
+            let offset = ObjectPath::from(format!("manifests/{}", created.name));
+            store
+                .objects
+                .list_with_offset(Some(&ObjectPath::from("manifests")), &offset)
+                .map_ok(|m| m.location.to_string())
+                .try_collect()
+                .await?
+        };
+        unsorted |= keys.first() != Some(&format!("manifests/{}.json", created.name));
+    }
+    assert!(unsorted, "the directory listed every new manifest first: the case was not exercised");
+    assert_eq!(backup::list(&store).await?.len(), later.len() + 3);
+    Ok(())
+}
+
+#[tokio::test]
 async fn prune_over_a_simulated_month_keeps_exactly_the_expected_set() -> Result<()> {
     month_of_retention(&Store::memory()).await
 }

@@ -536,26 +536,24 @@ async fn create_from_mirror(
     Ok(manifest)
 }
 
-/// Finds the manifest just written as [`list`] finds backups, by listing `manifests/`, in one request (the
-/// listing starts at the backup's name). A read of the key itself would not do: a store that files a
-/// misaddressed write under another bucket (an S3 service that does not read the bucket from the host name
-/// takes the first path segment for it) answers a read of the same key from the same wrong place, while the
-/// listing `backup list` and retention make finds nothing.
+/// Finds the manifest just written as [`list`] finds backups, by listing `manifests/` from the backup's name
+/// on (on S3, one request: only later backups follow it). A read of the key itself would not do: a store
+/// that files a misaddressed write under another bucket (an S3 service that does not read the bucket from
+/// the host name takes the first path segment for it) answers a read of the same key from the same wrong
+/// place, while the listing `backup list` and retention make finds nothing.
 async fn listed_back(store: &Store, name: &str, size: u64) -> Result<(), BackupError> {
     let key = manifest_key(name);
     let offset = ObjectPath::from(format!("{MANIFEST_DIR}/{name}"));
     let mut listing = store.objects.list_with_offset(Some(&ObjectPath::from(MANIFEST_DIR)), &offset);
     let not_listed =
         || BackupError::NotListedBack { key: key.to_string(), location: store.location.clone(), removed: true };
-    // Sorted by key: past the manifest's key, it is not there.
+    // Every key to the end: listings are not sorted everywhere (a local directory lists in the order the
+    // filesystem keeps it), so a later backup's manifest listed first says nothing about this one.
     while let Some(meta) =
         listing.try_next().await.map_err(|source| BackupError::ListBackups { source: store::classify(source) })?
     {
         if meta.location == key {
             return if meta.size == size { Ok(()) } else { Err(not_listed()) };
-        }
-        if meta.location.as_ref() > key.as_ref() {
-            break;
         }
     }
     Err(not_listed())
