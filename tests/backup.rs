@@ -390,6 +390,86 @@ async fn a_backup_on_a_local_store_is_created_though_later_backups_list_before_i
 }
 
 #[tokio::test]
+async fn a_backup_whose_listing_back_fails_is_kept_not_deleted() -> Result<()> {
+    let data = DataDir::new("world")?;
+    write_world(&data.0, "world")?;
+    let bucket = TestS3::shared().await?.bucket("backup-list-fails").await?;
+    let direct = Store::open(Some(&s3_spec(&bucket, "survival/")), &data.0, Some(credentials(&bucket)))?;
+    // Through a proxy that answers the check's listing (the only request naming `start-after`) with a 503,
+    // every time: the store took the backup, and then could not say it lists it.
+    let upstream: SocketAddr = bucket.s3.endpoint.trim_start_matches("http://").parse()?;
+    let (proxy, refused) = refusing_proxy(upstream, b"start-after=").await?;
+    let through = TestBucket {
+        s3: S3Endpoint { endpoint: format!("http://{proxy}"), ..bucket.s3.clone() },
+        name: bucket.name.clone(),
+        region: bucket.region.clone(),
+    };
+    let store = Store::open(Some(&s3_spec(&through, "survival/")), &data.0, Some(credentials(&bucket)))?;
+    let error = backup::create(&store, &CreateOptions::new(&data.0)).await.err().context("the create succeeded")?;
+    assert!(refused.load(Ordering::SeqCst) > 0, "the proxy refused no listing: {error}");
+    assert_eq!(error.category(), "unconfirmed", "{error:?}");
+    let BackupError::Unconfirmed { name, .. } = &error else { bail!("another error: {error:?}") };
+    assert!(error.to_string().contains("it was kept, not deleted"), "{error}");
+    // The backup is there, whole: listed, and its archive reads back to the byte.
+    let listed = backup::list(&direct).await?;
+    assert_eq!(listed.iter().map(|m| &m.name).collect::<Vec<_>>(), [name]);
+    backup::verify(&direct, name, &data.0.join(".atlas/verify")).await?;
+    Ok(())
+}
+
+/// A loopback TCP proxy to `upstream` that passes every request through, except one whose bytes hold
+/// `needle`: that one is answered `503 Service Unavailable` and its connection closed. Counts those.
+async fn refusing_proxy(upstream: SocketAddr, needle: &'static [u8]) -> Result<(SocketAddr, Arc<AtomicUsize>)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+    let address = listener.local_addr()?;
+    let refused = Arc::new(AtomicUsize::new(0));
+    let count = refused.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect(upstream).await else { return };
+                let (mut from_client, mut to_client) = client.into_split();
+                let (mut from_server, mut to_server) = server.into_split();
+                // Requests go one at a time on a connection (no pipelining), so the refused one is answered
+                // before the server has anything to say on it.
+                let (refuse, mut refusal) = tokio::sync::oneshot::channel::<()>();
+                let requests = async move {
+                    let mut buf = vec![0; 64 * 1024];
+                    loop {
+                        let n = from_client.read(&mut buf).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        if buf[..n].windows(needle.len()).any(|w| w == needle) {
+                            count.fetch_add(1, Ordering::SeqCst);
+                            let _ = refuse.send(());
+                            return;
+                        }
+                        if to_server.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                };
+                let answers = async move {
+                    tokio::select! {
+                        _ = tokio::io::copy(&mut from_server, &mut to_client) => {}
+                        Ok(()) = &mut refusal => {
+                            let refusal = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+                            let _ = to_client.write_all(refusal).await;
+                        }
+                    }
+                    let _ = to_client.shutdown().await;
+                };
+                tokio::join!(requests, answers);
+            });
+        }
+    });
+    Ok((address, refused))
+}
+
+#[tokio::test]
 async fn prune_over_a_simulated_month_keeps_exactly_the_expected_set() -> Result<()> {
     month_of_retention(&Store::memory()).await
 }

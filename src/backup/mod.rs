@@ -100,6 +100,12 @@ pub enum BackupError {
         if *removed { "it was deleted again" } else { "deleting it failed too, so its objects may remain there" }
     )]
     NotListedBack { key: String, location: String, removed: bool },
+    #[error(
+        "the backup {name} was written, but listing it back at {location} failed, so whether `backup list` and \
+         retention see it is not known; it was kept, not deleted: once the store answers, `atlas-runner backup \
+         list` shows whether it is there"
+    )]
+    Unconfirmed { name: String, location: String, source: Box<StoreError> },
     #[error("read the manifest {key}")]
     ReadManifest { key: String, source: object_store::Error },
     #[error("parse the manifest {key}")]
@@ -152,6 +158,7 @@ impl BackupError {
             }
             Self::ParseManifest { .. } | Self::UnsafeManifest { .. } => "corrupt_manifest",
             Self::NotListedBack { .. } => "not_listed_back",
+            Self::Unconfirmed { .. } => "unconfirmed",
             Self::NotFound { .. } => "not_found",
             Self::SizeMismatch { .. }
             | Self::DigestMismatch { .. }
@@ -513,18 +520,26 @@ async fn create_from_mirror(
         .put(&mkey, PutPayload::from(body))
         .await
         .map_err(|source| BackupError::WriteManifest { key: mkey.to_string(), source })?;
-    if let Err(mut error) = listed_back(store, name, size).await {
-        // Whatever the store did with them, these objects are no backup anyone will find: remove them
-        // where they went (a `DELETE` of the key reaches the place its `PUT` did).
-        for key in [&mkey, &key] {
-            if let Err(e) = store.objects.delete(key).await {
-                tracing::warn!(key = %key, error = %e, "could not delete an object of a backup not listed back");
-                if let BackupError::NotListedBack { removed, .. } = &mut error {
-                    *removed = false;
+    match listed_back(store, name, size).await {
+        Ok(true) => {}
+        Ok(false) => {
+            // Whatever the store did with them, these objects are no backup anyone will find: remove them
+            // where they went (a `DELETE` of the key reaches the place its `PUT` did).
+            let mut removed = true;
+            for key in [&mkey, &key] {
+                if let Err(e) = store.objects.delete(key).await {
+                    tracing::warn!(key = %key, error = %e, "could not delete an object of a backup not listed back");
+                    removed = false;
                 }
             }
+            return Err(BackupError::NotListedBack { key: mkey.to_string(), location: store.location.clone(), removed });
         }
-        return Err(error);
+        // The listing failed (after the client's own retries): that says nothing about the backup, which is
+        // complete and most likely listed; deleting it could lose the only good one.
+        Err(source) => {
+            let (name, location, source) = (name.to_owned(), store.location.clone(), Box::new(source));
+            return Err(BackupError::Unconfirmed { name, location, source });
+        }
     }
     tracing::info!(
         backup = %manifest.name,
@@ -541,22 +556,18 @@ async fn create_from_mirror(
 /// that files a misaddressed write under another bucket (an S3 service that does not read the bucket from
 /// the host name takes the first path segment for it) answers a read of the same key from the same wrong
 /// place, while the listing `backup list` and retention make finds nothing.
-async fn listed_back(store: &Store, name: &str, size: u64) -> Result<(), BackupError> {
+async fn listed_back(store: &Store, name: &str, size: u64) -> Result<bool, StoreError> {
     let key = manifest_key(name);
     let offset = ObjectPath::from(format!("{MANIFEST_DIR}/{name}"));
     let mut listing = store.objects.list_with_offset(Some(&ObjectPath::from(MANIFEST_DIR)), &offset);
-    let not_listed =
-        || BackupError::NotListedBack { key: key.to_string(), location: store.location.clone(), removed: true };
     // Every key to the end: listings are not sorted everywhere (a local directory lists in the order the
     // filesystem keeps it), so a later backup's manifest listed first says nothing about this one.
-    while let Some(meta) =
-        listing.try_next().await.map_err(|source| BackupError::ListBackups { source: store::classify(source) })?
-    {
+    while let Some(meta) = listing.try_next().await.map_err(store::classify)? {
         if meta.location == key {
-            return if meta.size == size { Ok(()) } else { Err(not_listed()) };
+            return Ok(meta.size == size);
         }
     }
-    Err(not_listed())
+    Ok(false)
 }
 
 /// The complete backups in the store, newest first.
