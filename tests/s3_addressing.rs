@@ -1,6 +1,6 @@
 //! How backups name their S3 bucket, against SeaweedFS: path style unless `pathStyle: false`, the
-//! bucket before the host (`BUCKET.localhost`) when virtual-hosted style is asked for, with and
-//! without a key prefix; and a backup the store does not list back is never reported created.
+//! bucket before the host (`BUCKET.localhost`) when virtual-hosted style is asked for or the endpoint
+//! is the bucket's own address, with and without a key prefix; and a backup the store does not list back is never reported created.
 
 mod common;
 
@@ -79,11 +79,14 @@ async fn a_backup_lands_in_the_named_bucket_under_the_prefix_whatever_the_addres
         ("pathStyle omitted, host by name", by_name(&ip), None),
         ("pathStyle: true", ip.clone(), Some(true)),
         ("pathStyle: false", by_name(&ip), Some(false)),
+        // The bucket's own virtual-hosted address, as object_store's convention writes it.
+        ("pathStyle omitted, the bucket's address", by_name(&ip).replace("localhost", "BUCKET.localhost"), None),
     ];
     for (how, endpoint, path_style) in cases {
         for prefix in ["", "survival/"] {
             let what = format!("{how}, prefix {prefix:?}");
             let bucket = s3.bucket("addressing").await?;
+            let endpoint = endpoint.replace("BUCKET", &bucket.name);
             let data = DataDir::new()?;
             let store = Store::open(
                 Some(&spec(&bucket, &endpoint, prefix, path_style)),

@@ -532,7 +532,11 @@ async fn create_from_mirror(
                     removed = false;
                 }
             }
-            return Err(BackupError::NotListedBack { key: mkey.to_string(), location: store.location.clone(), removed });
+            return Err(BackupError::NotListedBack {
+                key: mkey.to_string(),
+                location: store.location.clone(),
+                removed,
+            });
         }
         // The listing failed (after the client's own retries): that says nothing about the backup, which is
         // complete and most likely listed; deleting it could lose the only good one.
