@@ -1,6 +1,7 @@
 //! What bounds a pack's expansion: the sizes its manifest declares, the largest file and total,
 //! the volume's free space, and, for an archive without a manifest, an expansion ratio that real
-//! content (a void world's region files) passes and a stream of zeros does not.
+//! content (a void world's region files) passes and a stream of zeros does not, whether zstd, gzip
+//! or zip packed it.
 
 mod common;
 
@@ -180,17 +181,21 @@ fn data_dir(root: &Path, name: &str) -> Result<PathBuf> {
 // ---- Tests ----
 
 #[test]
-fn a_void_world_applies_from_a_plain_tar_gz_a_tar_zst_and_an_atlas_pack() -> Result<()> {
+fn a_void_world_applies_from_a_plain_tar_gz_a_zip_a_tar_zst_and_an_atlas_pack() -> Result<()> {
     let root = tempfile::tempdir()?;
     let root = root.path();
     write_void_world(&root.join("pack"))?;
-    sh(root, "tar -C pack -czf void.tar.gz . && tar -C pack -cf - . | zstd -q -o void.tar.zst")?;
+    sh(
+        root,
+        "tar -C pack -czf void.tar.gz . && tar -C pack -cf - . | zstd -q -o void.tar.zst \
+         && (cd pack && zip -qr ../void.zip .)",
+    )?;
     let built = Command::new(binary())
         .args(["pack", "build", "pack", "-o", "void-atlas.tar.zst", "--version", "1.0.0"])
         .current_dir(root)
         .output()?;
     ensure!(built.status.success(), "{}", String::from_utf8_lossy(&built.stderr));
-    let files = ["void.tar.gz", "void.tar.zst", "void-atlas.tar.zst"];
+    let files = ["void.tar.gz", "void.zip", "void.tar.zst", "void-atlas.tar.zst"];
     let blobs: HashMap<String, Vec<u8>> =
         files.iter().map(|f| Ok((format!("/{f}"), fs::read(root.join(f))?))).collect::<Result<_>>()?;
     let expanded: u64 = tree(&root.join("pack"))?.values().flatten().map(|c| c.len() as u64).sum();
@@ -258,6 +263,28 @@ fn a_stream_of_zeros_without_a_manifest_is_still_refused_as_a_bomb() -> Result<(
         }
         other => bail!("refused for another reason: {other}"),
     }
+}
+
+#[test]
+fn a_stream_of_zeros_packed_by_gzip_or_zip_is_refused_as_a_bomb_too() -> Result<()> {
+    let root = tempfile::tempdir()?;
+    let root = root.path();
+    // Deflate never passes about 1030:1, zeros included, so zstd's limit would let these through.
+    sh(
+        root,
+        "mkdir bomb && truncate -s 256M bomb/zeros.bin && tar -C bomb -czf bomb.tar.gz . \
+         && (cd bomb && zip -q ../bomb.zip zeros.bin)",
+    )?;
+    for archive in ["bomb.tar.gz", "bomb.zip"] {
+        match refused(root, &root.join(archive), &Limits::default())? {
+            StoreError::ExtractArchive(ExtractError::Bomb { expanded, compressed, ratio, .. }) => {
+                ensure!(ratio == Limits::default().max_ratio_deflate, "{archive}: the limit was {ratio}");
+                ensure!(expanded / compressed > ratio && expanded < 256 << 20, "{archive}: {expanded} / {compressed}");
+            }
+            other => bail!("{archive}: refused for another reason: {other}"),
+        }
+    }
+    Ok(())
 }
 
 /// Writes an Atlas pack by hand with Python's tarfile, piped to zstd: the manifest first, declaring

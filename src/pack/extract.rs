@@ -56,8 +56,10 @@ impl ArchiveFormat {
 /// before a byte is written), the largest file and total below, and the volume's free space. The
 /// expansion ratio only judges archives without a manifest, and only a stream almost wholly of one
 /// repeated byte, the stuff of bombs, exceeds it: the emptiest real content (a void world's region
-/// files with uncompressed chunks, about 650:1 at zstd's default level and 1300:1 at its highest)
-/// stays well under.
+/// files with uncompressed chunks) stays well under. The limit depends on the compression, since
+/// their ceilings differ by thirty times: the void world is about 650:1 at zstd's default level
+/// (1300:1 at its highest) against 30000:1 for zeros, and about 170:1 as deflate (gzip, zip)
+/// against deflate's ceiling of about 1030:1, which zeros reach.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
     /// Largest single file, in bytes.
@@ -67,8 +69,11 @@ pub struct Limits {
     /// Most entries (files and directories).
     pub max_entries: u64,
     /// Largest accepted ratio of expanded bytes to compressed bytes the decoder consumed so far,
-    /// for an archive whose manifest did not declare its files...
-    pub max_ratio: u64,
+    /// for a zstd archive (`.tar.zst`) whose manifest did not declare its files...
+    pub max_ratio_zstd: u64,
+    /// ...for a deflate archive (`.tar.gz`, `.zip`; deflate never passes about 1030:1, so a limit
+    /// at zstd's would never trigger)...
+    pub max_ratio_deflate: u64,
     /// ...checked only once this many bytes have been expanded, so small, very compressible
     /// packs (a few config files) are not mistaken for bombs.
     pub ratio_floor: u64,
@@ -83,7 +88,8 @@ impl Default for Limits {
             max_entry_size: 2 << 30,
             max_total_size: 32 << 30,
             max_entries: 500_000,
-            max_ratio: 5000,
+            max_ratio_zstd: 5000,
+            max_ratio_deflate: 400,
             ratio_floor: 64 << 20,
             min_free_bytes: 256 << 20,
         }
@@ -401,7 +407,11 @@ fn read_tar<R: BufRead>(
         // compressors write them), and the first alone would end at a header boundary unnoticed.
         TarCompression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(counting)),
     };
-    let mut writer = Writer::new(dest, limits, compressed, policy, disk)?;
+    let ratio = match compression {
+        TarCompression::Zstd => limits.max_ratio_zstd,
+        TarCompression::Gzip => limits.max_ratio_deflate,
+    };
+    let mut writer = Writer::new(dest, limits, compressed, ratio, policy, disk)?;
     let mut archive = tar::Archive::new(decoder);
     for entry in archive.entries().map_err(corrupt(None))? {
         let mut entry = entry.map_err(corrupt(writer.last_name()))?;
@@ -478,7 +488,8 @@ pub fn extract_zip_with<R: Read + Seek>(
     let mut archive = zip::ZipArchive::new(reader).map_err(zip_corrupt(None))?;
     let compressed = Rc::new(Cell::new(archive_len));
     with_disk(dest, |disk| {
-        let mut writer = Writer::new(dest, limits, compressed, policy, disk)?;
+        // Entries are deflated or stored (the only methods this build reads): deflate's limit holds.
+        let mut writer = Writer::new(dest, limits, compressed, limits.max_ratio_deflate, policy, disk)?;
         for index in 0..archive.len() {
             let mut file = archive.by_index(index).map_err(zip_corrupt(writer.last_name()))?;
             let name = file.name().to_owned();
@@ -586,6 +597,8 @@ struct Writer<'a> {
     limits: &'a Limits,
     policy: &'a mut dyn Policy,
     compressed: Rc<Cell<u64>>,
+    /// The expansion ratio limit of the archive's compression.
+    max_ratio: u64,
     total: u64,
     entries: u64,
     files: HashSet<RelativePath>,
@@ -651,6 +664,7 @@ impl<'a> Writer<'a> {
         dest: &'a Path,
         limits: &'a Limits,
         compressed: Rc<Cell<u64>>,
+        max_ratio: u64,
         policy: &'a mut dyn Policy,
         disk: &'a mut Disk,
     ) -> Result<Self, ExtractError> {
@@ -659,6 +673,7 @@ impl<'a> Writer<'a> {
             limits,
             policy,
             compressed,
+            max_ratio,
             total: 0,
             entries: 0,
             files: HashSet::new(),
@@ -786,13 +801,13 @@ impl<'a> Writer<'a> {
             let compressed = self.compressed.get().max(1);
             if manifest_size.is_none()
                 && self.total > self.limits.ratio_floor
-                && self.total / compressed > self.limits.max_ratio
+                && self.total / compressed > self.max_ratio
             {
                 return Err(ExtractError::Bomb {
                     name: name.to_owned(),
                     expanded: self.total,
                     compressed,
-                    ratio: self.limits.max_ratio,
+                    ratio: self.max_ratio,
                 });
             }
             hasher.update(chunk);
