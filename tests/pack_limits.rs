@@ -339,24 +339,27 @@ fn an_atlas_pack_is_held_to_the_sizes_its_manifest_declares_not_to_a_ratio() -> 
 }
 
 /// `atlas-runner pack apply` of `source` into a data dir on a private tmpfs of `size` bytes (a
-/// mount namespace of an unprivileged user namespace, gone with the process): nothing else writes
-/// there, so its free space is known. The error line, and what the tmpfs held afterwards.
-fn apply_on_a_small_volume(root: &Path, source: &str, size: u64) -> Result<(String, String)> {
-    let spec = root.join(format!("spec-{size}.yaml"));
+/// mount namespace of an unprivileged user namespace, gone with the process), filled up to leave
+/// `free` bytes: nothing else writes there, so its free space is known. The error line, and what
+/// the tmpfs held afterwards.
+fn apply_on_a_small_volume(root: &Path, source: &str, size: u64, free: u64) -> Result<(String, String)> {
+    let spec = root.join(format!("spec-{size}-{free}.yaml"));
     fs::write(&spec, format!("eula: true\nserver: {{type: vanilla}}\npack:\n  source:\n    {source}\n"))?;
-    let mount = root.join(format!("volume-{size}"));
+    let mount = root.join(format!("volume-{size}-{free}"));
     fs::create_dir_all(&mount)?;
     let script = r#"
 set -e
 mount -t tmpfs -o size="$SIZE" tmpfs "$VOLUME"
 mkdir -p "$VOLUME/data/world" && echo live > "$VOLUME/data/world/level.dat"
+head -c "$(( $(stat -f -c '%a*%S' "$VOLUME") - FREE ))" /dev/zero > "$VOLUME/filler"
 "$BIN" pack apply --spec "$SPEC" --data "$VOLUME/data" && echo "applied"
-echo "store holds $(find "$VOLUME/data/.atlas/packs" -mindepth 1 | wc -l) entries"
-find "$VOLUME/data" -path "$VOLUME/data/.atlas" -prune -o -type f -print | sed "s|^$VOLUME/data/||"
+echo "store holds $(find "$VOLUME/data/.atlas/packs" -mindepth 1 -maxdepth 1 | wc -l) entries"
+find "$VOLUME/data" -path "$VOLUME/data/.atlas" -prune -o -type f -print | sed "s|^$VOLUME/data/||" | sort
 "#;
     let out = Command::new("unshare")
         .args(["--user", "--map-root-user", "--mount", "sh", "-c", script])
         .env("SIZE", size.to_string())
+        .env("FREE", free.to_string())
         .env("VOLUME", &mount)
         .env("BIN", binary())
         .env("SPEC", &spec)
@@ -367,8 +370,15 @@ find "$VOLUME/data" -path "$VOLUME/data/.atlas" -prune -o -type f -print | sed "
         !stderr.contains("unshare:") && !stderr.contains("mount:"),
         "a private tmpfs needs unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1): {stderr}"
     );
+    ensure!(!stderr.contains("head:"), "filling the volume failed: {stderr}");
     let line = stderr.lines().filter(|l| l.starts_with("atlas-runner: ")).collect::<Vec<_>>().join("\n");
     Ok((line, String::from_utf8(out.stdout)?))
+}
+
+/// What a volume of `size` bytes keeps free: the smaller of the fixed reserve and a share of it.
+fn reserve_of(size: u64) -> u64 {
+    let limits = Limits::default();
+    limits.min_free_bytes.min(size / 100 * limits.min_free_percent)
 }
 
 #[test]
@@ -388,23 +398,51 @@ fn a_pack_that_would_fill_the_volume_is_refused_and_leaves_nothing() -> Result<(
     let listing = Command::new("tar").arg("-tf").arg(root.join("big.tar.zst")).output()?;
     let first = String::from_utf8(listing.stdout)?.lines().find(|l| l.ends_with(".bin")).context("no file")?.to_owned();
     let digest = sha256_hex(&archive);
+    // The download lands on the volume first.
+    let downloaded = archive.len() as u64;
     let base = serve_files(|_| Ok(HashMap::from([("/big.tar.zst".to_owned(), archive)])))?;
     let source = format!("url: {{url: \"{base}/big.tar.zst\", sha256: {digest}}}");
-    let reserve = Limits::default().min_free_bytes;
     let untouched = "store holds 0 entries\nworld/level.dat\n";
+    // A 256 MiB volume keeps 5 % of it free, not all 256 MiB.
+    let size = 256 << 20;
+    let reserve = reserve_of(size);
+    ensure!(reserve < 16 << 20, "the reserve of a small volume is {reserve}");
 
-    // A volume smaller than the reserve: the first file is refused, nothing is written.
-    let (error, after) = apply_on_a_small_volume(root, &source, reserve - (8 << 20))?;
+    // Less room above the reserve than one file: the first file is refused, nothing is written.
+    let (error, after) = apply_on_a_small_volume(root, &source, size, reserve + downloaded + (8 << 20))?;
     ensure!(error.contains(&format!("archive entry {first:?} needs 16777216 bytes")), "{error:?}, then:\n{after}");
-    ensure!(error.contains("stay for the running server"), "{error}");
+    ensure!(error.contains(&format!("of which {reserve} stay for the running server")), "{error}");
     ensure!(after == untouched, "the volume holds:\n{after}");
 
     // Room for two files above the reserve: the third does not fit, and the two written go again.
-    let (error, after) = apply_on_a_small_volume(root, &source, reserve + (40 << 20))?;
+    let (error, after) = apply_on_a_small_volume(root, &source, size, reserve + downloaded + (40 << 20))?;
     ensure!(
         error.contains("needs 16777216 bytes") && !error.contains(&format!("{first:?}")),
         "{error:?}, then:\n{after}"
     );
     ensure!(after == untouched, "the volume holds:\n{after}");
+    Ok(())
+}
+
+#[test]
+fn a_small_pack_applies_on_a_small_volume_with_little_room_left() -> Result<()> {
+    let root = tempfile::tempdir()?;
+    let root = root.path();
+    fs::create_dir_all(root.join("pack/config"))?;
+    fs::write(root.join("pack/config/server.toml"), "motd = \"hello\"\n".repeat(50))?;
+    sh(root, "tar -C pack -czf small.tar.gz .")?;
+    let archive = fs::read(root.join("small.tar.gz"))?;
+    let digest = sha256_hex(&archive);
+    let base = serve_files(|_| Ok(HashMap::from([("/small.tar.gz".to_owned(), archive)])))?;
+    let source = format!("url: {{url: \"{base}/small.tar.gz\", sha256: {digest}}}");
+    // A 64 MiB volume with 8 MiB free: far under a fixed 256 MiB, well over its 5 %.
+    let size = 64 << 20;
+    ensure!(reserve_of(size) < 4 << 20);
+    let (error, after) = apply_on_a_small_volume(root, &source, size, 8 << 20)?;
+    ensure!(error.is_empty(), "{error}");
+    ensure!(
+        after.starts_with("applied ") && after.ends_with("\nconfig/server.toml\nworld/level.dat\n"),
+        "the volume holds:\n{after}"
+    );
     Ok(())
 }

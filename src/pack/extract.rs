@@ -77,9 +77,14 @@ pub struct Limits {
     /// ...checked only once this many bytes have been expanded, so small, very compressible
     /// packs (a few config files) are not mistaken for bombs.
     pub ratio_floor: u64,
-    /// Free bytes the destination's volume keeps: a file that would leave less is refused before it is
-    /// written. The running server's world shares the volume, and must still be able to save.
+    /// Free bytes the destination's volume keeps, at most: a file that would leave less is refused
+    /// before it is written. The running server's world shares the volume, and must still be able to
+    /// save...
     pub min_free_bytes: u64,
+    /// ...but on a small volume only this share of its size, in percent (the smaller of the two
+    /// holds): a small volume holds a small world, whose saves need room in proportion, and a fixed
+    /// 256 MiB would refuse even a tiny pack on a 1 GiB volume a third full.
+    pub min_free_percent: u64,
 }
 
 impl Default for Limits {
@@ -92,6 +97,7 @@ impl Default for Limits {
             max_ratio_deflate: 400,
             ratio_floor: 64 << 20,
             min_free_bytes: 256 << 20,
+            min_free_percent: 5,
         }
     }
 }
@@ -251,7 +257,8 @@ pub enum ExtractError {
         /// The manifest's size.
         declared: u64,
     },
-    /// The volume would be left with less free space than [`Limits::min_free_bytes`].
+    /// The volume would be left with less free space than [`Limits::min_free_bytes`] (or, on a small
+    /// volume, [`Limits::min_free_percent`] of it).
     #[error(
         "archive entry {name:?} needs {needed} bytes, and the volume of {} has {free} free of which {reserve} stay for the running server; free some space on it",
         path.display()
@@ -263,7 +270,7 @@ pub enum ExtractError {
         needed: u64,
         /// Free bytes on the volume.
         free: u64,
-        /// [`Limits::min_free_bytes`].
+        /// What stays free on this volume.
         reserve: u64,
         /// The destination.
         path: PathBuf,
@@ -617,14 +624,25 @@ const SPACE_CHECK_EVERY: u64 = 16 << 20;
 #[derive(Debug)]
 struct Space {
     dest: PathBuf,
+    /// [`Limits::min_free_bytes`] and [`Limits::min_free_percent`].
+    max_reserve: u64,
+    percent: u64,
+    /// What stays free: the smaller of the two bounds, for this volume's size.
     reserve: u64,
     free: u64,
     written_since: u64,
 }
 
 impl Space {
-    fn new(dest: &Path, reserve: u64) -> Result<Self, ExtractError> {
-        let mut space = Self { dest: dest.to_owned(), reserve, free: 0, written_since: 0 };
+    fn new(dest: &Path, limits: &Limits) -> Result<Self, ExtractError> {
+        let mut space = Self {
+            dest: dest.to_owned(),
+            max_reserve: limits.min_free_bytes,
+            percent: limits.min_free_percent,
+            reserve: limits.min_free_bytes,
+            free: 0,
+            written_since: 0,
+        };
         space.refresh()?;
         Ok(space)
     }
@@ -634,6 +652,8 @@ impl Space {
             .map_err(|e| ExtractError::Write { path: self.dest.clone(), source: io::Error::from(e) })?;
         // Blocks an unprivileged writer may use, as `df` shows them.
         self.free = stat.blocks_available().saturating_mul(stat.fragment_size());
+        let size = stat.blocks().saturating_mul(stat.fragment_size());
+        self.reserve = self.max_reserve.min(size / 100 * self.percent);
         self.written_since = 0;
         Ok(())
     }
@@ -681,7 +701,7 @@ impl<'a> Writer<'a> {
             out: Vec::new(),
             last: None,
             disk,
-            space: Space::new(dest, limits.min_free_bytes)?,
+            space: Space::new(dest, limits)?,
         })
     }
 
