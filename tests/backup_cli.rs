@@ -550,7 +550,8 @@ fn a_restore_killed_at_any_point_of_its_swap_leaves_each_world_old_or_new() -> R
             (new, 0) if new == total => after += 1,
             _ => inside += 1,
         }
-        // Worlds are swapped first: a kill between two of them leaves some worlds new and some old.
+        // Worlds are swapped first: a kill between two of them leaves some worlds new and some old. Counted
+        // to be told, not asserted: see the note at the end.
         if seen.new_worlds < states.worlds.len() && (seen.new_worlds > 0 || seen.pending) {
             among_worlds += 1;
         }
@@ -562,5 +563,11 @@ fn a_restore_killed_at_any_point_of_its_swap_leaves_each_world_old_or_new() -> R
     );
     ensure!(before > 0, "no kill landed before the swap");
     ensure!(inside > 0, "no kill landed inside a swap");
+    // What this test does not prove: a kill among the worlds' own steps. The three worlds take six steps (a
+    // rename aside and an exchange each) of a few microseconds in all, far less than the time a kill takes to
+    // land here, so kills seldom fall among them (measured: 2 of 60 kills aimed over the swap's first 2 ms,
+    // none in two ordinary runs). The state after each of those steps is proven by the unit test
+    // `a_swap_killed_before_any_of_its_steps_leaves_each_path_old_or_new` in src/backup/mod.rs, which stops
+    // the same swap before every step as a kill would; here the checks above hold for whichever kills did.
     Ok(())
 }
