@@ -608,15 +608,15 @@ async fn a_cancelled_upload_leaves_no_backup_and_the_next_one_succeeds() -> Resu
 
 #[tokio::test]
 async fn a_backup_cancelled_while_the_store_starts_its_upload_leaves_no_upload() -> Result<()> {
-    // A private SeaweedFS, reached through a proxy that holds every answer back: the store holds the new
-    // upload 1.5 s before the backup learns its id.
+    // A private SeaweedFS, reached through a proxy that holds back the answer naming a new upload's id until
+    // the test lets it go: the store holds the upload, and the backup cannot know its id.
     let s3 = tokio::task::spawn_blocking(atlas_testbed::start_s3).await??;
     let bucket_name = unique("backup-cancel-start").to_lowercase();
     atlas_testbed::create_bucket(&s3.endpoint, &bucket_name).await?;
     let upstream: SocketAddr = s3.endpoint.endpoint.trim_start_matches("http://").parse()?;
-    let (proxy, id_answered) = slow_answers_proxy(upstream, Duration::from_millis(1500)).await?;
-    let slow = S3Endpoint { endpoint: format!("http://{proxy}"), ..s3.endpoint.clone() };
-    let bucket = TestBucket { s3: slow, name: bucket_name.clone(), region: atlas_testbed::S3_REGION.to_owned() };
+    let (proxy, hold) = upload_id_holding_proxy(upstream).await?;
+    let held = S3Endpoint { endpoint: format!("http://{proxy}"), ..s3.endpoint.clone() };
+    let bucket = TestBucket { s3: held, name: bucket_name.clone(), region: atlas_testbed::S3_REGION.to_owned() };
     let data = DataDir::new("world")?;
     write_world(&data.0, "world")?;
     let store = Store::open(Some(&s3_spec(&bucket, "survival/")), &data.0, Some(credentials(&bucket)))?;
@@ -627,7 +627,7 @@ async fn a_backup_cancelled_while_the_store_starts_its_upload_leaves_no_upload()
         tokio::spawn(async move { backup::create(&store, &options).await })
     };
     let deadline = Instant::now() + Duration::from_secs(30);
-    while s3.uploads_in_progress(&bucket_name).await?.is_empty() {
+    while !hold.holding.load(Ordering::SeqCst) || s3.uploads_in_progress(&bucket_name).await?.is_empty() {
         if task.is_finished() {
             bail!("the backup ended before its upload started: {:?}", task.await?);
         }
@@ -635,9 +635,9 @@ async fn a_backup_cancelled_while_the_store_starts_its_upload_leaves_no_upload()
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     task.abort();
-    // The test runs on one thread: the backup has not run since the check above, so what the proxy had
-    // passed on by now is all the backup could have seen.
-    ensure!(!id_answered.load(Ordering::SeqCst), "the backup knew its upload's id before it was cancelled");
+    ensure!(!hold.passed.load(Ordering::SeqCst), "the backup knew its upload's id before it was cancelled");
+    // Let the answer go now, to a backup that no longer waits for it.
+    hold.release.send_replace(true);
     assert!(task.await.is_err_and(|e| e.is_cancelled()), "the backup finished before it was cancelled");
     no_upload_left(&s3, &bucket_name, "a backup cancelled while its upload started").await?;
     let journal = data.0.join(backup::upload::JOURNAL_DIR);
@@ -658,18 +658,32 @@ async fn no_upload_left(s3: &atlas_testbed::S3Processes, bucket: &str, who: &str
     }
 }
 
-/// A loopback TCP proxy to `upstream` that holds every chunk of an answer back for `delay`: requests reach
-/// the server at once, answers reach the client late, as on a slow link. The flag is set just before an
-/// answer carrying a multipart upload's id (`<UploadId>`) is passed on to the client.
-async fn slow_answers_proxy(upstream: SocketAddr, delay: Duration) -> Result<(SocketAddr, Arc<AtomicBool>)> {
+/// What [`upload_id_holding_proxy`] did with the answer naming a multipart upload's id (`<UploadId>`).
+struct Hold {
+    /// It arrived, and is held back.
+    holding: AtomicBool,
+    /// It was passed on to the client.
+    passed: AtomicBool,
+    /// Set to let it (and every later one) go.
+    release: tokio::sync::watch::Sender<bool>,
+}
+
+/// A loopback TCP proxy to `upstream` passing everything on at once, except an answer naming a multipart
+/// upload's id, which it holds until the test releases it.
+async fn upload_id_holding_proxy(upstream: SocketAddr) -> Result<(SocketAddr, Arc<Hold>)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const MARK: &[u8] = b"<UploadId>";
     let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
     let address = listener.local_addr()?;
-    let id_answered = Arc::new(AtomicBool::new(false));
-    let flag = id_answered.clone();
+    let hold = Arc::new(Hold {
+        holding: AtomicBool::new(false),
+        passed: AtomicBool::new(false),
+        release: tokio::sync::watch::Sender::new(false),
+    });
+    let shared = hold.clone();
     tokio::spawn(async move {
         while let Ok((client, _)) = listener.accept().await {
-            let flag = flag.clone();
+            let hold = shared.clone();
             tokio::spawn(async move {
                 let Ok(server) = tokio::net::TcpStream::connect(upstream).await else { return };
                 let (mut from_client, mut to_client) = client.into_split();
@@ -677,15 +691,21 @@ async fn slow_answers_proxy(upstream: SocketAddr, delay: Duration) -> Result<(So
                 let requests = tokio::io::copy(&mut from_client, &mut to_server);
                 let answers = async {
                     let mut buf = vec![0; 64 * 1024];
+                    // The end of the last chunk, so a mark split between two chunks is still seen (before
+                    // the id that follows it is passed on).
+                    let mut seen: Vec<u8> = Vec::new();
                     loop {
                         let n = from_server.read(&mut buf).await?;
                         if n == 0 {
                             return to_client.shutdown().await;
                         }
-                        tokio::time::sleep(delay).await;
-                        if buf[..n].windows(10).any(|w| w == b"<UploadId>") {
-                            flag.store(true, Ordering::SeqCst);
+                        seen.extend_from_slice(&buf[..n]);
+                        if seen.windows(MARK.len()).any(|w| w == MARK) {
+                            hold.holding.store(true, Ordering::SeqCst);
+                            let _ = hold.release.subscribe().wait_for(|released| *released).await;
+                            hold.passed.store(true, Ordering::SeqCst);
                         }
+                        seen.drain(..seen.len().saturating_sub(MARK.len() - 1));
                         to_client.write_all(&buf[..n]).await?;
                     }
                 };
@@ -693,7 +713,7 @@ async fn slow_answers_proxy(upstream: SocketAddr, delay: Duration) -> Result<(So
             });
         }
     });
-    Ok((address, id_answered))
+    Ok((address, hold))
 }
 
 /// Whether the capture mirror holds all of `big_capture`'s region file.
