@@ -6,7 +6,7 @@ mod common;
 use std::process::Command;
 
 use anyhow::{Context, Result, ensure};
-use common::{binary, free_port};
+use common::{binary, refusing_address};
 
 /// The `atlas-runner: ...` line of a failed run, and that there is exactly one.
 fn error_line(out: &std::process::Output) -> Result<String> {
@@ -23,13 +23,13 @@ fn each_backup_command_against_an_unreachable_store_speaks_of_what_it_did() -> R
     let data = root.path().join("data");
     std::fs::create_dir_all(data.join("world"))?;
     std::fs::write(data.join("world/level.dat"), "level")?;
-    // A loopback port nothing listens on: connections are refused at once.
+    // A loopback port nothing listens on, held so that nothing can: connections are refused at once.
+    let (refusing, _held) = refusing_address()?;
     let spec = root.path().join("server.yaml");
     std::fs::write(
         &spec,
         format!(
-            "eula: true\nserver: {{type: vanilla}}\nbackup:\n  store:\n    s3: {{bucket: bars, prefix: survival/, endpoint: \"http://127.0.0.1:{}\"}}\n",
-            free_port()?
+            "eula: true\nserver: {{type: vanilla}}\nbackup:\n  store:\n    s3: {{bucket: bars, prefix: survival/, endpoint: \"http://{refusing}\"}}\n"
         ),
     )?;
     let aborted = "the failed backup was aborted";

@@ -14,6 +14,15 @@ use sha2::{Digest, Sha256};
 
 pub use atlas_testbed::free_port;
 
+/// A loopback address nothing listens on, and the socket that holds its port: bound but never listening,
+/// so every connection is refused at once and no other socket can take the port while the socket lives
+/// (a port from [`free_port`] is free only until someone else binds it).
+pub fn refusing_address() -> Result<(std::net::SocketAddr, tokio::net::TcpSocket)> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind((std::net::Ipv4Addr::LOCALHOST, 0).into())?;
+    Ok((socket.local_addr()?, socket))
+}
+
 /// Polls `check` every 50 ms until it returns `Some`, failing after `timeout` with `what`.
 pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Result<T> {
     let deadline = Instant::now() + timeout;
@@ -260,6 +269,8 @@ impl Drop for Fixture {
 /// `atlas-runner run` as a child process, JSON logs captured, killed on drop.
 pub struct Runner {
     child: Child,
+    /// Holds the port of the stand-in manifest URL that refuses every connection.
+    _refusing: Option<tokio::net::TcpSocket>,
     logs: Arc<Mutex<Vec<serde_json::Value>>>,
     /// The admin address.
     pub metrics_addr: String,
@@ -288,6 +299,14 @@ impl Runner {
     /// [`Runner::start`] with extra environment variables.
     pub fn start_with_env(fixture: &Fixture, extra: &[&str], env: &[(&str, &str)]) -> Result<Self> {
         let metrics_addr = format!("127.0.0.1:{}", free_port()?);
+        // No Mojang lookups leave the machine: unless a test passes its own stand-in, the version manifest
+        // URL points at a loopback port that refuses connections.
+        let (manifest_url, refusing) = if extra.contains(&"--mojang-manifest-url") {
+            (None, None)
+        } else {
+            let (address, socket) = refusing_address()?;
+            (Some(format!("http://{address}/manifest.json")), Some(socket))
+        };
         let mut child = Command::new(binary())
             .args(["--log-format", "json", "run", "--spec"])
             .arg(&fixture.spec)
@@ -296,13 +315,7 @@ impl Runner {
             .args(["--metrics-addr", &metrics_addr, "--poll-ms", "200", "--spec-poll-ms", "200"])
             .args(if extra.contains(&"--stop-timeout") { &[][..] } else { &["--stop-timeout", "5"][..] })
             .args(["--restart-delay-ms", "200"])
-            // No Mojang lookups leave the machine: unless a test passes its own stand-in, the version
-            // manifest URL points at a closed loopback port.
-            .args(if extra.contains(&"--mojang-manifest-url") {
-                Vec::new()
-            } else {
-                vec!["--mojang-manifest-url".to_owned(), format!("http://127.0.0.1:{}/manifest.json", free_port()?)]
-            })
+            .args(manifest_url.iter().flat_map(|url| ["--mojang-manifest-url", url.as_str()]))
             .args(extra)
             .env("RUST_LOG", "info")
             .envs(env.iter().copied())
@@ -322,7 +335,7 @@ impl Runner {
                 }
             });
         }
-        Ok(Self { child, logs, metrics_addr, data: fixture.data.clone() })
+        Ok(Self { child, _refusing: refusing, logs, metrics_addr, data: fixture.data.clone() })
     }
 
     /// Every log line so far.
