@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -19,7 +19,7 @@ use atlas_runner::backup::upload::stream_archive;
 use atlas_runner::backup::{self, BackupError, CreateOptions, Manifest};
 use atlas_runner::rcon::Rcon;
 use atlas_testbed::{S3Endpoint, TestBucket, TestS3, free_port, unique};
-use common::{FakeServer, region_generation, s3_spec, tree};
+use common::{DataDir, FakeServer, region_generation, s3_credentials, s3_spec, tree};
 use object_store::path::Path as ObjectPath;
 use object_store::{MultipartUpload, ObjectStoreExt, PutPayload, PutResult, UploadPart};
 
@@ -27,22 +27,9 @@ const PASSWORD: &str = "backup-rcon-secret";
 
 // ---- Fixtures ----
 
-/// A data directory under the target dir; removed on drop.
-struct DataDir(PathBuf);
-
-impl DataDir {
-    fn new(level: &str) -> Result<Self> {
-        let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join(unique("backup-data"));
-        std::fs::create_dir_all(&path)?;
-        std::fs::write(path.join("server.properties"), format!("level-name={level}\n"))?;
-        Ok(Self(path))
-    }
-}
-
-impl Drop for DataDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A data directory under the target dir, with `level-name=LEVEL`; removed on drop.
+fn data_dir(level: &str) -> Result<DataDir> {
+    DataDir::new("backup-data", level)
 }
 
 /// A small world: a level, the nether and the end, region files with compressible and random bytes, an
@@ -76,11 +63,7 @@ fn write_world(data: &Path, level: &str) -> Result<()> {
 }
 
 fn credentials(bucket: &TestBucket) -> S3Credentials {
-    S3Credentials {
-        access_key_id: bucket.s3.access_key.clone(),
-        secret_access_key: bucket.s3.secret_key.clone(),
-        session_token: None,
-    }
+    s3_credentials(&bucket.s3)
 }
 
 async fn s3_store(prefix: &str, data: &Path) -> Result<(TestBucket, Store)> {
@@ -112,7 +95,7 @@ fn start_server(data: &Path, rcon_port: u16, fake_properties: &str) -> Result<Fa
 
 #[tokio::test]
 async fn create_list_verify_restore_gives_a_byte_identical_world() -> Result<()> {
-    let data = DataDir::new("survival")?;
+    let data = data_dir("survival")?;
     write_world(&data.0, "survival")?;
     let bucket = TestS3::shared().await?.bucket("backup-roundtrip").await?;
     // Credentials from a file, as the standalone runner reads them.
@@ -168,7 +151,7 @@ async fn create_list_verify_restore_gives_a_byte_identical_world() -> Result<()>
 
 #[tokio::test]
 async fn a_backup_of_a_running_server_is_never_torn_and_saving_resumes() -> Result<()> {
-    let data = DataDir::new("world")?;
+    let data = data_dir("world")?;
     let rcon_port = free_port()?;
     let _server = start_server(&data.0, rcon_port, "")?;
     let rcon =
@@ -186,7 +169,7 @@ async fn a_backup_of_a_running_server_is_never_torn_and_saving_resumes() -> Resu
         let reply = rcon.command("save-on").await?;
         assert!(reply.contains("already turned on"), "round {round}: save-on answered {reply:?}");
 
-        let restore_into = DataDir::new("world")?;
+        let restore_into = data_dir("world")?;
         backup::restore(&store, &created.name, &restore_into.0).await?;
         let generation = region_generation(&restore_into.0.join("world/region/r.0.0.mca"))
             .with_context(|| format!("round {round}"))?;
@@ -203,7 +186,7 @@ async fn a_backup_of_a_running_server_is_never_torn_and_saving_resumes() -> Resu
 
 #[tokio::test]
 async fn a_slow_flush_is_bounded_by_the_flush_timeout_not_the_rcon_timeout() -> Result<()> {
-    let data = DataDir::new("world")?;
+    let data = data_dir("world")?;
     let rcon_port = free_port()?;
     // Autosaves slowed down: each holds the server's thread, which a loaded disk could stretch past the
     // 1 s command timeout before save-off even answers.
@@ -229,7 +212,7 @@ async fn a_slow_flush_is_bounded_by_the_flush_timeout_not_the_rcon_timeout() -> 
 
 #[tokio::test]
 async fn saving_left_off_by_an_earlier_failed_save_on_is_turned_back_on() -> Result<()> {
-    let data = DataDir::new("world")?;
+    let data = data_dir("world")?;
     let rcon_port = free_port()?;
     let _server = start_server(&data.0, rcon_port, "")?;
     let rcon =
@@ -265,7 +248,7 @@ async fn saving_left_off_by_an_earlier_failed_save_on_is_turned_back_on() -> Res
 
 #[tokio::test]
 async fn a_corrupt_or_truncated_archive_is_refused_before_the_live_world_is_touched() -> Result<()> {
-    let data = DataDir::new("world")?;
+    let data = data_dir("world")?;
     write_world(&data.0, "world")?;
     let (_bucket, store) = s3_store("backup-corrupt", &data.0).await?;
     let created = backup::create(&store, &CreateOptions::new(&data.0)).await?;
@@ -305,7 +288,7 @@ async fn a_corrupt_or_truncated_archive_is_refused_before_the_live_world_is_touc
 
 #[tokio::test]
 async fn wrong_credentials_and_a_missing_bucket_are_clear_errors() -> Result<()> {
-    let data = DataDir::new("world")?;
+    let data = data_dir("world")?;
     write_world(&data.0, "world")?;
     let bucket = TestS3::shared().await?.bucket("backup-creds").await?;
 
@@ -352,7 +335,7 @@ fn fake_backup(name: &str, time: jiff::Timestamp) -> Manifest {
 
 #[tokio::test]
 async fn a_backup_on_a_local_store_is_created_though_later_backups_list_before_it() -> Result<()> {
-    let data = DataDir::new("world")?;
+    let data = data_dir("world")?;
     write_world(&data.0, "world")?;
     // The default store, a directory: it lists keys in the order the filesystem keeps them, not sorted.
     let store = Store::open(None, &data.0, None)?;
@@ -391,7 +374,7 @@ async fn a_backup_on_a_local_store_is_created_though_later_backups_list_before_i
 
 #[tokio::test]
 async fn a_backup_whose_listing_back_fails_is_kept_not_deleted() -> Result<()> {
-    let data = DataDir::new("world")?;
+    let data = data_dir("world")?;
     write_world(&data.0, "world")?;
     let bucket = TestS3::shared().await?.bucket("backup-list-fails").await?;
     let direct = Store::open(Some(&s3_spec(&bucket, "survival/")), &data.0, Some(credentials(&bucket)))?;
@@ -476,7 +459,7 @@ async fn prune_over_a_simulated_month_keeps_exactly_the_expected_set() -> Result
 
 #[tokio::test]
 async fn prune_over_a_simulated_month_on_seaweedfs_keeps_exactly_the_expected_set() -> Result<()> {
-    let data = DataDir::new("world")?;
+    let data = data_dir("world")?;
     let (_bucket, store) = s3_store("backup-month", &data.0).await?;
     month_of_retention(&store).await
 }
@@ -567,7 +550,7 @@ async fn a_cancelled_upload_leaves_no_backup_and_the_next_one_succeeds() -> Resu
     atlas_testbed::create_bucket(&s3.endpoint, &bucket_name).await?;
     let bucket =
         TestBucket { s3: s3.endpoint.clone(), name: bucket_name.clone(), region: atlas_testbed::S3_REGION.to_owned() };
-    let data = DataDir::new("world")?;
+    let data = data_dir("world")?;
     write_world(&data.0, "world")?;
     big_capture(&data.0)?;
     let store = Store::open(Some(&s3_spec(&bucket, "survival/")), &data.0, Some(credentials(&bucket)))?;
@@ -617,7 +600,7 @@ async fn a_backup_cancelled_while_the_store_starts_its_upload_leaves_no_upload()
     let (proxy, hold) = upload_id_holding_proxy(upstream).await?;
     let held = S3Endpoint { endpoint: format!("http://{proxy}"), ..s3.endpoint.clone() };
     let bucket = TestBucket { s3: held, name: bucket_name.clone(), region: atlas_testbed::S3_REGION.to_owned() };
-    let data = DataDir::new("world")?;
+    let data = data_dir("world")?;
     write_world(&data.0, "world")?;
     let store = Store::open(Some(&s3_spec(&bucket, "survival/")), &data.0, Some(credentials(&bucket)))?;
 
@@ -829,7 +812,7 @@ async fn private_s3(prefix: &str, data: &Path) -> Result<(atlas_testbed::S3Proce
 
 #[tokio::test]
 async fn a_failed_part_aborts_the_multipart_upload() -> Result<()> {
-    let dir = DataDir::new("world")?;
+    let dir = data_dir("world")?;
     big_capture(&dir.0)?;
     let (s3, bucket, store) = private_s3("backup-failed-part", &dir.0).await?;
     let key = ObjectPath::from("archives/failed.tar.zst");
@@ -857,7 +840,7 @@ async fn until(what: &str, done: impl Fn() -> bool) -> Result<()> {
 
 #[tokio::test]
 async fn a_cancelled_multipart_upload_is_aborted() -> Result<()> {
-    let dir = DataDir::new("world")?;
+    let dir = data_dir("world")?;
     big_capture(&dir.0)?;
     let (s3, bucket, store) = private_s3("backup-cancelled-part", &dir.0).await?;
     let key = ObjectPath::from("archives/cancelled.tar.zst");
@@ -885,7 +868,7 @@ async fn seaweedfs_stopped_mid_upload_fails_clearly_leaves_no_upload_and_the_nex
     atlas_testbed::create_bucket(&s3.endpoint, &bucket_name).await?;
     let bucket =
         TestBucket { s3: s3.endpoint.clone(), name: bucket_name.clone(), region: atlas_testbed::S3_REGION.to_owned() };
-    let data = DataDir::new("world")?;
+    let data = data_dir("world")?;
     big_capture(&data.0)?;
     let store = Store::open(Some(&s3_spec(&bucket, "server/")), &data.0, Some(credentials(&bucket)))?;
 

@@ -6,16 +6,7 @@ mod common;
 use std::process::Command;
 
 use anyhow::{Context, Result, ensure};
-use common::{binary, refusing_address};
-
-/// The `atlas-runner: ...` line of a failed run, and that there is exactly one.
-fn error_line(out: &std::process::Output) -> Result<String> {
-    ensure!(!out.status.success(), "succeeded: {}", String::from_utf8_lossy(&out.stdout));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("atlas-runner: ")).collect();
-    ensure!(lines.len() == 1, "not one error line: {stderr}");
-    Ok(lines[0].to_owned())
-}
+use common::{binary, error_line, refusing_address};
 
 #[test]
 fn each_backup_command_against_an_unreachable_store_speaks_of_what_it_did() -> Result<()> {
@@ -51,7 +42,7 @@ fn each_backup_command_against_an_unreachable_store_speaks_of_what_it_did() -> R
             .env("AWS_ACCESS_KEY_ID", "atlas")
             .env("AWS_SECRET_ACCESS_KEY", "not-a-secret")
             .output()?;
-        let line = error_line(&out).with_context(|| format!("backup {}", args.join(" ")))?;
+        let line = error_line(&out, &format!("backup {}", args.join(" ")))?;
         for text in says {
             ensure!(line.contains(text), "backup {}: {line:?} does not say {text:?}", args[0]);
         }
@@ -72,7 +63,7 @@ fn console_takes_its_options_after_the_command_too() -> Result<()> {
     // No runner: the error names the socket the options chose, the data dir's, not ./.atlas's.
     for args in [&["console", "list", "--data", data][..], &["console", "--data", data, "list"]] {
         let out = Command::new(binary()).args(args).current_dir(root.path()).output()?;
-        let line = error_line(&out)?;
+        let line = error_line(&out, &args.join(" "))?;
         ensure!(line.contains(&format!("{data}/.atlas/control.sock")), "{args:?}: {line}");
     }
     // A word the console does not know as an option: clap says how to pass it.

@@ -14,8 +14,7 @@ use anyhow::{Context, Result, bail, ensure};
 use atlas_runner::pack::extract::ExtractError;
 use atlas_runner::pack::store::StoreError;
 use atlas_runner::pack::{ArchiveFormat, Limits, PackStore, PackVersion, lock, lock_path};
-use common::{binary, run_tool, serve_files, tree};
-use sha2::Digest;
+use common::{binary, data_dir, file_digests, run_tool, serve_files, sh, sha256_hex, tree, user_files};
 
 // ---- A void world in the Anvil format, generated here ----
 
@@ -152,32 +151,6 @@ fn write_void_world(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-// ---- Helpers ----
-
-fn sh(dir: &Path, line: &str) -> Result<()> {
-    run_tool(Command::new("bash").args(["-o", "pipefail", "-ec"]).arg(line).current_dir(dir))
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(sha2::Sha256::digest(bytes))
-}
-
-/// The files under `root` except `.atlas`, by path and content digest.
-fn files_under(root: &Path) -> Result<std::collections::BTreeMap<String, String>> {
-    Ok(tree(root)?
-        .into_iter()
-        .filter(|(path, _)| path != ".atlas" && !path.starts_with(".atlas/"))
-        .filter_map(|(path, content)| content.map(|c| (path, sha256_hex(&c))))
-        .collect())
-}
-
-fn data_dir(root: &Path, name: &str) -> Result<PathBuf> {
-    let data = root.join(name);
-    fs::create_dir_all(data.join("world"))?;
-    fs::write(data.join("world/level.dat"), "the live world")?;
-    Ok(data)
-}
-
 // ---- Tests ----
 
 #[test]
@@ -208,7 +181,7 @@ fn a_void_world_applies_from_a_plain_tar_gz_a_zip_a_tar_zst_and_an_atlas_pack() 
     ensure!(expanded > 64 << 20 && expanded / plain > 100, "the world is not the kind the old guard refused");
     let digests: HashMap<String, String> = blobs.iter().map(|(k, v)| (k.clone(), sha256_hex(v))).collect();
     let base = serve_files(|_| Ok(blobs))?;
-    let want = files_under(&root.join("pack"))?;
+    let want = file_digests(&root.join("pack"))?;
     for file in files {
         let data = data_dir(root, &format!("data-{file}"))?;
         let spec = root.join(format!("{file}.yaml"));
@@ -222,8 +195,10 @@ fn a_void_world_applies_from_a_plain_tar_gz_a_zip_a_tar_zst_and_an_atlas_pack() 
         let out =
             Command::new(binary()).args(["pack", "apply", "--spec"]).arg(&spec).arg("--data").arg(&data).output()?;
         ensure!(out.status.success(), "{file}: {}", String::from_utf8_lossy(&out.stderr));
-        let mut got = files_under(&data)?;
-        ensure!(got.remove("world/level.dat").is_some(), "{file}: the live world is gone");
+        let mut got = file_digests(&data)?;
+        for (path, content) in user_files() {
+            ensure!(got.remove(&path) == Some(sha256_hex(&content)), "{file}: {path} is not as it was");
+        }
         ensure!(got == want, "{file}: the data dir holds another tree");
     }
     Ok(())

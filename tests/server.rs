@@ -16,9 +16,10 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
+use common::sha256_hex;
 use serde_json::{Value, json};
 use sha1::Sha1;
-use sha2::{Digest, Sha256};
+use sha2::Digest;
 
 const FABRIC_LOADER: &str = "0.17.2";
 const FABRIC_INSTALLER: &str = "1.1.0";
@@ -39,10 +40,6 @@ struct StandIn {
 
 fn sha1_hex(bytes: &[u8]) -> String {
     hex::encode(Sha1::digest(bytes))
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
 }
 
 fn fake_jar(name: &str) -> Vec<u8> {
