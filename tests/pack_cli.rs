@@ -104,6 +104,8 @@ fn a_held_data_dir_and_a_missing_previous_version_are_one_line_errors() -> Resul
     assert!(!out.status.success(), "{err}");
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     assert!(err.contains("no previous pack version to roll back to"), "{err}");
+    // ...and what to do instead.
+    assert!(err.contains("spec.pack.version") && err.contains("`atlas-runner pack apply`"), "{err}");
 
     let held = lock(&lock_path(&data))?;
     let out = atlas(&["pack", "status", "--data", &s])?;
