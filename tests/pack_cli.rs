@@ -92,7 +92,7 @@ fn build_status_and_rollback_from_the_command_line() -> Result<()> {
 }
 
 #[test]
-fn a_held_data_dir_and_a_missing_previous_version_are_one_line_errors() -> Result<()> {
+fn a_held_data_dir_a_missing_previous_version_and_a_missing_data_dir_are_one_line_errors() -> Result<()> {
     let root_dir = tempfile::Builder::new().prefix("atlas-pack-cli-err-").tempdir()?;
     let root = root_dir.path();
     let data = root.join("data");
@@ -106,6 +106,18 @@ fn a_held_data_dir_and_a_missing_previous_version_are_one_line_errors() -> Resul
     assert!(err.contains("no previous pack version to roll back to"), "{err}");
     // ...and what to do instead.
     assert!(err.contains("spec.pack.version") && err.contains("`atlas-runner pack apply`"), "{err}");
+
+    // A data dir that does not exist holds nothing to roll back or show, and is not made by asking.
+    let missing = root.join("no-such-data");
+    let m = missing.display().to_string();
+    for (command, what) in [("rollback", "no pack to roll back"), ("status", "no pack to show")] {
+        let out = atlas(&["pack", command, "--data", &m])?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "pack {command}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(err.contains(&format!("the data dir {m} does not exist")) && err.contains(what), "{err}");
+        assert!(!missing.exists(), "pack {command} made the data dir");
+    }
 
     let held = lock(&lock_path(&data))?;
     let out = atlas(&["pack", "status", "--data", &s])?;
