@@ -858,7 +858,27 @@ enum SwapStep {
 /// the live one followed by an atomic exchange (`renameat2(RENAME_EXCHANGE)`), so a kill at any point leaves
 /// the live path whole, old or new, never missing. Any failure undoes every step taken.
 fn swap_in(manifest: &Manifest, data_dir: &Path, tree: &Path, stamp: &str) -> Result<Vec<PathBuf>, BackupError> {
-    swap_in_steps(manifest, data_dir, tree, stamp, &mut || {})
+    swap_in_steps(manifest, data_dir, tree, &unused_stamp(manifest, data_dir, stamp), &mut || {})
+}
+
+/// `stamp`, or `stamp-2`, `stamp-3`... the first that names no kept path yet. The stamp is to the second, and
+/// a restore killed part-way leaves what it kept under its stamp: a second restore within that second must
+/// not rename over it (a kept file would be replaced, a kept world would make the swap fail).
+fn unused_stamp(manifest: &Manifest, data_dir: &Path, stamp: &str) -> String {
+    let taken = |candidate: &str| {
+        let extras = data_dir.join(".atlas").join(format!("before-restore-{candidate}"));
+        std::fs::symlink_metadata(extras).is_ok()
+            || manifest.worlds.iter().any(|world| {
+                std::fs::symlink_metadata(data_dir.join(format!("{world}.before-restore-{candidate}"))).is_ok()
+            })
+    };
+    let mut candidate = stamp.to_owned();
+    let mut n = 1;
+    while taken(&candidate) {
+        n += 1;
+        candidate = format!("{stamp}-{n}");
+    }
+    candidate
 }
 
 /// [`swap_in`] calling `step` before each rename or exchange, so a test can stop it at each one as a kill would.
@@ -1206,11 +1226,33 @@ mod tests {
     }
 
     #[test]
+    fn a_second_restore_within_the_same_second_keeps_what_the_first_kept() {
+        let (_tmp, data, tree) = fixture();
+        // A restore killed part-way within this second kept the live world and an included file under "T".
+        write(&data.join("world.before-restore-T/level.dat"), "kept by the first");
+        write(&data.join(".atlas/before-restore-T/config/a.toml"), "kept a by the first");
+        let previous = swap_in(&manifest(), &data, &tree, "T").unwrap();
+        assert_eq!(previous, [data.join("world.before-restore-T-2"), data.join(".atlas/before-restore-T-2")]);
+        assert_eq!(read(&data.join("world.before-restore-T/level.dat")), "kept by the first");
+        assert_eq!(read(&data.join(".atlas/before-restore-T/config/a.toml")), "kept a by the first");
+        assert_eq!(read(&data.join("world.before-restore-T-2/level.dat")), "live");
+        assert_eq!(read(&data.join(".atlas/before-restore-T-2/config/a.toml")), "live a");
+        assert_eq!(read(&data.join("world/level.dat")), "restored");
+        // Only the included file's kept copy under "T" (no world): still another stamp.
+        let (_tmp, data, tree) = fixture();
+        write(&data.join(".atlas/before-restore-T/config/a.toml"), "kept a by the first");
+        swap_in(&manifest(), &data, &tree, "T").unwrap();
+        assert_eq!(read(&data.join(".atlas/before-restore-T/config/a.toml")), "kept a by the first");
+        assert_eq!(read(&data.join(".atlas/before-restore-T-2/config/a.toml")), "live a");
+    }
+
+    #[test]
     fn a_failed_swap_puts_everything_back() {
         let (_tmp, data, tree) = fixture();
         // The included file's aside directory cannot be made: the swap fails after the worlds were swapped.
+        // (Given its stamp, as swap_in would pick another one past a path in the way.)
         write(&data.join(".atlas/before-restore-T/config"), "in the way");
-        let err = swap_in(&manifest(), &data, &tree, "T").unwrap_err();
+        let err = swap_in_steps(&manifest(), &data, &tree, "T", &mut || {}).unwrap_err();
         assert!(matches!(err, BackupError::SwapWorld { .. }), "{err:?}");
         assert_eq!(read(&data.join("world/level.dat")), "live");
         assert_eq!(read(&data.join("world/live-only.dat")), "live");
