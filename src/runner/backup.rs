@@ -10,6 +10,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
+use crate::api::conditions::reasons;
 use crate::api::{MinecraftServerSpec, Phase};
 use crate::backup::cron::Cron;
 use crate::backup::store::Store;
@@ -114,6 +115,14 @@ impl Backups {
         let started = Instant::now();
         let result = self.create_inner(shared).await;
         self.metrics.observe(result.as_ref().map_err(|(category, _)| *category), started.elapsed());
+        // Saving left off by a `save-on` that failed: the world is not being saved.
+        let saving_off = self.metrics.saving_off.get() > 0;
+        shared.set_degraded(
+            reasons::SAVING_LEFT_OFF,
+            saving_off.then(|| {
+                "world saving was left off after a backup (save-on failed); the next backup turns it on again, or run `atlas-runner console save-on`".to_owned()
+            }),
+        );
         match result {
             Ok(manifest) => {
                 shared.status.send_modify(|s| {
@@ -122,11 +131,25 @@ impl Backups {
                         time: manifest.time.to_string(),
                         size_bytes: manifest.archive_bytes,
                     });
+                    s.backup_failure = None;
                 });
+                shared.set_degraded(reasons::STORE_UNREACHABLE, None);
+                shared.emit(
+                    super::events::BACKUP_SUCCEEDED,
+                    format!("backup {} taken ({} bytes)", manifest.name, manifest.archive_bytes),
+                    false,
+                );
                 Ok(manifest)
             }
             Err((category, message)) => {
                 tracing::error!(category, "backup failed: {message}");
+                if matches!(category, "store_unreachable" | "upload" | "store") {
+                    shared.set_degraded(reasons::STORE_UNREACHABLE, Some(format!("the last backup failed: {message}")));
+                }
+                shared.status.send_modify(|s| {
+                    s.backup_failure = Some(super::Problem { reason: category.to_owned(), message: message.clone() });
+                });
+                shared.emit(super::events::BACKUP_FAILED, format!("backup failed ({category}): {message}"), true);
                 Err(BackupFailure::new(category, message))
             }
         }
@@ -247,12 +270,12 @@ impl Drop for SchedulerHandle {
 /// Starts the backup scheduler for `data_dir`: it follows the spec, and takes a backup at each time of
 /// `spec.backup.schedule` until `shutdown` (or until the handle is dropped).
 pub fn spawn_scheduler(
-    specs: watch::Receiver<MinecraftServerSpec>,
+    specs: watch::Receiver<super::Desired>,
     shared: Shared,
     data_dir: PathBuf,
     shutdown: CancellationToken,
 ) -> SchedulerHandle {
-    shared.backups.set_context(data_dir.clone(), specs.borrow().clone());
+    shared.backups.set_context(data_dir.clone(), specs.borrow().spec.clone());
     SchedulerHandle(tokio::spawn(schedule(specs, shared, data_dir, shutdown)))
 }
 
@@ -279,7 +302,7 @@ fn next_due(spec: &MinecraftServerSpec, override_seconds: Option<u64>) -> Result
 }
 
 async fn schedule(
-    mut specs: watch::Receiver<MinecraftServerSpec>,
+    mut specs: watch::Receiver<super::Desired>,
     shared: Shared,
     data_dir: PathBuf,
     shutdown: CancellationToken,
@@ -289,7 +312,7 @@ async fn schedule(
         tracing::warn!(seconds, "{SCHEDULE_SECONDS_ENV} is set: scheduled backups run every {seconds} s");
     }
     loop {
-        let spec = specs.borrow_and_update().clone();
+        let spec = specs.borrow_and_update().spec.clone();
         shared.backups.set_context(data_dir.clone(), spec.clone());
         let wait = match next_due(&spec, override_seconds) {
             Ok(Due::In(wait)) => Some(wait),
@@ -300,6 +323,15 @@ async fn schedule(
                 None
             }
         };
+        let next =
+            wait.and_then(|wait| jiff::Timestamp::now().checked_add(jiff::SignedDuration::try_from(wait).ok()?).ok());
+        // Whole seconds: the status changes once per scheduled backup, not on every recomputation.
+        let next = next.and_then(|t| jiff::Timestamp::from_second(t.as_second()).ok()).map(|t| t.to_string());
+        shared.status.send_if_modified(|s| {
+            let changed = s.next_backup != next;
+            s.next_backup = next.clone();
+            changed
+        });
         let sleep = async {
             match wait {
                 Some(wait) => tokio::time::sleep(wait).await,

@@ -15,10 +15,12 @@ use futures::future::BoxFuture;
 use crate::api::{MinecraftServerSpec, PackSpec};
 use crate::metrics::PackMetrics;
 use crate::pack::provision::{self, ProvisionError};
-use crate::pack::source::FetchOptions;
+use crate::pack::source::{self, FetchOptions};
 use crate::pack::{DataDirLock, PackVersion};
 use crate::rcon::Rcon;
 use crate::server::{self, BaseUrls, JavaSearch, Resolver, ServerError};
+
+use super::Problem;
 
 /// What preparation needs to know besides the spec.
 #[derive(Debug, Clone)]
@@ -31,6 +33,9 @@ pub struct PrepareOptions {
     pub java: JavaSearch,
     /// The cgroup filesystem root the memory limit is read from.
     pub cgroup_root: PathBuf,
+    /// The memory limit in bytes, when known from elsewhere than the cgroup files (the downward
+    /// API in a pod); it wins over them.
+    pub memory_limit: Option<u64>,
     /// What applying `spec.pack` needs; `None` refuses a spec with a pack.
     pub pack: Option<PackContext>,
 }
@@ -47,9 +52,6 @@ pub struct PackContext {
     /// applied again (by a crash restart or another spec change) until the spec names another pack,
     /// or its hub channel names another version.
     rolled_back: Arc<Mutex<Option<RolledBack>>>,
-    /// The pack this runner last applied (or found applied): a start whose followed channel cannot
-    /// be applied falls back to the version the data dir holds only when it came from this pack.
-    applied: Arc<Mutex<Option<PackSpec>>>,
 }
 
 /// A pack spec rolled back after its server failed, and the version that failed.
@@ -58,17 +60,7 @@ type RolledBack = (PackSpec, Option<String>);
 impl PackContext {
     /// The context of a runner holding `lock`.
     pub fn new(lock: Arc<DataDirLock>, metrics: PackMetrics) -> Self {
-        Self { lock, metrics, rolled_back: Arc::default(), applied: Arc::default() }
-    }
-
-    fn set_applied(&self, pack: &PackSpec) {
-        if let Ok(mut applied) = self.applied.lock() {
-            *applied = Some(pack.clone());
-        }
-    }
-
-    fn holds(&self, pack: &PackSpec) -> bool {
-        self.applied.lock().is_ok_and(|applied| same_pack(applied.as_ref(), Some(pack)))
+        Self { lock, metrics, rolled_back: Arc::default() }
     }
 
     fn was_rolled_back(&self, pack: &PackSpec) -> bool {
@@ -116,9 +108,38 @@ pub struct Prepared {
     pub spec: MinecraftServerSpec,
     /// The pack version the data dir holds.
     pub pack_version: Option<String>,
-    /// What ran before a pack update: when this server fails before it is ready, the pack is
-    /// rolled back and that one is started again.
-    pub fallback: Option<Box<Prepared>>,
+    /// Why the data dir holds another pack version than the spec names (its source failed at a
+    /// start, so the held version runs), when it does.
+    pub pack_problem: Option<Problem>,
+    /// Why a cached jar stands in for a download (the download API was unreachable), when one does.
+    pub offline: Option<String>,
+    /// The update this server is the new side of: when it fails (before ready, no ready in time, or
+    /// a crash while settling), the update is undone and what ran before starts again.
+    pub upgrade: Option<Box<Upgrade>>,
+    /// The pack version this preparation swapped into the data dir, and the one before (for the
+    /// PackApplied event), when it swapped one in.
+    pub applied: Option<(Option<String>, String)>,
+}
+
+/// [`Upgrade::kind`] of a pack update.
+pub const UPGRADE_PACK: &str = "pack";
+/// [`Upgrade::kind`] of a Minecraft version change.
+pub const UPGRADE_SERVER: &str = "server";
+
+/// An update in progress, from what ran before to a new pack version or Minecraft version.
+#[derive(Debug, Clone)]
+pub struct Upgrade {
+    /// `pack` or `server`.
+    pub kind: &'static str,
+    /// The version before (pack version, or Minecraft version).
+    pub from: Option<String>,
+    /// The version updated to.
+    pub to: String,
+    /// What ran before: started again when the update is undone.
+    pub previous: Box<Prepared>,
+    /// The backup taken right before the old server stopped (`spec.backup.beforeUpdate`): the world
+    /// it is restored from when the new server had touched the world.
+    pub backup: Option<String>,
 }
 
 impl Prepared {
@@ -156,6 +177,11 @@ pub enum PrepareError {
     /// The update was staged, but what it waited for no longer holds (`spec.pack.update`).
     #[error("the pack update was put off: {0}")]
     Deferred(String),
+    /// An automatic update would change the Minecraft version with no backup to undo it with.
+    #[error(
+        "{0}: an automatic update that changes the Minecraft version needs spec.backup with beforeUpdate, so a failure can be undone"
+    )]
+    NeedsBackup(String),
     /// Fetching, verifying or applying the pack failed; the data dir holds the version it held.
     #[error("pack: {0}")]
     Pack(#[from] ProvisionError),
@@ -169,6 +195,7 @@ impl PrepareError {
             Self::Unsupported(_) => "unsupported",
             Self::BackupBeforeUpdate(_) => "backup",
             Self::Deferred(_) => "deferred",
+            Self::NeedsBackup(_) => "needs_backup",
             Self::Pack(e) => e.category(),
         }
     }
@@ -182,6 +209,7 @@ impl PrepareError {
             Self::BackupBeforeUpdate(_) => true,
             // The next update check decides again.
             Self::Deferred(_) => true,
+            Self::NeedsBackup(_) => false,
             Self::Pack(e) => e.is_transient(),
         }
     }
@@ -190,6 +218,7 @@ impl PrepareError {
 /// Applies the spec's pack (the server is not running), then resolves, writes files and builds the
 /// command line for `spec`.
 pub async fn prepare(spec: &MinecraftServerSpec, options: &PrepareOptions) -> Result<Prepared, PrepareError> {
+    let (mut pack_problem, mut applied) = (None, None);
     let pack_version = match (&spec.pack, &options.pack) {
         (Some(pack), Some(context)) if context.was_rolled_back(pack) => {
             tracing::warn!("spec.pack names the pack rolled back after its server failed; keeping the applied one");
@@ -200,20 +229,25 @@ pub async fn prepare(spec: &MinecraftServerSpec, options: &PrepareOptions) -> Re
             match provision::apply_spec(pack, &options.data_dir, context.lock.clone(), &fetch, &context.metrics).await {
                 Ok(provisioned) => {
                     context.set_rolled_back(None);
-                    context.set_applied(pack);
+                    if let provision::Provisioned::Applied { report, .. } = &provisioned {
+                        applied = Some((report.from.as_ref().map(ToString::to_string), report.to.to_string()));
+                    }
                     Some(provisioned.version().to_string())
                 }
-                // A followed hub channel that cannot be applied now (the hub down, a bad new version)
-                // on a restart of this runner's server: the version of that same pack the data dir
-                // holds starts, and the update checks (if any) go on.
-                Err(e) if follows_channel(pack) && context.holds(pack) => {
-                    let Some(held) = provision::current_version(&options.data_dir, context.lock.clone()).await? else {
-                        return Err(e.into());
-                    };
-                    tracing::warn!(category = e.category(), version = %held, "{e}; starting the pack version the data dir holds");
-                    Some(held.to_string())
-                }
-                Err(e) => return Err(e.into()),
+                // The spec's pack cannot be applied now (its source down, a bad new version) but the
+                // data dir holds a version of the same pack: that one starts, so an installed server
+                // never waits for the network, and the problem is reported.
+                Err(e) => match provision::held(&options.data_dir, context.lock.clone()).await? {
+                    Some((held, origin)) if origin.is_some() && origin == source::origin(&pack.source) => {
+                        tracing::warn!(category = e.category(), version = %held, "{e}; starting the pack version the data dir holds");
+                        pack_problem = Some(Problem {
+                            reason: if e.is_transient() { "source_unreachable" } else { e.category() }.to_owned(),
+                            message: format!("{e}; running the pack version the data dir holds ({held})"),
+                        });
+                        Some(held.to_string())
+                    }
+                    _ => return Err(e.into()),
+                },
             }
         }
         (Some(_), None) => {
@@ -227,6 +261,8 @@ pub async fn prepare(spec: &MinecraftServerSpec, options: &PrepareOptions) -> Re
     };
     let mut prepared = prepare_server(spec, options).await?;
     prepared.pack_version = pack_version;
+    prepared.pack_problem = pack_problem;
+    prepared.applied = applied;
     Ok(prepared)
 }
 
@@ -243,6 +279,7 @@ pub async fn prepare_change(
 ) -> Result<Prepared, PrepareError> {
     let mut prepared = prepare_server(spec, options).await?;
     prepared.pack_version = current.pack_version.clone();
+    prepared.pack_problem = current.pack_problem.clone();
     Ok(prepared)
 }
 
@@ -326,8 +363,10 @@ pub async fn update_pack<X: Send>(
         return PackUpdate::Untouched(None);
     }
     let fetch = FetchOptions::new(&options.data_dir);
-    let (mut stopped, mut called_off) = (None, None);
-    let (stopped_slot, called_off_slot) = (&mut stopped, &mut called_off);
+    // An update a check found (auto mode) is the one `proceed` is given for.
+    let automatic = proceed.is_some();
+    let (mut stopped, mut called_off, mut backed_up) = (None, None, None);
+    let (stopped_slot, called_off_slot, backup_slot) = (&mut stopped, &mut called_off, &mut backed_up);
     let gate: provision::Gate<'_> = Box::new(move |to: PackVersion| {
         Box::pin(async move {
             if let Some(proceed) = proceed
@@ -339,7 +378,10 @@ pub async fn update_pack<X: Send>(
             if let Some(backup) = backup {
                 tracing::info!(to = %to, "pack staged; backing the world up before the update");
                 match backup.await {
-                    Ok(name) => tracing::info!(backup = %name, "backed up before the pack update"),
+                    Ok(name) => {
+                        tracing::info!(backup = %name, "backed up before the pack update");
+                        *backup_slot = Some(name);
+                    }
                     Err(e) => {
                         *called_off_slot = Some(PrepareError::BackupBeforeUpdate(e));
                         return false;
@@ -359,10 +401,7 @@ pub async fn update_pack<X: Send>(
             return PackUpdate::Untouched(Some(e));
         }
         return match result {
-            Ok(_) => {
-                context.set_applied(pack);
-                PackUpdate::Untouched(None)
-            }
+            Ok(_) => PackUpdate::Untouched(None),
             Err(e) => PackUpdate::Untouched(Some(e.into())),
         };
     };
@@ -373,11 +412,27 @@ pub async fn update_pack<X: Send>(
         Err(e) => return reverted_or_held(current, options, context, e.into(), stopped).await,
     };
     context.set_rolled_back(None);
-    context.set_applied(pack);
-    match prepare_server(spec, options).await {
+    let prepared = prepare_server(spec, options).await.and_then(|next| {
+        // A pack that moves the Minecraft version cannot be undone once the new server touched the
+        // world, unless a backup was taken first: an automatic update must have one.
+        if automatic && backed_up.is_none() && next.minecraft_version != current.minecraft_version {
+            return Err(PrepareError::NeedsBackup(format!(
+                "pack {to} moves Minecraft from {} to {}",
+                current.minecraft_version, next.minecraft_version
+            )));
+        }
+        Ok(next)
+    });
+    match prepared {
         Ok(mut next) => {
             next.pack_version = Some(to.to_string());
-            next.fallback = Some(fallback_of(current));
+            next.upgrade = Some(Box::new(Upgrade {
+                kind: UPGRADE_PACK,
+                from: current.pack_version.clone(),
+                to: to.to_string(),
+                previous: fallback_of(current),
+                backup: backed_up,
+            }));
             PackUpdate::Ready { next: Box::new(next), stopped }
         }
         Err(error) => {
@@ -432,8 +487,8 @@ async fn check_holds(options: &PrepareOptions, context: &PackContext, expected: 
 /// version before it) is dropped: the store keeps one previous version, and a rollback from the
 /// new version goes to `current`'s, so a second step back would run one version's command on
 /// another's files.
-fn fallback_of(current: &Prepared) -> Box<Prepared> {
-    Box::new(Prepared { fallback: None, ..current.clone() })
+pub(super) fn fallback_of(current: &Prepared) -> Box<Prepared> {
+    Box::new(Prepared { upgrade: None, applied: None, ..current.clone() })
 }
 
 /// Returns the data dir to the previous pack version (the server is stopped), counting why in
@@ -475,7 +530,8 @@ async fn prepare_server(spec: &MinecraftServerSpec, options: &PrepareOptions) ->
     let max_players = written.get("max-players").and_then(|v| v.parse().ok()).unwrap_or(20);
 
     let java = server::find_java(resolved.java_major, &options.java)?;
-    let limit = server::memory_limit(&options.cgroup_root);
+    // The pod's limit from the downward API, else the cgroup's (a nested cgroup may not show it).
+    let limit = options.memory_limit.unwrap_or_else(|| server::memory_limit(&options.cgroup_root));
     let command = server::jvm_command(&java.path, &resolved, spec.jvm.as_ref(), limit)?;
     Ok(Prepared {
         command,
@@ -485,7 +541,10 @@ async fn prepare_server(spec: &MinecraftServerSpec, options: &PrepareOptions) ->
         max_players,
         spec: spec.clone(),
         pack_version: None,
-        fallback: None,
+        pack_problem: None,
+        offline: resolved.offline,
+        upgrade: None,
+        applied: None,
     })
 }
 
@@ -522,6 +581,7 @@ mod tests {
             base_urls: BaseUrls::default(),
             java: JavaSearch::default(),
             cgroup_root: data.join("no-cgroup"),
+            memory_limit: None,
             pack: Some(PackContext::new(held, metrics)),
         })
     }
@@ -537,7 +597,10 @@ mod tests {
             max_players: 20,
             spec,
             pack_version: pack_version.map(str::to_owned),
-            fallback: None,
+            pack_problem: None,
+            offline: None,
+            upgrade: None,
+            applied: None,
         })
     }
 
@@ -571,10 +634,16 @@ mod tests {
     #[test]
     fn a_new_versions_fallback_does_not_carry_the_one_before_it() -> TestResult {
         let mut v2 = prepared_for(Some("2.0.0"))?;
-        v2.fallback = Some(Box::new(prepared_for(Some("1.0.0"))?));
+        v2.upgrade = Some(Box::new(Upgrade {
+            kind: UPGRADE_PACK,
+            from: Some("1.0.0".into()),
+            to: "2.0.0".into(),
+            previous: Box::new(prepared_for(Some("1.0.0"))?),
+            backup: None,
+        }));
         let fallback = fallback_of(&v2);
         assert_eq!(fallback.pack_version.as_deref(), Some("2.0.0"));
-        assert!(fallback.fallback.is_none(), "the fallback chain reaches {:?}", fallback.fallback);
+        assert!(fallback.upgrade.is_none(), "the fallback chain reaches {:?}", fallback.upgrade);
         Ok(())
     }
 
