@@ -187,18 +187,21 @@ impl Runtime {
             options,
             shutdown,
         } = self;
+        // The endpoints serve until the server has stopped, not merely until shutdown begins: /readyz
+        // says not ready (rather than refusing connections) and `status` answers while it stops.
+        let stopped = CancellationToken::new();
         let admin = {
-            let shutdown = shutdown.clone();
+            let stopped = stopped.clone();
             let router = http::admin_router(shared.clone());
             tokio::spawn(async move {
-                axum::serve(admin_listener, router).with_graceful_shutdown(shutdown.cancelled_owned()).await
+                axum::serve(admin_listener, router).with_graceful_shutdown(stopped.cancelled_owned()).await
             })
         };
         let control = {
-            let shutdown = shutdown.clone();
+            let stopped = stopped.clone();
             let router = http::control_router(shared.clone());
             tokio::spawn(async move {
-                axum::serve(control_listener, router).with_graceful_shutdown(shutdown.cancelled_owned()).await
+                axum::serve(control_listener, router).with_graceful_shutdown(stopped.cancelled_owned()).await
             })
         };
         tracing::info!(data = %data_dir.display(), metrics = %metrics_addr, control = %socket.display(), "runner started");
@@ -214,16 +217,17 @@ impl Runtime {
                 shutdown.cancel();
             })
         };
-        reconciler.await.context("the reconciler task failed")?;
+        let reconciled = reconciler.await.context("the reconciler task failed");
         shared.begin_shutdown();
         shutdown.cancel();
+        stopped.cancel();
         signals.abort();
         // Followers of `logs -f` hold connections open; graceful shutdown waits for them briefly only.
         let _ = tokio::time::timeout(Duration::from_secs(2), admin).await;
         let _ = tokio::time::timeout(Duration::from_secs(2), control).await;
         let _ = std::fs::remove_file(&socket);
         tracing::info!("runner stopped");
-        Ok(())
+        reconciled
     }
 }
 

@@ -412,20 +412,25 @@ pub async fn create_via_runner_or_offline(
     store: &Store,
     progress: Arc<backup::Progress>,
 ) -> Result<(Manifest, TakenBy), BackupFailure> {
-    match client::call(&client::socket_path(data_dir), "POST", "/v1/backup", None).await {
-        Ok(bytes) => {
-            let manifest = serde_json::from_slice(&bytes).map_err(failure::<serde_json::Error>("runner"))?;
-            return Ok((manifest, TakenBy::Runner));
-        }
-        Err(ClientError::Connect { .. }) => {}
-        Err(ClientError::Runner(message)) => return Err(BackupFailure::new("runner", message)),
-        Err(e) => return Err(BackupFailure::from_error(e.category(), &e)),
+    if let Some(manifest) = create_via_runner(data_dir).await? {
+        return Ok((manifest, TakenBy::Runner));
     }
     let _runner_lock = offline_lock(data_dir)?;
     let mut options = CreateOptions::from_spec(data_dir, spec.backup.as_ref());
     options.progress = progress;
     let manifest = backup::create(store, &options).await.map_err(backup_failure)?;
     Ok((manifest, TakenBy::Offline))
+}
+
+/// Takes a backup through the runner on `data_dir` (which knows its spec and store); `None` when
+/// no runner answers on its control socket.
+pub async fn create_via_runner(data_dir: &std::path::Path) -> Result<Option<Manifest>, BackupFailure> {
+    match client::call(&client::socket_path(data_dir), "POST", "/v1/backup", None).await {
+        Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).map_err(failure::<serde_json::Error>("runner"))?)),
+        Err(ClientError::Connect { .. }) => Ok(None),
+        Err(ClientError::Runner(message)) => Err(BackupFailure::new("runner", message)),
+        Err(e) => Err(BackupFailure::from_error(e.category(), &e)),
+    }
 }
 
 /// What a CLI restore did.
@@ -534,6 +539,14 @@ pub async fn restore_via_runner_or_offline(
         return Err(f);
     }
     let restarted = restart().await;
+    if let Ok(restored) = &swapped {
+        // The runner tells it (a RestoreCompleted Event in a pod); a runner that cannot hear it
+        // changes nothing about the restore.
+        let body = serde_json::json!({ "name": restored.manifest.name }).to_string().into_bytes();
+        if let Err(e) = client::call(&socket, "POST", "/v1/restored", Some(body)).await {
+            tracing::debug!(error = %describe(&e), "the runner was not told of the restore");
+        }
+    }
     let restored = match swapped {
         Ok(restored) => restored,
         Err(e) => {

@@ -64,6 +64,8 @@ pub(super) struct Reconciler {
     /// A Minecraft version change undone because its server failed: its spec runs the version
     /// before until the spec names another (kept in the data dir across restarts).
     held_server: Option<HeldServer>,
+    /// The generation of the spec taken last.
+    taken_generation: Option<i64>,
 }
 
 /// One running server and what the round tracks about it.
@@ -150,7 +152,7 @@ impl Reconciler {
     ) -> Self {
         let pacing = Pacing { backoff: Backoff::new(options.restart), pack_retry: None };
         let held_server = held::load(&options.prepare.data_dir);
-        Self { specs, shared, requests, options, shutdown, pacing, held_server }
+        Self { specs, shared, requests, options, shutdown, pacing, held_server, taken_generation: None }
     }
 
     /// Runs rounds until shutdown, then stops the server gracefully.
@@ -189,6 +191,7 @@ impl Reconciler {
     async fn prepare(&mut self) -> Next {
         let spec = self.take_spec();
         self.shared.set_phase(Phase::Provisioning, None);
+        self.observe();
         let prepared = tokio::select! {
             _ = self.shutdown.cancelled() => return Next::Exit,
             prepared = prepare::prepare(&spec, &self.options.prepare) => prepared,
@@ -440,11 +443,13 @@ impl Reconciler {
         match plan_change(&round.prepared, &spec, round.updates.due.take()) {
             Change::Nothing => {
                 tracing::info!("spec changed; nothing that needs a restart");
+                self.observe();
                 Flow::Continue
             }
             Change::UpdatePolicy => {
                 tracing::info!("spec changed; only spec.pack.update, taken without a restart");
                 self.adopt_pack_spec(round, &spec);
+                self.observe();
                 Flow::Continue
             }
             Change::Pack { due } => self.update_pack(round, spec, due).await,
@@ -498,6 +503,7 @@ impl Reconciler {
         }
         tracing::info!("spec changed; restarting the server once with the new files ready");
         self.shared.set_phase(Phase::Stopping, Some("restarting for a spec change".into()));
+        self.observe();
         let exit = round.process.stop(Some(&round.prepared.rcon), self.options.stop).await;
         self.pacing.backoff.reset();
         record_exit(&self.shared, &exit, false);
@@ -575,8 +581,12 @@ impl Reconciler {
                 );
                 if e.is_transient() {
                     self.pacing.pack_retry = Some(tokio::time::Instant::now() + PACK_RETRY);
-                } else if due.is_some() {
-                    round.updates.refused = due;
+                } else {
+                    // Refused for good: this generation is done with (the log says why).
+                    self.observe();
+                    if due.is_some() {
+                        round.updates.refused = due;
+                    }
                 }
                 Flow::Continue
             }
@@ -587,9 +597,11 @@ impl Reconciler {
                 }
                 tracing::info!("spec changed; the data dir holds its pack and nothing else needs a restart");
                 self.adopt_pack_spec(round, &spec);
+                self.observe();
                 Flow::Continue
             }
             PackUpdate::Ready { next, stopped } => {
+                self.observe();
                 tracing::info!("pack updated; starting the server of the new version");
                 self.pacing.backoff.reset();
                 record_exit(shared, &stopped, false);
@@ -599,6 +611,7 @@ impl Reconciler {
                 Flow::Done(Next::Run(next))
             }
             PackUpdate::Reverted { error, stopped } => {
+                self.observe();
                 tracing::error!(
                     category = error.category(),
                     transient = error.is_transient(),
@@ -613,6 +626,7 @@ impl Reconciler {
                 Flow::Done(Next::Run(Box::new(round.prepared.clone())))
             }
             PackUpdate::Held { reason, stopped } => {
+                self.observe();
                 tracing::error!("{reason}");
                 record_exit(shared, &stopped, false);
                 let to = due.unwrap_or_else(|| pack_label(&spec));
@@ -751,7 +765,11 @@ impl Reconciler {
         if kind == UPGRADE_SERVER {
             tracing::error!(to, back_to = from.as_deref(), "the server of Minecraft {to} failed: {why}; going back");
         } else {
-            tracing::error!(to, back_to = from.as_deref(), "the server of pack {to} failed: {why}; rolling the pack back");
+            tracing::error!(
+                to,
+                back_to = from.as_deref(),
+                "the server of pack {to} failed: {why}; rolling the pack back"
+            );
         }
         if kind == UPGRADE_SERVER {
             self.hold_server(failed.spec.server.clone(), previous.spec.server.clone(), &why);
@@ -830,14 +848,21 @@ impl Reconciler {
         self.held_server = Some(held);
     }
 
-    /// Takes the newest spec: from now on the status describes its generation.
-    fn take_spec(&mut self) -> MinecraftServerSpec {
-        let desired = self.specs.borrow_and_update().clone();
+    /// The status describes the generation taken last from now on: its spec was acted on (the
+    /// server restarted for it, nothing needed doing, or it was refused for good).
+    fn observe(&self) {
+        let generation = self.taken_generation;
         self.shared.status.send_if_modified(|s| {
-            let changed = s.observed_generation != desired.generation;
-            s.observed_generation = desired.generation;
+            let changed = s.observed_generation != generation;
+            s.observed_generation = generation;
             changed
         });
+    }
+
+    /// Takes the newest spec (see [`Reconciler::observe`] for when the status says so).
+    fn take_spec(&mut self) -> MinecraftServerSpec {
+        let desired = self.specs.borrow_and_update().clone();
+        self.taken_generation = desired.generation;
         let mut spec = desired.spec;
         // A Minecraft version whose server failed runs the version before until the spec moves on.
         match &self.held_server {

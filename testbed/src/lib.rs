@@ -257,6 +257,22 @@ pub struct ClusterProcesses {
     pub processes: Processes,
     /// Admin kubeconfig (client certificate in `system:masters`).
     pub kubeconfig: PathBuf,
+    apiserver_args: Vec<String>,
+}
+
+impl ClusterProcesses {
+    /// Kills kube-apiserver at once, as an outage would; etcd (the cluster's data) keeps running for
+    /// [`ClusterProcesses::restart_apiserver`].
+    pub fn kill_apiserver(&mut self) {
+        self.processes.kill("kube-apiserver");
+    }
+
+    /// Starts kube-apiserver again on the same port, certificates and etcd, and waits until it is ready.
+    pub fn restart_apiserver(&mut self) -> Result<()> {
+        let apiserver = bin("kube-apiserver")?;
+        self.processes.spawn("kube-apiserver", &apiserver, self.apiserver_args.clone())?;
+        wait_apiserver_ready(&mut self.processes, &self.kubeconfig)
+    }
 }
 
 /// Starts etcd and kube-apiserver on free loopback ports and waits until `/readyz` answers ok.
@@ -290,33 +306,35 @@ pub fn start_cluster() -> Result<ClusterProcesses> {
 
     let api_port = free_port()?;
     let p = |name: &str| pki.join(name).display().to_string();
-    processes.spawn(
-        "kube-apiserver",
-        &apiserver_bin,
-        [
-            format!("--etcd-servers={client_url}"),
-            format!("--cert-dir={}", dir.join("apiserver-certs").display()),
-            format!("--tls-cert-file={}", p("serving.crt")),
-            format!("--tls-private-key-file={}", p("serving.key")),
-            format!("--client-ca-file={}", p("ca.crt")),
-            format!("--secure-port={api_port}"),
-            "--bind-address=127.0.0.1".to_owned(),
-            "--advertise-address=127.0.0.1".to_owned(),
-            "--service-cluster-ip-range=10.0.0.0/24".to_owned(),
-            "--allow-privileged=true".to_owned(),
-            "--authorization-mode=RBAC".to_owned(),
-            "--disable-admission-plugins=ServiceAccount".to_owned(),
-            "--service-account-issuer=https://kubernetes.default.svc".to_owned(),
-            format!("--service-account-key-file={}", p("sa.pub")),
-            format!("--service-account-signing-key-file={}", p("sa.key")),
-            "--profiling=false".to_owned(),
-            "--v=0".to_owned(),
-        ],
-    )?;
+    let apiserver_args = vec![
+        format!("--etcd-servers={client_url}"),
+        format!("--cert-dir={}", dir.join("apiserver-certs").display()),
+        format!("--tls-cert-file={}", p("serving.crt")),
+        format!("--tls-private-key-file={}", p("serving.key")),
+        format!("--client-ca-file={}", p("ca.crt")),
+        format!("--secure-port={api_port}"),
+        "--bind-address=127.0.0.1".to_owned(),
+        "--advertise-address=127.0.0.1".to_owned(),
+        "--service-cluster-ip-range=10.0.0.0/24".to_owned(),
+        "--allow-privileged=true".to_owned(),
+        "--authorization-mode=RBAC".to_owned(),
+        "--disable-admission-plugins=ServiceAccount".to_owned(),
+        "--service-account-issuer=https://kubernetes.default.svc".to_owned(),
+        format!("--service-account-key-file={}", p("sa.pub")),
+        format!("--service-account-signing-key-file={}", p("sa.key")),
+        "--profiling=false".to_owned(),
+        "--v=0".to_owned(),
+    ];
+    processes.spawn("kube-apiserver", &apiserver_bin, apiserver_args.clone())?;
 
     let kubeconfig = dir.join("kubeconfig");
     std::fs::write(&kubeconfig, kubeconfig_yaml(api_port, &pki))?;
+    wait_apiserver_ready(&mut processes, &kubeconfig)?;
+    Ok(ClusterProcesses { processes, kubeconfig, apiserver_args })
+}
 
+fn wait_apiserver_ready(processes: &mut Processes, kubeconfig: &Path) -> Result<()> {
+    let dir = processes.dir().to_path_buf();
     let kubectl = bin("kubectl")?;
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
@@ -328,14 +346,13 @@ pub fn start_cluster() -> Result<ClusterProcesses> {
             .output()
             .is_ok_and(|out| out.status.success() && out.stdout.starts_with(b"ok"));
         if ready {
-            break;
+            return Ok(());
         }
         if Instant::now() > deadline {
             bail!("kube-apiserver was not ready after 90 s; see {}", dir.join("kube-apiserver.log").display());
         }
         std::thread::sleep(Duration::from_millis(250));
     }
-    Ok(ClusterProcesses { processes, kubeconfig })
 }
 
 fn kubeconfig_yaml(port: u16, pki: &Path) -> String {
