@@ -5,13 +5,11 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::io::{BufRead, BufReader, Read};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -21,7 +19,7 @@ use atlas_runner::backup::upload::stream_archive;
 use atlas_runner::backup::{self, BackupError, CreateOptions, Manifest};
 use atlas_runner::rcon::Rcon;
 use atlas_testbed::{S3Endpoint, TestBucket, TestS3, free_port, unique};
-use common::{fake_server_jar, java_tool, region_generation, s3_spec, tree};
+use common::{FakeServer, region_generation, s3_spec, tree};
 use object_store::path::Path as ObjectPath;
 use object_store::{MultipartUpload, ObjectStoreExt, PutPayload, PutResult, UploadPart};
 
@@ -91,84 +89,23 @@ async fn s3_store(prefix: &str, data: &Path) -> Result<(TestBucket, Store)> {
     Ok((bucket, store))
 }
 
-/// A running fake server; killed on drop.
-struct FakeServer {
-    child: Child,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl FakeServer {
-    fn start(data: &Path, rcon_port: u16) -> Result<Self> {
-        Self::start_with(data, rcon_port, "")
-    }
-
-    /// [`FakeServer::start`] with more `fake-server.properties` lines.
-    fn start_with(data: &Path, rcon_port: u16, fake_properties: &str) -> Result<Self> {
-        std::fs::write(
-            data.join("server.properties"),
-            format!(
-                "server-ip=127.0.0.1\nserver-port={}\nenable-rcon=true\nrcon.port={rcon_port}\n\
-                 rcon.password={PASSWORD}\nlevel-name=world\n",
-                free_port()?
-            ),
-        )?;
-        // Rewrites are frequent and slow, so a copy taken while saving is on would very likely be torn.
-        std::fs::write(
-            data.join("fake-server.properties"),
-            format!("autosave-interval-ms=10\nregion-write-ms=40\n{fake_properties}"),
-        )?;
-        let mut child = Command::new(java_tool("java")?)
-            .args(["-Xmx64m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1", "-jar"])
-            .arg(fake_server_jar()?)
-            .arg("nogui")
-            .current_dir(data)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("start the fake server")?;
-        let log = Arc::new(Mutex::new(Vec::new()));
-        for stream in [
-            Box::new(child.stdout.take().context("stdout")?) as Box<dyn Read + Send>,
-            Box::new(child.stderr.take().context("stderr")?),
-        ] {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                    if let Ok(mut lines) = log.lock() {
-                        lines.push(line);
-                    }
-                }
-            });
-        }
-        let mut server = Self { child, log };
-        server.wait_for_line("RCON running on", Duration::from_secs(60))?;
-        Ok(server)
-    }
-
-    fn wait_for_line(&mut self, needle: &str, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let text = self.log.lock().map(|l| l.join("\n")).unwrap_or_default();
-            if text.contains(needle) {
-                return Ok(());
-            }
-            if let Some(status) = self.child.try_wait()? {
-                bail!("fake server exited ({status}):\n{text}");
-            }
-            if Instant::now() > deadline {
-                bail!("fake server did not print {needle:?}:\n{text}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for FakeServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Starts the fake server in `data` with RCON on `rcon_port`, writing often and slowly, plus
+/// `fake_properties` (more `fake-server.properties` lines).
+fn start_server(data: &Path, rcon_port: u16, fake_properties: &str) -> Result<FakeServer> {
+    std::fs::write(
+        data.join("server.properties"),
+        format!(
+            "server-ip=127.0.0.1\nserver-port={}\nenable-rcon=true\nrcon.port={rcon_port}\n\
+             rcon.password={PASSWORD}\nlevel-name=world\n",
+            free_port()?
+        ),
+    )?;
+    // Rewrites are frequent and slow, so a copy taken while saving is on would very likely be torn.
+    std::fs::write(
+        data.join("fake-server.properties"),
+        format!("autosave-interval-ms=10\nregion-write-ms=40\n{fake_properties}"),
+    )?;
+    FakeServer::start(data)
 }
 
 // ---- Tests ----
@@ -233,7 +170,7 @@ async fn create_list_verify_restore_gives_a_byte_identical_world() -> Result<()>
 async fn a_backup_of_a_running_server_is_never_torn_and_saving_resumes() -> Result<()> {
     let data = DataDir::new("world")?;
     let rcon_port = free_port()?;
-    let _server = FakeServer::start(&data.0, rcon_port)?;
+    let _server = start_server(&data.0, rcon_port, "")?;
     let rcon =
         Rcon::new(SocketAddr::from((Ipv4Addr::LOCALHOST, rcon_port)), PASSWORD.to_owned(), Duration::from_secs(10));
     let (_bucket, store) = s3_store("backup-live", &data.0).await?;
@@ -270,7 +207,7 @@ async fn a_slow_flush_is_bounded_by_the_flush_timeout_not_the_rcon_timeout() -> 
     let rcon_port = free_port()?;
     // Autosaves slowed down: each holds the server's thread, which a loaded disk could stretch past the
     // 1 s command timeout before save-off even answers.
-    let _server = FakeServer::start_with(&data.0, rcon_port, "flush-ms=3000\nautosave-interval-ms=1000\n")?;
+    let _server = start_server(&data.0, rcon_port, "flush-ms=3000\nautosave-interval-ms=1000\n")?;
     // A per-command timeout shorter than the flush, as the runner's RCON handle has.
     let rcon =
         Rcon::new(SocketAddr::from((Ipv4Addr::LOCALHOST, rcon_port)), PASSWORD.to_owned(), Duration::from_secs(1));
@@ -294,7 +231,7 @@ async fn a_slow_flush_is_bounded_by_the_flush_timeout_not_the_rcon_timeout() -> 
 async fn saving_left_off_by_an_earlier_failed_save_on_is_turned_back_on() -> Result<()> {
     let data = DataDir::new("world")?;
     let rcon_port = free_port()?;
-    let _server = FakeServer::start(&data.0, rcon_port)?;
+    let _server = start_server(&data.0, rcon_port, "")?;
     let rcon =
         Rcon::new(SocketAddr::from((Ipv4Addr::LOCALHOST, rcon_port)), PASSWORD.to_owned(), Duration::from_secs(10));
     let (_bucket, store) = s3_store("backup-saving-off", &data.0).await?;
@@ -558,7 +495,7 @@ async fn a_backup_cancelled_while_the_store_starts_its_upload_leaves_no_upload()
     let bucket_name = unique("backup-cancel-start").to_lowercase();
     atlas_testbed::create_bucket(&s3.endpoint, &bucket_name).await?;
     let upstream: SocketAddr = s3.endpoint.endpoint.trim_start_matches("http://").parse()?;
-    let proxy = slow_answers_proxy(upstream, Duration::from_millis(1500)).await?;
+    let (proxy, id_answered) = slow_answers_proxy(upstream, Duration::from_millis(1500)).await?;
     let slow = S3Endpoint { endpoint: format!("http://{proxy}"), ..s3.endpoint.clone() };
     let bucket = TestBucket { s3: slow, name: bucket_name.clone(), region: atlas_testbed::S3_REGION.to_owned() };
     let data = DataDir::new("world")?;
@@ -579,6 +516,9 @@ async fn a_backup_cancelled_while_the_store_starts_its_upload_leaves_no_upload()
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     task.abort();
+    // The test runs on one thread: the backup has not run since the check above, so what the proxy had
+    // passed on by now is all the backup could have seen.
+    ensure!(!id_answered.load(Ordering::SeqCst), "the backup knew its upload's id before it was cancelled");
     assert!(task.await.is_err_and(|e| e.is_cancelled()), "the backup finished before it was cancelled");
     no_upload_left(&s3, &bucket_name, "a backup cancelled while its upload started").await?;
     let journal = data.0.join(backup::upload::JOURNAL_DIR);
@@ -600,13 +540,17 @@ async fn no_upload_left(s3: &atlas_testbed::S3Processes, bucket: &str, who: &str
 }
 
 /// A loopback TCP proxy to `upstream` that holds every chunk of an answer back for `delay`: requests reach
-/// the server at once, answers reach the client late, as on a slow link.
-async fn slow_answers_proxy(upstream: SocketAddr, delay: Duration) -> Result<SocketAddr> {
+/// the server at once, answers reach the client late, as on a slow link. The flag is set just before an
+/// answer carrying a multipart upload's id (`<UploadId>`) is passed on to the client.
+async fn slow_answers_proxy(upstream: SocketAddr, delay: Duration) -> Result<(SocketAddr, Arc<AtomicBool>)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
     let address = listener.local_addr()?;
+    let id_answered = Arc::new(AtomicBool::new(false));
+    let flag = id_answered.clone();
     tokio::spawn(async move {
         while let Ok((client, _)) = listener.accept().await {
+            let flag = flag.clone();
             tokio::spawn(async move {
                 let Ok(server) = tokio::net::TcpStream::connect(upstream).await else { return };
                 let (mut from_client, mut to_client) = client.into_split();
@@ -620,6 +564,9 @@ async fn slow_answers_proxy(upstream: SocketAddr, delay: Duration) -> Result<Soc
                             return to_client.shutdown().await;
                         }
                         tokio::time::sleep(delay).await;
+                        if buf[..n].windows(10).any(|w| w == b"<UploadId>") {
+                            flag.store(true, Ordering::SeqCst);
+                        }
                         to_client.write_all(&buf[..n]).await?;
                     }
                 };
@@ -627,7 +574,7 @@ async fn slow_answers_proxy(upstream: SocketAddr, delay: Duration) -> Result<Soc
             });
         }
     });
-    Ok(address)
+    Ok((address, id_answered))
 }
 
 /// Whether the capture mirror holds all of `big_capture`'s region file.
@@ -729,15 +676,30 @@ async fn watched_upload(
     Ok((Box::new(Watched { inner, counters: counters.clone(), fail_part, part_delay }), counters))
 }
 
+/// A private SeaweedFS (whose filer tells the multipart uploads in progress) with a fresh bucket, and a
+/// store on it.
+async fn private_s3(prefix: &str, data: &Path) -> Result<(atlas_testbed::S3Processes, String, Store)> {
+    let s3 = tokio::task::spawn_blocking(atlas_testbed::start_s3).await??;
+    let bucket_name = unique(prefix).to_lowercase();
+    atlas_testbed::create_bucket(&s3.endpoint, &bucket_name).await?;
+    let bucket =
+        TestBucket { s3: s3.endpoint.clone(), name: bucket_name.clone(), region: atlas_testbed::S3_REGION.to_owned() };
+    let store = Store::open(Some(&s3_spec(&bucket, "survival/")), data, Some(credentials(&bucket)))?;
+    Ok((s3, bucket_name, store))
+}
+
 #[tokio::test]
 async fn a_failed_part_aborts_the_multipart_upload() -> Result<()> {
     let dir = DataDir::new("world")?;
     big_capture(&dir.0)?;
-    let store = Store::memory();
+    let (s3, bucket, store) = private_s3("backup-failed-part", &dir.0).await?;
     let key = ObjectPath::from("archives/failed.tar.zst");
     let (upload, counters) = watched_upload(&store, &key, Some(2), Duration::ZERO).await?;
+    // SeaweedFS holds the upload (so the check below can see one go).
+    ensure!(s3.uploads_in_progress(&bucket).await?.len() == 1, "the upload did not start");
     let err = stream_archive(upload, "archives/failed.tar.zst", dir.0.clone(), 1).await.err().context("succeeded")?;
     assert_eq!(err.category(), "upload", "{err:?}");
+    no_upload_left(&s3, &bucket, "a failed part").await?;
     assert_eq!(counters.aborted.load(Ordering::SeqCst), 1, "{counters:?}");
     assert_eq!(counters.completed.load(Ordering::SeqCst), 0, "{counters:?}");
     assert!(store.objects.head(&key).await.is_err(), "a failed upload left an object");
@@ -758,13 +720,16 @@ async fn until(what: &str, done: impl Fn() -> bool) -> Result<()> {
 async fn a_cancelled_multipart_upload_is_aborted() -> Result<()> {
     let dir = DataDir::new("world")?;
     big_capture(&dir.0)?;
-    let store = Store::memory();
+    let (s3, bucket, store) = private_s3("backup-cancelled-part", &dir.0).await?;
     let key = ObjectPath::from("archives/cancelled.tar.zst");
     let (upload, counters) = watched_upload(&store, &key, None, Duration::from_millis(300)).await?;
+    ensure!(s3.uploads_in_progress(&bucket).await?.len() == 1, "the upload did not start");
     let task = tokio::spawn(stream_archive(upload, "archives/cancelled.tar.zst", dir.0.clone(), 1));
     until("the first part", || counters.parts.load(Ordering::SeqCst) > 0).await?;
     task.abort();
     assert!(task.await.is_err(), "the upload finished before it was cancelled");
+    // The abort runs on a spawned task: SeaweedFS holds no upload once it is done.
+    no_upload_left(&s3, &bucket, "a cancelled upload").await?;
     until("the abort", || counters.aborted.load(Ordering::SeqCst) == 1).await?;
     // A part's request still on its way could be stored after the abort and open the upload again.
     assert_eq!(counters.unanswered_at_abort.load(Ordering::SeqCst), 0, "aborted with parts in flight: {counters:?}");

@@ -65,6 +65,30 @@ fn error_line(out: &Output, what: &str) -> Result<String> {
     Ok(lines[0].to_owned())
 }
 
+/// The value of the sample `name` (no labels) in Prometheus text, if there is one.
+fn sample(metrics: &str, name: &str) -> Option<f64> {
+    metrics.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Fails unless `metrics` has `atlas_backup_last_success_timestamp_seconds` and it is within a few
+/// minutes of now (a missing line must not pass for a set one).
+fn assert_recent_success(metrics: &str) -> Result<()> {
+    let name = "atlas_backup_last_success_timestamp_seconds";
+    let value = sample(metrics, name).with_context(|| format!("no {name} sample:\n{metrics}"))?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs_f64();
+    ensure!((now - value).abs() < 300.0, "{name} is {value}, now is {now}");
+    Ok(())
+}
+
+/// The files of a backup's archive (`NAME.tar.zst` in `bucket`), extracted with the `tar` and `zstd`
+/// crates, not the runner's own reader, into `into`.
+async fn extract_backup(bucket: &TestBucket, manifest: &Manifest, into: &Path) -> Result<()> {
+    let archive = s3_get(bucket, &format!("cli/{}", manifest.archive_key)).await?;
+    let decoder = zstd::stream::read::Decoder::new(std::io::Cursor::new(archive))?;
+    tar::Archive::new(decoder).unpack(into).with_context(|| format!("unpack {}", manifest.name))?;
+    Ok(())
+}
+
 fn write_world(data: &Path) -> Result<()> {
     for (dim, files) in [("world", 40), ("world_nether", 5)] {
         std::fs::create_dir_all(data.join(dim).join("region"))?;
@@ -115,7 +139,7 @@ async fn create_list_verify_restore_through_the_cli_gives_a_byte_identical_world
     ] {
         assert!(metrics.contains(&line), "the textfile lacks {line:?}:\n{metrics}");
     }
-    assert!(!metrics.contains("atlas_backup_last_success_timestamp_seconds 0\n"), "{metrics}");
+    assert_recent_success(&metrics)?;
     promtool_check(&metrics)?;
     assert_eq!(created.files, 47);
     assert!(created.save_off_ms.is_none(), "no runner, so no RCON: {created:?}");
@@ -199,18 +223,38 @@ async fn restore_through_a_running_runner_stops_takes_a_safety_backup_and_restar
     let status = runner.wait_running()?;
     let second_pid = status["pid"].as_u64().context("a pid")?;
     assert_ne!(first_pid, second_pid, "the server was not restarted");
-    assert!(!runner.logs_with("Stopping the server").is_empty() || !runner.logs_with("server exited").is_empty());
+    // The first server was stopped gracefully (over RCON, a clean exit the runner expected), not killed
+    // or crashed, and exactly once.
+    assert_eq!(runner.logs_with("[Rcon: Stopping the server]").len(), 1, "the server was not stopped over RCON");
+    let exits: Vec<(String, bool)> = runner
+        .logs_with("server exited")
+        .iter()
+        .map(|l| (l["reason"].as_str().unwrap_or_default().to_owned(), l["unexpected"] == true))
+        .collect();
+    assert_eq!(exits, [("clean".to_owned(), false)], "how the first server ended");
 
-    // The safety backup is a complete backup of the replaced world.
+    // The safety backup is a complete backup of the replaced world: its archive holds exactly the world
+    // the restore moved aside.
     let listed: Vec<Manifest> = serde_json::from_str(&ok(backup_cli(&fixture, "list", &["--json"])?, "list")?)?;
     let names: Vec<&str> = listed.iter().map(|m| m.name.as_str()).collect();
     assert_eq!(names, [safety.as_str(), created.name.as_str()]);
     ok(backup_cli(&fixture, "verify", &[&safety])?, "verify the safety backup")?;
+    let safety_manifest = &listed[0];
+    assert_eq!(safety_manifest.worlds, ["world"], "{safety_manifest:?}");
+    let extracted = fixture.root.join("safety-extracted");
+    extract_backup(&bucket, safety_manifest, &extracted).await?;
+    let replaced = tree(Path::new(&previous))?;
+    assert!(
+        replaced.contains_key("after-backup.dat") && replaced.contains_key("region/r.0.0.mca"),
+        "{:?}",
+        replaced.keys()
+    );
+    assert!(tree(&extracted.join("world"))? == replaced, "the safety backup differs from the replaced world");
 
-    // The runner's metrics count both backups it took; the CLI took the safety backup itself.
+    // The runner's metrics count the one backup it took; the CLI took the safety backup itself.
     let (_, body) = http_get(&runner.metrics_addr, "/metrics")?;
     assert!(body.contains("atlas_backup_duration_seconds_count 1"), "{body}");
-    assert!(!body.contains("atlas_backup_last_success_timestamp_seconds 0\n"), "{body}");
+    assert_recent_success(&body)?;
     promtool_check(&body)?;
     Ok(())
 }
@@ -250,7 +294,7 @@ async fn scheduled_backups_run_in_the_runner_prune_and_survive_failures() -> Res
     let bucket = TestS3::shared().await?.bucket("backup-schedule").await?;
     add_backup_spec(&fixture, &bucket, "    schedule: \"*/5 * * * *\"\n    retention: {keepLast: 2}\n")?;
     let mut runner = Runner::start_with_env(&fixture, &[], &[("ATLAS_BACKUP_SCHEDULE_SECONDS", "1")])?;
-    runner.wait_running()?;
+    let server = runner.wait_running()?;
     // Retention runs after each success: the third backup's prune keeps exactly the two newest.
     let pruned = wait_for("the first prune", Duration::from_secs(90), || {
         runner.logs_with("old backups pruned").into_iter().next()
@@ -292,5 +336,231 @@ async fn scheduled_backups_run_in_the_runner_prune_and_survive_failures() -> Res
     assert!(!runner.logs_with("backup failed").is_empty());
     assert_eq!(names(atlas_runner::backup::list(&store).await?), before, "a failed backup deleted backups");
     assert!(!before.is_empty());
+
+    // The server ran on through the failures, and once it can save again the schedule takes backups again.
+    let now = runner.status()?;
+    assert_eq!((&now["phase"], &now["pid"]), (&"Running".into(), &server["pid"]), "{now}");
+    let done = |runner: &Runner| runner.logs_with("scheduled backup done").len();
+    let succeeded = done(&runner);
+    std::fs::remove_file(fixture.data.join("fake-save-fails"))?;
+    wait_for("a scheduled backup after the failures", Duration::from_secs(60), || {
+        (done(&runner) > succeeded).then_some(())
+    })?;
+    let newest = runner.logs_with("scheduled backup done").last().and_then(|l| l["backup"].as_str().map(str::to_owned));
+    let listed = names(atlas_runner::backup::list(&store).await?);
+    assert!(newest.is_some() && listed.first() == newest.as_ref(), "{newest:?} is not the newest of {listed:?}");
+    assert!(!before.contains(&listed[0]), "no new backup: {listed:?}");
+    let now = runner.status()?;
+    assert_eq!((&now["phase"], &now["pid"]), (&"Running".into(), &server["pid"]), "{now}");
+    Ok(())
+}
+
+/// Every world and included file of the restore-kill test, each either as the backup holds it (new) or as
+/// the live data dir held it before the restore (old).
+struct RestoreStates {
+    worlds: Vec<(String, Tree, Tree)>,
+    files: Vec<(String, Vec<u8>, Vec<u8>)>,
+}
+
+type Tree = std::collections::BTreeMap<String, Option<Vec<u8>>>;
+
+/// How a restore killed at some point left a data dir.
+#[derive(Debug, Default)]
+struct Seen {
+    new: usize,
+    old: usize,
+    /// A restored copy moved next to a live path, not yet exchanged with it.
+    pending: bool,
+    /// Worlds that are new.
+    new_worlds: usize,
+}
+
+impl RestoreStates {
+    /// Fails unless every world path holds the whole old or the whole new world, and every included file
+    /// the old or the new file; a world replaced must be kept aside whole. Says how many are which.
+    fn check(&self, data: &Path) -> Result<Seen> {
+        let mut seen = Seen::default();
+        let names: Vec<String> = std::fs::read_dir(data)?
+            .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+            .collect::<Result<_, _>>()?;
+        for (world, old, new) in &self.worlds {
+            let live = tree(&data.join(world)).with_context(|| format!("{world} is missing"))?;
+            let asides: Vec<Tree> = names
+                .iter()
+                .filter(|n| n.starts_with(&format!("{world}.before-restore-")))
+                .map(|n| tree(&data.join(n)))
+                .collect::<Result<_>>()?;
+            if live == *new {
+                seen.new += 1;
+                seen.new_worlds += 1;
+                ensure!(asides.iter().any(|t| t == old), "{world} was replaced but the old world is not kept aside");
+            } else if live == *old {
+                seen.old += 1;
+                seen.pending |= asides.iter().any(|t| t == new);
+            } else {
+                anyhow::bail!("{world} is neither the old nor the new world: {:?}", live.keys().collect::<Vec<_>>());
+            }
+        }
+        for (path, old, new) in &self.files {
+            let live = std::fs::read(data.join(path)).with_context(|| format!("{path} is missing"))?;
+            if live == *new {
+                seen.new += 1;
+            } else if live == *old {
+                seen.old += 1;
+            } else {
+                anyhow::bail!("{path} is neither the old nor the new file");
+            }
+        }
+        Ok(seen)
+    }
+}
+
+/// Copies the tree at `from` to `to` (files and directories only).
+fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), target)?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn a_restore_killed_at_any_point_of_its_swap_leaves_each_world_old_or_new() -> Result<()> {
+    let root = tempfile::Builder::new().prefix("atlas-restore-kill-").tempdir()?;
+    let root = root.path();
+    let template = root.join("template");
+    let worlds = ["world", "world_nether", "world_the_end"];
+    // Many included files: the swap replaces them one by one, after the worlds, so it lasts long enough for
+    // kills to land inside it.
+    let configs = 800;
+    let write = |data: &Path, what: &str| -> Result<()> {
+        std::fs::create_dir_all(data)?;
+        std::fs::write(data.join("server.properties"), "level-name=world\n")?;
+        for world in worlds {
+            std::fs::create_dir_all(data.join(world).join("region"))?;
+            std::fs::write(data.join(world).join("level.dat"), format!("{what} level of {world}"))?;
+            for i in 0..10 {
+                std::fs::write(data.join(world).join(format!("region/r.{i}.0.mca")), format!("{what} {world} {i}"))?;
+            }
+        }
+        std::fs::create_dir_all(data.join("config"))?;
+        for i in 0..configs {
+            std::fs::write(data.join(format!("config/c{i:03}.toml")), format!("{what} config {i}"))?;
+        }
+        Ok(())
+    };
+    write(&template, "new")?;
+    let spec = root.join("server.yaml");
+    std::fs::write(
+        &spec,
+        format!(
+            "eula: true\nserver: {{type: vanilla}}\nbackup:\n  store: {{local: {{path: \"{}\"}}}}\n  include: [\"config/**\"]\n",
+            root.join("store").display()
+        ),
+    )?;
+    let cli = |subcommand: &str, data: &Path, args: &[&str]| {
+        let mut command = Command::new(binary());
+        command.args(["backup", subcommand, "--spec"]).arg(&spec).arg("--data").arg(data).args(args);
+        command
+    };
+    let created: Manifest = serde_json::from_str(&ok(cli("create", &template, &["--json"]).output()?, "create")?)?;
+    assert_eq!(created.worlds, worlds);
+    let new: Vec<Tree> = worlds.iter().map(|w| tree(&template.join(w))).collect::<Result<_>>()?;
+    // The live data dir moves on: every file changes, the overworld gains a file, the nether loses one.
+    write(&template, "old")?;
+    std::fs::write(template.join("world/old-only.dat"), "old")?;
+    std::fs::remove_file(template.join("world_nether/region/r.9.0.mca"))?;
+    std::fs::remove_dir_all(template.join(".atlas"))?;
+    let states = RestoreStates {
+        worlds: worlds
+            .iter()
+            .zip(new)
+            .map(|(w, new)| Ok((w.to_string(), tree(&template.join(w))?, new)))
+            .collect::<Result<_>>()?,
+        files: (0..configs)
+            .map(|i| {
+                let path = format!("config/c{i:03}.toml");
+                Ok((path.clone(), std::fs::read(template.join(&path))?, format!("new config {i}").into_bytes()))
+            })
+            .collect::<Result<_>>()?,
+    };
+    let total = states.worlds.len() + states.files.len();
+
+    // `backup restore` with no runner on the data dir: it logs "replacing the world" just before the swap.
+    let restore = |data: &Path| -> Result<(std::process::Child, std::sync::mpsc::Receiver<std::time::Instant>)> {
+        let mut child = cli("restore", data, &[&created.name])
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        let stderr = child.stderr.take().context("stderr")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("replacing the world") {
+                    let _ = tx.send(std::time::Instant::now());
+                }
+            }
+        });
+        Ok((child, rx))
+    };
+
+    // One undisturbed run measures the whole restore and the swap at its end.
+    let data = root.join("data-0");
+    copy_tree(&template, &data)?;
+    let started = std::time::Instant::now();
+    let (mut child, swapping) = restore(&data)?;
+    ensure!(child.wait()?.success(), "an undisturbed restore failed");
+    let ended = std::time::Instant::now();
+    let (full, swap) = (ended - started, ended - swapping.recv_timeout(Duration::from_secs(5))?);
+    let seen = states.check(&data)?;
+    ensure!(seen.new == total, "an undisturbed restore left {seen:?}");
+
+    // Half the kills spread over the whole restore (download and extraction leave the old world), half
+    // aimed at the swap; should none have landed inside a swap, more runs aim at it, up to 40.
+    use std::os::unix::process::ExitStatusExt;
+    let runs = 40;
+    let (mut before, mut inside, mut after, mut among_worlds) = (0, 0, 0, 0);
+    for n in 1..=runs * 2 {
+        let aimed = n > runs;
+        if aimed && inside > 0 {
+            break;
+        }
+        let data = root.join(format!("data-{n}"));
+        copy_tree(&template, &data)?;
+        let (mut child, swapping) = restore(&data)?;
+        if n % 2 == 0 && !aimed {
+            std::thread::sleep(full.mul_f64(n as f64 / runs as f64));
+        } else if let Ok(at) = swapping.recv_timeout(Duration::from_secs(30)) {
+            let offset = swap.mul_f64(1.2 * (n % runs) as f64 / runs as f64);
+            std::thread::sleep(offset.saturating_sub(at.elapsed()));
+        }
+        let _ = child.kill(); // SIGKILL
+        let status = child.wait()?;
+        let seen = states.check(&data).with_context(|| format!("run {n}, killed: {:?}", status.signal()))?;
+        match (seen.new, seen.old) {
+            (0, _) if !seen.pending => before += 1,
+            (new, 0) if new == total => after += 1,
+            _ => inside += 1,
+        }
+        // Worlds are swapped first: a kill between two of them leaves some worlds new and some old.
+        if seen.new_worlds < states.worlds.len() && (seen.new_worlds > 0 || seen.pending) {
+            among_worlds += 1;
+        }
+        let _ = std::fs::remove_dir_all(&data);
+    }
+    eprintln!(
+        "kill -9 over {full:?} (swap {swap:?}): {before} before the swap, {inside} inside it ({among_worlds} among the \
+         worlds), {after} after it"
+    );
+    ensure!(before > 0, "no kill landed before the swap");
+    ensure!(inside > 0, "no kill landed inside a swap");
     Ok(())
 }

@@ -191,7 +191,7 @@ fn invalid_specs() -> Vec<Case> {
             vec![("spec/jvm/heap", Value::Null), ("spec/jvm/heapPercent", json!(120))],
             &["spec.jvm.heapPercent", "95"],
         ),
-        case("heap not a JVM size", vec![("spec/jvm/heap", json!("4GB"))], &["spec.jvm.heap"]),
+        case("heap not a JVM size", vec![("spec/jvm/heap", json!("4GB"))], &["spec.jvm.heap", "should match"]),
         case("rcon port privileged", vec![("spec/rcon/port", json!(80))], &["spec.rcon.port", "1024"]),
         case("game port out of range", vec![("spec/service/port", json!(70000))], &["spec.service.port", "65535"]),
         case(
@@ -206,8 +206,16 @@ fn invalid_specs() -> Vec<Case> {
             &["spec.server.jar", "relative path"],
         ),
         case("jar on vanilla", vec![("spec/server/jar", json!("x.jar"))], &["spec.server.jar", "only allowed"]),
-        case("sha256 not hex", vec![("spec/pack/source/url/sha256", json!("abc"))], &["spec.pack.source.url.sha256"]),
-        case("preserve absolute", vec![("spec/pack/preserve", json!(["/etc/passwd"]))], &["spec.pack.preserve"]),
+        case(
+            "sha256 not hex",
+            vec![("spec/pack/source/url/sha256", json!("abc"))],
+            &["spec.pack.source.url.sha256", "should match '^[0-9a-f]{64}$'"],
+        ),
+        case(
+            "preserve absolute",
+            vec![("spec/pack/preserve", json!(["/etc/passwd"]))],
+            &["spec.pack.preserve", "relative to the data directory"],
+        ),
         case(
             "rcon password in properties",
             vec![("spec/properties/rcon.password", json!("x"))],
@@ -218,15 +226,31 @@ fn invalid_specs() -> Vec<Case> {
             vec![("spec/properties/max-players", json!(20))],
             &["spec.properties.max-players", "string"],
         ),
-        case("keepLast zero", vec![("spec/backup/retention/keepLast", json!(0))], &["spec.backup.retention.keepLast"]),
+        case(
+            "keepLast zero",
+            vec![("spec/backup/retention/keepLast", json!(0))],
+            &["spec.backup.retention.keepLast", "greater than or equal to 1"],
+        ),
         case(
             "two backup stores",
             vec![("spec/backup/store/s3", json!({"bucket": "backups"}))],
             &["spec.backup.store", "exactly one of s3 or local"],
         ),
-        case("schedule not cron", vec![("spec/backup/schedule", json!("every hour"))], &["spec.backup.schedule"]),
-        case("nodePort on ClusterIP", vec![("spec/service/nodePort", json!(30001))], &["spec.service.nodePort"]),
-        case("storage size not a quantity", vec![("spec/storage/size", json!("ten gigs"))], &["spec.storage.size"]),
+        case(
+            "schedule not cron",
+            vec![("spec/backup/schedule", json!("every hour"))],
+            &["spec.backup.schedule", "should match"],
+        ),
+        case(
+            "nodePort on ClusterIP",
+            vec![("spec/service/nodePort", json!(30001))],
+            &["spec.service.nodePort", "needs type NodePort or LoadBalancer"],
+        ),
+        case(
+            "storage size not a quantity",
+            vec![("spec/storage/size", json!("ten gigs"))],
+            &["spec.storage.size", "should match"],
+        ),
         case("unknown field", vec![("spec/replicas", json!(2))], &["spec.replicas", "not declared in schema"]),
         case("name too long for a StatefulSet", vec![("metadata/name", json!(long_name))], &["metadata.name", "52"]),
     ]

@@ -441,7 +441,7 @@ fn bad_archives() -> Result<Vec<BadArchive>> {
                 c[mid + 1] ^= 0x55;
                 c
             },
-            "",
+            "read archive",
             d.clone(),
         ),
         ("garbage.tar.zst", b"this is not zstd at all".to_vec(), "read archive", d.clone()),

@@ -103,6 +103,7 @@ fn a_held_data_dir_and_a_missing_previous_version_are_one_line_errors() -> Resul
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("no previous pack version to roll back to"), "{err}");
 
     let held = lock(&lock_path(&data))?;
     let out = atlas(&["pack", "status", "--data", &s])?;

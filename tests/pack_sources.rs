@@ -234,9 +234,12 @@ async fn url_plain_zip_takes_the_pinned_version() -> Result<()> {
     let source = url_source(format!("http://{addr}/packs/plugins.zip"), sha256_hex(&archive));
     let unpinned = fetch(&source, None, &options(data.path())).await?;
     ensure!(unpinned.format == ArchiveFormat::Zip && unpinned.version.is_none());
-    // Without atlas-pack.json and without a pin, the store cannot name the version.
+    // Without atlas-pack.json and without a pin, the digest names the version (provisioning uses it).
+    let by_digest = format!("sha256-{}", &sha256_hex(&archive)[..12]);
+    ensure!(unpinned.fallback_version.as_ref().map(PackVersion::as_str) == Some(by_digest.as_str()));
+    // Staged with neither, the store cannot name the version.
     let refused = stage_and_apply(data.path(), &unpinned).err().context("staged without a version")?;
-    ensure!(refused.to_string().contains("a version must be given"), "{refused:#}");
+    ensure!(refused.to_string().contains("set spec.pack.version"), "{refused:#}");
     let pinned = fetch(&source, Some("3.0.0"), &options(data.path())).await?;
     ensure!(pinned.version.as_ref().map(PackVersion::as_str) == Some("3.0.0") && pinned.bytes_downloaded == 0);
     ensure!(stage_and_apply(data.path(), &pinned)?.as_str() == "3.0.0");
@@ -527,10 +530,9 @@ async fn cdn(State(cdn): State<Cdn>, uri: Uri, headers: HeaderMap) -> Response {
 
 #[tokio::test]
 async fn mrpack_end_to_end() -> Result<()> {
+    // Bound first and kept: the index names URLs on its address.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    drop(listener);
-    // Reserve the address first: the index names URLs on it. Rebinding right away is safe on loopback.
     let jar = b"fabric jar with a plus".as_slice();
     let lib = b"library jar".as_slice();
     let client_only = b"client only".as_slice();
@@ -564,7 +566,6 @@ async fn mrpack_end_to_end() -> Result<()> {
         ("/packs/test.mrpack".to_owned(), mrpack.clone()),
     ]
     .into();
-    let listener = tokio::net::TcpListener::bind(addr).await?;
     let seen = Seen::default();
     let router = Router::new().fallback(cdn).with_state(Cdn { seen: seen.clone(), files: Arc::new(files) });
     tokio::spawn(async move { axum::serve(listener, router).await });
@@ -615,9 +616,9 @@ async fn mrpack_end_to_end() -> Result<()> {
 async fn mrpack_refuses_a_file_with_a_wrong_sha512() -> Result<()> {
     let good = b"good".as_slice();
     let evil = b"evil".as_slice();
+    // Bound first and kept: the index names URLs on its address.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    drop(listener);
     let mut bad = index_file("mods/bad.jar", good, "required", &[format!("http://{addr}/cdn/bad.jar")]);
     bad["hashes"]["sha1"] = serde_json::json!(sha1_hex(evil));
     let index = serde_json::json!({
@@ -627,7 +628,6 @@ async fn mrpack_refuses_a_file_with_a_wrong_sha512() -> Result<()> {
     let mrpack = zip_of(&[("modrinth.index.json", index.to_string().as_bytes())])?;
     let files: BTreeMap<String, Bytes> =
         [("/cdn/bad.jar".to_owned(), Bytes::from_static(evil)), ("/p.mrpack".to_owned(), mrpack)].into();
-    let listener = tokio::net::TcpListener::bind(addr).await?;
     let router = Router::new().fallback(cdn).with_state(Cdn { seen: Seen::default(), files: Arc::new(files) });
     tokio::spawn(async move { axum::serve(listener, router).await });
 

@@ -5,17 +5,15 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use atlas_runner::rcon::{MAX_COMMAND_LEN, PlayerList, Rcon, RconClient, RconError, parse_list};
 use atlas_testbed::{free_port, unique};
-use common::{fake_server_jar, java_tool, region_generation, run_tool};
+use common::{FakeServer, region_generation, run_tool};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const PASSWORD: &str = "s3cret-rcon";
@@ -23,7 +21,7 @@ const PASSWORD: &str = "s3cret-rcon";
 const RCON_TIMEOUT: Duration = Duration::from_secs(10);
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
-// ---- The fake server: build, data dir, process guard ----
+// ---- The fake server's data dir ----
 
 /// A server data dir with a `server.properties` on free loopback ports; removed on drop.
 struct DataDir {
@@ -61,99 +59,6 @@ impl Drop for DataDir {
     }
 }
 
-/// A running fake server; killed (and reaped) on drop, whatever the test's outcome.
-struct FakeServer {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl FakeServer {
-    /// Starts `java -jar fake-server.jar nogui` in `data` and waits until RCON listens.
-    fn start(data: &DataDir) -> Result<Self> {
-        let mut child = Command::new(java_tool("java")?)
-            .args(["-Xmx64m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1", "-jar"])
-            .arg(fake_server_jar()?)
-            .arg("nogui")
-            .current_dir(&data.path)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("start the fake server")?;
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let stdout = child.stdout.take().context("fake server stdout")?;
-        let stderr = child.stderr.take().context("fake server stderr")?;
-        collect_lines(stdout, "", log.clone());
-        collect_lines(stderr, "stderr: ", log.clone());
-        let stdin = child.stdin.take();
-        let mut server = Self { child, stdin, log };
-        server.wait_for_line("Done (", START_TIMEOUT)?;
-        // Like vanilla, RCON starts listening only after "Done".
-        server.wait_for_line("RCON running on", START_TIMEOUT)?;
-        Ok(server)
-    }
-
-    fn log_text(&self) -> String {
-        self.log.lock().map(|lines| lines.join("\n")).unwrap_or_default()
-    }
-
-    /// Polls the output until a line contains `needle`; fails early if the process exits.
-    fn wait_for_line(&mut self, needle: &str, timeout: Duration) -> Result<String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let found = self.log.lock().ok().and_then(|lines| lines.iter().find(|l| l.contains(needle)).cloned());
-            if let Some(line) = found {
-                return Ok(line);
-            }
-            if let Some(status) = self.child.try_wait()? {
-                bail!("fake server exited ({status}) before printing {needle:?}:\n{}", self.log_text());
-            }
-            if Instant::now() > deadline {
-                bail!("fake server did not print {needle:?} within {timeout:?}:\n{}", self.log_text());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn wait_for_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                return Ok(status);
-            }
-            if Instant::now() > deadline {
-                bail!("fake server still running after {timeout:?}:\n{}", self.log_text());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn console(&mut self, command: &str) -> Result<()> {
-        let stdin = self.stdin.as_mut().context("fake server stdin is closed")?;
-        writeln!(stdin, "{command}")?;
-        Ok(stdin.flush()?)
-    }
-}
-
-impl Drop for FakeServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn collect_lines(stream: impl Read + Send + 'static, prefix: &'static str, log: Arc<Mutex<Vec<String>>>) {
-    std::thread::spawn(move || {
-        for line in BufReader::new(stream).lines() {
-            let Ok(line) = line else { break };
-            if let Ok(mut lines) = log.lock() {
-                lines.push(format!("{prefix}{line}"));
-            }
-        }
-    });
-}
-
 /// The reply `echo-long count` must produce (mirrors `FakeServer.echoLine`).
 fn echo_long(count: usize) -> String {
     (1..=count)
@@ -167,7 +72,7 @@ fn echo_long(count: usize) -> String {
 #[tokio::test]
 async fn login_list_and_fake_joins() -> Result<()> {
     let data = DataDir::new()?;
-    let _server = FakeServer::start(&data)?;
+    let _server = FakeServer::start(&data.path)?;
     let mut client = RconClient::connect(data.rcon_addr(), PASSWORD, RCON_TIMEOUT).await?;
 
     let empty = client.command("list").await?;
@@ -195,22 +100,36 @@ async fn login_list_and_fake_joins() -> Result<()> {
 #[tokio::test]
 async fn wrong_password_is_refused() -> Result<()> {
     let data = DataDir::new()?;
-    let _server = FakeServer::start(&data)?;
+    let server = FakeServer::start(&data.path)?;
+    // The fake logs each RCON connection when it opens and when it closes, as vanilla does.
+    let connections = |what: &str| {
+        server.log_lines().iter().filter(|l| l.contains("Thread RCON Client") && l.ends_with(what)).count()
+    };
     let err = RconClient::connect(data.rcon_addr(), "not-the-password", RCON_TIMEOUT).await;
     match err {
         Err(err @ RconError::Auth) => assert_eq!(err.category(), "auth"),
         other => bail!("expected an auth error, got {other:?}"),
     }
-    // The handle reports the same, and does not retry a refused password.
+    // The handle reports the same, and does not retry a refused password: one connection, not two.
     let rcon = Rcon::new(data.rcon_addr(), String::new(), RCON_TIMEOUT);
     assert!(matches!(rcon.command("list").await, Err(RconError::Auth)));
+    assert!(matches!(rcon.command("list").await, Err(RconError::Auth)), "the second command");
+    // Every connection made is closed by now (the server closes a refused one): wait until the log shows
+    // them all closed, then count them.
+    let deadline = Instant::now() + RCON_TIMEOUT;
+    while connections("shutting down") < connections("started") || connections("started") < 3 {
+        ensure!(Instant::now() < deadline, "connections never closed:\n{}", server.log_text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(connections("started"), 3, "one connection per refused login:\n{}", server.log_text());
     Ok(())
 }
 
 #[tokio::test]
 async fn multi_packet_reply_is_reassembled_exactly() -> Result<()> {
     let data = DataDir::new()?;
-    let _server = FakeServer::start(&data)?;
+    let _server = FakeServer::start(&data.path)?;
     let mut client = RconClient::connect(data.rcon_addr(), PASSWORD, RCON_TIMEOUT).await?;
 
     let expected = echo_long(2000);
@@ -228,7 +147,7 @@ async fn multi_packet_reply_is_reassembled_exactly() -> Result<()> {
 #[tokio::test]
 async fn too_long_command_is_refused_before_sending() -> Result<()> {
     let data = DataDir::new()?;
-    let _server = FakeServer::start(&data)?;
+    let _server = FakeServer::start(&data.path)?;
     let mut client = RconClient::connect(data.rcon_addr(), PASSWORD, RCON_TIMEOUT).await?;
 
     let too_long = format!("say {}", "a".repeat(MAX_COMMAND_LEN - 3));
@@ -249,7 +168,7 @@ async fn too_long_command_is_refused_before_sending() -> Result<()> {
 #[tokio::test]
 async fn rcon_reconnects_after_the_server_restarts() -> Result<()> {
     let data = DataDir::new()?;
-    let mut first = FakeServer::start(&data)?;
+    let mut first = FakeServer::start(&data.path)?;
     let rcon = Rcon::new(data.rcon_addr(), PASSWORD.to_owned(), RCON_TIMEOUT);
     assert_eq!(rcon.addr(), data.rcon_addr());
     rcon.command("fake-join Alice").await?;
@@ -260,7 +179,7 @@ async fn rcon_reconnects_after_the_server_restarts() -> Result<()> {
     assert!(first.wait_for_exit(START_TIMEOUT)?.success(), "{}", first.log_text());
     drop(first);
 
-    let second = FakeServer::start(&data)?;
+    let second = FakeServer::start(&data.path)?;
     let list = parse_list(&rcon.command("list").await?);
     assert_eq!(list.map(|l| l.online), Some(0), "the handle talks to the new server");
 
@@ -269,7 +188,7 @@ async fn rcon_reconnects_after_the_server_restarts() -> Result<()> {
     let down = rcon.command("list").await;
     assert!(matches!(&down, Err(RconError::Connect { .. })), "{down:?}");
 
-    let _third = FakeServer::start(&data)?;
+    let _third = FakeServer::start(&data.path)?;
     assert!(rcon.command("list").await?.starts_with("There are 0"));
     // Clones share the connection.
     assert!(rcon.clone().command("list").await?.starts_with("There are 0"));
@@ -348,7 +267,7 @@ async fn command_times_out_when_the_server_stops_answering() -> Result<()> {
 #[tokio::test]
 async fn fake_server_saves_only_while_saving_is_on() -> Result<()> {
     let data = DataDir::new()?;
-    let mut server = FakeServer::start(&data)?;
+    let mut server = FakeServer::start(&data.path)?;
     let rcon = Rcon::new(data.rcon_addr(), PASSWORD.to_owned(), RCON_TIMEOUT);
     let region = data.region_file();
 
@@ -441,7 +360,7 @@ print(json.dumps({"list": listing, "echo": echoed}))
 async fn real_mcrcon_client_agrees_with_the_fixture() -> Result<()> {
     let python = mcrcon_python()?;
     let data = DataDir::new()?;
-    let _server = FakeServer::start(&data)?;
+    let _server = FakeServer::start(&data.path)?;
     let out = Command::new(python)
         .args(["-c", MCRCON_SCRIPT, "127.0.0.1", &data.rcon_port.to_string(), PASSWORD])
         .output()

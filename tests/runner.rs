@@ -40,6 +40,23 @@ fn starts_to_ready_and_answers_status_console_and_logs() -> Result<()> {
     assert!(list.status.success(), "{}", String::from_utf8_lossy(&list.stderr));
     assert!(stdout(&list).contains("There are 0 of a max of 20 players online"), "{}", stdout(&list));
 
+    // The options after the command, as `logs` and `status` take them.
+    let after =
+        Command::new(common::binary()).args(["console", "list", "--json", "--data"]).arg(&fixture.data).output()?;
+    assert!(after.status.success(), "{}", String::from_utf8_lossy(&after.stderr));
+    let reply: serde_json::Value = serde_json::from_slice(&after.stdout)?;
+    assert!(reply["output"].as_str().is_some_and(|o| o.contains("There are 0 of a max")), "{reply}");
+    // Words after `--` are the command's, even when they look like options.
+    let literal = Command::new(common::binary())
+        .args(["console", "--data"])
+        .arg(&fixture.data)
+        .args(["--", "say", "--json", "is", "a", "word"])
+        .output()?;
+    assert!(literal.status.success(), "{}", String::from_utf8_lossy(&literal.stderr));
+    wait_for("the said line in the log", Duration::from_secs(10), || {
+        stdout(&cli(&fixture.data, &["logs", "--tail", "50"]).ok()?).contains("--json is a word").then_some(())
+    })?;
+
     cli(&fixture.data, &["console", "fake-join", "alice"])?;
     let status = runner.wait_status("alice online", Duration::from_secs(10), |s| s["playersOnline"] == 1)?;
     assert_eq!(status["playerNames"][0], "alice");
@@ -175,8 +192,24 @@ fn a_server_that_hangs_on_stop_is_killed_after_the_timeouts() -> Result<()> {
     assert_eq!(status["phase"], "Stopped");
     assert_eq!(status["lastExitReason"], "killed_on_stop");
     // RCON stop, stdin stop and SIGTERM each waited their second before SIGKILL.
-    assert!(took >= Duration::from_secs(2), "stopped too fast: {took:?}");
+    assert!(took >= Duration::from_secs(3), "stopped too fast: {took:?}");
     assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "the JVM is still alive");
+    // The stages in order: the server saw the RCON stop, then the stdin stop (its console's own line, not
+    // RCON's), then the runner gave up on SIGTERM.
+    let messages: Vec<String> = runner.logs().iter().filter_map(|l| l["message"].as_str().map(str::to_owned)).collect();
+    let stages = [
+        "[Rcon: Stopping the server]",
+        "server ignored RCON stop; trying stdin",
+        "]: Stopping the server",
+        "server ignored stop on stdin; sending SIGTERM",
+        "server ignored SIGTERM; sending SIGKILL",
+    ];
+    let at: Vec<Option<usize>> = stages.iter().map(|stage| messages.iter().position(|m| m.contains(stage))).collect();
+    assert!(
+        at.windows(2).all(|w| matches!(w, [Some(a), Some(b)] if a < b)),
+        "stages out of order or missing ({at:?}):\n{}",
+        messages.join("\n")
+    );
     Ok(())
 }
 
@@ -530,13 +563,23 @@ fn a_new_pack_version_whose_server_crashes_before_ready_is_rolled_back() -> Resu
     assert!(stdout(&out).contains("pack:      1.0.0"), "{}", stdout(&out));
     assert_eq!(back["lastExitReason"], "crash");
 
-    // A later crash of the old version's server restarts it without applying the failed pack again.
+    // A later crash of the old version's server restarts it without applying the failed pack again. Had it
+    // been applied, its server would have crashed and been rolled back, ending as above: so count the swaps,
+    // rollbacks and starts as well.
+    let counts = |runner: &Runner| {
+        ["pack swapped in", "rolling the pack back", "server process started"].map(|line| runner.logs_with(line).len())
+    };
+    let before = counts(&runner);
+    assert_eq!(before, [3, 1, 3], "1.0.0 applied, 2.0.0 applied and rolled back, three servers started");
     cli(&fixture.data, &["console", "crash"])?;
     runner.wait_status("a restart after the crash", Duration::from_secs(60), |s| {
         s["phase"] == "Running" && s["pid"] != back["pid"]
     })?;
     assert_eq!(runner.status()?["packVersion"], "1.0.0");
     assert_eq!(std::fs::read(fixture.data.join("mods/a.jar"))?, b"a-1");
+    assert_eq!(counts(&runner), [before[0], before[1], before[2] + 1], "the crash restart swapped packs");
+    let (_, metrics) = http_get(&runner.metrics_addr, "/metrics")?;
+    assert!(metrics.contains("atlas_pack_rollbacks_total{reason=\"crash\"} 1"), "{metrics}");
     Ok(())
 }
 
@@ -607,7 +650,7 @@ fn a_followed_hub_channel_is_updated_automatically_once_nobody_is_online() -> Re
     std::fs::create_dir_all(&dir)?;
     let v1 = fake_server_pack(&dir, "1.0.0", &[("mods/a.jar", b"a-1")])?;
     let v2 = fake_server_pack(&dir, "2.0.0", &[("mods/a.jar", b"a-2")])?;
-    let (base, hub) = common::serve_changing_files()?;
+    let (base, hub, requests) = common::serve_changing_files_logged()?;
     // The channel names `version`, whose answer describes `described`; the hub serves `served` as its blob.
     let publish_as = |version: &str, served: &[u8], described: &[u8]| -> Result<()> {
         let mut files = hub.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
@@ -660,6 +703,11 @@ fn a_followed_hub_channel_is_updated_automatically_once_nobody_is_online() -> Re
     let v3 = fake_server_pack(&dir, "3.0.0", &[("mods/a.jar", b"a-3")])?;
     publish("3.0.0", &v3)?;
     runner.wait_status("3.0.0 reported", Duration::from_secs(30), |s| s["packUpdateAvailable"] == "3.0.0")?;
+    let blobs_fetched = || -> Vec<String> {
+        requests.lock().map(|r| r.iter().filter(|p| p.starts_with("/blobs/")).cloned().collect()).unwrap_or_default()
+    };
+    let fetched_before = blobs_fetched();
+    assert!(!fetched_before.iter().any(|p| p.contains("3.0.0")), "3.0.0 was fetched with a player online");
     write_spec_with_pack_source(
         &fixture,
         &format!("hub: {{url: \"{base}\", pack: server, channel: stable}}"),
@@ -669,6 +717,13 @@ fn a_followed_hub_channel_is_updated_automatically_once_nobody_is_online() -> Re
         (!runner.logs_with("spec.pack.update.mode is manual").is_empty()).then_some(())
     })?;
     assert_eq!(runner.logs_with("only spec.pack.update, taken without a restart").len(), 1);
+    // Two more checks (1 s apart) find 3.0.0 again and fetch nothing either.
+    let checks = requests.lock().map(|r| r.iter().filter(|p| *p == CHANNEL).count()).unwrap_or_default();
+    wait_for("two more channel checks", Duration::from_secs(20), || {
+        let now = requests.lock().map(|r| r.iter().filter(|p| *p == CHANNEL).count()).unwrap_or_default();
+        (now >= checks + 2).then_some(())
+    })?;
+    assert_eq!(blobs_fetched(), fetched_before, "switching to manual mode fetched a pack");
     let manual = runner.status()?;
     assert_eq!(
         (manual["phase"].clone(), manual["pid"].clone(), manual["packVersion"].clone()),

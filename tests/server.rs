@@ -1,8 +1,8 @@
 //! Server software resolution against loopback stand-ins for Mojang's, PaperMC's and Fabric's APIs
-//! (serving the real document shapes), and Java selection against this machine's Java installs.
+//! (serving the real document shapes), and Java selection among Java homes the tests make.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -187,16 +187,18 @@ async fn serve(State(api): State<Arc<Api>>, headers: HeaderMap, uri: Uri) -> Res
     (StatusCode::NOT_FOUND, format!("no stand-in for {path}")).into_response()
 }
 
-/// A base URL where nothing listens.
-async fn unreachable_urls() -> Result<BaseUrls> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let base = format!("http://{}", listener.local_addr()?);
-    drop(listener);
-    Ok(BaseUrls {
+/// Base URLs where nothing listens, and the socket that holds their port: bound but never listening, so
+/// every connection is refused and no other socket can take the port while the test runs.
+fn unreachable_urls() -> Result<(BaseUrls, tokio::net::TcpSocket)> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind("127.0.0.1:0".parse()?)?;
+    let base = format!("http://{}", socket.local_addr()?);
+    let urls = BaseUrls {
         mojang_manifest: format!("{base}/mojang/version_manifest_v2.json"),
         paper_api: format!("{base}/paper"),
         fabric_meta: format!("{base}/fabric"),
-    })
+    };
+    Ok((urls, socket))
 }
 
 /// A fresh directory with an empty `data/` in it, removed when the returned guard drops.
@@ -342,7 +344,8 @@ async fn unreachable_api_starts_from_the_cached_jar() -> Result<()> {
     let paper = online.resolve(&spec(ServerType::Paper, "1.21.4"), &data).await?;
     let vanilla = online.resolve(&spec(ServerType::Vanilla, "latest"), &data).await?;
 
-    let offline = resolver(unreachable_urls().await?, dir)?;
+    let (urls, _closed) = unreachable_urls()?;
+    let offline = resolver(urls, dir)?;
     assert_eq!(offline.resolve(&spec(ServerType::Paper, "1.21.4"), &data).await?, paper);
     // `latest` offline is the most recently resolved version of that software.
     assert_eq!(offline.resolve(&spec(ServerType::Paper, "latest"), &data).await?, paper);
@@ -355,7 +358,7 @@ async fn unreachable_api_starts_from_the_cached_jar() -> Result<()> {
 async fn unreachable_api_without_a_cached_jar_is_a_clear_transient_error() -> Result<()> {
     let tmp = fresh_dir("offline-empty")?;
     let dir = tmp.path();
-    let urls = unreachable_urls().await?;
+    let (urls, _closed) = unreachable_urls()?;
     let err = match resolver(urls.clone(), dir)?.resolve(&spec(ServerType::Vanilla, "1.21.4"), &dir.join("data")).await
     {
         Ok(r) => bail!("resolved without an API or a cache: {r:?}"),
@@ -401,37 +404,97 @@ async fn custom_jar_is_taken_from_the_data_dir_with_the_versions_java() -> Resul
     assert_eq!((resolved.minecraft_version.as_str(), resolved.java_major), ("26.2", 25));
     assert_eq!(resolved.sha256, sha256_hex(b"custom jar"));
 
-    let offline = resolver(unreachable_urls().await?, dir)?;
+    let (urls, _closed) = unreachable_urls()?;
+    let offline = resolver(urls, dir)?;
     let latest = ServerSpec { version: "latest".into(), ..custom };
     let resolved = offline.resolve(&latest, &data).await?;
     assert_eq!((resolved.minecraft_version.as_str(), resolved.java_major), ("unknown", 21));
     Ok(())
 }
 
-fn system_java() -> JavaSearch {
-    JavaSearch { java_home: None, paths: vec![], jvm_dirs: vec!["/usr/lib/jvm".into()], path_var: None }
+/// A Java home `name` under `jvm`: a `bin/java` script printing what `java -version` prints for `version`,
+/// and, with `release`, the `release` file a JDK ships. Returns the `java` binary's canonical path.
+fn java_home(jvm: &Path, name: &str, version: &str, release: bool) -> Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let home = jvm.join(name);
+    std::fs::create_dir_all(home.join("bin"))?;
+    if release {
+        std::fs::write(
+            home.join("release"),
+            format!("IMPLEMENTOR=\"Test\"\nJAVA_VERSION=\"{version}\"\nOS_NAME=\"Linux\"\n"),
+        )?;
+    }
+    let java = home.join("bin/java");
+    std::fs::write(
+        &java,
+        format!(
+            "#!/bin/sh\necho 'openjdk version \"{version}\" 2025-04-15' >&2\necho 'OpenJDK Runtime Environment' >&2\n"
+        ),
+    )?;
+    std::fs::set_permissions(&java, std::fs::Permissions::from_mode(0o755))?;
+    Ok(std::fs::canonicalize(java)?)
+}
+
+/// A search of `jvm` only: this machine's own Javas (`JAVA_HOME`, `/usr/lib/jvm`, `PATH`) play no part.
+fn only(jvm: &Path) -> JavaSearch {
+    JavaSearch { java_home: None, paths: vec![], jvm_dirs: vec![jvm.to_owned()], path_var: None }
 }
 
 #[test]
 fn find_java_picks_the_exact_major_or_the_oldest_newer_one() -> Result<()> {
-    let java17 = find_java(17, &system_java())?;
-    assert_eq!(java17.major, 17);
-    assert!(java17.path.starts_with("/usr/lib/jvm/java-17-openjdk-amd64"), "{}", java17.path.display());
-    let for21 = find_java(21, &system_java())?;
-    assert_eq!(for21.major, 25);
-    assert!(for21.path.starts_with("/usr/lib/jvm/temurin-25-jdk-amd64"), "{}", for21.path.display());
+    let tmp = tempfile::Builder::new().prefix("atlas-server-it-java-").tempdir()?;
+    let jvm = tmp.path().join("jvm");
+    let java17 = java_home(&jvm, "java-17-openjdk", "17.0.15", true)?;
+    let java25 = java_home(&jvm, "temurin-25-jdk", "25.0.1", true)?;
+    let chosen = |major: u32| -> Result<(u32, PathBuf)> {
+        let java = find_java(major, &only(&jvm))?;
+        Ok((java.major, java.path))
+    };
+    assert_eq!(chosen(17)?, (17, java17.clone()));
+    assert_eq!(chosen(25)?, (25, java25.clone()));
+    // No 21: the oldest newer one, not the newest.
+    java_home(&jvm, "zulu-26", "26", true)?;
+    assert_eq!(chosen(21)?, (25, java25.clone()));
+
+    // A 21 without a `release` file is known by running `java -version`, and then wins for 21.
+    let java21 = java_home(&jvm, "jdk-21-no-release", "21.0.2", false)?;
+    assert_eq!(chosen(21)?, (21, java21.clone()));
+    assert_eq!(chosen(18)?, (21, java21.clone()));
+    assert_eq!(chosen(17)?, (17, java17.clone()));
+    assert_eq!(chosen(25)?, (25, java25.clone()));
+
+    // JAVA_HOME comes before the directories searched when both have the major needed.
+    let elsewhere = tmp.path().join("elsewhere");
+    let home25 = java_home(&elsewhere, "my-25", "25.0.2", true)?;
+    let search = JavaSearch { java_home: home25.parent().and_then(Path::parent).map(Path::to_owned), ..only(&jvm) };
+    assert_eq!(find_java(25, &search)?.path, home25);
+    assert_eq!(find_java(21, &search)?.path, java21);
     Ok(())
 }
 
 #[test]
 fn find_java_names_the_needed_and_found_versions_when_none_fits() -> Result<()> {
-    match find_java(99, &system_java()) {
+    let tmp = tempfile::Builder::new().prefix("atlas-server-it-java-").tempdir()?;
+    let jvm = tmp.path().join("jvm");
+    let java17 = java_home(&jvm, "java-17-openjdk", "17.0.15", true)?;
+    let java21 = java_home(&jvm, "jdk-21", "21.0.2", false)?;
+    // Not a Java home: skipped, not an error.
+    std::fs::create_dir_all(jvm.join("not-a-jdk"))?;
+    match find_java(25, &only(&jvm)) {
         Err(e @ ServerError::FindJava { .. }) => {
             let text = e.to_string();
-            assert!(text.contains("no Java 99") && text.contains("17 (") && text.contains("25 ("), "{text}");
+            assert!(text.contains("no Java 25"), "{text}");
+            for (major, java) in [(17, &java17), (21, &java21)] {
+                assert!(text.contains(&format!("{major} ({})", java.display())), "{major}: {text}");
+            }
             assert_eq!(e.category(), "java");
-            Ok(())
         }
-        other => bail!("expected no Java 99, got {other:?}"),
+        other => bail!("expected no Java 25, got {other:?}"),
     }
+    // Nothing at all: the error says so.
+    match find_java(21, &only(&tmp.path().join("empty"))) {
+        Err(e @ ServerError::FindJava { .. }) => assert!(e.to_string().contains("found: none"), "{e}"),
+        other => bail!("expected no Java at all, got {other:?}"),
+    }
+    Ok(())
 }

@@ -155,7 +155,10 @@ pub struct PackSpec {
     /// Where the pack comes from: exactly one of `hub`, `url` or `mrpack`.
     pub source: PackSource,
 
-    /// Pin to this pack version. Omitted: follow the hub channel (hub sources only).
+    /// Pin to this pack version. Omitted: a hub source follows its channel; an archive with an
+    /// `atlas-pack.json`, or an `.mrpack`, is the version it names; a url archive without one is
+    /// `sha256-` and the first 12 hex digits of its sha256 (`sha256-9f86d081884c`), so a new digest
+    /// is a new version.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 128))]
     pub version: Option<String>,
@@ -451,10 +454,12 @@ pub struct S3Store {
     #[serde(default = "us_east_1")]
     #[schemars(length(min = 1, max = 64))]
     pub region: String,
-    /// Address buckets by path (`endpoint/bucket/key`) rather than by host; most self-hosted
-    /// services need this.
-    #[serde(default)]
-    pub path_style: bool,
+    /// How requests name the bucket: `true`, in the path (`ENDPOINT/BUCKET/KEY`); `false`, in the
+    /// host name (`BUCKET.HOST/KEY`, virtual-hosted style: the service and DNS must answer that
+    /// name). Omitted: in the path when `endpoint` is set, as MinIO, SeaweedFS, Ceph RGW and Garage
+    /// expect unless configured otherwise; in the host name for AWS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_style: Option<bool>,
     /// A Secret with `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY` (operator and agent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret_ref: Option<SecretRef>,

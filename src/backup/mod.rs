@@ -93,6 +93,13 @@ pub enum BackupError {
     RecordVerified { key: String, source: object_store::Error },
     #[error("list the backups")]
     ListBackups { source: StoreError },
+    #[error(
+        "the store took the manifest {key} but does not list it back at {location}, so `backup list` and retention \
+         would never see the backup; {}. Check the bucket, the endpoint and pathStyle (a service that does not read \
+         the bucket from the host name stores such requests elsewhere)",
+        if *removed { "it was deleted again" } else { "deleting it failed too, so its objects may remain there" }
+    )]
+    NotListedBack { key: String, location: String, removed: bool },
     #[error("read the manifest {key}")]
     ReadManifest { key: String, source: object_store::Error },
     #[error("parse the manifest {key}")]
@@ -116,7 +123,7 @@ pub enum BackupError {
     #[error("swap the restored {world} into place (everything changed was put back)")]
     SwapWorld { world: String, source: std::io::Error },
     #[error(
-        "swap the restored {} into place failed, and putting the live files back failed too; the data dir is          half restored: do not start the server until this is fixed by hand: {}",
+        "swap the restored {} into place failed, and putting the live files back failed too; the data dir is half restored: do not start the server until this is fixed by hand: {}",
         path.display(),
         failures.join("; ")
     )]
@@ -144,6 +151,7 @@ impl BackupError {
                 "store"
             }
             Self::ParseManifest { .. } | Self::UnsafeManifest { .. } => "corrupt_manifest",
+            Self::NotListedBack { .. } => "not_listed_back",
             Self::NotFound { .. } => "not_found",
             Self::SizeMismatch { .. }
             | Self::DigestMismatch { .. }
@@ -498,12 +506,26 @@ async fn create_from_mirror(
     };
     // Serializing plain data with string keys cannot fail.
     let body = serde_json::to_vec_pretty(&manifest).unwrap_or_default();
+    let size = body.len() as u64;
     let mkey = manifest_key(name);
     store
         .objects
         .put(&mkey, PutPayload::from(body))
         .await
         .map_err(|source| BackupError::WriteManifest { key: mkey.to_string(), source })?;
+    if let Err(mut error) = listed_back(store, name, size).await {
+        // Whatever the store did with them, these objects are no backup anyone will find: remove them
+        // where they went (a `DELETE` of the key reaches the place its `PUT` did).
+        for key in [&mkey, &key] {
+            if let Err(e) = store.objects.delete(key).await {
+                tracing::warn!(key = %key, error = %e, "could not delete an object of a backup not listed back");
+                if let BackupError::NotListedBack { removed, .. } = &mut error {
+                    *removed = false;
+                }
+            }
+        }
+        return Err(error);
+    }
     tracing::info!(
         backup = %manifest.name,
         files = manifest.files,
@@ -512,6 +534,31 @@ async fn create_from_mirror(
         "backup created"
     );
     Ok(manifest)
+}
+
+/// Finds the manifest just written as [`list`] finds backups, by listing `manifests/`, in one request (the
+/// listing starts at the backup's name). A read of the key itself would not do: a store that files a
+/// misaddressed write under another bucket (an S3 service that does not read the bucket from the host name
+/// takes the first path segment for it) answers a read of the same key from the same wrong place, while the
+/// listing `backup list` and retention make finds nothing.
+async fn listed_back(store: &Store, name: &str, size: u64) -> Result<(), BackupError> {
+    let key = manifest_key(name);
+    let offset = ObjectPath::from(format!("{MANIFEST_DIR}/{name}"));
+    let mut listing = store.objects.list_with_offset(Some(&ObjectPath::from(MANIFEST_DIR)), &offset);
+    let not_listed =
+        || BackupError::NotListedBack { key: key.to_string(), location: store.location.clone(), removed: true };
+    // Sorted by key: past the manifest's key, it is not there.
+    while let Some(meta) =
+        listing.try_next().await.map_err(|source| BackupError::ListBackups { source: store::classify(source) })?
+    {
+        if meta.location == key {
+            return if meta.size == size { Ok(()) } else { Err(not_listed()) };
+        }
+        if meta.location.as_ref() > key.as_ref() {
+            break;
+        }
+    }
+    Err(not_listed())
 }
 
 /// The complete backups in the store, newest first.
@@ -798,6 +845,17 @@ enum SwapStep {
 /// the live one followed by an atomic exchange (`renameat2(RENAME_EXCHANGE)`), so a kill at any point leaves
 /// the live path whole, old or new, never missing. Any failure undoes every step taken.
 fn swap_in(manifest: &Manifest, data_dir: &Path, tree: &Path, stamp: &str) -> Result<Vec<PathBuf>, BackupError> {
+    swap_in_steps(manifest, data_dir, tree, stamp, &mut || {})
+}
+
+/// [`swap_in`] calling `step` before each rename or exchange, so a test can stop it at each one as a kill would.
+fn swap_in_steps(
+    manifest: &Manifest,
+    data_dir: &Path,
+    tree: &Path,
+    stamp: &str,
+    step: &mut dyn FnMut(),
+) -> Result<Vec<PathBuf>, BackupError> {
     // Everything is extracted and checked: from here on the live data directory changes.
     let extras_aside = data_dir.join(".atlas").join(format!("before-restore-{stamp}"));
     let mut steps = Vec::new();
@@ -805,13 +863,13 @@ fn swap_in(manifest: &Manifest, data_dir: &Path, tree: &Path, stamp: &str) -> Re
     let mut swap = || -> Result<(), (PathBuf, std::io::Error)> {
         for world in &manifest.worlds {
             let aside = data_dir.join(format!("{world}.before-restore-{stamp}"));
-            if place(&tree.join(world), &data_dir.join(world), &aside, false, &mut steps)? {
+            if place(&tree.join(world), &data_dir.join(world), &aside, false, &mut steps, step)? {
                 previous.push(aside);
             }
         }
         let mut extras = false;
         for root in manifest.roots.iter().filter(|r| !manifest.worlds.contains(r)) {
-            extras |= place(&tree.join(root), &data_dir.join(root), &extras_aside.join(root), true, &mut steps)?;
+            extras |= place(&tree.join(root), &data_dir.join(root), &extras_aside.join(root), true, &mut steps, step)?;
         }
         if extras {
             previous.push(extras_aside.clone());
@@ -836,6 +894,7 @@ fn place(
     aside: &Path,
     merge: bool,
     steps: &mut Vec<SwapStep>,
+    step: &mut dyn FnMut(),
 ) -> Result<bool, (PathBuf, std::io::Error)> {
     fn at(path: &Path) -> impl FnOnce(std::io::Error) -> (PathBuf, std::io::Error) + '_ {
         move |e| (path.to_owned(), e)
@@ -848,6 +907,7 @@ fn place(
     };
     match live_meta {
         None => {
+            step();
             std::fs::rename(staged, live).map_err(at(live))?;
             steps.push(SwapStep::Renamed { from: staged.to_owned(), to: live.to_owned() });
             Ok(false)
@@ -856,7 +916,7 @@ fn place(
             let mut replaced = false;
             for entry in std::fs::read_dir(staged).map_err(at(staged))? {
                 let name = entry.map_err(at(staged))?.file_name();
-                replaced |= place(&staged.join(&name), &live.join(&name), &aside.join(&name), merge, steps)?;
+                replaced |= place(&staged.join(&name), &live.join(&name), &aside.join(&name), merge, steps, step)?;
             }
             Ok(replaced)
         }
@@ -864,8 +924,10 @@ fn place(
             if let Some(parent) = aside.parent() {
                 std::fs::create_dir_all(parent).map_err(at(parent))?;
             }
+            step();
             std::fs::rename(staged, aside).map_err(at(aside))?;
             steps.push(SwapStep::Renamed { from: staged.to_owned(), to: aside.to_owned() });
+            step();
             exchange(aside, live).map_err(at(live))?;
             steps.push(SwapStep::Exchanged { a: aside.to_owned(), b: live.to_owned() });
             Ok(true)
@@ -1056,6 +1118,78 @@ mod tests {
         assert_eq!(previous, [data.join("world.before-restore-T"), data.join(".atlas/before-restore-T")]);
         assert_eq!(read(&data.join("world.before-restore-T/live-only.dat")), "live");
         assert_eq!(read(&data.join(".atlas/before-restore-T/config/a.toml")), "live a");
+    }
+
+    #[test]
+    fn a_swap_killed_before_any_of_its_steps_leaves_each_path_old_or_new() {
+        /// What a path holds: a file's text, or a directory's files (relative path -> text).
+        fn state(path: &Path) -> Option<std::collections::BTreeMap<String, String>> {
+            fn walk(root: &Path, dir: &Path, out: &mut std::collections::BTreeMap<String, String>) {
+                for entry in std::fs::read_dir(dir).unwrap() {
+                    let path = entry.unwrap().path();
+                    if path.is_dir() {
+                        walk(root, &path, out);
+                    } else {
+                        out.insert(path.strip_prefix(root).unwrap().display().to_string(), read(&path));
+                    }
+                }
+            }
+            let meta = std::fs::symlink_metadata(path).ok()?;
+            let mut out = std::collections::BTreeMap::new();
+            if meta.is_dir() {
+                walk(path, path, &mut out)
+            } else {
+                out.insert(String::new(), read(path));
+            }
+            Some(out)
+        }
+        // The worlds and included files, each as it was live (old) and as the backup has it (new).
+        let paths = ["world", "world_nether", "config/a.toml", "config/sub/new.toml", "config/untouched.toml"];
+        let (_tmp, data, tree) = fixture();
+        write(&data.join("world_nether/level.dat"), "live nether");
+        let old: Vec<_> = paths.iter().map(|p| state(&data.join(p))).collect();
+        let new: Vec<_> = paths.iter().map(|p| state(&tree.join(p)).or_else(|| state(&data.join(p)))).collect();
+        /// Thrown by the step hook: the swap stops there, undoing nothing, as a killed process would.
+        struct Killed;
+        let mut kill_at = 0;
+        loop {
+            let (_tmp, data, tree) = fixture();
+            write(&data.join("world_nether/level.dat"), "live nether");
+            let mut n = 0;
+            let mut step = || {
+                if n == kill_at {
+                    std::panic::resume_unwind(Box::new(Killed));
+                }
+                n += 1;
+            };
+            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                swap_in_steps(&manifest(), &data, &tree, "T", &mut step)
+            }));
+            let mut new_ones = 0;
+            for (i, path) in paths.iter().enumerate() {
+                let now = state(&data.join(path));
+                assert!(now == old[i] || now == new[i], "killed at step {kill_at}: {path} is {now:?}");
+                new_ones += usize::from(now == new[i] && new[i] != old[i]);
+            }
+            // Nothing live is lost: a replaced world is kept aside whole.
+            for (i, world) in paths[..2].iter().enumerate() {
+                if state(&data.join(world)) == new[i] {
+                    assert_eq!(state(&data.join(format!("{world}.before-restore-T"))), old[i], "{world} at {kill_at}");
+                }
+            }
+            match run {
+                Ok(swapped) => {
+                    swapped.unwrap();
+                    assert_eq!(new_ones, 4, "a finished swap");
+                    break;
+                }
+                Err(payload) => assert!(payload.is::<Killed>(), "the swap panicked by itself at step {kill_at}"),
+            }
+            kill_at += 1;
+        }
+        // Two worlds replaced (a rename aside and an exchange each), an included file replaced, and a
+        // directory of them added (one rename).
+        assert_eq!(kill_at, 2 + 2 + 2 + 1);
     }
 
     #[test]

@@ -1,12 +1,14 @@
 //! Opens the object store a server's backups live in: S3-compatible, a local directory, or memory.
 
 use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::TryStreamExt;
 use object_store::aws::AmazonS3Builder;
+use object_store::client::{DnsFuture, DnsResolver};
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::multipart::MultipartStore;
@@ -36,6 +38,13 @@ pub enum StoreError {
     CreateLocalDir { path: PathBuf, source: std::io::Error },
     #[error("open the S3 bucket {bucket}")]
     OpenS3 { bucket: String, source: object_store::Error },
+    #[error("the S3 endpoint {endpoint:?} is not a URL: {reason}")]
+    ParseEndpoint { endpoint: String, reason: String },
+    #[error(
+        "pathStyle: false puts the bucket in the host name, and the endpoint {endpoint} names its host by \
+         address: omit pathStyle (or set it true) to name the bucket in the path, or give the endpoint's host name"
+    )]
+    VirtualHostedNeedsName { endpoint: String },
     #[error("open the local backup directory {path}")]
     OpenLocal { path: PathBuf, source: object_store::Error },
     #[error("the backup store refused the credentials (wrong access key or secret?)")]
@@ -55,7 +64,7 @@ impl StoreError {
             }
             Self::SecretUnsupported | Self::InvalidSpec => "invalid_spec",
             Self::CreateLocalDir { .. } | Self::OpenLocal { .. } => "local_store",
-            Self::OpenS3 { .. } => "invalid_spec",
+            Self::OpenS3 { .. } | Self::ParseEndpoint { .. } | Self::VirtualHostedNeedsName { .. } => "invalid_spec",
             Self::Credentials { .. } => "credentials",
             Self::BucketMissing { .. } => "bucket_missing",
             Self::Probe { .. } => "store_unreachable",
@@ -207,26 +216,36 @@ impl Store {
                     },
                 };
                 install_crypto_provider();
+                // Custom endpoints (MinIO, SeaweedFS, Ceph RGW, Garage) answer path-style requests
+                // unless configured otherwise; AWS itself prefers virtual-hosted ones.
+                let path_style = s3.path_style.unwrap_or(s3.endpoint.is_some());
                 let mut builder = AmazonS3Builder::new()
                     .with_bucket_name(&s3.bucket)
                     .with_region(&s3.region)
                     .with_access_key_id(&credentials.access_key_id)
                     .with_secret_access_key(&credentials.secret_access_key)
-                    .with_virtual_hosted_style_request(!s3.path_style)
+                    .with_virtual_hosted_style_request(!path_style)
+                    // Backups delete one key at a time: a plain `DELETE /KEY` costs what a one-key
+                    // `POST /?delete` does, every S3-compatible service takes it, and it reaches the
+                    // same place as the `PUT` of that key did.
+                    .with_disable_bulk_delete(true)
                     .with_retry(retry_policy());
                 if let Some(token) = &credentials.session_token {
                     builder = builder.with_token(token);
                 }
                 let mut location = format!("s3://{}", s3.bucket);
                 if let Some(endpoint) = &s3.endpoint {
-                    location = format!("{endpoint}/{}", s3.bucket);
+                    let endpoint = bucket_endpoint(endpoint, &s3.bucket, path_style)?;
+                    let base = endpoint.as_str().trim_end_matches('/');
+                    location = if path_style { format!("{base}/{}", s3.bucket) } else { base.to_owned() };
                     // `allow_http` lives in the client options: set both together so neither overrides the other.
-                    let mut options = ClientOptions::new().with_allow_http(endpoint.starts_with("http://"));
-                    if is_loopback(endpoint) {
-                        // A loopback endpoint must never go through a proxy from the environment.
-                        options = options.with_proxy_excludes("*");
+                    let mut options = ClientOptions::new().with_allow_http(endpoint.scheme() == "http");
+                    if is_loopback(&endpoint) {
+                        // A loopback endpoint must never go through a proxy from the environment, and
+                        // `BUCKET.localhost` must not be asked of DNS servers off the machine.
+                        options = options.with_proxy_excludes("*").with_dns_resolver(Arc::new(LocalhostResolver));
                     }
-                    builder = builder.with_endpoint(endpoint).with_client_options(options);
+                    builder = builder.with_endpoint(base).with_client_options(options);
                 }
                 let s3_store =
                     builder.build().map_err(|source| StoreError::OpenS3 { bucket: s3.bucket.clone(), source })?;
@@ -313,9 +332,76 @@ fn retry_policy() -> RetryConfig {
     }
 }
 
-fn is_loopback(endpoint: &str) -> bool {
-    let host = endpoint.split("://").nth(1).unwrap_or(endpoint);
-    host.starts_with("127.") || host.starts_with("localhost") || host.starts_with("[::1]")
+/// The URL requests for `bucket` go to, before the key: the endpoint itself for path style (the
+/// store adds `/BUCKET`), else the endpoint with `BUCKET.` before its host, as S3's virtual-hosted
+/// style defines it (an endpoint whose host already starts with `BUCKET.` is taken as it is).
+fn bucket_endpoint(endpoint: &str, bucket: &str, path_style: bool) -> Result<reqwest::Url, StoreError> {
+    let parse_error = |reason: String| StoreError::ParseEndpoint { endpoint: endpoint.to_owned(), reason };
+    let mut url = reqwest::Url::parse(endpoint).map_err(|e| parse_error(e.to_string()))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(parse_error(format!("the scheme {} is not http or https", url.scheme())));
+    }
+    if path_style {
+        return Ok(url);
+    }
+    let host = match host_of(&url) {
+        Some(Host::Name(name)) => name.to_owned(),
+        _ => return Err(StoreError::VirtualHostedNeedsName { endpoint: endpoint.to_owned() }),
+    };
+    if !host.starts_with(&format!("{bucket}.")) {
+        url.set_host(Some(&format!("{bucket}.{host}"))).map_err(|e| parse_error(e.to_string()))?;
+    }
+    Ok(url)
+}
+
+/// A URL's host: a name or an address.
+enum Host<'a> {
+    Name(&'a str),
+    Address(IpAddr),
+}
+
+fn host_of(url: &reqwest::Url) -> Option<Host<'_>> {
+    let host = url.host_str()?;
+    // IPv6 addresses come in brackets.
+    match host.trim_start_matches('[').trim_end_matches(']').parse() {
+        Ok(ip) => Some(Host::Address(ip)),
+        Err(_) => Some(Host::Name(host)),
+    }
+}
+
+/// Whether the endpoint's host is a loopback address or a `localhost` name.
+fn is_loopback(endpoint: &reqwest::Url) -> bool {
+    match host_of(endpoint) {
+        Some(Host::Name(name)) => is_localhost_name(name),
+        Some(Host::Address(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
+/// `localhost` and every name under it (RFC 6761, 6.3), in any case, with or without the root dot.
+fn is_localhost_name(name: &str) -> bool {
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    name == "localhost" || name.ends_with(".localhost")
+}
+
+/// Resolves `localhost` names to loopback without asking DNS, as RFC 6761 asks of resolution
+/// APIs; any other name goes to the system's resolver. glibc (files, then dns) sends
+/// `BUCKET.localhost`, the virtual-hosted address of a bucket on a loopback endpoint, to the DNS
+/// servers of /etc/resolv.conf, off the machine; there it fails, or worse, names another host.
+#[derive(Debug)]
+struct LocalhostResolver;
+
+impl DnsResolver for LocalhostResolver {
+    fn resolve(&self, host: &str) -> DnsFuture {
+        if is_localhost_name(host) {
+            return Box::pin(async { Ok(vec![IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)]) });
+        }
+        let host = host.to_owned();
+        Box::pin(async move {
+            let addresses = tokio::net::lookup_host((host.as_str(), 0)).await?;
+            Ok(addresses.map(|a| a.ip()).collect())
+        })
+    }
 }
 
 /// object_store's HTTP client (reqwest 0.13, built without its own crypto provider so that the
@@ -345,6 +431,41 @@ mod tests {
         std::fs::write(dir.path().join("AWS_SECRET_ACCESS_KEY"), "rotated")?;
         assert_eq!(S3Credentials::from_file(dir.path())?.secret_access_key, "rotated");
         Ok(())
+    }
+
+    #[test]
+    fn the_bucket_goes_in_the_path_or_before_the_host() {
+        let at = |endpoint, path_style| bucket_endpoint(endpoint, "bars", path_style).map(|u| u.to_string());
+        assert_eq!(at("http://127.0.0.1:8333", true).unwrap(), "http://127.0.0.1:8333/");
+        assert_eq!(at("https://s3.example.com", false).unwrap(), "https://bars.s3.example.com/");
+        assert_eq!(at("http://localhost:8333/", false).unwrap(), "http://bars.localhost:8333/");
+        // The bucket already in the endpoint (object_store's own convention) is not added twice.
+        assert_eq!(at("https://bars.s3.example.com", false).unwrap(), "https://bars.s3.example.com/");
+        // An address has no subdomain to put the bucket in.
+        for ip in ["http://127.0.0.1:8333", "http://[::1]:8333"] {
+            assert!(matches!(bucket_endpoint(ip, "bars", false), Err(StoreError::VirtualHostedNeedsName { .. })));
+        }
+        assert!(matches!(at("s3.example.com", true), Err(StoreError::ParseEndpoint { .. })));
+    }
+
+    #[test]
+    fn localhost_names_are_loopback() {
+        for name in ["localhost", "bars.localhost", "a.b.LOCALHOST", "bars.localhost."] {
+            assert!(is_localhost_name(name), "{name}");
+        }
+        for name in ["localhost.example.com", "notlocalhost", "example.com"] {
+            assert!(!is_localhost_name(name), "{name}");
+        }
+        let url = |u: &str| reqwest::Url::parse(u).unwrap();
+        assert!(is_loopback(&url("http://bars.localhost:1")) && is_loopback(&url("http://[::1]:1")));
+        assert!(is_loopback(&url("http://127.0.0.2:1")) && !is_loopback(&url("http://localhost.example.com")));
+    }
+
+    #[tokio::test]
+    async fn the_resolver_answers_localhost_names_itself() {
+        let ips = LocalhostResolver.resolve("bars.localhost").await.unwrap();
+        assert_eq!(ips.first(), Some(&IpAddr::V4(Ipv4Addr::LOCALHOST)));
+        assert!(ips.iter().all(IpAddr::is_loopback));
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::bail;
 use atlas_runner::runner;
+use atlas_runner::runner::backup::BackupOp;
 use atlas_runner::telemetry::LogFormat;
 use clap::{Args, Subcommand};
 
@@ -61,7 +62,7 @@ pub(crate) struct BackupNameArgs {
 pub(crate) async fn run(command: BackupCommand, log_format: LogFormat) -> anyhow::Result<()> {
     use atlas_runner::backup as lib;
     use atlas_runner::runner::backup::{self as ops, BackupFailure, TakenBy};
-    let fail = |e: lib::BackupError| BackupFailure::from_error(e.category(), &e);
+    let fail = |op| move |e: lib::BackupError| BackupFailure::from_error(op, e.category(), &e);
     let progress = std::sync::Arc::new(lib::Progress::default());
     match command {
         BackupCommand::Create(args) if args.backup.spec.is_none() => {
@@ -89,7 +90,7 @@ pub(crate) async fn run(command: BackupCommand, log_format: LogFormat) -> anyhow
             )?;
         }
         BackupCommand::Create(args) => {
-            let (spec, store) = backup_store(&args.backup)?;
+            let (spec, store) = backup_store(&args.backup, BackupOp::Create)?;
             let registry = prometheus::Registry::new();
             let metrics = atlas_runner::metrics::BackupMetrics::register(&registry)?;
             let started = std::time::Instant::now();
@@ -121,8 +122,8 @@ pub(crate) async fn run(command: BackupCommand, log_format: LogFormat) -> anyhow
             )?;
         }
         BackupCommand::List(args) => {
-            let (_, store) = backup_store(&args)?;
-            let manifests = lib::list(&store).await.map_err(fail)?;
+            let (_, store) = backup_store(&args, BackupOp::List)?;
+            let manifests = lib::list(&store).await.map_err(fail(BackupOp::List))?;
             if args.json {
                 return super::print_json(&manifests);
             }
@@ -152,12 +153,12 @@ pub(crate) async fn run(command: BackupCommand, log_format: LogFormat) -> anyhow
             }
         }
         BackupCommand::Verify(args) => {
-            let (_, store) = backup_store(&args.backup)?;
+            let (_, store) = backup_store(&args.backup, BackupOp::Verify)?;
             let scratch = runner::atlas_dir(&args.backup.data).join("verify");
             let line = BackupProgressLine::show(&progress, log_format);
             let verified = lib::verify_with_progress(&store, &args.name, &scratch, &progress).await;
             drop(line);
-            let manifest = verified.map_err(fail)?;
+            let manifest = verified.map_err(fail(BackupOp::Verify))?;
             if args.backup.json {
                 return super::print_json(&manifest);
             }
@@ -172,7 +173,7 @@ pub(crate) async fn run(command: BackupCommand, log_format: LogFormat) -> anyhow
             )?;
         }
         BackupCommand::Restore(args) => {
-            let (spec, store) = backup_store(&args.backup)?;
+            let (spec, store) = backup_store(&args.backup, BackupOp::Restore)?;
             let line = BackupProgressLine::show(&progress, log_format);
             let report =
                 ops::restore_via_runner_or_offline(&args.backup.data, &spec, &store, &args.name, &progress).await;
@@ -212,9 +213,9 @@ pub(crate) async fn run(command: BackupCommand, log_format: LogFormat) -> anyhow
             }
         }
         BackupCommand::Prune(args) => {
-            let (spec, store) = backup_store(&args)?;
+            let (spec, store) = backup_store(&args, BackupOp::Prune)?;
             let retention = spec.backup.as_ref().map(|b| b.retention.clone()).unwrap_or_default();
-            let pruned = lib::prune(&store, &retention).await.map_err(fail)?;
+            let pruned = lib::prune(&store, &retention).await.map_err(fail(BackupOp::Prune))?;
             if args.json {
                 return super::print_json(&serde_json::json!({
                     "kept": pruned.kept, "deleted": pruned.deleted, "orphans": pruned.orphans,
@@ -239,6 +240,7 @@ pub(crate) async fn run(command: BackupCommand, log_format: LogFormat) -> anyhow
 /// The spec and the store of a `backup` subcommand.
 fn backup_store(
     args: &BackupArgs,
+    op: BackupOp,
 ) -> anyhow::Result<(atlas_runner::api::MinecraftServerSpec, atlas_runner::backup::store::Store)> {
     use atlas_runner::runner::backup::BackupFailure;
     let Some(spec) = &args.spec else {
@@ -250,7 +252,7 @@ fn backup_store(
     }
     let store =
         atlas_runner::backup::store::Store::open(spec.backup.as_ref().and_then(|b| b.store.as_ref()), &args.data, None)
-            .map_err(|e| BackupFailure::from_error(e.category(), &e))?;
+            .map_err(|e| BackupFailure::from_error(op, e.category(), &e))?;
     Ok((spec, store))
 }
 

@@ -39,13 +39,27 @@ pub(crate) struct LogsArgs {
     tail: usize,
 }
 
+// The options may come before or after the command's words (`console list --data ./data`), as for
+// the other client commands; a word that looks like an option and belongs to the Minecraft command
+// goes after `--` (`console --data ./data -- say --json`), as clap's own error for it shows.
 #[derive(Debug, Args)]
 pub(crate) struct ConsoleArgs {
     #[command(flatten)]
     client: ClientArgs,
-    /// The command and its arguments (`list`, `say hello`).
-    #[arg(required = true, trailing_var_arg = true)]
+    /// The command and its arguments (`list`, `say hello`); options may come before or after it.
+    /// Words of the command that look like options (`say --json`) go after `--`.
+    #[arg(value_name = "COMMAND", required_unless_present = "literal", allow_negative_numbers = true)]
     command: Vec<String>,
+    /// Words after `--`, taken as they are.
+    #[arg(last = true, value_name = "WORDS")]
+    literal: Vec<String>,
+}
+
+impl ConsoleArgs {
+    /// The console command as the server gets it.
+    fn line(&self) -> String {
+        self.command.iter().chain(&self.literal).map(String::as_str).collect::<Vec<_>>().join(" ")
+    }
 }
 
 pub(crate) async fn status(args: &ClientArgs) -> anyhow::Result<()> {
@@ -111,7 +125,7 @@ pub(crate) async fn logs(args: &LogsArgs) -> anyhow::Result<()> {
 }
 
 pub(crate) async fn console(args: &ConsoleArgs) -> anyhow::Result<()> {
-    let request = ConsoleRequest { command: args.command.join(" ") };
+    let request = ConsoleRequest { command: args.line() };
     let bytes = client::call(&args.client.socket(), "POST", "/v1/console", Some(serde_json::to_vec(&request)?)).await?;
     let reply: ConsoleReply = serde_json::from_slice(&bytes)?;
     let mut out = std::io::stdout();
@@ -130,6 +144,57 @@ pub(crate) async fn lifecycle(args: &ClientArgs, path: &str, done: &str) -> anyh
         print_status(&status, true)
     } else {
         writeln!(std::io::stdout(), "{done}; phase {}", status.phase)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use anyhow::Context as _;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Console {
+        #[command(flatten)]
+        args: ConsoleArgs,
+    }
+
+    fn parse(words: &[&str]) -> Result<ConsoleArgs, clap::Error> {
+        Console::try_parse_from(std::iter::once("console").chain(words.iter().copied())).map(|c| c.args)
+    }
+
+    #[test]
+    fn the_options_go_before_or_after_the_command() -> anyhow::Result<()> {
+        for words in [&["list", "--data", "./data"][..], &["--data", "./data", "list"], &["--data=./data", "list"]] {
+            let args = parse(words)?;
+            anyhow::ensure!(
+                args.line() == "list" && args.client.socket() == client::socket_path("./data".as_ref()),
+                "{args:?}"
+            );
+        }
+        let args = parse(&["say", "hello", "--json", "world", "--control", "/run/c.sock"])?;
+        anyhow::ensure!(args.line() == "say hello world" && args.client.json, "{args:?}");
+        anyhow::ensure!(args.client.socket() == std::path::Path::new("/run/c.sock"));
+        // Negative numbers are words of the command.
+        anyhow::ensure!(parse(&["setblock", "0", "-60", "0", "stone"])?.line() == "setblock 0 -60 0 stone");
+        Ok(())
+    }
+
+    #[test]
+    fn words_after_double_dash_are_the_commands_own() -> anyhow::Result<()> {
+        let args = parse(&["--data", "d", "--", "say", "--json", "--data", "x"])?;
+        anyhow::ensure!(args.line() == "say --json --data x" && !args.client.json, "{args:?}");
+        anyhow::ensure!(args.client.data == std::path::Path::new("d"));
+        anyhow::ensure!(parse(&["say", "hi", "--", "-x"])?.line() == "say hi -x");
+        Ok(())
+    }
+
+    #[test]
+    fn an_option_the_console_does_not_know_shows_the_double_dash_form() -> anyhow::Result<()> {
+        let error = parse(&["say", "--loud"]).err().context("--loud accepted")?.to_string();
+        anyhow::ensure!(error.contains("-- --loud"), "{error}");
+        anyhow::ensure!(parse(&[]).is_err() && parse(&["--data", "d"]).is_err(), "no command accepted");
         Ok(())
     }
 }

@@ -3,6 +3,7 @@
 
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Read};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use sha2::Digest;
@@ -74,8 +75,14 @@ impl BuildOptions {
 /// `out`, written atomically (a temporary file renamed into place). Deterministic: sorted entries,
 /// zeroed owners and times. Returns the manifest written.
 pub fn build(dir: &Path, out: &Path, options: &BuildOptions) -> Result<PackManifest, BuildError> {
+    let tmp = out.with_extension("partial");
+    // `pack build . -o pack.tar.zst` writes the pack inside the directory it packs: an earlier
+    // output there (or a leftover temporary file) is not one of the pack's files. Known by inode,
+    // whatever the spelling of either path.
+    let skip =
+        Skip([out, tmp.as_path()].iter().filter_map(|p| fs::metadata(p).ok()).map(|m| (m.dev(), m.ino())).collect());
     let mut files = Vec::new();
-    walk(dir, dir, &mut files)?;
+    walk(dir, dir, &skip, &mut files)?;
     let mut entries = Vec::with_capacity(files.len());
     for (rel, path) in &files {
         let (sha256, size) = hash(path)?;
@@ -83,7 +90,6 @@ pub fn build(dir: &Path, out: &Path, options: &BuildOptions) -> Result<PackManif
     }
     let manifest =
         PackManifest::new(options.version.clone(), options.minecraft.clone(), options.jvm_args.clone(), entries)?;
-    let tmp = out.with_extension("partial");
     let result = write_archive(dir, &tmp, &manifest, options.level);
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
@@ -158,7 +164,21 @@ fn hash(path: &Path) -> Result<(Sha256Digest, u64), BuildError> {
     Ok((Sha256Digest(hasher.finalize().into()), size))
 }
 
-fn walk(root: &Path, dir: &Path, out: &mut Vec<(super::path::RelativePath, PathBuf)>) -> Result<(), BuildError> {
+/// Files left out of a pack, by device and inode.
+struct Skip(Vec<(u64, u64)>);
+
+impl Skip {
+    fn contains(&self, entry: &fs::DirEntry) -> bool {
+        !self.0.is_empty() && entry.metadata().is_ok_and(|m| self.0.contains(&(m.dev(), m.ino())))
+    }
+}
+
+fn walk(
+    root: &Path,
+    dir: &Path,
+    skip: &Skip,
+    out: &mut Vec<(super::path::RelativePath, PathBuf)>,
+) -> Result<(), BuildError> {
     let read = fs::read_dir(dir)
         .map_err(|source| BuildError::Io(IoError { op: "read directory", path: dir.to_owned(), source }))?;
     for entry in read {
@@ -171,11 +191,11 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<(super::path::RelativePath, PathB
         let Some(rel_str) = rel.to_str() else {
             return Err(BuildError::BadName { path, reason: "the name is not UTF-8".into() });
         };
-        if rel_str == RESERVED_DIR || rel_str == MANIFEST_FILE {
+        if rel_str == RESERVED_DIR || rel_str == MANIFEST_FILE || skip.contains(&entry) {
             continue;
         }
         if file_type.is_dir() {
-            walk(root, &path, out)?;
+            walk(root, &path, skip, out)?;
         } else if file_type.is_file() {
             let rel = sanitize_path(rel_str)
                 .map_err(|e: PathError| BuildError::BadName { path: path.clone(), reason: e.to_string() })?;

@@ -1,8 +1,9 @@
 //! Safe extraction of pack archives (`.tar.zst`, `.tar.gz`, `.zip`) into an empty staging directory.
 //!
 //! Every entry is checked before a byte of it is written: its path must sanitise (no `..`, not
-//! absolute), it must be a regular file or a directory (no links, devices or fifos), it must not
-//! repeat or collide with another entry, and sizes and the expansion ratio must stay within
+//! absolute; a `./` prefix is dropped, and a `./` directory entry is the destination itself), it
+//! must be a regular file or a directory (no links, devices or fifos), it must not repeat or
+//! collide with another entry, and sizes and the expansion ratio must stay within
 //! [`Limits`]. Truncated and corrupt streams are errors. Files are hashed while written; a
 //! [`Policy`] may have a file hashed and discarded instead (content the caller already holds) or
 //! handed over in memory (a pack's manifest). An accepted archive's files are durable when
@@ -21,7 +22,7 @@ use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use sha2::Digest;
 
 use super::manifest::Sha256Digest;
-use super::path::{PathError, RelativePath, sanitize_path};
+use super::path::{PathError, RelativePath, names_root, sanitize_path};
 
 /// The archive formats a pack may come in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,7 +51,13 @@ impl ArchiveFormat {
     }
 }
 
-/// Bounds on what an archive may expand to.
+/// Bounds on what an archive may expand to. What bounds a pack is its size: its manifest's declared
+/// sizes (every file of an Atlas pack is held to its entry, and a file it does not list is refused,
+/// before a byte is written), the largest file and total below, and the volume's free space. The
+/// expansion ratio only judges archives without a manifest, and only a stream almost wholly of one
+/// repeated byte, the stuff of bombs, exceeds it: the emptiest real content (a void world's region
+/// files with uncompressed chunks, about 650:1 at zstd's default level and 1300:1 at its highest)
+/// stays well under.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
     /// Largest single file, in bytes.
@@ -59,11 +66,15 @@ pub struct Limits {
     pub max_total_size: u64,
     /// Most entries (files and directories).
     pub max_entries: u64,
-    /// Largest accepted ratio of expanded bytes to compressed bytes the decoder consumed so far...
+    /// Largest accepted ratio of expanded bytes to compressed bytes the decoder consumed so far,
+    /// for an archive whose manifest did not declare its files...
     pub max_ratio: u64,
     /// ...checked only once this many bytes have been expanded, so small, very compressible
     /// packs (a few config files) are not mistaken for bombs.
     pub ratio_floor: u64,
+    /// Free bytes the destination's volume keeps: a file that would leave less is refused before it is
+    /// written. The running server's world shares the volume, and must still be able to save.
+    pub min_free_bytes: u64,
 }
 
 impl Default for Limits {
@@ -72,8 +83,9 @@ impl Default for Limits {
             max_entry_size: 2 << 30,
             max_total_size: 32 << 30,
             max_entries: 500_000,
-            max_ratio: 100,
+            max_ratio: 5000,
             ratio_floor: 64 << 20,
+            min_free_bytes: 256 << 20,
         }
     }
 }
@@ -108,13 +120,28 @@ pub enum Disposition {
 /// The largest file [`Disposition::Capture`] keeps in memory.
 pub const CAPTURE_LIMIT: u64 = 64 << 20;
 
+/// What the archive declared about a file before its entry (in a pack's manifest, read first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Declared {
+    /// Nothing declares the archive's files: the limits and the expansion ratio bound them.
+    Nothing,
+    /// The file's size: an entry of another size is refused before a byte is written.
+    Size(u64),
+    /// The declaration does not list this file: it is refused.
+    Unlisted,
+}
+
 /// Decides, entry by entry, what extraction does with each regular file.
 pub trait Policy {
     /// The disposition of the file at `path` declaring `declared` bytes; `first`: it is the
-    /// archive's first entry.
+    /// archive's first regular file (directories may come before it).
     fn disposition(&mut self, path: &RelativePath, declared: u64, first: bool) -> Disposition;
     /// The content of a file this policy asked to capture, once it is read in full.
     fn captured(&mut self, path: &RelativePath, bytes: Vec<u8>);
+    /// What the archive declared about the file at `path`, asked before its entry is read.
+    fn declared(&self, _path: &RelativePath) -> Declared {
+        Declared::Nothing
+    }
 }
 
 /// The policy that writes every file.
@@ -190,7 +217,7 @@ pub enum ExtractError {
     },
     /// The expansion ratio says decompression bomb.
     #[error(
-        "archive entry {name:?}: {expanded} bytes expanded from {compressed} compressed, over the ratio limit of {ratio}; refusing a likely decompression bomb"
+        "archive entry {name:?}: {expanded} bytes expanded from {compressed} compressed, over the ratio limit of {ratio}; refusing a likely decompression bomb (if this is real content, make the pack with `atlas-runner pack build`: its manifest declares every size, and then no ratio applies)"
     )]
     Bomb {
         /// The entry being expanded.
@@ -201,6 +228,39 @@ pub enum ExtractError {
         compressed: u64,
         /// The ratio limit.
         ratio: u64,
+    },
+    /// A file the archive's manifest does not list.
+    #[error("archive entry {name:?} is not listed in the pack's manifest")]
+    Undeclared {
+        /// The entry's name.
+        name: String,
+    },
+    /// A file whose size is not the one the archive's manifest declares.
+    #[error("archive entry {name:?} is {size} bytes, the pack's manifest says {declared}")]
+    SizeMismatch {
+        /// The entry's name.
+        name: String,
+        /// Its size (declared by its entry, or reached).
+        size: u64,
+        /// The manifest's size.
+        declared: u64,
+    },
+    /// The volume would be left with less free space than [`Limits::min_free_bytes`].
+    #[error(
+        "archive entry {name:?} needs {needed} bytes, and the volume of {} has {free} free of which {reserve} stay for the running server; free some space on it",
+        path.display()
+    )]
+    NoSpace {
+        /// The entry that would not fit.
+        name: String,
+        /// Its size.
+        needed: u64,
+        /// Free bytes on the volume.
+        free: u64,
+        /// [`Limits::min_free_bytes`].
+        reserve: u64,
+        /// The destination.
+        path: PathBuf,
     },
     /// A tar entry or zip feature this extractor does not take (sparse files, ...).
     #[error("archive entry {name:?} has unsupported type {kind}")]
@@ -254,6 +314,8 @@ impl ExtractError {
             | Self::Duplicate { .. }
             | Self::Unsupported { .. } => "unsafe-entry",
             Self::EntryTooLarge { .. } | Self::ArchiveTooLarge { .. } | Self::Bomb { .. } => "too-large",
+            Self::Undeclared { .. } | Self::SizeMismatch { .. } => "digest-mismatch",
+            Self::NoSpace { .. } => "no-space",
             Self::Corrupt { .. } | Self::Truncated { .. } => "corrupt-archive",
             Self::DestinationNotEmpty(_) | Self::Write { .. } => "io",
         }
@@ -339,7 +401,7 @@ fn read_tar<R: BufRead>(
         // compressors write them), and the first alone would end at a header boundary unnoticed.
         TarCompression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(counting)),
     };
-    let mut writer = Writer::new(dest, limits, compressed, policy, disk);
+    let mut writer = Writer::new(dest, limits, compressed, policy, disk)?;
     let mut archive = tar::Archive::new(decoder);
     for entry in archive.entries().map_err(corrupt(None))? {
         let mut entry = entry.map_err(corrupt(writer.last_name()))?;
@@ -416,7 +478,7 @@ pub fn extract_zip_with<R: Read + Seek>(
     let mut archive = zip::ZipArchive::new(reader).map_err(zip_corrupt(None))?;
     let compressed = Rc::new(Cell::new(archive_len));
     with_disk(dest, |disk| {
-        let mut writer = Writer::new(dest, limits, compressed, policy, disk);
+        let mut writer = Writer::new(dest, limits, compressed, policy, disk)?;
         for index in 0..archive.len() {
             let mut file = archive.by_index(index).map_err(zip_corrupt(writer.last_name()))?;
             let name = file.name().to_owned();
@@ -531,6 +593,57 @@ struct Writer<'a> {
     out: Vec<ExtractedFile>,
     last: Option<String>,
     disk: &'a mut Disk,
+    space: Space,
+}
+
+/// Bytes written between two looks at the volume's free space: other writers share it, and the
+/// files in flight to the writing thread (a few MiB) are not counted yet.
+const SPACE_CHECK_EVERY: u64 = 16 << 20;
+
+/// The destination volume's free space, as last asked (statvfs), less what was written since.
+#[derive(Debug)]
+struct Space {
+    dest: PathBuf,
+    reserve: u64,
+    free: u64,
+    written_since: u64,
+}
+
+impl Space {
+    fn new(dest: &Path, reserve: u64) -> Result<Self, ExtractError> {
+        let mut space = Self { dest: dest.to_owned(), reserve, free: 0, written_since: 0 };
+        space.refresh()?;
+        Ok(space)
+    }
+
+    fn refresh(&mut self) -> Result<(), ExtractError> {
+        let stat = nix::sys::statvfs::statvfs(&self.dest)
+            .map_err(|e| ExtractError::Write { path: self.dest.clone(), source: io::Error::from(e) })?;
+        // Blocks an unprivileged writer may use, as `df` shows them.
+        self.free = stat.blocks_available().saturating_mul(stat.fragment_size());
+        self.written_since = 0;
+        Ok(())
+    }
+
+    /// Counts `needed` more bytes to write, refusing them when the volume would keep less than the
+    /// reserve.
+    fn take(&mut self, name: &str, needed: u64) -> Result<(), ExtractError> {
+        let fits = |s: &Self| s.written_since.saturating_add(needed).saturating_add(s.reserve) <= s.free;
+        if !fits(self) || self.written_since >= SPACE_CHECK_EVERY {
+            self.refresh()?;
+            if !fits(self) {
+                return Err(ExtractError::NoSpace {
+                    name: name.to_owned(),
+                    needed,
+                    free: self.free,
+                    reserve: self.reserve,
+                    path: self.dest.clone(),
+                });
+            }
+        }
+        self.written_since += needed;
+        Ok(())
+    }
 }
 
 impl<'a> Writer<'a> {
@@ -540,8 +653,8 @@ impl<'a> Writer<'a> {
         compressed: Rc<Cell<u64>>,
         policy: &'a mut dyn Policy,
         disk: &'a mut Disk,
-    ) -> Self {
-        Self {
+    ) -> Result<Self, ExtractError> {
+        Ok(Self {
             dest,
             limits,
             policy,
@@ -553,14 +666,16 @@ impl<'a> Writer<'a> {
             out: Vec::new(),
             last: None,
             disk,
-        }
+            space: Space::new(dest, limits.min_free_bytes)?,
+        })
     }
 
     fn last_name(&self) -> Option<&str> {
         self.last.as_deref()
     }
 
-    fn admit(&mut self, name: &str) -> Result<RelativePath, ExtractError> {
+    /// Counts an entry against [`Limits::max_entries`].
+    fn count(&mut self, name: &str) -> Result<(), ExtractError> {
         self.last = Some(name.to_owned());
         self.entries += 1;
         if self.entries > self.limits.max_entries {
@@ -570,6 +685,11 @@ impl<'a> Writer<'a> {
                 what: "entries",
             });
         }
+        Ok(())
+    }
+
+    fn admit(&mut self, name: &str) -> Result<RelativePath, ExtractError> {
+        self.count(name)?;
         let path = sanitize_path(name).map_err(|source| ExtractError::UnsafePath { name: name.to_owned(), source })?;
         // No ancestor of this entry may be a file.
         if path.ancestors().any(|a| self.files.contains(a)) {
@@ -579,6 +699,11 @@ impl<'a> Writer<'a> {
     }
 
     fn dir(&mut self, name: &str) -> Result<(), ExtractError> {
+        // `./` (GNU tar's `-C DIR .`, Python's shutil) is the directory archived: the destination,
+        // which exists. Only a directory may name it; a file there is refused by `admit` below.
+        if names_root(name) {
+            return self.count(name);
+        }
         let path = self.admit(name)?;
         if self.files.contains(&path) {
             return Err(ExtractError::Duplicate { name: name.to_owned() });
@@ -600,12 +725,24 @@ impl<'a> Writer<'a> {
         if declared > limit {
             return Err(ExtractError::EntryTooLarge { name: name.to_owned(), size: declared, limit });
         }
+        // A file the manifest declared may hold exactly its declared bytes, and no ratio applies.
+        let manifest_size = match self.policy.declared(&path) {
+            Declared::Nothing => None,
+            Declared::Unlisted => return Err(ExtractError::Undeclared { name: name.to_owned() }),
+            Declared::Size(size) if size != declared => {
+                return Err(ExtractError::SizeMismatch { name: name.to_owned(), size: declared, declared: size });
+            }
+            Declared::Size(size) => Some(size),
+        };
         let target = path.under(self.dest);
-        let disposition = match self.policy.disposition(&path, declared, self.entries == 1) {
+        // Directory entries before it (a tar of `.` starts with `./`) carry no content to skip.
+        let disposition = match self.policy.disposition(&path, declared, self.out.is_empty()) {
             Disposition::Capture if declared > CAPTURE_LIMIT => Disposition::Write,
             d => d,
         };
         if disposition == Disposition::Write {
+            // Reading stops at the declared size (below), so this is all the file can take.
+            self.space.take(name, declared)?;
             self.disk.send(Op::File(target))?;
         }
         for a in path.ancestors() {
@@ -641,8 +778,16 @@ impl<'a> Writer<'a> {
                     what: "bytes",
                 });
             }
+            if let Some(declared) = manifest_size
+                && size > declared
+            {
+                return Err(ExtractError::SizeMismatch { name: name.to_owned(), size, declared });
+            }
             let compressed = self.compressed.get().max(1);
-            if self.total > self.limits.ratio_floor && self.total / compressed > self.limits.max_ratio {
+            if manifest_size.is_none()
+                && self.total > self.limits.ratio_floor
+                && self.total / compressed > self.limits.max_ratio
+            {
                 return Err(ExtractError::Bomb {
                     name: name.to_owned(),
                     expanded: self.total,
@@ -908,11 +1053,13 @@ mod tests {
         let mut sent = 0u64;
         let result: Result<(), ExtractError> = with_disk(dir.path(), |disk| {
             disk.send(Op::File(blocker.join("a.jar")))?;
-            // The reading side goes on until a send fails: the writer stopped.
-            loop {
+            // The reading side goes on until a send fails: the writer stopped. Bounded, so a writer that
+            // never stops fails the count below instead of hanging the test.
+            for _ in 0..CHUNKS_IN_FLIGHT * 4 {
                 disk.send(Op::Data(vec![1; CHUNK], CHUNK))?;
                 sent += 1;
             }
+            Ok(())
         });
         match result {
             Err(ExtractError::Write { path, source }) => {

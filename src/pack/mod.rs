@@ -33,7 +33,7 @@ pub use extract::{ArchiveFormat, Limits};
 pub use lock::{DataDirLock, lock, lock_path};
 pub use manifest::{Diff, FileEntry, PackManifest, PackVersion, Preserve, Sha256Digest, diff};
 pub use path::{RelativePath, sanitize_path};
-pub use store::{PackStore, StagedPack};
+pub use store::{PackStore, StagedPack, Versioning};
 
 /// A filesystem operation of the pack engine that failed: what was done, to which path. Each
 /// module's error wraps it (`Io`), so every such failure reads the same: `rename PATH: reason`.

@@ -82,6 +82,13 @@ pub fn sanitize_path(raw: &str) -> Result<RelativePath, PathError> {
     Ok(RelativePath(out))
 }
 
+/// Whether `raw` names the root itself: `.`, `./` and the like, never empty and never absolute. GNU
+/// tar's `-C DIR .` and Python's `shutil.make_archive` write such a first entry for the directory
+/// archived; it stands for the destination, which already exists.
+pub fn names_root(raw: &str) -> bool {
+    !raw.is_empty() && !raw.starts_with('/') && raw.split('/').all(|c| c.is_empty() || c == ".")
+}
+
 impl RelativePath {
     /// The normalised path, `/`-separated.
     pub fn as_str(&self) -> &str {
@@ -155,6 +162,18 @@ mod tests {
         }
         for empty in ["", ".", "./", "//."] {
             assert!(matches!(sanitize_path(empty), Err(PathError::Empty(_)) | Err(PathError::Absolute(_))));
+        }
+    }
+
+    #[test]
+    fn the_root_is_named_by_dots_only() {
+        for root in [".", "./", ".//", "./.", "./././"] {
+            assert!(names_root(root), "{root:?} not the root");
+            // A root is never a path a file could take.
+            assert!(sanitize_path(root).is_err());
+        }
+        for not_root in ["", "/", "/.", "./..", "..", "./a", "a/.", ".a", "...", "./\\"] {
+            assert!(!names_root(not_root), "{not_root:?} taken for the root");
         }
     }
 

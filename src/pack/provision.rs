@@ -15,7 +15,7 @@ use crate::metrics::PackMetrics;
 use crate::pack::extract::ExtractError;
 use crate::pack::source::{self, FetchOptions, SourceError};
 use crate::pack::store::StoreError;
-use crate::pack::{ApplyError, ApplyReport, DataDirLock, Limits, PackStore, PackVersion, Preserve};
+use crate::pack::{ApplyError, ApplyReport, DataDirLock, Limits, PackStore, PackVersion, Preserve, Versioning};
 
 /// What applying did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -191,7 +191,7 @@ async fn apply_spec_inner(
         let limits = Limits::default();
         let (mut staged, mut stream_error) = (None, None);
         if let Some((mut reader, compression, version)) = stream {
-            match store.stage_stream(&mut reader, compression, version.as_ref(), &limits) {
+            match store.stage_stream(&mut reader, compression, &version, &limits) {
                 Err(e) if !reader.verified() => {
                     // Refused before the stream ended, or the stream broke: which one, the fetch
                     // tells (a broken stream leaves a downloaded file to stage instead).
@@ -228,7 +228,7 @@ async fn apply_spec_inner(
                     _ => store.stage_cancellable(
                         &fetched.archive,
                         fetched.format,
-                        fetched.version.as_ref(),
+                        &Versioning { pinned: fetched.version.clone(), fallback: fetched.fallback_version.clone() },
                         &limits,
                         &cancelled,
                     ),

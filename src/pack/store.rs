@@ -49,7 +49,7 @@ pub enum StoreError {
     #[error("pack manifest: {0}")]
     Manifest(#[from] ManifestError),
     /// A plain archive (no `atlas-pack.json`) staged without a version.
-    #[error("the archive has no {MANIFEST_FILE}; a version must be given for it")]
+    #[error("the archive has no {MANIFEST_FILE} naming its version; set spec.pack.version")]
     MissingVersion,
     /// The manifest's version is not the one asked for.
     #[error("the pack is version {found}, expected {expected}")]
@@ -207,6 +207,24 @@ pub struct StoreStatus {
     pub preserve: Vec<String>,
 }
 
+/// What names the version of a pack being staged.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Versioning {
+    /// The version the pack must be (the spec's pin, a hub's or an index's answer): an
+    /// `atlas-pack.json` naming another is refused, and a plain archive gets it.
+    pub pinned: Option<PackVersion>,
+    /// The version a plain archive (no `atlas-pack.json`) gets when nothing is pinned: a url source's
+    /// version derived from its sha256. An `atlas-pack.json` names its own.
+    pub fallback: Option<PackVersion>,
+}
+
+impl Versioning {
+    /// Only a pin (or nothing).
+    pub fn pinned(version: Option<&PackVersion>) -> Self {
+        Self { pinned: version.cloned(), fallback: None }
+    }
+}
+
 /// A pack extracted into the store with every file verified against its manifest: the only thing
 /// [`PackStore::apply`] takes. Made only by [`PackStore::stage`], which hashed every file as it
 /// wrote it; the swap therefore does not read them again.
@@ -352,7 +370,9 @@ impl<'lock> PackStore<'lock> {
         version: Option<&PackVersion>,
         limits: &Limits,
     ) -> Result<StagedPack, StoreError> {
-        self.stage_with(version, &mut |dest, policy| extract::extract_file_with(archive, format, dest, limits, policy))
+        self.stage_with(&Versioning::pinned(version), &mut |dest, policy| {
+            extract::extract_file_with(archive, format, dest, limits, policy)
+        })
     }
 
     /// [`PackStore::stage`] that gives up, leaving nothing behind, once `cancel` is set (its caller
@@ -361,7 +381,7 @@ impl<'lock> PackStore<'lock> {
         &self,
         archive: &Path,
         format: ArchiveFormat,
-        version: Option<&PackVersion>,
+        version: &Versioning,
         limits: &Limits,
         cancel: &AtomicBool,
     ) -> Result<StagedPack, StoreError> {
@@ -382,7 +402,7 @@ impl<'lock> PackStore<'lock> {
         &self,
         stream: impl io::BufRead,
         compression: TarCompression,
-        version: Option<&PackVersion>,
+        version: &Versioning,
         limits: &Limits,
     ) -> Result<StagedPack, StoreError> {
         let mut stream = Some(stream);
@@ -392,7 +412,7 @@ impl<'lock> PackStore<'lock> {
         })
     }
 
-    fn stage_with(&self, version: Option<&PackVersion>, extract: &mut Extract<'_>) -> Result<StagedPack, StoreError> {
+    fn stage_with(&self, version: &Versioning, extract: &mut Extract<'_>) -> Result<StagedPack, StoreError> {
         let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or_default();
         let staging = self.layout.root().join(format!("staging-{}-{nanos}", std::process::id()));
         let result = self.stage_into(&staging, version, extract);
@@ -408,7 +428,7 @@ impl<'lock> PackStore<'lock> {
     fn stage_into(
         &self,
         staging: &Path,
-        version: Option<&PackVersion>,
+        version: &Versioning,
         extract: &mut Extract<'_>,
     ) -> Result<StagedPack, StoreError> {
         let files_dir = staging.join("files");
@@ -437,7 +457,7 @@ impl<'lock> PackStore<'lock> {
                     }
                 };
                 let manifest = PackManifest::from_json(&bytes)?;
-                if let Some(expected) = version
+                if let Some(expected) = &version.pinned
                     && *expected != manifest.version
                 {
                     return Err(StoreError::VersionMismatch {
@@ -449,7 +469,8 @@ impl<'lock> PackStore<'lock> {
                 manifest
             }
             None => {
-                let version = version.ok_or(StoreError::MissingVersion)?;
+                let version =
+                    version.pinned.as_ref().or(version.fallback.as_ref()).ok_or(StoreError::MissingVersion)?;
                 let files =
                     extracted.into_iter().map(|f| FileEntry { path: f.path, sha256: f.sha256, size: f.size }).collect();
                 PackManifest::new(version.clone(), None, Vec::new(), files)?
@@ -549,10 +570,12 @@ impl<'lock> PackStore<'lock> {
 /// Extracts an archive into the given staging directory under a policy.
 type Extract<'a> = dyn FnMut(&Path, &mut dyn extract::Policy) -> Result<Vec<extract::ExtractedFile>, ExtractError> + 'a;
 
-/// The staging policy of an Atlas pack whose `atlas-pack.json` comes first (as `pack build` writes
-/// it): a file whose path, sha256 and size equal the current version's entry, and which the data dir
-/// holds, is hashed (and so still verified) but not written, so an update writes only what changed.
-/// A manifest later in the archive, or a plain archive, is staged in full.
+/// The staging policy of an Atlas pack whose `atlas-pack.json` comes before its other files (as
+/// `pack build` writes it): every later file is held to the size the manifest declares (one it
+/// does not list is refused), and a file whose path, sha256 and size equal the current version's
+/// entry, and which the data dir holds, is hashed (and so still verified) but not written, so an
+/// update writes only what changed. A manifest later in the archive, or a plain archive, is staged
+/// in full.
 struct SkipUnchanged<'a> {
     data: &'a Path,
     current: Option<&'a PackManifest>,
@@ -583,6 +606,15 @@ impl extract::Policy for SkipUnchanged<'_> {
     fn captured(&mut self, _path: &RelativePath, bytes: Vec<u8>) {
         self.new = PackManifest::from_json(&bytes).ok();
         self.captured = Some(bytes);
+    }
+
+    fn declared(&self, path: &RelativePath) -> extract::Declared {
+        match &self.new {
+            None => extract::Declared::Nothing,
+            Some(manifest) => {
+                manifest.file(path).map_or(extract::Declared::Unlisted, |f| extract::Declared::Size(f.size))
+            }
+        }
     }
 }
 
@@ -733,11 +765,92 @@ mod tests {
         let (store, _) = PackStore::open(data.path(), &held)?;
         let archive = pack(work.path(), "1.0.0", &[("mods/a.jar", "a-1")])?;
         let cancel = AtomicBool::new(true);
-        let staged = store.stage_cancellable(&archive, ArchiveFormat::TarZst, None, &Limits::default(), &cancel);
+        let staged = store.stage_cancellable(
+            &archive,
+            ArchiveFormat::TarZst,
+            &Versioning::default(),
+            &Limits::default(),
+            &cancel,
+        );
         assert!(staged.is_err(), "{staged:?}");
         assert_eq!(fs::read_dir(store.layout.root())?.count(), 0, "something was left in the store");
         cancel.store(false, Ordering::Release);
-        store.stage_cancellable(&archive, ArchiveFormat::TarZst, None, &Limits::default(), &cancel)?;
+        store.stage_cancellable(
+            &archive,
+            ArchiveFormat::TarZst,
+            &Versioning::default(),
+            &Limits::default(),
+            &cancel,
+        )?;
+        Ok(())
+    }
+
+    #[test]
+    fn staging_called_off_part_way_stops_and_leaves_nothing() -> TestResult {
+        let (work, data) = (tempfile::tempdir()?, tempfile::tempdir()?);
+        fs::create_dir_all(data.path().join(RESERVED_DIR))?;
+        let held = lock(&lock_path(data.path()))?;
+        let (store, _) = PackStore::open(data.path(), &held)?;
+        // 2 MiB that zstd cannot shrink, so half the archive holds part of the first file.
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let noise: String = (0..2 << 20)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                char::from(b'!' + (seed % 90) as u8)
+            })
+            .collect();
+        let archive = fs::read(pack(work.path(), "1.0.0", &[("mods/a.jar", &noise), ("mods/b.jar", "b")])?)?;
+        // The archive arrives through a pipe the test feeds: the first half, then (once the staging is
+        // called off) the rest, so the call-off lands while staging is under way.
+        let fifo = work.path().join("archive.fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU)?;
+        let cancel = AtomicBool::new(false);
+        let (go, rest) = std::sync::mpsc::channel::<()>();
+        let staged = std::thread::scope(|scope| -> Result<_, Box<dyn std::error::Error>> {
+            let (fifo, archive) = (&fifo, &archive);
+            let feeder = scope.spawn(move || -> io::Result<()> {
+                use std::io::Write;
+                let mut pipe = fs::OpenOptions::new().write(true).open(fifo)?;
+                let (first, second) = archive.split_at(archive.len() / 2);
+                // The reader stops reading once it is called off, perhaps before the first half is all
+                // read: a broken pipe is how either write may end.
+                let _ = pipe.write_all(first);
+                let _ = rest.recv();
+                let _ = pipe.write_all(second);
+                Ok(())
+            });
+            let staging = scope.spawn(|| {
+                store.stage_cancellable(
+                    fifo,
+                    ArchiveFormat::TarZst,
+                    &Versioning::default(),
+                    &Limits::default(),
+                    &cancel,
+                )
+            });
+            // Part of the first file is extracted: staging is under way.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            let under_way = || {
+                fs::read_dir(store.layout.root()).into_iter().flatten().flatten().any(|e| {
+                    e.file_name().to_string_lossy().starts_with("staging-")
+                        && e.path().join("files/mods/a.jar").is_file()
+                })
+            };
+            while !under_way() {
+                assert!(std::time::Instant::now() < deadline, "staging never started");
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            cancel.store(true, Ordering::Release);
+            go.send(())?;
+            let staged = staging.join().map_err(|_| "the staging thread panicked")?;
+            feeder.join().map_err(|_| "the feeding thread panicked")??;
+            Ok(staged)
+        })?;
+        let err = staged.err().ok_or("staging called off part-way went on to the end")?;
+        assert!(err.to_string().contains("called off"), "{err}");
+        assert_eq!(fs::read_dir(store.layout.root())?.count(), 0, "something was left in the store");
         Ok(())
     }
 }

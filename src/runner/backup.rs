@@ -51,10 +51,11 @@ impl BackupFailure {
         Self { category, message }
     }
 
-    /// A failure from `error`, its causes on one line, and what to do about it when that is not obvious.
-    pub fn from_error(category: &'static str, error: &dyn Error) -> Self {
+    /// A failure of `op` from `error`, its causes on one line, and what to do about it when that is not
+    /// obvious.
+    pub fn from_error(op: BackupOp, category: &'static str, error: &dyn Error) -> Self {
         let mut message = describe(error);
-        if let Some(hint) = hint(category) {
+        if let Some(hint) = hint(op, category) {
             message.push_str("; ");
             message.push_str(hint);
         }
@@ -62,16 +63,47 @@ impl BackupFailure {
     }
 }
 
-fn hint(category: &str) -> Option<&'static str> {
+/// The backup command a failure belongs to: its advice speaks of what that command did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackupOp {
+    /// `backup create`, the runner's scheduled and on-demand backups.
+    Create,
+    /// `backup list`.
+    List,
+    /// `backup verify`.
+    Verify,
+    /// `backup restore` (its safety backup included).
+    Restore,
+    /// `backup prune`, the runner's retention.
+    Prune,
+}
+
+impl BackupOp {
+    /// What a failed run of this command leaves, for the advice on a store that did not answer.
+    fn unreachable_hint(self) -> &'static str {
+        match self {
+            Self::Create => "is the store reachable? the failed backup was aborted and left nothing behind; try again",
+            Self::List => "is the store reachable? try again",
+            Self::Verify => "is the store reachable? nothing was changed; try again",
+            Self::Restore => "is the store reachable? nothing live was touched; try again",
+            Self::Prune => {
+                "is the store reachable? a backup is deleted manifest first, so none is left half listed; prune again"
+            }
+        }
+    }
+}
+
+fn hint(op: BackupOp, category: &str) -> Option<&'static str> {
     Some(match category {
         "not_found" => "`atlas-runner backup list` shows the backups there are",
-        "corrupt_archive" => "nothing live was touched; pick another backup from `atlas-runner backup list`",
+        "corrupt_archive" if op == BackupOp::Restore => {
+            "nothing live was touched; pick another backup from `atlas-runner backup list`"
+        }
+        "corrupt_archive" => "pick another backup from `atlas-runner backup list`",
         "corrupt_manifest" => "the backup's manifest is damaged; pick another backup",
         "credentials" => "check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or spec.backup.store.s3.credentialsFile)",
         "bucket_missing" => "create the bucket, or fix spec.backup.store.s3.bucket, endpoint and prefix",
-        "store_unreachable" | "upload" | "store" => {
-            "is the store reachable? the failed backup was aborted and left nothing behind; try again"
-        }
+        "store_unreachable" | "upload" | "store" => op.unreachable_hint(),
         "world_missing" => "check --data and level-name in server.properties",
         "rcon" | "flush" => "is the server healthy? `atlas-runner status` and `atlas-runner logs` tell",
         _ => return None,
@@ -159,7 +191,9 @@ impl Backups {
         let Some(context) = self.context() else {
             return Err(("not_ready", "the runner has not loaded its spec yet; try again in a moment".to_owned()));
         };
-        let fail = |e: backup::BackupError| (e.category(), BackupFailure::from_error(e.category(), &e).message);
+        let fail = |e: backup::BackupError| {
+            (e.category(), BackupFailure::from_error(BackupOp::Create, e.category(), &e).message)
+        };
         let lock = backup::lock(&context.data_dir).map_err(fail)?;
         // Taken before the phase is read: the reconciler spawns the JVM only under the world lock, so a server
         // that is down now stays down until the capture is over (not the upload: the lock goes with the capture).
@@ -181,7 +215,7 @@ impl Backups {
             ));
         }
         let store = Store::open(backup_spec.and_then(|b| b.store.as_ref()), &context.data_dir, None)
-            .map_err(|e| (e.category(), BackupFailure::from_error(e.category(), &e).message))?;
+            .map_err(|e| (e.category(), BackupFailure::from_error(BackupOp::Create, e.category(), &e).message))?;
         backup::create_locked(&store, &options, &lock, backup::WorldHold::Given(world)).await.map_err(fail)
     }
 
@@ -192,9 +226,11 @@ impl Backups {
         };
         let backup_spec = context.spec.backup.as_ref();
         let store = Store::open(backup_spec.and_then(|b| b.store.as_ref()), &context.data_dir, None)
-            .map_err(|e| BackupFailure::from_error(e.category(), &e))?;
+            .map_err(|e| BackupFailure::from_error(BackupOp::Prune, e.category(), &e))?;
         let retention = backup_spec.map(|b| b.retention.clone()).unwrap_or_default();
-        backup::prune(&store, &retention).await.map_err(|e| BackupFailure::from_error(e.category(), &e))
+        backup::prune(&store, &retention)
+            .await
+            .map_err(|e| BackupFailure::from_error(BackupOp::Prune, e.category(), &e))
     }
 }
 
@@ -285,7 +321,8 @@ enum Due {
     In(Duration),
 }
 
-fn next_due(spec: &MinecraftServerSpec, override_seconds: Option<u64>) -> Result<Due, String> {
+/// How long from `now` (the clock a parameter, so tests can set it) until `spec`'s schedule is next due.
+fn next_due(spec: &MinecraftServerSpec, override_seconds: Option<u64>, now: &jiff::Zoned) -> Result<Due, String> {
     let Some(schedule) = spec.backup.as_ref().and_then(|b| b.schedule.as_deref()) else {
         return Ok(Due::Never);
     };
@@ -293,8 +330,7 @@ fn next_due(spec: &MinecraftServerSpec, override_seconds: Option<u64>) -> Result
     if let Some(seconds) = override_seconds {
         return Ok(Due::In(Duration::from_secs(seconds.max(1))));
     }
-    let now = jiff::Zoned::now();
-    let Some(next) = cron.next_after(&now) else {
+    let Some(next) = cron.next_after(now) else {
         return Err(format!("the backup schedule {schedule:?} never matches a date"));
     };
     let wait = next.timestamp().duration_since(now.timestamp());
@@ -314,7 +350,7 @@ async fn schedule(
     loop {
         let spec = specs.borrow_and_update().spec.clone();
         shared.backups.set_context(data_dir.clone(), spec.clone());
-        let wait = match next_due(&spec, override_seconds) {
+        let wait = match next_due(&spec, override_seconds, &jiff::Zoned::now()) {
             Ok(Due::In(wait)) => Some(wait),
             Ok(Due::Never) => None,
             Err(message) => {
@@ -380,21 +416,22 @@ pub enum TakenBy {
     Offline,
 }
 
-fn failure<E: Error>(category: &'static str) -> impl Fn(E) -> BackupFailure {
-    move |e| BackupFailure::from_error(category, &e)
+fn failure<E: Error>(op: BackupOp, category: &'static str) -> impl Fn(E) -> BackupFailure {
+    move |e| BackupFailure::from_error(op, category, &e)
 }
 
-fn backup_failure(e: backup::BackupError) -> BackupFailure {
-    BackupFailure::from_error(e.category(), &e)
+fn backup_failure(op: BackupOp) -> impl Fn(backup::BackupError) -> BackupFailure {
+    move |e| BackupFailure::from_error(op, e.category(), &e)
 }
 
 /// Takes the runner's data dir lock for an offline operation, so no runner starts a server meanwhile.
-fn offline_lock(data_dir: &std::path::Path) -> Result<crate::pack::DataDirLock, BackupFailure> {
+fn offline_lock(data_dir: &std::path::Path, op: BackupOp) -> Result<crate::pack::DataDirLock, BackupFailure> {
+    let what = if op == BackupOp::Restore { "restore" } else { "backup" };
     crate::pack::lock(&crate::pack::lock_path(data_dir)).map_err(|e| {
         BackupFailure::new(
             "busy",
             format!(
-                "{}; its control socket {} does not answer, so the backup cannot go through it",
+                "{}; its control socket {} does not answer, so the {what} cannot go through it",
                 describe(&e),
                 client::socket_path(data_dir).display()
             ),
@@ -415,10 +452,10 @@ pub async fn create_via_runner_or_offline(
     if let Some(manifest) = create_via_runner(data_dir).await? {
         return Ok((manifest, TakenBy::Runner));
     }
-    let _runner_lock = offline_lock(data_dir)?;
+    let _runner_lock = offline_lock(data_dir, BackupOp::Create)?;
     let mut options = CreateOptions::from_spec(data_dir, spec.backup.as_ref());
     options.progress = progress;
-    let manifest = backup::create(store, &options).await.map_err(backup_failure)?;
+    let manifest = backup::create(store, &options).await.map_err(backup_failure(BackupOp::Create))?;
     Ok((manifest, TakenBy::Offline))
 }
 
@@ -426,10 +463,12 @@ pub async fn create_via_runner_or_offline(
 /// no runner answers on its control socket.
 pub async fn create_via_runner(data_dir: &std::path::Path) -> Result<Option<Manifest>, BackupFailure> {
     match client::call(&client::socket_path(data_dir), "POST", "/v1/backup", None).await {
-        Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).map_err(failure::<serde_json::Error>("runner"))?)),
+        Ok(bytes) => Ok(Some(
+            serde_json::from_slice(&bytes).map_err(failure::<serde_json::Error>(BackupOp::Create, "runner"))?,
+        )),
         Err(ClientError::Connect { .. }) => Ok(None),
         Err(ClientError::Runner(message)) => Err(BackupFailure::new("runner", message)),
-        Err(e) => Err(BackupFailure::from_error(e.category(), &e)),
+        Err(e) => Err(BackupFailure::from_error(BackupOp::Create, e.category(), &e)),
     }
 }
 
@@ -459,21 +498,24 @@ pub async fn restore_via_runner_or_offline(
 ) -> Result<RestoreReport, BackupFailure> {
     // Held from before the stop to after the swap: no capture (a scheduled one included) may read a
     // half-swapped world, and the runner starts no server meanwhile (it spawns the JVM under this lock).
-    let lock = backup::lock(data_dir).map_err(backup_failure)?;
-    let world = world_lock_within(data_dir, WORLD_LOCK_WAIT).await.map_err(backup_failure)?;
-    let staged = backup::stage_restore_with_progress(store, name, data_dir, progress).await.map_err(backup_failure)?;
+    let lock = backup::lock(data_dir).map_err(backup_failure(BackupOp::Restore))?;
+    let world = world_lock_within(data_dir, WORLD_LOCK_WAIT).await.map_err(backup_failure(BackupOp::Restore))?;
+    let staged = backup::stage_restore_with_progress(store, name, data_dir, progress)
+        .await
+        .map_err(backup_failure(BackupOp::Restore))?;
     tracing::info!(backup = name, "backup downloaded and checked; replacing the world");
     let socket = client::socket_path(data_dir);
     let status = match client::call(&socket, "GET", "/v1/status", None).await {
         Ok(bytes) => Some(
-            serde_json::from_slice::<super::RunnerStatus>(&bytes).map_err(failure::<serde_json::Error>("runner"))?,
+            serde_json::from_slice::<super::RunnerStatus>(&bytes)
+                .map_err(failure::<serde_json::Error>(BackupOp::Restore, "runner"))?,
         ),
         Err(ClientError::Connect { .. }) => None,
-        Err(e) => return Err(BackupFailure::from_error(e.category(), &e)),
+        Err(e) => return Err(BackupFailure::from_error(BackupOp::Restore, e.category(), &e)),
     };
     let Some(status) = status else {
-        let _runner_lock = offline_lock(data_dir)?;
-        let restored = staged.swap(&world).await.map_err(backup_failure)?;
+        let _runner_lock = offline_lock(data_dir, BackupOp::Restore)?;
+        let restored = staged.swap(&world).await.map_err(backup_failure(BackupOp::Restore))?;
         return Ok(RestoreReport { restored, safety: None, restarted: false, restart_failed: None });
     };
 
@@ -521,7 +563,7 @@ pub async fn restore_via_runner_or_offline(
             // The reconciler starts the server only under the world lock.
             drop((world, lock));
             let restarted = restart().await;
-            let mut f = backup_failure(e);
+            let mut f = backup_failure(BackupOp::Restore)(e);
             f.message = format!("the safety backup failed, so nothing was restored: {}", f.message);
             if let Err(r) = restarted {
                 f.message = format!("{}; {}", f.message, r.message);
@@ -534,7 +576,7 @@ pub async fn restore_via_runner_or_offline(
     drop((world, lock));
     if let Err(e @ backup::BackupError::SwapRollBack { .. }) = swapped {
         // Half restored: starting the server now would load (and save over) a mixed world.
-        let mut f = backup_failure(e);
+        let mut f = backup_failure(BackupOp::Restore)(e);
         f.message = format!("{}; the server was left stopped", f.message);
         return Err(f);
     }
@@ -550,7 +592,7 @@ pub async fn restore_via_runner_or_offline(
     let restored = match swapped {
         Ok(restored) => restored,
         Err(e) => {
-            let mut f = backup_failure(e);
+            let mut f = backup_failure(BackupOp::Restore)(e);
             if let Err(r) = restarted {
                 f.message = format!("{}; {}", f.message, r.message);
             }
@@ -563,4 +605,62 @@ pub async fn restore_via_runner_or_offline(
         restarted: was_up && restarted.is_ok(),
         restart_failed: restarted.err(),
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    fn spec(schedule: Option<&str>) -> MinecraftServerSpec {
+        let backup = schedule.map_or(String::new(), |s| format!("backup: {{schedule: \"{s}\"}}\n"));
+        serde_yaml::from_str(&format!("eula: true\nserver: {{type: vanilla}}\n{backup}")).unwrap()
+    }
+
+    /// The wait `next_due` gives at the clock reading `now`.
+    fn wait(schedule: Option<&str>, override_seconds: Option<u64>, now: &str) -> Option<Duration> {
+        match next_due(&spec(schedule), override_seconds, &now.parse().unwrap()).unwrap() {
+            Due::In(wait) => Some(wait),
+            Due::Never => None,
+        }
+    }
+
+    const fn hms(h: u64, m: u64, s: u64) -> Duration {
+        Duration::from_secs(h * 3600 + m * 60 + s)
+    }
+
+    #[test]
+    fn the_wait_runs_from_the_clock_to_the_next_scheduled_time() {
+        let utc = |t: &str| format!("{t}+00:00[UTC]");
+        assert_eq!(wait(Some("0 */6 * * *"), None, &utc("2026-11-26T10:41:30")), Some(hms(1, 18, 30)));
+        // Exactly on a scheduled minute: the next one, not now.
+        assert_eq!(wait(Some("0 */6 * * *"), None, &utc("2026-11-26T12:00:00")), Some(hms(6, 0, 0)));
+        assert_eq!(wait(Some("@daily"), None, &utc("2026-12-31T23:59:59.5")), Some(Duration::from_millis(500)));
+        assert_eq!(wait(Some("* * * * *"), None, &utc("2026-11-26T10:41:59")), Some(hms(0, 0, 1)));
+        // In the server's local time: the same instant is 01:00 in UTC and 02:00 in Berlin.
+        assert_eq!(wait(Some("0 3 * * *"), None, "2026-11-26T01:00:00+00:00[UTC]"), Some(hms(2, 0, 0)));
+        assert_eq!(wait(Some("0 3 * * *"), None, "2026-11-26T02:00:00+01:00[Europe/Berlin]"), Some(hms(1, 0, 0)));
+    }
+
+    #[test]
+    fn the_wait_is_real_time_across_a_clock_change() {
+        // Berlin skips 02:00-03:00 on 2026-03-29: from 01:30 to 06:00 local is 3.5 hours, not 4.5.
+        assert_eq!(wait(Some("0 6 * * *"), None, "2026-03-29T01:30:00+01:00[Europe/Berlin]"), Some(hms(3, 30, 0)));
+        // And repeats 02:00-03:00 on 2026-10-25: from 01:30 to 06:00 local is 5.5 hours.
+        assert_eq!(wait(Some("0 6 * * *"), None, "2026-10-25T01:30:00+02:00[Europe/Berlin]"), Some(hms(5, 30, 0)));
+    }
+
+    #[test]
+    fn no_schedule_waits_forever_and_a_bad_one_is_an_error() {
+        assert_eq!(wait(None, None, "2026-11-26T10:00:00+00:00[UTC]"), None);
+        let now: jiff::Zoned = "2026-11-26T10:00:00+00:00[UTC]".parse().unwrap();
+        let Err(message) = next_due(&spec(Some("0 0 30 2 *")), None, &now) else { panic!("Feb 30 matched") };
+        assert!(message.contains("never matches a date"), "{message}");
+        let Err(message) = next_due(&spec(Some("every hour")), None, &now) else { panic!("a bad schedule parsed") };
+        assert!(message.contains("invalid cron schedule"), "{message}");
+        // The test override replaces the times but not the check of the schedule.
+        assert_eq!(wait(Some("0 */6 * * *"), Some(2), "2026-11-26T10:41:30+00:00[UTC]"), Some(hms(0, 0, 2)));
+        assert_eq!(wait(Some("0 */6 * * *"), Some(0), "2026-11-26T10:41:30+00:00[UTC]"), Some(hms(0, 0, 1)));
+        assert!(next_due(&spec(Some("every hour")), Some(2), &now).is_err());
+    }
 }

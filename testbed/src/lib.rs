@@ -473,7 +473,14 @@ impl S3Processes {
 }
 
 /// Starts `weed mini` with an S3 identity on free loopback ports and waits until S3 answers.
+/// Virtual-hosted-style requests work on `BUCKET.localhost:PORT` (path-style ones on any host).
 pub fn start_s3() -> Result<S3Processes> {
+    start_s3_with_domain(Some("localhost"))
+}
+
+/// [`start_s3`] with `domain` as the host name suffix of virtual-hosted-style requests; `None`, as
+/// SeaweedFS ships, reads every request's bucket from its path.
+pub fn start_s3_with_domain(domain: Option<&str>) -> Result<S3Processes> {
     let weed = bin("weed")?;
     let mut processes = Processes::new("atlas-s3")?;
     let dir = processes.dir().to_path_buf();
@@ -505,6 +512,9 @@ pub fn start_s3() -> Result<S3Processes> {
         format!("-s3.port={s3_port}"),
         format!("-filer.port={filer_port}"),
     ];
+    if let Some(domain) = domain {
+        args.push(format!("-s3.domainName={domain}"));
+    }
     for flag in [
         "master.port",
         "master.port.grpc",

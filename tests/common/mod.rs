@@ -1,10 +1,10 @@
-//! Shared test support: the fake Minecraft server (compiled from Java source at test time) and a
-//! harness that runs the built `atlas-runner` binary as a user would.
+//! Shared test support: the fake Minecraft server (compiled from Java source at test time) run on its
+//! own, and a harness that runs the built `atlas-runner` binary as a user would.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Output, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -98,6 +98,105 @@ fn build_fake_server_jar() -> Result<PathBuf> {
     }
     ensure!(jar.is_file(), "{} was not created", jar.display());
     Ok(jar)
+}
+
+/// The fake server (`java -jar fake-server.jar nogui`) run on its own in a data dir that holds its
+/// `server.properties`, every output line collected; killed and reaped on drop, whatever the test's outcome.
+pub struct FakeServer {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl FakeServer {
+    /// Starts the fake server in `data` and waits until RCON listens (like vanilla, after "Done").
+    pub fn start(data: &Path) -> Result<Self> {
+        let mut child = Command::new(java_tool("java")?)
+            .args(["-Xmx64m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1", "-jar"])
+            .arg(fake_server_jar()?)
+            .arg("nogui")
+            .current_dir(data)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("start the fake server")?;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        collect_lines(child.stdout.take().context("fake server stdout")?, "", log.clone());
+        collect_lines(child.stderr.take().context("fake server stderr")?, "stderr: ", log.clone());
+        let stdin = child.stdin.take();
+        let mut server = Self { child, stdin, log };
+        // Generous: the JVMs of parallel tests share two cores.
+        server.wait_for_line("Done (", Duration::from_secs(60))?;
+        server.wait_for_line("RCON running on", Duration::from_secs(60))?;
+        Ok(server)
+    }
+
+    /// Every line printed so far, stderr's prefixed `stderr: `.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lock().map(|lines| lines.clone()).unwrap_or_default()
+    }
+
+    /// [`FakeServer::log_lines`] joined.
+    pub fn log_text(&self) -> String {
+        self.log_lines().join("\n")
+    }
+
+    /// Polls the output until a line contains `needle` and returns it; fails early if the process exits.
+    pub fn wait_for_line(&mut self, needle: &str, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(line) = self.log_lines().into_iter().find(|l| l.contains(needle)) {
+                return Ok(line);
+            }
+            if let Some(status) = self.child.try_wait()? {
+                bail!("fake server exited ({status}) before printing {needle:?}:\n{}", self.log_text());
+            }
+            if Instant::now() > deadline {
+                bail!("fake server did not print {needle:?} within {timeout:?}:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait_for_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("fake server still running after {timeout:?}:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Types `command` on the server's console (its stdin).
+    pub fn console(&mut self, command: &str) -> Result<()> {
+        let stdin = self.stdin.as_mut().context("fake server stdin is closed")?;
+        writeln!(stdin, "{command}")?;
+        Ok(stdin.flush()?)
+    }
+}
+
+impl Drop for FakeServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Collects the lines of `stream` into `log` (each with `prefix`) on a thread of its own until it ends.
+fn collect_lines(stream: impl Read + Send + 'static, prefix: &'static str, log: Arc<Mutex<Vec<String>>>) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            if let Ok(mut lines) = log.lock() {
+                lines.push(format!("{prefix}{line}"));
+            }
+        }
+    });
 }
 
 /// A data dir with the fake server jar in it and a spec file next to it.
@@ -281,7 +380,7 @@ impl Runner {
     }
 
     /// Waits for the runner to exit.
-    pub fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
         wait_for("the runner to exit", timeout, || self.child.try_wait().ok().flatten())
     }
 }
@@ -337,14 +436,26 @@ pub fn serve_files(files: impl FnOnce(&str) -> Result<std::collections::HashMap<
 /// Files a test may change while they are served: path -> body.
 pub type ServedFiles = Arc<Mutex<std::collections::HashMap<String, Vec<u8>>>>;
 
+/// The path of every request a stand-in answered, in order.
+pub type RequestLog = Arc<Mutex<Vec<String>>>;
+
 /// Like [`serve_files`], starting empty: returns the base URL and the files, which the test fills and
 /// changes as it goes.
 pub fn serve_changing_files() -> Result<(String, ServedFiles)> {
+    serve_changing_files_logged().map(|(base, files, _)| (base, files))
+}
+
+/// [`serve_changing_files`], also returning the path of every request served.
+pub fn serve_changing_files_logged() -> Result<(String, ServedFiles, RequestLog)> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let base = format!("http://{}", listener.local_addr()?);
     let files = ServedFiles::default();
-    let served = files.clone();
+    let requests = RequestLog::default();
+    let (served, seen) = (files.clone(), requests.clone());
     let app = axum::Router::new().fallback(move |uri: axum::http::Uri| {
+        if let Ok(mut seen) = seen.lock() {
+            seen.push(uri.path().to_owned());
+        }
         let body = served.lock().ok().and_then(|files| files.get(uri.path()).cloned());
         async move {
             match body {
@@ -362,7 +473,7 @@ pub fn serve_changing_files() -> Result<(String, ServedFiles)> {
             }
         })
     });
-    Ok((base, files))
+    Ok((base, files, requests))
 }
 
 /// Every file and directory under `root` (relative paths), with each file's bytes.
@@ -393,7 +504,7 @@ pub fn promtool_check(body: &str) -> Result<()> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
-    std::io::Write::write_all(&mut check.stdin.take().context("promtool's stdin")?, body.as_bytes())?;
+    Write::write_all(&mut check.stdin.take().context("promtool's stdin")?, body.as_bytes())?;
     let out = check.wait_with_output()?;
     ensure!(
         out.status.success(),
@@ -412,7 +523,7 @@ pub fn s3_spec(bucket: &atlas_testbed::TestBucket, prefix: &str) -> atlas_runner
             prefix: prefix.to_owned(),
             endpoint: Some(bucket.s3.endpoint.clone()),
             region: bucket.region.clone(),
-            path_style: true,
+            path_style: Some(true),
             credentials_secret_ref: None,
             credentials_file: None,
         }),

@@ -187,5 +187,5 @@ pub(crate) async fn fetch(
     let blob_token = if blob_url.origin() == base.origin() { token.as_deref() } else { None };
     let bytes_downloaded =
         download::download(client, &blob_url, blob_token, &expected, &partial, &archive, options).await?;
-    Ok(Fetched { archive, format, version: Some(version), bytes_downloaded })
+    Ok(Fetched { archive, format, version: Some(version), fallback_version: None, bytes_downloaded })
 }

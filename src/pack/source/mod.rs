@@ -33,8 +33,11 @@ pub struct Fetched {
     /// Its format.
     pub format: ArchiveFormat,
     /// The version the source names (hub, mrpack, or a pinned url archive); `None`: the archive's
-    /// `atlas-pack.json` names it (a plain archive without one is then refused by `stage`).
+    /// `atlas-pack.json` names it, or else [`Fetched::fallback_version`].
     pub version: Option<PackVersion>,
+    /// The version of an unpinned url archive without `atlas-pack.json`: [`digest_version`] of its
+    /// sha256.
+    pub fallback_version: Option<PackVersion>,
     /// Bytes received over the network by this fetch (0 when everything was cached).
     pub bytes_downloaded: u64,
 }
@@ -273,12 +276,12 @@ pub async fn name(source: &PackSource, pinned: Option<&str>, options: &FetchOpti
     }
 }
 
-/// For a url source of a tar archive: the compression and pinned version, known before the
+/// For a url source of a tar archive: the compression and what names its version, known before the
 /// download, so its archive can be staged while it downloads ([`tee`]).
 pub fn streamable(
     source: &PackSource,
     pinned: Option<&str>,
-) -> Option<(crate::pack::extract::TarCompression, Option<PackVersion>)> {
+) -> Option<(crate::pack::extract::TarCompression, crate::pack::Versioning)> {
     use crate::pack::extract::TarCompression;
     let PackSourceRef::Url(url) = source.get()? else { return None };
     let compression = match format_of(&parse_url(&url.url).ok()?)? {
@@ -286,12 +289,25 @@ pub fn streamable(
         ArchiveFormat::TarGz => TarCompression::Gzip,
         ArchiveFormat::Zip => return None,
     };
-    let version = match pinned.map(parse_version) {
+    let pinned = match pinned.map(parse_version) {
         Some(Ok(v)) => Some(v),
         Some(Err(_)) => return None,
         None => None,
     };
-    Some((compression, version))
+    let fallback = Some(digest_version(&url.sha256).ok()?);
+    Some((compression, crate::pack::Versioning { pinned, fallback }))
+}
+
+/// Hex digits of the sha256 in [`digest_version`]: 48 bits, so two archives of one server meet
+/// under one version only by a chance nobody will see (and then staging refuses the second as a
+/// reused version; it never replaces the first).
+const DIGEST_VERSION_HEX: usize = 12;
+
+/// The version of a url archive that names none (no `atlas-pack.json`, no `spec.pack.version`):
+/// `sha256-` and the first 12 hex digits of its sha256 (`sha256-9f86d081884c`).
+pub fn digest_version(sha256_hex: &str) -> Result<PackVersion, SourceError> {
+    let hex = check_hex(sha256_hex, 64)?;
+    parse_version(&format!("sha256-{}", &hex[..DIGEST_VERSION_HEX]))
 }
 
 /// Errors fetching a pack.
@@ -574,7 +590,8 @@ async fn fetch_url(
     let archive = options.work_dir.join(format!("{sha256}.{}", extension(format)));
     let partial = options.work_dir.join(format!("{sha256}.partial"));
     let bytes_downloaded = download::download(client, &url, None, &expected, &partial, &archive, options).await?;
-    Ok(Fetched { archive, format, version, bytes_downloaded })
+    let fallback_version = Some(digest_version(&sha256)?);
+    Ok(Fetched { archive, format, version, fallback_version, bytes_downloaded })
 }
 
 #[cfg(test)]
@@ -604,6 +621,13 @@ mod tests {
         assert_eq!(format_of(&parse_url("https://x/download")?), None);
         assert!(parse_url("file:///etc/p.zip").is_err());
         Ok(())
+    }
+
+    #[test]
+    fn a_digest_names_a_version() {
+        let hex = "9F86D081884C7D659A2FEAA0C55AD015A3BF4F1B2B0B822CD15D6C15B0F00A08";
+        assert_eq!(digest_version(hex).map(|v| v.as_str().to_owned()).ok().as_deref(), Some("sha256-9f86d081884c"));
+        assert!(digest_version("9f86d081").is_err());
     }
 
     #[test]

@@ -270,7 +270,13 @@ pub(crate) async fn fetch(
         })
         .await?;
     }
-    Ok(Fetched { archive: out, format: ArchiveFormat::TarZst, version: Some(version), bytes_downloaded })
+    Ok(Fetched {
+        archive: out,
+        format: ArchiveFormat::TarZst,
+        version: Some(version),
+        fallback_version: None,
+        bytes_downloaded,
+    })
 }
 
 async fn blocking<T: Send + 'static>(

@@ -1,0 +1,83 @@
+//! The one-line errors of the CLI speak of the command that failed: what it did, what it left, what
+//! to do next.
+
+mod common;
+
+use std::process::Command;
+
+use anyhow::{Context, Result, ensure};
+use common::{binary, free_port};
+
+/// The `atlas-runner: ...` line of a failed run, and that there is exactly one.
+fn error_line(out: &std::process::Output) -> Result<String> {
+    ensure!(!out.status.success(), "succeeded: {}", String::from_utf8_lossy(&out.stdout));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("atlas-runner: ")).collect();
+    ensure!(lines.len() == 1, "not one error line: {stderr}");
+    Ok(lines[0].to_owned())
+}
+
+#[test]
+fn each_backup_command_against_an_unreachable_store_speaks_of_what_it_did() -> Result<()> {
+    let root = tempfile::tempdir()?;
+    let data = root.path().join("data");
+    std::fs::create_dir_all(data.join("world"))?;
+    std::fs::write(data.join("world/level.dat"), "level")?;
+    // A loopback port nothing listens on: connections are refused at once.
+    let spec = root.path().join("server.yaml");
+    std::fs::write(
+        &spec,
+        format!(
+            "eula: true\nserver: {{type: vanilla}}\nbackup:\n  store:\n    s3: {{bucket: bars, prefix: survival/, endpoint: \"http://127.0.0.1:{}\"}}\n",
+            free_port()?
+        ),
+    )?;
+    let aborted = "the failed backup was aborted";
+    let cases: [(&[&str], &[&str]); 5] = [
+        (&["create"], &["reach the backup store", aborted, "try again"]),
+        (&["list"], &["list the backups", "is the store reachable? try again"]),
+        (&["verify", "20260101T000000.000Z"], &["read the manifest", "nothing was changed"]),
+        (&["restore", "20260101T000000.000Z"], &["read the manifest", "nothing live was touched"]),
+        (&["prune"], &["list the backups", "prune again"]),
+    ];
+    for (args, says) in cases {
+        let out = Command::new(binary())
+            .arg("backup")
+            .args(args)
+            .arg("--spec")
+            .arg(&spec)
+            .arg("--data")
+            .arg(&data)
+            .env("AWS_ACCESS_KEY_ID", "atlas")
+            .env("AWS_SECRET_ACCESS_KEY", "not-a-secret")
+            .output()?;
+        let line = error_line(&out).with_context(|| format!("backup {}", args.join(" ")))?;
+        for text in says {
+            ensure!(line.contains(text), "backup {}: {line:?} does not say {text:?}", args[0]);
+        }
+        if args[0] != "create" {
+            // Only a create has a backup to abort.
+            ensure!(!line.contains("aborted") && !line.contains("left nothing"), "backup {}: {line:?}", args[0]);
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn console_takes_its_options_after_the_command_too() -> Result<()> {
+    let root = tempfile::tempdir()?;
+    let data = root.path().join("data");
+    std::fs::create_dir_all(&data)?;
+    let data = data.to_str().context("utf-8 path")?;
+    // No runner: the error names the socket the options chose, the data dir's, not ./.atlas's.
+    for args in [&["console", "list", "--data", data][..], &["console", "--data", data, "list"]] {
+        let out = Command::new(binary()).args(args).current_dir(root.path()).output()?;
+        let line = error_line(&out)?;
+        ensure!(line.contains(&format!("{data}/.atlas/control.sock")), "{args:?}: {line}");
+    }
+    // A word the console does not know as an option: clap says how to pass it.
+    let out = Command::new(binary()).args(["console", "say", "--loud", "--data", data]).output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success() && stderr.contains("'-- --loud'"), "{stderr}");
+    Ok(())
+}
