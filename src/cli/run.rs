@@ -142,10 +142,10 @@ impl Runtime {
                 cgroup_root: args.cgroup_root,
                 memory_limit,
                 // spec.pack is applied under the lock held above; its metrics are served on /metrics.
-                pack: Some(runner::PackContext::new(
-                    lock,
-                    atlas_runner::metrics::PackMetrics::register(&shared.registry)?,
-                )),
+                pack: Some(
+                    runner::PackContext::new(lock, atlas_runner::metrics::PackMetrics::register(&shared.registry)?)
+                        .remembering(&data_dir),
+                ),
             },
             stop: StopTimeouts { rcon: stop, stdin: stop, term: stop },
             restart: RestartPolicy {

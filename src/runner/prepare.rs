@@ -52,6 +52,8 @@ pub struct PackContext {
     /// applied again (by a crash restart or another spec change) until the spec names another pack,
     /// or its hub channel names another version.
     rolled_back: Arc<Mutex<Option<RolledBack>>>,
+    /// Where the rollback is remembered across processes (`DATA/.atlas/held-pack.json`), if anywhere.
+    record: Option<PathBuf>,
 }
 
 /// A pack spec rolled back after its server failed, and the version that failed.
@@ -60,7 +62,53 @@ type RolledBack = (PackSpec, Option<String>);
 impl PackContext {
     /// The context of a runner holding `lock`.
     pub fn new(lock: Arc<DataDirLock>, metrics: PackMetrics) -> Self {
-        Self { lock, metrics, rolled_back: Arc::default() }
+        Self { lock, metrics, rolled_back: Arc::default(), record: None }
+    }
+
+    /// The same context remembering its rollback in `data_dir` (`.atlas/held-pack.json`), so a new
+    /// runner (a restarted pod) does not apply again the version whose server failed.
+    pub fn remembering(mut self, data_dir: &std::path::Path) -> Self {
+        let record = super::atlas_dir(data_dir).join("held-pack.json");
+        match std::fs::read(&record) {
+            Ok(bytes) => match serde_json::from_slice::<RolledBack>(&bytes) {
+                Ok(held) => {
+                    tracing::info!(
+                        version = held.1.as_deref(),
+                        "a pack version rolled back after its server failed is held"
+                    );
+                    if let Ok(mut r) = self.rolled_back.lock() {
+                        *r = Some(held);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(path = %record.display(), "the held pack record does not parse ({e}); ignoring it")
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(path = %record.display(), "cannot read the held pack record ({e}); ignoring it"),
+        }
+        self.record = Some(record);
+        self
+    }
+
+    /// Writes (or removes) the record of the rollback; a failure is logged, the hold then lasts as
+    /// long as this process.
+    fn save(&self, held: Option<&RolledBack>) {
+        let Some(path) = &self.record else { return };
+        let result = match held {
+            Some(held) => serde_json::to_vec(held).map_err(std::io::Error::other).and_then(|bytes| {
+                let tmp = path.with_extension("tmp");
+                std::fs::write(&tmp, bytes)?;
+                std::fs::rename(&tmp, path)
+            }),
+            None => match std::fs::remove_file(path) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                other => other,
+            },
+        };
+        if let Err(e) = result {
+            tracing::warn!(path = %path.display(), "cannot record the held pack version: {e}");
+        }
     }
 
     fn was_rolled_back(&self, pack: &PackSpec) -> bool {
@@ -69,7 +117,11 @@ impl PackContext {
 
     fn set_rolled_back(&self, failed: Option<(&PackSpec, Option<&str>)>) {
         if let Ok(mut r) = self.rolled_back.lock() {
-            *r = failed.map(|(pack, version)| (pack.clone(), version.map(str::to_owned)));
+            let held = failed.map(|(pack, version)| (pack.clone(), version.map(str::to_owned)));
+            if *r != held {
+                self.save(held.as_ref());
+            }
+            *r = held;
         }
     }
 
@@ -84,6 +136,7 @@ impl PackContext {
                     return false;
                 }
                 *r = None;
+                self.save(None);
                 true
             }
             _ => true,
@@ -705,6 +758,29 @@ mod tests {
         // The pack is not held against: the retry applies it again.
         let context = options.pack.as_ref().ok_or("no pack context")?;
         assert!(!context.was_rolled_back(spec.pack.as_ref().ok_or("no pack")?));
+        Ok(())
+    }
+
+    #[test]
+    fn a_rollback_is_remembered_by_the_next_runner_on_the_data_dir() -> TestResult {
+        let data = tempfile::tempdir()?;
+        std::fs::create_dir_all(data.path().join(".atlas"))?;
+        let text = "eula: true\nserver: {type: vanilla, version: '1.21.4'}\npack:\n  source:\n    hub: {url: 'http://127.0.0.1:9', pack: p, channel: stable}\n";
+        let spec = super::super::parse_spec(Path::new("s.yaml"), text)?;
+        let pack = spec.pack.as_ref().ok_or("no pack")?;
+        let context = |held: Arc<DataDirLock>| -> Result<PackContext, Box<dyn std::error::Error>> {
+            let metrics = PackMetrics::register(&prometheus::Registry::new())?;
+            Ok(PackContext::new(held, metrics).remembering(data.path()))
+        };
+        let held = Arc::new(lock(&lock_path(data.path()))?);
+        context(Arc::clone(&held))?.set_rolled_back(Some((pack, Some("2.0.0"))));
+        // A new process (a restarted pod) holds the same.
+        let next = context(Arc::clone(&held))?;
+        assert!(next.was_rolled_back(pack));
+        assert!(!next.may_update_to(pack, "2.0.0"));
+        // The channel moves on: forgotten, by the next process too.
+        assert!(next.may_update_to(pack, "3.0.0"));
+        assert!(!context(held)?.was_rolled_back(pack));
         Ok(())
     }
 
