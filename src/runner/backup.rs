@@ -463,9 +463,9 @@ pub async fn create_via_runner_or_offline(
 /// no runner answers on its control socket.
 pub async fn create_via_runner(data_dir: &std::path::Path) -> Result<Option<Manifest>, BackupFailure> {
     match client::call(&client::socket_path(data_dir), "POST", "/v1/backup", None).await {
-        Ok(bytes) => Ok(Some(
-            serde_json::from_slice(&bytes).map_err(failure::<serde_json::Error>(BackupOp::Create, "runner"))?,
-        )),
+        Ok(bytes) => {
+            Ok(Some(serde_json::from_slice(&bytes).map_err(failure::<serde_json::Error>(BackupOp::Create, "runner"))?))
+        }
         Err(ClientError::Connect { .. }) => Ok(None),
         Err(ClientError::Runner(message)) => Err(BackupFailure::new("runner", message)),
         Err(e) => Err(BackupFailure::from_error(BackupOp::Create, e.category(), &e)),
