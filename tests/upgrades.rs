@@ -111,6 +111,8 @@ fn a_fresh_runner_with_the_hub_down_starts_the_held_version_and_says_degraded() 
     assert!(degraded.contains("1.0.0"), "{degraded}");
     assert_eq!(held["packProblem"]["reason"], "HeldVersion", "{held}");
     assert_eq!(std::fs::read(fixture.data.join("mods/a.jar"))?, b"a-1");
+    let text = String::from_utf8(common::cli(&fixture.data, &["status"])?.stdout)?;
+    assert!(text.contains("degraded:  PackSourceUnreachable:") && text.contains("pack held:"), "{text}");
     Ok(())
 }
 

@@ -172,6 +172,8 @@ pub struct Prepared {
     /// The pack version this preparation swapped into the data dir, and the one before (for the
     /// PackApplied event), when it swapped one in.
     pub applied: Option<(Option<String>, String)>,
+    /// What `spec.server` resolved to (jar, version, Java), reused while it does not change.
+    pub resolved: Option<server::ResolvedServer>,
 }
 
 /// [`Upgrade::kind`] of a pack update.
@@ -330,7 +332,10 @@ pub async fn prepare_change(
     spec: &MinecraftServerSpec,
     options: &PrepareOptions,
 ) -> Result<Prepared, PrepareError> {
-    let mut prepared = prepare_server(spec, options).await?;
+    // The same server spec runs the same jar: a property change does not ask the download APIs again
+    // (nor moves `latest` to a newer Minecraft version behind the admin's back).
+    let known = current.resolved.as_ref().filter(|_| current.spec.server == spec.server);
+    let mut prepared = prepare_server_with(spec, options, known).await?;
     prepared.pack_version = current.pack_version.clone();
     prepared.pack_problem = current.pack_problem.clone();
     Ok(prepared)
@@ -564,11 +569,26 @@ pub async fn roll_back_pack(
 
 /// Resolves, writes files and builds the command line for `spec`; the pack is left as it is.
 async fn prepare_server(spec: &MinecraftServerSpec, options: &PrepareOptions) -> Result<Prepared, PrepareError> {
+    prepare_server_with(spec, options, None).await
+}
+
+/// [`prepare_server`], taking `known` (what the running server's unchanged `spec.server` resolved
+/// to) instead of asking the download APIs again while its jar is still there.
+async fn prepare_server_with(
+    spec: &MinecraftServerSpec,
+    options: &PrepareOptions,
+    known: Option<&server::ResolvedServer>,
+) -> Result<Prepared, PrepareError> {
     let data_dir = &options.data_dir;
     let atlas = super::atlas_dir(data_dir);
     std::fs::create_dir_all(&atlas).map_err(|source| ServerError::io(&atlas, source))?;
-    let resolver = Resolver::new(options.base_urls.clone(), super::atlas_dir(data_dir).join("cache/jars"))?;
-    let resolved = resolver.resolve(&spec.server, data_dir).await?;
+    let resolved = match known.filter(|known| known.jar.is_file()) {
+        Some(known) => known.clone(),
+        None => {
+            let resolver = Resolver::new(options.base_urls.clone(), super::atlas_dir(data_dir).join("cache/jars"))?;
+            resolver.resolve(&spec.server, data_dir).await?
+        }
+    };
     server::write_eula(data_dir, spec.eula)?;
 
     let password = server::rcon_password(data_dir, spec.rcon.as_ref())?;
@@ -590,14 +610,15 @@ async fn prepare_server(spec: &MinecraftServerSpec, options: &PrepareOptions) ->
         command,
         rcon: Rcon::new(SocketAddr::from((Ipv4Addr::LOCALHOST, port)), password, Duration::from_secs(5)),
         server_type: resolved.kind.as_str().to_owned(),
-        minecraft_version: resolved.minecraft_version,
+        minecraft_version: resolved.minecraft_version.clone(),
         max_players,
         spec: spec.clone(),
         pack_version: None,
         pack_problem: None,
-        offline: resolved.offline,
+        offline: resolved.offline.clone(),
         upgrade: None,
         applied: None,
+        resolved: Some(resolved),
     })
 }
 
@@ -654,6 +675,7 @@ mod tests {
             offline: None,
             upgrade: None,
             applied: None,
+            resolved: None,
         })
     }
 

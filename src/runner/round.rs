@@ -938,6 +938,7 @@ mod tests {
             offline: None,
             upgrade: None,
             applied: None,
+            resolved: None,
         }
     }
 
