@@ -1,14 +1,56 @@
-# The atlas-runner image: one static-ish binary on a slim base with a JRE for the server it runs.
-# Build: docker build -t atlas-runner .
-FROM rust:1.95-bookworm AS build
+# The atlas-runner image: the binary on Debian with the JREs real servers need (21 for 1.21.x, 25 for the
+# year-numbered 26.x) under /usr/lib/jvm/NAME/, where the runner's Java search looks.
+#
+# A user's build runs the stages `build` (cargo in the Rust image), `jre21`, `jre25`, `runtime` (Debian
+# slim + both Temurin JREs) and the last, unnamed stage:
+#     docker build -t atlas-runner .
+# The test bed (testbed/src/image.rs) builds this same file with buildah, where no registry is reachable:
+# it gives the release binary built on the host as the context's only file and its own base image, so
+# only `prebuilt` and the last stage run:
+#     buildah bud --build-arg BINARY_FROM=prebuilt --build-arg RUNTIME_IMAGE=<base> -f Dockerfile DIR
+ARG RUST_IMAGE=rust:1.95-bookworm
+ARG DEBIAN_IMAGE=debian:bookworm-slim
+ARG JRE21_IMAGE=eclipse-temurin:21-jre
+ARG JRE25_IMAGE=eclipse-temurin:25-jre
+# The stage (or image) the binary comes from: `build` compiles it, `prebuilt` takes it from the context.
+ARG BINARY_FROM=build
+# The image the final stage starts from: `runtime` below, or any image that carries the JREs the same way.
+ARG RUNTIME_IMAGE=runtime
+
+FROM ${RUST_IMAGE} AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked --bin atlas-runner
+RUN cargo build --release --locked --bin atlas-runner && cp target/release/atlas-runner /atlas-runner
 
-# Java 25 runs both 1.21.x (which needs 21+) and the year-numbered 26.x (which needs 25).
-FROM eclipse-temurin:25-jre
-RUN useradd --uid 10001 --home-dir /data --no-create-home minecraft && mkdir -p /data && chown minecraft /data
-COPY --from=build /src/target/release/atlas-runner /usr/local/bin/atlas-runner
-USER 10001
+FROM scratch AS prebuilt
+COPY atlas-runner /atlas-runner
+
+FROM ${JRE21_IMAGE} AS jre21
+FROM ${JRE25_IMAGE} AS jre25
+
+FROM ${DEBIAN_IMAGE} AS runtime
+COPY --from=jre21 /opt/java/openjdk /usr/lib/jvm/temurin-21-jre
+COPY --from=jre25 /opt/java/openjdk /usr/lib/jvm/temurin-25-jre
+
+FROM ${BINARY_FROM} AS binary
+
+FROM ${RUNTIME_IMAGE}
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+LABEL org.opencontainers.image.title="atlas-runner" \
+      org.opencontainers.image.description="Runs Minecraft servers on Kubernetes and on plain hosts: packs, supervision, backups, metrics" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}"
+# A fixed non-root uid/gid (the pod's runAsUser and fsGroup), owning the data volume.
+RUN groupadd --gid 10001 minecraft \
+    && useradd --uid 10001 --gid 10001 --home-dir /data --no-create-home --shell /usr/sbin/nologin minecraft \
+    && mkdir -p /data \
+    && chown 10001:10001 /data
+COPY --from=binary /atlas-runner /usr/local/bin/atlas-runner
+USER 10001:10001
 WORKDIR /data
+VOLUME ["/data"]
+# 25565: Minecraft; 9100: /metrics, /healthz and /readyz.
+EXPOSE 25565 9100
 ENTRYPOINT ["/usr/local/bin/atlas-runner"]

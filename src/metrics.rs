@@ -1,6 +1,13 @@
 //! The Prometheus registry and the runner's metrics. Each component registers its own struct on an
 //! explicit registry; `/metrics` renders it.
+//!
+//! Each struct is itself one [`Collector`] over all of its metrics and is registered as such, so the
+//! list of its parts is the one place a metric is added: what `/metrics` exports and what the
+//! reference docs list (from [`Collector::desc`] and [`Collector::collect`], which name a metric vec
+//! that has no series yet, where a gathered registry leaves it out) cannot drift apart.
 
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
 use prometheus::{Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 use crate::api::Phase;
@@ -32,6 +39,16 @@ pub fn phase_name(phase: Phase) -> &'static str {
     }
 }
 
+/// The descriptors of several metrics, for a struct's [`Collector::desc`].
+fn descs<'a>(parts: &[&'a dyn Collector]) -> Vec<&'a Desc> {
+    parts.iter().flat_map(|part| part.desc()).collect()
+}
+
+/// The families of several metrics, for a struct's [`Collector::collect`].
+fn families(parts: &[&dyn Collector]) -> Vec<MetricFamily> {
+    parts.iter().flat_map(|part| part.collect()).collect()
+}
+
 /// The runner's metrics.
 #[derive(Debug, Clone)]
 pub struct RunnerMetrics {
@@ -57,6 +74,8 @@ pub struct RunnerMetrics {
     pub rcon_failures: IntCounterVec,
     /// Unix time the server last became ready.
     pub last_ready_time: Gauge,
+    /// Atlas Runner's version, as a constant label; always 1.
+    build_info: IntGauge,
 }
 
 impl RunnerMetrics {
@@ -92,29 +111,35 @@ impl RunnerMetrics {
                 "atlas_server_last_ready_timestamp_seconds",
                 "Unix time the server last became ready.",
             )?,
+            build_info: IntGauge::with_opts(
+                Opts::new("atlas_build_info", "Atlas Runner's version; always 1.")
+                    .const_label("version", env!("CARGO_PKG_VERSION")),
+            )?,
         };
-        registry.register(Box::new(m.players_online.clone()))?;
-        registry.register(Box::new(m.players_max.clone()))?;
-        registry.register(Box::new(m.phase.clone()))?;
-        registry.register(Box::new(m.ready.clone()))?;
-        registry.register(Box::new(m.restarts.clone()))?;
-        registry.register(Box::new(m.exits.clone()))?;
-        registry.register(Box::new(m.jvm_resident_memory.clone()))?;
-        registry.register(Box::new(m.jvm_cpu_seconds.clone()))?;
-        registry.register(Box::new(m.rcon_latency.clone()))?;
-        registry.register(Box::new(m.rcon_failures.clone()))?;
-        registry.register(Box::new(m.last_ready_time.clone()))?;
         for reason in ExitReason::ALL {
             m.exits.with_label_values(&[reason.category()]);
         }
-        let build = IntGauge::with_opts(
-            Opts::new("atlas_build_info", "Atlas Runner's version; always 1.")
-                .const_label("version", env!("CARGO_PKG_VERSION")),
-        )?;
-        build.set(1);
-        registry.register(Box::new(build))?;
+        m.build_info.set(1);
         m.set_phase(Phase::Pending);
+        registry.register(Box::new(m.clone()))?;
         Ok(m)
+    }
+
+    fn parts(&self) -> [&dyn Collector; 12] {
+        [
+            &self.players_online,
+            &self.players_max,
+            &self.phase,
+            &self.ready,
+            &self.restarts,
+            &self.exits,
+            &self.jvm_resident_memory,
+            &self.jvm_cpu_seconds,
+            &self.rcon_latency,
+            &self.rcon_failures,
+            &self.last_ready_time,
+            &self.build_info,
+        ]
     }
 
     /// Sets the one-hot phase gauge.
@@ -122,6 +147,16 @@ impl RunnerMetrics {
         for phase in PHASES {
             self.phase.with_label_values(&[phase_name(phase)]).set(if phase == current { 1.0 } else { 0.0 });
         }
+    }
+}
+
+impl Collector for RunnerMetrics {
+    fn desc(&self) -> Vec<&Desc> {
+        descs(&self.parts())
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        families(&self.parts())
     }
 }
 
@@ -187,22 +222,38 @@ impl PackMetrics {
                 &["version"],
             )?,
         };
-        registry.register(Box::new(m.apply_duration.clone()))?;
-        registry.register(Box::new(m.downloaded_bytes.clone()))?;
-        registry.register(Box::new(m.files_written.clone()))?;
-        registry.register(Box::new(m.files_removed.clone()))?;
-        registry.register(Box::new(m.failures.clone()))?;
-        registry.register(Box::new(m.info.clone()))?;
-        registry.register(Box::new(m.rollbacks.clone()))?;
-        registry.register(Box::new(m.update_checks.clone()))?;
-        registry.register(Box::new(m.update_available.clone()))?;
+        registry.register(Box::new(m.clone()))?;
         Ok(m)
+    }
+
+    fn parts(&self) -> [&dyn Collector; 9] {
+        [
+            &self.apply_duration,
+            &self.downloaded_bytes,
+            &self.files_written,
+            &self.files_removed,
+            &self.failures,
+            &self.info,
+            &self.rollbacks,
+            &self.update_checks,
+            &self.update_available,
+        ]
     }
 
     /// Marks `version` as the applied one.
     pub fn set_version(&self, version: &str) {
         self.info.reset();
         self.info.with_label_values(&[version]).set(1.0);
+    }
+}
+
+impl Collector for PackMetrics {
+    fn desc(&self) -> Vec<&Desc> {
+        descs(&self.parts())
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        families(&self.parts())
     }
 }
 
@@ -261,15 +312,21 @@ impl BackupMetrics {
                 "1 while a backup holds the server's saving off, and after turning it back on failed.",
             )?,
         };
-        registry.register(Box::new(m.duration.clone()))?;
-        registry.register(Box::new(m.size.clone()))?;
-        registry.register(Box::new(m.save_off.clone()))?;
-        registry.register(Box::new(m.last_success.clone()))?;
-        registry.register(Box::new(m.failures.clone()))?;
-        registry.register(Box::new(m.uploaded_bytes.clone()))?;
-        registry.register(Box::new(m.upload_seconds.clone()))?;
-        registry.register(Box::new(m.saving_off.clone()))?;
+        registry.register(Box::new(m.clone()))?;
         Ok(m)
+    }
+
+    fn parts(&self) -> [&dyn Collector; 8] {
+        [
+            &self.duration,
+            &self.size,
+            &self.save_off,
+            &self.last_success,
+            &self.failures,
+            &self.uploaded_bytes,
+            &self.upload_seconds,
+            &self.saving_off,
+        ]
     }
 
     /// Records a finished backup: its manifest on success, its error category on failure.
@@ -286,5 +343,71 @@ impl BackupMetrics {
             }
             Err(category) => self.failures.with_label_values(&[category]).inc(),
         }
+    }
+}
+
+impl Collector for BackupMetrics {
+    fn desc(&self) -> Vec<&Desc> {
+        descs(&self.parts())
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        families(&self.parts())
+    }
+}
+
+/// The in-pod agent's metrics, beside the runner's on its `/metrics`.
+#[derive(Debug, Clone)]
+pub struct AgentMetrics {
+    /// Status writes that reached the API server.
+    pub status_writes: IntCounter,
+    /// Status writes that failed, by category.
+    pub status_write_failures: IntCounterVec,
+    /// Events published, by reason.
+    pub events: IntCounterVec,
+    /// Events dropped because they could not be published in time.
+    pub events_dropped: IntCounter,
+}
+
+impl AgentMetrics {
+    /// Creates the metrics and registers them on `registry`.
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let m = Self {
+            status_writes: IntCounter::new(
+                "atlas_agent_status_writes_total",
+                "Writes of the MinecraftServer status that reached the API server.",
+            )?,
+            status_write_failures: IntCounterVec::new(
+                Opts::new(
+                    "atlas_agent_status_write_failures_total",
+                    "Writes of the MinecraftServer status that failed, by category.",
+                ),
+                &["category"],
+            )?,
+            events: IntCounterVec::new(
+                Opts::new("atlas_agent_events_total", "Kubernetes Events published, by reason."),
+                &["reason"],
+            )?,
+            events_dropped: IntCounter::new(
+                "atlas_agent_events_dropped_total",
+                "Events dropped because the API server could not take them in time.",
+            )?,
+        };
+        registry.register(Box::new(m.clone()))?;
+        Ok(m)
+    }
+
+    fn parts(&self) -> [&dyn Collector; 4] {
+        [&self.status_writes, &self.status_write_failures, &self.events, &self.events_dropped]
+    }
+}
+
+impl Collector for AgentMetrics {
+    fn desc(&self) -> Vec<&Desc> {
+        descs(&self.parts())
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        families(&self.parts())
     }
 }

@@ -11,7 +11,7 @@ pub mod secrets;
 pub mod source;
 pub mod status;
 
-use prometheus::{IntCounter, IntCounterVec, Opts};
+pub use crate::metrics::AgentMetrics;
 
 /// The field manager of everything the agent writes.
 pub const FIELD_MANAGER: &str = "atlas-agent";
@@ -62,50 +62,5 @@ impl AgentError {
             kube::Error::Api(_) => "api",
             _ => "unreachable",
         }
-    }
-}
-
-/// The agent's metrics, beside the runner's on `/metrics`.
-#[derive(Debug, Clone)]
-pub struct AgentMetrics {
-    /// Status writes that reached the API server.
-    pub status_writes: IntCounter,
-    /// Status writes that failed, by category.
-    pub status_write_failures: IntCounterVec,
-    /// Events published, by reason.
-    pub events: IntCounterVec,
-    /// Events dropped because they could not be published in time.
-    pub events_dropped: IntCounter,
-}
-
-impl AgentMetrics {
-    /// Creates the metrics and registers them on `registry`.
-    pub fn register(registry: &prometheus::Registry) -> prometheus::Result<Self> {
-        let m = Self {
-            status_writes: IntCounter::new(
-                "atlas_agent_status_writes_total",
-                "Writes of the MinecraftServer status that reached the API server.",
-            )?,
-            status_write_failures: IntCounterVec::new(
-                Opts::new(
-                    "atlas_agent_status_write_failures_total",
-                    "Writes of the MinecraftServer status that failed.",
-                ),
-                &["category"],
-            )?,
-            events: IntCounterVec::new(
-                Opts::new("atlas_agent_events_total", "Kubernetes Events published, by reason."),
-                &["reason"],
-            )?,
-            events_dropped: IntCounter::new(
-                "atlas_agent_events_dropped_total",
-                "Events dropped because the API server could not take them in time.",
-            )?,
-        };
-        registry.register(Box::new(m.status_writes.clone()))?;
-        registry.register(Box::new(m.status_write_failures.clone()))?;
-        registry.register(Box::new(m.events.clone()))?;
-        registry.register(Box::new(m.events_dropped.clone()))?;
-        Ok(m)
     }
 }

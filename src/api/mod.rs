@@ -707,6 +707,33 @@ pub mod conditions {
         /// Degraded: world saving was left off after a backup (`save-on` failed).
         pub const SAVING_LEFT_OFF: &str = "SavingLeftOff";
     }
+
+    /// Event reasons: the transitions the agent records as Kubernetes Events (events.k8s.io/v1) on
+    /// its MinecraftServer, and the runner logs (`event` field).
+    pub mod events {
+        /// The server became ready.
+        pub const STARTED: &str = "Started";
+        /// The server was stopped (on request, or the runner is going down).
+        pub const STOPPED: &str = "Stopped";
+        /// The server exited unexpectedly; the message names the class.
+        pub const CRASHED: &str = "Crashed";
+        /// The kernel killed the server for the memory limit.
+        pub const OOM_KILLED: &str = "OOMKilled";
+        /// A pack version was swapped into the data dir.
+        pub const PACK_APPLIED: &str = "PackApplied";
+        /// The followed hub channel names a new pack version.
+        pub const UPDATE_AVAILABLE: &str = "UpdateAvailable";
+        /// A pack or server update is done: its server became ready and stayed up.
+        pub const UPDATE_APPLIED: &str = "UpdateApplied";
+        /// A pack or server update failed and was undone.
+        pub const UPDATE_ROLLED_BACK: &str = "UpdateRolledBack";
+        /// A backup completed.
+        pub const BACKUP_SUCCEEDED: &str = "BackupSucceeded";
+        /// A backup failed.
+        pub const BACKUP_FAILED: &str = "BackupFailed";
+        /// A world was restored from a backup.
+        pub const RESTORE_COMPLETED: &str = "RestoreCompleted";
+    }
 }
 
 /// Lifecycle phases.

@@ -4,6 +4,7 @@ pub(crate) mod agent;
 pub(crate) mod backup;
 pub(crate) mod client;
 pub(crate) mod pack;
+pub(crate) mod reference;
 pub(crate) mod run;
 
 use std::io::Write;

@@ -19,9 +19,10 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+pub use crate::api::conditions::events;
 pub use prepare::{PackContext, PackUpdate, PrepareError, PrepareOptions, Prepared, Upgrade, prepare};
 pub use spec::{Desired, FileSpecSource, SpecError, load_spec, parse_spec, validate};
-pub use state::{ControlRequest, Problem, RunnerEvent, RunnerStatus, Shared, events};
+pub use state::{ControlRequest, Problem, RunnerEvent, RunnerStatus, Shared};
 
 use crate::metrics::RunnerMetrics;
 use crate::supervisor::{LogBuffer, RestartPolicy, StopTimeouts};

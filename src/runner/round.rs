@@ -21,10 +21,10 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::checks::{self, Checked, Checking, UpdateChecks};
+use super::events;
 use super::held::{self, HeldServer};
 use super::observe::{ProcessStats, poll_players, record_exit, report_outcome, report_prepared, unix_now};
 use super::prepare::{self, PackUpdate, PrepareError, Prepared, UPGRADE_SERVER, Upgrade};
-use super::state::events;
 use super::world::{self, WorldPrint};
 use super::{ControlRequest, ReconcilerOptions, Shared, backup};
 use crate::api::{MinecraftServerSpec, Phase};

@@ -8,6 +8,10 @@
 //!
 //! Tests get isolation, not separate beds: [`TestCluster::namespace`] makes a fresh namespace and
 //! [`TestS3::bucket`] a fresh bucket.
+//!
+//! A test that needs pods asks [`TestCluster::with_nodes`] for a cluster with a node (see [`node`]):
+//! the one `atlas-testbed run --nodes` started, else a private one. A test that needs only objects
+//! keeps the bare API server, which starts in a second.
 
 use std::ffi::OsStr;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -19,6 +23,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
+
+pub mod image;
+pub mod node;
+pub mod pki;
 
 /// Environment variables through which a running bed is handed to the tests.
 pub mod env {
@@ -32,12 +40,30 @@ pub mod env {
     pub const S3_ACCESS_KEY: &str = "ATLAS_TEST_S3_ACCESS_KEY";
     /// Secret key of the shared S3 endpoint's admin identity.
     pub const S3_SECRET_KEY: &str = "ATLAS_TEST_S3_SECRET_KEY";
+    /// With a node (`atlas-testbed run --nodes`): an admin kubeconfig for the cluster with the node
+    /// (a cluster of its own, beside the bare API server of [`KUBECONFIG`]).
+    pub const NODE_KUBECONFIG: &str = "ATLAS_TEST_NODE_KUBECONFIG";
+    /// With a node: our image's name as the node knows it (pods use it
+    /// with `imagePullPolicy: Never`).
+    pub const IMAGE: &str = "ATLAS_TEST_IMAGE";
+    /// With a node: the path of our image's config (labels, history) as built from the Dockerfile.
+    pub const IMAGE_CONFIG: &str = "ATLAS_TEST_IMAGE_CONFIG";
+    /// With a node: an S3 endpoint pods reach (`http://ADDRESS:PORT`, the node bed's host address;
+    /// the tests reach it too). A SeaweedFS of its own beside the loopback one of [`S3_ENDPOINT`],
+    /// whose virtual-hosted `BUCKET.localhost` names only loopback can serve.
+    pub const S3_POD_ENDPOINT: &str = "ATLAS_TEST_S3_POD_ENDPOINT";
+    /// Access key of [`S3_POD_ENDPOINT`].
+    pub const S3_POD_ACCESS_KEY: &str = "ATLAS_TEST_S3_POD_ACCESS_KEY";
+    /// Secret key of [`S3_POD_ENDPOINT`].
+    pub const S3_POD_SECRET_KEY: &str = "ATLAS_TEST_S3_POD_SECRET_KEY";
+    /// With a node: the node's network namespace as a path (`nsenter --net=PATH ip route`).
+    pub const NODE_NETNS: &str = "ATLAS_TEST_NODE_NETNS";
 }
 
 /// The region SeaweedFS answers for; any value is accepted, this one is conventional.
 pub const S3_REGION: &str = "us-east-1";
 
-const INSTALL_HINT: &str = "run `make testbed` (scripts/testbed-install.sh) to build and cache it";
+pub(crate) const INSTALL_HINT: &str = "run `make testbed` (scripts/testbed-install.sh) to build and cache it";
 
 /// Where the installed binaries are: `$ATLAS_TEST_BIN`, else `~/.cache/atlas-runner/test-bin`.
 pub fn bin_dir() -> PathBuf {
@@ -105,8 +131,8 @@ pub fn wait_until(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool
     bail!("{what} was not ready after {timeout:?}")
 }
 
-fn port_open(port: u16) -> bool {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+fn port_open(ip: Ipv4Addr, port: u16) -> bool {
+    let addr = SocketAddr::from((ip, port));
     TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
 }
 
@@ -135,7 +161,11 @@ pub struct Processes {
 impl Processes {
     /// A bed rooted at a fresh directory under the system temp dir.
     pub fn new(name: &str) -> Result<Self> {
-        let dir = std::env::temp_dir().join(unique(name));
+        Self::new_in(std::env::temp_dir().join(unique(name)))
+    }
+
+    /// A bed rooted at `dir` (created if missing), which [`Processes::stop`] removes.
+    pub fn new_in(dir: PathBuf) -> Result<Self> {
         std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
         Ok(Self { dir, children: Vec::new(), reapers: Vec::new() })
     }
@@ -183,6 +213,11 @@ impl Processes {
         self.reapers.push(reaper);
         self.children.push((name.to_owned(), child));
         Ok(())
+    }
+
+    /// The PID of the process started as `name`.
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self.children.iter().find(|(n, _)| n == name).map(|(_, child)| child.id())
     }
 
     /// Fails with the tail of the process's log if it has exited.
@@ -257,6 +292,10 @@ pub struct ClusterProcesses {
     pub processes: Processes,
     /// Admin kubeconfig (client certificate in `system:masters`).
     pub kubeconfig: PathBuf,
+    /// `https://ADDRESS:PORT` of the API server.
+    pub server: String,
+    /// The certificates: more clients (a node's components) are signed here.
+    pub pki: pki::Pki,
     apiserver_args: Vec<String>,
 }
 
@@ -267,7 +306,8 @@ impl ClusterProcesses {
         self.processes.kill("kube-apiserver");
     }
 
-    /// Starts kube-apiserver again on the same port, certificates and etcd, and waits until it is ready.
+    /// Starts kube-apiserver again on the same address, port, certificates and etcd, and waits until
+    /// it is ready.
     pub fn restart_apiserver(&mut self) -> Result<()> {
         let apiserver = bin("kube-apiserver")?;
         self.processes.spawn("kube-apiserver", &apiserver, self.apiserver_args.clone())?;
@@ -275,13 +315,39 @@ impl ClusterProcesses {
     }
 }
 
+/// How [`start_cluster_with`] starts the API server.
+#[derive(Debug, Clone)]
+pub struct ApiOptions {
+    /// The one address the API server listens on and advertises (the `kubernetes` Service's endpoint).
+    pub address: Ipv4Addr,
+    /// A cluster that runs pods: `Node,RBAC` authorization with `NodeRestriction`, the
+    /// `ServiceAccount` admission plugin (a controller-manager makes the accounts), a front-proxy CA
+    /// and a client certificate for the kubelets. Without it the ServiceAccount admission plugin is
+    /// off, since no controller would ever create the `default` account pods wait for.
+    pub nodes: bool,
+}
+
+impl Default for ApiOptions {
+    fn default() -> Self {
+        Self { address: Ipv4Addr::LOCALHOST, nodes: false }
+    }
+}
+
+/// The range Services get their virtual addresses from; `.1` is the `kubernetes` Service.
+pub const SERVICE_CIDR: &str = "10.0.0.0/24";
+
 /// Starts etcd and kube-apiserver on free loopback ports and waits until `/readyz` answers ok.
 pub fn start_cluster() -> Result<ClusterProcesses> {
+    start_cluster_with(&ApiOptions::default(), Processes::new("atlas-cluster")?)
+}
+
+/// Starts etcd (on loopback) and kube-apiserver as `options` say, owned by `processes`, and waits
+/// until `/readyz` answers ok.
+pub fn start_cluster_with(options: &ApiOptions, mut processes: Processes) -> Result<ClusterProcesses> {
     let etcd_bin = bin("etcd")?;
     let apiserver_bin = bin("kube-apiserver")?;
-    let mut processes = Processes::new("atlas-cluster")?;
     let dir = processes.dir().to_path_buf();
-    let pki = write_pki(&dir.join("pki"))?;
+    let pki = pki::Pki::create(&dir.join("pki"), &[options.address.to_string(), "10.0.0.1".to_owned()])?;
 
     let (client_port, peer_port) = (free_port()?, free_port()?);
     let client_url = format!("http://127.0.0.1:{client_port}");
@@ -301,36 +367,57 @@ pub fn start_cluster() -> Result<ClusterProcesses> {
             "--log-level=error".to_owned(),
         ],
     )?;
-    wait_until("etcd", Duration::from_secs(30), || port_open(client_port))?;
+    wait_until("etcd", Duration::from_secs(30), || port_open(Ipv4Addr::LOCALHOST, client_port))?;
     processes.check_alive("etcd")?;
 
     let api_port = free_port()?;
-    let p = |name: &str| pki.join(name).display().to_string();
-    let apiserver_args = vec![
+    let p = |name: &str| pki.path(name);
+    let mut args = vec![
         format!("--etcd-servers={client_url}"),
         format!("--cert-dir={}", dir.join("apiserver-certs").display()),
         format!("--tls-cert-file={}", p("serving.crt")),
         format!("--tls-private-key-file={}", p("serving.key")),
         format!("--client-ca-file={}", p("ca.crt")),
         format!("--secure-port={api_port}"),
-        "--bind-address=127.0.0.1".to_owned(),
-        "--advertise-address=127.0.0.1".to_owned(),
-        "--service-cluster-ip-range=10.0.0.0/24".to_owned(),
+        format!("--bind-address={}", options.address),
+        format!("--advertise-address={}", options.address),
+        format!("--service-cluster-ip-range={SERVICE_CIDR}"),
         "--allow-privileged=true".to_owned(),
-        "--authorization-mode=RBAC".to_owned(),
-        "--disable-admission-plugins=ServiceAccount".to_owned(),
         "--service-account-issuer=https://kubernetes.default.svc".to_owned(),
         format!("--service-account-key-file={}", p("sa.pub")),
         format!("--service-account-signing-key-file={}", p("sa.key")),
         "--profiling=false".to_owned(),
         "--v=0".to_owned(),
     ];
-    processes.spawn("kube-apiserver", &apiserver_bin, apiserver_args.clone())?;
+    if options.nodes {
+        // The API server reaches kubelets (logs, exec) as a client the kubelets' webhook authorizes.
+        pki.client("apiserver-kubelet-client", "kube-apiserver-kubelet-client", &["system:masters"])?;
+        args.extend([
+            "--authorization-mode=Node,RBAC".to_owned(),
+            "--enable-admission-plugins=NodeRestriction".to_owned(),
+            format!("--kubelet-client-certificate={}", p("apiserver-kubelet-client.crt")),
+            format!("--kubelet-client-key={}", p("apiserver-kubelet-client.key")),
+            format!("--kubelet-certificate-authority={}", p("ca.crt")),
+            "--kubelet-preferred-address-types=InternalIP".to_owned(),
+            // Without a front-proxy CA, controller-manager and scheduler log a missing client-ca bundle.
+            format!("--requestheader-client-ca-file={}", p("front-proxy-ca.crt")),
+            "--requestheader-allowed-names=front-proxy-client".to_owned(),
+            "--requestheader-extra-headers-prefix=X-Remote-Extra-".to_owned(),
+            "--requestheader-group-headers=X-Remote-Group".to_owned(),
+            "--requestheader-username-headers=X-Remote-User".to_owned(),
+            format!("--proxy-client-cert-file={}", p("front-proxy-client.crt")),
+            format!("--proxy-client-key-file={}", p("front-proxy-client.key")),
+        ]);
+    } else {
+        args.extend(["--authorization-mode=RBAC".to_owned(), "--disable-admission-plugins=ServiceAccount".to_owned()]);
+    }
+    processes.spawn("kube-apiserver", &apiserver_bin, args.clone())?;
 
+    let server = format!("https://{}:{api_port}", options.address);
     let kubeconfig = dir.join("kubeconfig");
-    std::fs::write(&kubeconfig, kubeconfig_yaml(api_port, &pki))?;
+    std::fs::write(&kubeconfig, pki.kubeconfig(&server, "admin"))?;
     wait_apiserver_ready(&mut processes, &kubeconfig)?;
-    Ok(ClusterProcesses { processes, kubeconfig, apiserver_args })
+    Ok(ClusterProcesses { processes, kubeconfig, server, pki, apiserver_args: args })
 }
 
 fn wait_apiserver_ready(processes: &mut Processes, kubeconfig: &Path) -> Result<()> {
@@ -355,63 +442,13 @@ fn wait_apiserver_ready(processes: &mut Processes, kubeconfig: &Path) -> Result<
     }
 }
 
-fn kubeconfig_yaml(port: u16, pki: &Path) -> String {
-    let p = |name: &str| pki.join(name).display().to_string();
-    format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: atlas-test\n  cluster:\n    server: https://127.0.0.1:{port}\n    certificate-authority: {ca}\nusers:\n- name: admin\n  user:\n    client-certificate: {crt}\n    client-key: {key}\ncontexts:\n- name: atlas-test\n  context: {{cluster: atlas-test, user: admin, namespace: default}}\ncurrent-context: atlas-test\n",
-        ca = p("ca.crt"),
-        crt = p("admin.crt"),
-        key = p("admin.key"),
-    )
-}
-
-/// A CA, a serving certificate for 127.0.0.1/localhost, an admin client certificate in
-/// `system:masters`, and a service-account signing key.
-fn write_pki(dir: &Path) -> Result<PathBuf> {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
-    std::fs::create_dir_all(dir)?;
-    let write = |name: &str, contents: String| std::fs::write(dir.join(name), contents);
-
-    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(DnType::CommonName, "atlas-test-ca");
-    let ca_key = KeyPair::generate()?;
-    let ca_cert = ca_params.self_signed(&ca_key)?;
-    write("ca.crt", ca_cert.pem())?;
-    let issuer = Issuer::new(ca_params, ca_key);
-
-    let mut serving = CertificateParams::new(vec![
-        "127.0.0.1".to_owned(),
-        "localhost".to_owned(),
-        "kubernetes.default.svc".to_owned(),
-    ])?;
-    serving.distinguished_name.push(DnType::CommonName, "kube-apiserver");
-    serving.extended_key_usages.push(ExtendedKeyUsagePurpose::ServerAuth);
-    let serving_key = KeyPair::generate()?;
-    write("serving.crt", serving.signed_by(&serving_key, &issuer)?.pem())?;
-    write("serving.key", serving_key.serialize_pem())?;
-
-    let mut admin = CertificateParams::new(Vec::<String>::new())?;
-    admin.distinguished_name.push(DnType::CommonName, "atlas-test-admin");
-    admin.distinguished_name.push(DnType::OrganizationName, "system:masters");
-    admin.extended_key_usages.push(ExtendedKeyUsagePurpose::ClientAuth);
-    let admin_key = KeyPair::generate()?;
-    write("admin.crt", admin.signed_by(&admin_key, &issuer)?.pem())?;
-    write("admin.key", admin_key.serialize_pem())?;
-
-    let sa = KeyPair::generate()?;
-    write("sa.key", sa.serialize_pem())?;
-    write("sa.pub", sa.public_key_pem())?;
-    Ok(dir.to_path_buf())
-}
-
 // ---------------------------------------------------------------------------------------------------
 // S3: SeaweedFS `weed mini`
 
 /// How to reach an S3 endpoint.
 #[derive(Debug, Clone)]
 pub struct S3Endpoint {
-    /// `http://127.0.0.1:PORT`
+    /// `http://ADDRESS:PORT` (loopback, or the node bed's host address when pods must reach it)
     pub endpoint: String,
     /// Access key id.
     pub access_key: String,
@@ -429,6 +466,7 @@ pub struct S3Processes {
     /// The filer's HTTP address (`http://127.0.0.1:PORT`): SeaweedFS keeps each multipart upload in
     /// progress there as a directory `/buckets/BUCKET/.uploads/ID/` (S3's ListMultipartUploads reads it).
     pub filer: String,
+    ip: Ipv4Addr,
     s3_port: u16,
     args: Vec<String>,
 }
@@ -443,7 +481,7 @@ impl S3Processes {
     pub fn restart(&mut self) -> Result<()> {
         let weed = bin("weed")?;
         self.processes.spawn("weed", &weed, self.args.clone())?;
-        wait_s3_ready(&mut self.processes, self.s3_port, &self.endpoint)
+        wait_s3_ready(&mut self.processes, self.ip, self.s3_port, &self.endpoint)
     }
 
     /// The ids of the multipart uploads in progress in `bucket`, read from the filer.
@@ -475,12 +513,18 @@ impl S3Processes {
 /// Starts `weed mini` with an S3 identity on free loopback ports and waits until S3 answers.
 /// Virtual-hosted-style requests work on `BUCKET.localhost:PORT` (path-style ones on any host).
 pub fn start_s3() -> Result<S3Processes> {
-    start_s3_with_domain(Some("localhost"))
+    start_s3_on(Ipv4Addr::LOCALHOST, Some("localhost"))
 }
 
 /// [`start_s3`] with `domain` as the host name suffix of virtual-hosted-style requests; `None`, as
 /// SeaweedFS ships, reads every request's bucket from its path.
 pub fn start_s3_with_domain(domain: Option<&str>) -> Result<S3Processes> {
+    start_s3_on(Ipv4Addr::LOCALHOST, domain)
+}
+
+/// Starts `weed mini` with an S3 identity on free ports of `ip` (an address of this machine), with
+/// `domain` as in [`start_s3_with_domain`], and waits until S3 answers.
+pub fn start_s3_on(ip: Ipv4Addr, domain: Option<&str>) -> Result<S3Processes> {
     let weed = bin("weed")?;
     let mut processes = Processes::new("atlas-s3")?;
     let dir = processes.dir().to_path_buf();
@@ -504,8 +548,8 @@ pub fn start_s3_with_domain(domain: Option<&str>) -> Result<S3Processes> {
         format!("-dir={}", dir.join("data").display()),
         format!("-filer.localSocket={}", dir.join("filer.sock").display()),
         format!("-s3.localSocket={}", dir.join("s3.sock").display()),
-        "-ip=127.0.0.1".to_owned(),
-        "-ip.bind=127.0.0.1".to_owned(),
+        format!("-ip={ip}"),
+        format!("-ip.bind={ip}"),
         format!("-s3.config={}", dir.join("s3.json").display()),
         "-admin.ui=false".to_owned(),
         "-webdav=false".to_owned(),
@@ -531,18 +575,20 @@ pub fn start_s3_with_domain(domain: Option<&str>) -> Result<S3Processes> {
     }
     processes.spawn("weed", &weed, &args)?;
 
-    let endpoint = S3Endpoint { endpoint: format!("http://127.0.0.1:{s3_port}"), access_key, secret_key };
-    wait_s3_ready(&mut processes, s3_port, &endpoint)?;
-    Ok(S3Processes { processes, endpoint, filer: format!("http://127.0.0.1:{filer_port}"), s3_port, args })
+    let endpoint = S3Endpoint { endpoint: format!("http://{ip}:{s3_port}"), access_key, secret_key };
+    wait_s3_ready(&mut processes, ip, s3_port, &endpoint)?;
+    Ok(S3Processes { processes, endpoint, filer: format!("http://{ip}:{filer_port}"), ip, s3_port, args })
 }
 
-fn wait_s3_ready(processes: &mut Processes, s3_port: u16, endpoint: &S3Endpoint) -> Result<()> {
+fn wait_s3_ready(processes: &mut Processes, ip: Ipv4Addr, s3_port: u16, endpoint: &S3Endpoint) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         processes.check_alive("weed")?;
         // A bucket create is the real readiness signal: the filer and a volume must be up for it.
         // A fresh name each time: a restarted SeaweedFS still has the buckets made before.
-        if port_open(s3_port) && create_bucket_blocking(endpoint, &unique("atlas-ready-probe").to_lowercase()).is_ok() {
+        if port_open(ip, s3_port)
+            && create_bucket_blocking(endpoint, &unique("atlas-ready-probe").to_lowercase()).is_ok()
+        {
             return Ok(());
         }
         if Instant::now() > deadline {
@@ -583,8 +629,22 @@ fn create_bucket_blocking(endpoint: &S3Endpoint, name: &str) -> Result<()> {
 #[derive(Debug)]
 pub struct TestCluster {
     kubeconfig: PathBuf,
+    nodes: Option<NodeInfo>,
     // Held only when this process started a private bed; the reaper stops it at exit.
     _private: Option<ClusterProcesses>,
+    private_nodes: Option<node::NodeCluster>,
+    pod_s3: OnceLock<std::result::Result<(S3Endpoint, Option<S3Processes>), String>>,
+}
+
+/// What a cluster with a node adds to a bare API server.
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    /// Our image's name as the node knows it.
+    pub image: String,
+    /// Our image's config (as built from the Dockerfile).
+    pub image_config: PathBuf,
+    /// The node's network namespace as a path (`nsenter --net=PATH`).
+    pub netns: String,
 }
 
 /// A fresh namespace on the shared API server, with a client for it.
@@ -603,25 +663,109 @@ impl std::fmt::Debug for TestNamespace {
 }
 
 static CLUSTER: OnceLock<std::result::Result<TestCluster, String>> = OnceLock::new();
+static NODE_CLUSTER: OnceLock<std::result::Result<TestCluster, String>> = OnceLock::new();
 static S3: OnceLock<std::result::Result<TestS3, String>> = OnceLock::new();
 
 impl TestCluster {
+    fn bare(kubeconfig: PathBuf, private: Option<ClusterProcesses>) -> Self {
+        Self { kubeconfig, nodes: None, _private: private, private_nodes: None, pod_s3: OnceLock::new() }
+    }
+
     /// The run's API server: the one named by `ATLAS_TEST_KUBECONFIG`, else a private one started now.
     pub async fn shared() -> Result<&'static TestCluster> {
         tokio::task::spawn_blocking(|| {
             CLUSTER
                 .get_or_init(|| {
                     if let Some(path) = std::env::var_os(env::KUBECONFIG) {
-                        return Ok(TestCluster { kubeconfig: PathBuf::from(path), _private: None });
+                        return Ok(TestCluster::bare(PathBuf::from(path), None));
                     }
                     start_cluster()
-                        .map(|c| TestCluster { kubeconfig: c.kubeconfig.clone(), _private: Some(c) })
+                        .map(|c| TestCluster::bare(c.kubeconfig.clone(), Some(c)))
                         .map_err(|e| format!("{e:#}"))
                 })
                 .as_ref()
                 .map_err(|e| anyhow!("starting the test cluster failed: {e}"))
         })
         .await?
+    }
+
+    /// The run's cluster with a node that runs pods: the one `atlas-testbed run --nodes` started
+    /// (named by `ATLAS_TEST_NODE_KUBECONFIG`, `ATLAS_TEST_IMAGE` and friends), else a private one started now, whose image is
+    /// built from the Dockerfile around `binary` (a test passes `env!("CARGO_BIN_EXE_atlas-runner")`).
+    pub async fn with_nodes(binary: &Path) -> Result<&'static TestCluster> {
+        let binary = binary.to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            NODE_CLUSTER
+                .get_or_init(|| {
+                    let from_env = (
+                        std::env::var_os(env::NODE_KUBECONFIG),
+                        std::env::var(env::IMAGE),
+                        std::env::var_os(env::IMAGE_CONFIG),
+                        std::env::var(env::NODE_NETNS),
+                    );
+                    if let (Some(kubeconfig), Ok(image), Some(config), Ok(netns)) = from_env {
+                        let mut cluster = TestCluster::bare(PathBuf::from(kubeconfig), None);
+                        cluster.nodes = Some(NodeInfo { image, image_config: PathBuf::from(config), netns });
+                        return Ok(cluster);
+                    }
+                    let options = node::NodeOptions { image_binary: binary, volumes: 8 };
+                    node::start_node_cluster(&options)
+                        .map(|c| {
+                            let mut cluster = TestCluster::bare(c.kubeconfig().to_path_buf(), None);
+                            cluster.nodes = Some(NodeInfo {
+                                image: c.image.name.clone(),
+                                image_config: c.image.config.clone(),
+                                netns: c.network.netns_path().display().to_string(),
+                            });
+                            cluster.private_nodes = Some(c);
+                            cluster
+                        })
+                        .map_err(|e| format!("{e:#}"))
+                })
+                .as_ref()
+                .map_err(|e| anyhow!("starting the test cluster with a node failed: {e}"))
+        })
+        .await?
+    }
+
+    /// The node's part: our image, its config, the node's network namespace; an error for a bare
+    /// API server (get the cluster from [`TestCluster::with_nodes`]).
+    pub fn nodes(&self) -> Result<&NodeInfo> {
+        self.nodes.as_ref().context("this cluster has no node: get it from TestCluster::with_nodes")
+    }
+
+    /// An S3 endpoint pods can reach (and so can the test): the run's (`ATLAS_TEST_S3_POD_*`), else,
+    /// for a private bed, one started now on its host address.
+    pub async fn s3_for_pods(&'static self) -> Result<S3Endpoint> {
+        self.nodes()?;
+        // Starting S3 blocks (and runs a small runtime of its own): off the test's runtime.
+        tokio::task::spawn_blocking(move || self.s3_for_pods_blocking()).await?
+    }
+
+    fn s3_for_pods_blocking(&self) -> Result<S3Endpoint> {
+        self.pod_s3
+            .get_or_init(|| {
+                let from_env = (
+                    std::env::var(env::S3_POD_ENDPOINT),
+                    std::env::var(env::S3_POD_ACCESS_KEY),
+                    std::env::var(env::S3_POD_SECRET_KEY),
+                );
+                if let (Ok(endpoint), Ok(access_key), Ok(secret_key)) = from_env {
+                    return Ok((S3Endpoint { endpoint, access_key, secret_key }, None));
+                }
+                let Some(private) = &self.private_nodes else {
+                    return Err(format!(
+                        "{} is not set: run the tests under `atlas-testbed run --nodes`",
+                        env::S3_POD_ENDPOINT
+                    ));
+                };
+                start_s3_on(private.network.host_ip, None)
+                    .map(|s| (s.endpoint.clone(), Some(s)))
+                    .map_err(|e| format!("{e:#}"))
+            })
+            .as_ref()
+            .map(|(endpoint, _)| endpoint.clone())
+            .map_err(|e| anyhow!("starting S3 for pods failed: {e}"))
     }
 
     /// The admin kubeconfig's path.
@@ -637,13 +781,24 @@ impl TestCluster {
         Ok(kube::Client::try_from(config)?)
     }
 
-    /// Creates a fresh namespace named after `prefix`.
+    /// Creates a fresh namespace named after `prefix`. On a cluster with a node, it also waits for
+    /// the namespace's `default` ServiceAccount, without which no pod is admitted.
     pub async fn namespace(&self, prefix: &str) -> Result<TestNamespace> {
-        use k8s_openapi::api::core::v1::Namespace;
+        use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
         let client = self.client().await?;
         let name = unique(prefix);
         let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": name}}))?;
         kube::Api::<Namespace>::all(client.clone()).create(&Default::default(), &ns).await?;
+        if self.nodes.is_some() {
+            let accounts = kube::Api::<ServiceAccount>::namespaced(client.clone(), &name);
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while accounts.get_opt("default").await?.is_none() {
+                if Instant::now() > deadline {
+                    bail!("namespace {name} got no default ServiceAccount in 60 s: is the controller-manager running?");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
         Ok(TestNamespace { client, name })
     }
 

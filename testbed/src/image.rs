@@ -1,0 +1,206 @@
+//! The node's images: the pause image and the base image `scripts/testbed-install.sh` made, and our
+//! image, built from the repository's `Dockerfile` by buildah around a given `atlas-runner` binary.
+//!
+//! No registry is reachable from here, so every image travels as an OCI archive: buildah reads the
+//! base from one and writes ours to another, and each bed imports them into its own containerd.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result, bail};
+use sha2::{Digest, Sha256};
+
+use crate::{INSTALL_HINT, bin, bin_dir};
+
+/// An image as an OCI archive.
+#[derive(Debug, Clone)]
+pub struct BuiltImage {
+    /// The reference the node knows it by (`localhost/...:TAG`).
+    pub name: String,
+    /// The OCI archive (an image layout in a tar).
+    pub archive: PathBuf,
+    /// The image's config (labels, history) as written in the archive; its sha256 is the image ID
+    /// a pod's status reports.
+    pub config: PathBuf,
+}
+
+fn images_dir() -> PathBuf {
+    bin_dir().join("images")
+}
+
+fn installed(name: &str) -> Result<BuiltImage> {
+    let dir = images_dir();
+    let archive = dir.join(format!("{name}.oci.tar"));
+    let reference = std::fs::read_to_string(dir.join(format!("{name}.name")))
+        .with_context(|| format!("the {name} image is missing from {}: {INSTALL_HINT}", dir.display()))?;
+    if !archive.exists() {
+        bail!("the {name} image is missing from {}: {INSTALL_HINT}", dir.display());
+    }
+    Ok(BuiltImage { name: reference.trim().to_owned(), config: archive.with_extension("config.json"), archive })
+}
+
+/// The pause image (the pod sandbox), as installed.
+pub fn pause_image() -> Result<BuiltImage> {
+    installed("pause")
+}
+
+/// The base image the bed builds our `Dockerfile` on (in place of its `runtime` stage), as installed.
+pub fn base_image() -> Result<BuiltImage> {
+    installed("base")
+}
+
+/// The repository's `Dockerfile`.
+pub fn dockerfile() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../Dockerfile")
+}
+
+/// Our image: the `Dockerfile` built by buildah with `binary` as the prebuilt `atlas-runner` and the
+/// installed base image as its runtime. Cached by the Dockerfile, the binary and the base, so a
+/// second bed with the same binary reuses the archive.
+pub fn our_image(binary: &Path) -> Result<BuiltImage> {
+    let base = base_image()?;
+    let dockerfile_text = std::fs::read(dockerfile()).context("read the Dockerfile")?;
+    let mut hasher = Sha256::new();
+    hasher.update(&dockerfile_text);
+    hasher.update(base.name.as_bytes());
+    let mut file =
+        std::fs::File::open(binary).with_context(|| format!("open the image's binary {}", binary.display()))?;
+    std::io::copy(&mut file, &mut hasher)?;
+    let key = hex(&hasher.finalize())[..16].to_owned();
+    let name = format!("localhost/atlas-runner:bed-{key}");
+    let archive = images_dir().join(format!("ours-{key}.oci.tar"));
+    let config = archive.with_extension("config.json");
+    if archive.exists() && config.exists() {
+        return Ok(BuiltImage { name, archive, config });
+    }
+    // One build at a time on the machine: beds of other test runs may want the same image now.
+    let lock = std::fs::File::create(images_dir().join("build.lock"))?;
+    lock.lock()?;
+    if archive.exists() && config.exists() {
+        return Ok(BuiltImage { name, archive, config });
+    }
+
+    let storage = bin_dir().join("../containers");
+    let buildah = |args: &[&str]| -> Command {
+        let mut cmd = Command::new("buildah");
+        // A storage of the bed's own (not the system's), with the vfs driver: no mount is left on
+        // the host, even by a build that is killed.
+        cmd.arg("--root")
+            .arg(storage.join("storage"))
+            .arg("--runroot")
+            .arg(storage.join("run"))
+            .args(["--storage-driver", "vfs"])
+            .args(args)
+            .env("BUILDAH_ISOLATION", "chroot")
+            .stdin(Stdio::null());
+        cmd
+    };
+    let have_base = buildah(&["images", "--quiet", &base.name]).stderr(Stdio::null()).output()?;
+    if !have_base.status.success() || have_base.stdout.is_empty() {
+        let id = run_out(buildah(&["pull", "--quiet", &format!("oci-archive:{}", base.archive.display())]))?;
+        run_out(buildah(&["tag", id.trim(), &base.name]))?;
+    }
+
+    let context = tempdir("atlas-image-context")?;
+    std::fs::copy(binary, context.join("atlas-runner")).context("copy the binary into the build context")?;
+    let built = run_out(buildah(&[
+        "bud",
+        "--pull=never",
+        "--network=none",
+        "--layers=false",
+        "--build-arg=BINARY_FROM=prebuilt",
+        &format!("--build-arg=RUNTIME_IMAGE={}", base.name),
+        &format!("--build-arg=REVISION=bed-{key}"),
+        "--file",
+        &dockerfile().display().to_string(),
+        "--tag",
+        &name,
+        &context.display().to_string(),
+    ]));
+    let _ = std::fs::remove_dir_all(&context);
+    built.context("buildah bud of the Dockerfile")?;
+    let partial = archive.with_extension("partial");
+    run_out(buildah(&["push", "--quiet", &name, &format!("oci-archive:{}:{name}", partial.display())]))?;
+    // The archive is all the bed needs: the storage keeps only the base.
+    let _ = buildah(&["rmi", &name]).stdout(Stdio::null()).stderr(Stdio::null()).status();
+    // The config first: the archive's presence says both are there.
+    let config_partial = config.with_extension("partial");
+    std::fs::write(&config_partial, archive_config(&partial)?)?;
+    std::fs::rename(&config_partial, &config)?;
+    std::fs::rename(&partial, &archive)?;
+    prune_old(&archive);
+    Ok(BuiltImage { name, archive, config })
+}
+
+/// Imports an OCI archive into the containerd at `socket`, in the namespace the kubelet uses.
+pub fn import(socket: &Path, archive: &Path) -> Result<()> {
+    let mut cmd = Command::new(bin("ctr")?);
+    cmd.arg("--address")
+        .arg(socket)
+        .args(["--namespace", "k8s.io", "images", "import", "--all-platforms"])
+        .arg(archive);
+    run_out(cmd).with_context(|| format!("import {} into the node's containerd", archive.display()))?;
+    Ok(())
+}
+
+/// The image config inside an OCI archive: index -> manifest -> config.
+fn archive_config(archive: &Path) -> Result<Vec<u8>> {
+    let read = |member: &str| -> Result<Vec<u8>> {
+        let out = Command::new("tar").arg("-xOf").arg(archive).arg(member).stderr(Stdio::piped()).output()?;
+        if !out.status.success() {
+            bail!("tar -xOf {} {member}: {}", archive.display(), String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(out.stdout)
+    };
+    let blob = |digest: &str| format!("blobs/sha256/{}", digest.trim_start_matches("sha256:"));
+    let index: serde_json::Value = serde_json::from_slice(&read("index.json")?)?;
+    let manifest = index["manifests"][0]["digest"].as_str().context("the archive's index names no manifest")?;
+    let manifest: serde_json::Value = serde_json::from_slice(&read(&blob(manifest))?)?;
+    let config = manifest["config"]["digest"].as_str().context("the manifest names no config")?;
+    read(&blob(config))
+}
+
+/// Keeps the two newest archives of our image (each is a few hundred MB).
+fn prune_old(keep: &Path) {
+    let Ok(entries) = std::fs::read_dir(images_dir()) else { return };
+    let mut ours: Vec<(std::time::SystemTime, PathBuf)> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("ours-"))
+                && p.extension().is_some_and(|e| e == "tar")
+        })
+        .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
+        .collect();
+    ours.sort();
+    ours.reverse();
+    for (_, path) in ours.into_iter().skip(2) {
+        if path != keep {
+            let _ = std::fs::remove_file(path.with_extension("config.json"));
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}
+
+fn tempdir(prefix: &str) -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(crate::unique(prefix));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+fn run_out(mut cmd: Command) -> Result<String> {
+    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,814 @@
+//! A node that runs pods: containerd, kubelet, kube-proxy, controller-manager, scheduler and CoreDNS
+//! in a network, mount and PID namespace of the bed's own, beside an API server on the host.
+//!
+//! Nothing the node sends can leave the machine: its network namespace holds only loopback, the CNI
+//! bridge and one end of a veth pair whose other end carries the bed's host address, with no default
+//! route (IPv4; IPv6 is off), so a packet from a pod or a node component reaches the bed's own
+//! addresses or nothing. Everything the node adds to the machine goes with it: iptables chains and
+//! links live in its network namespace, mounts in its private mount namespace, and every process
+//! (containers included) in a PID namespace whose init's death kills them all; the namespaces are
+//! held by one process and are never named, so they go with it. What is left, the bed's cgroups, its
+//! host link should anything still hold the namespace, and its directory, is removed by a teardown
+//! that runs at stop, in a reaper when the owner is killed, and from the next bed when both were.
+//!
+//! Several beds share a machine: each claims a slot `S` (its directory `$TMPDIR/atlas-bed-S`, held by
+//! a lock for the owner's lifetime), and every name it adds derives from the slot: the host link and
+//! the cgroup `atlas-bed-S`, the addresses `10.213.S.0/30` (link) and `10.214.S.0/24` (pods).
+
+use std::fs::File;
+use std::io::Write as _;
+use std::net::Ipv4Addr;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{ApiOptions, ClusterProcesses, Processes, bin, bin_dir, image, start_cluster_with, wait_until};
+
+/// The node's name (one node per bed, and one API server per bed).
+pub const NODE_NAME: &str = "atlas-bed";
+/// The cluster DNS Service's address (in [`crate::SERVICE_CIDR`]).
+pub const DNS_SERVICE_IP: &str = "10.0.0.10";
+/// The StorageClass of the bed's local PersistentVolumes (also the default class).
+pub const STORAGE_CLASS: &str = "manual";
+const SLOTS: std::ops::RangeInclusive<u16> = 1..=250;
+const PREFIX: &str = "atlas-bed-";
+
+/// What [`start_node_cluster`] builds.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    /// The `atlas-runner` binary our image is built around (the release binary for `make test`).
+    pub image_binary: PathBuf,
+    /// How many local PersistentVolumes the bed offers.
+    pub volumes: usize,
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The bed: a slot, the holder of the node's namespaces, a veth pair, and the teardown that undoes them
+
+/// A claimed slot with the node's namespaces and network; removed, with everything else the bed
+/// added, on drop.
+#[derive(Debug)]
+pub struct BedNetwork {
+    /// The slot number `S`.
+    pub slot: u16,
+    /// The bed's directory (`$TMPDIR/atlas-bed-S`).
+    pub dir: PathBuf,
+    /// The bed's name: the host end of the veth pair and the cgroup.
+    pub name: String,
+    /// The bed's address on the host side: the API server and S3 listen here for the pods.
+    pub host_ip: Ipv4Addr,
+    /// The node's address (its InternalIP), the other end of the link.
+    pub node_ip: Ipv4Addr,
+    /// The pods' range, behind the node's bridge.
+    pub pod_cidr: String,
+    /// The host PID of the holder: the init of the node's PID namespace, in its network and mount
+    /// namespaces, which exist as long as it does.
+    pub holder: u32,
+    // The holder and the node's components.
+    node: Processes,
+    // Held for the bed's lifetime: a bed whose lock can be taken has lost its owner.
+    _lock: File,
+    reaper: Option<Child>,
+}
+
+impl BedNetwork {
+    /// Cleans up stale beds, claims a free slot and makes the node's namespaces and network.
+    pub fn claim() -> Result<Self> {
+        clean_stale_beds();
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+        let seed = (std::process::id() ^ nanos) as u16;
+        let count = SLOTS.end() - SLOTS.start() + 1;
+        for i in 0..count {
+            let slot = SLOTS.start() + (seed.wrapping_add(i) % count);
+            if let Some(claimed) = Self::try_claim(slot)? {
+                return Ok(claimed);
+            }
+        }
+        bail!(
+            "no free test-bed slot among {SLOTS:?}: too many beds on this machine, or stale ones under another TMPDIR"
+        )
+    }
+
+    fn try_claim(slot: u16) -> Result<Option<Self>> {
+        let name = format!("{PREFIX}{slot}");
+        let dir = std::env::temp_dir().join(&name);
+        if dir.exists() || link_exists(&name) {
+            return Ok(None);
+        }
+        let (link_net, pod_net) = (format!("10.213.{slot}."), format!("10.214.{slot}."));
+        let routes = output(Command::new("ip").args(["-4", "route", "show", "table", "all"]))?;
+        if routes.contains(&link_net) || routes.contains(&pod_net) {
+            return Ok(None);
+        }
+        // The directory is claimed whole by a rename, so it never exists without its held lock.
+        let staging = std::env::temp_dir().join(crate::unique(&format!("{name}.claim")));
+        std::fs::create_dir_all(&staging)?;
+        let lock = File::create(staging.join("lock"))?;
+        lock.lock()?;
+        writeln!(&lock, "{}", std::process::id())?;
+        if std::fs::rename(&staging, &dir).is_err() {
+            let _ = std::fs::remove_dir_all(&staging);
+            return Ok(None);
+        }
+        let reaper = start_reaper(&dir, &name)?;
+        let node = match Processes::new_in(dir.join("node")) {
+            Ok(node) => node,
+            Err(e) => {
+                let _ = teardown(&dir, &name);
+                return Err(e);
+            }
+        };
+        let mut bed = Self {
+            slot,
+            host_ip: Ipv4Addr::new(10, 213, slot as u8, 1),
+            node_ip: Ipv4Addr::new(10, 213, slot as u8, 2),
+            pod_cidr: format!("10.214.{slot}.0/24"),
+            dir,
+            name,
+            holder: 0,
+            node,
+            _lock: lock,
+            reaper: Some(reaper),
+        };
+        // From here on, dropping `bed` undoes whatever part was made.
+        bed.holder = start_holder(&mut bed.node)?;
+        bed.create().with_context(|| format!("make the network of the bed {}", bed.name))?;
+        Ok(Some(bed))
+    }
+
+    fn create(&self) -> Result<()> {
+        let (name, host, node) = (&self.name, self.host_ip.to_string(), self.node_ip.to_string());
+        let holder = self.holder.to_string();
+        // The node's end is created inside the namespace, so its name there is private.
+        run(Command::new("ip").args(["link", "add", name, "type", "veth", "peer", "name", "eth0", "netns", &holder]))?;
+        run(Command::new("ip").args(["addr", "add", &format!("{host}/30"), "dev", name]))?;
+        run(Command::new("ip").args(["link", "set", name, "up"]))?;
+        // Replies to pods go back through the link (the route leaves with it).
+        run(Command::new("ip").args(["route", "add", &self.pod_cidr, "via", &node, "dev", name]))?;
+        run(self.in_netns("sysctl").args([
+            "-q",
+            "-w",
+            "net.ipv6.conf.all.disable_ipv6=1",
+            "net.ipv6.conf.default.disable_ipv6=1",
+            "net.ipv4.ip_forward=1",
+            "net.bridge.bridge-nf-call-iptables=1",
+        ]))?;
+        run(self.in_netns("ip").args(["addr", "add", &format!("{node}/30"), "dev", "eth0"]))?;
+        run(self.in_netns("ip").args(["link", "set", "eth0", "up"]))?;
+        run(self.in_netns("ip").args(["link", "set", "lo", "up"]))?;
+        // kubelet's cgroupRoot must exist in every hierarchy; a v1 cpuset needs its cpus and mems.
+        for hierarchy in cgroup_hierarchies() {
+            let path = hierarchy.join(name);
+            std::fs::create_dir_all(&path).with_context(|| format!("create cgroup {}", path.display()))?;
+            for file in ["cpuset.cpus", "cpuset.mems"] {
+                if let Ok(parent) = std::fs::read_to_string(hierarchy.join(file)) {
+                    std::fs::write(path.join(file), parent.trim())
+                        .with_context(|| format!("write {}", path.join(file).display()))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `program` run in the node's network namespace (and nothing else of it).
+    pub fn in_netns(&self, program: &str) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.netns_path().display())).arg("--").arg(program);
+        cmd
+    }
+
+    /// The node's network namespace as a path (`nsenter --net=PATH`).
+    pub fn netns_path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/ns/net", self.holder))
+    }
+
+    /// The routes of the node's network namespace (`ip route show table all`), IPv4 and IPv6.
+    pub fn routes(&self) -> Result<String> {
+        let mut all = String::new();
+        for family in ["-4", "-6"] {
+            all += &output(self.in_netns("ip").args([family, "route", "show", "table", "all"]))?;
+        }
+        Ok(all)
+    }
+
+    /// Starts `program` inside the node's namespaces with a clean environment.
+    pub fn spawn_in<I, S>(&mut self, name: &str, program: &Path, args: I) -> Result<()>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let mut full: Vec<std::ffi::OsString> = vec![
+            "-i".into(),
+            format!("PATH={}:{NODE_PATH}", bin_dir().display()).into(),
+            "HOME=/root".into(),
+            "nsenter".into(),
+            "-t".into(),
+            self.holder.to_string().into(),
+            "--net".into(),
+            "--mount".into(),
+            "--pid".into(),
+            "--".into(),
+            program.into(),
+        ];
+        full.extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+        self.node.spawn(name, Path::new("env"), full)
+    }
+
+    /// Fails with the tail of its log if the node's process `name` has exited.
+    pub fn check_alive(&mut self, name: &str) -> Result<()> {
+        self.node.check_alive(name)
+    }
+
+    /// The node's directory (configuration, containerd's root, kubelet's root, volumes, logs).
+    pub fn node_dir(&self) -> &Path {
+        self.node.dir()
+    }
+
+    /// Removes everything the bed added: its processes, cgroups, links and directory.
+    pub fn teardown(&mut self) {
+        let _ = teardown(&self.dir, &self.name);
+        self.node.stop();
+        if let Some(mut reaper) = self.reaper.take() {
+            let _ = reaper.kill();
+            let _ = reaper.wait();
+        }
+    }
+}
+
+impl Drop for BedNetwork {
+    fn drop(&mut self) {
+        // The lock is released only after the teardown, with the struct.
+        self.teardown();
+    }
+}
+
+/// A reaper that waits for the owner's lock on the bed and tears the bed down once it gets it:
+/// when the owner exits without stopping the bed (a SIGKILL), the kernel releases the lock.
+fn start_reaper(dir: &Path, name: &str) -> Result<Child> {
+    Command::new("flock")
+        .arg(dir.join("lock"))
+        .args(["sh", "-c", TEARDOWN, "teardown"])
+        .env("D", dir)
+        .env("NS", name)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .context("start the node bed's reaper")
+}
+
+/// The teardown, as a shell script so the reaper can run it after its owner is gone; `D` is the
+/// bed's directory and `NS` its name. Every step is idempotent.
+const TEARDOWN: &str = r#"
+[ -d "$D" ] || exit 0
+cgroups() { for h in /sys/fs/cgroup/*/; do [ -d "$h$NS" ] && echo "$h$NS"; done; }
+# Every process of the bed: those whose command line names its directory (the holder of the node's
+# namespaces, the init of its PID namespace whose death kills every container; the node's
+# components; etcd and the API server) and those in its cgroups.
+bed_pids() {
+  for c in $(cgroups); do find "$c" -name cgroup.procs -exec cat {} + 2>/dev/null; done
+  for p in /proc/[0-9]*; do
+    pid=${p#/proc/}
+    { [ "$pid" = "$$" ] || [ "$pid" = "$PPID" ]; } && continue
+    case "$(tr '\0' ' ' 2>/dev/null < "$p/cmdline")" in *"$D/"*) echo "$pid" ;; esac
+  done 2>/dev/null
+}
+i=0
+while [ $i -lt 100 ]; do
+  pids=$(bed_pids | sort -u | tr '\n' ' ')
+  [ -z "${pids# }" ] && break
+  kill -9 $pids 2>/dev/null
+  sleep 0.1; i=$((i+1))
+done
+# A cgroup can be removed once its last task has exited.
+i=0
+while [ $i -lt 50 ] && [ -n "$(cgroups)" ]; do
+  for c in $(cgroups); do find "$c" -depth -type d -exec rmdir {} + 2>/dev/null; done
+  [ -z "$(cgroups)" ] || sleep 0.1; i=$((i+1))
+done
+# The network namespace went with its last process, and the veth pair and its routes with it;
+# the host end is removed here should anything still hold the namespace.
+ip link del "$NS" 2>/dev/null
+rm -rf --one-file-system "$D"
+true
+"#;
+
+fn teardown(dir: &Path, name: &str) -> Result<()> {
+    let status = Command::new("sh")
+        .args(["-c", TEARDOWN, "teardown"])
+        .env("D", dir)
+        .env("NS", name)
+        .stdin(Stdio::null())
+        .status()?;
+    if !status.success() {
+        bail!("the teardown of {name} failed with {status}");
+    }
+    Ok(())
+}
+
+/// Tears down every bed under this TMPDIR whose owner is gone (its lock can be taken) and whose
+/// reaper is gone too (the reaper holds the lock while it works).
+pub fn clean_stale_beds() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(slot) = name.strip_prefix(PREFIX).and_then(|s| s.parse::<u16>().ok()) else { continue };
+        if !SLOTS.contains(&slot) {
+            continue;
+        }
+        let dir = entry.path();
+        let Ok(lock) = File::open(dir.join("lock")) else { continue };
+        if lock.try_lock().is_err() {
+            continue;
+        }
+        // The lock is ours; the directory must still be the one it belongs to (not a new claim).
+        let same = std::fs::metadata(dir.join("lock")).ok().zip(lock.metadata().ok()).is_some_and(|(a, b)| {
+            use std::os::unix::fs::MetadataExt;
+            a.ino() == b.ino() && a.dev() == b.dev()
+        });
+        if same {
+            eprintln!("atlas-testbed: removing the stale bed {name} (its owner is gone)");
+            let _ = teardown(&dir, &name);
+        }
+    }
+}
+
+fn cgroup_hierarchies() -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir("/sys/fs/cgroup") else { return Vec::new() };
+    let mut found: Vec<PathBuf> =
+        entries.flatten().map(|e| e.path()).filter(|p| p.join("cgroup.procs").exists()).collect();
+    found.sort();
+    found
+}
+
+fn link_exists(name: &str) -> bool {
+    Path::new("/sys/class/net").join(name).exists()
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    output(cmd).map(|_| ())
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The node's processes
+
+/// A running cluster with a node: the API server on the bed's host address, the node's components
+/// in the bed's namespaces, and our image imported into the node's containerd.
+#[derive(Debug)]
+pub struct NodeCluster {
+    // Field order is drop order: the bed's teardown first kills every process at once (the API
+    // server too, so it never waits out the graceful end of the node's watches), then removes the rest.
+    /// The bed: slot, addresses, the node's namespaces and processes.
+    pub network: BedNetwork,
+    /// etcd and the API server (listening on the bed's host address).
+    pub api: ClusterProcesses,
+    /// Our image as the node knows it (pods use it with `imagePullPolicy: Never`).
+    pub image: image::BuiltImage,
+    /// How long the start took until the node was Ready.
+    pub started_in: Duration,
+}
+
+impl NodeCluster {
+    /// The admin kubeconfig.
+    pub fn kubeconfig(&self) -> &Path {
+        &self.api.kubeconfig
+    }
+
+    /// The containerd socket of the node (for `ctr`).
+    pub fn containerd_socket(&self) -> PathBuf {
+        self.network.node_dir().join("containerd/containerd.sock")
+    }
+}
+
+const COMPONENTS: [&str; 6] =
+    ["containerd", "kubelet", "kube-proxy", "kube-controller-manager", "kube-scheduler", "coredns"];
+
+/// Starts etcd, the API server and a node that runs pods, and waits until the node is Ready.
+pub fn start_node_cluster(options: &NodeOptions) -> Result<NodeCluster> {
+    let started = Instant::now();
+    let mut bed = BedNetwork::claim()?;
+    let api_options = ApiOptions { address: bed.host_ip, nodes: true };
+    let api_dir = bed.dir.join("api");
+    let api = std::thread::spawn(move || start_cluster_with(&api_options, Processes::new_in(api_dir)?));
+    let binary = options.image_binary.clone();
+    let built = std::thread::spawn(move || image::our_image(&binary));
+
+    let d = bed.node_dir().to_path_buf();
+    let socket = d.join("containerd/containerd.sock");
+    let pause = image::pause_image()?;
+    std::fs::write(d.join("containerd.toml"), containerd_config(&d, &pause.name))?;
+    bed.spawn_in("containerd", &bin("containerd")?, [format!("--config={}", d.join("containerd.toml").display())])?;
+    wait_until("containerd", Duration::from_secs(30), || socket.exists())?;
+    bed.check_alive("containerd")?;
+    image::import(&socket, &pause.archive)?;
+
+    let api = api.join().map_err(|_| anyhow::anyhow!("the API server's start panicked"))??;
+    let built = built.join().map_err(|_| anyhow::anyhow!("the image build panicked"))??;
+    let import = std::thread::spawn({
+        let (socket, archive) = (socket.clone(), built.archive.clone());
+        move || image::import(&socket, &archive)
+    });
+
+    write_node_files(&d, &bed, &api)?;
+    apply(&api, &cluster_objects(&bed, &d, options.volumes)?)?;
+    let cfg = |name: &str| d.join(name).display().to_string();
+    let node_ip = bed.node_ip;
+    bed.spawn_in(
+        "kubelet",
+        &bin("kubelet")?,
+        [
+            format!("--config={}", cfg("kubelet.yaml")),
+            format!("--kubeconfig={}", cfg("kubelet.kubeconfig")),
+            format!("--root-dir={}", cfg("kubelet")),
+            format!("--cert-dir={}", cfg("kubelet/pki")),
+            format!("--hostname-override={NODE_NAME}"),
+            format!("--node-ip={node_ip}"),
+            "--v=1".to_owned(),
+        ],
+    )?;
+    bed.spawn_in(
+        "kube-proxy",
+        &bin("kube-proxy")?,
+        [
+            format!("--config={}", cfg("kube-proxy.yaml")),
+            format!("--hostname-override={NODE_NAME}"),
+            "--v=1".to_owned(),
+        ],
+    )?;
+    let pki = &api.pki;
+    let auth = |name: &str| {
+        let k = cfg(&format!("{name}.kubeconfig"));
+        vec![
+            format!("--kubeconfig={k}"),
+            format!("--authentication-kubeconfig={k}"),
+            format!("--authorization-kubeconfig={k}"),
+        ]
+    };
+    let mut manager_args = auth("controller-manager");
+    manager_args.extend([
+        "--bind-address=127.0.0.1".to_owned(),
+        "--leader-elect=false".to_owned(),
+        "--use-service-account-credentials=true".to_owned(),
+        format!("--service-account-private-key-file={}", pki.path("sa.key")),
+        format!("--root-ca-file={}", pki.path("ca.crt")),
+        "--allocate-node-cidrs=false".to_owned(),
+        "--controllers=*,-csrsigning,-csrapproving,-csrcleaner".to_owned(),
+        "--v=1".to_owned(),
+    ]);
+    bed.spawn_in("kube-controller-manager", &bin("kube-controller-manager")?, manager_args)?;
+    let mut scheduler_args = auth("scheduler");
+    scheduler_args.extend([
+        "--bind-address=127.0.0.1".to_owned(),
+        "--leader-elect=false".to_owned(),
+        "--v=1".to_owned(),
+    ]);
+    bed.spawn_in("kube-scheduler", &bin("kube-scheduler")?, scheduler_args)?;
+    bed.spawn_in("coredns", &bin("coredns")?, ["-conf".to_owned(), cfg("Corefile")])?;
+
+    import.join().map_err(|_| anyhow::anyhow!("the image import panicked"))??;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        for name in COMPONENTS {
+            bed.check_alive(name)?;
+        }
+        if node_ready(&api)? {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the node was not Ready after 180 s; see the logs in {}", d.display());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(NodeCluster { network: bed, api, image: built, started_in: started.elapsed() })
+}
+
+fn node_ready(api: &ClusterProcesses) -> Result<bool> {
+    let out = Command::new(bin("kubectl")?)
+        .arg("--kubeconfig")
+        .arg(&api.kubeconfig)
+        .args(["get", "node", NODE_NAME, "-o", r#"jsonpath={.status.conditions[?(@.type=="Ready")].status}"#])
+        .stderr(Stdio::null())
+        .output()?;
+    Ok(out.status.success() && out.stdout == b"True")
+}
+
+const NODE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Starts the holder of the node's namespaces: a new network namespace (only loopback until the
+/// bed adds its link), a new mount namespace (private, with the bed's own `/run`, `/var/lib` and
+/// `/var/log`, so nothing the node mounts or writes there reaches the host) and a new PID namespace,
+/// whose init it is. Returns its host PID.
+fn start_holder(node: &mut Processes) -> Result<u32> {
+    let d = node.dir().to_path_buf();
+    std::fs::create_dir_all(d.join("var-lib"))?;
+    std::fs::create_dir_all(d.join("var-log"))?;
+    let ready = d.join("holder.ready");
+    // pause's argument is only there so the teardown finds the holder by its command line.
+    let setup = r#"set -e
+mount -t tmpfs -o mode=0755 atlas-bed-run /run
+mount --bind "$D/var-lib" /var/lib
+mount --bind "$D/var-log" /var/log
+: > "$D/holder.ready"
+exec "$PAUSE" "$D/"
+"#;
+    let args: Vec<String> = vec![
+        "--net".into(),
+        "--pid".into(),
+        "--fork".into(),
+        "--kill-child".into(),
+        "--mount".into(),
+        "--propagation".into(),
+        "private".into(),
+        "--mount-proc".into(),
+        "--".into(),
+        "env".into(),
+        format!("D={}", d.display()),
+        format!("PAUSE={}", bin("pause")?.display()),
+        "sh".into(),
+        "-c".into(),
+        setup.into(),
+    ];
+    node.spawn("holder", Path::new("unshare"), args)?;
+    wait_until("the node's namespaces", Duration::from_secs(10), || {
+        ready.exists() || node.check_alive("holder").is_err()
+    })?;
+    node.check_alive("holder")?;
+    // The holder is unshare's one child.
+    let unshare = node.pid("holder").context("the holder has no PID")?;
+    let children = std::fs::read_to_string(format!("/proc/{unshare}/task/{unshare}/children"))?;
+    children.split_whitespace().next().and_then(|p| p.parse().ok()).context("the holder's unshare has no child")
+}
+
+fn containerd_config(d: &Path, sandbox_image: &str) -> String {
+    let d = d.display();
+    format!(
+        r#"# The bed's own containerd: its own root, state and socket, never the system's configuration.
+version = 4
+root = "{d}/containerd/root"
+state = "{d}/containerd/state"
+imports = []
+disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.blockfile", "io.containerd.snapshotter.v1.erofs", "io.containerd.differ.v1.erofs", "io.containerd.tracing.processor.v1.otlp", "io.containerd.internal.v1.tracing", "io.containerd.nri.v1.nri"]
+
+[debug]
+  level = "warn"
+
+[plugins]
+  [plugins."io.containerd.server.v1.grpc"]
+    address = "{d}/containerd/containerd.sock"
+  [plugins."io.containerd.server.v1.ttrpc"]
+    address = "{d}/containerd/containerd.sock.ttrpc"
+  [plugins."io.containerd.internal.v1.opt"]
+    path = "{d}/containerd/opt"
+  [plugins."io.containerd.cri.v1.images"]
+    snapshotter = "overlayfs"
+    [plugins."io.containerd.cri.v1.images".pinned_images]
+      sandbox = "{sandbox_image}"
+  [plugins."io.containerd.cri.v1.runtime"]
+    enable_selinux = false
+    # root here lacks CAP_SYS_RESOURCE: runc cannot lower a sandbox's oom_score_adj below its own
+    restrict_oom_score_adj = true
+    [plugins."io.containerd.cri.v1.runtime".containerd]
+      default_runtime_name = "runc"
+      [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
+        runtime_type = "io.containerd.runc.v2"
+        [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
+          BinaryName = "runc"
+          SystemdCgroup = false
+    [plugins."io.containerd.cri.v1.runtime".cni]
+      bin_dirs = ["/usr/lib/cni"]
+      conf_dir = "{d}/cni"
+  [plugins."io.containerd.grpc.v1.cri"]
+    stream_server_address = "127.0.0.1"
+    stream_server_port = "0"
+"#
+    )
+}
+
+/// The node's configuration files, certificates and kubeconfigs, written into `d`.
+fn write_node_files(d: &Path, network: &BedNetwork, api: &ClusterProcesses) -> Result<()> {
+    let pki = &api.pki;
+    let node_ip = network.node_ip.to_string();
+    pki.client("kubelet", &format!("system:node:{NODE_NAME}"), &["system:nodes"])?;
+    pki.server("kubelet-serving", NODE_NAME, vec![node_ip.clone(), NODE_NAME.to_owned()])?;
+    pki.client("kube-proxy", "system:kube-proxy", &[])?;
+    pki.client("controller-manager", "system:kube-controller-manager", &[])?;
+    pki.client("scheduler", "system:kube-scheduler", &[])?;
+    pki.client("coredns", "atlas-bed:coredns", &[])?;
+    for name in ["kubelet", "kube-proxy", "controller-manager", "scheduler", "coredns"] {
+        std::fs::write(d.join(format!("{name}.kubeconfig")), pki.kubeconfig(&api.server, name))?;
+    }
+    let dd = d.display();
+    std::fs::create_dir_all(d.join("cni"))?;
+    std::fs::write(
+        d.join("cni/10-atlas-bed.conflist"),
+        serde_json::to_string_pretty(&serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": "atlas-bed",
+            "plugins": [
+                {
+                    "type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": false, "hairpinMode": true,
+                    "ipam": {
+                        "type": "host-local",
+                        "ranges": [[{"subnet": network.pod_cidr}]],
+                        "routes": [{"dst": "0.0.0.0/0"}],
+                        "dataDir": format!("{dd}/cni-ipam"),
+                    },
+                },
+                {"type": "portmap", "capabilities": {"portMappings": true}},
+            ],
+        }))?,
+    )?;
+    // Pods whose DNS policy is Default read this too: never the host's resolver.
+    std::fs::write(d.join("resolv.conf"), format!("nameserver {DNS_SERVICE_IP}\n"))?;
+    std::fs::write(
+        d.join("kubelet.yaml"),
+        format!(
+            r#"apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+address: {node_ip}
+port: 10250
+readOnlyPort: 0
+healthzBindAddress: 127.0.0.1
+authentication:
+  anonymous: {{enabled: false}}
+  webhook: {{enabled: true}}
+  x509: {{clientCAFile: {ca}}}
+authorization: {{mode: Webhook}}
+tlsCertFile: {pki}/kubelet-serving.crt
+tlsPrivateKeyFile: {pki}/kubelet-serving.key
+# PID 1 is not systemd and the host is cgroup v1 (hybrid).
+cgroupDriver: cgroupfs
+failCgroupV1: false
+cgroupRoot: /{ns}
+failSwapOn: false
+containerRuntimeEndpoint: unix://{dd}/containerd/containerd.sock
+clusterDomain: cluster.local
+clusterDNS: [{DNS_SERVICE_IP}]
+resolvConf: {dd}/resolv.conf
+podLogsDirectory: {dd}/pod-logs
+volumePluginDir: {dd}/kubelet-plugins
+# A test machine's disk is shared and often full-ish: evict only when it is really out of room,
+# and never collect the images the bed imported (there is no registry to pull them back from).
+evictionHard: {{memory.available: 1Mi, nodefs.available: 1%, nodefs.inodesFree: 1%, imagefs.available: 1%, imagefs.inodesFree: 1%}}
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
+serializeImagePulls: false
+protectKernelDefaults: false
+rotateCertificates: false
+serverTLSBootstrap: false
+"#,
+            ca = pki.path("ca.crt"),
+            pki = pki.dir().display(),
+            ns = network.name,
+        ),
+    )?;
+    std::fs::write(
+        d.join("kube-proxy.yaml"),
+        format!(
+            r#"apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+mode: iptables
+clientConnection: {{kubeconfig: {dd}/kube-proxy.kubeconfig}}
+hostnameOverride: {NODE_NAME}
+clusterCIDR: {pods}
+nodePortAddresses: ["{node_ip}/32"]
+metricsBindAddress: 127.0.0.1:10249
+healthzBindAddress: 127.0.0.1:10256
+iptables: {{localhostNodePorts: false}}
+# Zero: kube-proxy then writes no conntrack sysctls (they are not the namespace's to change).
+conntrack: {{maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeout: 0s}}
+"#,
+            pods = network.pod_cidr,
+        ),
+    )?;
+    std::fs::write(
+        d.join("Corefile"),
+        format!(
+            r#".:53 {{
+    errors
+    health 127.0.0.1:8080
+    ready 127.0.0.1:8181
+    kubernetes cluster.local in-addr.arpa ip6.arpa {{
+        kubeconfig {dd}/coredns.kubeconfig atlas-test
+        pods insecure
+        fallthrough in-addr.arpa ip6.arpa
+    }}
+    cache 30
+    loadbalance
+}}
+"#
+        ),
+    )?;
+    Ok(())
+}
+
+/// The objects a cluster's add-ons would make: CoreDNS's RBAC, the `kube-dns` Service (its endpoint
+/// is CoreDNS on the node's address), the `manual` StorageClass and the bed's local volumes.
+fn cluster_objects(network: &BedNetwork, d: &Path, volumes: usize) -> Result<String> {
+    let node_ip = network.node_ip;
+    let mut yaml = format!(
+        r#"apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {{name: "atlas-bed:coredns"}}
+rules:
+- apiGroups: [""]
+  resources: [endpoints, services, pods, namespaces]
+  verbs: [list, watch]
+- apiGroups: [discovery.k8s.io]
+  resources: [endpointslices]
+  verbs: [list, watch]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {{name: "atlas-bed:coredns"}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: "atlas-bed:coredns"}}
+subjects:
+- {{apiGroup: rbac.authorization.k8s.io, kind: User, name: "atlas-bed:coredns"}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: kube-dns, namespace: kube-system, labels: {{k8s-app: kube-dns}}}}
+spec:
+  clusterIP: {DNS_SERVICE_IP}
+  ports:
+  - {{name: dns, port: 53, protocol: UDP, targetPort: 53}}
+  - {{name: dns-tcp, port: 53, protocol: TCP, targetPort: 53}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: kube-dns-node
+  namespace: kube-system
+  labels: {{kubernetes.io/service-name: kube-dns, endpointslice.kubernetes.io/managed-by: atlas-testbed}}
+addressType: IPv4
+endpoints:
+- addresses: ["{node_ip}"]
+  conditions: {{ready: true}}
+ports:
+- {{name: dns, port: 53, protocol: UDP}}
+- {{name: dns-tcp, port: 53, protocol: TCP}}
+---
+apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata:
+  name: {STORAGE_CLASS}
+  annotations: {{storageclass.kubernetes.io/is-default-class: "true"}}
+provisioner: kubernetes.io/no-provisioner
+volumeBindingMode: WaitForFirstConsumer
+reclaimPolicy: Retain
+"#
+    );
+    for i in 0..volumes {
+        let path = d.join(format!("volumes/pv-{i}"));
+        std::fs::create_dir_all(&path).with_context(|| format!("create the local volume {}", path.display()))?;
+        yaml += &format!(
+            r#"---
+apiVersion: v1
+kind: PersistentVolume
+metadata: {{name: atlas-bed-pv-{i}}}
+spec:
+  capacity: {{storage: 10Gi}}
+  accessModes: [ReadWriteOnce]
+  persistentVolumeReclaimPolicy: Retain
+  storageClassName: {STORAGE_CLASS}
+  local: {{path: "{path}"}}
+  nodeAffinity:
+    required:
+      nodeSelectorTerms:
+      - matchExpressions:
+        - {{key: kubernetes.io/hostname, operator: In, values: [{NODE_NAME}]}}
+"#,
+            path = path.display()
+        );
+    }
+    Ok(yaml)
+}
+
+fn apply(api: &ClusterProcesses, yaml: &str) -> Result<()> {
+    let mut child = Command::new(bin("kubectl")?)
+        .arg("--kubeconfig")
+        .arg(&api.kubeconfig)
+        .args(["apply", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    child.stdin.take().context("kubectl's stdin")?.write_all(yaml.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("kubectl apply of the bed's cluster objects failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}

@@ -1,0 +1,376 @@
+//! The test bed's cluster runs pods as a real one does: a StatefulSet of our image (built from the
+//! Dockerfile) with a volume claim bound to a local PersistentVolume, a readiness probe on `/readyz`,
+//! a ServiceAccount token used from inside the pod to read its own object, a Service reaching the
+//! pod through kube-proxy, and data on the volume that outlives the pod. And the node's network
+//! namespace has no default route, so nothing a pod sends can leave the machine.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use atlas_testbed::{TestCluster, TestNamespace, unique};
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Node, PersistentVolume, PersistentVolumeClaim, Pod, Service, ServiceAccount,
+};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::Api;
+use kube::api::PostParams;
+use sha2::{Digest, Sha256};
+
+const NAME: &str = "smoke";
+const POD: &str = "smoke-0";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_statefulset_of_our_image_reads_itself_serves_through_kube_proxy_and_keeps_its_volume() -> Result<()> {
+    let cluster = TestCluster::with_nodes(Path::new(common::binary())).await?;
+    let image = cluster.nodes()?.image.clone();
+    let ns = cluster.namespace("smoke").await?;
+    let create = PostParams::default();
+
+    Api::<ServiceAccount>::namespaced(ns.client.clone(), &ns.name).create(&create, &object(service_account())?).await?;
+    Api::<Role>::namespaced(ns.client.clone(), &ns.name).create(&create, &object(role())?).await?;
+    Api::<RoleBinding>::namespaced(ns.client.clone(), &ns.name).create(&create, &object(role_binding())?).await?;
+    Api::<ConfigMap>::namespaced(ns.client.clone(), &ns.name).create(&create, &fixture_config_map()?).await?;
+    Api::<Service>::namespaced(ns.client.clone(), &ns.name).create(&create, &object(node_port_service())?).await?;
+    Api::<StatefulSet>::namespaced(ns.client.clone(), &ns.name).create(&create, &object(stateful_set(&image))?).await?;
+
+    let pods = Api::<Pod>::namespaced(ns.client.clone(), &ns.name);
+    let first = wait_ready(cluster, &ns, &pods, None).await?;
+    let first_uid = first.metadata.uid.clone().context("the pod has no uid")?;
+
+    // Its ServiceAccount token, used from inside the pod, read the pod's own object.
+    let selfget = kubectl(cluster, &ns, &["logs", POD, "-c", "selfget"])?;
+    ensure!(
+        selfget.contains(&format!("selfget: HTTP 200 pod {}/{POD} uid {first_uid}", ns.name)),
+        "the pod did not read its own object with its token: {selfget}"
+    );
+
+    // Ready means the probe on /readyz passed: the runner's, with the fake server up under it.
+    let probe = first.spec.as_ref().and_then(|s| s.containers[0].readiness_probe.clone()).context("no probe")?;
+    assert_eq!(probe.http_get.as_ref().and_then(|h| h.path.as_deref()), Some("/readyz"));
+
+    // The claim is bound to one of the bed's local volumes.
+    let claim =
+        Api::<PersistentVolumeClaim>::namespaced(ns.client.clone(), &ns.name).get(&format!("data-{POD}")).await?;
+    assert_eq!(claim.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Bound"));
+    let volume_name = claim.spec.as_ref().and_then(|s| s.volume_name.clone()).context("the claim names no volume")?;
+    let volume = Api::<PersistentVolume>::all(ns.client.clone()).get(&volume_name).await?;
+    let spec = volume.spec.context("the volume has no spec")?;
+    assert!(spec.local.is_some(), "{volume_name} is not a local volume");
+    assert_eq!(spec.storage_class_name.as_deref(), Some(atlas_testbed::node::STORAGE_CLASS));
+
+    // A Service reaches the pod through kube-proxy: the node's port, from the host, answers /readyz.
+    let service = Api::<Service>::namespaced(ns.client.clone(), &ns.name).get(NAME).await?;
+    let node_port = service.spec.and_then(|s| s.ports).and_then(|p| p[0].node_port).context("no node port")?;
+    let node_ip = node_internal_ip(&ns).await?;
+    let (status, body) = common::http_get(&format!("{node_ip}:{node_port}"), "/readyz")?;
+    assert_eq!(status, 200, "GET /readyz through the NodePort Service: {body}");
+
+    // The pod runs our image as built from the Dockerfile, as the Dockerfile's user.
+    let config_path = PathBuf::from(&cluster.nodes()?.image_config);
+    let config_bytes = std::fs::read(&config_path)?;
+    let image_id = hex(&Sha256::digest(&config_bytes));
+    let status = first.status.as_ref().and_then(|s| s.container_statuses.clone()).context("no container status")?;
+    let server = status.iter().find(|c| c.name == "server").context("no server container status")?;
+    ensure!(server.image_id.ends_with(&image_id), "the pod's image {} is not ours ({image_id})", server.image_id);
+    let config: serde_json::Value = serde_json::from_slice(&config_bytes)?;
+    assert_eq!(config["config"]["Labels"]["org.opencontainers.image.title"], "atlas-runner");
+    assert_eq!(config["config"]["User"], "10001:10001");
+    assert_eq!(config["config"]["Entrypoint"], serde_json::json!(["/usr/local/bin/atlas-runner"]));
+    assert_eq!(config["config"]["WorkingDir"], "/data");
+    let history = config["history"].to_string();
+    ensure!(history.contains("atlas-runner"), "the image's history does not show the Dockerfile's steps: {history}");
+    assert_eq!(kubectl(cluster, &ns, &["exec", POD, "-c", "server", "--", "id", "-u"])?.trim(), "10001");
+
+    // The pod's DNS is the bed's CoreDNS behind the kube-dns Service, never the host's resolver.
+    let resolv = kubectl(cluster, &ns, &["exec", POD, "-c", "server", "--", "cat", "/etc/resolv.conf"])?;
+    ensure!(resolv.lines().any(|l| l.trim() == "nameserver 10.0.0.10"), "pod resolv.conf: {resolv}");
+
+    // S3 is reachable from the pod: the runner in it lists a fresh bucket of the bed's S3 with
+    // SigV4-signed requests, and the same list with a wrong secret is refused by S3 itself.
+    let s3 = cluster.s3_for_pods().await?;
+    let bucket = unique("smoke").to_lowercase();
+    atlas_testbed::create_bucket(&s3, &bucket).await?;
+    let spec = backup_spec(&s3.endpoint, &bucket);
+    let write_spec = format!("printf '%s' '{spec}' > /tmp/backup.yaml");
+    kubectl(cluster, &ns, &["exec", POD, "-c", "server", "--", "sh", "-c", &write_spec])?;
+    let list = |secret: &str| {
+        kubectl(
+            cluster,
+            &ns,
+            &[
+                "exec",
+                POD,
+                "-c",
+                "server",
+                "--",
+                "env",
+                &format!("AWS_ACCESS_KEY_ID={}", s3.access_key),
+                &format!("AWS_SECRET_ACCESS_KEY={secret}"),
+                "atlas-runner",
+                "backup",
+                "list",
+                "--spec",
+                "/tmp/backup.yaml",
+                "--data",
+                "/data",
+            ],
+        )
+    };
+    list(&s3.secret_key).context("backup list from the pod against the bed's S3")?;
+    let refused = list("not-the-secret").err().map(|e| format!("{e:#}")).unwrap_or_default();
+    ensure!(
+        refused.contains("403") || refused.to_lowercase().contains("signature"),
+        "a wrong secret was not refused: {refused}"
+    );
+
+    // Data written to the volume outlives the pod.
+    let marker = unique("marker");
+    kubectl(cluster, &ns, &["exec", POD, "-c", "server", "--", "sh", "-c", &format!("echo {marker} > /data/marker")])?;
+    pods.delete(POD, &Default::default()).await?;
+    let second = wait_ready(cluster, &ns, &pods, Some(&first_uid)).await?;
+    let second_uid = second.metadata.uid.clone().context("the pod has no uid")?;
+    assert_ne!(second_uid, first_uid);
+    assert_eq!(kubectl(cluster, &ns, &["exec", POD, "-c", "server", "--", "cat", "/data/marker"])?.trim(), marker);
+    let selfget = kubectl(cluster, &ns, &["logs", POD, "-c", "selfget"])?;
+    ensure!(selfget.contains(&format!("uid {second_uid}")), "the new pod did not read itself: {selfget}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_node_network_namespace_has_no_default_route() -> Result<()> {
+    let cluster = TestCluster::with_nodes(Path::new(common::binary())).await?;
+    let netns = &cluster.nodes()?.netns;
+    let mut routes = String::new();
+    for family in ["-4", "-6"] {
+        let out = Command::new("nsenter")
+            .arg(format!("--net={netns}"))
+            .args(["ip", family, "route", "show", "table", "all"])
+            .output()?;
+        ensure!(out.status.success(), "ip route in {netns}: {}", String::from_utf8_lossy(&out.stderr));
+        routes += &String::from_utf8_lossy(&out.stdout);
+    }
+    ensure!(!routes.is_empty(), "no routes read from {netns}");
+    for route in routes.lines() {
+        let destination = route.split_whitespace().find(|w| !matches!(*w, "local" | "broadcast" | "unicast"));
+        // Only the bed's own networks: the link to the host (10.213.S.0/30), the pods (10.214.S.0/24)
+        // and loopback. No default, no 0.0.0.0/0, no IPv6 at all (it is off in the namespace).
+        ensure!(
+            destination.is_some_and(|d| d.starts_with("10.213.") || d.starts_with("10.214.") || d.starts_with("127.")),
+            "a route to somewhere other than the bed: {route}\n{routes}"
+        );
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Objects
+
+fn object<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> Result<T> {
+    Ok(serde_json::from_value(value)?)
+}
+
+fn labels() -> serde_json::Value {
+    serde_json::json!({"app": NAME})
+}
+
+fn service_account() -> serde_json::Value {
+    serde_json::json!({"metadata": {"name": NAME}})
+}
+
+/// The pod may read only itself.
+fn role() -> serde_json::Value {
+    serde_json::json!({
+        "metadata": {"name": NAME},
+        "rules": [{"apiGroups": [""], "resources": ["pods"], "resourceNames": [POD], "verbs": ["get"]}],
+    })
+}
+
+fn role_binding() -> serde_json::Value {
+    serde_json::json!({
+        "metadata": {"name": NAME},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": NAME},
+        "subjects": [{"kind": "ServiceAccount", "name": NAME}],
+    })
+}
+
+/// The fake server's jar, the SelfGet client's jar and the runner's spec.
+fn fixture_config_map() -> Result<ConfigMap> {
+    use k8s_openapi::ByteString;
+    let spec = "apiVersion: atlas.dev/v1alpha1\nkind: MinecraftServer\nmetadata: {name: smoke}\nspec:\n  eula: true\n  \
+                server: {type: custom, version: \"1.21.4\", jar: fake-server.jar}\n  jvm: {heap: 256M, flags: none}\n";
+    let mut map: ConfigMap = object(serde_json::json!({
+        "metadata": {"name": format!("{NAME}-fixture")},
+        "data": {"server.yaml": spec},
+    }))?;
+    map.binary_data = Some(
+        [
+            ("fake-server.jar".to_owned(), ByteString(std::fs::read(common::fake_server_jar()?)?)),
+            ("selfget.jar".to_owned(), ByteString(std::fs::read(selfget_jar()?)?)),
+        ]
+        .into(),
+    );
+    Ok(map)
+}
+
+/// A spec whose backups go to `bucket` of the S3 at `endpoint` (credentials from the environment).
+fn backup_spec(endpoint: &str, bucket: &str) -> String {
+    format!(
+        "apiVersion: atlas.dev/v1alpha1\nkind: MinecraftServer\nmetadata: {{name: smoke}}\nspec:\n  eula: true\n  \
+         server: {{type: custom, version: \"1.21.4\", jar: fake-server.jar}}\n  backup:\n    schedule: \"0 * * * *\"\n    \
+         store: {{s3: {{bucket: {bucket}, endpoint: \"{endpoint}\", region: {region}, pathStyle: true}}}}\n",
+        region = atlas_testbed::S3_REGION
+    )
+}
+
+fn node_port_service() -> serde_json::Value {
+    serde_json::json!({
+        "metadata": {"name": NAME},
+        "spec": {
+            "type": "NodePort",
+            "selector": labels(),
+            "ports": [{"name": "metrics", "port": 9100, "targetPort": "metrics"}],
+        },
+    })
+}
+
+fn stateful_set(image: &str) -> serde_json::Value {
+    let mounts = serde_json::json!([
+        {"name": "data", "mountPath": "/data"},
+        {"name": "fixture", "mountPath": "/fixture"},
+    ]);
+    serde_json::json!({
+        "metadata": {"name": NAME},
+        "spec": {
+            "serviceName": NAME,
+            "replicas": 1,
+            "selector": {"matchLabels": labels()},
+            "template": {
+                "metadata": {"labels": labels()},
+                "spec": {
+                    "serviceAccountName": NAME,
+                    "securityContext": {"runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001, "runAsNonRoot": true},
+                    "initContainers": [{
+                        "name": "selfget",
+                        "image": image,
+                        "imagePullPolicy": "Never",
+                        "command": ["sh", "-c",
+                            "cp /fixture/fake-server.jar /data/fake-server.jar && exec java -cp /fixture/selfget.jar SelfGet"],
+                        "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+                        "volumeMounts": mounts,
+                    }],
+                    "containers": [{
+                        "name": "server",
+                        "image": image,
+                        "imagePullPolicy": "Never",
+                        // No Mojang lookup leaves the pod: the manifest URL is a closed loopback port,
+                        // so the custom jar gets the runner's fallback Java (21).
+                        "args": ["run", "--spec", "/fixture/server.yaml", "--data", "/data",
+                                 "--metrics-addr", "0.0.0.0:9100",
+                                 "--mojang-manifest-url", "http://127.0.0.1:1/manifest.json"],
+                        "ports": [{"name": "metrics", "containerPort": 9100}],
+                        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "metrics"}, "periodSeconds": 1},
+                        "volumeMounts": mounts,
+                    }],
+                    "volumes": [{"name": "fixture", "configMap": {"name": format!("{NAME}-fixture")}}],
+                },
+            },
+            "volumeClaimTemplates": [{
+                "metadata": {"name": "data"},
+                "spec": {
+                    "accessModes": ["ReadWriteOnce"],
+                    "storageClassName": atlas_testbed::node::STORAGE_CLASS,
+                    "resources": {"requests": {"storage": "1Gi"}},
+                },
+            }],
+        },
+    })
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Helpers
+
+/// Waits until `smoke-0` (a pod other than `not_uid`) is Ready; on timeout, fails with what
+/// `kubectl describe` says about it.
+async fn wait_ready(cluster: &TestCluster, ns: &TestNamespace, pods: &Api<Pod>, not_uid: Option<&str>) -> Result<Pod> {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        if let Some(pod) = pods.get_opt(POD).await? {
+            let ready = pod
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            if ready && pod.metadata.uid.as_deref() != not_uid {
+                return Ok(pod);
+            }
+        }
+        if Instant::now() > deadline {
+            let describe = kubectl(cluster, ns, &["describe", "pod", POD]).unwrap_or_else(|e| e.to_string());
+            let logs = kubectl(cluster, ns, &["logs", POD, "--all-containers"]).unwrap_or_else(|e| e.to_string());
+            bail!("{POD} was not Ready after 180 s:\n{describe}\n{logs}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn kubectl(cluster: &TestCluster, ns: &TestNamespace, args: &[&str]) -> Result<String> {
+    let out = cluster.kubectl()?.args(["--namespace", &ns.name]).args(args).output()?;
+    ensure!(
+        out.status.success(),
+        "kubectl {}: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+async fn node_internal_ip(ns: &TestNamespace) -> Result<String> {
+    let node = Api::<Node>::all(ns.client.clone()).get(atlas_testbed::node::NODE_NAME).await?;
+    node.status
+        .and_then(|s| s.addresses)
+        .and_then(|a| a.into_iter().find(|a| a.type_ == "InternalIP"))
+        .map(|a| a.address)
+        .context("the node has no InternalIP")
+}
+
+/// `tests/fixtures/SelfGet.java` compiled for Java 17 into a jar, kept under the target dir.
+fn selfget_jar() -> Result<PathBuf> {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/SelfGet.java");
+    let digest = hex(&Sha256::digest(std::fs::read(&source)?));
+    let jar = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("selfget-{}.jar", &digest[..16]));
+    if jar.is_file() {
+        return Ok(jar);
+    }
+    let staging = Path::new(env!("CARGO_TARGET_TMPDIR")).join(unique("selfget-build"));
+    let classes = staging.join("classes");
+    std::fs::create_dir_all(&classes)?;
+    common::run_tool(
+        Command::new(common::java_tool("javac")?)
+            .args(["--release", "17", "-Xlint:all", "-Werror", "-d"])
+            .arg(&classes)
+            .arg(&source),
+    )?;
+    let built = staging.join("selfget.jar");
+    common::run_tool(
+        Command::new(common::java_tool("jar")?)
+            .arg("--create")
+            .arg("--file")
+            .arg(&built)
+            .arg("-C")
+            .arg(&classes)
+            .arg("."),
+    )?;
+    std::fs::rename(&built, &jar)?;
+    let _ = std::fs::remove_dir_all(&staging);
+    Ok(jar)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

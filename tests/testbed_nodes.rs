@@ -1,0 +1,236 @@
+//! A node bed leaves the machine as it found it: after a bed ran a pod and stopped, whether it was
+//! stopped, its owner was killed (the reaper cleans up) or its owner and reaper were both killed (the
+//! next bed cleans up), `ip netns`, `iptables-save` and the host's mount table are as before, and no
+//! link, mount, process or cgroup names the bed. Beds of other test runs may come and go meanwhile:
+//! the check looks at what this bed added, found by its name, directory and addresses.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+
+/// What the machine looks like, as far as a bed could change it.
+#[derive(Debug, PartialEq)]
+struct Snapshot {
+    netns: String,
+    iptables: String,
+    mounts: String,
+    links: String,
+    processes: String,
+}
+
+fn snapshot() -> Result<Snapshot> {
+    let iptables = tool(&mut Command::new("iptables-save"))?
+        .lines()
+        // Comments carry the time of the dump.
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let mut processes = String::new();
+    for entry in std::fs::read_dir("/proc")?.flatten() {
+        if entry.file_name().to_string_lossy().parse::<u32>().is_ok()
+            && let Ok(cmdline) = std::fs::read(entry.path().join("cmdline"))
+        {
+            processes += &format!(
+                "{} {}\n",
+                entry.file_name().to_string_lossy(),
+                String::from_utf8_lossy(&cmdline).replace('\0', " ")
+            );
+        }
+    }
+    Ok(Snapshot {
+        netns: tool(Command::new("ip").arg("netns"))?,
+        iptables,
+        mounts: std::fs::read_to_string("/proc/self/mountinfo")?,
+        links: tool(Command::new("ip").args(["-o", "link"]))?,
+        processes,
+    })
+}
+
+/// A bed's identity, from the line `atlas-testbed` prints when it is up.
+#[derive(Debug, Clone)]
+struct Bed {
+    name: String,
+    dir: PathBuf,
+    slot: String,
+}
+
+impl Bed {
+    /// The lines of `text` that name this bed.
+    fn named_in<'a>(&self, text: &'a str) -> Vec<&'a str> {
+        let dir = self.dir.display().to_string();
+        let (link, pods) = (format!("10.213.{}.", self.slot), format!("10.214.{}.", self.slot));
+        text.lines()
+            .filter(|l| {
+                l.split(|c: char| !(c.is_alphanumeric() || c == '-')).any(|w| w == self.name)
+                    || l.contains(&dir)
+                    || l.contains(&link)
+                    || l.contains(&pods)
+            })
+            .collect()
+    }
+
+    fn cgroups(&self) -> Vec<PathBuf> {
+        std::fs::read_dir("/sys/fs/cgroup")
+            .map(|d| d.flatten().map(|e| e.path().join(&self.name)).filter(|p| p.exists()).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// Checks that nothing of `bed` is left, and that what no other bed touches is as in `before`.
+fn assert_gone(bed: &Bed, before: &Snapshot) -> Result<()> {
+    let after = snapshot()?;
+    assert_eq!(after.netns, before.netns, "ip netns changed");
+    assert_eq!(after.iptables, before.iptables, "the host's iptables changed");
+    for (what, text) in [("link", &after.links), ("mount", &after.mounts), ("process", &after.processes)] {
+        let left = bed.named_in(text);
+        ensure!(left.is_empty(), "{} left a {what}: {left:#?}", bed.name);
+    }
+    ensure!(bed.cgroups().is_empty(), "{} left cgroups: {:?}", bed.name, bed.cgroups());
+    ensure!(!bed.dir.exists(), "{} left its directory {}", bed.name, bed.dir.display());
+    Ok(())
+}
+
+/// `atlas-testbed run --nodes` running a pod of our image until its stdin closes.
+struct Run {
+    child: Child,
+    bed: Bed,
+}
+
+fn start_run() -> Result<Run> {
+    let testbed = Path::new(env!("CARGO_BIN_EXE_atlas-runner")).with_file_name("atlas-testbed");
+    ensure!(testbed.is_file(), "{} is not built: cargo build --workspace", testbed.display());
+    // The pod makes the node use what a bed can leave behind: a sandbox, mounts, cgroups, iptables.
+    let script = r#"set -e
+k() { "$ATLAS_TEST_BIN/kubectl" --kubeconfig "$ATLAS_TEST_NODE_KUBECONFIG" "$@"; }
+k wait --for=create serviceaccount/default --timeout=60s >/dev/null
+k run leak --image="$ATLAS_TEST_IMAGE" --image-pull-policy=Never --restart=Never --command -- sleep 3600 >/dev/null
+k wait --for=condition=Ready pod/leak --timeout=120s >/dev/null
+echo READY
+read -r _ || true
+"#;
+    let mut child = Command::new(&testbed)
+        .args([
+            "run",
+            "--nodes",
+            "--no-cluster",
+            "--no-s3",
+            "--image-binary",
+            common::binary(),
+            "--",
+            "sh",
+            "-c",
+            script,
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let stderr = child.stderr.take().context("stderr")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let bed = loop {
+        let line = rx.recv_timeout(Duration::from_secs(300)).context("atlas-testbed printed no bed")?;
+        // "atlas-testbed: node bed atlas-bed-S in DIR"
+        if let Some(rest) = line.strip_prefix("atlas-testbed: node bed ") {
+            let (name, dir) = rest.split_once(" in ").context("a bed line without a directory")?;
+            let slot = name.rsplit('-').next().unwrap_or_default().to_owned();
+            break Bed { name: name.to_owned(), dir: PathBuf::from(dir), slot };
+        }
+    };
+    std::thread::spawn(move || for _ in rx {});
+    let stdout = child.stdout.take().context("stdout")?;
+    let mut ready = String::new();
+    BufReader::new(stdout).read_line(&mut ready)?;
+    ensure!(ready.trim() == "READY", "the run's pod did not become ready (atlas-testbed: {:?})", child.try_wait()?);
+    Ok(Run { child, bed })
+}
+
+/// While a bed runs, it has what the check looks for, and nothing mounted on the host.
+fn assert_running(bed: &Bed) -> Result<()> {
+    let now = snapshot()?;
+    ensure!(!bed.named_in(&now.links).is_empty(), "no link of {} while it runs", bed.name);
+    ensure!(!bed.named_in(&now.processes).is_empty(), "no process of {} while it runs", bed.name);
+    ensure!(!bed.cgroups().is_empty(), "no cgroup of {} while it runs", bed.name);
+    // The node mounts into its own mount namespace only.
+    let mounts = bed.named_in(&now.mounts);
+    ensure!(mounts.is_empty(), "{} mounted on the host: {mounts:#?}", bed.name);
+    Ok(())
+}
+
+fn wait_gone(bed: &Bed, before: &Snapshot, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match assert_gone(bed, before) {
+            Ok(()) => return Ok(()),
+            Err(e) if Instant::now() > deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(250)),
+        }
+    }
+}
+
+#[test]
+fn a_node_bed_leaves_nothing_when_stopped_killed_or_killed_with_its_reaper() -> Result<()> {
+    let before = snapshot()?;
+
+    // Stopped: the bed removes itself.
+    let mut run = start_run()?;
+    assert_running(&run.bed)?;
+    drop(run.child.stdin.take());
+    let status = run.child.wait()?;
+    ensure!(status.success(), "atlas-testbed exited with {status}");
+    assert_gone(&run.bed, &before)?;
+
+    // The owner is killed: its reaper removes the bed.
+    let mut run = start_run()?;
+    assert_running(&run.bed)?;
+    run.child.kill()?;
+    run.child.wait()?;
+    drop(run.child.stdin.take());
+    wait_gone(&run.bed, &before, Duration::from_secs(60))?;
+
+    // The owner and its reaper are killed: the next bed removes the stale one when it starts.
+    let mut stale = start_run()?;
+    assert_running(&stale.bed)?;
+    let reaper = reaper_of(&stale.bed)?;
+    Command::new("kill").args(["-KILL", &reaper.to_string()]).status()?;
+    stale.child.kill()?;
+    stale.child.wait()?;
+    drop(stale.child.stdin.take());
+    std::thread::sleep(Duration::from_secs(1));
+    ensure!(stale.bed.dir.exists(), "the stale bed went away with nobody to remove it: the test proves nothing");
+    let mut next = start_run()?;
+    assert_gone(&stale.bed, &before)?;
+    drop(next.child.stdin.take());
+    next.child.wait()?;
+    assert_gone(&next.bed, &before)?;
+    Ok(())
+}
+
+/// The PID of the bed's reaper: the `flock` waiting on its lock.
+fn reaper_of(bed: &Bed) -> Result<u32> {
+    let lock = bed.dir.join("lock").display().to_string();
+    for entry in std::fs::read_dir("/proc")?.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let args: Vec<String> = cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        if args.first().is_some_and(|a| a.ends_with("flock")) && args.get(1) == Some(&lock) {
+            return Ok(pid);
+        }
+    }
+    bail!("no reaper found for {}", bed.name)
+}
+
+fn tool(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("run {cmd:?}"))?;
+    ensure!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
