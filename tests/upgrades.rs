@@ -113,6 +113,14 @@ fn a_fresh_runner_with_the_hub_down_starts_the_held_version_and_says_degraded() 
     assert_eq!(std::fs::read(fixture.data.join("mods/a.jar"))?, b"a-1");
     let text = String::from_utf8(common::cli(&fixture.data, &["status"])?.stdout)?;
     assert!(text.contains("degraded:  PackSourceUnreachable:") && text.contains("pack held:"), "{text}");
+
+    // The hub is back, naming the version the data dir holds: nothing is held or degraded any more,
+    // and the server was not restarted for it.
+    hub.restart()?;
+    let healed = runner.wait_status("the hub answering again", Duration::from_secs(30), |s| {
+        s.get("degraded").is_none() && s.get("packProblem").is_none()
+    })?;
+    assert_eq!(healed["pid"], held["pid"]);
     Ok(())
 }
 

@@ -403,6 +403,13 @@ impl Reconciler {
         }
         if version == round.prepared.pack_version {
             context.metrics.update_checks.with_label_values(&["current"]).inc();
+            // A version held because the source was down at the start is the one the channel names:
+            // nothing is held any more.
+            if round.prepared.pack_problem.take().is_some() {
+                tracing::info!("the pack's hub channel answers and names the version the data dir holds");
+                self.shared.status.send_modify(|s| s.pack_problem = None);
+                self.shared.set_degraded(crate::api::conditions::reasons::PACK_SOURCE_UNREACHABLE, None);
+            }
             if self.shared.status.borrow().pack_update_available.is_some() {
                 checks::clear_update_report(&self.shared, &self.options);
             }

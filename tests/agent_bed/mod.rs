@@ -454,7 +454,25 @@ impl Hub {
         let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
         let base = format!("http://{}", listener.local_addr()?);
         let files = common::ServedFiles::default();
-        let served = files.clone();
+        let (stop, thread) = Self::serve(listener, files.clone())?;
+        Ok(Self { base, files, stop: Some(stop), thread: Some(thread) })
+    }
+
+    /// Serves the same files again at the address the stopped hub had: the hub is back.
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop();
+        let listener = std::net::TcpListener::bind(self.base.trim_start_matches("http://"))?;
+        let (stop, thread) = Self::serve(listener, self.files.clone())?;
+        (self.stop, self.thread) = (Some(stop), Some(thread));
+        Ok(())
+    }
+
+    /// Serves `files` on `listener` from a thread of its own until the sender is used.
+    fn serve(
+        listener: std::net::TcpListener,
+        files: common::ServedFiles,
+    ) -> Result<(tokio::sync::oneshot::Sender<()>, std::thread::JoinHandle<()>)> {
+        let served = files;
         let app = axum::Router::new().fallback(move |uri: axum::http::Uri| {
             let body = served.lock().ok().and_then(|files| files.get(uri.path()).cloned());
             async move {
@@ -478,7 +496,7 @@ impl Hub {
                 }
             });
         });
-        Ok(Self { base, files, stop: Some(stop_tx), thread: Some(thread) })
+        Ok((stop_tx, thread))
     }
 
     /// Publishes `version` of pack `pack` on `channel`, its blob `blob`.
