@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -19,7 +19,7 @@ use atlas_runner::backup::upload::stream_archive;
 use atlas_runner::backup::{self, BackupError, CreateOptions, Manifest};
 use atlas_runner::rcon::Rcon;
 use atlas_testbed::{S3Endpoint, TestBucket, TestS3, free_port, unique};
-use common::{FakeServer, region_generation, s3_spec, tree};
+use common::{DataDir, FakeServer, region_generation, s3_credentials, s3_spec, tree};
 use object_store::path::Path as ObjectPath;
 use object_store::{MultipartUpload, ObjectStoreExt, PutPayload, PutResult, UploadPart};
 
@@ -27,22 +27,9 @@ const PASSWORD: &str = "backup-rcon-secret";
 
 // ---- Fixtures ----
 
-/// A data directory under the target dir; removed on drop.
-struct DataDir(PathBuf);
-
-impl DataDir {
-    fn new(level: &str) -> Result<Self> {
-        let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join(unique("backup-data"));
-        std::fs::create_dir_all(&path)?;
-        std::fs::write(path.join("server.properties"), format!("level-name={level}\n"))?;
-        Ok(Self(path))
-    }
-}
-
-impl Drop for DataDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A data directory under the target dir, with `level-name=LEVEL`; removed on drop.
+fn data_dir(level: &str) -> Result<DataDir> {
+    DataDir::new("backup-data", level)
 }
 
 /// A small world: a level, the nether and the end, region files with compressible and random bytes, an
@@ -76,11 +63,7 @@ fn write_world(data: &Path, level: &str) -> Result<()> {
 }
 
 fn credentials(bucket: &TestBucket) -> S3Credentials {
-    S3Credentials {
-        access_key_id: bucket.s3.access_key.clone(),
-        secret_access_key: bucket.s3.secret_key.clone(),
-        session_token: None,
-    }
+    s3_credentials(&bucket.s3)
 }
 
 async fn s3_store(prefix: &str, data: &Path) -> Result<(TestBucket, Store)> {
@@ -112,7 +95,7 @@ fn start_server(data: &Path, rcon_port: u16, fake_properties: &str) -> Result<Fa
 
 #[tokio::test]
 async fn create_list_verify_restore_gives_a_byte_identical_world() -> Result<()> {
-    let data = DataDir::new("survival")?;
+    let data = data_dir("survival")?;
     write_world(&data.0, "survival")?;
     let bucket = TestS3::shared().await?.bucket("backup-roundtrip").await?;
     // Credentials from a file, as the standalone runner reads them.
@@ -168,7 +151,7 @@ async fn create_list_verify_restore_gives_a_byte_identical_world() -> Result<()>
 
 #[tokio::test]
 async fn a_backup_of_a_running_server_is_never_torn_and_saving_resumes() -> Result<()> {
-    let data = DataDir::new("world")?;
+    let data = data_dir("world")?;
     let rcon_port = free_port()?;
     let _server = start_server(&data.0, rcon_port, "")?;
     let rcon =
@@ -186,7 +169,7 @@ async fn a_backup_of_a_running_server_is_never_torn_and_saving_resumes() -> Resu
         let reply = rcon.command("save-on").await?;
         assert!(reply.contains("already turned on"), "round {round}: save-on answered {reply:?}");
 
-        let restore_into = DataDir::new("world")?;
+        let restore_into = data_dir("world")?;
         backup::restore(&store, &created.name, &restore_into.0).await?;
         let generation = region_generation(&restore_into.0.join("world/region/r.0.0.mca"))
             .with_context(|| format!("round {round}"))?;
@@ -203,7 +186,7 @@ async fn a_backup_of_a_running_server_is_never_torn_and_saving_resumes() -> Resu
 
 #[tokio::test]
 async fn a_slow_flush_is_bounded_by_the_flush_timeout_not_the_rcon_timeout() -> Result<()> {
-    let data = DataDir::new("world")?;
+    let data = data_dir("world")?;
     let rcon_port = free_port()?;
     // Autosaves slowed down: each holds the server's thread, which a loaded disk could stretch past the
     // 1 s command timeout before save-off even answers.
@@ -229,7 +212,7 @@ async fn a_slow_flush_is_bounded_by_the_flush_timeout_not_the_rcon_timeout() -> 
 
 #[tokio::test]
 async fn saving_left_off_by_an_earlier_failed_save_on_is_turned_back_on() -> Result<()> {
-    let data = DataDir::new("world")?;
+    let data = data_dir("world")?;
     let rcon_port = free_port()?;
     let _server = start_server(&data.0, rcon_port, "")?;
     let rcon =
@@ -265,7 +248,7 @@ async fn saving_left_off_by_an_earlier_failed_save_on_is_turned_back_on() -> Res
 
 #[tokio::test]
 async fn a_corrupt_or_truncated_archive_is_refused_before_the_live_world_is_touched() -> Result<()> {
-    let data = DataDir::new("world")?;
+    let data = data_dir("world")?;
     write_world(&data.0, "world")?;
     let (_bucket, store) = s3_store("backup-corrupt", &data.0).await?;
     let created = backup::create(&store, &CreateOptions::new(&data.0)).await?;
@@ -305,7 +288,7 @@ async fn a_corrupt_or_truncated_archive_is_refused_before_the_live_world_is_touc
 
 #[tokio::test]
 async fn wrong_credentials_and_a_missing_bucket_are_clear_errors() -> Result<()> {
-    let data = DataDir::new("world")?;
+    let data = data_dir("world")?;
     write_world(&data.0, "world")?;
     let bucket = TestS3::shared().await?.bucket("backup-creds").await?;
 
@@ -351,13 +334,132 @@ fn fake_backup(name: &str, time: jiff::Timestamp) -> Manifest {
 }
 
 #[tokio::test]
+async fn a_backup_on_a_local_store_is_created_though_later_backups_list_before_it() -> Result<()> {
+    let data = data_dir("world")?;
+    write_world(&data.0, "world")?;
+    // The default store, a directory: it lists keys in the order the filesystem keeps them, not sorted.
+    let store = Store::open(None, &data.0, None)?;
+    // Backups named after this one (made on a host whose clock ran ahead, or copied in).
+    let mut later = Vec::new();
+    for day in 1..=8 {
+        let time: jiff::Timestamp = format!("2099-01-{day:02}T00:00:00Z").parse()?;
+        let manifest = fake_backup(&backup::backup_name(time), time);
+        let key = ObjectPath::from(format!("manifests/{}.json", manifest.name));
+        store.objects.put(&key, PutPayload::from(serde_json::to_vec(&manifest)?)).await?;
+        later.push(manifest);
+    }
+    let mut unsorted = false;
+    for _ in 0..3 {
+        let created = backup::create(&store, &CreateOptions::new(&data.0)).await?;
+        let listed = backup::list(&store).await?;
+        assert!(listed.contains(&created), "{} is not listed", created.name);
+        assert!(store.objects.head(&ObjectPath::from(created.archive_key.as_str())).await.is_ok(), "archive gone");
+        // The case this test is about: the listing from the new backup's name on put a later one first.
+        let keys: Vec<String> = {
+            use futures::TryStreamExt;
+            let offset = ObjectPath::from(format!("manifests/{}", created.name));
+            store
+                .objects
+                .list_with_offset(Some(&ObjectPath::from("manifests")), &offset)
+                .map_ok(|m| m.location.to_string())
+                .try_collect()
+                .await?
+        };
+        unsorted |= keys.first() != Some(&format!("manifests/{}.json", created.name));
+    }
+    assert!(unsorted, "the directory listed every new manifest first: the case was not exercised");
+    assert_eq!(backup::list(&store).await?.len(), later.len() + 3);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_backup_whose_listing_back_fails_is_kept_not_deleted() -> Result<()> {
+    let data = data_dir("world")?;
+    write_world(&data.0, "world")?;
+    let bucket = TestS3::shared().await?.bucket("backup-list-fails").await?;
+    let direct = Store::open(Some(&s3_spec(&bucket, "survival/")), &data.0, Some(credentials(&bucket)))?;
+    // Through a proxy that answers the check's listing (the only request naming `start-after`) with a 503,
+    // every time: the store took the backup, and then could not say it lists it.
+    let upstream: SocketAddr = bucket.s3.endpoint.trim_start_matches("http://").parse()?;
+    let (proxy, refused) = refusing_proxy(upstream, b"start-after=").await?;
+    let through = TestBucket {
+        s3: S3Endpoint { endpoint: format!("http://{proxy}"), ..bucket.s3.clone() },
+        name: bucket.name.clone(),
+        region: bucket.region.clone(),
+    };
+    let store = Store::open(Some(&s3_spec(&through, "survival/")), &data.0, Some(credentials(&bucket)))?;
+    let error = backup::create(&store, &CreateOptions::new(&data.0)).await.err().context("the create succeeded")?;
+    assert!(refused.load(Ordering::SeqCst) > 0, "the proxy refused no listing: {error}");
+    assert_eq!(error.category(), "unconfirmed", "{error:?}");
+    let BackupError::Unconfirmed { name, .. } = &error else { bail!("another error: {error:?}") };
+    assert!(error.to_string().contains("it was kept, not deleted"), "{error}");
+    // The backup is there, whole: listed, and its archive reads back to the byte.
+    let listed = backup::list(&direct).await?;
+    assert_eq!(listed.iter().map(|m| &m.name).collect::<Vec<_>>(), [name]);
+    backup::verify(&direct, name, &data.0.join(".atlas/verify")).await?;
+    Ok(())
+}
+
+/// A loopback TCP proxy to `upstream` that passes every request through, except one whose bytes hold
+/// `needle`: that one is answered `503 Service Unavailable` and its connection closed. Counts those.
+async fn refusing_proxy(upstream: SocketAddr, needle: &'static [u8]) -> Result<(SocketAddr, Arc<AtomicUsize>)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+    let address = listener.local_addr()?;
+    let refused = Arc::new(AtomicUsize::new(0));
+    let count = refused.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect(upstream).await else { return };
+                let (mut from_client, mut to_client) = client.into_split();
+                let (mut from_server, mut to_server) = server.into_split();
+                // Requests go one at a time on a connection (no pipelining), so the refused one is answered
+                // before the server has anything to say on it.
+                let (refuse, mut refusal) = tokio::sync::oneshot::channel::<()>();
+                let requests = async move {
+                    let mut buf = vec![0; 64 * 1024];
+                    loop {
+                        let n = from_client.read(&mut buf).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        if buf[..n].windows(needle.len()).any(|w| w == needle) {
+                            count.fetch_add(1, Ordering::SeqCst);
+                            let _ = refuse.send(());
+                            return;
+                        }
+                        if to_server.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                };
+                let answers = async move {
+                    tokio::select! {
+                        _ = tokio::io::copy(&mut from_server, &mut to_client) => {}
+                        Ok(()) = &mut refusal => {
+                            let refusal = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+                            let _ = to_client.write_all(refusal).await;
+                        }
+                    }
+                    let _ = to_client.shutdown().await;
+                };
+                tokio::join!(requests, answers);
+            });
+        }
+    });
+    Ok((address, refused))
+}
+
+#[tokio::test]
 async fn prune_over_a_simulated_month_keeps_exactly_the_expected_set() -> Result<()> {
     month_of_retention(&Store::memory()).await
 }
 
 #[tokio::test]
 async fn prune_over_a_simulated_month_on_seaweedfs_keeps_exactly_the_expected_set() -> Result<()> {
-    let data = DataDir::new("world")?;
+    let data = data_dir("world")?;
     let (_bucket, store) = s3_store("backup-month", &data.0).await?;
     month_of_retention(&store).await
 }
@@ -448,7 +550,7 @@ async fn a_cancelled_upload_leaves_no_backup_and_the_next_one_succeeds() -> Resu
     atlas_testbed::create_bucket(&s3.endpoint, &bucket_name).await?;
     let bucket =
         TestBucket { s3: s3.endpoint.clone(), name: bucket_name.clone(), region: atlas_testbed::S3_REGION.to_owned() };
-    let data = DataDir::new("world")?;
+    let data = data_dir("world")?;
     write_world(&data.0, "world")?;
     big_capture(&data.0)?;
     let store = Store::open(Some(&s3_spec(&bucket, "survival/")), &data.0, Some(credentials(&bucket)))?;
@@ -489,16 +591,16 @@ async fn a_cancelled_upload_leaves_no_backup_and_the_next_one_succeeds() -> Resu
 
 #[tokio::test]
 async fn a_backup_cancelled_while_the_store_starts_its_upload_leaves_no_upload() -> Result<()> {
-    // A private SeaweedFS, reached through a proxy that holds every answer back: the store holds the new
-    // upload 1.5 s before the backup learns its id.
+    // A private SeaweedFS, reached through a proxy that holds back the answer naming a new upload's id until
+    // the test lets it go: the store holds the upload, and the backup cannot know its id.
     let s3 = tokio::task::spawn_blocking(atlas_testbed::start_s3).await??;
     let bucket_name = unique("backup-cancel-start").to_lowercase();
     atlas_testbed::create_bucket(&s3.endpoint, &bucket_name).await?;
     let upstream: SocketAddr = s3.endpoint.endpoint.trim_start_matches("http://").parse()?;
-    let (proxy, id_answered) = slow_answers_proxy(upstream, Duration::from_millis(1500)).await?;
-    let slow = S3Endpoint { endpoint: format!("http://{proxy}"), ..s3.endpoint.clone() };
-    let bucket = TestBucket { s3: slow, name: bucket_name.clone(), region: atlas_testbed::S3_REGION.to_owned() };
-    let data = DataDir::new("world")?;
+    let (proxy, hold) = upload_id_holding_proxy(upstream).await?;
+    let held = S3Endpoint { endpoint: format!("http://{proxy}"), ..s3.endpoint.clone() };
+    let bucket = TestBucket { s3: held, name: bucket_name.clone(), region: atlas_testbed::S3_REGION.to_owned() };
+    let data = data_dir("world")?;
     write_world(&data.0, "world")?;
     let store = Store::open(Some(&s3_spec(&bucket, "survival/")), &data.0, Some(credentials(&bucket)))?;
 
@@ -508,7 +610,7 @@ async fn a_backup_cancelled_while_the_store_starts_its_upload_leaves_no_upload()
         tokio::spawn(async move { backup::create(&store, &options).await })
     };
     let deadline = Instant::now() + Duration::from_secs(30);
-    while s3.uploads_in_progress(&bucket_name).await?.is_empty() {
+    while !hold.holding.load(Ordering::SeqCst) || s3.uploads_in_progress(&bucket_name).await?.is_empty() {
         if task.is_finished() {
             bail!("the backup ended before its upload started: {:?}", task.await?);
         }
@@ -516,9 +618,9 @@ async fn a_backup_cancelled_while_the_store_starts_its_upload_leaves_no_upload()
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     task.abort();
-    // The test runs on one thread: the backup has not run since the check above, so what the proxy had
-    // passed on by now is all the backup could have seen.
-    ensure!(!id_answered.load(Ordering::SeqCst), "the backup knew its upload's id before it was cancelled");
+    ensure!(!hold.passed.load(Ordering::SeqCst), "the backup knew its upload's id before it was cancelled");
+    // Let the answer go now, to a backup that no longer waits for it.
+    hold.release.send_replace(true);
     assert!(task.await.is_err_and(|e| e.is_cancelled()), "the backup finished before it was cancelled");
     no_upload_left(&s3, &bucket_name, "a backup cancelled while its upload started").await?;
     let journal = data.0.join(backup::upload::JOURNAL_DIR);
@@ -539,18 +641,32 @@ async fn no_upload_left(s3: &atlas_testbed::S3Processes, bucket: &str, who: &str
     }
 }
 
-/// A loopback TCP proxy to `upstream` that holds every chunk of an answer back for `delay`: requests reach
-/// the server at once, answers reach the client late, as on a slow link. The flag is set just before an
-/// answer carrying a multipart upload's id (`<UploadId>`) is passed on to the client.
-async fn slow_answers_proxy(upstream: SocketAddr, delay: Duration) -> Result<(SocketAddr, Arc<AtomicBool>)> {
+/// What [`upload_id_holding_proxy`] did with the answer naming a multipart upload's id (`<UploadId>`).
+struct Hold {
+    /// It arrived, and is held back.
+    holding: AtomicBool,
+    /// It was passed on to the client.
+    passed: AtomicBool,
+    /// Set to let it (and every later one) go.
+    release: tokio::sync::watch::Sender<bool>,
+}
+
+/// A loopback TCP proxy to `upstream` passing everything on at once, except an answer naming a multipart
+/// upload's id, which it holds until the test releases it.
+async fn upload_id_holding_proxy(upstream: SocketAddr) -> Result<(SocketAddr, Arc<Hold>)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const MARK: &[u8] = b"<UploadId>";
     let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
     let address = listener.local_addr()?;
-    let id_answered = Arc::new(AtomicBool::new(false));
-    let flag = id_answered.clone();
+    let hold = Arc::new(Hold {
+        holding: AtomicBool::new(false),
+        passed: AtomicBool::new(false),
+        release: tokio::sync::watch::Sender::new(false),
+    });
+    let shared = hold.clone();
     tokio::spawn(async move {
         while let Ok((client, _)) = listener.accept().await {
-            let flag = flag.clone();
+            let hold = shared.clone();
             tokio::spawn(async move {
                 let Ok(server) = tokio::net::TcpStream::connect(upstream).await else { return };
                 let (mut from_client, mut to_client) = client.into_split();
@@ -558,15 +674,21 @@ async fn slow_answers_proxy(upstream: SocketAddr, delay: Duration) -> Result<(So
                 let requests = tokio::io::copy(&mut from_client, &mut to_server);
                 let answers = async {
                     let mut buf = vec![0; 64 * 1024];
+                    // The end of the last chunk, so a mark split between two chunks is still seen (before
+                    // the id that follows it is passed on).
+                    let mut seen: Vec<u8> = Vec::new();
                     loop {
                         let n = from_server.read(&mut buf).await?;
                         if n == 0 {
                             return to_client.shutdown().await;
                         }
-                        tokio::time::sleep(delay).await;
-                        if buf[..n].windows(10).any(|w| w == b"<UploadId>") {
-                            flag.store(true, Ordering::SeqCst);
+                        seen.extend_from_slice(&buf[..n]);
+                        if seen.windows(MARK.len()).any(|w| w == MARK) {
+                            hold.holding.store(true, Ordering::SeqCst);
+                            let _ = hold.release.subscribe().wait_for(|released| *released).await;
+                            hold.passed.store(true, Ordering::SeqCst);
                         }
+                        seen.drain(..seen.len().saturating_sub(MARK.len() - 1));
                         to_client.write_all(&buf[..n]).await?;
                     }
                 };
@@ -574,7 +696,7 @@ async fn slow_answers_proxy(upstream: SocketAddr, delay: Duration) -> Result<(So
             });
         }
     });
-    Ok((address, id_answered))
+    Ok((address, hold))
 }
 
 /// Whether the capture mirror holds all of `big_capture`'s region file.
@@ -690,7 +812,7 @@ async fn private_s3(prefix: &str, data: &Path) -> Result<(atlas_testbed::S3Proce
 
 #[tokio::test]
 async fn a_failed_part_aborts_the_multipart_upload() -> Result<()> {
-    let dir = DataDir::new("world")?;
+    let dir = data_dir("world")?;
     big_capture(&dir.0)?;
     let (s3, bucket, store) = private_s3("backup-failed-part", &dir.0).await?;
     let key = ObjectPath::from("archives/failed.tar.zst");
@@ -718,7 +840,7 @@ async fn until(what: &str, done: impl Fn() -> bool) -> Result<()> {
 
 #[tokio::test]
 async fn a_cancelled_multipart_upload_is_aborted() -> Result<()> {
-    let dir = DataDir::new("world")?;
+    let dir = data_dir("world")?;
     big_capture(&dir.0)?;
     let (s3, bucket, store) = private_s3("backup-cancelled-part", &dir.0).await?;
     let key = ObjectPath::from("archives/cancelled.tar.zst");
@@ -746,7 +868,7 @@ async fn seaweedfs_stopped_mid_upload_fails_clearly_leaves_no_upload_and_the_nex
     atlas_testbed::create_bucket(&s3.endpoint, &bucket_name).await?;
     let bucket =
         TestBucket { s3: s3.endpoint.clone(), name: bucket_name.clone(), region: atlas_testbed::S3_REGION.to_owned() };
-    let data = DataDir::new("world")?;
+    let data = data_dir("world")?;
     big_capture(&data.0)?;
     let store = Store::open(Some(&s3_spec(&bucket, "server/")), &data.0, Some(credentials(&bucket)))?;
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use atlas_runner::backup::Manifest;
 use atlas_testbed::{TestBucket, TestS3};
-use common::{Fixture, Runner, binary, http_get, promtool_check, tree, wait_for};
+use common::{Fixture, Runner, binary, error_line, http_get, promtool_check, tree, wait_for};
 
 /// Appends `spec.backup` with the bucket's store (credentials from a file) and `extra` lines (4-space indent).
 fn add_backup_spec(fixture: &Fixture, bucket: &TestBucket, extra: &str) -> Result<()> {
@@ -54,15 +54,6 @@ fn ok(out: Output, what: &str) -> Result<String> {
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(String::from_utf8(out.stdout)?)
-}
-
-/// The one line a failing command printed on stderr.
-fn error_line(out: &Output, what: &str) -> Result<String> {
-    ensure!(!out.status.success(), "{what} succeeded:\n{}", String::from_utf8_lossy(&out.stdout));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("atlas-runner: ")).collect();
-    ensure!(lines.len() == 1, "{what}: expected one error line, got:\n{stderr}");
-    Ok(lines[0].to_owned())
 }
 
 /// The value of the sample `name` (no labels) in Prometheus text, if there is one.
@@ -493,23 +484,9 @@ fn a_restore_killed_at_any_point_of_its_swap_leaves_each_world_old_or_new() -> R
     let total = states.worlds.len() + states.files.len();
 
     // `backup restore` with no runner on the data dir: it logs "replacing the world" just before the swap.
-    let restore = |data: &Path| -> Result<(std::process::Child, std::sync::mpsc::Receiver<std::time::Instant>)> {
-        let mut child = cli("restore", data, &[&created.name])
-            .env("RUST_LOG", "info")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()?;
-        let stderr = child.stderr.take().context("stderr")?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("replacing the world") {
-                    let _ = tx.send(std::time::Instant::now());
-                }
-            }
-        });
-        Ok((child, rx))
+    let restore = |data: &Path| {
+        let mut command = cli("restore", data, &[&created.name]);
+        common::spawn_watching(command.env("RUST_LOG", "info"), "replacing the world")
     };
 
     // One undisturbed run measures the whole restore and the swap at its end.
@@ -517,50 +494,58 @@ fn a_restore_killed_at_any_point_of_its_swap_leaves_each_world_old_or_new() -> R
     copy_tree(&template, &data)?;
     let started = std::time::Instant::now();
     let (mut child, swapping) = restore(&data)?;
-    ensure!(child.wait()?.success(), "an undisturbed restore failed");
-    let ended = std::time::Instant::now();
-    let (full, swap) = (ended - started, ended - swapping.recv_timeout(Duration::from_secs(5))?);
+    let (schedule, status) = common::KillSchedule::measure(40, started, &mut child, &swapping)?;
+    ensure!(status.success(), "an undisturbed restore failed");
     let seen = states.check(&data)?;
     ensure!(seen.new == total, "an undisturbed restore left {seen:?}");
 
-    // Half the kills spread over the whole restore (download and extraction leave the old world), half
-    // aimed at the swap; should none have landed inside a swap, more runs aim at it, up to 40.
+    // Kills over the whole restore (download and extraction leave the old world) and over the swap.
     use std::os::unix::process::ExitStatusExt;
-    let runs = 40;
     let (mut before, mut inside, mut after, mut among_worlds) = (0, 0, 0, 0);
-    for n in 1..=runs * 2 {
-        let aimed = n > runs;
-        if aimed && inside > 0 {
-            break;
-        }
-        let data = root.join(format!("data-{n}"));
-        copy_tree(&template, &data)?;
-        let (mut child, swapping) = restore(&data)?;
-        if n % 2 == 0 && !aimed {
-            std::thread::sleep(full.mul_f64(n as f64 / runs as f64));
-        } else if let Ok(at) = swapping.recv_timeout(Duration::from_secs(30)) {
-            let offset = swap.mul_f64(1.2 * (n % runs) as f64 / runs as f64);
-            std::thread::sleep(offset.saturating_sub(at.elapsed()));
-        }
-        let _ = child.kill(); // SIGKILL
-        let status = child.wait()?;
-        let seen = states.check(&data).with_context(|| format!("run {n}, killed: {:?}", status.signal()))?;
-        match (seen.new, seen.old) {
-            (0, _) if !seen.pending => before += 1,
-            (new, 0) if new == total => after += 1,
-            _ => inside += 1,
-        }
-        // Worlds are swapped first: a kill between two of them leaves some worlds new and some old.
-        if seen.new_worlds < states.worlds.len() && (seen.new_worlds > 0 || seen.pending) {
-            among_worlds += 1;
-        }
-        let _ = std::fs::remove_dir_all(&data);
-    }
+    schedule.run(
+        |n| {
+            let data = root.join(format!("data-{n}"));
+            copy_tree(&template, &data)?;
+            restore(&data)
+        },
+        |n, status| {
+            let data = root.join(format!("data-{n}"));
+            let seen = states.check(&data).with_context(|| format!("run {n}, killed: {:?}", status.signal()))?;
+            let landed_inside = match (seen.new, seen.old) {
+                (0, _) if !seen.pending => {
+                    before += 1;
+                    false
+                }
+                (new, 0) if new == total => {
+                    after += 1;
+                    false
+                }
+                _ => {
+                    inside += 1;
+                    true
+                }
+            };
+            // Worlds are swapped first: a kill between two of them leaves some worlds new and some old.
+            // Counted to be told, not asserted: see the note at the end.
+            if seen.new_worlds < states.worlds.len() && (seen.new_worlds > 0 || seen.pending) {
+                among_worlds += 1;
+            }
+            let _ = std::fs::remove_dir_all(&data);
+            Ok(landed_inside)
+        },
+    )?;
     eprintln!(
-        "kill -9 over {full:?} (swap {swap:?}): {before} before the swap, {inside} inside it ({among_worlds} among the \
-         worlds), {after} after it"
+        "kill -9 over {:?} (swap {:?}): {before} before the swap, {inside} inside it ({among_worlds} among the \
+         worlds), {after} after it",
+        schedule.full, schedule.step
     );
     ensure!(before > 0, "no kill landed before the swap");
     ensure!(inside > 0, "no kill landed inside a swap");
+    // What this test does not prove: a kill among the worlds' own steps. The three worlds take six steps (a
+    // rename aside and an exchange each) of a few microseconds in all, far less than the time a kill takes to
+    // land here, so kills seldom fall among them (measured: 2 of 60 kills aimed over the swap's first 2 ms,
+    // none in two ordinary runs). The state after each of those steps is proven by the unit test
+    // `a_swap_killed_before_any_of_its_steps_leaves_each_path_old_or_new` in src/backup/mod.rs, which stops
+    // the same swap before every step as a kill would; here the checks above hold for whichever kills did.
     Ok(())
 }

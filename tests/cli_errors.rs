@@ -6,16 +6,7 @@ mod common;
 use std::process::Command;
 
 use anyhow::{Context, Result, ensure};
-use common::{binary, free_port};
-
-/// The `atlas-runner: ...` line of a failed run, and that there is exactly one.
-fn error_line(out: &std::process::Output) -> Result<String> {
-    ensure!(!out.status.success(), "succeeded: {}", String::from_utf8_lossy(&out.stdout));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("atlas-runner: ")).collect();
-    ensure!(lines.len() == 1, "not one error line: {stderr}");
-    Ok(lines[0].to_owned())
-}
+use common::{binary, error_line, refusing_address};
 
 #[test]
 fn each_backup_command_against_an_unreachable_store_speaks_of_what_it_did() -> Result<()> {
@@ -23,13 +14,13 @@ fn each_backup_command_against_an_unreachable_store_speaks_of_what_it_did() -> R
     let data = root.path().join("data");
     std::fs::create_dir_all(data.join("world"))?;
     std::fs::write(data.join("world/level.dat"), "level")?;
-    // A loopback port nothing listens on: connections are refused at once.
+    // A loopback port nothing listens on, held so that nothing can: connections are refused at once.
+    let (refusing, _held) = refusing_address()?;
     let spec = root.path().join("server.yaml");
     std::fs::write(
         &spec,
         format!(
-            "eula: true\nserver: {{type: vanilla}}\nbackup:\n  store:\n    s3: {{bucket: bars, prefix: survival/, endpoint: \"http://127.0.0.1:{}\"}}\n",
-            free_port()?
+            "eula: true\nserver: {{type: vanilla}}\nbackup:\n  store:\n    s3: {{bucket: bars, prefix: survival/, endpoint: \"http://{refusing}\"}}\n"
         ),
     )?;
     let aborted = "the failed backup was aborted";
@@ -51,7 +42,7 @@ fn each_backup_command_against_an_unreachable_store_speaks_of_what_it_did() -> R
             .env("AWS_ACCESS_KEY_ID", "atlas")
             .env("AWS_SECRET_ACCESS_KEY", "not-a-secret")
             .output()?;
-        let line = error_line(&out).with_context(|| format!("backup {}", args.join(" ")))?;
+        let line = error_line(&out, &format!("backup {}", args.join(" ")))?;
         for text in says {
             ensure!(line.contains(text), "backup {}: {line:?} does not say {text:?}", args[0]);
         }
@@ -72,7 +63,7 @@ fn console_takes_its_options_after_the_command_too() -> Result<()> {
     // No runner: the error names the socket the options chose, the data dir's, not ./.atlas's.
     for args in [&["console", "list", "--data", data][..], &["console", "--data", data, "list"]] {
         let out = Command::new(binary()).args(args).current_dir(root.path()).output()?;
-        let line = error_line(&out)?;
+        let line = error_line(&out, &args.join(" "))?;
         ensure!(line.contains(&format!("{data}/.atlas/control.sock")), "{args:?}: {line}");
     }
     // A word the console does not know as an option: clap says how to pass it.

@@ -367,7 +367,7 @@ fn bad_archives() -> Result<Vec<BadArchive>> {
     use tar::EntryType as T;
     let d = Limits::default();
     let small = Limits { max_entry_size: 1000, ..Limits::default() };
-    let bomb_limits = Limits { ratio_floor: 0, max_ratio: 20, ..Limits::default() };
+    let bomb_limits = Limits { ratio_floor: 0, max_ratio_zstd: 20, max_ratio_deflate: 20, ..Limits::default() };
     let total_limits = Limits { max_total_size: 1500, ..Limits::default() };
     let ok = raw_tar(&[file("mods/ok.jar", b"ok"), file("mods/ok2.jar", &[7u8; 4096])])?;
     let ok_zst = zst(&ok)?;

@@ -92,7 +92,7 @@ fn build_status_and_rollback_from_the_command_line() -> Result<()> {
 }
 
 #[test]
-fn a_held_data_dir_and_a_missing_previous_version_are_one_line_errors() -> Result<()> {
+fn a_held_data_dir_a_missing_previous_version_and_a_missing_data_dir_are_one_line_errors() -> Result<()> {
     let root_dir = tempfile::Builder::new().prefix("atlas-pack-cli-err-").tempdir()?;
     let root = root_dir.path();
     let data = root.join("data");
@@ -104,6 +104,20 @@ fn a_held_data_dir_and_a_missing_previous_version_are_one_line_errors() -> Resul
     assert!(!out.status.success(), "{err}");
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     assert!(err.contains("no previous pack version to roll back to"), "{err}");
+    // ...and what to do instead.
+    assert!(err.contains("spec.pack.version") && err.contains("`atlas-runner pack apply`"), "{err}");
+
+    // A data dir that does not exist holds nothing to roll back or show, and is not made by asking.
+    let missing = root.join("no-such-data");
+    let m = missing.display().to_string();
+    for (command, what) in [("rollback", "no pack to roll back"), ("status", "no pack to show")] {
+        let out = atlas(&["pack", command, "--data", &m])?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "pack {command}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(err.contains(&format!("the data dir {m} does not exist")) && err.contains(what), "{err}");
+        assert!(!missing.exists(), "pack {command} made the data dir");
+    }
 
     let held = lock(&lock_path(&data))?;
     let out = atlas(&["pack", "status", "--data", &s])?;
@@ -194,40 +208,19 @@ fn kill_9_at_any_point_of_pack_apply_leaves_exactly_the_old_or_the_new_version()
     };
     // The apply logs "swapping it in" to stderr just before the journaled swap.
     let textfile = root.join("pack.prom");
-    let apply = |data: &Path| -> Result<(std::process::Child, std::sync::mpsc::Receiver<std::time::Instant>)> {
-        let mut child = Command::new(common::binary())
-            .args(["pack", "apply", "--spec"])
-            .arg(&spec)
-            .arg("--data")
-            .arg(data)
-            .arg("--metrics-textfile")
-            .arg(&textfile)
-            .env("RUST_LOG", "info")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()?;
-        let stderr = child.stderr.take().context("stderr")?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("swapping it in") {
-                    let _ = tx.send(std::time::Instant::now());
-                }
-            }
-        });
-        Ok((child, rx))
+    let apply = |data: &Path| {
+        let mut command = Command::new(common::binary());
+        command.args(["pack", "apply", "--spec"]).arg(&spec).arg("--data").arg(data);
+        command.arg("--metrics-textfile").arg(&textfile).env("RUST_LOG", "info");
+        common::spawn_watching(&mut command, "swapping it in")
     };
 
     // One undisturbed run measures the whole apply and the swap at its end.
     let data = fresh(0)?;
     let started = std::time::Instant::now();
     let (mut child, swapping) = apply(&data)?;
-    let status = child.wait()?;
-    let ended = std::time::Instant::now();
+    let (schedule, status) = common::KillSchedule::measure(40, started, &mut child, &swapping)?;
     anyhow::ensure!(status.success(), "an undisturbed pack apply failed");
-    let full = ended - started;
-    let swap = ended - swapping.recv_timeout(std::time::Duration::from_secs(5))?;
     assert_eq!(managed_files(&data)?, v2);
     // The apply's metrics, as node_exporter's textfile collector would read them.
     let metrics = fs::read_to_string(&textfile)?;
@@ -242,55 +235,45 @@ fn kill_9_at_any_point_of_pack_apply_leaves_exactly_the_old_or_the_new_version()
     }
     common::promtool_check(&metrics)?;
 
-    // Half the kills spread over the whole run (start-up, fetch, staging), half over the swap. The swap
-    // is short: should no kill have landed inside one (a loaded machine's timing), more runs aim at it,
-    // up to 40.
-    let runs = 40;
+    // Kills over the whole run (start-up, fetch, staging) and over the swap.
     let (mut old, mut new) = (0, 0);
     let mut recoveries: Vec<String> = Vec::new();
-    for n in 1..=runs * 2 {
-        let aimed = n > runs;
-        if aimed && recoveries.iter().any(|r| r != "Clean") {
-            break;
-        }
-        let data = fresh(n)?;
-        let (mut child, swapping) = apply(&data)?;
-        if n % 2 == 0 && !aimed {
-            std::thread::sleep(full.mul_f64(n as f64 / runs as f64));
-        } else if let Ok(at) = swapping.recv_timeout(std::time::Duration::from_secs(30)) {
-            let offset = swap.mul_f64(1.2 * (n % runs) as f64 / runs as f64);
-            std::thread::sleep(offset.saturating_sub(at.elapsed()));
-        }
-        let _ = child.kill(); // SIGKILL
-        child.wait()?;
-        // The next command recovers whatever the kill interrupted.
-        let status = ok(atlas(&["pack", "status", "--data", &data.display().to_string(), "--json"])?)?;
-        let status: serde_json::Value = serde_json::from_str(&status)?;
-        let files = managed_files(&data)?;
-        recoveries.push(
-            status["recovery"].as_str().unwrap_or_default().split([' ', '{']).next().unwrap_or_default().to_owned(),
-        );
-        match status["current"]["version"].as_str() {
-            Some("1.0.0") => {
-                assert!(files == v1, "run {n}: the store says 1.0.0 but the data dir holds a mix");
-                old += 1;
+    let runs = schedule.run(
+        |n| apply(&fresh(n)?),
+        |n, _| {
+            let data = root.join(format!("data-{n}"));
+            // The next command recovers whatever the kill interrupted.
+            let status = ok(atlas(&["pack", "status", "--data", &data.display().to_string(), "--json"])?)?;
+            let status: serde_json::Value = serde_json::from_str(&status)?;
+            let files = managed_files(&data)?;
+            let recovery =
+                status["recovery"].as_str().unwrap_or_default().split([' ', '{']).next().unwrap_or_default().to_owned();
+            match status["current"]["version"].as_str() {
+                Some("1.0.0") => {
+                    assert!(files == v1, "run {n}: the store says 1.0.0 but the data dir holds a mix");
+                    old += 1;
+                }
+                Some("2.0.0") => {
+                    assert!(files == v2, "run {n}: the store says 2.0.0 but the data dir holds a mix");
+                    new += 1;
+                }
+                other => anyhow::bail!("run {n}: unexpected current version {other:?}"),
             }
-            Some("2.0.0") => {
-                assert!(files == v2, "run {n}: the store says 2.0.0 but the data dir holds a mix");
-                new += 1;
-            }
-            other => anyhow::bail!("run {n}: unexpected current version {other:?}"),
-        }
-        assert_eq!(fs::read_to_string(data.join("world/region/r.0.0.mca"))?, "the world", "run {n}: world touched");
-        let _ = fs::remove_dir_all(&data);
-    }
+            assert_eq!(fs::read_to_string(data.join("world/region/r.0.0.mca"))?, "the world", "run {n}: world touched");
+            let _ = fs::remove_dir_all(&data);
+            let inside = recovery != "Clean";
+            recoveries.push(recovery);
+            Ok(inside)
+        },
+    )?;
     eprintln!(
-        "kill -9 over {full:?} (swap {swap:?}): {old} runs left 1.0.0, {new} left 2.0.0; recoveries: {recoveries:?}"
+        "kill -9 over {:?} (swap {:?}): {old} runs left 1.0.0, {new} left 2.0.0; recoveries: {recoveries:?}",
+        schedule.full, schedule.step
     );
     assert!(old > 0, "no kill landed before the commit point");
     assert!(recoveries.iter().any(|r| r != "Clean"), "no kill landed inside a swap: {recoveries:?}");
     assert_eq!(old + new, recoveries.len());
-    assert!(recoveries.len() >= runs);
+    assert!(recoveries.len() == runs && runs >= schedule.runs);
     Ok(())
 }
 

@@ -2,6 +2,8 @@
 //! protocol (channel, pin, relative blob URL, token, ETag) and Modrinth `.mrpack` (env, mirrors,
 //! overrides, digests), with fetched packs staged and applied to prove they fit the store.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
@@ -21,6 +23,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
+use common::sha256_hex;
 use sha2::Digest;
 use tempfile::TempDir;
 
@@ -90,10 +93,6 @@ fn broken(body: &Bytes, cut: usize) -> Response {
 
 fn options(data: &Path) -> FetchOptions {
     FetchOptions { base_delay: Duration::from_millis(10), ..FetchOptions::new(data) }
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(sha2::Sha256::digest(bytes))
 }
 
 fn sha512_hex(bytes: &[u8]) -> String {

@@ -7,14 +7,13 @@ mod common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Context, Result, bail, ensure};
 use atlas_runner::pack::store::StoreError;
 use atlas_runner::pack::{ArchiveFormat, Limits, PackStore, PackVersion, lock, lock_path};
-use common::{binary, run_tool, serve_files, tree};
-use sha2::Digest;
+use common::{binary, data_dir, files_under, run_tool, serve_files, sh, sha256_hex, tree, user_files};
 
 /// The pack's files: nested directories, an empty file, a name with a space.
 const FILES: &[(&str, &[u8])] = &[
@@ -36,37 +35,12 @@ fn write_files(dir: &Path, files: &[(&str, &[u8])]) -> Result<()> {
     Ok(())
 }
 
-/// A shell command line run in `dir` (the archives are made the way a person types them).
-fn sh(dir: &Path, line: &str) -> Result<()> {
-    run_tool(Command::new("bash").args(["-o", "pipefail", "-ec"]).arg(line).current_dir(dir))
-}
-
 fn python(dir: &Path, script: &str) -> Result<()> {
     run_tool(Command::new("python3").arg("-c").arg(script).current_dir(dir))
 }
 
-/// The files of `root`, `.atlas` left out: path -> bytes.
-fn files_under(root: &Path) -> Result<BTreeMap<String, Vec<u8>>> {
-    Ok(tree(root)?
-        .into_iter()
-        .filter(|(path, _)| path != ".atlas" && !path.starts_with(".atlas/"))
-        .filter_map(|(path, content)| content.map(|c| (path, c)))
-        .collect())
-}
-
 fn expected(files: &[(&str, &[u8])]) -> BTreeMap<String, Vec<u8>> {
     files.iter().map(|(p, c)| ((*p).to_owned(), c.to_vec())).collect()
-}
-
-/// A data dir holding a world and a file of the user's.
-fn data_dir(root: &Path, name: &str) -> Result<PathBuf> {
-    let data = root.join(name);
-    write_files(&data, &[("world/level.dat", b"level"), ("notes.txt", b"mine")])?;
-    Ok(data)
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(sha2::Sha256::digest(bytes))
 }
 
 /// `atlas-runner pack apply` of the pack `source` (YAML of `spec.pack.source`, plus `version` when
@@ -138,8 +112,7 @@ fn every_usual_way_of_archiving_a_directory_applies_the_same_tree() -> Result<()
             Err(e) => bail!("{how}: pack apply failed: {e}"),
         }
         let mut want = expected(FILES);
-        want.insert("world/level.dat".into(), b"level".to_vec());
-        want.insert("notes.txt".into(), b"mine".to_vec());
+        want.extend(user_files());
         let got = files_under(&data)?;
         ensure!(got == want, "{how}: the data dir holds {:?}", got.keys().collect::<Vec<_>>());
     }
@@ -220,8 +193,7 @@ fn pack_build_of_dot_packs_the_directory_and_never_its_own_output() -> Result<()
     let staged = store.stage(&src.join("pack.tar.zst"), ArchiveFormat::TarZst, None, &Limits::default())?;
     store.apply(staged, &atlas_runner::pack::Preserve::none())?;
     let mut want = expected(FILES);
-    want.insert("world/level.dat".into(), b"level".to_vec());
-    want.insert("notes.txt".into(), b"mine".to_vec());
+    want.extend(user_files());
     ensure!(files_under(&data)? == want);
     Ok(())
 }

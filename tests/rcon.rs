@@ -199,7 +199,7 @@ async fn rcon_reconnects_after_the_server_restarts() -> Result<()> {
 
 #[tokio::test]
 async fn connect_error_when_nothing_listens() -> Result<()> {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+    let (addr, _held) = common::refusing_address()?;
     match RconClient::connect(addr, PASSWORD, RCON_TIMEOUT).await {
         Err(err @ RconError::Connect { .. }) => {
             assert_eq!(err.category(), "connect");

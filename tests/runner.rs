@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use common::{Fixture, Runner, cli, http_get, wait_for};
+use common::{Fixture, Runner, cli, http_get, sha256_hex, wait_for};
 
 fn stdout(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -391,11 +391,6 @@ fn fake_server_pack(dir: &std::path::Path, version: &str, extra: PackFiles<'_>) 
     let out = dir.join(format!("{version}.tar.zst"));
     build(&src, &out, &BuildOptions::new(PackVersion::new(version)?))?;
     Ok(std::fs::read(out)?)
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(bytes))
 }
 
 /// Writes the fixture's spec running the fake server as a custom jar shipped by the pack at `url`.

@@ -1,44 +1,25 @@
 //! How backups name their S3 bucket, against SeaweedFS: path style unless `pathStyle: false`, the
-//! bucket before the host (`BUCKET.localhost`) when virtual-hosted style is asked for, with and
-//! without a key prefix; and a backup the store does not list back is never reported created.
+//! bucket before the host (`BUCKET.localhost`) when virtual-hosted style is asked for or the endpoint
+//! is the bucket's own address, with and without a key prefix; and a backup the store does not list back is never reported created.
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail, ensure};
 use atlas_runner::api::{BackupStore, S3Store};
-use atlas_runner::backup::store::{S3Credentials, Store};
+use atlas_runner::backup::store::Store;
 use atlas_runner::backup::{self, BackupError, CreateOptions};
-use atlas_testbed::{S3Endpoint, TestBucket, TestS3, create_bucket, start_s3_with_domain, unique};
+use atlas_testbed::{TestBucket, TestS3, create_bucket, start_s3_with_domain, unique};
+use common::{DataDir, s3_credentials};
 
 /// A data dir with a small world, removed on drop.
-struct DataDir(PathBuf);
-
-impl DataDir {
-    fn new() -> Result<Self> {
-        let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join(unique("s3-addressing"));
-        std::fs::create_dir_all(path.join("world/region"))?;
-        std::fs::write(path.join("server.properties"), "level-name=world\n")?;
-        std::fs::write(path.join("world/level.dat"), "level")?;
-        std::fs::write(path.join("world/region/r.0.0.mca"), vec![7u8; 10_000])?;
-        Ok(Self(path))
-    }
-}
-
-impl Drop for DataDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn credentials(s3: &S3Endpoint) -> S3Credentials {
-    S3Credentials {
-        access_key_id: s3.access_key.clone(),
-        secret_access_key: s3.secret_key.clone(),
-        session_token: None,
-    }
+fn small_world() -> Result<DataDir> {
+    let data = DataDir::new("s3-addressing", "world")?;
+    std::fs::create_dir_all(data.0.join("world/region"))?;
+    std::fs::write(data.0.join("world/level.dat"), "level")?;
+    std::fs::write(data.0.join("world/region/r.0.0.mca"), vec![7u8; 10_000])?;
+    Ok(data)
 }
 
 fn spec(bucket: &TestBucket, endpoint: &str, prefix: &str, path_style: Option<bool>) -> BackupStore {
@@ -79,16 +60,19 @@ async fn a_backup_lands_in_the_named_bucket_under_the_prefix_whatever_the_addres
         ("pathStyle omitted, host by name", by_name(&ip), None),
         ("pathStyle: true", ip.clone(), Some(true)),
         ("pathStyle: false", by_name(&ip), Some(false)),
+        // The bucket's own virtual-hosted address, as object_store's convention writes it.
+        ("pathStyle omitted, the bucket's address", by_name(&ip).replace("localhost", "BUCKET.localhost"), None),
     ];
     for (how, endpoint, path_style) in cases {
         for prefix in ["", "survival/"] {
             let what = format!("{how}, prefix {prefix:?}");
             let bucket = s3.bucket("addressing").await?;
-            let data = DataDir::new()?;
+            let endpoint = endpoint.replace("BUCKET", &bucket.name);
+            let data = small_world()?;
             let store = Store::open(
                 Some(&spec(&bucket, &endpoint, prefix, path_style)),
                 &data.0,
-                Some(credentials(&bucket.s3)),
+                Some(s3_credentials(&bucket.s3)),
             )?;
             let created = backup::create(&store, &CreateOptions::new(&data.0)).await.with_context(|| what.clone())?;
             let listed = backup::list(&store).await.with_context(|| what.clone())?;
@@ -114,7 +98,7 @@ async fn a_backup_lands_in_the_named_bucket_under_the_prefix_whatever_the_addres
 fn backup_create_and_list_with_path_style_omitted_from_the_command_line() -> Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let bucket = runtime.block_on(async { TestS3::shared().await?.bucket("addressing-cli").await })?;
-    let data = DataDir::new()?;
+    let data = small_world()?;
     let creds = data.0.join("s3.env");
     std::fs::write(
         &creds,
@@ -168,11 +152,11 @@ async fn a_backup_the_store_files_elsewhere_is_refused_and_removed() -> Result<(
     create_bucket(&endpoint, &name).await?;
     let bucket = TestBucket { s3: endpoint.clone(), name, region: "us-east-1".to_owned() };
     for prefix in ["survival/", ""] {
-        let data = DataDir::new()?;
+        let data = small_world()?;
         let store = Store::open(
             Some(&spec(&bucket, &by_name(&endpoint.endpoint), prefix, Some(false))),
             &data.0,
-            Some(credentials(&endpoint)),
+            Some(s3_credentials(&endpoint)),
         )?;
         match backup::create(&store, &CreateOptions::new(&data.0)).await {
             Ok(m) => bail!("prefix {prefix:?}: reported created: {}", m.name),

@@ -1,6 +1,8 @@
 //! Server software resolution against loopback stand-ins for Mojang's, PaperMC's and Fabric's APIs
 //! (serving the real document shapes), and Java selection among Java homes the tests make.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -14,9 +16,10 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
+use common::sha256_hex;
 use serde_json::{Value, json};
 use sha1::Sha1;
-use sha2::{Digest, Sha256};
+use sha2::Digest;
 
 const FABRIC_LOADER: &str = "0.17.2";
 const FABRIC_INSTALLER: &str = "1.1.0";
@@ -37,10 +40,6 @@ struct StandIn {
 
 fn sha1_hex(bytes: &[u8]) -> String {
     hex::encode(Sha1::digest(bytes))
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
 }
 
 fn fake_jar(name: &str) -> Vec<u8> {
@@ -190,9 +189,8 @@ async fn serve(State(api): State<Arc<Api>>, headers: HeaderMap, uri: Uri) -> Res
 /// Base URLs where nothing listens, and the socket that holds their port: bound but never listening, so
 /// every connection is refused and no other socket can take the port while the test runs.
 fn unreachable_urls() -> Result<(BaseUrls, tokio::net::TcpSocket)> {
-    let socket = tokio::net::TcpSocket::new_v4()?;
-    socket.bind("127.0.0.1:0".parse()?)?;
-    let base = format!("http://{}", socket.local_addr()?);
+    let (address, socket) = common::refusing_address()?;
+    let base = format!("http://{address}");
     let urls = BaseUrls {
         mojang_manifest: format!("{base}/mojang/version_manifest_v2.json"),
         paper_api: format!("{base}/paper"),

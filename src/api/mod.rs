@@ -446,7 +446,11 @@ pub struct S3Store {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     #[schemars(length(max = 512))]
     pub prefix: String,
-    /// The endpoint URL for S3-compatible services (MinIO, SeaweedFS, R2). Omitted: AWS.
+    /// The endpoint URL for S3-compatible services (MinIO, SeaweedFS, R2). Omitted: AWS. A host that
+    /// starts with the bucket's name and a dot (`https://BUCKET.s3.example.com`) is taken as the
+    /// bucket's own address unless `pathStyle` is true: so a bucket named like the first label of
+    /// the service's host (bucket `s3` on `s3.example.com`) needs `pathStyle: true`, or its whole
+    /// address (`https://s3.s3.example.com`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 2048), regex(pattern = r"^https?://[^\s]+$"))]
     pub endpoint: Option<String>,
@@ -457,7 +461,8 @@ pub struct S3Store {
     /// How requests name the bucket: `true`, in the path (`ENDPOINT/BUCKET/KEY`); `false`, in the
     /// host name (`BUCKET.HOST/KEY`, virtual-hosted style: the service and DNS must answer that
     /// name). Omitted: in the path when `endpoint` is set, as MinIO, SeaweedFS, Ceph RGW and Garage
-    /// expect unless configured otherwise; in the host name for AWS.
+    /// expect unless configured otherwise, except for an endpoint whose host starts with `BUCKET.`
+    /// (the bucket's own address, used as it is); in the host name for AWS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path_style: Option<bool>,
     /// A Secret with `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY` (operator and agent).

@@ -100,6 +100,12 @@ pub enum BackupError {
         if *removed { "it was deleted again" } else { "deleting it failed too, so its objects may remain there" }
     )]
     NotListedBack { key: String, location: String, removed: bool },
+    #[error(
+        "the backup {name} was written, but listing it back at {location} failed, so whether `backup list` and \
+         retention see it is not known; it was kept, not deleted: once the store answers, `atlas-runner backup \
+         list` shows whether it is there"
+    )]
+    Unconfirmed { name: String, location: String, source: Box<StoreError> },
     #[error("read the manifest {key}")]
     ReadManifest { key: String, source: object_store::Error },
     #[error("parse the manifest {key}")]
@@ -152,6 +158,7 @@ impl BackupError {
             }
             Self::ParseManifest { .. } | Self::UnsafeManifest { .. } => "corrupt_manifest",
             Self::NotListedBack { .. } => "not_listed_back",
+            Self::Unconfirmed { .. } => "unconfirmed",
             Self::NotFound { .. } => "not_found",
             Self::SizeMismatch { .. }
             | Self::DigestMismatch { .. }
@@ -513,18 +520,30 @@ async fn create_from_mirror(
         .put(&mkey, PutPayload::from(body))
         .await
         .map_err(|source| BackupError::WriteManifest { key: mkey.to_string(), source })?;
-    if let Err(mut error) = listed_back(store, name, size).await {
-        // Whatever the store did with them, these objects are no backup anyone will find: remove them
-        // where they went (a `DELETE` of the key reaches the place its `PUT` did).
-        for key in [&mkey, &key] {
-            if let Err(e) = store.objects.delete(key).await {
-                tracing::warn!(key = %key, error = %e, "could not delete an object of a backup not listed back");
-                if let BackupError::NotListedBack { removed, .. } = &mut error {
-                    *removed = false;
+    match listed_back(store, name, size).await {
+        Ok(true) => {}
+        Ok(false) => {
+            // Whatever the store did with them, these objects are no backup anyone will find: remove them
+            // where they went (a `DELETE` of the key reaches the place its `PUT` did).
+            let mut removed = true;
+            for key in [&mkey, &key] {
+                if let Err(e) = store.objects.delete(key).await {
+                    tracing::warn!(key = %key, error = %e, "could not delete an object of a backup not listed back");
+                    removed = false;
                 }
             }
+            return Err(BackupError::NotListedBack {
+                key: mkey.to_string(),
+                location: store.location.clone(),
+                removed,
+            });
         }
-        return Err(error);
+        // The listing failed (after the client's own retries): that says nothing about the backup, which is
+        // complete and most likely listed; deleting it could lose the only good one.
+        Err(source) => {
+            let (name, location, source) = (name.to_owned(), store.location.clone(), Box::new(source));
+            return Err(BackupError::Unconfirmed { name, location, source });
+        }
     }
     tracing::info!(
         backup = %manifest.name,
@@ -536,29 +555,23 @@ async fn create_from_mirror(
     Ok(manifest)
 }
 
-/// Finds the manifest just written as [`list`] finds backups, by listing `manifests/`, in one request (the
-/// listing starts at the backup's name). A read of the key itself would not do: a store that files a
-/// misaddressed write under another bucket (an S3 service that does not read the bucket from the host name
-/// takes the first path segment for it) answers a read of the same key from the same wrong place, while the
-/// listing `backup list` and retention make finds nothing.
-async fn listed_back(store: &Store, name: &str, size: u64) -> Result<(), BackupError> {
+/// Finds the manifest just written as [`list`] finds backups, by listing `manifests/` from the backup's name
+/// on (on S3, one request: only later backups follow it). A read of the key itself would not do: a store
+/// that files a misaddressed write under another bucket (an S3 service that does not read the bucket from
+/// the host name takes the first path segment for it) answers a read of the same key from the same wrong
+/// place, while the listing `backup list` and retention make finds nothing.
+async fn listed_back(store: &Store, name: &str, size: u64) -> Result<bool, StoreError> {
     let key = manifest_key(name);
     let offset = ObjectPath::from(format!("{MANIFEST_DIR}/{name}"));
     let mut listing = store.objects.list_with_offset(Some(&ObjectPath::from(MANIFEST_DIR)), &offset);
-    let not_listed =
-        || BackupError::NotListedBack { key: key.to_string(), location: store.location.clone(), removed: true };
-    // Sorted by key: past the manifest's key, it is not there.
-    while let Some(meta) =
-        listing.try_next().await.map_err(|source| BackupError::ListBackups { source: store::classify(source) })?
-    {
+    // Every key to the end: listings are not sorted everywhere (a local directory lists in the order the
+    // filesystem keeps it), so a later backup's manifest listed first says nothing about this one.
+    while let Some(meta) = listing.try_next().await.map_err(store::classify)? {
         if meta.location == key {
-            return if meta.size == size { Ok(()) } else { Err(not_listed()) };
-        }
-        if meta.location.as_ref() > key.as_ref() {
-            break;
+            return Ok(meta.size == size);
         }
     }
-    Err(not_listed())
+    Ok(false)
 }
 
 /// The complete backups in the store, newest first.
@@ -845,7 +858,27 @@ enum SwapStep {
 /// the live one followed by an atomic exchange (`renameat2(RENAME_EXCHANGE)`), so a kill at any point leaves
 /// the live path whole, old or new, never missing. Any failure undoes every step taken.
 fn swap_in(manifest: &Manifest, data_dir: &Path, tree: &Path, stamp: &str) -> Result<Vec<PathBuf>, BackupError> {
-    swap_in_steps(manifest, data_dir, tree, stamp, &mut || {})
+    swap_in_steps(manifest, data_dir, tree, &unused_stamp(manifest, data_dir, stamp), &mut || {})
+}
+
+/// `stamp`, or `stamp-2`, `stamp-3`... the first that names no kept path yet. The stamp is to the second, and
+/// a restore killed part-way leaves what it kept under its stamp: a second restore within that second must
+/// not rename over it (a kept file would be replaced, a kept world would make the swap fail).
+fn unused_stamp(manifest: &Manifest, data_dir: &Path, stamp: &str) -> String {
+    let taken = |candidate: &str| {
+        let extras = data_dir.join(".atlas").join(format!("before-restore-{candidate}"));
+        std::fs::symlink_metadata(extras).is_ok()
+            || manifest.worlds.iter().any(|world| {
+                std::fs::symlink_metadata(data_dir.join(format!("{world}.before-restore-{candidate}"))).is_ok()
+            })
+    };
+    let mut candidate = stamp.to_owned();
+    let mut n = 1;
+    while taken(&candidate) {
+        n += 1;
+        candidate = format!("{stamp}-{n}");
+    }
+    candidate
 }
 
 /// [`swap_in`] calling `step` before each rename or exchange, so a test can stop it at each one as a kill would.
@@ -1193,11 +1226,33 @@ mod tests {
     }
 
     #[test]
+    fn a_second_restore_within_the_same_second_keeps_what_the_first_kept() {
+        let (_tmp, data, tree) = fixture();
+        // A restore killed part-way within this second kept the live world and an included file under "T".
+        write(&data.join("world.before-restore-T/level.dat"), "kept by the first");
+        write(&data.join(".atlas/before-restore-T/config/a.toml"), "kept a by the first");
+        let previous = swap_in(&manifest(), &data, &tree, "T").unwrap();
+        assert_eq!(previous, [data.join("world.before-restore-T-2"), data.join(".atlas/before-restore-T-2")]);
+        assert_eq!(read(&data.join("world.before-restore-T/level.dat")), "kept by the first");
+        assert_eq!(read(&data.join(".atlas/before-restore-T/config/a.toml")), "kept a by the first");
+        assert_eq!(read(&data.join("world.before-restore-T-2/level.dat")), "live");
+        assert_eq!(read(&data.join(".atlas/before-restore-T-2/config/a.toml")), "live a");
+        assert_eq!(read(&data.join("world/level.dat")), "restored");
+        // Only the included file's kept copy under "T" (no world): still another stamp.
+        let (_tmp, data, tree) = fixture();
+        write(&data.join(".atlas/before-restore-T/config/a.toml"), "kept a by the first");
+        swap_in(&manifest(), &data, &tree, "T").unwrap();
+        assert_eq!(read(&data.join(".atlas/before-restore-T/config/a.toml")), "kept a by the first");
+        assert_eq!(read(&data.join(".atlas/before-restore-T-2/config/a.toml")), "live a");
+    }
+
+    #[test]
     fn a_failed_swap_puts_everything_back() {
         let (_tmp, data, tree) = fixture();
         // The included file's aside directory cannot be made: the swap fails after the worlds were swapped.
+        // (Given its stamp, as swap_in would pick another one past a path in the way.)
         write(&data.join(".atlas/before-restore-T/config"), "in the way");
-        let err = swap_in(&manifest(), &data, &tree, "T").unwrap_err();
+        let err = swap_in_steps(&manifest(), &data, &tree, "T", &mut || {}).unwrap_err();
         assert!(matches!(err, BackupError::SwapWorld { .. }), "{err:?}");
         assert_eq!(read(&data.join("world/level.dat")), "live");
         assert_eq!(read(&data.join("world/live-only.dat")), "live");

@@ -216,9 +216,8 @@ impl Store {
                     },
                 };
                 install_crypto_provider();
-                // Custom endpoints (MinIO, SeaweedFS, Ceph RGW, Garage) answer path-style requests
-                // unless configured otherwise; AWS itself prefers virtual-hosted ones.
-                let path_style = s3.path_style.unwrap_or(s3.endpoint.is_some());
+                let path_style =
+                    s3.path_style.unwrap_or_else(|| default_path_style(s3.endpoint.as_deref(), &s3.bucket));
                 let mut builder = AmazonS3Builder::new()
                     .with_bucket_name(&s3.bucket)
                     .with_region(&s3.region)
@@ -330,6 +329,17 @@ fn retry_policy() -> RetryConfig {
         max_retries: 5,
         retry_timeout: Duration::from_secs(60),
     }
+}
+
+/// Whether requests name the bucket in the path when the spec does not say. Custom endpoints (MinIO,
+/// SeaweedFS, Ceph RGW, Garage) answer path-style requests unless configured otherwise, except an endpoint
+/// whose host already starts with `BUCKET.`: that is the bucket's own virtual-hosted address (object_store's
+/// convention, and what such a spec meant before path style became the default), used as it is. AWS itself
+/// prefers virtual-hosted requests.
+fn default_path_style(endpoint: Option<&str>, bucket: &str) -> bool {
+    let Some(endpoint) = endpoint else { return false };
+    let host = reqwest::Url::parse(endpoint).ok().and_then(|url| url.host_str().map(str::to_ascii_lowercase));
+    !host.is_some_and(|host| host.starts_with(&format!("{bucket}.")))
 }
 
 /// The URL requests for `bucket` go to, before the key: the endpoint itself for path style (the
@@ -446,6 +456,41 @@ mod tests {
             assert!(matches!(bucket_endpoint(ip, "bars", false), Err(StoreError::VirtualHostedNeedsName { .. })));
         }
         assert!(matches!(at("s3.example.com", true), Err(StoreError::ParseEndpoint { .. })));
+    }
+
+    #[test]
+    fn an_endpoint_naming_the_bucket_in_its_host_is_virtual_hosted_unless_path_style_is_asked() {
+        let location = |endpoint: &str, bucket: &str, path_style: Option<bool>| {
+            let spec = BackupStore {
+                s3: Some(crate::api::S3Store {
+                    bucket: bucket.to_owned(),
+                    prefix: "survival/".to_owned(),
+                    endpoint: Some(endpoint.to_owned()),
+                    region: "us-east-1".to_owned(),
+                    path_style,
+                    credentials_secret_ref: None,
+                    credentials_file: None,
+                }),
+                local: None,
+            };
+            let keys = S3Credentials { access_key_id: "a".into(), secret_access_key: "s".into(), session_token: None };
+            Store::open(Some(&spec), Path::new("/nonexistent"), Some(keys)).unwrap().location
+        };
+        // pathStyle omitted: the bucket's own address is used as it is, not with the bucket again in the path.
+        assert_eq!(location("https://bars.s3.example.com", "bars", None), "https://bars.s3.example.com/survival");
+        assert_eq!(location("https://BARS.s3.example.com", "bars", None), "https://bars.s3.example.com/survival");
+        // Any other custom endpoint: the bucket in the path.
+        assert_eq!(location("https://s3.example.com", "bars", None), "https://s3.example.com/bars/survival");
+        assert_eq!(location("http://127.0.0.1:8333", "bars", None), "http://127.0.0.1:8333/bars/survival");
+        assert_eq!(location("https://barsx.example.com", "bars", None), "https://barsx.example.com/bars/survival");
+        // Asked for, each style is kept.
+        let asked = location("https://bars.s3.example.com", "bars", Some(true));
+        assert_eq!(asked, "https://bars.s3.example.com/bars/survival");
+        assert_eq!(location("https://s3.example.com", "bars", Some(false)), "https://bars.s3.example.com/survival");
+        // A bucket named like the service host's first label: its whole address says which is meant.
+        assert_eq!(location("https://s3.s3.example.com", "s3", Some(false)), "https://s3.s3.example.com/survival");
+        assert_eq!(location("https://s3.example.com", "s3", Some(true)), "https://s3.example.com/s3/survival");
+        assert!(!default_path_style(None, "bars"), "AWS: virtual-hosted");
     }
 
     #[test]

@@ -43,6 +43,7 @@ pub(crate) struct LogsArgs {
 // the other client commands; a word that looks like an option and belongs to the Minecraft command
 // goes after `--` (`console --data ./data -- say --json`), as clap's own error for it shows.
 #[derive(Debug, Args)]
+#[command(after_help = CONSOLE_HELP)]
 pub(crate) struct ConsoleArgs {
     #[command(flatten)]
     client: ClientArgs,
@@ -54,6 +55,11 @@ pub(crate) struct ConsoleArgs {
     #[arg(last = true, value_name = "WORDS")]
     literal: Vec<String>,
 }
+
+/// How the console's words are split between the runner and the server, for `console --help`.
+const CONSOLE_HELP: &str = "The options above are the runner's wherever they stand, between the command's words \
+too: `console say hello --json world` sends `say hello world` and prints JSON, and `console say -h` prints this \
+help. Words of the command that look like options go after `--`: `console -- say -h --json`.";
 
 impl ConsoleArgs {
     /// The console command as the server gets it.
@@ -206,6 +212,21 @@ mod tests {
         anyhow::ensure!(args.line() == "say --json --data x" && !args.client.json, "{args:?}");
         anyhow::ensure!(args.client.data == std::path::Path::new("d"));
         anyhow::ensure!(parse(&["say", "hi", "--", "-x"])?.line() == "say hi -x");
+        Ok(())
+    }
+
+    #[test]
+    fn the_help_says_options_between_the_words_are_the_runners() -> anyhow::Result<()> {
+        // What the help says, the parser does.
+        let args = parse(&["say", "hello", "--json", "world"])?;
+        anyhow::ensure!(args.line() == "say hello world" && args.client.json, "{args:?}");
+        anyhow::ensure!(parse(&["--", "say", "-h", "--json"])?.line() == "say -h --json");
+        let help = parse(&["say", "-h"]).err().context("-h sent to the server")?;
+        anyhow::ensure!(help.kind() == clap::error::ErrorKind::DisplayHelp, "{help}");
+        let help = help.to_string();
+        for said in ["`console say hello --json world` sends `say hello world`", "`console -- say -h --json`"] {
+            anyhow::ensure!(help.contains(said), "the help does not say {said:?}:\n{help}");
+        }
         Ok(())
     }
 

@@ -1,7 +1,7 @@
 //! `atlas-runner pack`: build, apply, inspect and roll back packs.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -94,6 +94,7 @@ pub(crate) async fn run(command: PackCommand, log_format: LogFormat) -> anyhow::
         }
         PackCommand::Apply(args) => return pack_apply(args, log_format).await,
         PackCommand::Status(args) => {
+            existing_data_dir(&args.data, "to show")?;
             let mut out = std::io::stdout().lock();
             let lock = pack::lock(&pack::lock_path(&args.data))?;
             let (store, recovery) = PackStore::open(&args.data, &lock)?;
@@ -144,6 +145,7 @@ pub(crate) async fn run(command: PackCommand, log_format: LogFormat) -> anyhow::
             }
         }
         PackCommand::Rollback(args) => {
+            existing_data_dir(&args.data, "to roll back")?;
             let mut out = std::io::stdout().lock();
             let lock = pack::lock(&pack::lock_path(&args.data))?;
             let (mut store, _) = PackStore::open(&args.data, &lock)?;
@@ -165,6 +167,18 @@ pub(crate) async fn run(command: PackCommand, log_format: LogFormat) -> anyhow::
                 )?;
             }
         }
+    }
+    Ok(())
+}
+
+/// Refuses a data dir that does not exist: a command that reads what is there would make an empty one (its
+/// lock file) and report on that.
+fn existing_data_dir(data: &Path, what: &str) -> anyhow::Result<()> {
+    if !data.is_dir() {
+        bail!(
+            "the data dir {} does not exist, so there is no pack {what}; give the server's data directory with --data",
+            data.display()
+        );
     }
     Ok(())
 }

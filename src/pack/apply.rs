@@ -62,7 +62,11 @@ pub enum ApplyError {
         reason: String,
     },
     /// Rollback asked with no previous version.
-    #[error("there is no previous pack version to roll back to")]
+    #[error(
+        "there is no previous pack version to roll back to (the store keeps the version an update replaced, and no \
+         update has replaced one here); to change versions, pin the one you want in spec.pack.version and run \
+         `atlas-runner pack apply`"
+    )]
     NoPrevious,
     /// A filesystem operation failed before the swap began: nothing was changed.
     #[error(transparent)]

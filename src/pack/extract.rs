@@ -56,8 +56,10 @@ impl ArchiveFormat {
 /// before a byte is written), the largest file and total below, and the volume's free space. The
 /// expansion ratio only judges archives without a manifest, and only a stream almost wholly of one
 /// repeated byte, the stuff of bombs, exceeds it: the emptiest real content (a void world's region
-/// files with uncompressed chunks, about 650:1 at zstd's default level and 1300:1 at its highest)
-/// stays well under.
+/// files with uncompressed chunks) stays well under. The limit depends on the compression, since
+/// their ceilings differ by thirty times: the void world is about 650:1 at zstd's default level
+/// (1300:1 at its highest) against 30000:1 for zeros, and about 170:1 as deflate (gzip, zip)
+/// against deflate's ceiling of about 1030:1, which zeros reach.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
     /// Largest single file, in bytes.
@@ -67,14 +69,22 @@ pub struct Limits {
     /// Most entries (files and directories).
     pub max_entries: u64,
     /// Largest accepted ratio of expanded bytes to compressed bytes the decoder consumed so far,
-    /// for an archive whose manifest did not declare its files...
-    pub max_ratio: u64,
+    /// for a zstd archive (`.tar.zst`) whose manifest did not declare its files...
+    pub max_ratio_zstd: u64,
+    /// ...for a deflate archive (`.tar.gz`, `.zip`; deflate never passes about 1030:1, so a limit
+    /// at zstd's would never trigger)...
+    pub max_ratio_deflate: u64,
     /// ...checked only once this many bytes have been expanded, so small, very compressible
     /// packs (a few config files) are not mistaken for bombs.
     pub ratio_floor: u64,
-    /// Free bytes the destination's volume keeps: a file that would leave less is refused before it is
-    /// written. The running server's world shares the volume, and must still be able to save.
+    /// Free bytes the destination's volume keeps, at most: a file that would leave less is refused
+    /// before it is written. The running server's world shares the volume, and must still be able to
+    /// save...
     pub min_free_bytes: u64,
+    /// ...but on a small volume only this share of its size, in percent (the smaller of the two
+    /// holds): a small volume holds a small world, whose saves need room in proportion, and a fixed
+    /// 256 MiB would refuse even a tiny pack on a 1 GiB volume a third full.
+    pub min_free_percent: u64,
 }
 
 impl Default for Limits {
@@ -83,9 +93,11 @@ impl Default for Limits {
             max_entry_size: 2 << 30,
             max_total_size: 32 << 30,
             max_entries: 500_000,
-            max_ratio: 5000,
+            max_ratio_zstd: 5000,
+            max_ratio_deflate: 400,
             ratio_floor: 64 << 20,
             min_free_bytes: 256 << 20,
+            min_free_percent: 5,
         }
     }
 }
@@ -245,7 +257,8 @@ pub enum ExtractError {
         /// The manifest's size.
         declared: u64,
     },
-    /// The volume would be left with less free space than [`Limits::min_free_bytes`].
+    /// The volume would be left with less free space than [`Limits::min_free_bytes`] (or, on a small
+    /// volume, [`Limits::min_free_percent`] of it).
     #[error(
         "archive entry {name:?} needs {needed} bytes, and the volume of {} has {free} free of which {reserve} stay for the running server; free some space on it",
         path.display()
@@ -257,7 +270,7 @@ pub enum ExtractError {
         needed: u64,
         /// Free bytes on the volume.
         free: u64,
-        /// [`Limits::min_free_bytes`].
+        /// What stays free on this volume.
         reserve: u64,
         /// The destination.
         path: PathBuf,
@@ -401,7 +414,11 @@ fn read_tar<R: BufRead>(
         // compressors write them), and the first alone would end at a header boundary unnoticed.
         TarCompression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(counting)),
     };
-    let mut writer = Writer::new(dest, limits, compressed, policy, disk)?;
+    let ratio = match compression {
+        TarCompression::Zstd => limits.max_ratio_zstd,
+        TarCompression::Gzip => limits.max_ratio_deflate,
+    };
+    let mut writer = Writer::new(dest, limits, compressed, ratio, policy, disk)?;
     let mut archive = tar::Archive::new(decoder);
     for entry in archive.entries().map_err(corrupt(None))? {
         let mut entry = entry.map_err(corrupt(writer.last_name()))?;
@@ -478,7 +495,8 @@ pub fn extract_zip_with<R: Read + Seek>(
     let mut archive = zip::ZipArchive::new(reader).map_err(zip_corrupt(None))?;
     let compressed = Rc::new(Cell::new(archive_len));
     with_disk(dest, |disk| {
-        let mut writer = Writer::new(dest, limits, compressed, policy, disk)?;
+        // Entries are deflated or stored (the only methods this build reads): deflate's limit holds.
+        let mut writer = Writer::new(dest, limits, compressed, limits.max_ratio_deflate, policy, disk)?;
         for index in 0..archive.len() {
             let mut file = archive.by_index(index).map_err(zip_corrupt(writer.last_name()))?;
             let name = file.name().to_owned();
@@ -586,6 +604,8 @@ struct Writer<'a> {
     limits: &'a Limits,
     policy: &'a mut dyn Policy,
     compressed: Rc<Cell<u64>>,
+    /// The expansion ratio limit of the archive's compression.
+    max_ratio: u64,
     total: u64,
     entries: u64,
     files: HashSet<RelativePath>,
@@ -604,14 +624,25 @@ const SPACE_CHECK_EVERY: u64 = 16 << 20;
 #[derive(Debug)]
 struct Space {
     dest: PathBuf,
+    /// [`Limits::min_free_bytes`] and [`Limits::min_free_percent`].
+    max_reserve: u64,
+    percent: u64,
+    /// What stays free: the smaller of the two bounds, for this volume's size.
     reserve: u64,
     free: u64,
     written_since: u64,
 }
 
 impl Space {
-    fn new(dest: &Path, reserve: u64) -> Result<Self, ExtractError> {
-        let mut space = Self { dest: dest.to_owned(), reserve, free: 0, written_since: 0 };
+    fn new(dest: &Path, limits: &Limits) -> Result<Self, ExtractError> {
+        let mut space = Self {
+            dest: dest.to_owned(),
+            max_reserve: limits.min_free_bytes,
+            percent: limits.min_free_percent,
+            reserve: limits.min_free_bytes,
+            free: 0,
+            written_since: 0,
+        };
         space.refresh()?;
         Ok(space)
     }
@@ -621,6 +652,8 @@ impl Space {
             .map_err(|e| ExtractError::Write { path: self.dest.clone(), source: io::Error::from(e) })?;
         // Blocks an unprivileged writer may use, as `df` shows them.
         self.free = stat.blocks_available().saturating_mul(stat.fragment_size());
+        let size = stat.blocks().saturating_mul(stat.fragment_size());
+        self.reserve = self.max_reserve.min(size / 100 * self.percent);
         self.written_since = 0;
         Ok(())
     }
@@ -651,6 +684,7 @@ impl<'a> Writer<'a> {
         dest: &'a Path,
         limits: &'a Limits,
         compressed: Rc<Cell<u64>>,
+        max_ratio: u64,
         policy: &'a mut dyn Policy,
         disk: &'a mut Disk,
     ) -> Result<Self, ExtractError> {
@@ -659,6 +693,7 @@ impl<'a> Writer<'a> {
             limits,
             policy,
             compressed,
+            max_ratio,
             total: 0,
             entries: 0,
             files: HashSet::new(),
@@ -666,7 +701,7 @@ impl<'a> Writer<'a> {
             out: Vec::new(),
             last: None,
             disk,
-            space: Space::new(dest, limits.min_free_bytes)?,
+            space: Space::new(dest, limits)?,
         })
     }
 
@@ -786,13 +821,13 @@ impl<'a> Writer<'a> {
             let compressed = self.compressed.get().max(1);
             if manifest_size.is_none()
                 && self.total > self.limits.ratio_floor
-                && self.total / compressed > self.limits.max_ratio
+                && self.total / compressed > self.max_ratio
             {
                 return Err(ExtractError::Bomb {
                     name: name.to_owned(),
                     expanded: self.total,
                     compressed,
-                    ratio: self.limits.max_ratio,
+                    ratio: self.max_ratio,
                 });
             }
             hasher.update(chunk);

@@ -14,6 +14,15 @@ use sha2::{Digest, Sha256};
 
 pub use atlas_testbed::free_port;
 
+/// A loopback address nothing listens on, and the socket that holds its port: bound but never listening,
+/// so every connection is refused at once and no other socket can take the port while the socket lives
+/// (a port from [`free_port`] is free only until someone else binds it).
+pub fn refusing_address() -> Result<(std::net::SocketAddr, tokio::net::TcpSocket)> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind((std::net::Ipv4Addr::LOCALHOST, 0).into())?;
+    Ok((socket.local_addr()?, socket))
+}
+
 /// Polls `check` every 50 ms until it returns `Some`, failing after `timeout` with `what`.
 pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Result<T> {
     let deadline = Instant::now() + timeout;
@@ -260,6 +269,8 @@ impl Drop for Fixture {
 /// `atlas-runner run` as a child process, JSON logs captured, killed on drop.
 pub struct Runner {
     child: Child,
+    /// Holds the port of the stand-in manifest URL that refuses every connection.
+    _refusing: Option<tokio::net::TcpSocket>,
     logs: Arc<Mutex<Vec<serde_json::Value>>>,
     /// The admin address.
     pub metrics_addr: String,
@@ -288,6 +299,14 @@ impl Runner {
     /// [`Runner::start`] with extra environment variables.
     pub fn start_with_env(fixture: &Fixture, extra: &[&str], env: &[(&str, &str)]) -> Result<Self> {
         let metrics_addr = format!("127.0.0.1:{}", free_port()?);
+        // No Mojang lookups leave the machine: unless a test passes its own stand-in, the version manifest
+        // URL points at a loopback port that refuses connections.
+        let (manifest_url, refusing) = if extra.contains(&"--mojang-manifest-url") {
+            (None, None)
+        } else {
+            let (address, socket) = refusing_address()?;
+            (Some(format!("http://{address}/manifest.json")), Some(socket))
+        };
         let mut child = Command::new(binary())
             .args(["--log-format", "json", "run", "--spec"])
             .arg(&fixture.spec)
@@ -296,13 +315,7 @@ impl Runner {
             .args(["--metrics-addr", &metrics_addr, "--poll-ms", "200", "--spec-poll-ms", "200"])
             .args(if extra.contains(&"--stop-timeout") { &[][..] } else { &["--stop-timeout", "5"][..] })
             .args(["--restart-delay-ms", "200"])
-            // No Mojang lookups leave the machine: unless a test passes its own stand-in, the version
-            // manifest URL points at a closed loopback port.
-            .args(if extra.contains(&"--mojang-manifest-url") {
-                Vec::new()
-            } else {
-                vec!["--mojang-manifest-url".to_owned(), format!("http://127.0.0.1:{}/manifest.json", free_port()?)]
-            })
+            .args(manifest_url.iter().flat_map(|url| ["--mojang-manifest-url", url.as_str()]))
             .args(extra)
             .env("RUST_LOG", "info")
             .envs(env.iter().copied())
@@ -322,7 +335,7 @@ impl Runner {
                 }
             });
         }
-        Ok(Self { child, logs, metrics_addr, data: fixture.data.clone() })
+        Ok(Self { child, _refusing: refusing, logs, metrics_addr, data: fixture.data.clone() })
     }
 
     /// Every log line so far.
@@ -528,5 +541,171 @@ pub fn s3_spec(bucket: &atlas_testbed::TestBucket, prefix: &str) -> atlas_runner
             credentials_file: None,
         }),
         local: None,
+    }
+}
+
+// ---- Files, digests and one-line errors ----
+
+/// SHA-256 of `bytes`, lowercase hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// A shell command line run in `dir` by bash, failing on any failing part of a pipe (archives are made the
+/// way a person types them).
+pub fn sh(dir: &Path, line: &str) -> Result<()> {
+    run_tool(Command::new("bash").args(["-o", "pipefail", "-ec"]).arg(line).current_dir(dir))
+}
+
+/// The files under `root`, `.atlas` left out: path -> bytes.
+pub fn files_under(root: &Path) -> Result<std::collections::BTreeMap<String, Vec<u8>>> {
+    Ok(tree(root)?
+        .into_iter()
+        .filter(|(path, _)| path != ".atlas" && !path.starts_with(".atlas/"))
+        .filter_map(|(path, content)| content.map(|c| (path, c)))
+        .collect())
+}
+
+/// [`files_under`] by content digest, for trees too big to keep two of.
+pub fn file_digests(root: &Path) -> Result<std::collections::BTreeMap<String, String>> {
+    Ok(files_under(root)?.into_iter().map(|(path, content)| (path, sha256_hex(&content))).collect())
+}
+
+/// The files of a data dir from [`data_dir`] that no pack owns: a world and a file of the user's.
+pub fn user_files() -> std::collections::BTreeMap<String, Vec<u8>> {
+    [("world/level.dat", &b"level"[..]), ("notes.txt", b"mine")]
+        .into_iter()
+        .map(|(path, content)| (path.to_owned(), content.to_vec()))
+        .collect()
+}
+
+/// A data dir `root/name` holding [`user_files`].
+pub fn data_dir(root: &Path, name: &str) -> Result<PathBuf> {
+    let data = root.join(name);
+    for (path, content) in user_files() {
+        let target = data.join(path);
+        std::fs::create_dir_all(target.parent().context("a parent")?)?;
+        std::fs::write(target, content)?;
+    }
+    Ok(data)
+}
+
+/// The one `atlas-runner: ...` line a failed command printed on stderr; `what` names the command.
+pub fn error_line(out: &Output, what: &str) -> Result<String> {
+    ensure!(!out.status.success(), "{what} succeeded:\n{}", String::from_utf8_lossy(&out.stdout));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("atlas-runner: ")).collect();
+    ensure!(lines.len() == 1, "{what}: expected one error line, got:\n{stderr}");
+    Ok(lines[0].to_owned())
+}
+
+// ---- Backups: a data dir and S3 keys ----
+
+/// A data directory under the target dir with `level-name=LEVEL` in its `server.properties`; removed on drop.
+pub struct DataDir(pub PathBuf);
+
+impl DataDir {
+    /// A fresh one, named after `prefix`.
+    pub fn new(prefix: &str, level: &str) -> Result<Self> {
+        let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join(unique(prefix));
+        std::fs::create_dir_all(&path)?;
+        std::fs::write(path.join("server.properties"), format!("level-name={level}\n"))?;
+        Ok(Self(path))
+    }
+}
+
+impl Drop for DataDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The key pair of an S3 endpoint of the test bed.
+pub fn s3_credentials(s3: &atlas_testbed::S3Endpoint) -> atlas_runner::backup::store::S3Credentials {
+    atlas_runner::backup::store::S3Credentials {
+        access_key_id: s3.access_key.clone(),
+        secret_access_key: s3.secret_key.clone(),
+        session_token: None,
+    }
+}
+
+// ---- kill -9 at many points of a command ----
+
+/// Spawns `command` with its stderr read on a thread of its own: the receiver gets the instant of each line
+/// holding `needle` (a log line the command prints just before the step a test kills it in).
+pub fn spawn_watching(
+    command: &mut Command,
+    needle: &'static str,
+) -> Result<(Child, std::sync::mpsc::Receiver<Instant>)> {
+    let mut child = command.stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?;
+    let stderr = child.stderr.take().context("stderr")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains(needle) {
+                let _ = tx.send(Instant::now());
+            }
+        }
+    });
+    Ok((child, rx))
+}
+
+/// Where a kill -9 test kills its command: `runs` kills, the even ones spread over a whole run (`full`, so
+/// start-up and everything before the step are hit too), the odd ones over the step itself (`step`, from the
+/// line [`spawn_watching`] watches for); then, should none have landed inside the step (a loaded machine's
+/// timing), up to `runs` more aimed at it.
+#[derive(Debug, Clone, Copy)]
+pub struct KillSchedule {
+    /// Kills in the first round, and at most as many aimed ones after it.
+    pub runs: usize,
+    /// How long an undisturbed run took.
+    pub full: Duration,
+    /// How long its step took, from the line before it to the end of the run.
+    pub step: Duration,
+}
+
+impl KillSchedule {
+    /// Measures one undisturbed run of `child`, started at `started`: its whole length and its step's. Returns
+    /// how it exited, for the caller to check.
+    pub fn measure(
+        runs: usize,
+        started: Instant,
+        child: &mut Child,
+        step_begins: &std::sync::mpsc::Receiver<Instant>,
+    ) -> Result<(Self, ExitStatus)> {
+        let status = child.wait()?;
+        let ended = Instant::now();
+        let began = step_begins.recv_timeout(Duration::from_secs(5)).context("the step's line never came")?;
+        Ok((Self { runs, full: ended - started, step: ended - began }, status))
+    }
+
+    /// Runs the schedule: `start(n)` spawns run `n` (with [`spawn_watching`]), which is killed as scheduled;
+    /// `check(n, status)` checks what the kill left and says whether it landed inside the step. Returns how
+    /// many runs there were.
+    pub fn run(
+        &self,
+        mut start: impl FnMut(usize) -> Result<(Child, std::sync::mpsc::Receiver<Instant>)>,
+        mut check: impl FnMut(usize, ExitStatus) -> Result<bool>,
+    ) -> Result<usize> {
+        let mut inside = false;
+        let mut runs = 0;
+        for n in 1..=self.runs * 2 {
+            let aimed = n > self.runs;
+            if aimed && inside {
+                break;
+            }
+            let (mut child, step_begins) = start(n)?;
+            if n % 2 == 0 && !aimed {
+                std::thread::sleep(self.full.mul_f64(n as f64 / self.runs as f64));
+            } else if let Ok(at) = step_begins.recv_timeout(Duration::from_secs(30)) {
+                let offset = self.step.mul_f64(1.2 * (n % self.runs) as f64 / self.runs as f64);
+                std::thread::sleep(offset.saturating_sub(at.elapsed()));
+            }
+            let _ = child.kill(); // SIGKILL
+            let status = child.wait()?;
+            inside |= check(n, status)?;
+            runs += 1;
+        }
+        Ok(runs)
     }
 }
