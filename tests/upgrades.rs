@@ -136,7 +136,8 @@ fn a_fresh_start_with_the_download_api_down_runs_the_cached_jar_and_says_degrade
     drop(runner);
 
     // Mojang's API unreachable now (a closed port): the cached jar starts, and the status says so.
-    let closed = format!("http://127.0.0.1:{}/manifest.json", common::free_port()?);
+    let (address, _refusing) = common::refusing_address()?;
+    let closed = format!("http://{address}/manifest.json");
     let mut runner = Runner::start(&fixture, &["--mojang-manifest-url", &closed])?;
     let offline = runner.wait_running()?;
     assert_eq!(offline["serverVersion"], "1.21.4");

@@ -269,6 +269,8 @@ pub struct Agent {
     pub metrics_addr: String,
     /// The data dir.
     pub data: PathBuf,
+    /// Holds the refusing port the manifest URL names.
+    _refusing: Option<tokio::net::TcpSocket>,
 }
 
 impl Agent {
@@ -291,6 +293,14 @@ impl Agent {
             None => Command::new(common::binary()),
         };
         let has = |flag: &str| extra.contains(&flag);
+        // No lookup leaves the machine: unless the test passes its own stand-in, the manifest URL is a
+        // loopback port that refuses connections (held for the agent's life).
+        let (manifest_url, refusing) = if has("--mojang-manifest-url") {
+            (None, None)
+        } else {
+            let (address, socket) = common::refusing_address()?;
+            (Some(format!("http://{address}/manifest.json")), Some(socket))
+        };
         command
             .args(["--log-format", "json", "agent", "--name", &bed.name, "--namespace", &bed.ns, "--data"])
             .arg(&fixture.data)
@@ -299,15 +309,7 @@ impl Agent {
             .args(["--metrics-addr", &metrics_addr, "--poll-ms", "200", "--restart-delay-ms", "200"])
             .args(if has("--stop-timeout") { &[][..] } else { &["--stop-timeout", "5"][..] })
             .args(if has("--update-settle") { &[][..] } else { &["--update-settle", "2"][..] })
-            .args(if has("--mojang-manifest-url") {
-                Vec::new()
-            } else {
-                // No lookup leaves the machine: a closed loopback port.
-                vec![
-                    "--mojang-manifest-url".to_owned(),
-                    format!("http://127.0.0.1:{}/manifest.json", common::free_port()?),
-                ]
-            })
+            .args(manifest_url.iter().flat_map(|url| ["--mojang-manifest-url", url.as_str()]))
             .args(extra)
             .env("KUBECONFIG", &bed.kubeconfig)
             .env("RUST_LOG", "info")
@@ -340,7 +342,7 @@ impl Agent {
                 }
             });
         }
-        Ok(Self { child, logs, output, metrics_addr, data: fixture.data.clone() })
+        Ok(Self { child, logs, output, metrics_addr, data: fixture.data.clone(), _refusing: refusing })
     }
 
     /// Log lines (JSON) whose message contains `text`.
