@@ -2,6 +2,7 @@
 //!
 //! The binary (`src/main.rs`) is a thin CLI over these modules.
 
+pub mod agent;
 pub mod api;
 pub mod backup;
 pub mod http;

@@ -299,6 +299,23 @@ pub struct ClusterProcesses {
     pub server: String,
     /// The certificates: more clients (a node's components) are signed here.
     pub pki: pki::Pki,
+    apiserver_args: Vec<String>,
+}
+
+impl ClusterProcesses {
+    /// Kills kube-apiserver at once, as an outage would; etcd (the cluster's data) keeps running for
+    /// [`ClusterProcesses::restart_apiserver`].
+    pub fn kill_apiserver(&mut self) {
+        self.processes.kill("kube-apiserver");
+    }
+
+    /// Starts kube-apiserver again on the same address, port, certificates and etcd, and waits until
+    /// it is ready.
+    pub fn restart_apiserver(&mut self) -> Result<()> {
+        let apiserver = bin("kube-apiserver")?;
+        self.processes.spawn("kube-apiserver", &apiserver, self.apiserver_args.clone())?;
+        wait_apiserver_ready(&mut self.processes, &self.kubeconfig)
+    }
 }
 
 /// How [`start_cluster_with`] starts the API server.
@@ -402,12 +419,17 @@ pub fn start_cluster_with(options: &ApiOptions, mut processes: Processes) -> Res
     } else {
         args.extend(["--authorization-mode=RBAC".to_owned(), "--disable-admission-plugins=ServiceAccount".to_owned()]);
     }
-    processes.spawn("kube-apiserver", &apiserver_bin, args)?;
+    processes.spawn("kube-apiserver", &apiserver_bin, args.clone())?;
 
     let server = format!("https://{}:{api_port}", options.address);
     let kubeconfig = dir.join("kubeconfig");
     std::fs::write(&kubeconfig, pki.kubeconfig(&server, "admin"))?;
+    wait_apiserver_ready(&mut processes, &kubeconfig)?;
+    Ok(ClusterProcesses { processes, kubeconfig, server, pki, apiserver_args: args })
+}
 
+fn wait_apiserver_ready(processes: &mut Processes, kubeconfig: &Path) -> Result<()> {
+    let dir = processes.dir().to_path_buf();
     let kubectl = bin("kubectl")?;
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
@@ -419,14 +441,13 @@ pub fn start_cluster_with(options: &ApiOptions, mut processes: Processes) -> Res
             .output()
             .is_ok_and(|out| out.status.success() && out.stdout.starts_with(b"ok"));
         if ready {
-            break;
+            return Ok(());
         }
         if Instant::now() > deadline {
             bail!("kube-apiserver was not ready after 90 s; see {}", dir.join("kube-apiserver.log").display());
         }
         std::thread::sleep(Duration::from_millis(250));
     }
-    Ok(ClusterProcesses { processes, kubeconfig, server, pki })
 }
 
 // ---------------------------------------------------------------------------------------------------

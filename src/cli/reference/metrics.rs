@@ -3,7 +3,7 @@
 
 use std::fmt::Write;
 
-use atlas_runner::metrics::{BackupMetrics, PackMetrics, RunnerMetrics};
+use atlas_runner::metrics::{AgentMetrics, BackupMetrics, PackMetrics, RunnerMetrics};
 use atlas_runner::operator::metrics::OperatorMetrics;
 use prometheus::Registry;
 use prometheus::core::Collector;
@@ -36,6 +36,11 @@ fn components() -> prometheus::Result<Vec<Component>> {
             exported: "On the runner's `/metrics` (its scheduled and on-demand backups), and written by \
                        `backup create --metrics-textfile FILE`.",
             metrics: Box::new(BackupMetrics::register(&Registry::new())?),
+        },
+        Component {
+            title: "The in-pod agent",
+            exported: "On the agent's `/metrics` (`atlas-runner agent`), beside the runner's.",
+            metrics: Box::new(AgentMetrics::register(&Registry::new())?),
         },
         Component {
             title: "Operator",
