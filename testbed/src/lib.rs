@@ -561,6 +561,10 @@ pub fn start_s3_on(ip: Ipv4Addr, domain: Option<&str>) -> Result<S3Processes> {
         format!("-s3.config={}", dir.join("s3.json").display()),
         "-admin.ui=false".to_owned(),
         "-webdav=false".to_owned(),
+        // Every bucket is a collection with a volume of its own, and left at 0 the volume count is
+        // free disk space / 128 MB: on a nearly full disk a dozen buckets in, writes fail with
+        // InternalError. Volumes are sparse files that grow as written, so a fixed count costs nothing.
+        "-volume.max=500".to_owned(),
         format!("-s3.port={s3_port}"),
         format!("-filer.port={filer_port}"),
     ];
