@@ -195,3 +195,96 @@ fn a_minecraft_version_whose_server_fails_is_undone_from_a_local_backup_and_held
     })?;
     Ok(())
 }
+
+#[test]
+fn a_fresh_start_keeps_latest_on_the_version_the_world_ran_on() -> Result<()> {
+    let fixture = Fixture::new("latest-pinned")?;
+    std::fs::remove_file(fixture.data.join("fake-server.jar"))?;
+    let jars = fixture.root.join("jars");
+    let old = agent_bed::fake_server_jar_with(&jars, "old", "version=1.21.4\n")?;
+    let new = agent_bed::fake_server_jar_with(&jars, "new", "version=1.21.5\n")?;
+    let versions = [("1.21.4", old.as_path()), ("1.21.5", new.as_path())];
+    let before = agent_bed::mojang_stand_in_latest(&versions, Some("1.21.4"))?;
+    write_spec(&fixture, "{type: vanilla, version: latest}", "")?;
+    let mut runner = Runner::start(&fixture, &["--mojang-manifest-url", &before])?;
+    assert_eq!(runner.wait_running()?["serverVersion"], "1.21.4");
+    drop(runner);
+
+    // Mojang publishes 1.21.5; the next start (a replaced pod, a restarted host) keeps the world on
+    // 1.21.4: `latest` moving on is no reason to upgrade a world with no backup and no undo.
+    let after = agent_bed::mojang_stand_in_latest(&versions, Some("1.21.5"))?;
+    let mut runner = Runner::start(&fixture, &["--mojang-manifest-url", &after])?;
+    let again = runner.wait_running()?;
+    assert_eq!(again["serverVersion"], "1.21.4", "{again}");
+    assert!(again.get("lastUpdate").is_none_or(serde_json::Value::is_null), "{again}");
+    Ok(())
+}
+
+#[test]
+fn a_version_changed_while_no_runner_ran_is_an_update_that_is_undone_from_its_backup() -> Result<()> {
+    let fixture = Fixture::new("version-while-down")?;
+    std::fs::remove_file(fixture.data.join("fake-server.jar"))?;
+    let jars = fixture.root.join("jars");
+    let good = agent_bed::fake_server_jar_with(&jars, "good", "version=1.21.4\n")?;
+    let bad = agent_bed::fake_server_jar_with(&jars, "bad", "version=1.21.5\ncrash-after-world=true\n")?;
+    let manifest = agent_bed::mojang_stand_in(&[("1.21.4", &good), ("1.21.5", &bad)])?;
+    let backup = "  backup: {beforeUpdate: true}\n";
+    write_spec(&fixture, "{type: vanilla, version: \"1.21.4\"}", backup)?;
+    let mut runner = Runner::start(&fixture, &["--mojang-manifest-url", &manifest])?;
+    runner.wait_running()?;
+    let kept = fixture.data.join("world/data/raids.dat");
+    std::fs::create_dir_all(kept.parent().context("a parent")?)?;
+    std::fs::write(&kept, b"raids as they were")?;
+    drop(runner);
+
+    // The version changes while no runner runs (a pod being replaced); the next start backs the
+    // world up, runs 1.21.5, and undoes it when its server fails after touching the world.
+    write_spec(&fixture, "{type: vanilla, version: \"1.21.5\"}", backup)?;
+    let mut runner = Runner::start(&fixture, &["--mojang-manifest-url", &manifest])?;
+    let back = runner.wait_status("the version change undone", Duration::from_secs(90), |s| {
+        s["lastUpdate"]["kind"] == "server" && s["lastUpdate"]["result"] == "RolledBack" && s["phase"] == "Running"
+    })?;
+    assert_eq!(back["serverVersion"], "1.21.4");
+    let message = back["lastUpdate"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("restored from backup"), "{message}");
+    assert_eq!(std::fs::read(&kept)?, b"raids as they were");
+    Ok(())
+}
+
+#[test]
+fn a_version_change_without_before_update_is_refused_and_says_why() -> Result<()> {
+    let fixture = Fixture::new("version-refused")?;
+    std::fs::remove_file(fixture.data.join("fake-server.jar"))?;
+    let jars = fixture.root.join("jars");
+    let old = agent_bed::fake_server_jar_with(&jars, "old", "version=1.21.4\n")?;
+    let new = agent_bed::fake_server_jar_with(&jars, "new", "version=1.21.5\n")?;
+    let manifest = agent_bed::mojang_stand_in(&[("1.21.4", &old), ("1.21.5", &new)])?;
+    write_spec(&fixture, "{type: vanilla, version: \"1.21.4\"}", "")?;
+    let mut runner = Runner::start(&fixture, &["--mojang-manifest-url", &manifest])?;
+    let first = runner.wait_running()?;
+    let pid = first["pid"].clone();
+
+    // While the server runs: refused, the server keeps running (same process), Degraded says why.
+    write_spec(&fixture, "{type: vanilla, version: \"1.21.5\"}", "")?;
+    let refused = runner.wait_status("the change refused", Duration::from_secs(30), |s| {
+        s["degraded"]["SpecRejected"].as_str().is_some()
+    })?;
+    assert_eq!(refused["serverVersion"], "1.21.4");
+    assert_eq!(refused["pid"], pid, "the server was restarted for a refused change");
+    let why = refused["degraded"]["SpecRejected"].as_str().unwrap_or_default();
+    assert!(why.contains("beforeUpdate") && why.contains("1.21.5"), "{why}");
+    drop(runner);
+
+    // At a fresh start too: the version the world ran on starts.
+    let mut runner = Runner::start(&fixture, &["--mojang-manifest-url", &manifest])?;
+    let again = runner.wait_running()?;
+    assert_eq!(again["serverVersion"], "1.21.4", "{again}");
+    assert!(again["degraded"]["SpecRejected"].as_str().is_some(), "{again}");
+
+    // Back to the version that runs: nothing is refused any more.
+    write_spec(&fixture, "{type: vanilla, version: \"1.21.4\"}", "")?;
+    runner.wait_status("the refusal over", Duration::from_secs(30), |s| {
+        s["degraded"].get("SpecRejected").is_none() && s["phase"] == "Running"
+    })?;
+    Ok(())
+}

@@ -44,7 +44,7 @@ fn desired(object: &MinecraftServer, secrets: &SecretFiles) -> Result<Desired, S
     let mut spec = object.spec.clone();
     secrets.dereference(&mut spec);
     validate(&spec)?;
-    Ok(Desired { spec, generation: object.metadata.generation })
+    Ok(Desired { spec, generation: object.metadata.generation, notes: std::collections::BTreeMap::new() })
 }
 
 /// Whether `object` is being deleted.

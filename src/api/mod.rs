@@ -746,6 +746,13 @@ pub mod conditions {
         pub const STORE_UNREACHABLE: &str = "StoreUnreachable";
         /// Degraded: world saving was left off after a backup (`save-on` failed).
         pub const SAVING_LEFT_OFF: &str = "SavingLeftOff";
+        /// Degraded: the agent refused the spec (or part of it) and runs the one before; the message
+        /// says what to change. `observedGeneration` moves on all the same: the refusal is final
+        /// until the spec changes.
+        pub const SPEC_REJECTED: &str = "SpecRejected";
+        /// Degraded: the spec names a Secret this pod does not mount (the operator replaces the pod
+        /// under `spec.upgrade`, see `UpgradePending`); the Secret the pod mounts is used until then.
+        pub const SECRET_NOT_MOUNTED: &str = "SecretNotMounted";
     }
 
     /// Event reasons: the transitions the agent records as Kubernetes Events (events.k8s.io/v1) on
@@ -773,6 +780,10 @@ pub mod conditions {
         pub const BACKUP_FAILED: &str = "BackupFailed";
         /// A world was restored from a backup.
         pub const RESTORE_COMPLETED: &str = "RestoreCompleted";
+        /// The agent refused a spec (a Warning); the Degraded condition says the same.
+        pub const SPEC_REJECTED: &str = "SpecRejected";
+        /// The spec names a Secret the pod does not mount yet (a Warning).
+        pub const SECRET_NOT_MOUNTED: &str = "SecretNotMounted";
     }
 }
 

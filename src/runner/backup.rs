@@ -144,8 +144,19 @@ impl Backups {
     /// Takes a backup now: through RCON while the server runs, offline while no server process runs, and
     /// refused while one is starting or stopping. Recorded in the metrics either way.
     pub async fn create_now(&self, shared: &Shared) -> Result<Manifest, BackupFailure> {
+        self.create(shared, false).await
+    }
+
+    /// Takes a backup now with no server process running, whatever the phase says: the reconciler's
+    /// backup before a Minecraft version change, taken once the old server has stopped (exact, as
+    /// nothing writes the world) and before the new one starts.
+    pub(super) async fn create_stopped(&self, shared: &Shared) -> Result<Manifest, BackupFailure> {
+        self.create(shared, true).await
+    }
+
+    async fn create(&self, shared: &Shared, stopped: bool) -> Result<Manifest, BackupFailure> {
         let started = Instant::now();
-        let result = self.create_inner(shared).await;
+        let result = self.create_inner(shared, stopped).await;
         self.metrics.observe(result.as_ref().map_err(|(category, _)| *category), started.elapsed());
         // Saving left off by a `save-on` that failed: the world is not being saved.
         let saving_off = self.metrics.saving_off.get() > 0;
@@ -187,7 +198,7 @@ impl Backups {
         }
     }
 
-    async fn create_inner(&self, shared: &Shared) -> Result<Manifest, (&'static str, String)> {
+    async fn create_inner(&self, shared: &Shared, stopped: bool) -> Result<Manifest, (&'static str, String)> {
         let Some(context) = self.context() else {
             return Err(("not_ready", "the runner has not loaded its spec yet; try again in a moment".to_owned()));
         };
@@ -203,8 +214,8 @@ impl Backups {
         let mut options = CreateOptions::from_spec(&context.data_dir, backup_spec);
         options.server_version = status.server_version.clone();
         options.pack_version = status.pack_version.clone();
-        let held = status.phase == phase_name(Phase::Stopped) || status.phase == phase_name(Phase::Failed);
-        if status.phase == phase_name(Phase::Running) {
+        let held = stopped || status.phase == phase_name(Phase::Stopped) || status.phase == phase_name(Phase::Failed);
+        if status.phase == phase_name(Phase::Running) && !stopped {
             options.rcon = shared.rcon();
             options.saving_off = Some(self.metrics.saving_off.clone());
         } else if status.pid.is_some() || !held {

@@ -6,6 +6,7 @@ mod checks;
 mod held;
 mod observe;
 mod prepare;
+mod ran;
 mod round;
 mod spec;
 mod state;

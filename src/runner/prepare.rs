@@ -273,6 +273,17 @@ impl PrepareError {
 /// Applies the spec's pack (the server is not running), then resolves, writes files and builds the
 /// command line for `spec`.
 pub async fn prepare(spec: &MinecraftServerSpec, options: &PrepareOptions) -> Result<Prepared, PrepareError> {
+    prepare_as(spec, options, None).await
+}
+
+/// [`prepare`], resolving `server` instead of `spec.server` when given (`latest` pinned to the
+/// version the world last ran on, or the server that ran when a version change is refused); the
+/// prepared spec is still `spec`.
+pub(super) async fn prepare_as(
+    spec: &MinecraftServerSpec,
+    options: &PrepareOptions,
+    server: Option<&crate::api::ServerSpec>,
+) -> Result<Prepared, PrepareError> {
     let (mut pack_problem, mut applied) = (None, None);
     let pack_version = match (&spec.pack, &options.pack) {
         (Some(pack), Some(context)) if context.was_rolled_back(pack) => {
@@ -314,7 +325,7 @@ pub async fn prepare(spec: &MinecraftServerSpec, options: &PrepareOptions) -> Re
         }
         (None, None) => None,
     };
-    let mut prepared = prepare_server(spec, options).await?;
+    let mut prepared = prepare_server_as(spec, options, None, server).await?;
     prepared.pack_version = pack_version;
     prepared.pack_problem = pack_problem;
     prepared.applied = applied;
@@ -579,6 +590,16 @@ async fn prepare_server_with(
     options: &PrepareOptions,
     known: Option<&server::ResolvedServer>,
 ) -> Result<Prepared, PrepareError> {
+    prepare_server_as(spec, options, known, None).await
+}
+
+/// [`prepare_server_with`], resolving `server` instead of `spec.server` when given.
+pub(super) async fn prepare_server_as(
+    spec: &MinecraftServerSpec,
+    options: &PrepareOptions,
+    known: Option<&server::ResolvedServer>,
+    server: Option<&crate::api::ServerSpec>,
+) -> Result<Prepared, PrepareError> {
     let data_dir = &options.data_dir;
     let atlas = super::atlas_dir(data_dir);
     std::fs::create_dir_all(&atlas).map_err(|source| ServerError::io(&atlas, source))?;
@@ -586,7 +607,7 @@ async fn prepare_server_with(
         Some(known) => known.clone(),
         None => {
             let resolver = Resolver::new(options.base_urls.clone(), super::atlas_dir(data_dir).join("cache/jars"))?;
-            resolver.resolve(&spec.server, data_dir).await?
+            resolver.resolve(server.unwrap_or(&spec.server), data_dir).await?
         }
     };
     server::write_eula(data_dir, spec.eula)?;

@@ -25,13 +25,19 @@ use super::events;
 use super::held::{self, HeldServer};
 use super::observe::{ProcessStats, poll_players, record_exit, report_outcome, report_prepared, unix_now};
 use super::prepare::{self, PackUpdate, PrepareError, Prepared, UPGRADE_SERVER, Upgrade};
+use super::ran::{self, RanServer};
 use super::world::{self, WorldPrint};
 use super::{ControlRequest, ReconcilerOptions, Shared, backup};
+use crate::api::conditions::reasons;
 use crate::api::{MinecraftServerSpec, Phase};
 use crate::supervisor::{Backoff, Exit, ExitReason, ServerProcess, SupervisorError, Verdict};
 
 /// How long after a transient failure (the network) a pack update is tried again.
 const PACK_RETRY: Duration = Duration::from_secs(30);
+
+/// How long after a failed backup a Minecraft version change is tried again: the backup is taken
+/// with the old server stopped, so each try costs the players a restart.
+const VERSION_RETRY: Duration = Duration::from_secs(300);
 
 /// When the server is started again: the crash backoff, and when a pack update that failed
 /// transiently (the network) is tried again. Kept across rounds: a failed update may have
@@ -66,6 +72,13 @@ pub(super) struct Reconciler {
     held_server: Option<HeldServer>,
     /// The generation of the spec taken last.
     taken_generation: Option<i64>,
+    /// The spec source's notes on the spec taken last (see [`super::Desired::notes`]).
+    notes: std::collections::BTreeMap<&'static str, String>,
+    /// The spec taken last, as its source gave it.
+    taken: Option<MinecraftServerSpec>,
+    /// The spec refused last and why: reported until another spec is taken (a lock, as `observe`
+    /// runs where the reconciler is shared with a running update).
+    refused: std::sync::Mutex<Option<(MinecraftServerSpec, String)>>,
 }
 
 /// One running server and what the round tracks about it.
@@ -152,7 +165,19 @@ impl Reconciler {
     ) -> Self {
         let pacing = Pacing { backoff: Backoff::new(options.restart), pack_retry: None };
         let held_server = held::load(&options.prepare.data_dir);
-        Self { specs, shared, requests, options, shutdown, pacing, held_server, taken_generation: None }
+        Self {
+            specs,
+            shared,
+            requests,
+            options,
+            shutdown,
+            pacing,
+            held_server,
+            taken_generation: None,
+            notes: std::collections::BTreeMap::new(),
+            taken: None,
+            refused: std::sync::Mutex::new(None),
+        }
     }
 
     /// Runs rounds until shutdown, then stops the server gracefully.
@@ -192,12 +217,27 @@ impl Reconciler {
         let spec = self.take_spec();
         self.shared.set_phase(Phase::Provisioning, None);
         self.observe();
+        // `latest` stays where the world last ran: a new runner (a replaced pod) must not upgrade the
+        // world because Mojang published a release meanwhile.
+        let ran = ran::load(&self.options.prepare.data_dir).filter(RanServer::known);
+        let pinned = ran.as_ref().and_then(|ran| ran.pin(&spec.server));
+        if let Some(pinned) = &pinned {
+            tracing::info!(
+                version = pinned.version,
+                "spec.server names latest; keeping the version the world last ran on"
+            );
+        }
         let prepared = tokio::select! {
             _ = self.shutdown.cancelled() => return Next::Exit,
-            prepared = prepare::prepare(&spec, &self.options.prepare) => prepared,
+            prepared = prepare::prepare_as(&spec, &self.options.prepare, pinned.as_ref()) => prepared,
         };
         match prepared {
-            Ok(prepared) => Next::Run(Box::new(prepared)),
+            Ok(prepared) => match ran {
+                Some(ran) if changes_version(&ran.minecraft_version, &prepared.minecraft_version) => {
+                    self.version_change_at_start(spec, prepared, ran).await
+                }
+                _ => Next::Run(Box::new(prepared)),
+            },
             Err(e) => {
                 tracing::error!(category = e.category(), "{e}");
                 if e.is_transient() {
@@ -207,6 +247,72 @@ impl Reconciler {
                     self.shared.set_phase(Phase::Failed, Some(e.to_string()));
                     Next::Hold
                 }
+            }
+        }
+    }
+
+    /// A fresh start whose spec resolves to another Minecraft version than the world last ran on
+    /// (the spec changed while no runner ran): an update like one made while the server runs. It
+    /// needs `spec.backup.beforeUpdate` (refused otherwise: the version the world ran on starts); the
+    /// backup is taken now, with no server running, and a new server that fails is undone.
+    async fn version_change_at_start(&mut self, spec: MinecraftServerSpec, mut next: Prepared, ran: RanServer) -> Next {
+        let (from, to) = (ran.minecraft_version.clone(), next.minecraft_version.clone());
+        let mut before = spec.clone();
+        before.server = ran.server.clone();
+        let previous = match prepare::prepare_server_as(&before, &self.options.prepare, None, None).await {
+            Ok(mut previous) => {
+                previous.pack_version.clone_from(&next.pack_version);
+                previous.pack_problem.clone_from(&next.pack_problem);
+                previous
+            }
+            Err(e) => {
+                // Nothing to go back to: the change is not started blind; a transient cause is retried.
+                let message = format!(
+                    "Minecraft {from}, which the world last ran on, cannot be readied to go back to if {to} fails: {e}"
+                );
+                tracing::error!(category = e.category(), "{message}");
+                return if e.is_transient() {
+                    self.shared.set_phase(Phase::Pending, Some(format!("{message}; retrying")));
+                    self.wait_then_start(Duration::from_secs(10)).await
+                } else {
+                    self.shared.set_phase(Phase::Failed, Some(message));
+                    Next::Hold
+                };
+            }
+        };
+        if !spec.backup.as_ref().is_some_and(|b| b.before_update) {
+            self.refuse(version_change_refused(&from, &to));
+            return Next::Run(Box::new(previous));
+        }
+        tracing::info!(
+            from,
+            to,
+            "the spec changed Minecraft's version while no runner ran; backing the world up first"
+        );
+        self.shared.set_phase(Phase::Updating, Some(format!("backing the world up before Minecraft {from} -> {to}")));
+        let backup = tokio::select! {
+            _ = self.shutdown.cancelled() => return Next::Exit,
+            backup = self.shared.backups.create_stopped(&self.shared) => backup,
+        };
+        match backup {
+            Ok(manifest) => {
+                tracing::info!(from, to, backup = manifest.name, "changing the Minecraft version");
+                next.upgrade = Some(Box::new(Upgrade {
+                    kind: UPGRADE_SERVER,
+                    from: Some(from),
+                    to,
+                    previous: Box::new(previous),
+                    backup: Some(manifest.name),
+                }));
+                Next::Run(Box::new(next))
+            }
+            Err(failure) => {
+                tracing::error!(
+                    category = failure.category,
+                    "the backup before the Minecraft version change failed: {failure}; starting {from} and trying again in {VERSION_RETRY:?}"
+                );
+                self.pacing.pack_retry = Some(tokio::time::Instant::now() + VERSION_RETRY);
+                Next::Run(Box::new(previous))
             }
         }
     }
@@ -308,9 +414,12 @@ impl Reconciler {
                 ),
                 false,
             );
-            // An update's server is watched for the settle period before the update counts as done.
+            // An update's server is watched for the settle period before the update counts as done;
+            // only then is it what the world runs on.
             if round.upgrade.is_some() {
                 round.upgrade_deadline = Some(tokio::time::Instant::now() + self.options.upgrade.settle);
+            } else {
+                self.record_ran(&round.prepared);
             }
         }
     }
@@ -390,7 +499,7 @@ impl Reconciler {
                 context.metrics.update_checks.with_label_values(&["failed"]).inc();
                 tracing::warn!("checking the pack's hub channel for a new version failed: {e}");
                 self.shared.set_degraded(
-                    crate::api::conditions::reasons::PACK_SOURCE_UNREACHABLE,
+                    reasons::PACK_SOURCE_UNREACHABLE,
                     Some(format!("checking the pack's hub channel failed: {e}")),
                 );
                 return;
@@ -399,7 +508,7 @@ impl Reconciler {
         };
         // The hub answered: whatever kept it from being reached is over.
         if round.prepared.pack_problem.is_none() {
-            self.shared.set_degraded(crate::api::conditions::reasons::PACK_SOURCE_UNREACHABLE, None);
+            self.shared.set_degraded(reasons::PACK_SOURCE_UNREACHABLE, None);
         }
         if version == round.prepared.pack_version {
             context.metrics.update_checks.with_label_values(&["current"]).inc();
@@ -408,7 +517,7 @@ impl Reconciler {
             if round.prepared.pack_problem.take().is_some() {
                 tracing::info!("the pack's hub channel answers and names the version the data dir holds");
                 self.shared.status.send_modify(|s| s.pack_problem = None);
-                self.shared.set_degraded(crate::api::conditions::reasons::PACK_SOURCE_UNREACHABLE, None);
+                self.shared.set_degraded(reasons::PACK_SOURCE_UNREACHABLE, None);
             }
             if self.shared.status.borrow().pack_update_available.is_some() {
                 checks::clear_update_report(&self.shared, &self.options);
@@ -481,40 +590,69 @@ impl Reconciler {
                 return Flow::Continue;
             }
         };
-        if next.minecraft_version != round.prepared.minecraft_version {
-            let (from, to) = (&round.prepared.minecraft_version, &next.minecraft_version);
-            let backup = if spec.backup.as_ref().is_some_and(|b| b.before_update) && round.is_ready {
-                tracing::info!(from, to, "backing the world up before the Minecraft version changes");
-                match self.shared.backups.create_now(&self.shared).await {
-                    Ok(manifest) => Some(manifest.name),
-                    Err(failure) => {
-                        tracing::error!(
-                            category = failure.category,
-                            "the backup before the Minecraft version change failed: {failure}; keeping the running server and trying again later"
-                        );
-                        self.pacing.pack_retry = Some(tokio::time::Instant::now() + PACK_RETRY);
+        if changes_version(&round.prepared.minecraft_version, &next.minecraft_version) {
+            let (from, to) = (round.prepared.minecraft_version.clone(), next.minecraft_version.clone());
+            if !spec.backup.as_ref().is_some_and(|b| b.before_update) {
+                // Refused: the rest of the spec runs on the Minecraft version that runs now.
+                let refusal = version_change_refused(&from, &to);
+                let mut pinned = spec.clone();
+                pinned.server = round.prepared.spec.server.clone();
+                if !round.prepared.needs_restart_for(&pinned) {
+                    self.refuse(refusal);
+                    return Flow::Continue;
+                }
+                next = match prepare::prepare_change(&round.prepared, &pinned, &self.options.prepare).await {
+                    Ok(next) => next,
+                    Err(e) => {
+                        tracing::error!(category = e.category(), "{e}; keeping the running server");
+                        self.refuse(refusal);
                         return Flow::Continue;
                     }
+                };
+                self.stop_for_restart(round).await;
+                self.refuse(refusal);
+                return Flow::Done(Next::Run(Box::new(next)));
+            }
+            // The backup is taken once the old server has stopped, so it holds the world exactly as
+            // the old version left it (the last minutes of play included).
+            self.stop_for_restart(round).await;
+            tracing::info!(from, to, "backing the world up before the Minecraft version changes");
+            self.shared
+                .set_phase(Phase::Updating, Some(format!("backing the world up before Minecraft {from} -> {to}")));
+            match self.shared.backups.create_stopped(&self.shared).await {
+                Ok(manifest) => {
+                    tracing::info!(from, to, backup = manifest.name, "changing the Minecraft version");
+                    next.upgrade = Some(Box::new(Upgrade {
+                        kind: UPGRADE_SERVER,
+                        from: Some(from),
+                        to,
+                        previous: prepare::fallback_of(&round.prepared),
+                        backup: Some(manifest.name),
+                    }));
+                    return Flow::Done(Next::Run(Box::new(next)));
                 }
-            } else {
-                None
-            };
-            tracing::info!(from, to, backup = backup.as_deref(), "changing the Minecraft version");
-            next.upgrade = Some(Box::new(Upgrade {
-                kind: UPGRADE_SERVER,
-                from: Some(from.clone()),
-                to: to.clone(),
-                previous: prepare::fallback_of(&round.prepared),
-                backup,
-            }));
+                Err(failure) => {
+                    tracing::error!(
+                        category = failure.category,
+                        "the backup before the Minecraft version change failed: {failure}; starting {from} again and trying again in {VERSION_RETRY:?}"
+                    );
+                    self.pacing.pack_retry = Some(tokio::time::Instant::now() + VERSION_RETRY);
+                    return Flow::Done(Next::Run(prepare::fallback_of(&round.prepared)));
+                }
+            }
         }
+        self.stop_for_restart(round).await;
+        Flow::Done(Next::Run(Box::new(next)))
+    }
+
+    /// Stops the running server for a restart the spec asks for.
+    async fn stop_for_restart(&mut self, round: &mut Round) {
         tracing::info!("spec changed; restarting the server once with the new files ready");
         self.shared.set_phase(Phase::Stopping, Some("restarting for a spec change".into()));
         self.observe();
         let exit = round.process.stop(Some(&round.prepared.rcon), self.options.stop).await;
         self.pacing.backoff.reset();
         record_exit(&self.shared, &exit, false);
-        Flow::Done(Next::Run(Box::new(next)))
     }
 
     /// A new pack (or the version a check found): fetched, staged and verified while the server runs,
@@ -732,6 +870,7 @@ impl Reconciler {
         round.upgrade_deadline = None;
         if round.is_ready {
             // Settled: the update is done.
+            self.record_ran(&round.prepared);
             let from = upgrade.from.as_deref().map_or_else(String::new, |f| format!(" from {f}"));
             let what = if upgrade.kind == UPGRADE_SERVER { "Minecraft" } else { "pack" };
             report_outcome(&self.shared, upgrade.kind, upgrade.from.clone(), &upgrade.to, "Applied", None);
@@ -864,12 +1003,44 @@ impl Reconciler {
             s.observed_generation = generation;
             changed
         });
+        // A refusal holds while the refused spec is the one taken (a crash restart takes it again).
+        let refused = self.refused.lock().ok().and_then(|mut refused| {
+            if refused.as_ref().is_some_and(|(spec, _)| Some(spec) != self.taken.as_ref()) {
+                *refused = None;
+            }
+            refused.as_ref().map(|(_, why)| why.clone())
+        });
+        let message = refused.or_else(|| self.notes.get(reasons::SPEC_REJECTED).cloned());
+        self.shared.set_degraded(reasons::SPEC_REJECTED, message);
+    }
+
+    /// The spec taken last is refused for good: observed all the same, Degraded says why until
+    /// another spec is taken, and a Warning Event tells it once.
+    fn refuse(&self, message: String) {
+        tracing::error!(category = "spec_rejected", "{message}");
+        let Some(taken) = self.taken.clone() else { return };
+        if let Ok(mut refused) = self.refused.lock() {
+            if refused.as_ref().is_none_or(|(spec, why)| *spec != taken || *why != message) {
+                self.shared.emit(events::SPEC_REJECTED, message.clone(), true);
+            }
+            *refused = Some((taken, message));
+        }
+        self.observe();
+    }
+
+    /// Records what `prepared` runs as what the world last ran on.
+    fn record_ran(&self, prepared: &Prepared) {
+        if let Some(ran) = RanServer::of(prepared) {
+            ran::save(&self.options.prepare.data_dir, &ran);
+        }
     }
 
     /// Takes the newest spec (see [`Reconciler::observe`] for when the status says so).
     fn take_spec(&mut self) -> MinecraftServerSpec {
         let desired = self.specs.borrow_and_update().clone();
         self.taken_generation = desired.generation;
+        self.take_notes(desired.notes);
+        self.taken = Some(desired.spec.clone());
         let mut spec = desired.spec;
         // A Minecraft version whose server failed runs the version before until the spec moves on.
         match &self.held_server {
@@ -892,6 +1063,18 @@ impl Reconciler {
         spec
     }
 
+    /// Reports the spec source's notes: `SecretNotMounted` at once, `SpecRejected` when the
+    /// generation is observed; a Warning Event for each new one.
+    fn take_notes(&mut self, notes: std::collections::BTreeMap<&'static str, String>) {
+        for (reason, message) in &notes {
+            if self.notes.get(reason) != Some(message) {
+                self.shared.emit(*reason, message.clone(), true);
+            }
+        }
+        self.shared.set_degraded(reasons::SECRET_NOT_MOUNTED, notes.get(reasons::SECRET_NOT_MOUNTED).cloned());
+        self.notes = notes;
+    }
+
     /// Waits `delay` (a spec change cuts it short), then starts again; or exits on shutdown.
     async fn wait_then_start(&mut self, delay: Duration) -> Next {
         tokio::select! {
@@ -900,6 +1083,19 @@ impl Reconciler {
             _ = self.specs.changed() => Next::Start,
         }
     }
+}
+
+/// Whether a server of Minecraft `to` replacing one of `from` is a version change (a custom jar
+/// resolved offline has no known version, and is not taken for one).
+fn changes_version(from: &str, to: &str) -> bool {
+    from != to && from != "unknown" && to != "unknown"
+}
+
+/// Why a Minecraft version change without `spec.backup.beforeUpdate` is refused.
+fn version_change_refused(from: &str, to: &str) -> String {
+    format!(
+        "spec.server changes Minecraft from {from} to {to} without spec.backup.beforeUpdate: a world a newer version has loaded cannot be taken back without a backup, so {from} keeps running; set spec.backup.beforeUpdate: true (with a reachable store) to change the version"
+    )
 }
 
 /// "stopped ... (how it ended)" for the Stopped Event.

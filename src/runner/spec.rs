@@ -104,12 +104,16 @@ pub struct Desired {
     pub spec: MinecraftServerSpec,
     /// `metadata.generation` of the resource it came from (the agent's); `None` for a spec file.
     pub generation: Option<i64>,
+    /// Where what runs differs from what the resource says, by Degraded reason (`SpecRejected`: the
+    /// generation was refused and `spec` is the one before; `SecretNotMounted`): the reconciler
+    /// reports each as a condition and a Warning Event.
+    pub notes: std::collections::BTreeMap<&'static str, String>,
 }
 
 impl Desired {
     /// A spec with no generation (a file's).
     pub fn from_file(spec: MinecraftServerSpec) -> Self {
-        Self { spec, generation: None }
+        Self { spec, generation: None, notes: std::collections::BTreeMap::new() }
     }
 }
 

@@ -576,6 +576,11 @@ pub fn fake_server_jar_with(dir: &Path, name: &str, defaults: &str) -> Result<Pa
 /// rewritten so each listed version's server jar is the given file (with its sha1). Versions besides
 /// 1.21.4 reuse 1.21.4's document with their id. Returns the manifest URL.
 pub fn mojang_stand_in(versions: &[(&str, &Path)]) -> Result<String> {
+    mojang_stand_in_latest(versions, None)
+}
+
+/// [`mojang_stand_in`] whose manifest names `latest` (when given) as the newest release.
+pub fn mojang_stand_in_latest(versions: &[(&str, &Path)], latest: Option<&str>) -> Result<String> {
     use sha1::{Digest, Sha1};
     let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/mojang");
     let jars: Vec<(String, Vec<u8>)> =
@@ -598,6 +603,9 @@ pub fn mojang_stand_in(versions: &[(&str, &Path)]) -> Result<String> {
             entry["sha1"] = hex::encode(Sha1::digest(&document)).into();
             files.insert(format!("/{version}.json"), document);
             files.insert(format!("/{version}/server.jar"), jar.clone());
+        }
+        if let Some(latest) = latest {
+            manifest["latest"]["release"] = latest.into();
         }
         files.insert("/manifest.json".to_owned(), serde_json::to_vec(&manifest)?);
         Ok(files)
