@@ -592,3 +592,105 @@ fn parent(pid: u32) -> Option<u32> {
 fn state(pid: u32) -> Option<char> {
     stat_fields(pid)?.first()?.chars().next()
 }
+
+#[tokio::test]
+async fn a_secret_the_pod_does_not_mount_keeps_the_mounted_one_in_use_and_says_why() -> Result<()> {
+    let (bed, fixture) = bed("agent-unmounted", "unmounted").await?;
+    let s3 = TestS3::shared().await?;
+    let bucket = s3.bucket("agent-unmounted").await?;
+    write_secret(&bed.secrets, "s3", "AWS_ACCESS_KEY_ID", &bucket.s3.access_key)?;
+    write_secret(&bed.secrets, "s3", "AWS_SECRET_ACCESS_KEY", &bucket.s3.secret_key)?;
+    let mut spec = fake_spec(&fixture);
+    let store = |secret: &str| {
+        json!({"s3": {"bucket": bucket.name, "prefix": "u/", "endpoint": bucket.s3.endpoint,
+                      "region": bucket.region, "pathStyle": true, "credentialsSecretRef": {"name": secret}}})
+    };
+    spec["backup"] = json!({"store": store("s3")});
+    bed.apply(&spec).await?;
+    let mut agent = Agent::start(&bed, &fixture, &[])?;
+    bed.wait(&mut agent, "phase Running", Duration::from_secs(60), |o| phase(o) == Some(Phase::Running)).await?;
+    let pid = server_pid(&agent)?;
+
+    // The admin moves the keys to a Secret this pod does not mount (the operator mounts it only in
+    // the next pod): backups go on with the mounted one, and the status says why.
+    spec["backup"]["store"] = store("s3-v2");
+    let applied = bed.apply(&spec).await?;
+    let told = bed
+        .wait(&mut agent, "Degraded SecretNotMounted", Duration::from_secs(30), |o| {
+            condition(o, conditions::DEGRADED).is_some_and(|c| c.reason == reasons::SECRET_NOT_MOUNTED)
+                && o.status.as_ref().and_then(|s| s.observed_generation) == applied.metadata.generation
+        })
+        .await?;
+    let degraded = condition(&told, conditions::DEGRADED).context("Degraded")?;
+    assert_eq!(degraded.status, "True");
+    assert!(degraded.message.contains("s3-v2") && degraded.message.contains("UpgradePending"), "{}", degraded.message);
+    let note = bed.wait_event(reasons::SECRET_NOT_MOUNTED, Duration::from_secs(20)).await?;
+    assert!(note.contains("s3-v2"), "{note}");
+    let out = std::process::Command::new(common::binary())
+        .args(["backup", "create", "--data"])
+        .arg(&fixture.data)
+        .output()?;
+    ensure!(out.status.success(), "backup create: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(server_pid(&agent)?, pid, "the server was restarted");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_spec_the_agent_refuses_is_degraded_told_by_an_event_and_observed() -> Result<()> {
+    let (bed, fixture) = bed("agent-refused", "refused").await?;
+    let mut spec = fake_spec(&fixture);
+    bed.apply(&spec).await?;
+    let mut agent = Agent::start(&bed, &fixture, &[])?;
+    bed.wait(&mut agent, "phase Running", Duration::from_secs(60), |o| phase(o) == Some(Phase::Running)).await?;
+    let pid = server_pid(&agent)?;
+
+    // The CRD's pattern accepts the interval; the agent's check does not (it overflows).
+    let mut bad = spec.clone();
+    bad["pack"] = json!({"source": {"hub": {"url": "http://127.0.0.1:9", "pack": "p"}},
+                         "update": {"interval": "99999999999999999999999s"}});
+    let applied = bed.apply(&bad).await?;
+    let refused = bed
+        .wait(&mut agent, "Degraded SpecRejected, observed", Duration::from_secs(30), |o| {
+            condition(o, conditions::DEGRADED).is_some_and(|c| c.reason == reasons::SPEC_REJECTED)
+                && o.status.as_ref().and_then(|s| s.observed_generation) == applied.metadata.generation
+        })
+        .await?;
+    let degraded = condition(&refused, conditions::DEGRADED).context("Degraded")?;
+    assert!(degraded.message.contains("spec.pack.update.interval"), "{}", degraded.message);
+    let note = bed.wait_event(reasons::SPEC_REJECTED, Duration::from_secs(20)).await?;
+    assert!(note.contains("interval"), "{note}");
+    assert_eq!(server_pid(&agent)?, pid, "the server was restarted for a refused spec");
+    // The spec as it was: nothing to refuse any more, and nothing to restart for.
+    let applied = bed.apply(&spec).await?;
+    bed.wait(&mut agent, "Degraded over", Duration::from_secs(30), |o| {
+        condition(o, conditions::DEGRADED).is_some_and(|c| c.status == "False")
+            && o.status.as_ref().and_then(|s| s.observed_generation) == applied.metadata.generation
+    })
+    .await?;
+
+    // The runner refuses this one: a version change with no backup to undo it.
+    spec["server"]["version"] = "1.21.5".into();
+    let applied = bed.apply(&spec).await?;
+    let refused = bed
+        .wait(&mut agent, "Degraded SpecRejected, observed", Duration::from_secs(30), |o| {
+            condition(o, conditions::DEGRADED).is_some_and(|c| c.reason == reasons::SPEC_REJECTED)
+                && o.status.as_ref().and_then(|s| s.observed_generation) == applied.metadata.generation
+        })
+        .await?;
+    let degraded = condition(&refused, conditions::DEGRADED).context("Degraded")?;
+    assert!(degraded.message.contains("beforeUpdate"), "{}", degraded.message);
+    // The recorder folds a second SpecRejected within minutes into the first one's series.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let events = bed.events().await?;
+        let told = events.iter().filter(|e| e.reason.as_deref() == Some(reasons::SPEC_REJECTED));
+        let count: i32 = told.map(|e| e.series.as_ref().map_or(1, |s| s.count)).sum();
+        if count >= 2 {
+            break;
+        }
+        ensure!(std::time::Instant::now() < deadline, "no second SpecRejected Event: {events:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(server_pid(&agent)?, pid, "the server was restarted for a refused spec");
+    Ok(())
+}

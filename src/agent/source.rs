@@ -3,8 +3,9 @@
 //! watch by resource name). The watcher resumes after a watch expires and re-lists after the API
 //! server comes back; a re-listed object whose spec did not change changes nothing, so the server
 //! never restarts because the API server blinked. Each new spec has its secret references pointed
-//! at their files and is checked before the reconciler sees it; a bad one is logged and the running
-//! server keeps running. The resource's deletion stops the agent.
+//! at their files and is checked before the reconciler sees it; a bad one is logged, reported
+//! (Degraded `SpecRejected`, a Warning Event, its generation observed) and the running server keeps
+//! running. The resource's deletion stops the agent.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::secrets::SecretFiles;
 use crate::api::MinecraftServer;
+use crate::api::conditions::reasons;
 use crate::runner::{Desired, validate};
 
 /// How often a watch that keeps failing is logged again.
@@ -39,12 +41,17 @@ impl Drop for ResourceSource {
     }
 }
 
-/// A spec from `object`: its secret references pointed at their files, then checked.
-fn desired(object: &MinecraftServer, secrets: &SecretFiles) -> Result<Desired, String> {
+/// A spec from `object`: its secret references pointed at their files (those the pod does not
+/// mount keep `previous`'s, with a note), then checked.
+fn desired(object: &MinecraftServer, secrets: &SecretFiles, previous: Option<&Desired>) -> Result<Desired, String> {
     let mut spec = object.spec.clone();
-    secrets.dereference(&mut spec);
+    let unmounted = secrets.dereference(&mut spec, previous.map(|p| &p.spec));
     validate(&spec)?;
-    Ok(Desired { spec, generation: object.metadata.generation, notes: std::collections::BTreeMap::new() })
+    let mut notes = std::collections::BTreeMap::new();
+    if !unmounted.is_empty() {
+        notes.insert(reasons::SECRET_NOT_MOUNTED, unmounted.join("; "));
+    }
+    Ok(Desired { spec, generation: object.metadata.generation, notes })
 }
 
 /// Whether `object` is being deleted.
@@ -105,7 +112,7 @@ impl ResourceSource {
                         tracing::warn!("the MinecraftServer is being deleted; not starting a server");
                         continue;
                     }
-                    match desired(&object, &secrets) {
+                    match desired(&object, &secrets, None) {
                         Ok(desired) => break (object, desired),
                         Err(message) => {
                             tracing::error!(category = "spec_invalid", "{message}; waiting for a valid spec")
@@ -179,7 +186,8 @@ async fn follow(
             deleted.cancel();
             return;
         }
-        match desired(&seen, &secrets) {
+        let previous = specs.borrow().clone();
+        match desired(&seen, &secrets, Some(&previous)) {
             Ok(new) => {
                 specs.send_if_modified(|current| {
                     let changed = *current != new;
@@ -190,11 +198,23 @@ async fn follow(
                     changed
                 });
             }
-            Err(message) => tracing::error!(
-                category = "spec_invalid",
-                generation = ?seen.metadata.generation,
-                "{message}; keeping the running server"
-            ),
+            Err(message) => {
+                tracing::error!(
+                    category = "spec_invalid",
+                    generation = ?seen.metadata.generation,
+                    "{message}; keeping the running server"
+                );
+                // Refused for good: the reconciler keeps the spec it runs, observes the generation
+                // and reports why (Degraded SpecRejected, a Warning Event).
+                let mut refused = previous;
+                refused.generation = seen.metadata.generation;
+                refused.notes.insert(reasons::SPEC_REJECTED, format!("{message}; the server runs the spec before"));
+                specs.send_if_modified(|current| {
+                    let changed = *current != refused;
+                    *current = refused;
+                    changed
+                });
+            }
         }
         object.send_replace(Arc::new(seen));
     }

@@ -206,7 +206,7 @@ impl Prepared {
             || old.pack != new.pack
             || old.jvm != new.jvm
             || old.properties != new.properties
-            || old.rcon != new.rcon
+            || !same_rcon(old.rcon.as_ref(), new.rcon.as_ref())
     }
 
     /// Whether running `new` needs a restart for anything besides its pack.
@@ -214,6 +214,17 @@ impl Prepared {
         let mut same_pack = new.clone();
         same_pack.pack.clone_from(&self.spec.pack);
         self.needs_restart_for(&same_pack)
+    }
+}
+
+/// Whether two RCON specs run the same: the port and the password file the runner reads. A new
+/// `passwordSecretRef` the pod does not mount yet keeps the same file (agent/secrets.rs), which is
+/// no reason to restart.
+fn same_rcon(a: Option<&crate::api::RconSpec>, b: Option<&crate::api::RconSpec>) -> bool {
+    let key = |r: Option<&crate::api::RconSpec>| r.map(|r| (r.port, r.password_file.clone()));
+    match (a, b) {
+        (Some(a), Some(b)) if a.password_file.is_none() && b.password_file.is_none() => a == b,
+        _ => key(a) == key(b),
     }
 }
 
