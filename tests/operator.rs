@@ -171,6 +171,10 @@ impl Operator {
     }
 
     fn start_with_image(installed: &Installed, image: &str, extra: &[&str]) -> Result<Self> {
+        Self::start_with(installed, &installed.kubeconfig, image, extra)
+    }
+
+    fn start_with(installed: &Installed, kubeconfig: &Path, image: &str, extra: &[&str]) -> Result<Self> {
         let metrics = format!("127.0.0.1:{}", free_port()?);
         let log = installed.dir.join(format!("operator-{}.log", unique("run")));
         let file = std::fs::File::create(&log)?;
@@ -179,7 +183,7 @@ impl Operator {
             .args(["--watch-namespace", &installed.ns.name, "--lease-namespace", &installed.ns.name])
             .args(["--metrics-addr", &metrics])
             .args(extra)
-            .env("KUBECONFIG", &installed.kubeconfig)
+            .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", std::env::var("ATLAS_TEST_OPERATOR_LOG").unwrap_or_else(|_| "info".to_owned()))
             .env_remove("POD_NAMESPACE")
             .env("TZ", "UTC")
@@ -850,6 +854,93 @@ async fn two_operators_elect_one_leader_and_the_other_takes_over() -> Result<()>
     assert!(third.logs().contains(&third_holder));
     assert_eq!(third.sample("atlas_operator_leader")?, 1.0);
     third.stop()?;
+    Ok(())
+}
+
+/// A loopback TCP proxy to `upstream` that forwards until frozen, then holds every connection open
+/// and silent: an API server (or the path to it) that stops answering without closing anything.
+struct FreezingProxy {
+    address: std::net::SocketAddr,
+    frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FreezingProxy {
+    fn start(upstream: std::net::SocketAddr) -> Result<Self> {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let address = listener.local_addr()?;
+        let frozen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = frozen.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().map_while(Result::ok) {
+                let Ok(server) = std::net::TcpStream::connect(upstream) else { continue };
+                for (mut from, mut to) in
+                    [(client.try_clone(), server.try_clone()), (server.try_clone(), client.try_clone())]
+                        .into_iter()
+                        .filter_map(|(a, b)| Some((a.ok()?, b.ok()?)))
+                {
+                    let flag = flag.clone();
+                    std::thread::spawn(move || {
+                        use std::io::Read;
+                        let mut buffer = [0u8; 16384];
+                        while let Ok(n) = from.read(&mut buffer) {
+                            if n == 0 || flag.load(Ordering::Acquire) {
+                                break;
+                            }
+                            if to.write_all(&buffer[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        // Frozen: keep both ends open and say nothing more.
+                        while flag.load(Ordering::Acquire) {
+                            std::thread::sleep(Duration::from_millis(200));
+                        }
+                    });
+                }
+            }
+        });
+        Ok(Self { address, frozen })
+    }
+
+    fn freeze(&self) {
+        self.frozen.store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
+#[tokio::test]
+async fn a_leader_whose_api_server_goes_silent_steps_down_before_its_lease_runs_out() -> Result<()> {
+    let installed = Installed::new("op-silent", &[]).await?;
+    let config = std::fs::read_to_string(&installed.kubeconfig)?;
+    let server = config
+        .split_whitespace()
+        .find_map(|word| word.trim_end_matches(',').strip_prefix("https://").map(str::to_owned))
+        .context("the kubeconfig's server")?;
+    let upstream: std::net::SocketAddr = server.parse().context("the server address")?;
+    let proxy = FreezingProxy::start(upstream)?;
+    let proxied = installed.dir.join("kubeconfig-proxied");
+    std::fs::write(&proxied, config.replace(&server, &proxy.address.to_string()))?;
+    let mut leader = Operator::start_with(&installed, &proxied, IMAGE, &[])?;
+    eventually("a leader", Duration::from_secs(30), || lease_holder(&installed)).await?;
+    ensure!(leader.child.try_wait()?.is_none(), "the operator exited:\n{}", leader.logs());
+
+    // Every connection goes silent: renewals get no answer. The leader must stop leading before a
+    // stand-by may take the Lease (15 s after the last renewal), so it exits within the renew
+    // deadline (10 s after the last renewal, which was at most 2 s before the freeze).
+    proxy.freeze();
+    let frozen_at = Instant::now();
+    let status = loop {
+        if let Some(status) = leader.child.try_wait()? {
+            break status;
+        }
+        ensure!(
+            frozen_at.elapsed() < Duration::from_secs(14),
+            "the leader still runs 14 s after its API server went silent:\n{}",
+            leader.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!status.success(), "a leader that lost its Lease exits non-zero");
+    assert!(leader.logs().contains("renew deadline"), "{}", leader.logs());
     Ok(())
 }
 

@@ -208,11 +208,17 @@ async fn write(api: &Api<MinecraftServer>, name: &str, status: &MinecraftServerS
     // Forced: the agent owns these fields (docs/design/pod-contract.md); another manager that set
     // one (an admin's kubectl) loses it rather than blocking every write.
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    api.patch_status(name, &params, &Patch::Apply(&body))
+    // kube's client has no read timeout by default: a write on a connection gone silent would stop
+    // the sink for ever. One that times out is retried like any failed write.
+    tokio::time::timeout(WRITE_TIMEOUT, api.patch_status(name, &params, &Patch::Apply(&body)))
         .await
+        .unwrap_or_else(|_| Err(kube::Error::Service("the API server did not answer in time".into())))
         .map(|_| ())
         .map_err(|source| AgentError::WriteStatus { name: name.to_owned(), source })
 }
+
+/// How long one status write may take.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Writes the status of `name` from `runner` until `finished`, then once more (the final status,
 /// tried for a few seconds). `written` is the status the resource had when the agent started (its

@@ -80,6 +80,8 @@ const SECRET_RETRY: Duration = Duration::from_secs(15);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 /// How often a pod waiting for `spec.upgrade` is looked at again (the window opens with time).
 const UPGRADE_RETRY: Duration = Duration::from_secs(60);
+/// How long one round may take: a handful of requests, each answered in well under a second.
+const ROUND_TIMEOUT: Duration = Duration::from_secs(60);
 
 struct Context {
     client: Client,
@@ -650,7 +652,13 @@ pub async fn run(options: Options, shutdown: CancellationToken) -> Result<(), St
                     if !ready {
                         return Ok(Action::await_change());
                     }
-                    reconcile(server, ctx).await
+                    // kube's client has no read timeout by default (it would also cut watches): a
+                    // round on a connection gone silent would hold one of the concurrency slots
+                    // for ever.
+                    let (namespace, name) = (server.namespace().unwrap_or_default(), server.name_any());
+                    tokio::time::timeout(ROUND_TIMEOUT, reconcile(server, ctx))
+                        .await
+                        .unwrap_or_else(|_| Err(Error::Timeout { namespace, name, seconds: ROUND_TIMEOUT.as_secs() }))
                 }
             },
             error_policy,

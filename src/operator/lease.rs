@@ -57,6 +57,16 @@ pub enum LeaseError {
         /// Who holds it now.
         holder: String,
     },
+    /// A renewal did not answer before the renew deadline (a connection gone silent).
+    #[error("renewing the leader Lease {namespace}/{name} got no answer within the {seconds} s renew deadline")]
+    RenewTimeout {
+        /// The Lease's namespace.
+        namespace: String,
+        /// The Lease's name.
+        name: String,
+        /// The renew deadline.
+        seconds: u64,
+    },
     /// The Lease could not be renewed in time.
     #[error("could not renew the leader Lease {namespace}/{name} for {seconds} s (last error: {source})")]
     RenewDeadline {
@@ -173,7 +183,9 @@ impl Elector {
     pub async fn acquire(&mut self, shutdown: &CancellationToken) -> bool {
         let mut logged: Option<String> = None;
         loop {
-            match self.try_take().await {
+            // A request on a connection gone silent must not keep a candidate from trying again.
+            let taken = tokio::time::timeout(self.settings.duration, self.try_take()).await;
+            match taken.unwrap_or_else(|_| Err(kube::Error::Service("the API server did not answer in time".into()))) {
                 Ok(None) => {
                     tracing::info!(lease = %self.settings.name, identity = %self.settings.identity, "became the leader");
                     return true;
@@ -193,7 +205,9 @@ impl Elector {
         }
     }
 
-    /// Renews the Lease until `shutdown` (then `Ok`) or until leadership is lost.
+    /// Renews the Lease until `shutdown` (then `Ok`) or until leadership is lost. A renewal that
+    /// gets no answer is given up at the renew deadline, not when the connection gives up: a
+    /// stand-by takes the Lease `duration` after the last renewal, and the two must never overlap.
     pub async fn hold(&mut self, shutdown: &CancellationToken) -> Result<(), LeaseError> {
         let mut renewed = Instant::now();
         loop {
@@ -201,7 +215,15 @@ impl Elector {
                 () = shutdown.cancelled() => return Ok(()),
                 () = tokio::time::sleep(self.settings.retry_every) => {}
             }
-            match self.try_take().await {
+            let left = self.settings.renew_deadline.saturating_sub(renewed.elapsed());
+            let Ok(taken) = tokio::time::timeout(left, self.try_take()).await else {
+                return Err(LeaseError::RenewTimeout {
+                    namespace: self.settings.namespace.clone(),
+                    name: self.settings.name.clone(),
+                    seconds: self.settings.renew_deadline.as_secs(),
+                });
+            };
+            match taken {
                 Ok(None) => renewed = Instant::now(),
                 Ok(Some(holder)) => {
                     return Err(LeaseError::TakenOver {
@@ -227,7 +249,7 @@ impl Elector {
 
     /// Gives the Lease up so another replica takes over at once instead of after `duration`.
     pub async fn release(&mut self) {
-        let result = async {
+        let release = async {
             let Some(mut lease) = self.api.get_opt(&self.settings.name).await? else { return Ok(()) };
             let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
             if spec.holder_identity.as_deref() != Some(self.settings.identity.as_str()) {
@@ -236,8 +258,11 @@ impl Elector {
             spec.holder_identity = None;
             spec.lease_duration_seconds = Some(1);
             self.api.replace(&self.settings.name, &PostParams::default(), &lease).await.map(|_| ())
-        }
-        .await;
+        };
+        // Leaving without a release only makes the next leader wait out `duration`.
+        let result = tokio::time::timeout(self.settings.renew_deadline, release)
+            .await
+            .unwrap_or_else(|_| Err(kube::Error::Service("the API server did not answer in time".into())));
         match result {
             Ok(()) => tracing::info!(lease = %self.settings.name, "released the leader Lease"),
             Err(e) => tracing::warn!(lease = %self.settings.name, error = %e, "releasing the leader Lease failed"),

@@ -80,6 +80,16 @@ pub enum Error {
         /// The API error.
         source: kube::Error,
     },
+    /// A round got no answer from the API server in time (a connection gone silent); retried.
+    #[error("reconciling MinecraftServer {namespace}/{name} got no answer from the API server within {seconds} s")]
+    Timeout {
+        /// Its namespace.
+        namespace: String,
+        /// Its name.
+        name: String,
+        /// The round's time limit.
+        seconds: u64,
+    },
 }
 
 impl Error {
@@ -93,6 +103,7 @@ impl Error {
             Self::Apply { .. } => "apply",
             Self::WriteStatus { .. } => "write_status",
             Self::ReplacePod { .. } => "replace_pod",
+            Self::Timeout { .. } => "timeout",
         }
     }
 
@@ -101,6 +112,7 @@ impl Error {
     pub fn is_permanent(&self) -> bool {
         match self {
             Self::Build(_) | Self::BadSpec(_) => true,
+            Self::Timeout { .. } => false,
             Self::Read { source, .. }
             | Self::CreateSecret { source, .. }
             | Self::Apply { source, .. }
