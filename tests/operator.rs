@@ -947,9 +947,27 @@ async fn a_leader_whose_api_server_goes_silent_steps_down_before_its_lease_runs_
 /// Writes `status.players` as the agent does (server-side apply on /status as `atlas-agent`).
 async fn set_players(installed: &Installed, name: &str, online: u32) -> Result<()> {
     let api: Api<MinecraftServer> = installed.api();
+    let generation = api.get(name).await?.metadata.generation;
     let patch = json!({"apiVersion": "atlas.dev/v1alpha1", "kind": "MinecraftServer",
-        "status": {"players": {"online": online, "max": 20}}});
+        "status": {"players": {"online": online, "max": 20}, "observedGeneration": generation,
+                   "conditions": [{"type": "Ready", "status": "True", "reason": "Running", "message": "ready",
+                                   "lastTransitionTime": "2026-12-01T00:00:00Z", "observedGeneration": generation}]}});
     api.patch_status(name, &PatchParams::apply("atlas-agent").force(), &Patch::Apply(&patch)).await?;
+    Ok(())
+}
+
+/// Marks pod `NAME-0` Running and Ready as a kubelet would (the bed runs none), and waits until
+/// the StatefulSet counts it ready.
+async fn pod_ready(installed: &Installed, name: &str) -> Result<()> {
+    let pods: Api<Pod> = installed.api();
+    let patch = json!({"status": {"phase": "Running", "conditions": [
+        {"type": "Ready", "status": "True", "lastTransitionTime": "2026-12-01T00:00:00Z"}]}});
+    pods.patch_status(&format!("{name}-0"), &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    let sts_api: Api<StatefulSet> = installed.api();
+    wait_object(&sts_api, name, "the pod counted ready", |s| {
+        s.status.as_ref().and_then(|st| st.ready_replicas).unwrap_or(0) == 1
+    })
+    .await?;
     Ok(())
 }
 
@@ -965,6 +983,7 @@ async fn a_new_image_replaces_the_pod_only_once_nobody_is_online() -> Result<()>
     apply_server(&installed, &server_doc("upgraded", minimal(json!({"storage": {"size": "1Gi"}})))).await?;
     let pods: Api<Pod> = installed.api();
     let old = wait_object(&pods, "upgraded-0", "the pod", |_| true).await?;
+    pod_ready(&installed, "upgraded").await?;
     set_players(&installed, "upgraded", 2).await?;
 
     // `helm upgrade` to a new image restarts the operator with another ATLAS_AGENT_IMAGE.
@@ -1030,6 +1049,8 @@ async fn the_upgrade_window_holds_the_pod_outside_it() -> Result<()> {
     apply_server(&installed, &server_doc("windowed", spec)).await?;
     let pods: Api<Pod> = installed.api();
     let old = wait_object(&pods, "windowed-0", "the pod", |_| true).await?;
+    pod_ready(&installed, "windowed").await?;
+    set_players(&installed, "windowed", 0).await?;
     operator.stop()?;
     // The operator reads the window in its own time zone: UTC here, as the chart's default.
     let _operator = Operator::start_with_image(&installed, "atlas-runner:next", &[])?;
@@ -1041,7 +1062,29 @@ async fn the_upgrade_window_holds_the_pod_outside_it() -> Result<()> {
     // The window made to include now: replaced.
     let spec = minimal(json!({"storage": {"size": "1Gi"}, "upgrade": {"window": "00:00-00:00"}}));
     apply_server(&installed, &server_doc("windowed", spec)).await?;
+    // The agent reports on the new generation: until it does, its count is not trusted.
+    wait_condition(&installed, "windowed", "UpgradePending", "True", "PlayersUnknown").await?;
+    assert_eq!(pods.get("windowed-0").await?.metadata.uid, old.metadata.uid);
+    set_players(&installed, "windowed", 0).await?;
     wait_object(&pods, "windowed-0", "the replaced pod", |p| p.metadata.uid != old.metadata.uid).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_pod_that_does_not_serve_is_replaced_at_once_whatever_its_last_status_said() -> Result<()> {
+    let installed = Installed::new("op-down", &[]).await?;
+    controllers(installed.cluster)?;
+    let mut operator = installed.start_operator(&[])?;
+    let spec = minimal(json!({"storage": {"size": "1Gi"}, "upgrade": {"window": "Mon 03:00-03:01"}}));
+    apply_server(&installed, &server_doc("down", spec)).await?;
+    let pods: Api<Pod> = installed.api();
+    let old = wait_object(&pods, "down-0", "the pod", |_| true).await?;
+    // The agent's last status said 3 players and Ready, then it died: the pod never became (or
+    // no longer is) Ready, so nobody can be playing on it.
+    set_players(&installed, "down", 3).await?;
+    operator.stop()?;
+    let _operator = Operator::start_with_image(&installed, "atlas-runner:next", &[])?;
+    wait_object(&pods, "down-0", "the pod replaced outside the window", |p| p.metadata.uid != old.metadata.uid).await?;
     Ok(())
 }
 

@@ -198,6 +198,11 @@ pub fn difference(old: Option<&MinecraftServerStatus>, new: &MinecraftServerStat
     if old == new { Difference::Players } else { Difference::Other }
 }
 
+/// The players online a status says.
+fn online(status: Option<&MinecraftServerStatus>) -> u32 {
+    status.and_then(|s| s.players).map_or(0, |p| p.online)
+}
+
 /// Writes the agent's status of `name` by server-side apply.
 async fn write(api: &Api<MinecraftServer>, name: &str, status: &MinecraftServerStatus) -> Result<(), AgentError> {
     let body = serde_json::json!({
@@ -321,6 +326,11 @@ impl Sink {
             // From when the difference first appeared: a status that keeps being touched (the
             // player poll) must not put the write off for ever.
             Difference::Other => Some(earliest.max(*self.other_pending.get_or_insert(now) + COALESCE)),
+            // Someone joined an empty server: the operator may be about to replace the pod because
+            // nobody is online, so this one is not put off.
+            Difference::Players if online(self.written.as_ref()) == 0 && online(Some(wanted)) > 0 => {
+                Some(earliest.max(*self.players_pending.get_or_insert(now) + COALESCE))
+            }
             Difference::Players => {
                 let since = self.players.map_or(now, |(_, since)| since);
                 let pending = *self.players_pending.get_or_insert(now);
@@ -477,21 +487,35 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn players_alone_are_written_at_most_every_ten_seconds() -> Result<(), Box<dyn std::error::Error>> {
-        let written = build(&running(), &[], &at(1)?);
+        let mut one = running();
+        one.players_online = 1;
+        let written = build(&one, &[], &at(1)?);
         let mut sink = sink(Some(written))?;
         sink.last_write = Some(Instant::now());
         let mut busy = running();
-        busy.players_online = 1;
+        busy.players_online = 2;
         let due = sink.due(&build(&busy, &[], &at(2)?)).ok_or("no write due")?;
         assert!(due >= Instant::now() + PLAYERS_MIN_INTERVAL, "due in {:?}", due - Instant::now());
         // The count keeps changing: the write still comes within the longest delay.
         for n in 2..40 {
             tokio::time::advance(Duration::from_secs(1)).await;
-            busy.players_online = n % 3;
+            busy.players_online = 1 + n % 3;
             if let Some(due) = sink.due(&build(&busy, &[], &at(2)?)) {
                 assert!(due <= Instant::now() + PLAYERS_MAX_DELAY, "put off to {:?}", due - Instant::now());
             }
         }
+        Ok(())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_player_joining_an_empty_server_is_written_at_once() -> Result<(), Box<dyn std::error::Error>> {
+        let written = build(&running(), &[], &at(1)?);
+        let mut sink = sink(Some(written))?;
+        sink.last_write = Some(Instant::now());
+        let mut joined = running();
+        joined.players_online = 1;
+        let due = sink.due(&build(&joined, &[], &at(2)?)).ok_or("no write due")?;
+        assert!(due <= Instant::now() + COALESCE, "put off by {:?}", due - Instant::now());
         Ok(())
     }
 

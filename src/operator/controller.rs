@@ -292,15 +292,31 @@ async fn roll_out(
     gathered: &Gathered,
 ) -> Result<Rollout, Error> {
     let spec = &server.spec;
-    let players = server.status.as_ref().and_then(|s| s.players).map_or(0, |p| p.online);
     let policy = spec.upgrade.clone().unwrap_or_default();
     let observed = &gathered.observed;
-    let rollout = match &observed.stateful_set {
+    let decide = |server: &MinecraftServer| match &observed.stateful_set {
         Some(sts) if !spec.paused => {
-            upgrade::decide(sts, observed.pod.as_deref(), players, &policy, &jiff::Zoned::now())?
+            let serving = upgrade::serving(server, Some(sts));
+            upgrade::decide(sts, observed.pod.as_deref(), serving, &policy, &jiff::Zoned::now())
         }
-        _ => Rollout::NoPod,
+        _ => Ok(Rollout::NoPod),
     };
+    let mut rollout = decide(server)?;
+    // The cache may be behind the agent's last write (a player who just joined): the count a
+    // deletion rests on is read again from the API server first.
+    if matches!(rollout, Rollout::Replace { .. })
+        && policy.require_no_players
+        && upgrade::serving(server, observed.stateful_set.as_deref()) != upgrade::Serving::Down
+    {
+        let servers: Api<MinecraftServer> = Api::namespaced(ctx.client.clone(), &id.namespace);
+        let fresh = servers.get(&id.name).await.map_err(|source| Error::Read {
+            kind: "MinecraftServer",
+            namespace: id.namespace.clone(),
+            name: id.name.clone(),
+            source,
+        })?;
+        rollout = decide(&fresh)?;
+    }
     if let (Rollout::Replace { from, to }, Some(pod)) = (&rollout, &observed.pod) {
         replace_pod(ctx, server, id, pod, from, to).await?;
     }

@@ -7,7 +7,7 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Pod;
 use kube::core::PartialObjectMeta;
 
-use crate::api::UpgradePolicy;
+use crate::api::{MinecraftServer, UpgradePolicy};
 use crate::runner::update::Window;
 
 /// The label the StatefulSet controller puts on each pod: the revision of the template it runs.
@@ -50,11 +50,45 @@ pub struct BadWindow {
     pub reason: String,
 }
 
+/// Whether anyone can be playing on the server's pod, and how many are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Serving {
+    /// The pod is not serving: the StatefulSet counts it not Ready (pending, crash-looping, its
+    /// probe failing), or the agent's `Ready` condition is not True. Nobody can be playing on it.
+    Down,
+    /// Ready, with the agent's player count for the current generation.
+    Players(u32),
+    /// Ready, but the agent's status does not speak for the current generation yet: its count
+    /// may be stale.
+    Unknown,
+}
+
+/// What `server`'s status and its StatefulSet say about the pod. A status the agent wrote before
+/// it died stays behind (3 players for ever), so the StatefulSet's readiness, which the kubelet's
+/// probe keeps current, decides first.
+pub fn serving(server: &MinecraftServer, sts: Option<&StatefulSet>) -> Serving {
+    let pod_ready = sts.and_then(|s| s.status.as_ref()).and_then(|s| s.ready_replicas).unwrap_or(0) > 0;
+    let status = server.status.as_ref();
+    let ready = status.and_then(|s| s.conditions.iter().find(|c| c.type_ == crate::api::conditions::READY));
+    match ready {
+        Some(ready) if pod_ready && ready.status == "True" => {
+            let current =
+                ready.observed_generation.is_some() && ready.observed_generation == server.metadata.generation;
+            if current {
+                Serving::Players(status.and_then(|s| s.players).map_or(0, |p| p.online))
+            } else {
+                Serving::Unknown
+            }
+        }
+        _ => Serving::Down,
+    }
+}
+
 /// Decides about the pod of `sts` given who is online and the time (the operator's local time).
 pub fn decide(
     sts: &StatefulSet,
     pod: Option<&PartialObjectMeta<Pod>>,
-    players_online: u32,
+    serving: Serving,
     policy: &UpgradePolicy,
     now: &jiff::Zoned,
 ) -> Result<Rollout, BadWindow> {
@@ -76,6 +110,13 @@ pub fn decide(
     if from == to {
         return Ok(Rollout::UpToDate);
     }
+    // Nobody can be playing on a pod that does not serve, and the new template may be its fix (a
+    // bad image that `helm upgrade` replaces): neither the window nor a stale count holds it.
+    let players_online = match serving {
+        Serving::Down => return Ok(Rollout::Replace { from, to }),
+        Serving::Players(online) => Some(online),
+        Serving::Unknown => None,
+    };
     if let Some(window) = &window
         && !window.contains(now.weekday(), minute_of_day(now))
     {
@@ -85,6 +126,12 @@ pub fn decide(
             message: format!("a new pod template waits for spec.upgrade.window ({text}, operator time)"),
         });
     }
+    let Some(players_online) = players_online.or((!policy.require_no_players).then_some(0)) else {
+        return Ok(Rollout::Wait {
+            reason: "PlayersUnknown",
+            message: "a new pod template waits for the agent to report players for the current generation".to_owned(),
+        });
+    };
     if policy.require_no_players && players_online > 0 {
         let who = if players_online == 1 { "1 player is".to_owned() } else { format!("{players_online} players are") };
         return Ok(Rollout::Wait {
@@ -134,29 +181,35 @@ mod tests {
     #[test]
     fn an_up_to_date_pod_is_left_alone() {
         let policy = UpgradePolicy::default();
-        assert_eq!(decide(&sts(2, 2, "r2"), Some(&pod("r2")), 5, &policy, &at(SAT_NOON)), Ok(Rollout::UpToDate));
-        assert_eq!(decide(&sts(2, 2, "r2"), None, 0, &policy, &at(SAT_NOON)), Ok(Rollout::NoPod));
+        assert_eq!(
+            decide(&sts(2, 2, "r2"), Some(&pod("r2")), Serving::Players(5), &policy, &at(SAT_NOON)),
+            Ok(Rollout::UpToDate)
+        );
+        assert_eq!(decide(&sts(2, 2, "r2"), None, Serving::Players(0), &policy, &at(SAT_NOON)), Ok(Rollout::NoPod));
     }
 
     #[test]
     fn a_template_the_statefulset_has_not_observed_yet_is_not_judged() {
         let policy = UpgradePolicy::default();
-        assert_eq!(decide(&sts(3, 2, "r2"), Some(&pod("r1")), 0, &policy, &at(SAT_NOON)), Ok(Rollout::Settling));
+        assert_eq!(
+            decide(&sts(3, 2, "r2"), Some(&pod("r1")), Serving::Players(0), &policy, &at(SAT_NOON)),
+            Ok(Rollout::Settling)
+        );
     }
 
     #[test]
     fn players_online_hold_the_pod_by_default() {
         let policy = UpgradePolicy::default();
-        let wait = decide(&sts(2, 2, "r2"), Some(&pod("r1")), 3, &policy, &at(SAT_NOON));
+        let wait = decide(&sts(2, 2, "r2"), Some(&pod("r1")), Serving::Players(3), &policy, &at(SAT_NOON));
         assert!(
             matches!(&wait, Ok(Rollout::Wait { reason: "PlayersOnline", message }) if message.contains("3 players")),
             "{wait:?}"
         );
-        let go = decide(&sts(2, 2, "r2"), Some(&pod("r1")), 0, &policy, &at(SAT_NOON));
+        let go = decide(&sts(2, 2, "r2"), Some(&pod("r1")), Serving::Players(0), &policy, &at(SAT_NOON));
         assert_eq!(go, Ok(Rollout::Replace { from: "r1".to_owned(), to: "r2".to_owned() }));
         let anyway = UpgradePolicy { require_no_players: false, ..policy };
         assert!(matches!(
-            decide(&sts(2, 2, "r2"), Some(&pod("r1")), 3, &anyway, &at(SAT_NOON)),
+            decide(&sts(2, 2, "r2"), Some(&pod("r1")), Serving::Players(3), &anyway, &at(SAT_NOON)),
             Ok(Rollout::Replace { .. })
         ));
     }
@@ -164,12 +217,12 @@ mod tests {
     #[test]
     fn the_window_holds_the_pod_outside_it() {
         let policy = UpgradePolicy { window: Some("Sat 02:00-06:00".to_owned()), require_no_players: true };
-        let outside = decide(&sts(2, 2, "r2"), Some(&pod("r1")), 0, &policy, &at(SAT_NOON));
+        let outside = decide(&sts(2, 2, "r2"), Some(&pod("r1")), Serving::Players(0), &policy, &at(SAT_NOON));
         assert!(matches!(outside, Ok(Rollout::Wait { reason: "OutsideWindow", .. })), "{outside:?}");
-        let inside = decide(&sts(2, 2, "r2"), Some(&pod("r1")), 0, &policy, &at(SAT_3AM));
+        let inside = decide(&sts(2, 2, "r2"), Some(&pod("r1")), Serving::Players(0), &policy, &at(SAT_3AM));
         assert!(matches!(inside, Ok(Rollout::Replace { .. })), "{inside:?}");
         // Inside the window with someone online: still waits.
-        let busy = decide(&sts(2, 2, "r2"), Some(&pod("r1")), 1, &policy, &at(SAT_3AM));
+        let busy = decide(&sts(2, 2, "r2"), Some(&pod("r1")), Serving::Players(1), &policy, &at(SAT_3AM));
         assert!(matches!(busy, Ok(Rollout::Wait { reason: "PlayersOnline", .. })), "{busy:?}");
     }
 
@@ -179,14 +232,67 @@ mod tests {
         p.metadata.deletion_timestamp =
             Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::UNIX_EPOCH));
         let policy = UpgradePolicy::default();
-        assert_eq!(decide(&sts(2, 2, "r2"), Some(&p), 0, &policy, &at(SAT_NOON)), Ok(Rollout::Replacing));
+        assert_eq!(
+            decide(&sts(2, 2, "r2"), Some(&p), Serving::Players(0), &policy, &at(SAT_NOON)),
+            Ok(Rollout::Replacing)
+        );
     }
 
     #[test]
     fn a_bad_window_says_how_to_write_one() {
         let policy = UpgradePolicy { window: Some("Caturday 02:00-03:00".to_owned()), require_no_players: true };
-        let err =
-            decide(&sts(1, 1, "r"), None, 0, &policy, &at(SAT_NOON)).err().map(|e| e.to_string()).unwrap_or_default();
+        let err = decide(&sts(1, 1, "r"), None, Serving::Players(0), &policy, &at(SAT_NOON))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(err.contains("Caturday") && err.contains("Sat,Sun 02:00-06:00"), "{err}");
+    }
+
+    #[test]
+    fn a_pod_that_does_not_serve_is_replaced_at_once_whatever_the_window_or_the_last_count() {
+        let policy = UpgradePolicy { window: Some("Sat 02:00-06:00".to_owned()), require_no_players: true };
+        let down = decide(&sts(2, 2, "r2"), Some(&pod("r1")), Serving::Down, &policy, &at(SAT_NOON));
+        assert_eq!(down, Ok(Rollout::Replace { from: "r1".to_owned(), to: "r2".to_owned() }));
+        // A count that does not speak for the current generation is not trusted to be zero.
+        let policy = UpgradePolicy::default();
+        let unknown = decide(&sts(2, 2, "r2"), Some(&pod("r1")), Serving::Unknown, &policy, &at(SAT_NOON));
+        assert!(matches!(unknown, Ok(Rollout::Wait { reason: "PlayersUnknown", .. })), "{unknown:?}");
+    }
+
+    fn server(ready: Option<(&str, i64)>, generation: i64, online: u32) -> MinecraftServer {
+        let conditions: Vec<serde_json::Value> = ready
+            .map(|(status, observed)| {
+                json!({"type": "Ready", "status": status, "reason": "Running", "message": "",
+                "lastTransitionTime": "2026-12-05T12:00:00Z", "observedGeneration": observed})
+            })
+            .into_iter()
+            .collect();
+        serde_json::from_value(json!({
+            "apiVersion": "atlas.dev/v1alpha1", "kind": "MinecraftServer",
+            "metadata": {"name": "s", "generation": generation},
+            "spec": {"eula": true, "server": {"type": "vanilla"}},
+            "status": {"players": {"online": online, "max": 20}, "conditions": conditions},
+        }))
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn ready_sts(ready: i32) -> StatefulSet {
+        let mut s = sts(2, 2, "r2");
+        if let Some(status) = s.status.as_mut() {
+            status.ready_replicas = Some(ready);
+        }
+        s
+    }
+
+    #[test]
+    fn players_count_only_from_a_ready_pod_and_a_current_ready_condition() {
+        let live = server(Some(("True", 3)), 3, 2);
+        assert_eq!(serving(&live, Some(&ready_sts(1))), Serving::Players(2));
+        // The agent died with 2 players in its last status: the StatefulSet says the pod is not Ready.
+        assert_eq!(serving(&live, Some(&ready_sts(0))), Serving::Down);
+        assert_eq!(serving(&server(Some(("False", 3)), 3, 2), Some(&ready_sts(1))), Serving::Down);
+        assert_eq!(serving(&server(None, 3, 2), Some(&ready_sts(1))), Serving::Down);
+        // Ready, but written for an older generation.
+        assert_eq!(serving(&server(Some(("True", 2)), 3, 0), Some(&ready_sts(1))), Serving::Unknown);
     }
 }
