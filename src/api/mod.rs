@@ -81,7 +81,9 @@ pub struct MinecraftServerSpec {
     pub paused: bool,
 
     /// Operator only: CPU and memory requests and limits of the server container. The memory limit
-    /// is what `jvm.heapPercent` is a percentage of.
+    /// is what `jvm.heapPercent` is a percentage of. Without a memory limit the operator sets one:
+    /// the memory request when there is one, else room for a fixed `jvm.heap`, else 3Gi (with a 2Gi
+    /// request), so the heap is never sized from the whole node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
 

@@ -368,7 +368,7 @@ pub fn pod_template(id: &Identity, spec: &MinecraftServerSpec, settings: &Settin
         args: Some(vec!["agent".to_owned()]),
         env: Some(env),
         ports: Some(vec![port("minecraft", GAME_PORT), port("metrics", METRICS_PORT)]),
-        resources: spec.resources.clone(),
+        resources: Some(resources(spec)),
         volume_mounts: Some(mounts),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
@@ -580,6 +580,44 @@ pub fn build(server: &MinecraftServer, settings: &Settings, existing: &Existing)
     })
 }
 
+/// The memory limit of a server whose spec sets none, when its heap is not fixed either.
+const DEFAULT_MEMORY_LIMIT: &str = "3Gi";
+/// The memory request that goes with it.
+const DEFAULT_MEMORY_REQUEST: &str = "2Gi";
+
+/// The container's resources: the spec's, with a memory limit when it sets none. Without one the
+/// downward API gives the node's allocatable memory as `limits.memory`, and the agent would size
+/// a default heap (70%, committed at start) from the whole node for a pod the scheduler counted
+/// as using nothing. A request alone becomes the limit too; a fixed `jvm.heap` gets room for it.
+pub fn resources(spec: &MinecraftServerSpec) -> k8s_openapi::api::core::v1::ResourceRequirements {
+    let mut resources = spec.resources.clone().unwrap_or_default();
+    let limits = resources.limits.get_or_insert_with(Default::default);
+    if limits.contains_key("memory") {
+        return resources;
+    }
+    let requested = resources.requests.as_ref().and_then(|r| r.get("memory")).cloned();
+    let heap = spec.jvm.as_ref().and_then(|j| j.heap.as_deref()).and_then(crate::server::jvm::parse_size);
+    let limit = match (&requested, heap) {
+        (Some(request), _) => request.clone(),
+        (None, Some(heap)) => {
+            // The smallest limit whose headroom (the agent's rule) leaves `heap` for the heap.
+            let mib = 1024 * 1024;
+            let needed = (heap + 256 * mib).max(heap.saturating_mul(100) / 85 + mib);
+            let needed = needed.div_ceil(mib).max(3 * 1024);
+            Quantity(format!("{needed}Mi"))
+        }
+        (None, None) => Quantity(DEFAULT_MEMORY_LIMIT.to_owned()),
+    };
+    limits.insert("memory".to_owned(), limit);
+    if requested.is_none() {
+        resources
+            .requests
+            .get_or_insert_with(Default::default)
+            .insert("memory".to_owned(), Quantity(DEFAULT_MEMORY_REQUEST.to_owned()));
+    }
+    resources
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
@@ -729,5 +767,30 @@ upgrade: {window: "Sun 04:00-05:00", requireNoPlayers: true}
         let mut s = server("x", MINIMAL);
         s.metadata.uid = None;
         assert_eq!(build(&s, &settings(), &Existing::default()).err(), Some(BuildError::MissingMetadata("uid")));
+    }
+
+    #[test]
+    fn a_spec_without_a_memory_limit_gets_one_the_heap_fits_in() -> Result<(), Box<dyn std::error::Error>> {
+        let memory = |yaml: &str| -> Result<(Option<String>, Option<String>), Box<dyn std::error::Error>> {
+            let spec: MinecraftServerSpec =
+                serde_yaml::from_str(&format!("eula: true\nserver: {{type: vanilla}}\n{yaml}"))?;
+            let r = resources(&spec);
+            let get = |m: Option<&BTreeMap<String, Quantity>>| m.and_then(|m| m.get("memory")).map(|q| q.0.clone());
+            Ok((get(r.requests.as_ref()), get(r.limits.as_ref())))
+        };
+        // Nothing set: a request the scheduler counts, and a limit the default heap is a share of.
+        assert_eq!(memory("")?, (Some("2Gi".into()), Some("3Gi".into())));
+        // A request alone is the limit too.
+        assert_eq!(memory("resources: {requests: {memory: 6Gi}}")?, (Some("6Gi".into()), Some("6Gi".into())));
+        // A fixed heap gets room for itself and the JVM's other memory.
+        let (_, limit) = memory("jvm: {heap: 8G}")?;
+        let limit = limit.ok_or("no limit")?;
+        let mib: u64 = limit.trim_end_matches("Mi").parse()?;
+        let heap = 8 * 1024 * 1024 * 1024;
+        let bytes = mib * 1024 * 1024;
+        assert!(bytes - crate::server::jvm::headroom(bytes) >= heap, "{limit} leaves less than 8G of heap");
+        // A limit the admin set is theirs.
+        assert_eq!(memory("resources: {limits: {memory: 1Gi}}")?, (None, Some("1Gi".into())));
+        Ok(())
     }
 }
