@@ -517,6 +517,24 @@ async fn the_server_keeps_running_while_the_api_server_is_down_and_the_status_ca
     assert_eq!((during["pid"].as_u64(), during["phase"].as_str()), (Some(pid), Some("Running")));
     assert_eq!(during["playersOnline"], 1);
 
+    // The container restarts while the API server is still down: the new agent answers its probes
+    // at once, and starts the server from the MinecraftServer it saw last instead of waiting.
+    agent.signal("TERM")?;
+    agent.wait_exit(Duration::from_secs(60))?;
+    let mut agent = Agent::start(&bed, &fixture, &["--api-wait-seconds", "3"])?;
+    let healthy = common::wait_for("/healthz answering", Duration::from_secs(2), || {
+        common::http_get(&agent.metrics_addr, "/healthz").ok()
+    })?;
+    assert_eq!(healthy.0, 200, "{healthy:?}");
+    assert_eq!(common::http_get(&agent.metrics_addr, "/readyz")?.0, 503, "ready before the server runs");
+    let restarted = common::wait_for("the server started from the cached spec", Duration::from_secs(60), || {
+        agent.runner_status().ok().filter(|s| s["phase"] == "Running")
+    })?;
+    assert!(agent.exited()?.is_none(), "{}", agent.tail(20));
+    let pid = restarted["pid"].as_u64().context("no pid")?;
+    assert!(!agent.logs_with("starting the server from the cached MinecraftServer").is_empty());
+    agent.console_soon(&["fake-join", "bob"])?;
+
     tokio::task::block_in_place(|| cluster.restart_apiserver())?;
     bed.wait(&mut agent, "the status caught up", Duration::from_secs(90), |o| players(o) == Some(1)).await?;
     assert_eq!(server_pid(&agent)?, pid, "the server was restarted because the API server blinked");

@@ -54,6 +54,44 @@ fn desired(object: &MinecraftServer, secrets: &SecretFiles, previous: Option<&De
     Ok(Desired { spec, generation: object.metadata.generation, notes })
 }
 
+/// The last valid resource, kept in the data dir (`DATA/.atlas/resource.json`) so that an agent
+/// started while the API server does not answer (a container restart during an outage) starts the
+/// installed server instead of waiting for the network.
+#[derive(Debug, Clone)]
+pub struct SpecCache {
+    path: std::path::PathBuf,
+    wait: Duration,
+}
+
+impl SpecCache {
+    /// The cache in `data_dir`, used after `wait` without an answer from the API server.
+    pub fn new(data_dir: &std::path::Path, wait: Duration) -> Self {
+        Self { path: crate::runner::atlas_dir(data_dir).join("resource.json"), wait }
+    }
+
+    fn load(&self) -> Option<MinecraftServer> {
+        let bytes = std::fs::read(&self.path).ok()?;
+        serde_json::from_slice(&bytes)
+            .inspect_err(|e| tracing::warn!(path = %self.path.display(), "the cached MinecraftServer does not parse ({e}); ignoring it"))
+            .ok()
+    }
+
+    /// Keeps `object`'s identity and spec (not its status, nor the managed fields).
+    fn save(&self, object: &MinecraftServer) {
+        let mut kept = object.clone();
+        kept.status = None;
+        kept.metadata.managed_fields = None;
+        let result = serde_json::to_vec(&kept).map_err(std::io::Error::other).and_then(|bytes| {
+            let tmp = self.path.with_extension("tmp");
+            std::fs::write(&tmp, bytes)?;
+            std::fs::rename(&tmp, &self.path)
+        });
+        if let Err(e) = result {
+            tracing::warn!(path = %self.path.display(), "cannot cache the MinecraftServer: {e}");
+        }
+    }
+}
+
 /// Whether `object` is being deleted.
 fn deleting(object: &MinecraftServer) -> bool {
     object.metadata.deletion_timestamp.is_some()
@@ -89,22 +127,52 @@ impl ErrorLog {
 impl ResourceSource {
     /// Waits until the resource `name` exists with a valid spec (`None` when `shutdown` comes first),
     /// then follows it. Its deletion cancels `deleted`.
+    ///
+    /// With `cache`, a resource seen before starts from its cached spec when the API server has not
+    /// answered within the cache's wait; the watch goes on and takes over once it answers (a
+    /// resource deleted meanwhile then stops the server).
     pub async fn start(
         api: Api<MinecraftServer>,
         name: &str,
         secrets: SecretFiles,
         deleted: CancellationToken,
         shutdown: &CancellationToken,
+        cache: Option<SpecCache>,
     ) -> Option<Self> {
         let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
         let mut stream = watcher::watcher(api, config).default_backoff().boxed();
         let mut errors = ErrorLog { since: None, told: None };
         let mut told_missing = false;
+        let cached = cache.as_ref().and_then(SpecCache::load).filter(|o| o.metadata.name.as_deref() == Some(name));
+        let cache_due = tokio::time::sleep(cache.as_ref().map_or(Duration::MAX, |c| c.wait));
+        tokio::pin!(cache_due);
+        // Whether the API server has answered: then it decides, never the cache.
+        let mut answered = false;
         let first = loop {
             let event = tokio::select! {
                 _ = shutdown.cancelled() => return None,
                 event = stream.next() => event,
+                () = &mut cache_due, if cached.is_some() && !answered => {
+                    let Some(object) = cached.clone() else { continue };
+                    match desired(&object, &secrets, None) {
+                        Ok(desired) => {
+                            tracing::warn!(
+                                generation = ?desired.generation,
+                                "the API server does not answer; starting the server from the cached MinecraftServer"
+                            );
+                            break (object, desired);
+                        }
+                        Err(message) => {
+                            tracing::error!(category = "spec_invalid", "the cached MinecraftServer: {message}");
+                            answered = true;
+                            continue;
+                        }
+                    }
+                }
             };
+            if matches!(event, Some(Ok(Event::Apply(_) | Event::InitApply(_) | Event::InitDone | Event::Delete(_)))) {
+                answered = true;
+            }
             match event {
                 Some(Ok(Event::Apply(object) | Event::InitApply(object))) => {
                     errors.ok();
@@ -113,7 +181,12 @@ impl ResourceSource {
                         continue;
                     }
                     match desired(&object, &secrets, None) {
-                        Ok(desired) => break (object, desired),
+                        Ok(desired) => {
+                            if let Some(cache) = &cache {
+                                cache.save(&object);
+                            }
+                            break (object, desired);
+                        }
                         Err(message) => {
                             tracing::error!(category = "spec_invalid", "{message}; waiting for a valid spec")
                         }
@@ -137,7 +210,7 @@ impl ResourceSource {
         tracing::info!(generation = ?first.generation, "following the MinecraftServer");
         let (specs_tx, specs) = watch::channel(first);
         let (object_tx, object) = watch::channel(Arc::new(object));
-        let task = tokio::spawn(follow(stream, secrets, specs_tx, object_tx, errors, deleted));
+        let task = tokio::spawn(follow(stream, secrets, specs_tx, object_tx, errors, deleted, cache));
         Some(Self { specs, object, task })
     }
 }
@@ -149,6 +222,7 @@ async fn follow(
     object: watch::Sender<Arc<MinecraftServer>>,
     mut errors: ErrorLog,
     deleted: CancellationToken,
+    cache: Option<SpecCache>,
 ) {
     // Whether the current listing (Init .. InitDone) has shown the resource: a re-list after the API
     // server came back that lacks it means it was deleted meanwhile.
@@ -189,6 +263,11 @@ async fn follow(
         let previous = specs.borrow().clone();
         match desired(&seen, &secrets, Some(&previous)) {
             Ok(new) => {
+                if let Some(cache) = &cache
+                    && new.spec != previous.spec
+                {
+                    cache.save(&seen);
+                }
                 specs.send_if_modified(|current| {
                     let changed = *current != new;
                     if changed {

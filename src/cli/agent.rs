@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use atlas_runner::agent::secrets::SecretFiles;
-use atlas_runner::agent::source::ResourceSource;
+use atlas_runner::agent::source::{ResourceSource, SpecCache};
 use atlas_runner::agent::{AgentError, AgentMetrics, FIELD_MANAGER, events, status};
 use atlas_runner::api::MinecraftServer;
 use atlas_runner::telemetry::LogFormat;
@@ -39,6 +39,11 @@ pub(crate) struct AgentArgs {
     /// sized from it; without it, from the cgroup.
     #[arg(long, env = "ATLAS_MEMORY_LIMIT_BYTES")]
     memory_limit_bytes: Option<u64>,
+    /// How long the agent waits for the API server at start before it starts the server from the
+    /// MinecraftServer it last saw (kept in DATA/.atlas/resource.json), so a container restarted
+    /// during an API-server outage does not leave the server down.
+    #[arg(long, env = "ATLAS_API_WAIT_SECONDS", default_value_t = 20)]
+    api_wait_seconds: u64,
     /// The pod's name, which signs the agent's Events (default: the host name).
     #[arg(long, env = "ATLAS_POD_NAME")]
     pod_name: Option<String>,
@@ -72,8 +77,9 @@ pub(crate) async fn run(args: AgentArgs, log_format: LogFormat) -> anyhow::Resul
 
     let secrets = SecretFiles::new(args.secrets_dir, &args.name, args.rcon_password_file);
     // Deleting the resource stops the server and ends the agent, as a signal does.
+    let cache = SpecCache::new(&args.data, Duration::from_secs(args.api_wait_seconds));
     let source = tokio::select! {
-        source = ResourceSource::start(api.clone(), &args.name, secrets, runtime.shutdown.clone(), &runtime.shutdown) => source,
+        source = ResourceSource::start(api.clone(), &args.name, secrets, runtime.shutdown.clone(), &runtime.shutdown, Some(cache)) => source,
         () = super::run::wait_for_signal() => None,
     };
     let Some(source) = source else {

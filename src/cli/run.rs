@@ -94,8 +94,15 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
 pub(crate) struct Runtime {
     data_dir: PathBuf,
     socket: PathBuf,
-    control_listener: tokio::net::UnixListener,
-    admin_listener: tokio::net::TcpListener,
+    /// The control socket's server, answering from the start too (`atlas-runner status` would
+    /// otherwise hang on a bound socket nobody serves).
+    control: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// The admin port's server (`/metrics`, `/healthz`, `/readyz`), answering from the start: the
+    /// agent may wait for the API server before the reconciler runs, and kubelet's probes must
+    /// not time out meanwhile.
+    admin: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// Cancelled once the server has stopped: the endpoints stop serving then.
+    stopped: CancellationToken,
     metrics_addr: SocketAddr,
     /// What the reconciler shares with the endpoints (and the agent's status sink).
     pub(crate) shared: Shared,
@@ -160,35 +167,6 @@ impl Runtime {
                 settle: Duration::from_secs(args.update_settle),
             },
         };
-        Ok(Self {
-            data_dir,
-            socket,
-            control_listener,
-            admin_listener,
-            metrics_addr: args.metrics_addr,
-            shared,
-            requests,
-            options,
-            shutdown: CancellationToken::new(),
-        })
-    }
-
-    /// Serves the control socket and the admin port and runs the reconciler on `specs` until
-    /// shutdown (SIGTERM, Ctrl-C, or the token cancelled), which stops the server gracefully.
-    pub(crate) async fn serve(self, specs: watch::Receiver<Desired>) -> anyhow::Result<()> {
-        let Self {
-            data_dir,
-            socket,
-            control_listener,
-            admin_listener,
-            metrics_addr,
-            shared,
-            requests,
-            options,
-            shutdown,
-        } = self;
-        // The endpoints serve until the server has stopped, not merely until shutdown begins: /readyz
-        // says not ready (rather than refusing connections) and `status` answers while it stops.
         let stopped = CancellationToken::new();
         let admin = {
             let stopped = stopped.clone();
@@ -204,6 +182,27 @@ impl Runtime {
                 axum::serve(control_listener, router).with_graceful_shutdown(stopped.cancelled_owned()).await
             })
         };
+        Ok(Self {
+            data_dir,
+            socket,
+            control,
+            admin,
+            stopped,
+            metrics_addr: args.metrics_addr,
+            shared,
+            requests,
+            options,
+            shutdown: CancellationToken::new(),
+        })
+    }
+
+    /// Serves the control socket and the admin port and runs the reconciler on `specs` until
+    /// shutdown (SIGTERM, Ctrl-C, or the token cancelled), which stops the server gracefully.
+    pub(crate) async fn serve(self, specs: watch::Receiver<Desired>) -> anyhow::Result<()> {
+        let Self { data_dir, socket, control, admin, stopped, metrics_addr, shared, requests, options, shutdown } =
+            self;
+        // The endpoints serve until the server has stopped, not merely until shutdown begins: /readyz
+        // says not ready (rather than refusing connections) and `status` answers while it stops.
         tracing::info!(data = %data_dir.display(), metrics = %metrics_addr, control = %socket.display(), "runner started");
 
         let reconciler = tokio::spawn(runner::reconcile(specs, shared.clone(), requests, options, shutdown.clone()));
