@@ -16,7 +16,7 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::{PredicateConfig, WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use rand::Rng;
 use serde::Serialize;
@@ -96,7 +96,22 @@ struct Context {
     /// cache when they were: until the cache shows a newer version, it cannot know of the write,
     /// and a round it triggers (a child's event) must not write the same again.
     written: Mutex<HashMap<ObjectRef<MinecraftServer>, Written>>,
+    /// The last Secret check per server, with the generation and time it was made: a round the
+    /// agent's player count starts need not GET every Secret again.
+    secret_checks: Mutex<HashMap<ObjectRef<MinecraftServer>, SecretChecks>>,
+    /// The servers as cached: entries of the maps above for servers no longer there are dropped.
+    servers: Store<MinecraftServer>,
+    /// When those maps were last pruned.
+    pruned: Mutex<Instant>,
 }
+
+/// A server's Secret checks, for the generation and at the time they were made.
+type SecretChecks = (Option<i64>, Instant, Vec<gather::SecretCheck>);
+
+/// How long a check that found every Secret present is reused for the same generation.
+const SECRET_CHECK_TTL: Duration = Duration::from_secs(60);
+/// How often the per-server maps are pruned of deleted servers.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 /// The resourceVersion a server had when its conditions were written, and those conditions.
 type Written = (Option<String>, Vec<Condition>);
@@ -110,6 +125,27 @@ impl Context {
     fn written(&self) -> std::sync::MutexGuard<'_, HashMap<ObjectRef<MinecraftServer>, Written>> {
         // A poisoned map only costs a repeated status write.
         self.written.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn secret_checks(&self) -> std::sync::MutexGuard<'_, HashMap<ObjectRef<MinecraftServer>, SecretChecks>> {
+        // A poisoned map only costs Secret reads.
+        self.secret_checks.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Drops what the per-server maps hold about servers the cache no longer has (deleted), at
+    /// most once a [`PRUNE_EVERY`]: a round never runs for a deleted server to clean up after it.
+    fn prune(&self) {
+        {
+            let mut pruned = self.pruned.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if pruned.elapsed() < PRUNE_EVERY {
+                return;
+            }
+            *pruned = Instant::now();
+        }
+        let known = |key: &ObjectRef<MinecraftServer>| self.servers.get(key).is_some();
+        self.failures().retain(|key, _| known(key));
+        self.written().retain(|key, _| known(key));
+        self.secret_checks().retain(|key, _| known(key));
     }
 
     async fn publish(&self, server: &MinecraftServer, type_: EventType, reason: &str, action: &str, note: String) {
@@ -175,6 +211,7 @@ fn random_password() -> String {
 /// One reconcile of one server: gather -> build -> apply -> roll out -> status.
 async fn reconcile(server: Arc<MinecraftServer>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
+    ctx.prune();
     let result = round(&server, &ctx).await;
     ctx.metrics.reconciles.inc();
     ctx.metrics.duration.observe(started.elapsed().as_secs_f64());
@@ -226,7 +263,22 @@ async fn gather(ctx: &Context, server: &MinecraftServer, id: &Identity) -> Resul
     let observed = ctx.caches.observe(id);
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     let uses = children::secret_uses(&id.name, &server.spec);
-    let mut secrets = gather::check_secrets(&api, uses).await.map_err(read_error("Secret", ns, &id.name))?;
+    let key = ObjectRef::from_obj(server);
+    let generation = server.metadata.generation;
+    let cached = ctx.secret_checks().get(&key).and_then(|(seen, at, checks)| {
+        let fresh = *seen == generation && at.elapsed() < SECRET_CHECK_TTL;
+        let present = checks.iter().all(|c| c.state == SecretState::Present);
+        // A missing Secret is looked for again every round: it may have been created since.
+        (fresh && present).then(|| checks.clone())
+    });
+    let mut secrets = match cached {
+        Some(checks) => checks,
+        None => {
+            let checks = gather::check_secrets(&api, uses).await.map_err(read_error("Secret", ns, &id.name))?;
+            ctx.secret_checks().insert(key, (generation, Instant::now(), checks.clone()));
+            checks
+        }
+    };
     for check in secrets.iter_mut().filter(|c| c.usage.generated && c.state == SecretState::Missing) {
         // Created once with a fresh password and never written again: a password is not rotated
         // by accident, and an existing Secret of that name (the user's) is taken as it is.
@@ -620,6 +672,9 @@ pub async fn run(options: Options, shutdown: CancellationToken) -> Result<(), St
         resync: Duration::from_secs(options.resync_seconds.max(1)),
         failures: Mutex::new(HashMap::new()),
         written: Mutex::new(HashMap::new()),
+        secret_checks: Mutex::new(HashMap::new()),
+        servers: servers.clone(),
+        pruned: Mutex::new(Instant::now()),
     });
 
     // Reconciling against caches still filling would re-apply what already exists, so reconciles
@@ -634,6 +689,9 @@ pub async fn run(options: Options, shutdown: CancellationToken) -> Result<(), St
             let _ = ready_tx.send(true);
         })
     };
+    // The agent writes its status up to six times a minute per server; only what a round reads
+    // from it (the generation, players, the agent's Ready) starts one.
+    let servers_stream = servers_stream.predicate_filter(round_trigger, PredicateConfig::default());
     let mut controller = Controller::for_stream(servers_stream, servers)
         .owns_stream(sts_stream)
         .owns_stream(svc_stream)
@@ -714,6 +772,22 @@ pub async fn run(options: Options, shutdown: CancellationToken) -> Result<(), St
     outcome.map_err(StartError::from)
 }
 
+/// What of a MinecraftServer a round depends on, hashed: the spec (by its generation), and the
+/// agent's player count and Ready condition (the upgrade gate). Any other status write, the
+/// agent's or the operator's own, starts no round.
+fn round_trigger(server: &MinecraftServer) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let status = server.status.as_ref();
+    let ready = status
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == crate::api::conditions::READY))
+        .map(|c| (c.status.clone(), c.observed_generation));
+    let players = status.and_then(|s| s.players).map(|p| p.online);
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (&server.metadata.uid, server.metadata.generation, server.metadata.deletion_timestamp.is_some(), players, ready)
+        .hash(&mut hasher);
+    Some(hasher.finish())
+}
+
 async fn wait_ready(caches: &Caches) {
     let _ = caches.stateful_sets.wait_until_ready().await;
     let _ = caches.services.wait_until_ready().await;
@@ -764,4 +838,44 @@ fn admin_router(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(|| async { "ok\n" }))
         .with_state(AdminState { registry, metrics, servers })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(status: serde_json::Value) -> Result<MinecraftServer, serde_json::Error> {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "atlas.dev/v1alpha1", "kind": "MinecraftServer",
+            "metadata": {"name": "s", "namespace": "n", "uid": "u1", "generation": 3, "resourceVersion": "10"},
+            "spec": {"eula": true, "server": {"type": "vanilla"}},
+            "status": status,
+        }))
+    }
+
+    #[test]
+    fn only_what_a_round_reads_from_the_status_starts_one() -> Result<(), serde_json::Error> {
+        let ready = |online: u32, phase: &str| {
+            serde_json::json!({"phase": phase, "players": {"online": online, "max": 20},
+                "lastBackup": {"name": format!("b-{phase}"), "time": "2026-12-06T00:00:00Z", "sizeBytes": 1},
+                "conditions": [{"type": "Ready", "status": "True", "reason": "Running", "message": "",
+                                "lastTransitionTime": "2026-12-06T00:00:00Z", "observedGeneration": 3}]})
+        };
+        let before = round_trigger(&server(ready(0, "Running"))?);
+        // The agent's other fields (a backup, a phase with the same Ready), a new resourceVersion:
+        // no round.
+        let mut other = server(ready(0, "Updating"))?;
+        other.metadata.resource_version = Some("11".into());
+        assert_eq!(round_trigger(&other), before);
+        // Players, the agent's Ready, the generation: a round.
+        assert_ne!(round_trigger(&server(ready(1, "Running"))?), before);
+        let mut newer = server(ready(0, "Running"))?;
+        newer.metadata.generation = Some(4);
+        assert_ne!(round_trigger(&newer), before);
+        let not_ready = serde_json::json!({"players": {"online": 0, "max": 20},
+            "conditions": [{"type": "Ready", "status": "False", "reason": "NotRunning", "message": "",
+                            "lastTransitionTime": "2026-12-06T00:00:00Z", "observedGeneration": 3}]});
+        assert_ne!(round_trigger(&server(not_ready)?), before);
+        Ok(())
+    }
 }
