@@ -74,6 +74,8 @@ pub struct RunnerMetrics {
     pub rcon_failures: IntCounterVec,
     /// Unix time the server last became ready.
     pub last_ready_time: Gauge,
+    /// Updates undone because their server failed, by kind (`pack`, `server`) and reason.
+    pub update_rollbacks: IntCounterVec,
     /// Atlas Runner's version, as a constant label; always 1.
     build_info: IntGauge,
 }
@@ -111,6 +113,13 @@ impl RunnerMetrics {
                 "atlas_server_last_ready_timestamp_seconds",
                 "Unix time the server last became ready.",
             )?,
+            update_rollbacks: IntCounterVec::new(
+                Opts::new(
+                    "atlas_update_rollbacks_total",
+                    "Updates undone because their server failed, by kind (pack, server) and reason.",
+                ),
+                &["kind", "reason"],
+            )?,
             build_info: IntGauge::with_opts(
                 Opts::new("atlas_build_info", "Atlas Runner's version; always 1.")
                     .const_label("version", env!("CARGO_PKG_VERSION")),
@@ -125,7 +134,7 @@ impl RunnerMetrics {
         Ok(m)
     }
 
-    fn parts(&self) -> [&dyn Collector; 12] {
+    fn parts(&self) -> [&dyn Collector; 13] {
         [
             &self.players_online,
             &self.players_max,
@@ -138,6 +147,7 @@ impl RunnerMetrics {
             &self.rcon_latency,
             &self.rcon_failures,
             &self.last_ready_time,
+            &self.update_rollbacks,
             &self.build_info,
         ]
     }

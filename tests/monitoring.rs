@@ -66,7 +66,7 @@ fn the_alert_rules_pass_promtool_and_each_alert_fires_in_a_unit_test() -> Result
         "AtlasBackupTooOld",
         "AtlasBackupFailing",
         "AtlasBackupSavingLeftOff",
-        "AtlasPackUpdateRolledBack",
+        "AtlasUpdateRolledBack",
         "AtlasVolumeNearlyFull",
         "AtlasOperatorReconcileErrors",
     ] {
@@ -500,7 +500,7 @@ async fn every_dashboard_and_alert_expression_evaluates_on_a_real_prometheus() -
     // Nothing is wrong with this server: the alerts that need no `for:` stay quiet. (The backup
     // age alert is left out: backups every 2 s make its threshold 3 s, which a slow backup crosses.)
     let firing = prometheus
-        .query("ALERTS{alertname=~\"AtlasServerCrashLooping|AtlasBackupFailing|AtlasPackUpdateRolledBack\"}")
+        .query("ALERTS{alertname=~\"AtlasServerCrashLooping|AtlasBackupFailing|AtlasUpdateRolledBack\"}")
         .await?;
     ensure!(firing.is_empty(), "alerts on a healthy server: {firing:?}");
     drop(prometheus.processes);

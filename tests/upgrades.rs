@@ -248,6 +248,13 @@ fn a_version_changed_while_no_runner_ran_is_an_update_that_is_undone_from_its_ba
     let message = back["lastUpdate"]["message"].as_str().unwrap_or_default();
     assert!(message.contains("restored from backup"), "{message}");
     assert_eq!(std::fs::read(&kept)?, b"raids as they were");
+    // On the series the AtlasUpdateRolledBack alert and the dashboard read.
+    let (_, metrics) = common::http_get(&runner.metrics_addr, "/metrics")?;
+    let counted = metrics
+        .lines()
+        .find(|l| l.starts_with("atlas_update_rollbacks_total{kind=\"server\""))
+        .with_context(|| format!("no server rollback counted:\n{metrics}"))?;
+    assert!(counted.ends_with(" 1"), "{counted}");
     Ok(())
 }
 

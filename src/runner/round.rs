@@ -767,7 +767,14 @@ impl Reconciler {
                 }
                 record_exit(shared, &stopped, false);
                 let to = due.unwrap_or_else(|| pack_label(&spec));
-                self.rolled_back(prepare::UPGRADE_PACK, round.prepared.pack_version.clone(), to, error.to_string());
+                let reason = error.category();
+                self.rolled_back(
+                    prepare::UPGRADE_PACK,
+                    reason,
+                    round.prepared.pack_version.clone(),
+                    to,
+                    error.to_string(),
+                );
                 Flow::Done(Next::Run(Box::new(round.prepared.clone())))
             }
             PackUpdate::Held { reason, stopped } => {
@@ -775,7 +782,13 @@ impl Reconciler {
                 tracing::error!("{reason}");
                 record_exit(shared, &stopped, false);
                 let to = due.unwrap_or_else(|| pack_label(&spec));
-                self.rolled_back(prepare::UPGRADE_PACK, round.prepared.pack_version.clone(), to, reason.clone());
+                self.rolled_back(
+                    prepare::UPGRADE_PACK,
+                    "held",
+                    round.prepared.pack_version.clone(),
+                    to,
+                    reason.clone(),
+                );
                 shared.set_phase(Phase::Failed, Some(reason));
                 Flow::Done(Next::Hold)
             }
@@ -925,7 +938,7 @@ impl Reconciler {
             if let Err(e) = prepare::roll_back_pack(&self.options.prepare, reason, failed_pack, back_to).await {
                 tracing::error!(category = e.category(), "{e}");
                 let message = format!("rolling the pack back failed: {e}");
-                self.rolled_back(kind, from, to, format!("{why}; {message}"));
+                self.rolled_back(kind, reason, from, to, format!("{why}; {message}"));
                 self.shared.set_phase(Phase::Failed, Some(message));
                 return Next::Hold;
             }
@@ -942,7 +955,7 @@ impl Reconciler {
                     let message = format!(
                         "{why}; restoring the world from backup {name} failed: {message}; the world the new server touched is in place: restore a backup with `atlas-runner backup restore`, then `atlas-runner restart`"
                     );
-                    self.rolled_back(kind, from, to, message.clone());
+                    self.rolled_back(kind, reason, from, to, message.clone());
                     self.shared.set_phase(Phase::Failed, Some(message));
                     return Next::Hold;
                 }
@@ -952,13 +965,13 @@ impl Reconciler {
                     "{why}; it had touched the world and no backup was taken before the update (spec.backup.beforeUpdate), so Minecraft {} may not load it: restore a backup with `atlas-runner backup restore`, then `atlas-runner restart`",
                     previous.minecraft_version
                 );
-                self.rolled_back(kind, from, to, message.clone());
+                self.rolled_back(kind, reason, from, to, message.clone());
                 self.shared.set_phase(Phase::Failed, Some(message));
                 return Next::Hold;
             }
             (true, None) => "the world it touched was kept (same Minecraft version, no backup to restore)".to_owned(),
         };
-        self.rolled_back(kind, from, to, format!("{why}; {world}"));
+        self.rolled_back(kind, reason, from, to, format!("{why}; {world}"));
         Next::Run(previous)
     }
 
@@ -980,7 +993,8 @@ impl Reconciler {
     }
 
     /// Reports an update undone: status and a Warning Event.
-    fn rolled_back(&self, kind: &'static str, from: Option<String>, to: String, message: String) {
+    fn rolled_back(&self, kind: &'static str, reason: &'static str, from: Option<String>, to: String, message: String) {
+        self.shared.metrics.update_rollbacks.with_label_values(&[kind, reason]).inc();
         let what = if kind == UPGRADE_SERVER { "Minecraft" } else { "pack" };
         let back = from.as_deref().map_or_else(String::new, |f| format!(" back to {f}"));
         self.shared.emit(events::UPDATE_ROLLED_BACK, format!("{what} update to {to} rolled{back}: {message}"), true);
