@@ -18,8 +18,9 @@ const CHILD_ENV: &str = "ATLAS_INIT_CHILD";
 const FORWARDED: [Signal; 6] =
     [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGQUIT, Signal::SIGUSR1, Signal::SIGUSR2];
 
-/// Clears the signal mask this process inherited: the agent proper started by [`run`] inherits the
-/// signals init blocked (the standard library does not reset the mask of a child it spawns), and a
+/// Clears the signal mask this process inherited. The standard library already resets the mask
+/// of a child it spawns (so the agent proper started by [`run`] does not inherit the signals init
+/// blocked); this is a guard for an agent started by another init with signals blocked, where a
 /// blocked SIGTERM would never reach it. Call before any thread starts.
 pub fn unblock_signals() {
     if let Err(e) = SigSet::empty().thread_set_mask() {
@@ -50,8 +51,8 @@ fn supervise() -> Result<ExitCode, String> {
         set.add(signal);
     }
     set.add(Signal::SIGCHLD);
-    // Blocked before the child starts, so none is lost; waited for below. The child inherits the
-    // mask and clears it first thing ([`unblock_signals`]).
+    // Blocked before the child starts, so none is lost; waited for below. The child starts with
+    // an empty mask (the standard library resets it before exec).
     set.thread_block().map_err(|e| format!("block signals: {e}"))?;
     let exe = std::env::current_exe().map_err(|e| format!("find this program: {e}"))?;
     let child = Command::new(&exe)

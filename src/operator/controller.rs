@@ -730,9 +730,10 @@ pub async fn run(options: Options, shutdown: CancellationToken) -> Result<(), St
                     // round on a connection gone silent would hold one of the concurrency slots
                     // for ever.
                     let (namespace, name) = (server.namespace().unwrap_or_default(), server.name_any());
-                    tokio::time::timeout(ROUND_TIMEOUT, reconcile(server, ctx))
-                        .await
-                        .unwrap_or_else(|_| Err(Error::Timeout { namespace, name, seconds: ROUND_TIMEOUT.as_secs() }))
+                    match tokio::time::timeout(ROUND_TIMEOUT, reconcile(server, ctx)).await {
+                        Ok(result) => result,
+                        Err(_) => Err(Error::Timeout { namespace, name, seconds: ROUND_TIMEOUT.as_secs() }),
+                    }
                 }
             },
             error_policy,

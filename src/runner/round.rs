@@ -1082,7 +1082,7 @@ impl Reconciler {
     fn take_notes(&mut self, notes: std::collections::BTreeMap<&'static str, String>) {
         for (reason, message) in &notes {
             if self.notes.get(reason) != Some(message) {
-                self.shared.emit(*reason, message.clone(), true);
+                self.shared.emit(reason, message.clone(), true);
             }
         }
         self.shared.set_degraded(reasons::SECRET_NOT_MOUNTED, notes.get(reasons::SECRET_NOT_MOUNTED).cloned());
