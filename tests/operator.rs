@@ -944,6 +944,28 @@ async fn a_leader_whose_api_server_goes_silent_steps_down_before_its_lease_runs_
     Ok(())
 }
 
+#[tokio::test]
+async fn a_lease_touched_by_someone_else_stays_with_its_leader() -> Result<()> {
+    let installed = Installed::new("op-touched", &[]).await?;
+    let mut leader = installed.start_operator(&[])?;
+    let holder = eventually("a leader", Duration::from_secs(30), || lease_holder(&installed)).await?;
+    // Someone annotates the Lease over and over (as `kubectl annotate` would): renewals that read it
+    // before such a write get 409 Conflict, which is no loss of leadership.
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = installed.api();
+    let until = Instant::now() + Duration::from_secs(8);
+    let mut n = 0u64;
+    while Instant::now() < until {
+        n += 1;
+        let patch = json!({"metadata": {"annotations": {"touched-by": n.to_string()}}});
+        leases.patch("atlas-runner-operator", &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    }
+    ensure!(leader.child.try_wait()?.is_none(), "the leader exited after {n} touches:\n{}", leader.logs());
+    assert_eq!(lease_holder(&installed).await?, Some(holder));
+    assert_eq!(leader.sample("atlas_operator_leader")?, 1.0);
+    leader.stop()?;
+    Ok(())
+}
+
 /// Writes `status.players` as the agent does (server-side apply on /status as `atlas-agent`).
 async fn set_players(installed: &Installed, name: &str, online: u32) -> Result<()> {
     let api: Api<MinecraftServer> = installed.api();

@@ -167,9 +167,17 @@ impl Elector {
                 self.saw(written.metadata.resource_version);
                 Ok(None)
             }
-            // Someone wrote it since we read it: they won this round.
+            // Someone wrote it since we read it: another replica that took it, or anyone touching
+            // it (`kubectl annotate`). Only the holder it names now says which.
             Err(e) if lease_api_error(&e) == Some(409) => {
-                Ok(Some(holder.unwrap_or_else(|| "another replica".to_owned())))
+                let now = self.api.get_opt(&self.settings.name).await?;
+                let holder_now = now.and_then(|l| l.spec?.holder_identity).filter(|h| !h.is_empty());
+                match holder_now {
+                    // Still ours (or free): not lost; the next try renews it, within the deadline.
+                    None => Err(e),
+                    Some(h) if h == self.settings.identity => Err(e),
+                    Some(other) => Ok(Some(other)),
+                }
             }
             Err(e) => Err(e),
         }
