@@ -583,6 +583,30 @@ async fn as_pid_1_the_agent_reaps_orphans_and_passes_sigterm_on() -> Result<()> 
     Ok(())
 }
 
+#[tokio::test]
+async fn as_pid_1_the_agent_lets_a_server_its_agent_left_behind_save_before_it_exits() -> Result<()> {
+    let (bed, fixture) = bed("agent-orphan", "orphan").await?;
+    bed.apply(&fake_spec(&fixture)).await?;
+    let mut agent = Agent::start_wrapped(&bed, &fixture, &["unshare", "--pid", "--fork", "--kill-child"], &[])?;
+    bed.wait(&mut agent, "Running", Duration::from_secs(60), |o| phase(o) == Some(Phase::Running)).await?;
+    let init = common::wait_for("PID 1 of the namespace", Duration::from_secs(10), || child_of(agent.pid()))?;
+    let proper = common::wait_for("the agent proper", Duration::from_secs(10), || child_of(init))?;
+    // Saving off: from now on only a stop saves the world.
+    agent.console_soon(&["save-off"])?;
+    let region = fixture.data.join("world/region/r.0.0.mca");
+    let before = common::region_generation(&region)?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    ensure!(common::region_generation(&region)? == before, "the world is still being saved");
+
+    // The agent proper dies abnormally: its JVM is left to PID 1, which must stop it gracefully.
+    let kill = std::process::Command::new("kill").args(["-s", "KILL", &proper.to_string()]).status()?;
+    ensure!(kill.success());
+    agent.wait_exit(Duration::from_secs(40)).with_context(|| agent.tail(30))?;
+    let after = common::region_generation(&region)?;
+    assert!(after > before, "the orphaned server was killed without saving (generation {after})");
+    Ok(())
+}
+
 /// The pids whose parent is `pid`.
 fn children(pid: u32) -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };

@@ -3,7 +3,8 @@
 //! kernel delivers it no signal it has not installed a handler for. So when the agent finds itself
 //! PID 1 it becomes a small init: it starts the agent proper as its child (the same binary and
 //! arguments), forwards the signals a container gets to it, reaps every child that exits, and exits
-//! with the agent's status. The image then needs no init package.
+//! with the agent's status, once what the agent left behind has stopped. The image then needs no
+//! init package.
 
 use std::process::{Command, ExitCode};
 
@@ -72,9 +73,11 @@ fn supervise() -> Result<ExitCode, String> {
         loop {
             match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::Exited(pid, code)) if pid == agent => {
+                    end_the_rest();
                     return Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)));
                 }
                 Ok(WaitStatus::Signaled(pid, signal, _)) if pid == agent => {
+                    end_the_rest();
                     return Ok(ExitCode::from(128u8.saturating_add(u8::try_from(signal as i32).unwrap_or(0))));
                 }
                 Ok(WaitStatus::StillAlive) | Err(nix::errno::Errno::ECHILD) => break,
@@ -82,6 +85,32 @@ fn supervise() -> Result<ExitCode, String> {
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(e) => return Err(format!("reap children: {e}")),
             }
+        }
+    }
+}
+
+/// How long processes left behind by the agent proper get to stop after SIGTERM.
+const ORPHAN_GRACE: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Once the agent proper is gone: every process left in the container (a JVM whose agent died
+/// abnormally) gets SIGTERM, which a Minecraft server answers by saving the world and stopping, and
+/// a few seconds to do it; init exiting at once would end the container and the kernel would
+/// SIGKILL them unsaved. After a graceful stop there is nothing left and this returns at once.
+fn end_the_rest() {
+    // PID 1 of its own PID namespace: -1 is every other process of the container.
+    let _ = signal::kill(Pid::from_raw(-1), Signal::SIGTERM);
+    let deadline = std::time::Instant::now() + ORPHAN_GRACE;
+    loop {
+        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            Err(nix::errno::Errno::ECHILD) => return,
+            Ok(WaitStatus::StillAlive) => {
+                if std::time::Instant::now() >= deadline {
+                    let _ = signal::kill(Pid::from_raw(-1), Signal::SIGKILL);
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Ok(_) | Err(_) => {}
         }
     }
 }
