@@ -396,3 +396,27 @@ fn category_words_are_read_from_every_arm() {
     "#;
     assert_eq!(category_words(source), ["bad-spec", "io", "local_io"]);
 }
+
+#[test]
+fn the_readmes_links_into_the_repository_lead_to_files_and_anchors() -> Result<()> {
+    let readme = std::fs::read_to_string(repo().join("README.md"))?;
+    let mut broken = Vec::new();
+    for link in markdown_links(&readme) {
+        if link.contains("://") {
+            continue;
+        }
+        let (path, fragment) = link.split_once('#').unwrap_or((link, ""));
+        let target = repo().join(path);
+        if !target.exists() {
+            broken.push(format!("{link} (no such file)"));
+        } else if !fragment.is_empty() {
+            let text = std::fs::read_to_string(&target)?;
+            if !text.contains(&format!("<a id=\"{fragment}\"")) {
+                broken.push(format!("{link} (no anchor)"));
+            }
+        }
+    }
+    assert!(broken.is_empty(), "broken links in README.md: {broken:?}");
+    ensure!(readme.lines().count() <= 170, "README.md has grown past a front door: move detail into the book");
+    Ok(())
+}
