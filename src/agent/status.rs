@@ -419,6 +419,7 @@ mod tests {
         let c = condition(&degraded, conditions::DEGRADED).ok_or("no Degraded")?;
         assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", reasons::PACK_SOURCE_UNREACHABLE));
         assert!(c.message.contains("the hub is down") && c.message.contains("save-on failed"), "{}", c.message);
+        assert!(c.message.ends_with("; see docs/troubleshooting.md#reason-PackSourceUnreachable"), "{}", c.message);
         Ok(())
     }
 

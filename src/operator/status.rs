@@ -198,6 +198,9 @@ mod tests {
         assert_eq!(keys.reason, "SecretKeyMissing");
         assert!(keys.message.contains("has no key token"), "{}", keys.message);
         assert!(secrets_verdict("games", &[check("ok", SecretState::Present)]).status);
+        // Each ends with a pointer to its troubleshooting entry.
+        assert!(v.message.ends_with("; see docs/troubleshooting.md#reason-SecretMissing"), "{}", v.message);
+        assert!(keys.message.ends_with("; see docs/troubleshooting.md#reason-SecretKeyMissing"), "{}", keys.message);
     }
 
     #[test]
