@@ -4,7 +4,7 @@
 //!
 //! Two things differ from a user's machine, both by the runner's own settings: Mojang's API is a
 //! loopback stand-in (`ATLAS_MOJANG_MANIFEST_URL`) serving the real manifest and version document
-//! with the fake server as the latest release's jar, and the admin port is a free one
+//! with the fake server (a Java 17 jar, as its document then says) as the latest release's jar, and the admin port is a free one
 //! (`ATLAS_METRICS_ADDR`) that the `curl` line is pointed at, so parallel runs never collide on 9100.
 
 mod common;
@@ -64,6 +64,9 @@ fn mojang_stand_in() -> Result<String> {
         document["downloads"]["server"] = serde_json::json!({
             "sha1": hex::encode(Sha1::digest(&jar)), "size": jar.len(), "url": format!("{base}/server.jar")
         });
+        // The jar served is the fake server, built for Java 17: its document says so, so the runner
+        // picks any JDK 17+ the machine has instead of needing the real release's Java 25.
+        document["javaVersion"]["majorVersion"] = 17.into();
         let document = serde_json::to_vec(&document)?;
         let entry = manifest["versions"]
             .as_array_mut()
