@@ -1,11 +1,13 @@
 //! A node bed leaves the machine as it found it: after a bed ran a pod and stopped, whether it was
 //! stopped, its owner was killed (the reaper cleans up) or its owner and reaper were both killed (the
-//! next bed cleans up), `ip netns`, `iptables-save` and the host's mount table are as before, and no
-//! link, mount, process or cgroup names the bed. Beds of other test runs may come and go meanwhile:
-//! the check looks at what this bed added, found by its name, directory and addresses.
+//! next bed cleans up), `ip netns`, `iptables-save`, the host's kernel settings and its mount table
+//! are as before, and no link, mount, process or cgroup names the bed. Beds of other test runs may
+//! come and go meanwhile: the check looks at what this bed added, found by its name, directory and
+//! addresses.
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -21,6 +23,47 @@ struct Snapshot {
     mounts: String,
     links: String,
     processes: String,
+    sysctls: BTreeMap<String, String>,
+}
+
+/// The host's kernel settings (`sysctl -a`) but counters, random values and the settings of single
+/// network interfaces (links of other beds come and go).
+fn sysctls() -> Result<BTreeMap<String, String>> {
+    const COUNTERS: [&str; 10] = [
+        "fs.dentry-state",
+        "fs.file-nr",
+        "fs.inode-nr",
+        "fs.inode-state",
+        "fs.aio-nr",
+        "kernel.ns_last_pid",
+        "kernel.pty.nr",
+        "kernel.random.entropy_avail",
+        "kernel.random.uuid",
+        "net.netfilter.nf_conntrack_count",
+    ];
+    let per_interface = |key: &str| {
+        ["net.ipv4.conf.", "net.ipv6.conf.", "net.ipv4.neigh.", "net.ipv6.neigh."].iter().any(|prefix| {
+            key.strip_prefix(prefix).is_some_and(|rest| !rest.starts_with("all.") && !rest.starts_with("default."))
+        })
+    };
+    Ok(tool(Command::new("sysctl").arg("-a"))?
+        .lines()
+        .filter_map(|l| l.split_once(" = "))
+        .filter(|(key, _)| !COUNTERS.contains(key) && !key.starts_with("fs.quota.") && !per_interface(key))
+        .map(|(key, value)| (key.to_owned(), value.to_owned()))
+        .collect())
+}
+
+/// The kernel settings whose values differ between `before` and `after` (a setting that appears
+/// only once a module is loaded is not a change of the host's settings).
+fn changed_sysctls(before: &BTreeMap<String, String>, after: &BTreeMap<String, String>) -> Vec<String> {
+    before
+        .iter()
+        .filter_map(|(key, old)| {
+            let new = after.get(key)?;
+            (new != old).then(|| format!("{key}: {old} -> {new}"))
+        })
+        .collect()
 }
 
 fn snapshot() -> Result<Snapshot> {
@@ -48,6 +91,7 @@ fn snapshot() -> Result<Snapshot> {
         mounts: std::fs::read_to_string("/proc/self/mountinfo")?,
         links: tool(Command::new("ip").args(["-o", "link"]))?,
         processes,
+        sysctls: sysctls()?,
     })
 }
 
@@ -86,6 +130,8 @@ fn assert_gone(bed: &Bed, before: &Snapshot) -> Result<()> {
     let after = snapshot()?;
     assert_eq!(after.netns, before.netns, "ip netns changed");
     assert_eq!(after.iptables, before.iptables, "the host's iptables changed");
+    let changed = changed_sysctls(&before.sysctls, &after.sysctls);
+    ensure!(changed.is_empty(), "the host's kernel settings changed: {changed:#?}");
     for (what, text) in [("link", &after.links), ("mount", &after.mounts), ("process", &after.processes)] {
         let left = bed.named_in(text);
         ensure!(left.is_empty(), "{} left a {what}: {left:#?}", bed.name);

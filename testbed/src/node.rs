@@ -506,23 +506,48 @@ fn node_ready(api: &ClusterProcesses) -> Result<bool> {
 
 const NODE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
+/// The kernel settings the kubelet checks at start, under `/proc/sys`, with the values it wants
+/// (k8s.io/component-helpers/node/util/sysctl, read by pkg/kubelet/cm/container_manager_linux.go
+/// `setupKernelTunables`). All six are the host's own, whatever the namespace.
+pub const KUBELET_KERNEL_SETTINGS: [(&str, &str); 6] = [
+    ("vm/overcommit_memory", "1"),
+    ("vm/panic_on_oom", "0"),
+    ("kernel/panic", "10"),
+    ("kernel/panic_on_oops", "1"),
+    ("kernel/keys/root_maxkeys", "1000000"),
+    ("kernel/keys/root_maxbytes", "25000000"),
+];
+
 /// Starts the holder of the node's namespaces: a new network namespace (only loopback until the
 /// bed adds its link), a new mount namespace (private, with the bed's own `/run`, `/var/lib` and
-/// `/var/log`, so nothing the node mounts or writes there reaches the host) and a new PID namespace,
-/// whose init it is. Returns its host PID.
+/// `/var/log`, so nothing the node mounts or writes there reaches the host, and the kubelet's kernel
+/// settings masked) and a new PID namespace, whose init it is. Returns its host PID.
 fn start_holder(node: &mut Processes) -> Result<u32> {
     let d = node.dir().to_path_buf();
     std::fs::create_dir_all(d.join("var-lib"))?;
     std::fs::create_dir_all(d.join("var-log"))?;
     let ready = d.join("holder.ready");
+    // The kubelet wants six host-wide kernel settings (not one of them is per namespace) and writes
+    // those that differ. In the node's mount namespace each is a read-only file holding the value
+    // the kubelet wants, so it reads what it expects and writes nothing (with
+    // `protectKernelDefaults` it would fail rather than write); the host's values stay as they are.
+    let mut masks = String::from("mkdir /run/atlas-bed-sysctl\n");
+    for (key, value) in KUBELET_KERNEL_SETTINGS {
+        let file = format!("/run/atlas-bed-sysctl/{}", key.replace('/', "."));
+        masks += &format!(
+            "echo {value} > {file}\nmount --bind {file} /proc/sys/{key}\nmount -o remount,bind,ro /proc/sys/{key}\n"
+        );
+    }
     // pause's argument is only there so the teardown finds the holder by its command line.
-    let setup = r#"set -e
+    let setup = format!(
+        r#"set -e
 mount -t tmpfs -o mode=0755 atlas-bed-run /run
 mount --bind "$D/var-lib" /var/lib
 mount --bind "$D/var-log" /var/log
-: > "$D/holder.ready"
+{masks}: > "$D/holder.ready"
 exec "$PAUSE" "$D/"
-"#;
+"#
+    );
     let args: Vec<String> = vec![
         "--net".into(),
         "--pid".into(),
@@ -538,7 +563,7 @@ exec "$PAUSE" "$D/"
         format!("PAUSE={}", bin("pause")?.display()),
         "sh".into(),
         "-c".into(),
-        setup.into(),
+        setup,
     ];
     node.spawn("holder", Path::new("unshare"), args)?;
     wait_until("the node's namespaces", Duration::from_secs(10), || {
@@ -665,7 +690,9 @@ evictionHard: {{memory.available: 1Mi, nodefs.available: 1%, nodefs.inodesFree: 
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 serializeImagePulls: false
-protectKernelDefaults: false
+# The kernel settings it wants are masked in the node's mount namespace (see start_holder): it
+# finds them as it wants them, and would fail rather than change the host's should one not be.
+protectKernelDefaults: true
 rotateCertificates: false
 serverTLSBootstrap: false
 "#,
