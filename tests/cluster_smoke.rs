@@ -167,6 +167,105 @@ async fn the_node_network_namespace_has_no_default_route() -> Result<()> {
     Ok(())
 }
 
+/// The API server calls a webhook at the pod behind its Service, over the bed's link, never at the
+/// Service's ClusterIP (only the node's namespace knows those; from the host a dial would take the
+/// default route off the machine). And the host has no route into the Service range at all.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_api_server_calls_a_webhook_at_its_pod_and_the_host_routes_no_service_address() -> Result<()> {
+    use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
+    let cluster = TestCluster::with_nodes(Path::new(common::binary())).await?;
+    let image = cluster.nodes()?.image.clone();
+
+    // Read from the host's routing table: no packet is sent.
+    for address in ["10.0.0.1", "10.0.0.10", "10.0.0.254"] {
+        let out = Command::new("ip").args(["-4", "route", "get", address]).output()?;
+        let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        ensure!(!out.status.success() && said.contains("No route to host"), "the host routes {address}: {said}");
+    }
+
+    // A pod behind a Service, with nothing listening on the target port: a call fails at once, and
+    // its error says where the API server dialled.
+    let ns = cluster.namespace("webhook").await?;
+    let create = PostParams::default();
+    let labels = serde_json::json!({"app": "webhook-target"});
+    let pod: Pod = object(serde_json::json!({
+        "metadata": {"name": "target", "labels": labels},
+        "spec": {"containers": [{"name": "sleep", "image": image, "imagePullPolicy": "Never", "command": ["sleep", "3600"]}]},
+    }))?;
+    let pods = Api::<Pod>::namespaced(ns.client.clone(), &ns.name);
+    pods.create(&create, &pod).await?;
+    let service: Service = object(serde_json::json!({
+        "metadata": {"name": "target"},
+        "spec": {"selector": labels, "ports": [{"port": 443, "targetPort": 8443}]},
+    }))?;
+    let service = Api::<Service>::namespaced(ns.client.clone(), &ns.name).create(&create, &service).await?;
+    let cluster_ip = service.spec.and_then(|s| s.cluster_ip).context("the Service has no ClusterIP")?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let pod_ip = loop {
+        let status = pods.get("target").await?.status.unwrap_or_default();
+        let ready = status.conditions.iter().flatten().any(|c| c.type_ == "Ready" && c.status == "True");
+        if let (true, Some(ip)) = (ready, status.pod_ip) {
+            break ip;
+        }
+        ensure!(Instant::now() < deadline, "the webhook's pod was not Ready after 120 s");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+
+    // The webhook sees only labelled ConfigMaps of this namespace: other tests never meet it.
+    let webhooks = Api::<ValidatingWebhookConfiguration>::all(ns.client.clone());
+    let webhook_name = unique("atlas-bed-probe");
+    let webhook: ValidatingWebhookConfiguration = object(serde_json::json!({
+        "metadata": {"name": webhook_name},
+        "webhooks": [{
+            "name": "probe.bed.atlas.dev",
+            "clientConfig": {"service": {"namespace": ns.name, "name": "target", "path": "/validate", "port": 443}},
+            "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["configmaps"]}],
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns.name}},
+            "objectSelector": {"matchLabels": {"atlas-bed-probe": "yes"}},
+            "sideEffects": "None",
+            "admissionReviewVersions": ["v1"],
+            "failurePolicy": "Fail",
+            "timeoutSeconds": 5,
+        }],
+    }))?;
+    webhooks.create(&create, &webhook).await?;
+    let called = call_webhook(&ns, &pod_ip, &cluster_ip).await;
+    webhooks.delete(&webhook_name, &Default::default()).await?;
+    let called = called?;
+    ensure!(
+        called.contains(&format!("{pod_ip}:8443")),
+        "the API server did not dial the webhook at its pod {pod_ip}:8443: {called}"
+    );
+    Ok(())
+}
+
+/// Creates labelled ConfigMaps until the webhook is called (its configuration reaches the API
+/// server's cache a moment after it is created); returns the error naming where it was dialled.
+async fn call_webhook(ns: &TestNamespace, pod_ip: &str, cluster_ip: &str) -> Result<String> {
+    let maps = Api::<ConfigMap>::namespaced(ns.client.clone(), &ns.name);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let map: ConfigMap =
+            object(serde_json::json!({"metadata": {"name": unique("probe"), "labels": {"atlas-bed-probe": "yes"}}}))?;
+        match maps.create(&PostParams::default(), &map).await {
+            Err(e) if e.to_string().contains("failed calling webhook") => {
+                let said = e.to_string();
+                ensure!(!said.contains(cluster_ip), "the API server dialled the Service's ClusterIP: {said}");
+                if said.contains(pod_ip) {
+                    return Ok(said);
+                }
+                // Until the endpoints reach its cache, the API server says the Service has none.
+            }
+            Err(e) => return Err(e.into()),
+            Ok(_) => {}
+        }
+        if Instant::now() > deadline {
+            bail!("the webhook was not called within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Objects
 

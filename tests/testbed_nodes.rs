@@ -22,6 +22,7 @@ struct Snapshot {
     iptables: String,
     mounts: String,
     links: String,
+    routes: String,
     processes: String,
     sysctls: BTreeMap<String, String>,
 }
@@ -90,6 +91,7 @@ fn snapshot() -> Result<Snapshot> {
         iptables,
         mounts: std::fs::read_to_string("/proc/self/mountinfo")?,
         links: tool(Command::new("ip").args(["-o", "link"]))?,
+        routes: tool(Command::new("ip").args(["-4", "route", "show", "table", "all"]))?,
         processes,
         sysctls: sysctls()?,
     })
@@ -104,16 +106,18 @@ struct Bed {
 }
 
 impl Bed {
-    /// The lines of `text` that name this bed.
+    /// The lines of `text` that name this bed (its host route for the Service range names its slot).
     fn named_in<'a>(&self, text: &'a str) -> Vec<&'a str> {
         let dir = self.dir.display().to_string();
         let (link, pods) = (format!("10.213.{}.", self.slot), format!("10.214.{}.", self.slot));
+        let service_route = format!("unreachable {} metric {} ", atlas_testbed::SERVICE_CIDR, self.slot);
         text.lines()
             .filter(|l| {
                 l.split(|c: char| !(c.is_alphanumeric() || c == '-')).any(|w| w == self.name)
                     || l.contains(&dir)
                     || l.contains(&link)
                     || l.contains(&pods)
+                    || format!("{l} ").starts_with(&service_route)
             })
             .collect()
     }
@@ -132,7 +136,9 @@ fn assert_gone(bed: &Bed, before: &Snapshot) -> Result<()> {
     assert_eq!(after.iptables, before.iptables, "the host's iptables changed");
     let changed = changed_sysctls(&before.sysctls, &after.sysctls);
     ensure!(changed.is_empty(), "the host's kernel settings changed: {changed:#?}");
-    for (what, text) in [("link", &after.links), ("mount", &after.mounts), ("process", &after.processes)] {
+    let lists =
+        [("link", &after.links), ("route", &after.routes), ("mount", &after.mounts), ("process", &after.processes)];
+    for (what, text) in lists {
         let left = bed.named_in(text);
         ensure!(left.is_empty(), "{} left a {what}: {left:#?}", bed.name);
     }
@@ -204,6 +210,8 @@ read -r _ || true
 fn assert_running(bed: &Bed) -> Result<()> {
     let now = snapshot()?;
     ensure!(!bed.named_in(&now.links).is_empty(), "no link of {} while it runs", bed.name);
+    let routes = bed.named_in(&now.routes);
+    ensure!(routes.len() >= 3, "not all the host routes of {} while it runs: {routes:#?}", bed.name);
     ensure!(!bed.named_in(&now.processes).is_empty(), "no process of {} while it runs", bed.name);
     ensure!(!bed.cgroups().is_empty(), "no cgroup of {} while it runs", bed.name);
     // The node mounts into its own mount namespace only.

@@ -370,6 +370,10 @@ pub fn start_cluster_with(options: &ApiOptions, mut processes: Processes) -> Res
         format!("--service-account-key-file={}", p("sa.pub")),
         format!("--service-account-signing-key-file={}", p("sa.key")),
         "--profiling=false".to_owned(),
+        // Webhooks, conversion webhooks and aggregated APIs are dialled at their Service's endpoints
+        // (pod addresses, routed over a node bed's link), never at a ClusterIP: the host has no route
+        // into the Service range but its default one, which leaves the machine.
+        "--enable-aggregator-routing=true".to_owned(),
         "--v=0".to_owned(),
     ];
     if options.nodes {

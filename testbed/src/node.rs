@@ -25,7 +25,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::{ApiOptions, ClusterProcesses, Processes, bin, bin_dir, image, start_cluster_with, wait_until};
+use crate::{
+    ApiOptions, ClusterProcesses, Processes, SERVICE_CIDR, bin, bin_dir, image, start_cluster_with, wait_until,
+};
 
 /// The node's name (one node per bed, and one API server per bed).
 pub const NODE_NAME: &str = "atlas-bed";
@@ -78,6 +80,13 @@ impl BedNetwork {
     /// Cleans up stale beds, claims a free slot and makes the node's namespaces and network.
     pub fn claim() -> Result<Self> {
         clean_stale_beds();
+        let routes = output(Command::new("ip").args(["-4", "route", "show", "table", "all"]))?;
+        if let Some(route) = service_range_conflict(&routes) {
+            bail!(
+                "the host routes part of the bed's Service range {SERVICE_CIDR} ({route}): a node bed cannot \
+                 keep its Service addresses off the machine here"
+            );
+        }
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
         let seed = (std::process::id() ^ nanos) as u16;
         let count = SLOTS.end() - SLOTS.start() + 1;
@@ -100,7 +109,9 @@ impl BedNetwork {
         }
         let (link_net, pod_net) = (format!("10.213.{slot}."), format!("10.214.{slot}."));
         let routes = output(Command::new("ip").args(["-4", "route", "show", "table", "all"]))?;
-        if routes.contains(&link_net) || routes.contains(&pod_net) {
+        let slot_text = slot.to_string();
+        let service_route = |l: &str| l.split_whitespace().eq(["unreachable", SERVICE_CIDR, "metric", &slot_text]);
+        if routes.contains(&link_net) || routes.contains(&pod_net) || routes.lines().any(service_route) {
             return Ok(None);
         }
         // The directory is claimed whole by a rename, so it never exists without its held lock.
@@ -148,6 +159,10 @@ impl BedNetwork {
         run(Command::new("ip").args(["link", "set", name, "up"]))?;
         // Replies to pods go back through the link (the route leaves with it).
         run(Command::new("ip").args(["route", "add", &self.pod_cidr, "via", &node, "dev", name]))?;
+        // Nothing on the host reaches a Service address (they exist only in the node's namespace):
+        // one that tried would otherwise take the host's default route off the machine. One route
+        // per bed (its metric is the slot), so beds come and go independently.
+        run(Command::new("ip").args(["route", "add", "unreachable", SERVICE_CIDR, "metric", &self.slot.to_string()]))?;
         run(self.in_netns("sysctl").args([
             "-q",
             "-w",
@@ -253,6 +268,7 @@ fn start_reaper(dir: &Path, name: &str) -> Result<Child> {
         .args(["sh", "-c", TEARDOWN, "teardown"])
         .env("D", dir)
         .env("NS", name)
+        .env("SERVICE_CIDR", SERVICE_CIDR)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -293,6 +309,7 @@ done
 # The network namespace went with its last process, and the veth pair and its routes with it;
 # the host end is removed here should anything still hold the namespace.
 ip link del "$NS" 2>/dev/null
+ip route del unreachable "$SERVICE_CIDR" metric "${NS#atlas-bed-}" 2>/dev/null
 rm -rf --one-file-system "$D"
 true
 "#;
@@ -302,6 +319,7 @@ fn teardown(dir: &Path, name: &str) -> Result<()> {
         .args(["-c", TEARDOWN, "teardown"])
         .env("D", dir)
         .env("NS", name)
+        .env("SERVICE_CIDR", SERVICE_CIDR)
         .stdin(Stdio::null())
         .status()?;
     if !status.success() {
@@ -335,6 +353,43 @@ pub fn clean_stale_beds() {
             let _ = teardown(&dir, &name);
         }
     }
+}
+
+/// The first route of `routes` (`ip -4 route show table all`) to an address of [`SERVICE_CIDR`]
+/// other than the default route and the beds' own unreachable routes for the range.
+fn service_range_conflict(routes: &str) -> Option<&str> {
+    const TYPES: [&str; 10] = [
+        "unicast",
+        "local",
+        "broadcast",
+        "unreachable",
+        "blackhole",
+        "prohibit",
+        "throw",
+        "multicast",
+        "anycast",
+        "nat",
+    ];
+    let parse = |cidr: &str| -> Option<(u32, u32)> {
+        let (address, len) = cidr.split_once('/').unwrap_or((cidr, "32"));
+        let len: u32 = len.parse().ok().filter(|l| *l <= 32)?;
+        let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+        Some((u32::from(address.parse::<Ipv4Addr>().ok()?) & mask, mask))
+    };
+    let (range, range_mask) = parse(SERVICE_CIDR)?;
+    routes.lines().find(|route| {
+        let mut words = route.split_whitespace().peekable();
+        let kind = words.next_if(|w| TYPES.contains(w));
+        let Some(destination) = words.next() else { return false };
+        if destination == "default" || (kind == Some("unreachable") && destination == SERVICE_CIDR) {
+            return false;
+        }
+        // Two networks overlap when each one's address, under the shorter mask, is the same.
+        parse(destination).is_some_and(|(address, mask)| {
+            let common = mask & range_mask;
+            address & common == range & common
+        })
+    })
 }
 
 fn cgroup_hierarchies() -> Vec<PathBuf> {
@@ -838,4 +893,23 @@ fn apply(api: &ClusterProcesses, yaml: &str) -> Result<()> {
         bail!("kubectl apply of the bed's cluster objects failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::service_range_conflict;
+
+    #[test]
+    fn a_host_route_into_the_service_range_is_a_conflict_and_the_default_route_is_not() {
+        let host = "default via 192.0.2.1 dev eth0\n192.0.2.0/24 dev eth0 proto kernel scope link src 192.0.2.2\n\
+                    unreachable 10.0.0.0/24 metric 7\nlocal 127.0.0.1 dev lo table local proto kernel\n";
+        assert_eq!(service_range_conflict(host), None);
+        for route in
+            ["10.0.0.0/8 via 192.0.2.1 dev eth0", "10.0.0.128/25 dev eth1", "local 10.0.0.5 dev eth1 table local"]
+        {
+            let routes = format!("{host}{route}\n");
+            assert_eq!(service_range_conflict(&routes), Some(route));
+        }
+        assert_eq!(service_range_conflict("10.0.1.0/24 dev eth1\n"), None);
+    }
 }
