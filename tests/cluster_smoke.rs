@@ -167,6 +167,37 @@ async fn the_node_network_namespace_has_no_default_route() -> Result<()> {
     Ok(())
 }
 
+/// The node reaches, of the host's services, only the ports opened to it (the API server's, the
+/// pods' S3, and what a test opens): a service the host binds to a wildcard address is refused at
+/// once over the bed's link. And the host never forwards for the link.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_node_reaches_on_the_host_only_the_ports_opened_to_it() -> Result<()> {
+    let cluster = TestCluster::with_nodes(Path::new(common::binary())).await?;
+    let nodes = cluster.nodes()?;
+    let bed = nodes.bed.clone().context("the bed did not say its name")?;
+    let ns = cluster.namespace("host-ports").await?;
+    let node_ip: std::net::Ipv4Addr = node_internal_ip(&ns).await?.parse()?;
+    let [a, b, c, _] = node_ip.octets();
+    let host_ip = std::net::Ipv4Addr::new(a, b, c, 1);
+
+    let closed = std::net::TcpListener::bind("0.0.0.0:0")?;
+    let opened = std::net::TcpListener::bind("0.0.0.0:0")?;
+    cluster.open_to_pods(opened.local_addr()?.port())?;
+    let connect = |port: u16| -> Result<bool> {
+        let out = Command::new("nsenter")
+            .arg(format!("--net={}", nodes.netns))
+            .args(["timeout", "10", "bash", "-c", &format!("exec 3<>/dev/tcp/{host_ip}/{port}")])
+            .output()?;
+        Ok(out.status.success())
+    };
+    ensure!(connect(opened.local_addr()?.port())?, "the node could not reach a port opened to it");
+    ensure!(!connect(closed.local_addr()?.port())?, "the node reached a host service bound to 0.0.0.0");
+
+    let forwarding = std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{bed}/forwarding"))?;
+    assert_eq!(forwarding.trim(), "0", "the host forwards for {bed}");
+    Ok(())
+}
+
 /// The API server calls a webhook at the pod behind its Service, over the bed's link, never at the
 /// Service's ClusterIP (only the node's namespace knows those; from the host a dial would take the
 /// default route off the machine). And the host has no route into the Service range at all.

@@ -1,7 +1,8 @@
 //! A node bed leaves the machine as it found it: after a bed ran a pod and stopped, whether it was
 //! stopped, its owner was killed (the reaper cleans up) or its owner and reaper were both killed (the
-//! next bed cleans up), `ip netns`, `iptables-save`, the host's kernel settings and its mount table
-//! are as before, and no link, mount, process or cgroup names the bed. Beds of other test runs may
+//! next bed cleans up), `ip netns`, `iptables-save`, `ip6tables-save`, the host's kernel settings
+//! and its mount table are as before, and no link, route, nftables rule, mount, process or cgroup
+//! names the bed. Beds of other test runs may
 //! come and go meanwhile: the check looks at what this bed added, found by its name, directory and
 //! addresses.
 
@@ -20,6 +21,8 @@ use anyhow::{Context, Result, bail, ensure};
 struct Snapshot {
     netns: String,
     iptables: String,
+    ip6tables: String,
+    nft: String,
     mounts: String,
     links: String,
     routes: String,
@@ -68,12 +71,14 @@ fn changed_sysctls(before: &BTreeMap<String, String>, after: &BTreeMap<String, S
 }
 
 fn snapshot() -> Result<Snapshot> {
-    let iptables = tool(&mut Command::new("iptables-save"))?
-        .lines()
-        // Comments carry the time of the dump.
-        .filter(|l| !l.starts_with('#'))
-        .map(|l| format!("{l}\n"))
-        .collect();
+    let save = |program: &str| -> Result<String> {
+        Ok(tool(&mut Command::new(program))?
+            .lines()
+            // Comments carry the time of the dump.
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| format!("{l}\n"))
+            .collect())
+    };
     let mut processes = String::new();
     for entry in std::fs::read_dir("/proc")?.flatten() {
         if entry.file_name().to_string_lossy().parse::<u32>().is_ok()
@@ -88,7 +93,9 @@ fn snapshot() -> Result<Snapshot> {
     }
     Ok(Snapshot {
         netns: tool(Command::new("ip").arg("netns"))?,
-        iptables,
+        iptables: save("iptables-save")?,
+        ip6tables: save("ip6tables-save")?,
+        nft: tool(Command::new("nft").args(["list", "ruleset"]))?,
         mounts: std::fs::read_to_string("/proc/self/mountinfo")?,
         links: tool(Command::new("ip").args(["-o", "link"]))?,
         routes: tool(Command::new("ip").args(["-4", "route", "show", "table", "all"]))?,
@@ -134,10 +141,16 @@ fn assert_gone(bed: &Bed, before: &Snapshot) -> Result<()> {
     let after = snapshot()?;
     assert_eq!(after.netns, before.netns, "ip netns changed");
     assert_eq!(after.iptables, before.iptables, "the host's iptables changed");
+    assert_eq!(after.ip6tables, before.ip6tables, "the host's ip6tables changed");
     let changed = changed_sysctls(&before.sysctls, &after.sysctls);
     ensure!(changed.is_empty(), "the host's kernel settings changed: {changed:#?}");
-    let lists =
-        [("link", &after.links), ("route", &after.routes), ("mount", &after.mounts), ("process", &after.processes)];
+    let lists = [
+        ("link", &after.links),
+        ("route", &after.routes),
+        ("nftables rule", &after.nft),
+        ("mount", &after.mounts),
+        ("process", &after.processes),
+    ];
     for (what, text) in lists {
         let left = bed.named_in(text);
         ensure!(left.is_empty(), "{} left a {what}: {left:#?}", bed.name);
@@ -210,6 +223,7 @@ read -r _ || true
 fn assert_running(bed: &Bed) -> Result<()> {
     let now = snapshot()?;
     ensure!(!bed.named_in(&now.links).is_empty(), "no link of {} while it runs", bed.name);
+    ensure!(!bed.named_in(&now.nft).is_empty(), "no nftables table of {} while it runs", bed.name);
     let routes = bed.named_in(&now.routes);
     ensure!(routes.len() >= 3, "not all the host routes of {} while it runs: {routes:#?}", bed.name);
     ensure!(!bed.named_in(&now.processes).is_empty(), "no process of {} while it runs", bed.name);

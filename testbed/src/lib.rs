@@ -58,6 +58,8 @@ pub mod env {
     pub const S3_POD_SECRET_KEY: &str = "ATLAS_TEST_S3_POD_SECRET_KEY";
     /// With a node: the node's network namespace as a path (`nsenter --net=PATH ip route`).
     pub const NODE_NETNS: &str = "ATLAS_TEST_NODE_NETNS";
+    /// With a node: the node bed's name (`atlas-bed-S`: its host link, cgroup and nftables table).
+    pub const NODE_BED: &str = "ATLAS_TEST_NODE_BED";
 }
 
 /// The region SeaweedFS answers for; any value is accepted, this one is conventional.
@@ -455,6 +457,11 @@ pub struct S3Processes {
 }
 
 impl S3Processes {
+    /// The port S3 listens on.
+    pub fn s3_port(&self) -> u16 {
+        self.s3_port
+    }
+
     /// Kills SeaweedFS at once, as an outage would, keeping its data for [`S3Processes::restart`].
     pub fn kill(&mut self) {
         self.processes.kill("weed");
@@ -628,6 +635,9 @@ pub struct NodeInfo {
     pub image_config: PathBuf,
     /// The node's network namespace as a path (`nsenter --net=PATH`).
     pub netns: String,
+    /// The node bed's name (`atlas-bed-S`: the host end of its link, its cgroup, its nftables table),
+    /// when the bed said it.
+    pub bed: Option<String>,
 }
 
 /// A fresh namespace on the shared API server, with a client for it.
@@ -688,7 +698,8 @@ impl TestCluster {
                     );
                     if let (Some(kubeconfig), Ok(image), Some(config), Ok(netns)) = from_env {
                         let mut cluster = TestCluster::bare(PathBuf::from(kubeconfig), None);
-                        cluster.nodes = Some(NodeInfo { image, image_config: PathBuf::from(config), netns });
+                        let bed = std::env::var(env::NODE_BED).ok();
+                        cluster.nodes = Some(NodeInfo { image, image_config: PathBuf::from(config), netns, bed });
                         return Ok(cluster);
                     }
                     let options = node::NodeOptions { image_binary: binary, volumes: 8 };
@@ -699,6 +710,7 @@ impl TestCluster {
                                 image: c.image.name.clone(),
                                 image_config: c.image.config.clone(),
                                 netns: c.network.netns_path().display().to_string(),
+                                bed: Some(c.network.name.clone()),
                             });
                             cluster.private_nodes = Some(c);
                             cluster
@@ -743,12 +755,27 @@ impl TestCluster {
                     ));
                 };
                 start_s3_on(private.network.host_ip, None)
-                    .map(|s| (s.endpoint.clone(), Some(s)))
+                    .and_then(|s| {
+                        private.network.open_to_pods(s.s3_port())?;
+                        Ok((s.endpoint.clone(), Some(s)))
+                    })
                     .map_err(|e| format!("{e:#}"))
             })
             .as_ref()
             .map(|(endpoint, _)| endpoint.clone())
             .map_err(|e| anyhow!("starting S3 for pods failed: {e}"))
+    }
+
+    /// Lets the node and its pods open TCP connections to `port` on the bed's host address, where a
+    /// test serves them something (everything else of the host is closed to them).
+    pub fn open_to_pods(&self, port: u16) -> Result<()> {
+        let bed = self.nodes()?.bed.as_deref().with_context(|| {
+            format!(
+                "{} is not set: the bed's host ports cannot be opened (run under atlas-testbed run --nodes)",
+                env::NODE_BED
+            )
+        })?;
+        node::open_port(bed, port)
     }
 
     /// The admin kubeconfig's path.

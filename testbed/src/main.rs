@@ -67,6 +67,9 @@ async fn run() -> Result<ExitCode> {
         let host_ip = node_cluster.network.host_ip;
         let pod_s3 =
             tokio::task::spawn_blocking(move || want_s3.then(|| start_s3_on(host_ip, None)).transpose()).await??;
+        if let Some(s3) = &pod_s3 {
+            node_cluster.network.open_to_pods(s3.s3_port())?;
+        }
         eprintln!("atlas-testbed: node bed {} in {}", node_cluster.network.name, node_cluster.network.dir.display());
         eprintln!("atlas-testbed: node Ready {:.1}s after start", node_cluster.started_in.as_secs_f64());
         (Some(node_cluster), pod_s3)
@@ -86,7 +89,8 @@ async fn run() -> Result<ExitCode> {
         cmd.env(env::NODE_KUBECONFIG, c.kubeconfig())
             .env(env::IMAGE, &c.image.name)
             .env(env::IMAGE_CONFIG, &c.image.config)
-            .env(env::NODE_NETNS, c.network.netns_path());
+            .env(env::NODE_NETNS, c.network.netns_path())
+            .env(env::NODE_BED, &c.network.name);
     }
     if let Some(s) = &s3 {
         cmd.env(env::S3_ENDPOINT, &s.endpoint.endpoint)

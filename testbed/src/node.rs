@@ -156,6 +156,20 @@ impl BedNetwork {
         // The node's end is created inside the namespace, so its name there is private.
         run(Command::new("ip").args(["link", "add", name, "type", "veth", "peer", "name", "eth0", "netns", &holder]))?;
         run(Command::new("ip").args(["addr", "add", &format!("{host}/30"), "dev", name]))?;
+        // The host never forwards for the bed (not even when the host forwards between its own
+        // links), and the link carries no IPv6; both settings go with the link.
+        run(Command::new("sysctl").args([
+            "-q",
+            "-w",
+            &format!("net.ipv4.conf.{name}.forwarding=0"),
+            &format!("net.ipv6.conf.{name}.disable_ipv6=1"),
+        ]))?;
+        // What the node may reach on the host: the ports opened to it (the API server's, the pods'
+        // S3), not every service bound to a wildcard address. A table of the bed's own, removed
+        // by the teardown; stateless, so the host's connection tracking is not switched on.
+        let mut nft = Command::new("nft");
+        nft.args(["-f", "-"]);
+        run_with_input(&mut nft, &nft_table(name))?;
         run(Command::new("ip").args(["link", "set", name, "up"]))?;
         // Replies to pods go back through the link (the route leaves with it).
         run(Command::new("ip").args(["route", "add", &self.pod_cidr, "via", &node, "dev", name]))?;
@@ -186,6 +200,12 @@ impl BedNetwork {
             }
         }
         Ok(())
+    }
+
+    /// Lets the node and its pods open TCP connections to `port` on the bed's host address (and on
+    /// any other host address the link would reach).
+    pub fn open_to_pods(&self, port: u16) -> Result<()> {
+        open_port(&self.name, port)
     }
 
     /// `program` run in the node's network namespace (and nothing else of it).
@@ -310,9 +330,57 @@ done
 # the host end is removed here should anything still hold the namespace.
 ip link del "$NS" 2>/dev/null
 ip route del unreachable "$SERVICE_CIDR" metric "${NS#atlas-bed-}" 2>/dev/null
+nft delete table inet "$NS" 2>/dev/null
 rm -rf --one-file-system "$D"
 true
 "#;
+
+/// The bed's nftables table (family `inet`, named as the bed): of what comes in over the link, the
+/// host takes TCP connections to the ports in the set `pod_ports`, the rest of connections the host
+/// opened (anything but a first SYN) and ICMP errors; every other packet is refused at once (a TCP
+/// reset, else ICMP). Nothing is forwarded to or from the link.
+fn nft_table(name: &str) -> String {
+    format!(
+        r#"table inet {name} {{
+  set pod_ports {{ type inet_service; }}
+  chain input {{
+    type filter hook input priority filter; policy accept;
+    iifname "{name}" tcp dport @pod_ports accept
+    iifname "{name}" tcp flags & (syn | ack) != syn accept
+    iifname "{name}" icmp type {{ echo-reply, destination-unreachable, time-exceeded, parameter-problem }} accept
+    iifname "{name}" meta l4proto tcp reject with tcp reset
+    iifname "{name}" reject with icmpx admin-prohibited
+  }}
+  chain forward {{
+    type filter hook forward priority filter; policy accept;
+    iifname "{name}" drop
+    oifname "{name}" drop
+  }}
+}}
+"#
+    )
+}
+
+/// Opens `port` on the host to the node of the bed `name` (see [`nft_table`]).
+pub fn open_port(name: &str, port: u16) -> Result<()> {
+    run(Command::new("nft").args(["add", "element", "inet", name, "pod_ports", &format!("{{ {port} }}")]))
+        .with_context(|| format!("open port {port} of the host to the node of {name}"))
+}
+
+fn run_with_input(cmd: &mut Command, input: &str) -> Result<()> {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("run {cmd:?}"))?;
+    child.stdin.take().context("the child's stdin")?.write_all(input.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
 
 fn teardown(dir: &Path, name: &str) -> Result<()> {
     let status = Command::new("sh")
@@ -470,6 +538,8 @@ pub fn start_node_cluster(options: &NodeOptions) -> Result<NodeCluster> {
     image::import(&socket, &pause.archive)?;
 
     let api = api.join().map_err(|_| anyhow::anyhow!("the API server's start panicked"))??;
+    let api_port = api.server.rsplit(':').next().and_then(|p| p.parse().ok()).context("the API server's port")?;
+    bed.open_to_pods(api_port)?;
     let built = built.join().map_err(|_| anyhow::anyhow!("the image build panicked"))??;
     let import = std::thread::spawn({
         let (socket, archive) = (socket.clone(), built.archive.clone());
