@@ -543,6 +543,8 @@ pub fn start_s3_on(ip: Ipv4Addr, domain: Option<&str>) -> Result<S3Processes> {
         format!("-s3.config={}", dir.join("s3.json").display()),
         "-admin.ui=false".to_owned(),
         "-webdav=false".to_owned(),
+        // On by default: the master would report to telemetry.seaweedfs.com, off the machine.
+        "-master.telemetry=false".to_owned(),
         format!("-s3.port={s3_port}"),
         format!("-filer.port={filer_port}"),
     ];
