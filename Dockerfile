@@ -31,6 +31,11 @@ FROM ${JRE25_IMAGE} AS jre25
 FROM ${DEBIAN_IMAGE} AS runtime
 COPY --from=jre21 /opt/java/openjdk /usr/lib/jvm/temurin-21-jre
 COPY --from=jre25 /opt/java/openjdk /usr/lib/jvm/temurin-25-jre
+# Debian slim has no CA certificates, and every HTTPS request of the binary (Mojang, PaperMC,
+# Fabric, Modrinth, a pack hub, S3) trusts the system's: the Temurin image's, its bundle
+# (/etc/ssl/certs/ca-certificates.crt) and the certificates the directory's links point to.
+COPY --from=jre25 /etc/ssl/certs /etc/ssl/certs
+COPY --from=jre25 /usr/share/ca-certificates /usr/share/ca-certificates
 
 FROM ${BINARY_FROM} AS binary
 
@@ -48,6 +53,9 @@ RUN groupadd --gid 10001 minecraft \
     && mkdir -p /data \
     && chown 10001:10001 /data
 COPY --from=binary /atlas-runner /usr/local/bin/atlas-runner
+# Without a UTF-8 locale the JVM's file names are ASCII (sun.jnu.encoding), and a world or plugin
+# path with other characters cannot be opened.
+ENV LANG=C.UTF-8
 USER 10001:10001
 WORKDIR /data
 VOLUME ["/data"]

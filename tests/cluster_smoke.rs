@@ -85,6 +85,13 @@ async fn a_statefulset_of_our_image_reads_itself_serves_through_kube_proxy_and_k
     let history = config["history"].to_string();
     ensure!(history.contains("atlas-runner"), "the image's history does not show the Dockerfile's steps: {history}");
     assert_eq!(kubectl(cluster, &ns, &["exec", POD, "-c", "server", "--", "id", "-u"])?.trim(), "10001");
+    // The JVM names files in UTF-8 (the image's LANG), so a world or plugin path is not limited to ASCII.
+    let java = "for j in /usr/lib/jvm/*/bin/java; do exec \"$j\" -XshowSettings:properties -version 2>&1; done";
+    let properties = kubectl(cluster, &ns, &["exec", POD, "-c", "server", "--", "sh", "-c", java])?;
+    ensure!(
+        properties.contains("sun.jnu.encoding = UTF-8"),
+        "the JVM's file name encoding is not UTF-8:\n{properties}"
+    );
 
     // The pod's DNS is the bed's CoreDNS behind the kube-dns Service, never the host's resolver.
     let resolv = kubectl(cluster, &ns, &["exec", POD, "-c", "server", "--", "cat", "/etc/resolv.conf"])?;
