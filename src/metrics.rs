@@ -276,6 +276,9 @@ pub struct BackupMetrics {
     pub upload_seconds: prometheus::Counter,
     /// 1 while a backup holds the server's saving off, and after a `save-on` that failed (alert on it).
     pub saving_off: IntGauge,
+    /// The longest time between two runs of `spec.backup.schedule` (0 without a schedule): how old
+    /// the newest backup may get when every scheduled backup succeeds.
+    pub schedule_interval: Gauge,
 }
 
 impl BackupMetrics {
@@ -311,12 +314,16 @@ impl BackupMetrics {
                 "atlas_backup_saving_off",
                 "1 while a backup holds the server's saving off, and after turning it back on failed.",
             )?,
+            schedule_interval: Gauge::new(
+                "atlas_backup_schedule_interval_seconds",
+                "The longest time between two scheduled backups (0 without a schedule).",
+            )?,
         };
         registry.register(Box::new(m.clone()))?;
         Ok(m)
     }
 
-    fn parts(&self) -> [&dyn Collector; 8] {
+    fn parts(&self) -> [&dyn Collector; 9] {
         [
             &self.duration,
             &self.size,
@@ -326,6 +333,7 @@ impl BackupMetrics {
             &self.uploaded_bytes,
             &self.upload_seconds,
             &self.saving_off,
+            &self.schedule_interval,
         ]
     }
 
@@ -347,6 +355,62 @@ impl BackupMetrics {
 }
 
 impl Collector for BackupMetrics {
+    fn desc(&self) -> Vec<&Desc> {
+        descs(&self.parts())
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        families(&self.parts())
+    }
+}
+
+/// The in-pod agent's metrics, beside the runner's on its `/metrics`.
+#[derive(Debug, Clone)]
+pub struct AgentMetrics {
+    /// Status writes that reached the API server.
+    pub status_writes: IntCounter,
+    /// Status writes that failed, by category.
+    pub status_write_failures: IntCounterVec,
+    /// Events published, by reason.
+    pub events: IntCounterVec,
+    /// Events dropped because they could not be published in time.
+    pub events_dropped: IntCounter,
+}
+
+impl AgentMetrics {
+    /// Creates the metrics and registers them on `registry`.
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let m = Self {
+            status_writes: IntCounter::new(
+                "atlas_agent_status_writes_total",
+                "Writes of the MinecraftServer status that reached the API server.",
+            )?,
+            status_write_failures: IntCounterVec::new(
+                Opts::new(
+                    "atlas_agent_status_write_failures_total",
+                    "Writes of the MinecraftServer status that failed, by category.",
+                ),
+                &["category"],
+            )?,
+            events: IntCounterVec::new(
+                Opts::new("atlas_agent_events_total", "Kubernetes Events published, by reason."),
+                &["reason"],
+            )?,
+            events_dropped: IntCounter::new(
+                "atlas_agent_events_dropped_total",
+                "Events dropped because the API server could not take them in time.",
+            )?,
+        };
+        registry.register(Box::new(m.clone()))?;
+        Ok(m)
+    }
+
+    fn parts(&self) -> [&dyn Collector; 4] {
+        [&self.status_writes, &self.status_write_failures, &self.events, &self.events_dropped]
+    }
+}
+
+impl Collector for AgentMetrics {
     fn desc(&self) -> Vec<&Desc> {
         descs(&self.parts())
     }

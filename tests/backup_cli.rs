@@ -301,6 +301,9 @@ async fn scheduled_backups_run_in_the_runner_prune_and_survive_failures() -> Res
     let listed: Vec<Manifest> = serde_json::from_str(&ok(backup_cli(&fixture, "list", &["--json"])?, "list")?)?;
     assert!(!listed.iter().any(|m| m.name == done[0]), "the pruned backup is still listed");
     assert!(listed.iter().all(|m| m.save_off_ms.is_some()), "scheduled backups go through RCON");
+    // What the "backup too old" alert compares the newest backup's age with.
+    let (_, body) = http_get(&runner.metrics_addr, "/metrics")?;
+    assert!(body.contains("\natlas_backup_schedule_interval_seconds 1\n"), "{body}");
 
     // The server cannot save: backups fail (with the store working, so a prune would succeed), are counted,
     // and delete nothing.

@@ -50,7 +50,7 @@ fn help_lists_exactly_the_subcommands_that_exist() -> Result<()> {
         .collect();
     assert_eq!(
         commands,
-        ["run", "status", "logs", "console", "stop", "restart", "pack", "backup", "crd", "help"],
+        ["run", "agent", "status", "logs", "console", "stop", "restart", "pack", "backup", "crd", "operator", "help"],
         "{help}"
     );
     assert!(help.contains("--log-format"), "{help}");

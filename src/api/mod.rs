@@ -92,6 +92,13 @@ pub struct MinecraftServerSpec {
     /// Operator only: how the game port is exposed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<ServiceSpec>,
+
+    /// Operator only: when the operator may replace the server's pod after what the pod runs
+    /// changed (a new Atlas Runner image after `helm upgrade`, new resources, another Secret). The
+    /// pod is replaced only then; until then the server keeps running and the `UpgradePending`
+    /// condition says what it waits for. Omitted: as soon as no player is online, at any time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgrade: Option<UpgradePolicy>,
 }
 
 /// What server software runs.
@@ -315,6 +322,29 @@ pub struct UpdatePolicy {
     pub require_no_players: bool,
 }
 
+/// When the operator may replace the server's pod.
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct UpgradePolicy {
+    /// When the pod may be replaced, in the operator's local time (UTC unless the chart sets `TZ`):
+    /// optional comma-separated days, then `HH:MM-HH:MM` (`Sat,Sun 02:00-06:00`). Omitted: any time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(
+        pattern = r"^((Mon|Tue|Wed|Thu|Fri|Sat|Sun)(,(Mon|Tue|Wed|Thu|Fri|Sat|Sun))* )?([01][0-9]|2[0-3]):[0-5][0-9]-([01][0-9]|2[0-3]):[0-5][0-9]$"
+    ))]
+    pub window: Option<String>,
+    /// Wait until no player is online (as `status.players` reports) before replacing the pod.
+    /// Default true: an upgrade never kicks players. False replaces it within `window` regardless.
+    #[serde(default = "yes")]
+    pub require_no_players: bool,
+}
+
+impl Default for UpgradePolicy {
+    fn default() -> Self {
+        Self { window: None, require_no_players: true }
+    }
+}
+
 /// How pack updates are applied.
 #[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
@@ -468,8 +498,9 @@ pub struct S3Store {
     /// A Secret with `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY` (operator and agent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret_ref: Option<SecretRef>,
-    /// A file with `AWS_ACCESS_KEY_ID=...` and `AWS_SECRET_ACCESS_KEY=...` lines (standalone runner).
-    /// Omitted, with no Secret: the standard AWS environment variables.
+    /// A file with `AWS_ACCESS_KEY_ID=...` and `AWS_SECRET_ACCESS_KEY=...` lines, or a directory with
+    /// one file per key as a Secret is mounted (standalone runner). Omitted, with no Secret: the
+    /// standard AWS environment variables.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 4096))]
     pub credentials_file: Option<String>,
@@ -531,6 +562,11 @@ pub struct StorageSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub storage_class_name: Option<String>,
+    /// Delete the volume, and the world on it, when the MinecraftServer is deleted. Default false:
+    /// the volume outlives the resource, and a server created again under the same name gets its
+    /// world back. Pausing a server never deletes its volume.
+    #[serde(default)]
+    pub delete_with_server: bool,
 }
 
 fn ten_gi() -> String {
@@ -574,7 +610,9 @@ pub enum ServiceType {
     LoadBalancer,
 }
 
-/// What the runner or operator last observed.
+/// What the runner or operator last observed. The in-pod agent writes every field but the
+/// operator's conditions (field manager `atlas-agent`); the operator writes only its conditions
+/// (`atlas-operator`).
 #[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct MinecraftServerStatus {
@@ -596,16 +634,146 @@ pub struct MinecraftServerStatus {
     /// The newest complete backup.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_backup: Option<BackupRef>,
+    /// When the next scheduled backup is due (RFC 3339), when `spec.backup.schedule` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_backup: Option<String>,
     /// How often the server was restarted after an unexpected exit.
     #[serde(default)]
     pub restarts: u32,
-    /// Why the server last exited (`clean`, `crash`, `oom`, `killed`, `watchdog`).
+    /// How and when the server last exited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_exit_reason: Option<String>,
-    /// `Ready`, `PackApplied`, `BackupHealthy`, `UpdateAvailable`, keyed by type.
+    pub last_exit: Option<LastExit>,
+    /// Pack and server updates: what is available, and how the last one went.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update: Option<UpdateStatus>,
+    /// The agent's `Ready`, `PackApplied`, `BackupHealthy`, `UpdateAvailable` and `Degraded`, and the
+    /// operator's `WorkloadReady`, `SecretsResolved` and `UpgradePending`, keyed by type.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
+}
+
+/// How the server last exited.
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct LastExit {
+    /// Why: `clean`, `crash`, `oom` (the JVM's heap), `oom_killed` (the container's memory limit),
+    /// `watchdog` (a hung tick) or `killed_on_stop` (it ignored every gentler stop).
+    pub reason: String,
+    /// When (RFC 3339).
+    pub time: String,
+}
+
+/// Pack and server updates.
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct UpdateStatus {
+    /// The pack version the followed hub channel names, when the server does not run it yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub available: Option<String>,
+    /// How the last update went.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last: Option<UpdateOutcome>,
+}
+
+/// How an update went.
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct UpdateOutcome {
+    /// What was updated: `pack` or `server` (the Minecraft version).
+    pub kind: String,
+    /// The version before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// The version the update went to.
+    pub to: String,
+    /// `Applied`, or `RolledBack` (its server failed; the version before runs again).
+    pub result: String,
+    /// Why it was rolled back, and whether the world was restored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// When it finished (RFC 3339).
+    pub time: String,
+}
+
+/// The condition types and reasons of `status.conditions`.
+pub mod conditions {
+    /// The server runs and answers (agent).
+    pub const READY: &str = "Ready";
+    /// The spec's pack is applied (agent).
+    pub const PACK_APPLIED: &str = "PackApplied";
+    /// The last backup succeeded and saving is on (agent).
+    pub const BACKUP_HEALTHY: &str = "BackupHealthy";
+    /// The followed hub channel names a pack version the server does not run (agent).
+    pub const UPDATE_AVAILABLE: &str = "UpdateAvailable";
+    /// The server runs, but something it depends on is not right; the reason says what (agent).
+    pub const DEGRADED: &str = "Degraded";
+    /// The condition types the agent owns.
+    pub const AGENT_TYPES: [&str; 5] = [READY, PACK_APPLIED, BACKUP_HEALTHY, UPDATE_AVAILABLE, DEGRADED];
+
+    /// Condition reasons: CamelCase words, also used as Event reasons.
+    pub mod reasons {
+        /// Ready: the server printed `Done (` and answers RCON.
+        pub const RUNNING: &str = "Running";
+        /// Ready false: the server is not running; the message says the phase.
+        pub const NOT_RUNNING: &str = "NotRunning";
+        /// PackApplied: the data dir holds the spec's pack.
+        pub const APPLIED: &str = "Applied";
+        /// PackApplied false: the spec has no pack.
+        pub const NO_PACK: &str = "NoPack";
+        /// PackApplied false: the spec's pack could not be applied; the message says why.
+        pub const APPLY_FAILED: &str = "ApplyFailed";
+        /// PackApplied false: the data dir holds another version (an update rolled back, or the
+        /// source unreachable at start).
+        pub const HELD_VERSION: &str = "HeldVersion";
+        /// BackupHealthy: the last backup succeeded.
+        pub const BACKUP_SUCCEEDED: &str = "BackupSucceeded";
+        /// BackupHealthy false: the last backup failed.
+        pub const BACKUP_FAILED: &str = "BackupFailed";
+        /// BackupHealthy: no backup has been attempted since the agent started.
+        pub const NO_BACKUP_YET: &str = "NoBackupYet";
+        /// UpdateAvailable: the channel names a new version.
+        pub const NEW_VERSION: &str = "NewVersion";
+        /// UpdateAvailable false: the server runs what the channel names (or follows none).
+        pub const UP_TO_DATE: &str = "UpToDate";
+        /// Degraded false: nothing is wrong.
+        pub const HEALTHY: &str = "Healthy";
+        /// Degraded: the pack hub or pack URL is unreachable; the version the data dir holds runs.
+        pub const PACK_SOURCE_UNREACHABLE: &str = "PackSourceUnreachable";
+        /// Degraded: a download API (Mojang, PaperMC, Fabric) is unreachable; a cached jar runs.
+        pub const DOWNLOAD_API_UNREACHABLE: &str = "DownloadApiUnreachable";
+        /// Degraded: the backup store is unreachable.
+        pub const STORE_UNREACHABLE: &str = "StoreUnreachable";
+        /// Degraded: world saving was left off after a backup (`save-on` failed).
+        pub const SAVING_LEFT_OFF: &str = "SavingLeftOff";
+    }
+
+    /// Event reasons: the transitions the agent records as Kubernetes Events (events.k8s.io/v1) on
+    /// its MinecraftServer, and the runner logs (`event` field).
+    pub mod events {
+        /// The server became ready.
+        pub const STARTED: &str = "Started";
+        /// The server was stopped (on request, or the runner is going down).
+        pub const STOPPED: &str = "Stopped";
+        /// The server exited unexpectedly; the message names the class.
+        pub const CRASHED: &str = "Crashed";
+        /// The kernel killed the server for the memory limit.
+        pub const OOM_KILLED: &str = "OOMKilled";
+        /// A pack version was swapped into the data dir.
+        pub const PACK_APPLIED: &str = "PackApplied";
+        /// The followed hub channel names a new pack version.
+        pub const UPDATE_AVAILABLE: &str = "UpdateAvailable";
+        /// A pack or server update is done: its server became ready and stayed up.
+        pub const UPDATE_APPLIED: &str = "UpdateApplied";
+        /// A pack or server update failed and was undone.
+        pub const UPDATE_ROLLED_BACK: &str = "UpdateRolledBack";
+        /// A backup completed.
+        pub const BACKUP_SUCCEEDED: &str = "BackupSucceeded";
+        /// A backup failed.
+        pub const BACKUP_FAILED: &str = "BackupFailed";
+        /// A world was restored from a backup.
+        pub const RESTORE_COMPLETED: &str = "RestoreCompleted";
+    }
 }
 
 /// Lifecycle phases.

@@ -169,6 +169,23 @@ fn field(text: &str, min: u32, max: u32, names: &[&str], name_base: u32) -> Resu
     Ok(bits)
 }
 
+impl Cron {
+    /// The longest time between two consecutive runs among the next `runs` after `after`: how old
+    /// the newest scheduled backup may get when every run succeeds (alerts compare against it).
+    /// `None` when the schedule never matches.
+    pub fn longest_gap(&self, after: &Zoned, runs: usize) -> Option<std::time::Duration> {
+        let mut previous = self.next_after(after)?;
+        let mut longest = std::time::Duration::ZERO;
+        for _ in 1..runs.max(2) {
+            let next = self.next_after(&previous)?;
+            let gap = std::time::Duration::try_from(next.timestamp().duration_since(previous.timestamp())).ok()?;
+            longest = longest.max(gap);
+            previous = next;
+        }
+        Some(longest)
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
@@ -193,6 +210,17 @@ mod tests {
         // Both day fields restricted: either matches (the 1st, or a Friday).
         assert_eq!(next("0 0 1 * fri", &utc("2026-11-26T10:00:00")), utc("2026-11-27T00:00:00"));
         assert_eq!(next("0 0 1,15 * *", &utc("2026-11-26T10:00:00")), utc("2026-12-01T00:00:00"));
+    }
+
+    #[test]
+    fn the_longest_gap_covers_uneven_schedules() {
+        let after: Zoned = "2026-11-26T10:41:00+00:00[UTC]".parse().unwrap();
+        let gap = |schedule: &str| Cron::parse(schedule).unwrap().longest_gap(&after, 16).unwrap().as_secs();
+        assert_eq!(gap("0 */6 * * *"), 6 * 3600);
+        assert_eq!(gap("@daily"), 24 * 3600);
+        // Weekdays only: the weekend makes a three-day gap.
+        assert_eq!(gap("30 2 * * mon-fri"), 3 * 24 * 3600);
+        assert_eq!(gap("0 3,9 * * *"), 18 * 3600);
     }
 
     #[test]

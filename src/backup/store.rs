@@ -114,11 +114,33 @@ impl S3Credentials {
         Ok(Self { access_key_id, secret_access_key, session_token: token.filter(|v| !v.is_empty()) })
     }
 
-    /// Reads a credentials file (see [`S3Credentials::parse`]).
+    /// Reads a credentials file (see [`S3Credentials::parse`]), or a directory holding one file per key
+    /// (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, optionally `AWS_SESSION_TOKEN`), as a Kubernetes
+    /// Secret is mounted. Read on every use, so rotated keys are picked up.
     pub fn from_file(path: &Path) -> Result<Self, StoreError> {
+        if path.is_dir() {
+            return Self::from_dir(path);
+        }
         let text = std::fs::read_to_string(path)
             .map_err(|source| StoreError::ReadCredentialsFile { path: path.to_owned(), source })?;
         Self::parse(&text).map_err(|missing| StoreError::ParseCredentialsFile { path: path.to_owned(), missing })
+    }
+
+    fn from_dir(dir: &Path) -> Result<Self, StoreError> {
+        let read = |key: &'static str| -> Result<Option<String>, StoreError> {
+            let path = dir.join(key);
+            match std::fs::read_to_string(&path) {
+                Ok(text) => Ok(Some(text.trim().to_owned()).filter(|v| !v.is_empty())),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(source) => Err(StoreError::ReadCredentialsFile { path, source }),
+            }
+        };
+        let missing = |missing| StoreError::ParseCredentialsFile { path: dir.to_owned(), missing };
+        Ok(Self {
+            access_key_id: read("AWS_ACCESS_KEY_ID")?.ok_or_else(|| missing("AWS_ACCESS_KEY_ID"))?,
+            secret_access_key: read("AWS_SECRET_ACCESS_KEY")?.ok_or_else(|| missing("AWS_SECRET_ACCESS_KEY"))?,
+            session_token: read("AWS_SESSION_TOKEN")?,
+        })
     }
 
     /// The standard `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` (and `AWS_SESSION_TOKEN`) variables.
@@ -404,6 +426,22 @@ fn install_crypto_provider() {
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_credentials_from_a_mounted_secret_directory() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        std::fs::write(dir.path().join("AWS_ACCESS_KEY_ID"), "id\n")?;
+        let missing = S3Credentials::from_file(dir.path()).map(|_| ()).map_err(|e| e.to_string());
+        assert!(missing.as_ref().is_err_and(|e| e.contains("AWS_SECRET_ACCESS_KEY")), "{missing:?}");
+        std::fs::write(dir.path().join("AWS_SECRET_ACCESS_KEY"), "secret")?;
+        let read = S3Credentials::from_file(dir.path())?;
+        assert_eq!((read.access_key_id.as_str(), read.secret_access_key.as_str()), ("id", "secret"));
+        assert_eq!(read.session_token, None);
+        // Rotated in place (as the kubelet swaps a Secret's files): the next read sees the new key.
+        std::fs::write(dir.path().join("AWS_SECRET_ACCESS_KEY"), "rotated")?;
+        assert_eq!(S3Credentials::from_file(dir.path())?.secret_access_key, "rotated");
+        Ok(())
+    }
 
     #[test]
     fn the_bucket_goes_in_the_path_or_before_the_host() {

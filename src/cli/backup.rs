@@ -30,11 +30,11 @@ pub(crate) enum BackupCommand {
 pub(crate) struct BackupArgs {
     /// The MinecraftServer spec file; `spec.backup` names the store (default: DATA/.atlas/backups).
     /// S3 credentials come from spec.backup.store.s3.credentialsFile or AWS_ACCESS_KEY_ID and
-    /// AWS_SECRET_ACCESS_KEY.
+    /// AWS_SECRET_ACCESS_KEY. `create` needs none when a runner runs on the data dir (in a pod).
     #[arg(long)]
-    spec: PathBuf,
+    spec: Option<PathBuf>,
     /// The server's data directory.
-    #[arg(long)]
+    #[arg(long, default_value = ".")]
     data: PathBuf,
     /// Print JSON instead of text.
     #[arg(long)]
@@ -65,6 +65,30 @@ pub(crate) async fn run(command: BackupCommand, log_format: LogFormat) -> anyhow
     let fail = |op| move |e: lib::BackupError| BackupFailure::from_error(op, e.category(), &e);
     let progress = std::sync::Arc::new(lib::Progress::default());
     match command {
+        BackupCommand::Create(args) if args.backup.spec.is_none() => {
+            // No spec: only the runner on the data dir knows the store (a pod's agent).
+            let Some(manifest) = ops::create_via_runner(&args.backup.data).await? else {
+                bail!(
+                    "no runner answers on {}: pass --spec FILE to back up offline",
+                    atlas_runner::http::client::socket_path(&args.backup.data).display()
+                );
+            };
+            if args.backup.json {
+                return super::print_json(&manifest);
+            }
+            let how = manifest.save_off_ms.map_or_else(
+                || "through the runner, server not running".to_owned(),
+                |ms| format!("through the runner, saving off for {ms} ms"),
+            );
+            writeln!(
+                std::io::stdout(),
+                "created {} ({how}): {} files, {} -> {} archive",
+                manifest.name,
+                manifest.files,
+                mib(manifest.raw_bytes),
+                mib(manifest.archive_bytes)
+            )?;
+        }
         BackupCommand::Create(args) => {
             let (spec, store) = backup_store(&args.backup, BackupOp::Create)?;
             let registry = prometheus::Registry::new();
@@ -219,7 +243,10 @@ fn backup_store(
     op: BackupOp,
 ) -> anyhow::Result<(atlas_runner::api::MinecraftServerSpec, atlas_runner::backup::store::Store)> {
     use atlas_runner::runner::backup::BackupFailure;
-    let spec = runner::load_spec(&args.spec)?;
+    let Some(spec) = &args.spec else {
+        bail!("pass --spec FILE: the server's spec names the backup store (spec.backup.store)");
+    };
+    let spec = runner::load_spec(spec)?;
     if !args.data.is_dir() {
         bail!("the data dir {} does not exist; pass the server's --data DIR", args.data.display());
     }

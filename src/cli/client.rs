@@ -91,8 +91,21 @@ fn print_status(status: &RunnerStatus, json: bool) -> anyhow::Result<()> {
     if let Some(pack) = &status.pack_version {
         writeln!(out, "pack:      {pack}")?;
     }
+    if let Some(problem) = &status.pack_problem {
+        writeln!(out, "pack held: {}", problem.message)?;
+    }
     if let Some(version) = &status.pack_update_available {
-        writeln!(out, "update:    {version} available")?;
+        let waiting = status.pack_update_waiting.as_deref().map_or_else(String::new, |w| format!(" ({w})"));
+        writeln!(out, "update:    {version} available{waiting}")?;
+    }
+    if let Some(last) = &status.last_update {
+        let what = if last.kind == "server" { "Minecraft" } else { "pack" };
+        let from = last.from.as_deref().map_or_else(String::new, |f| format!(" from {f}"));
+        let why = last.message.as_deref().map_or_else(String::new, |m| format!(": {m}"));
+        writeln!(out, "last update: {what}{from} to {} {}{why}", last.to, last.result)?;
+    }
+    for (reason, message) in &status.degraded {
+        writeln!(out, "degraded:  {reason}: {message}")?;
     }
     let names =
         if status.player_names.is_empty() { String::new() } else { format!(" ({})", status.player_names.join(", ")) };
@@ -106,6 +119,12 @@ fn print_status(status: &RunnerStatus, json: bool) -> anyhow::Result<()> {
     }
     if let Some(backup) = &status.last_backup {
         writeln!(out, "backup:    {} ({} bytes)", backup.name, backup.size_bytes)?;
+    }
+    if let Some(failure) = &status.backup_failure {
+        writeln!(out, "backup failed: {}", failure.message)?;
+    }
+    if let Some(next) = &status.next_backup {
+        writeln!(out, "next backup: {next}")?;
     }
     Ok(())
 }

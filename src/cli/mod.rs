@@ -1,5 +1,6 @@
 //! One module per command family; `main.rs` parses and dispatches to them.
 
+pub(crate) mod agent;
 pub(crate) mod backup;
 pub(crate) mod client;
 pub(crate) mod pack;

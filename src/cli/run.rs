@@ -1,16 +1,21 @@
-//! `atlas-runner run`: the standalone runner's arguments and the wiring of its reconciler, HTTP servers
-//! and signals.
+//! `atlas-runner run`: the standalone runner. Also what every runner process shares with the in-pod
+//! agent ([`ServerArgs`], [`Runtime`]): the data dir's lock, the control socket and admin port, the
+//! reconciler, and graceful shutdown on SIGTERM.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use atlas_runner::http::{self, client};
-use atlas_runner::runner::{self, FileSpecSource, PrepareOptions, ReconcilerOptions};
+use atlas_runner::runner::{
+    self, ControlRequest, Desired, FileSpecSource, PrepareOptions, ReconcilerOptions, Shared, UpgradePolicy,
+};
 use atlas_runner::server::{BaseUrls, JavaSearch};
 use atlas_runner::supervisor::{RestartPolicy, StopTimeouts};
 use clap::Args;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Args)]
@@ -21,9 +26,19 @@ pub(crate) struct RunArgs {
     /// The server's data directory (created if missing).
     #[arg(long)]
     data: PathBuf,
+    /// How often the spec file is checked for changes, in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    spec_poll_ms: u64,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+/// How a runner process runs its server: the flags `run` and `agent` share.
+#[derive(Debug, Args)]
+pub(crate) struct ServerArgs {
     /// Where to serve /metrics, /healthz and /readyz.
     #[arg(long, default_value = "127.0.0.1:9100", env = "ATLAS_METRICS_ADDR")]
-    metrics_addr: SocketAddr,
+    pub(crate) metrics_addr: SocketAddr,
     /// The control socket (default: DATA/.atlas/control.sock).
     #[arg(long)]
     control: Option<PathBuf>,
@@ -55,99 +70,169 @@ pub(crate) struct RunArgs {
     /// How often players and JVM stats are sampled, in milliseconds.
     #[arg(long, default_value_t = 10_000)]
     poll_ms: u64,
-    /// How often the spec file is checked for changes, in milliseconds.
-    #[arg(long, default_value_t = 2000)]
-    spec_poll_ms: u64,
+    /// After a pack or Minecraft version update, the new server must be ready within this many
+    /// seconds, or the update is undone.
+    #[arg(long, default_value_t = 900)]
+    update_ready_timeout: u64,
+    /// After a pack or Minecraft version update, the new server must run this many seconds after it
+    /// is ready without exiting, or the update is undone.
+    #[arg(long, default_value_t = 120)]
+    update_settle: u64,
     /// The cgroup filesystem the memory limit is read from.
     #[arg(long, default_value = "/sys/fs/cgroup", hide = true)]
     cgroup_root: PathBuf,
 }
 
 pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let atlas_dir = runner::atlas_dir(&args.data);
-    std::fs::create_dir_all(&atlas_dir).with_context(|| format!("create {}", atlas_dir.display()))?;
-    let data_dir = std::fs::canonicalize(&args.data).with_context(|| format!("resolve {}", args.data.display()))?;
-    // One runner per data dir; the pack engine relies on the same lock.
-    let lock = std::sync::Arc::new(atlas_runner::pack::lock(&atlas_runner::pack::lock_path(&data_dir))?);
-    let socket = args.control.clone().unwrap_or_else(|| client::socket_path(&data_dir));
-    let control_listener = bind_control_socket(&socket).await?;
-    let admin_listener = tokio::net::TcpListener::bind(args.metrics_addr).await.with_context(|| {
-        format!("cannot listen on {} for metrics: is another runner using it? pass --metrics-addr", args.metrics_addr)
-    })?;
-
+    let runtime = Runtime::open(&args.data, args.server, None).await?;
     let specs = FileSpecSource::start(args.spec.clone(), Duration::from_millis(args.spec_poll_ms))?;
-    let (shared, requests) = runner::shared(prometheus::Registry::new())?;
-    let mut base_urls = BaseUrls::default();
-    if let Some(url) = args.mojang_manifest_url {
-        base_urls.mojang_manifest = url;
-    }
-    if let Some(url) = args.paper_api_url {
-        base_urls.paper_api = url;
-    }
-    if let Some(url) = args.fabric_meta_url {
-        base_urls.fabric_meta = url;
-    }
-    let stop = Duration::from_secs(args.stop_timeout);
-    let options = ReconcilerOptions {
-        prepare: PrepareOptions {
-            data_dir: data_dir.clone(),
-            base_urls,
-            java: JavaSearch::with_extra(args.java),
-            cgroup_root: args.cgroup_root,
-            // spec.pack is applied under the lock held above; its metrics are served on /metrics.
-            pack: Some(runner::PackContext::new(
-                lock.clone(),
-                atlas_runner::metrics::PackMetrics::register(&shared.registry)?,
-            )),
-        },
-        stop: StopTimeouts { rcon: stop, stdin: stop, term: stop },
-        restart: RestartPolicy {
-            base: Duration::from_millis(args.restart_delay_ms),
-            max_failures: args.max_crashes,
-            window: Duration::from_secs(args.crash_window),
-            ..RestartPolicy::default()
-        },
-        poll: Duration::from_millis(args.poll_ms),
-    };
-
-    let shutdown = CancellationToken::new();
-    let admin = {
-        let shutdown = shutdown.clone();
-        let router = http::admin_router(shared.clone());
-        tokio::spawn(async move {
-            axum::serve(admin_listener, router).with_graceful_shutdown(shutdown.cancelled_owned()).await
-        })
-    };
-    let control = {
-        let shutdown = shutdown.clone();
-        let router = http::control_router(shared.clone());
-        tokio::spawn(async move {
-            axum::serve(control_listener, router).with_graceful_shutdown(shutdown.cancelled_owned()).await
-        })
-    };
-    tracing::info!(data = %data_dir.display(), metrics = %args.metrics_addr, control = %socket.display(), "runner started");
-
-    let reconciler = tokio::spawn(runner::reconcile(specs.receiver(), shared, requests, options, shutdown.clone()));
-    let signals = {
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            wait_for_signal().await;
-            tracing::info!("signal received; stopping the server gracefully");
-            shutdown.cancel();
-        })
-    };
-    reconciler.await.context("the reconciler task failed")?;
-    shutdown.cancel();
-    signals.abort();
-    // Followers of `logs -f` hold connections open; graceful shutdown waits for them briefly only.
-    let _ = tokio::time::timeout(Duration::from_secs(2), admin).await;
-    let _ = tokio::time::timeout(Duration::from_secs(2), control).await;
-    let _ = std::fs::remove_file(&socket);
-    tracing::info!("runner stopped");
-    Ok(())
+    runtime.serve(specs.receiver()).await
 }
 
-async fn wait_for_signal() {
+/// A runner process's parts, opened before its spec source starts: the data dir (locked), the
+/// control socket and admin port (bound), the shared state and the reconciler's options.
+pub(crate) struct Runtime {
+    data_dir: PathBuf,
+    socket: PathBuf,
+    control_listener: tokio::net::UnixListener,
+    admin_listener: tokio::net::TcpListener,
+    metrics_addr: SocketAddr,
+    /// What the reconciler shares with the endpoints (and the agent's status sink).
+    pub(crate) shared: Shared,
+    requests: mpsc::Receiver<ControlRequest>,
+    options: ReconcilerOptions,
+    /// Cancelled to stop the server gracefully and end the process.
+    pub(crate) shutdown: CancellationToken,
+}
+
+impl Runtime {
+    /// Locks `data` (one runner per data dir), binds the control socket and the admin port.
+    /// `memory_limit` overrides the cgroup's (the pod's limit from the downward API).
+    pub(crate) async fn open(data: &Path, args: ServerArgs, memory_limit: Option<u64>) -> anyhow::Result<Self> {
+        let atlas_dir = runner::atlas_dir(data);
+        std::fs::create_dir_all(&atlas_dir).with_context(|| format!("create {}", atlas_dir.display()))?;
+        let data_dir = std::fs::canonicalize(data).with_context(|| format!("resolve {}", data.display()))?;
+        // One runner per data dir; the pack engine relies on the same lock.
+        let lock = Arc::new(atlas_runner::pack::lock(&atlas_runner::pack::lock_path(&data_dir))?);
+        let socket = args.control.clone().unwrap_or_else(|| client::socket_path(&data_dir));
+        let control_listener = bind_control_socket(&socket).await?;
+        let admin_listener = tokio::net::TcpListener::bind(args.metrics_addr).await.with_context(|| {
+            format!(
+                "cannot listen on {} for metrics: is another runner using it? pass --metrics-addr",
+                args.metrics_addr
+            )
+        })?;
+        let (shared, requests) = runner::shared(prometheus::Registry::new())?;
+        let mut base_urls = BaseUrls::default();
+        if let Some(url) = args.mojang_manifest_url {
+            base_urls.mojang_manifest = url;
+        }
+        if let Some(url) = args.paper_api_url {
+            base_urls.paper_api = url;
+        }
+        if let Some(url) = args.fabric_meta_url {
+            base_urls.fabric_meta = url;
+        }
+        let stop = Duration::from_secs(args.stop_timeout);
+        let options = ReconcilerOptions {
+            prepare: PrepareOptions {
+                data_dir: data_dir.clone(),
+                base_urls,
+                java: JavaSearch::with_extra(args.java),
+                cgroup_root: args.cgroup_root,
+                memory_limit,
+                // spec.pack is applied under the lock held above; its metrics are served on /metrics.
+                pack: Some(
+                    runner::PackContext::new(lock, atlas_runner::metrics::PackMetrics::register(&shared.registry)?)
+                        .remembering(&data_dir),
+                ),
+            },
+            stop: StopTimeouts { rcon: stop, stdin: stop, term: stop },
+            restart: RestartPolicy {
+                base: Duration::from_millis(args.restart_delay_ms),
+                max_failures: args.max_crashes,
+                window: Duration::from_secs(args.crash_window),
+                ..RestartPolicy::default()
+            },
+            poll: Duration::from_millis(args.poll_ms),
+            upgrade: UpgradePolicy {
+                ready_timeout: Duration::from_secs(args.update_ready_timeout),
+                settle: Duration::from_secs(args.update_settle),
+            },
+        };
+        Ok(Self {
+            data_dir,
+            socket,
+            control_listener,
+            admin_listener,
+            metrics_addr: args.metrics_addr,
+            shared,
+            requests,
+            options,
+            shutdown: CancellationToken::new(),
+        })
+    }
+
+    /// Serves the control socket and the admin port and runs the reconciler on `specs` until
+    /// shutdown (SIGTERM, Ctrl-C, or the token cancelled), which stops the server gracefully.
+    pub(crate) async fn serve(self, specs: watch::Receiver<Desired>) -> anyhow::Result<()> {
+        let Self {
+            data_dir,
+            socket,
+            control_listener,
+            admin_listener,
+            metrics_addr,
+            shared,
+            requests,
+            options,
+            shutdown,
+        } = self;
+        // The endpoints serve until the server has stopped, not merely until shutdown begins: /readyz
+        // says not ready (rather than refusing connections) and `status` answers while it stops.
+        let stopped = CancellationToken::new();
+        let admin = {
+            let stopped = stopped.clone();
+            let router = http::admin_router(shared.clone());
+            tokio::spawn(async move {
+                axum::serve(admin_listener, router).with_graceful_shutdown(stopped.cancelled_owned()).await
+            })
+        };
+        let control = {
+            let stopped = stopped.clone();
+            let router = http::control_router(shared.clone());
+            tokio::spawn(async move {
+                axum::serve(control_listener, router).with_graceful_shutdown(stopped.cancelled_owned()).await
+            })
+        };
+        tracing::info!(data = %data_dir.display(), metrics = %metrics_addr, control = %socket.display(), "runner started");
+
+        let reconciler = tokio::spawn(runner::reconcile(specs, shared.clone(), requests, options, shutdown.clone()));
+        let signals = {
+            let (shutdown, shared) = (shutdown.clone(), shared.clone());
+            tokio::spawn(async move {
+                wait_for_signal().await;
+                tracing::info!("signal received; stopping the server gracefully");
+                // Not ready from now on, before the server is asked to stop.
+                shared.begin_shutdown();
+                shutdown.cancel();
+            })
+        };
+        let reconciled = reconciler.await.context("the reconciler task failed");
+        shared.begin_shutdown();
+        shutdown.cancel();
+        stopped.cancel();
+        signals.abort();
+        // Followers of `logs -f` hold connections open; graceful shutdown waits for them briefly only.
+        let _ = tokio::time::timeout(Duration::from_secs(2), admin).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), control).await;
+        let _ = std::fs::remove_file(&socket);
+        tracing::info!("runner stopped");
+        reconciled
+    }
+}
+
+/// Waits for SIGTERM or SIGINT.
+pub(crate) async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
         (Ok(mut term), Ok(mut int)) => {

@@ -49,6 +49,7 @@ pub fn control_router(shared: Shared) -> Router {
         .route("/v1/stop", post(stop))
         .route("/v1/restart", post(restart))
         .route("/v1/backup", post(backup))
+        .route("/v1/restored", post(restored))
         .with_state(shared)
 }
 
@@ -157,6 +158,24 @@ async fn backup(State(shared): State<Shared>) -> Response {
             error(status, failure.message)
         }
     }
+}
+
+/// Body of `/v1/restored`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RestoredNotice {
+    /// The backup the world was restored from.
+    pub name: String,
+}
+
+/// `POST /v1/restored`: `backup restore` tells the runner it restored the world (the runner's
+/// restart alone cannot tell a restore from any other restart).
+async fn restored(State(shared): State<Shared>, axum::Json(notice): axum::Json<RestoredNotice>) -> Response {
+    shared.emit(
+        crate::runner::events::RESTORE_COMPLETED,
+        format!("world restored from backup {} by `atlas-runner backup restore`", notice.name),
+        false,
+    );
+    StatusCode::NO_CONTENT.into_response()
 }
 
 async fn send(shared: &Shared, make: fn(oneshot::Sender<Result<(), String>>) -> ControlRequest) -> Response {

@@ -211,6 +211,8 @@ impl PackStore<'_> {
             previous: from.as_ref().map(|(v, _)| v.clone()),
             preserve: preserve.patterns().to_vec(),
             source: staged.source.clone(),
+            origin: staged.origin.clone(),
+            previous_origin: self.state.current.as_ref().and(self.state.origin.clone()),
         };
         // The proof that stage hashed every file it wrote: nothing to read again.
         let _: super::store::Verified = staged.proof;
@@ -246,6 +248,8 @@ impl PackStore<'_> {
             preserve: self.state.preserve.clone(),
             // Not recorded for the previous version: the next fetch of any source stages it.
             source: None,
+            origin: self.state.previous_origin.clone(),
+            previous_origin: self.state.origin.clone(),
         };
         self.plan_swap(Some((current, from)), &to, &preserve, next_state, true)
     }

@@ -162,7 +162,8 @@ async fn apply_spec_inner(
     // again for a version the data dir holds.
     let named = source::name(&pack.source, pack.version.as_deref(), options).await?;
     let (key, named_version) = (named.key.clone(), named.version.as_ref().map(PackVersion::as_str));
-    if let Some(version) = already_applied(data_dir, &lock, key.as_deref(), named_version).await? {
+    let origin = source::origin(&pack.source);
+    if let Some(version) = already_applied(data_dir, &lock, key.as_deref(), named_version, origin.as_deref()).await? {
         tracing::info!(version = %version, "the pack is already applied");
         return Ok(Provisioned::AlreadyCurrent(version));
     }
@@ -237,9 +238,15 @@ async fn apply_spec_inner(
         let staged = match staged {
             Ok(mut staged) => {
                 staged.set_source(key);
+                staged.set_origin(origin.clone());
                 staged
             }
-            Err(StoreError::AlreadyCurrent(version)) => return Ok(Provisioned::AlreadyCurrent(version)),
+            Err(StoreError::AlreadyCurrent(version)) => {
+                if let Some(origin) = &origin {
+                    store.record_origin(origin)?;
+                }
+                return Ok(Provisioned::AlreadyCurrent(version));
+            }
             Err(e) => return Err(e.into()),
         };
         if cancelled.load(Ordering::Acquire) {
@@ -306,15 +313,22 @@ async fn already_applied(
     lock: &Arc<DataDirLock>,
     key: Option<&str>,
     named: Option<&str>,
+    origin: Option<&str>,
 ) -> Result<Option<PackVersion>, ProvisionError> {
     let Some(key) = key.map(str::to_owned) else { return Ok(None) };
     let (data_dir, lock, named) = (data_dir.to_owned(), Arc::clone(lock), named.map(str::to_owned));
+    let origin = origin.map(str::to_owned);
     tokio::task::spawn_blocking(move || -> Result<Option<PackVersion>, ProvisionError> {
-        let (store, _) = PackStore::open(&data_dir, &lock)?;
+        let (mut store, _) = PackStore::open(&data_dir, &lock)?;
         let state = store.state();
         let same = state.source.as_deref() == Some(key.as_str())
             && named.as_deref().is_none_or(|p| state.current.as_ref().is_some_and(|c| c.as_str() == p));
-        Ok(if same { state.current.clone() } else { None })
+        let current = if same { state.current.clone() } else { None };
+        // A data dir applied before origins were recorded learns its origin here.
+        if let (Some(_), Some(origin)) = (&current, &origin) {
+            store.record_origin(origin)?;
+        }
+        Ok(current)
     })
     .await
     .map_err(|_| ProvisionError::Join)?
@@ -347,6 +361,22 @@ pub async fn rollback(
         Err(e) => metrics.failures.with_label_values(&[e.category()]).inc(),
     }
     result
+}
+
+/// The pack version the data dir holds and which pack it is a version of, if any (finishing or
+/// undoing an interrupted swap first).
+pub async fn held(
+    data_dir: &Path,
+    lock: Arc<DataDirLock>,
+) -> Result<Option<(PackVersion, Option<String>)>, ProvisionError> {
+    let data_dir = data_dir.to_owned();
+    tokio::task::spawn_blocking(move || -> Result<Option<(PackVersion, Option<String>)>, ProvisionError> {
+        let (store, _) = PackStore::open(&data_dir, &lock)?;
+        let state = store.state();
+        Ok(state.current.clone().map(|version| (version, state.origin.clone())))
+    })
+    .await
+    .map_err(|_| ProvisionError::Join)?
 }
 
 /// The pack version the data dir holds, if any (finishing or undoing an interrupted swap first).

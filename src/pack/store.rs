@@ -128,6 +128,14 @@ pub struct StoreState {
     /// url source's archive): the same source is then known applied without fetching it again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
+    /// Which pack the current version came from (see [`crate::pack::source::origin`]), whatever its
+    /// version: a start that cannot reach the source runs the version held here only when it is a
+    /// version of the spec's pack.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
+    /// Which pack the previous version came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_origin: Option<String>,
 }
 
 /// Where things are in the data dir and the store.
@@ -227,6 +235,8 @@ pub struct StagedPack {
     pub(crate) proof: Verified,
     /// What it was fetched from, recorded in the state it commits (see [`StoreState::source`]).
     pub(crate) source: Option<String>,
+    /// Which pack it is a version of (see [`StoreState::origin`]).
+    pub(crate) origin: Option<String>,
 }
 
 /// Proof that this process hashed every staged file of a version while staging it and found it
@@ -249,6 +259,11 @@ impl StagedPack {
     /// Records what the pack was fetched from (see [`StoreState::source`]).
     pub fn set_source(&mut self, source: Option<String>) {
         self.source = source;
+    }
+
+    /// Records which pack it is a version of (see [`StoreState::origin`]).
+    pub fn set_origin(&mut self, origin: Option<String>) {
+        self.origin = origin;
     }
 }
 
@@ -296,6 +311,25 @@ impl<'lock> PackStore<'lock> {
     /// The committed state.
     pub fn state(&self) -> &StoreState {
         &self.state
+    }
+
+    /// Records which pack the current version is a version of, for a data dir applied before origins
+    /// were recorded (or by `pack apply` of the same content): the state is rewritten only when it
+    /// changes. Nothing happens without a current version.
+    pub fn record_origin(&mut self, origin: &str) -> Result<(), StoreError> {
+        if self.state.current.is_none() || self.state.origin.as_deref() == Some(origin) {
+            return Ok(());
+        }
+        let mut next = self.state.clone();
+        next.origin = Some(origin.to_owned());
+        let path = self.layout.state_file();
+        let bytes = serde_json::to_vec_pretty(&next).map_err(|source| StoreError::State { path, source })?;
+        write_atomic(&self.layout.state_file(), &bytes).map_err(|e| match e {
+            JournalError::Io(io) => StoreError::Io(io),
+            other => StoreError::Recover(other),
+        })?;
+        self.state = next;
+        Ok(())
     }
 
     /// The data dir.
@@ -468,7 +502,13 @@ impl<'lock> PackStore<'lock> {
             merge_files(&files_dir, &self.layout.files_dir(&manifest.version))?;
             extract::sync_filesystem(&target).map_err(io_err("syncfs", &target))?;
             fs::remove_dir_all(staging).map_err(io_err("remove", staging))?;
-            return Ok(StagedPack { manifest, root: self.layout.root().to_owned(), proof: Verified(()), source: None });
+            return Ok(StagedPack {
+                manifest,
+                root: self.layout.root().to_owned(),
+                proof: Verified(()),
+                source: None,
+                origin: None,
+            });
         }
         // A leftover of an earlier staging: the fresh, complete staging replaces it.
         if journal::exists(&target).map_err(StoreError::Recover)? {
@@ -476,7 +516,13 @@ impl<'lock> PackStore<'lock> {
         }
         fs::rename(staging, &target).map_err(io_err("rename", staging))?;
         extract::sync_dir(self.layout.root()).map_err(io_err("fsync", self.layout.root()))?;
-        Ok(StagedPack { manifest, root: self.layout.root().to_owned(), proof: Verified(()), source: None })
+        Ok(StagedPack {
+            manifest,
+            root: self.layout.root().to_owned(),
+            proof: Verified(()),
+            source: None,
+            origin: None,
+        })
     }
 
     /// Removes a staged version that will not be applied (its archive turned out unverified). The

@@ -10,6 +10,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
+use crate::api::conditions::reasons;
 use crate::api::{MinecraftServerSpec, Phase};
 use crate::backup::cron::Cron;
 use crate::backup::store::Store;
@@ -146,6 +147,14 @@ impl Backups {
         let started = Instant::now();
         let result = self.create_inner(shared).await;
         self.metrics.observe(result.as_ref().map_err(|(category, _)| *category), started.elapsed());
+        // Saving left off by a `save-on` that failed: the world is not being saved.
+        let saving_off = self.metrics.saving_off.get() > 0;
+        shared.set_degraded(
+            reasons::SAVING_LEFT_OFF,
+            saving_off.then(|| {
+                "world saving was left off after a backup (save-on failed); the next backup turns it on again, or run `atlas-runner console save-on`".to_owned()
+            }),
+        );
         match result {
             Ok(manifest) => {
                 shared.status.send_modify(|s| {
@@ -154,11 +163,25 @@ impl Backups {
                         time: manifest.time.to_string(),
                         size_bytes: manifest.archive_bytes,
                     });
+                    s.backup_failure = None;
                 });
+                shared.set_degraded(reasons::STORE_UNREACHABLE, None);
+                shared.emit(
+                    super::events::BACKUP_SUCCEEDED,
+                    format!("backup {} taken ({} bytes)", manifest.name, manifest.archive_bytes),
+                    false,
+                );
                 Ok(manifest)
             }
             Err((category, message)) => {
                 tracing::error!(category, "backup failed: {message}");
+                if matches!(category, "store_unreachable" | "upload" | "store") {
+                    shared.set_degraded(reasons::STORE_UNREACHABLE, Some(format!("the last backup failed: {message}")));
+                }
+                shared.status.send_modify(|s| {
+                    s.backup_failure = Some(super::Problem { reason: category.to_owned(), message: message.clone() });
+                });
+                shared.emit(super::events::BACKUP_FAILED, format!("backup failed ({category}): {message}"), true);
                 Err(BackupFailure::new(category, message))
             }
         }
@@ -283,12 +306,12 @@ impl Drop for SchedulerHandle {
 /// Starts the backup scheduler for `data_dir`: it follows the spec, and takes a backup at each time of
 /// `spec.backup.schedule` until `shutdown` (or until the handle is dropped).
 pub fn spawn_scheduler(
-    specs: watch::Receiver<MinecraftServerSpec>,
+    specs: watch::Receiver<super::Desired>,
     shared: Shared,
     data_dir: PathBuf,
     shutdown: CancellationToken,
 ) -> SchedulerHandle {
-    shared.backups.set_context(data_dir.clone(), specs.borrow().clone());
+    shared.backups.set_context(data_dir.clone(), specs.borrow().spec.clone());
     SchedulerHandle(tokio::spawn(schedule(specs, shared, data_dir, shutdown)))
 }
 
@@ -314,8 +337,21 @@ fn next_due(spec: &MinecraftServerSpec, override_seconds: Option<u64>, now: &jif
     Ok(Due::In(Duration::try_from(wait).unwrap_or(Duration::ZERO)))
 }
 
+/// The longest gap between two scheduled backups over the next few weeks, in seconds; 0 without a
+/// (valid) schedule.
+fn schedule_interval(spec: &MinecraftServerSpec, override_seconds: Option<u64>) -> f64 {
+    let Some(schedule) = spec.backup.as_ref().and_then(|b| b.schedule.as_deref()) else { return 0.0 };
+    if let Some(seconds) = override_seconds {
+        return seconds.max(1) as f64;
+    }
+    Cron::parse(schedule)
+        .ok()
+        .and_then(|cron| cron.longest_gap(&jiff::Zoned::now(), 64))
+        .map_or(0.0, |gap| gap.as_secs_f64())
+}
+
 async fn schedule(
-    mut specs: watch::Receiver<MinecraftServerSpec>,
+    mut specs: watch::Receiver<super::Desired>,
     shared: Shared,
     data_dir: PathBuf,
     shutdown: CancellationToken,
@@ -325,8 +361,9 @@ async fn schedule(
         tracing::warn!(seconds, "{SCHEDULE_SECONDS_ENV} is set: scheduled backups run every {seconds} s");
     }
     loop {
-        let spec = specs.borrow_and_update().clone();
+        let spec = specs.borrow_and_update().spec.clone();
         shared.backups.set_context(data_dir.clone(), spec.clone());
+        shared.backups.metrics.schedule_interval.set(schedule_interval(&spec, override_seconds));
         let wait = match next_due(&spec, override_seconds, &jiff::Zoned::now()) {
             Ok(Due::In(wait)) => Some(wait),
             Ok(Due::Never) => None,
@@ -336,6 +373,15 @@ async fn schedule(
                 None
             }
         };
+        let next =
+            wait.and_then(|wait| jiff::Timestamp::now().checked_add(jiff::SignedDuration::try_from(wait).ok()?).ok());
+        // Whole seconds: the status changes once per scheduled backup, not on every recomputation.
+        let next = next.and_then(|t| jiff::Timestamp::from_second(t.as_second()).ok()).map(|t| t.to_string());
+        shared.status.send_if_modified(|s| {
+            let changed = s.next_backup != next;
+            s.next_backup = next.clone();
+            changed
+        });
         let sleep = async {
             match wait {
                 Some(wait) => tokio::time::sleep(wait).await,
@@ -417,21 +463,27 @@ pub async fn create_via_runner_or_offline(
     store: &Store,
     progress: Arc<backup::Progress>,
 ) -> Result<(Manifest, TakenBy), BackupFailure> {
-    match client::call(&client::socket_path(data_dir), "POST", "/v1/backup", None).await {
-        Ok(bytes) => {
-            let manifest =
-                serde_json::from_slice(&bytes).map_err(failure::<serde_json::Error>(BackupOp::Create, "runner"))?;
-            return Ok((manifest, TakenBy::Runner));
-        }
-        Err(ClientError::Connect { .. }) => {}
-        Err(ClientError::Runner(message)) => return Err(BackupFailure::new("runner", message)),
-        Err(e) => return Err(BackupFailure::from_error(BackupOp::Create, e.category(), &e)),
+    if let Some(manifest) = create_via_runner(data_dir).await? {
+        return Ok((manifest, TakenBy::Runner));
     }
     let _runner_lock = offline_lock(data_dir, BackupOp::Create)?;
     let mut options = CreateOptions::from_spec(data_dir, spec.backup.as_ref());
     options.progress = progress;
     let manifest = backup::create(store, &options).await.map_err(backup_failure(BackupOp::Create))?;
     Ok((manifest, TakenBy::Offline))
+}
+
+/// Takes a backup through the runner on `data_dir` (which knows its spec and store); `None` when
+/// no runner answers on its control socket.
+pub async fn create_via_runner(data_dir: &std::path::Path) -> Result<Option<Manifest>, BackupFailure> {
+    match client::call(&client::socket_path(data_dir), "POST", "/v1/backup", None).await {
+        Ok(bytes) => {
+            Ok(Some(serde_json::from_slice(&bytes).map_err(failure::<serde_json::Error>(BackupOp::Create, "runner"))?))
+        }
+        Err(ClientError::Connect { .. }) => Ok(None),
+        Err(ClientError::Runner(message)) => Err(BackupFailure::new("runner", message)),
+        Err(e) => Err(BackupFailure::from_error(BackupOp::Create, e.category(), &e)),
+    }
 }
 
 /// What a CLI restore did.
@@ -543,6 +595,14 @@ pub async fn restore_via_runner_or_offline(
         return Err(f);
     }
     let restarted = restart().await;
+    if let Ok(restored) = &swapped {
+        // The runner tells it (a RestoreCompleted Event in a pod); a runner that cannot hear it
+        // changes nothing about the restore.
+        let body = serde_json::json!({ "name": restored.manifest.name }).to_string().into_bytes();
+        if let Err(e) = client::call(&socket, "POST", "/v1/restored", Some(body)).await {
+            tracing::debug!(error = %describe(&e), "the runner was not told of the restore");
+        }
+    }
     let restored = match swapped {
         Ok(restored) => restored,
         Err(e) => {

@@ -113,11 +113,15 @@ pub(super) fn report_available(shared: &Shared, options: &ReconcilerOptions, ver
         }
     }
     shared.status.send_modify(|s| s.pack_update_available = Some(version.to_owned()));
+    shared.emit(super::events::UPDATE_AVAILABLE, format!("the pack's hub channel names version {version}"), false);
 }
 
 /// Nothing is reported as an available pack update any more.
 pub(super) fn clear_update_report(shared: &Shared, options: &ReconcilerOptions) {
-    shared.status.send_modify(|s| s.pack_update_available = None);
+    shared.status.send_modify(|s| {
+        s.pack_update_available = None;
+        s.pack_update_waiting = None;
+    });
     if let Some(context) = &options.prepare.pack {
         context.metrics.update_available.reset();
     }

@@ -3,12 +3,14 @@
 
 pub mod backup;
 mod checks;
+mod held;
 mod observe;
 mod prepare;
 mod round;
 mod spec;
 mod state;
 pub mod update;
+mod world;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -17,11 +19,11 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-pub use prepare::{PackContext, PackUpdate, PrepareError, PrepareOptions, Prepared, prepare};
-pub use spec::{FileSpecSource, SpecError, load_spec, parse_spec};
-pub use state::{ControlRequest, RunnerStatus, Shared};
+pub use crate::api::conditions::events;
+pub use prepare::{PackContext, PackUpdate, PrepareError, PrepareOptions, Prepared, Upgrade, prepare};
+pub use spec::{Desired, FileSpecSource, SpecError, load_spec, parse_spec, validate};
+pub use state::{ControlRequest, Problem, RunnerEvent, RunnerStatus, Shared};
 
-use crate::api::MinecraftServerSpec;
 use crate::metrics::RunnerMetrics;
 use crate::supervisor::{LogBuffer, RestartPolicy, StopTimeouts};
 
@@ -36,6 +38,24 @@ pub struct ReconcilerOptions {
     pub restart: RestartPolicy,
     /// How often players and process stats are sampled.
     pub poll: Duration,
+    /// When an update's new server counts as failed.
+    pub upgrade: UpgradePolicy,
+}
+
+/// When the new server of an update (a pack version, a Minecraft version) counts as failed, which
+/// undoes the update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpgradePolicy {
+    /// It must be ready within this long of its start.
+    pub ready_timeout: Duration,
+    /// Once ready, it must run this long without exiting before the update counts as done.
+    pub settle: Duration,
+}
+
+impl Default for UpgradePolicy {
+    fn default() -> Self {
+        Self { ready_timeout: Duration::from_secs(900), settle: Duration::from_secs(120) }
+    }
 }
 
 /// Creates the shared state and the channel the control API sends requests on.
@@ -53,13 +73,15 @@ pub fn shared(registry: prometheus::Registry) -> prometheus::Result<(Shared, mps
         registry,
         started: Arc::new(Mutex::new(None)),
         backups,
+        events: tokio::sync::broadcast::channel(64).0,
+        shutting_down: Arc::default(),
     };
     Ok((shared, rx))
 }
 
 /// Runs the reconciler until `shutdown`, then stops the server gracefully.
 pub async fn reconcile(
-    specs: watch::Receiver<MinecraftServerSpec>,
+    specs: watch::Receiver<Desired>,
     shared: Shared,
     requests: mpsc::Receiver<ControlRequest>,
     options: ReconcilerOptions,

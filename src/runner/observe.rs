@@ -3,9 +3,55 @@
 
 use std::time::Instant;
 
-use super::Shared;
+use super::prepare::Prepared;
+use super::{Problem, Shared};
+use crate::api::conditions::reasons;
 use crate::metrics::RunnerMetrics;
 use crate::supervisor::{Exit, SupervisorError};
+
+/// Reports what is about to run: versions, the pack's state, and whether a cached jar stands in
+/// for an unreachable download API.
+pub(super) fn report_prepared(shared: &Shared, prepared: &Prepared) {
+    shared.status.send_modify(|s| {
+        s.server_type = Some(prepared.server_type.clone());
+        s.server_version = Some(prepared.minecraft_version.clone());
+        s.players_max = prepared.max_players;
+        s.pack_version = prepared.pack_version.clone();
+        s.pack_wanted = prepared.spec.pack.is_some();
+        s.pack_checked =
+            prepared.spec.pack.as_ref().is_some_and(|p| super::update::Schedule::of(p).ok().flatten().is_some());
+        s.pack_problem = prepared
+            .pack_problem
+            .clone()
+            .map(|p| Problem { reason: reasons::HELD_VERSION.to_owned(), message: p.message });
+    });
+    let unreachable = prepared.pack_problem.as_ref().filter(|p| p.reason == "source_unreachable");
+    shared.set_degraded(reasons::PACK_SOURCE_UNREACHABLE, unreachable.map(|p| p.message.clone()));
+    shared.set_degraded(
+        reasons::DOWNLOAD_API_UNREACHABLE,
+        prepared.offline.as_ref().map(|why| format!("{why}; running the cached {} jar", prepared.minecraft_version)),
+    );
+}
+
+/// Records how an update ended (`Applied` or `RolledBack`) in the status.
+pub(super) fn report_outcome(
+    shared: &Shared,
+    kind: &str,
+    from: Option<String>,
+    to: &str,
+    result: &str,
+    message: Option<String>,
+) {
+    let outcome = crate::api::UpdateOutcome {
+        kind: kind.to_owned(),
+        from,
+        to: to.to_owned(),
+        result: result.to_owned(),
+        message,
+        time: jiff::Timestamp::now().to_string(),
+    };
+    shared.status.send_modify(|s| s.last_update = Some(outcome));
+}
 
 /// Records how a server ended: metrics, status, and the log line. `unexpected` marks an exit the
 /// runner did not ask for.
@@ -18,6 +64,7 @@ pub(super) fn record_exit(shared: &Shared, exit: &Result<Exit, SupervisorError>,
         tracing::info!(reason = exit.reason.category(), code = ?exit.info.code, signal = ?exit.info.signal, unexpected, "server exited");
         shared.status.send_modify(|s| {
             s.last_exit_reason = Some(exit.reason.category().to_owned());
+            s.last_exit_time = Some(jiff::Timestamp::now().to_string());
             s.pid = None;
             s.players_online = 0;
             s.player_names.clear();

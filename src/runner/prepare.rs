@@ -15,10 +15,12 @@ use futures::future::BoxFuture;
 use crate::api::{MinecraftServerSpec, PackSpec};
 use crate::metrics::PackMetrics;
 use crate::pack::provision::{self, ProvisionError};
-use crate::pack::source::FetchOptions;
+use crate::pack::source::{self, FetchOptions};
 use crate::pack::{DataDirLock, PackVersion};
 use crate::rcon::Rcon;
 use crate::server::{self, BaseUrls, JavaSearch, Resolver, ServerError};
+
+use super::Problem;
 
 /// What preparation needs to know besides the spec.
 #[derive(Debug, Clone)]
@@ -31,6 +33,9 @@ pub struct PrepareOptions {
     pub java: JavaSearch,
     /// The cgroup filesystem root the memory limit is read from.
     pub cgroup_root: PathBuf,
+    /// The memory limit in bytes, when known from elsewhere than the cgroup files (the downward
+    /// API in a pod); it wins over them.
+    pub memory_limit: Option<u64>,
     /// What applying `spec.pack` needs; `None` refuses a spec with a pack.
     pub pack: Option<PackContext>,
 }
@@ -47,9 +52,8 @@ pub struct PackContext {
     /// applied again (by a crash restart or another spec change) until the spec names another pack,
     /// or its hub channel names another version.
     rolled_back: Arc<Mutex<Option<RolledBack>>>,
-    /// The pack this runner last applied (or found applied): a start whose followed channel cannot
-    /// be applied falls back to the version the data dir holds only when it came from this pack.
-    applied: Arc<Mutex<Option<PackSpec>>>,
+    /// Where the rollback is remembered across processes (`DATA/.atlas/held-pack.json`), if anywhere.
+    record: Option<PathBuf>,
 }
 
 /// A pack spec rolled back after its server failed, and the version that failed.
@@ -58,17 +62,53 @@ type RolledBack = (PackSpec, Option<String>);
 impl PackContext {
     /// The context of a runner holding `lock`.
     pub fn new(lock: Arc<DataDirLock>, metrics: PackMetrics) -> Self {
-        Self { lock, metrics, rolled_back: Arc::default(), applied: Arc::default() }
+        Self { lock, metrics, rolled_back: Arc::default(), record: None }
     }
 
-    fn set_applied(&self, pack: &PackSpec) {
-        if let Ok(mut applied) = self.applied.lock() {
-            *applied = Some(pack.clone());
+    /// The same context remembering its rollback in `data_dir` (`.atlas/held-pack.json`), so a new
+    /// runner (a restarted pod) does not apply again the version whose server failed.
+    pub fn remembering(mut self, data_dir: &std::path::Path) -> Self {
+        let record = super::atlas_dir(data_dir).join("held-pack.json");
+        match std::fs::read(&record) {
+            Ok(bytes) => match serde_json::from_slice::<RolledBack>(&bytes) {
+                Ok(held) => {
+                    tracing::info!(
+                        version = held.1.as_deref(),
+                        "a pack version rolled back after its server failed is held"
+                    );
+                    if let Ok(mut r) = self.rolled_back.lock() {
+                        *r = Some(held);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(path = %record.display(), "the held pack record does not parse ({e}); ignoring it")
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(path = %record.display(), "cannot read the held pack record ({e}); ignoring it"),
         }
+        self.record = Some(record);
+        self
     }
 
-    fn holds(&self, pack: &PackSpec) -> bool {
-        self.applied.lock().is_ok_and(|applied| same_pack(applied.as_ref(), Some(pack)))
+    /// Writes (or removes) the record of the rollback; a failure is logged, the hold then lasts as
+    /// long as this process.
+    fn save(&self, held: Option<&RolledBack>) {
+        let Some(path) = &self.record else { return };
+        let result = match held {
+            Some(held) => serde_json::to_vec(held).map_err(std::io::Error::other).and_then(|bytes| {
+                let tmp = path.with_extension("tmp");
+                std::fs::write(&tmp, bytes)?;
+                std::fs::rename(&tmp, path)
+            }),
+            None => match std::fs::remove_file(path) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                other => other,
+            },
+        };
+        if let Err(e) = result {
+            tracing::warn!(path = %path.display(), "cannot record the held pack version: {e}");
+        }
     }
 
     fn was_rolled_back(&self, pack: &PackSpec) -> bool {
@@ -77,7 +117,11 @@ impl PackContext {
 
     fn set_rolled_back(&self, failed: Option<(&PackSpec, Option<&str>)>) {
         if let Ok(mut r) = self.rolled_back.lock() {
-            *r = failed.map(|(pack, version)| (pack.clone(), version.map(str::to_owned)));
+            let held = failed.map(|(pack, version)| (pack.clone(), version.map(str::to_owned)));
+            if *r != held {
+                self.save(held.as_ref());
+            }
+            *r = held;
         }
     }
 
@@ -92,6 +136,7 @@ impl PackContext {
                     return false;
                 }
                 *r = None;
+                self.save(None);
                 true
             }
             _ => true,
@@ -116,9 +161,40 @@ pub struct Prepared {
     pub spec: MinecraftServerSpec,
     /// The pack version the data dir holds.
     pub pack_version: Option<String>,
-    /// What ran before a pack update: when this server fails before it is ready, the pack is
-    /// rolled back and that one is started again.
-    pub fallback: Option<Box<Prepared>>,
+    /// Why the data dir holds another pack version than the spec names (its source failed at a
+    /// start, so the held version runs), when it does.
+    pub pack_problem: Option<Problem>,
+    /// Why a cached jar stands in for a download (the download API was unreachable), when one does.
+    pub offline: Option<String>,
+    /// The update this server is the new side of: when it fails (before ready, no ready in time, or
+    /// a crash while settling), the update is undone and what ran before starts again.
+    pub upgrade: Option<Box<Upgrade>>,
+    /// The pack version this preparation swapped into the data dir, and the one before (for the
+    /// PackApplied event), when it swapped one in.
+    pub applied: Option<(Option<String>, String)>,
+    /// What `spec.server` resolved to (jar, version, Java), reused while it does not change.
+    pub resolved: Option<server::ResolvedServer>,
+}
+
+/// [`Upgrade::kind`] of a pack update.
+pub const UPGRADE_PACK: &str = "pack";
+/// [`Upgrade::kind`] of a Minecraft version change.
+pub const UPGRADE_SERVER: &str = "server";
+
+/// An update in progress, from what ran before to a new pack version or Minecraft version.
+#[derive(Debug, Clone)]
+pub struct Upgrade {
+    /// `pack` or `server`.
+    pub kind: &'static str,
+    /// The version before (pack version, or Minecraft version).
+    pub from: Option<String>,
+    /// The version updated to.
+    pub to: String,
+    /// What ran before: started again when the update is undone.
+    pub previous: Box<Prepared>,
+    /// The backup taken right before the old server stopped (`spec.backup.beforeUpdate`): the world
+    /// it is restored from when the new server had touched the world.
+    pub backup: Option<String>,
 }
 
 impl Prepared {
@@ -156,6 +232,11 @@ pub enum PrepareError {
     /// The update was staged, but what it waited for no longer holds (`spec.pack.update`).
     #[error("the pack update was put off: {0}")]
     Deferred(String),
+    /// An automatic update would change the Minecraft version with no backup to undo it with.
+    #[error(
+        "{0}: an automatic update that changes the Minecraft version needs spec.backup with beforeUpdate, so a failure can be undone"
+    )]
+    NeedsBackup(String),
     /// Fetching, verifying or applying the pack failed; the data dir holds the version it held.
     #[error("pack: {0}")]
     Pack(#[from] ProvisionError),
@@ -169,6 +250,7 @@ impl PrepareError {
             Self::Unsupported(_) => "unsupported",
             Self::BackupBeforeUpdate(_) => "backup",
             Self::Deferred(_) => "deferred",
+            Self::NeedsBackup(_) => "needs_backup",
             Self::Pack(e) => e.category(),
         }
     }
@@ -182,6 +264,7 @@ impl PrepareError {
             Self::BackupBeforeUpdate(_) => true,
             // The next update check decides again.
             Self::Deferred(_) => true,
+            Self::NeedsBackup(_) => false,
             Self::Pack(e) => e.is_transient(),
         }
     }
@@ -190,6 +273,7 @@ impl PrepareError {
 /// Applies the spec's pack (the server is not running), then resolves, writes files and builds the
 /// command line for `spec`.
 pub async fn prepare(spec: &MinecraftServerSpec, options: &PrepareOptions) -> Result<Prepared, PrepareError> {
+    let (mut pack_problem, mut applied) = (None, None);
     let pack_version = match (&spec.pack, &options.pack) {
         (Some(pack), Some(context)) if context.was_rolled_back(pack) => {
             tracing::warn!("spec.pack names the pack rolled back after its server failed; keeping the applied one");
@@ -200,20 +284,25 @@ pub async fn prepare(spec: &MinecraftServerSpec, options: &PrepareOptions) -> Re
             match provision::apply_spec(pack, &options.data_dir, context.lock.clone(), &fetch, &context.metrics).await {
                 Ok(provisioned) => {
                     context.set_rolled_back(None);
-                    context.set_applied(pack);
+                    if let provision::Provisioned::Applied { report, .. } = &provisioned {
+                        applied = Some((report.from.as_ref().map(ToString::to_string), report.to.to_string()));
+                    }
                     Some(provisioned.version().to_string())
                 }
-                // A followed hub channel that cannot be applied now (the hub down, a bad new version)
-                // on a restart of this runner's server: the version of that same pack the data dir
-                // holds starts, and the update checks (if any) go on.
-                Err(e) if follows_channel(pack) && context.holds(pack) => {
-                    let Some(held) = provision::current_version(&options.data_dir, context.lock.clone()).await? else {
-                        return Err(e.into());
-                    };
-                    tracing::warn!(category = e.category(), version = %held, "{e}; starting the pack version the data dir holds");
-                    Some(held.to_string())
-                }
-                Err(e) => return Err(e.into()),
+                // The spec's pack cannot be applied now (its source down, a bad new version) but the
+                // data dir holds a version of the same pack: that one starts, so an installed server
+                // never waits for the network, and the problem is reported.
+                Err(e) => match provision::held(&options.data_dir, context.lock.clone()).await? {
+                    Some((held, origin)) if origin.is_some() && origin == source::origin(&pack.source) => {
+                        tracing::warn!(category = e.category(), version = %held, "{e}; starting the pack version the data dir holds");
+                        pack_problem = Some(Problem {
+                            reason: if e.is_transient() { "source_unreachable" } else { e.category() }.to_owned(),
+                            message: format!("{e}; running the pack version the data dir holds ({held})"),
+                        });
+                        Some(held.to_string())
+                    }
+                    _ => return Err(e.into()),
+                },
             }
         }
         (Some(_), None) => {
@@ -227,6 +316,8 @@ pub async fn prepare(spec: &MinecraftServerSpec, options: &PrepareOptions) -> Re
     };
     let mut prepared = prepare_server(spec, options).await?;
     prepared.pack_version = pack_version;
+    prepared.pack_problem = pack_problem;
+    prepared.applied = applied;
     Ok(prepared)
 }
 
@@ -241,8 +332,12 @@ pub async fn prepare_change(
     spec: &MinecraftServerSpec,
     options: &PrepareOptions,
 ) -> Result<Prepared, PrepareError> {
-    let mut prepared = prepare_server(spec, options).await?;
+    // The same server spec runs the same jar: a property change does not ask the download APIs again
+    // (nor moves `latest` to a newer Minecraft version behind the admin's back).
+    let known = current.resolved.as_ref().filter(|_| current.spec.server == spec.server);
+    let mut prepared = prepare_server_with(spec, options, known).await?;
     prepared.pack_version = current.pack_version.clone();
+    prepared.pack_problem = current.pack_problem.clone();
     Ok(prepared)
 }
 
@@ -326,8 +421,10 @@ pub async fn update_pack<X: Send>(
         return PackUpdate::Untouched(None);
     }
     let fetch = FetchOptions::new(&options.data_dir);
-    let (mut stopped, mut called_off) = (None, None);
-    let (stopped_slot, called_off_slot) = (&mut stopped, &mut called_off);
+    // An update a check found (auto mode) is the one `proceed` is given for.
+    let automatic = proceed.is_some();
+    let (mut stopped, mut called_off, mut backed_up) = (None, None, None);
+    let (stopped_slot, called_off_slot, backup_slot) = (&mut stopped, &mut called_off, &mut backed_up);
     let gate: provision::Gate<'_> = Box::new(move |to: PackVersion| {
         Box::pin(async move {
             if let Some(proceed) = proceed
@@ -339,7 +436,10 @@ pub async fn update_pack<X: Send>(
             if let Some(backup) = backup {
                 tracing::info!(to = %to, "pack staged; backing the world up before the update");
                 match backup.await {
-                    Ok(name) => tracing::info!(backup = %name, "backed up before the pack update"),
+                    Ok(name) => {
+                        tracing::info!(backup = %name, "backed up before the pack update");
+                        *backup_slot = Some(name);
+                    }
                     Err(e) => {
                         *called_off_slot = Some(PrepareError::BackupBeforeUpdate(e));
                         return false;
@@ -359,10 +459,7 @@ pub async fn update_pack<X: Send>(
             return PackUpdate::Untouched(Some(e));
         }
         return match result {
-            Ok(_) => {
-                context.set_applied(pack);
-                PackUpdate::Untouched(None)
-            }
+            Ok(_) => PackUpdate::Untouched(None),
             Err(e) => PackUpdate::Untouched(Some(e.into())),
         };
     };
@@ -373,11 +470,27 @@ pub async fn update_pack<X: Send>(
         Err(e) => return reverted_or_held(current, options, context, e.into(), stopped).await,
     };
     context.set_rolled_back(None);
-    context.set_applied(pack);
-    match prepare_server(spec, options).await {
+    let prepared = prepare_server(spec, options).await.and_then(|next| {
+        // A pack that moves the Minecraft version cannot be undone once the new server touched the
+        // world, unless a backup was taken first: an automatic update must have one.
+        if automatic && backed_up.is_none() && next.minecraft_version != current.minecraft_version {
+            return Err(PrepareError::NeedsBackup(format!(
+                "pack {to} moves Minecraft from {} to {}",
+                current.minecraft_version, next.minecraft_version
+            )));
+        }
+        Ok(next)
+    });
+    match prepared {
         Ok(mut next) => {
             next.pack_version = Some(to.to_string());
-            next.fallback = Some(fallback_of(current));
+            next.upgrade = Some(Box::new(Upgrade {
+                kind: UPGRADE_PACK,
+                from: current.pack_version.clone(),
+                to: to.to_string(),
+                previous: fallback_of(current),
+                backup: backed_up,
+            }));
             PackUpdate::Ready { next: Box::new(next), stopped }
         }
         Err(error) => {
@@ -432,8 +545,8 @@ async fn check_holds(options: &PrepareOptions, context: &PackContext, expected: 
 /// version before it) is dropped: the store keeps one previous version, and a rollback from the
 /// new version goes to `current`'s, so a second step back would run one version's command on
 /// another's files.
-fn fallback_of(current: &Prepared) -> Box<Prepared> {
-    Box::new(Prepared { fallback: None, ..current.clone() })
+pub(super) fn fallback_of(current: &Prepared) -> Box<Prepared> {
+    Box::new(Prepared { upgrade: None, applied: None, ..current.clone() })
 }
 
 /// Returns the data dir to the previous pack version (the server is stopped), counting why in
@@ -456,11 +569,26 @@ pub async fn roll_back_pack(
 
 /// Resolves, writes files and builds the command line for `spec`; the pack is left as it is.
 async fn prepare_server(spec: &MinecraftServerSpec, options: &PrepareOptions) -> Result<Prepared, PrepareError> {
+    prepare_server_with(spec, options, None).await
+}
+
+/// [`prepare_server`], taking `known` (what the running server's unchanged `spec.server` resolved
+/// to) instead of asking the download APIs again while its jar is still there.
+async fn prepare_server_with(
+    spec: &MinecraftServerSpec,
+    options: &PrepareOptions,
+    known: Option<&server::ResolvedServer>,
+) -> Result<Prepared, PrepareError> {
     let data_dir = &options.data_dir;
     let atlas = super::atlas_dir(data_dir);
     std::fs::create_dir_all(&atlas).map_err(|source| ServerError::io(&atlas, source))?;
-    let resolver = Resolver::new(options.base_urls.clone(), super::atlas_dir(data_dir).join("cache/jars"))?;
-    let resolved = resolver.resolve(&spec.server, data_dir).await?;
+    let resolved = match known.filter(|known| known.jar.is_file()) {
+        Some(known) => known.clone(),
+        None => {
+            let resolver = Resolver::new(options.base_urls.clone(), super::atlas_dir(data_dir).join("cache/jars"))?;
+            resolver.resolve(&spec.server, data_dir).await?
+        }
+    };
     server::write_eula(data_dir, spec.eula)?;
 
     let password = server::rcon_password(data_dir, spec.rcon.as_ref())?;
@@ -475,17 +603,22 @@ async fn prepare_server(spec: &MinecraftServerSpec, options: &PrepareOptions) ->
     let max_players = written.get("max-players").and_then(|v| v.parse().ok()).unwrap_or(20);
 
     let java = server::find_java(resolved.java_major, &options.java)?;
-    let limit = server::memory_limit(&options.cgroup_root);
+    // The pod's limit from the downward API, else the cgroup's (a nested cgroup may not show it).
+    let limit = options.memory_limit.unwrap_or_else(|| server::memory_limit(&options.cgroup_root));
     let command = server::jvm_command(&java.path, &resolved, spec.jvm.as_ref(), limit)?;
     Ok(Prepared {
         command,
         rcon: Rcon::new(SocketAddr::from((Ipv4Addr::LOCALHOST, port)), password, Duration::from_secs(5)),
         server_type: resolved.kind.as_str().to_owned(),
-        minecraft_version: resolved.minecraft_version,
+        minecraft_version: resolved.minecraft_version.clone(),
         max_players,
         spec: spec.clone(),
         pack_version: None,
-        fallback: None,
+        pack_problem: None,
+        offline: resolved.offline.clone(),
+        upgrade: None,
+        applied: None,
+        resolved: Some(resolved),
     })
 }
 
@@ -522,6 +655,7 @@ mod tests {
             base_urls: BaseUrls::default(),
             java: JavaSearch::default(),
             cgroup_root: data.join("no-cgroup"),
+            memory_limit: None,
             pack: Some(PackContext::new(held, metrics)),
         })
     }
@@ -537,7 +671,11 @@ mod tests {
             max_players: 20,
             spec,
             pack_version: pack_version.map(str::to_owned),
-            fallback: None,
+            pack_problem: None,
+            offline: None,
+            upgrade: None,
+            applied: None,
+            resolved: None,
         })
     }
 
@@ -571,10 +709,16 @@ mod tests {
     #[test]
     fn a_new_versions_fallback_does_not_carry_the_one_before_it() -> TestResult {
         let mut v2 = prepared_for(Some("2.0.0"))?;
-        v2.fallback = Some(Box::new(prepared_for(Some("1.0.0"))?));
+        v2.upgrade = Some(Box::new(Upgrade {
+            kind: UPGRADE_PACK,
+            from: Some("1.0.0".into()),
+            to: "2.0.0".into(),
+            previous: Box::new(prepared_for(Some("1.0.0"))?),
+            backup: None,
+        }));
         let fallback = fallback_of(&v2);
         assert_eq!(fallback.pack_version.as_deref(), Some("2.0.0"));
-        assert!(fallback.fallback.is_none(), "the fallback chain reaches {:?}", fallback.fallback);
+        assert!(fallback.upgrade.is_none(), "the fallback chain reaches {:?}", fallback.upgrade);
         Ok(())
     }
 
@@ -636,6 +780,29 @@ mod tests {
         // The pack is not held against: the retry applies it again.
         let context = options.pack.as_ref().ok_or("no pack context")?;
         assert!(!context.was_rolled_back(spec.pack.as_ref().ok_or("no pack")?));
+        Ok(())
+    }
+
+    #[test]
+    fn a_rollback_is_remembered_by_the_next_runner_on_the_data_dir() -> TestResult {
+        let data = tempfile::tempdir()?;
+        std::fs::create_dir_all(data.path().join(".atlas"))?;
+        let text = "eula: true\nserver: {type: vanilla, version: '1.21.4'}\npack:\n  source:\n    hub: {url: 'http://127.0.0.1:9', pack: p, channel: stable}\n";
+        let spec = super::super::parse_spec(Path::new("s.yaml"), text)?;
+        let pack = spec.pack.as_ref().ok_or("no pack")?;
+        let context = |held: Arc<DataDirLock>| -> Result<PackContext, Box<dyn std::error::Error>> {
+            let metrics = PackMetrics::register(&prometheus::Registry::new())?;
+            Ok(PackContext::new(held, metrics).remembering(data.path()))
+        };
+        let held = Arc::new(lock(&lock_path(data.path()))?);
+        context(Arc::clone(&held))?.set_rolled_back(Some((pack, Some("2.0.0"))));
+        // A new process (a restarted pod) holds the same.
+        let next = context(Arc::clone(&held))?;
+        assert!(next.was_rolled_back(pack));
+        assert!(!next.may_update_to(pack, "2.0.0"));
+        // The channel moves on: forgotten, by the next process too.
+        assert!(next.may_update_to(pack, "3.0.0"));
+        assert!(!context(held)?.was_rolled_back(pack));
         Ok(())
     }
 

@@ -8,6 +8,11 @@
 //! A spec change is planned first ([`plan_change`], pure) and then applied: nothing, a new update
 //! policy, a pack update (staged while the server runs, swapped with it stopped), or one restart.
 //! The round ends in what comes next ([`Next`]): another round, a hold, or the runner's exit.
+//!
+//! A round whose server is the new side of an update (a pack version, a Minecraft version) watches
+//! it until it has been ready for the settle period: a crash before that, or no ready in time,
+//! undoes the update ([`Reconciler::undo`]): the previous pack, the previous server, and the world
+//! from the backup taken before the update when the new server had touched it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -16,11 +21,14 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::checks::{self, Checked, Checking, UpdateChecks};
-use super::observe::{ProcessStats, poll_players, record_exit, unix_now};
-use super::prepare::{self, PackUpdate, PrepareError, Prepared};
+use super::events;
+use super::held::{self, HeldServer};
+use super::observe::{ProcessStats, poll_players, record_exit, report_outcome, report_prepared, unix_now};
+use super::prepare::{self, PackUpdate, PrepareError, Prepared, UPGRADE_SERVER, Upgrade};
+use super::world::{self, WorldPrint};
 use super::{ControlRequest, ReconcilerOptions, Shared, backup};
 use crate::api::{MinecraftServerSpec, Phase};
-use crate::supervisor::{Backoff, Exit, ServerProcess, SupervisorError, Verdict};
+use crate::supervisor::{Backoff, Exit, ExitReason, ServerProcess, SupervisorError, Verdict};
 
 /// How long after a transient failure (the network) a pack update is tried again.
 const PACK_RETRY: Duration = Duration::from_secs(30);
@@ -47,12 +55,17 @@ pub(super) enum Next {
 
 /// The reconciler: what lives across rounds.
 pub(super) struct Reconciler {
-    specs: watch::Receiver<MinecraftServerSpec>,
+    specs: watch::Receiver<super::Desired>,
     shared: Shared,
     requests: mpsc::Receiver<ControlRequest>,
     options: ReconcilerOptions,
     shutdown: CancellationToken,
     pacing: Pacing,
+    /// A Minecraft version change undone because its server failed: its spec runs the version
+    /// before until the spec names another (kept in the data dir across restarts).
+    held_server: Option<HeldServer>,
+    /// The generation of the spec taken last.
+    taken_generation: Option<i64>,
 }
 
 /// One running server and what the round tracks about it.
@@ -63,8 +76,12 @@ struct Round {
     // The readiness channel closes when the output ends; it is not waited on after that.
     ready_open: bool,
     is_ready: bool,
-    // After a pack update: what to go back to if this server fails before it is ready.
-    fallback: Option<Box<Prepared>>,
+    /// The update this server is the new side of, until it has settled.
+    upgrade: Option<Box<Upgrade>>,
+    /// The world as it was before this (upgrade's) server started.
+    world_before: Option<WorldPrint>,
+    /// When an upgrade's server must be ready by, and once ready, when it has settled.
+    upgrade_deadline: Option<tokio::time::Instant>,
     poll: tokio::time::Interval,
     stats: ProcessStats,
     updates: UpdateChecks,
@@ -74,6 +91,7 @@ struct Round {
 enum Happened {
     Exited(Result<Exit, SupervisorError>),
     ReadyChanged { open: bool },
+    UpgradeDeadline,
     PackRetryDue,
     PollDue,
     Checks(Checking),
@@ -126,14 +144,15 @@ pub(super) fn plan_change(prepared: &Prepared, spec: &MinecraftServerSpec, due: 
 
 impl Reconciler {
     pub(super) fn new(
-        specs: watch::Receiver<MinecraftServerSpec>,
+        specs: watch::Receiver<super::Desired>,
         shared: Shared,
         requests: mpsc::Receiver<ControlRequest>,
         options: ReconcilerOptions,
         shutdown: CancellationToken,
     ) -> Self {
         let pacing = Pacing { backoff: Backoff::new(options.restart), pack_retry: None };
-        Self { specs, shared, requests, options, shutdown, pacing }
+        let held_server = held::load(&options.prepare.data_dir);
+        Self { specs, shared, requests, options, shutdown, pacing, held_server, taken_generation: None }
     }
 
     /// Runs rounds until shutdown, then stops the server gracefully.
@@ -170,8 +189,9 @@ impl Reconciler {
 
     /// Readies the current spec (its pack applied, with no server running).
     async fn prepare(&mut self) -> Next {
-        let spec = self.specs.borrow_and_update().clone();
+        let spec = self.take_spec();
         self.shared.set_phase(Phase::Provisioning, None);
+        self.observe();
         let prepared = tokio::select! {
             _ = self.shutdown.cancelled() => return Next::Exit,
             prepared = prepare::prepare(&spec, &self.options.prepare) => prepared,
@@ -211,19 +231,24 @@ impl Reconciler {
 
     /// Reports what is about to run and spawns its JVM (never in the middle of a backup's capture or
     /// a restore's swap).
-    async fn start(&mut self, prepared: Prepared) -> Result<Round, Next> {
+    async fn start(&mut self, mut prepared: Prepared) -> Result<Round, Next> {
         let shared = &self.shared;
-        shared.status.send_modify(|s| {
-            s.server_type = Some(prepared.server_type.clone());
-            s.server_version = Some(prepared.minecraft_version.clone());
-            s.players_max = prepared.max_players;
-            s.pack_version = prepared.pack_version.clone();
-        });
+        report_prepared(shared, &prepared);
+        if let Some((from, to)) = prepared.applied.take() {
+            let from = from.map_or_else(String::new, |f| format!(" (was {f})"));
+            shared.emit(events::PACK_APPLIED, format!("pack {to} applied{from}"), false);
+        }
         checks::clear_update_report(shared, &self.options);
         if let Ok(mut rcon) = shared.rcon.lock() {
             *rcon = Some(prepared.rcon.clone());
         }
         shared.set_phase(Phase::Starting, None);
+        let upgrade = prepared.upgrade.take();
+        // The world as the old server left it: after a failure, whether the new one touched it.
+        let world_before = match &upgrade {
+            Some(_) => Some(world::print(&self.options.prepare.data_dir).await),
+            None => None,
+        };
         // Held until the JVM is spawned.
         let backup_lock = match backup::lock_for_spawn(&self.options.prepare.data_dir, shared, &self.shutdown).await {
             backup::SpawnLock::Held(lock) => lock,
@@ -246,11 +271,15 @@ impl Reconciler {
         shared.status.send_modify(|s| s.pid = process.pid());
         let mut poll = tokio::time::interval(self.options.poll);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let upgrade_deadline =
+            upgrade.as_ref().map(|_| tokio::time::Instant::now() + self.options.upgrade.ready_timeout);
         Ok(Round {
             ready: process.ready(),
             ready_open: true,
             is_ready: false,
-            fallback: prepared.fallback.clone(),
+            upgrade,
+            world_before,
+            upgrade_deadline,
             poll,
             stats: ProcessStats::new(process.pid()),
             updates: UpdateChecks::new(prepared.spec.pack.as_ref()),
@@ -264,20 +293,39 @@ impl Reconciler {
     fn note_ready(&self, round: &mut Round) {
         if !round.is_ready && *round.ready.borrow() {
             round.is_ready = true;
-            round.fallback = None;
-            tracing::info!(after = ?round.process.started().elapsed(), "server is ready");
+            let after = round.process.started().elapsed();
+            tracing::info!(?after, "server is ready");
             self.shared.set_phase(Phase::Running, None);
             self.shared.metrics.last_ready_time.set(unix_now());
+            let pack = round.prepared.pack_version.as_deref().map_or_else(String::new, |p| format!(", pack {p}"));
+            self.shared.emit(
+                events::STARTED,
+                format!(
+                    "{} {}{pack} ready after {:.1}s",
+                    round.prepared.server_type,
+                    round.prepared.minecraft_version,
+                    after.as_secs_f64()
+                ),
+                false,
+            );
+            // An update's server is watched for the settle period before the update counts as done.
+            if round.upgrade.is_some() {
+                round.upgrade_deadline = Some(tokio::time::Instant::now() + self.options.upgrade.settle);
+            }
         }
     }
 
     /// Waits for the next thing that happens to the running server.
     async fn watch(&mut self, round: &mut Round) -> Happened {
         let retry_at = self.pacing.pack_retry;
+        let deadline = round.upgrade_deadline;
         tokio::select! {
             exit = round.process.wait() => Happened::Exited(exit),
             changed = round.ready.changed(), if round.ready_open && !round.is_ready => {
                 Happened::ReadyChanged { open: changed.is_ok() }
+            }
+            _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
+                Happened::UpgradeDeadline
             }
             _ = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)), if retry_at.is_some() => {
                 Happened::PackRetryDue
@@ -295,6 +343,7 @@ impl Reconciler {
         match happened {
             Happened::Exited(exit) => return Flow::Exited(exit),
             Happened::ReadyChanged { open } => round.ready_open = open,
+            Happened::UpgradeDeadline => return self.upgrade_deadline(round).await,
             Happened::PackRetryDue => {
                 // Handled as a change of the same spec: the update is tried again.
                 self.pacing.pack_retry = None;
@@ -320,6 +369,7 @@ impl Reconciler {
                 let exit = round.process.stop(Some(&round.prepared.rcon), self.options.stop).await;
                 record_exit(&self.shared, &exit, false);
                 self.shared.set_phase(Phase::Stopped, None);
+                self.shared.emit(events::STOPPED, stopped_message("the runner is shutting down", &exit), false);
                 return Flow::Done(Next::Exit);
             }
         }
@@ -339,12 +389,27 @@ impl Reconciler {
             Err(e) => {
                 context.metrics.update_checks.with_label_values(&["failed"]).inc();
                 tracing::warn!("checking the pack's hub channel for a new version failed: {e}");
+                self.shared.set_degraded(
+                    crate::api::conditions::reasons::PACK_SOURCE_UNREACHABLE,
+                    Some(format!("checking the pack's hub channel failed: {e}")),
+                );
                 return;
             }
             Ok(version) => version,
         };
+        // The hub answered: whatever kept it from being reached is over.
+        if round.prepared.pack_problem.is_none() {
+            self.shared.set_degraded(crate::api::conditions::reasons::PACK_SOURCE_UNREACHABLE, None);
+        }
         if version == round.prepared.pack_version {
             context.metrics.update_checks.with_label_values(&["current"]).inc();
+            // A version held because the source was down at the start is the one the channel names:
+            // nothing is held any more.
+            if round.prepared.pack_problem.take().is_some() {
+                tracing::info!("the pack's hub channel answers and names the version the data dir holds");
+                self.shared.status.send_modify(|s| s.pack_problem = None);
+                self.shared.set_degraded(crate::api::conditions::reasons::PACK_SOURCE_UNREACHABLE, None);
+            }
             if self.shared.status.borrow().pack_update_available.is_some() {
                 checks::clear_update_report(&self.shared, &self.options);
             }
@@ -367,6 +432,12 @@ impl Reconciler {
             None
         };
         round.updates.say(&version, round.prepared.pack_version.as_deref(), wait);
+        self.shared.status.send_if_modified(|s| {
+            let waiting = wait.map(str::to_owned);
+            let changed = s.pack_update_waiting != waiting;
+            s.pack_update_waiting = waiting;
+            changed
+        });
         if wait.is_none() {
             round.updates.due = Some(version);
             self.specs.mark_changed();
@@ -375,15 +446,17 @@ impl Reconciler {
 
     /// The spec changed (or an update became due): plan what it asks of the running server, then do it.
     async fn spec_changed(&mut self, round: &mut Round) -> Flow {
-        let spec = self.specs.borrow_and_update().clone();
+        let spec = self.take_spec();
         match plan_change(&round.prepared, &spec, round.updates.due.take()) {
             Change::Nothing => {
                 tracing::info!("spec changed; nothing that needs a restart");
+                self.observe();
                 Flow::Continue
             }
             Change::UpdatePolicy => {
                 tracing::info!("spec changed; only spec.pack.update, taken without a restart");
                 self.adopt_pack_spec(round, &spec);
+                self.observe();
                 Flow::Continue
             }
             Change::Pack { due } => self.update_pack(round, spec, due).await,
@@ -397,22 +470,51 @@ impl Reconciler {
         round.updates.adopt(spec.pack.as_ref(), &self.shared, &self.options);
     }
 
-    /// Readies the new files while the old server still runs, then restarts it once.
+    /// Readies the new files while the old server still runs, then restarts it once. A new
+    /// Minecraft version is an update: backed up first (`spec.backup.beforeUpdate`; a failed backup
+    /// calls it off), and undone if its server fails.
     async fn restart_for(&mut self, round: &mut Round, spec: &MinecraftServerSpec) -> Flow {
-        match prepare::prepare_change(&round.prepared, spec, &self.options.prepare).await {
-            Ok(next) => {
-                tracing::info!("spec changed; restarting the server once with the new files ready");
-                self.shared.set_phase(Phase::Stopping, Some("restarting for a spec change".into()));
-                let exit = round.process.stop(Some(&round.prepared.rcon), self.options.stop).await;
-                self.pacing.backoff.reset();
-                record_exit(&self.shared, &exit, false);
-                Flow::Done(Next::Run(Box::new(next)))
-            }
+        let mut next = match prepare::prepare_change(&round.prepared, spec, &self.options.prepare).await {
+            Ok(next) => next,
             Err(e) => {
                 tracing::error!(category = e.category(), "{e}; keeping the running server");
-                Flow::Continue
+                return Flow::Continue;
             }
+        };
+        if next.minecraft_version != round.prepared.minecraft_version {
+            let (from, to) = (&round.prepared.minecraft_version, &next.minecraft_version);
+            let backup = if spec.backup.as_ref().is_some_and(|b| b.before_update) && round.is_ready {
+                tracing::info!(from, to, "backing the world up before the Minecraft version changes");
+                match self.shared.backups.create_now(&self.shared).await {
+                    Ok(manifest) => Some(manifest.name),
+                    Err(failure) => {
+                        tracing::error!(
+                            category = failure.category,
+                            "the backup before the Minecraft version change failed: {failure}; keeping the running server and trying again later"
+                        );
+                        self.pacing.pack_retry = Some(tokio::time::Instant::now() + PACK_RETRY);
+                        return Flow::Continue;
+                    }
+                }
+            } else {
+                None
+            };
+            tracing::info!(from, to, backup = backup.as_deref(), "changing the Minecraft version");
+            next.upgrade = Some(Box::new(Upgrade {
+                kind: UPGRADE_SERVER,
+                from: Some(from.clone()),
+                to: to.clone(),
+                previous: prepare::fallback_of(&round.prepared),
+                backup,
+            }));
         }
+        tracing::info!("spec changed; restarting the server once with the new files ready");
+        self.shared.set_phase(Phase::Stopping, Some("restarting for a spec change".into()));
+        self.observe();
+        let exit = round.process.stop(Some(&round.prepared.rcon), self.options.stop).await;
+        self.pacing.backoff.reset();
+        record_exit(&self.shared, &exit, false);
+        Flow::Done(Next::Run(Box::new(next)))
     }
 
     /// A new pack (or the version a check found): fetched, staged and verified while the server runs,
@@ -486,8 +588,12 @@ impl Reconciler {
                 );
                 if e.is_transient() {
                     self.pacing.pack_retry = Some(tokio::time::Instant::now() + PACK_RETRY);
-                } else if due.is_some() {
-                    round.updates.refused = due;
+                } else {
+                    // Refused for good: this generation is done with (the log says why).
+                    self.observe();
+                    if due.is_some() {
+                        round.updates.refused = due;
+                    }
                 }
                 Flow::Continue
             }
@@ -498,15 +604,21 @@ impl Reconciler {
                 }
                 tracing::info!("spec changed; the data dir holds its pack and nothing else needs a restart");
                 self.adopt_pack_spec(round, &spec);
+                self.observe();
                 Flow::Continue
             }
             PackUpdate::Ready { next, stopped } => {
+                self.observe();
                 tracing::info!("pack updated; starting the server of the new version");
                 self.pacing.backoff.reset();
                 record_exit(shared, &stopped, false);
+                let to = next.pack_version.as_deref().unwrap_or_default();
+                let from = round.prepared.pack_version.as_deref().map_or_else(String::new, |f| format!(" (was {f})"));
+                shared.emit(events::PACK_APPLIED, format!("pack {to} applied{from}"), false);
                 Flow::Done(Next::Run(next))
             }
             PackUpdate::Reverted { error, stopped } => {
+                self.observe();
                 tracing::error!(
                     category = error.category(),
                     transient = error.is_transient(),
@@ -516,11 +628,16 @@ impl Reconciler {
                     self.pacing.pack_retry = Some(tokio::time::Instant::now() + PACK_RETRY);
                 }
                 record_exit(shared, &stopped, false);
+                let to = due.unwrap_or_else(|| pack_label(&spec));
+                self.rolled_back(prepare::UPGRADE_PACK, round.prepared.pack_version.clone(), to, error.to_string());
                 Flow::Done(Next::Run(Box::new(round.prepared.clone())))
             }
             PackUpdate::Held { reason, stopped } => {
+                self.observe();
                 tracing::error!("{reason}");
                 record_exit(shared, &stopped, false);
+                let to = due.unwrap_or_else(|| pack_label(&spec));
+                self.rolled_back(prepare::UPGRADE_PACK, round.prepared.pack_version.clone(), to, reason.clone());
                 shared.set_phase(Phase::Failed, Some(reason));
                 Flow::Done(Next::Hold)
             }
@@ -535,6 +652,7 @@ impl Reconciler {
         match request {
             ControlRequest::Stop(reply) => {
                 self.shared.set_phase(Phase::Stopped, Some("stopped on request".into()));
+                self.shared.emit(events::STOPPED, stopped_message("stopped on request", &exit), false);
                 let _ = reply.send(exit.map(|_| ()).map_err(|e| e.to_string()));
                 Next::Hold
             }
@@ -546,24 +664,28 @@ impl Reconciler {
         }
     }
 
-    /// The server exited on its own: back to the version before an update that never became ready,
-    /// else a restart after the crash backoff, or Failed once crashes pass the limit.
+    /// The server exited on its own: an update whose server had not settled is undone; otherwise a
+    /// restart after the crash backoff, or Failed once crashes pass the limit.
     async fn end(&mut self, round: Round, exit: Result<Exit, SupervisorError>) -> Next {
         let Ok(exit) = exit else {
             self.shared.set_phase(Phase::Failed, Some("lost track of the server process".into()));
             return Next::Hold;
         };
         record_exit(&self.shared, &Ok(exit.clone()), true);
-        if let Some(previous) = round.fallback {
-            return self.roll_back(&round.prepared, previous, &exit).await;
+        let class = exit.reason.category();
+        if let Some(upgrade) = round.upgrade {
+            let when = if round.is_ready { "while settling after it was ready" } else { "before it was ready" };
+            let why = format!("its server exited ({class}) {when}");
+            return self.undo(&round.prepared, upgrade, round.world_before, class, why).await;
         }
         let jitter: f64 = rand::random();
         match self.pacing.backoff.on_exit(Instant::now(), exit.ran_for, exit.reason.is_failure(), jitter) {
             Verdict::RestartAfter(delay) => {
-                tracing::warn!(reason = exit.reason.category(), ?delay, "server exited; restarting after a delay");
+                tracing::warn!(reason = class, ?delay, "server exited; restarting after a delay");
+                self.tell_exit(&exit, &format!("restarting in {:.1}s", delay.as_secs_f64()));
                 self.shared.set_phase(
                     Phase::Pending,
-                    Some(format!("exited ({}); restarting in {:.1}s", exit.reason.category(), delay.as_secs_f64())),
+                    Some(format!("exited ({class}); restarting in {:.1}s", delay.as_secs_f64())),
                 );
                 self.shared.metrics.restarts.inc();
                 self.shared.status.send_modify(|s| s.restarts += 1);
@@ -571,36 +693,203 @@ impl Reconciler {
             }
             Verdict::GiveUp { failures } => {
                 let message = format!(
-                    "{failures} failures within {:?}, the last: {}; fix the cause and run `atlas-runner restart`",
+                    "{failures} failures within {:?}, the last: {class}; fix the cause and run `atlas-runner restart`",
                     self.options.restart.window,
-                    exit.reason.category()
                 );
                 tracing::error!("{message}");
+                self.tell_exit(&exit, "giving up");
                 self.shared.set_phase(Phase::Failed, Some(message));
                 Next::Hold
             }
         }
     }
 
-    /// The new pack version's server never became ready: back to the version that ran.
-    async fn roll_back(&mut self, failed: &Prepared, previous: Box<Prepared>, exit: &Exit) -> Next {
-        let reason = exit.reason.category();
-        tracing::error!(
-            reason,
-            pack = failed.pack_version.as_deref(),
-            back_to = previous.pack_version.as_deref(),
-            "the server of the new pack version exited before it was ready; rolling the pack back"
-        );
-        let back_to = previous.pack_version.as_deref();
-        let failed_pack = failed.spec.pack.as_ref().map(|pack| (pack, failed.pack_version.as_deref()));
-        match prepare::roll_back_pack(&self.options.prepare, reason, failed_pack, back_to).await {
-            Ok(()) => Next::Run(previous),
-            Err(e) => {
+    /// An Event for an unexpected exit: OOMKilled for the kernel's OOM killer, Crashed (with its
+    /// class) for any other failure; a clean exit is not news.
+    fn tell_exit(&self, exit: &Exit, then: &str) {
+        let ran = exit.ran_for.as_secs_f64();
+        match exit.reason {
+            ExitReason::OomKilled => self.shared.emit(
+                events::OOM_KILLED,
+                format!("the server was killed for the memory limit after {ran:.0}s; {then}"),
+                true,
+            ),
+            reason if reason.is_failure() => self.shared.emit(
+                events::CRASHED,
+                format!("the server exited ({}) after {ran:.0}s; {then}", reason.category()),
+                true,
+            ),
+            _ => {}
+        }
+    }
+
+    /// An update's server was not ready in time, or has settled.
+    async fn upgrade_deadline(&mut self, round: &mut Round) -> Flow {
+        let Some(upgrade) = round.upgrade.take() else {
+            round.upgrade_deadline = None;
+            return Flow::Continue;
+        };
+        round.upgrade_deadline = None;
+        if round.is_ready {
+            // Settled: the update is done.
+            let from = upgrade.from.as_deref().map_or_else(String::new, |f| format!(" from {f}"));
+            let what = if upgrade.kind == UPGRADE_SERVER { "Minecraft" } else { "pack" };
+            report_outcome(&self.shared, upgrade.kind, upgrade.from.clone(), &upgrade.to, "Applied", None);
+            self.shared.emit(
+                events::UPDATE_APPLIED,
+                format!(
+                    "{what} updated{from} to {}; its server has been ready for {:?}",
+                    upgrade.to, self.options.upgrade.settle
+                ),
+                false,
+            );
+            return Flow::Continue;
+        }
+        let why = format!("its server was not ready within {:?}", self.options.upgrade.ready_timeout);
+        tracing::error!(to = upgrade.to, "{why}; stopping it to undo the update");
+        self.shared.set_phase(Phase::Stopping, Some("undoing an update whose server did not become ready".into()));
+        let exit = round.process.stop(Some(&round.prepared.rcon), self.options.stop).await;
+        record_exit(&self.shared, &exit, false);
+        let world_before = round.world_before.take();
+        Flow::Done(self.undo(&round.prepared, upgrade, world_before, "not_ready", why).await)
+    }
+
+    /// Undoes an update whose server failed (it is stopped): the previous pack version back (or the
+    /// previous Minecraft version held), the world restored from the backup taken before the update
+    /// when the new server had touched it, and the previous server started again. A touched world
+    /// with no backup is left alone when the Minecraft version is the same; with a new Minecraft
+    /// version an older server may not load it, so nothing starts and the status says what to do.
+    /// `reason` is a static category (the rollback metric's label), `why` the one-line account.
+    async fn undo(
+        &mut self,
+        failed: &Prepared,
+        upgrade: Box<Upgrade>,
+        world_before: Option<WorldPrint>,
+        reason: &'static str,
+        why: String,
+    ) -> Next {
+        let Upgrade { kind, from, to, previous, backup } = *upgrade;
+        if kind == UPGRADE_SERVER {
+            tracing::error!(to, back_to = from.as_deref(), "the server of Minecraft {to} failed: {why}; going back");
+        } else {
+            tracing::error!(
+                to,
+                back_to = from.as_deref(),
+                "the server of pack {to} failed: {why}; rolling the pack back"
+            );
+        }
+        if kind == UPGRADE_SERVER {
+            self.hold_server(failed.spec.server.clone(), previous.spec.server.clone(), &why);
+        } else {
+            let back_to = previous.pack_version.as_deref();
+            let failed_pack = failed.spec.pack.as_ref().map(|pack| (pack, failed.pack_version.as_deref()));
+            if let Err(e) = prepare::roll_back_pack(&self.options.prepare, reason, failed_pack, back_to).await {
                 tracing::error!(category = e.category(), "{e}");
-                self.shared.set_phase(Phase::Failed, Some(format!("rolling the pack back failed: {e}")));
-                Next::Hold
+                let message = format!("rolling the pack back failed: {e}");
+                self.rolled_back(kind, from, to, format!("{why}; {message}"));
+                self.shared.set_phase(Phase::Failed, Some(message));
+                return Next::Hold;
             }
         }
+        let touched = match world_before {
+            Some(before) => world::print(&self.options.prepare.data_dir).await != before,
+            None => false,
+        };
+        let world = match (touched, &backup) {
+            (false, _) => "the world was not touched".to_owned(),
+            (true, Some(name)) => match self.restore_world(&previous.spec, name).await {
+                Ok(()) => format!("the world was restored from backup {name}"),
+                Err(message) => {
+                    let message = format!(
+                        "{why}; restoring the world from backup {name} failed: {message}; the world the new server touched is in place: restore a backup with `atlas-runner backup restore`, then `atlas-runner restart`"
+                    );
+                    self.rolled_back(kind, from, to, message.clone());
+                    self.shared.set_phase(Phase::Failed, Some(message));
+                    return Next::Hold;
+                }
+            },
+            (true, None) if failed.minecraft_version != previous.minecraft_version => {
+                let message = format!(
+                    "{why}; it had touched the world and no backup was taken before the update (spec.backup.beforeUpdate), so Minecraft {} may not load it: restore a backup with `atlas-runner backup restore`, then `atlas-runner restart`",
+                    previous.minecraft_version
+                );
+                self.rolled_back(kind, from, to, message.clone());
+                self.shared.set_phase(Phase::Failed, Some(message));
+                return Next::Hold;
+            }
+            (true, None) => "the world it touched was kept (same Minecraft version, no backup to restore)".to_owned(),
+        };
+        self.rolled_back(kind, from, to, format!("{why}; {world}"));
+        Next::Run(previous)
+    }
+
+    /// Restores the world from `name` in the store `spec` names (the server is stopped).
+    async fn restore_world(&self, spec: &MinecraftServerSpec, name: &str) -> Result<(), String> {
+        let data_dir = &self.options.prepare.data_dir;
+        let store =
+            crate::backup::store::Store::open(spec.backup.as_ref().and_then(|b| b.store.as_ref()), data_dir, None)
+                .map_err(|e| backup::describe(&e))?;
+        tracing::info!(backup = name, "restoring the world from the backup taken before the update");
+        let restored = crate::backup::restore(&store, name, data_dir).await.map_err(|e| backup::describe(&e))?;
+        let kept = restored.previous.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
+        self.shared.emit(
+            events::RESTORE_COMPLETED,
+            format!("world restored from backup {name} (the touched world is kept at {kept})"),
+            false,
+        );
+        Ok(())
+    }
+
+    /// Reports an update undone: status and a Warning Event.
+    fn rolled_back(&self, kind: &'static str, from: Option<String>, to: String, message: String) {
+        let what = if kind == UPGRADE_SERVER { "Minecraft" } else { "pack" };
+        let back = from.as_deref().map_or_else(String::new, |f| format!(" back to {f}"));
+        self.shared.emit(events::UPDATE_ROLLED_BACK, format!("{what} update to {to} rolled{back}: {message}"), true);
+        report_outcome(&self.shared, kind, from, &to, "RolledBack", Some(message));
+    }
+
+    /// Holds the spec's server `failed` at `instead` until the spec names another server.
+    fn hold_server(&mut self, failed: crate::api::ServerSpec, instead: crate::api::ServerSpec, why: &str) {
+        let held = HeldServer { failed, instead, reason: why.to_owned() };
+        held::save(&self.options.prepare.data_dir, Some(&held));
+        self.held_server = Some(held);
+    }
+
+    /// The status describes the generation taken last from now on: its spec was acted on (the
+    /// server restarted for it, nothing needed doing, or it was refused for good).
+    fn observe(&self) {
+        let generation = self.taken_generation;
+        self.shared.status.send_if_modified(|s| {
+            let changed = s.observed_generation != generation;
+            s.observed_generation = generation;
+            changed
+        });
+    }
+
+    /// Takes the newest spec (see [`Reconciler::observe`] for when the status says so).
+    fn take_spec(&mut self) -> MinecraftServerSpec {
+        let desired = self.specs.borrow_and_update().clone();
+        self.taken_generation = desired.generation;
+        let mut spec = desired.spec;
+        // A Minecraft version whose server failed runs the version before until the spec moves on.
+        match &self.held_server {
+            Some(held) if held.failed == spec.server => {
+                tracing::warn!(
+                    version = held.failed.version,
+                    instead = held.instead.version,
+                    "spec.server names the version undone after its server failed ({}); running the version before",
+                    held.reason
+                );
+                spec.server = held.instead.clone();
+            }
+            Some(_) => {
+                tracing::info!("spec.server moved on from the version that failed; forgetting it");
+                self.held_server = None;
+                held::save(&self.options.prepare.data_dir, None);
+            }
+            None => {}
+        }
+        spec
     }
 
     /// Waits `delay` (a spec change cuts it short), then starts again; or exits on shutdown.
@@ -611,6 +900,19 @@ impl Reconciler {
             _ = self.specs.changed() => Next::Start,
         }
     }
+}
+
+/// "stopped ... (how it ended)" for the Stopped Event.
+fn stopped_message(why: &str, exit: &Result<Exit, SupervisorError>) -> String {
+    match exit {
+        Ok(exit) => format!("the server stopped ({}): {why}", exit.reason.category()),
+        Err(e) => format!("the server stopped: {why} ({e})"),
+    }
+}
+
+/// How to name the pack a spec asks for when no version is known before fetching it.
+fn pack_label(spec: &MinecraftServerSpec) -> String {
+    spec.pack.as_ref().and_then(|p| p.version.clone()).unwrap_or_else(|| "the spec's pack".to_owned())
 }
 
 #[cfg(test)]
@@ -639,7 +941,11 @@ mod tests {
             max_players: 20,
             spec,
             pack_version: Some("1.0.0".into()),
-            fallback: None,
+            pack_problem: None,
+            offline: None,
+            upgrade: None,
+            applied: None,
+            resolved: None,
         }
     }
 

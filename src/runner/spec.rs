@@ -1,6 +1,6 @@
-//! Where the spec comes from. The standalone runner watches a file; the in-pod agent will watch its
-//! custom resource. Either way the reconciler sees a stream of valid specs; a bad one is logged and
-//! reported, and the running server keeps running.
+//! Where the spec comes from. The standalone runner watches a file; the in-pod agent watches its
+//! custom resource (`crate::agent`). Either way the reconciler sees a stream of valid specs
+//! ([`Desired`]); a bad one is logged and reported, and the running server keeps running.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -97,17 +97,39 @@ fn check(spec: &MinecraftServerSpec) -> Result<(), String> {
     Ok(())
 }
 
+/// A spec to run, and which generation of its resource it is: what a spec source publishes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Desired {
+    /// The spec.
+    pub spec: MinecraftServerSpec,
+    /// `metadata.generation` of the resource it came from (the agent's); `None` for a spec file.
+    pub generation: Option<i64>,
+}
+
+impl Desired {
+    /// A spec with no generation (a file's).
+    pub fn from_file(spec: MinecraftServerSpec) -> Self {
+        Self { spec, generation: None }
+    }
+}
+
+/// Checks a spec that comes from elsewhere than a file (a resource the API server validated by its
+/// schema): the rules the runner relies on, for a clear error instead of a confusing failure later.
+pub fn validate(spec: &MinecraftServerSpec) -> Result<(), String> {
+    check(spec)
+}
+
 /// Watches a spec file and publishes each new valid spec. Starts with the file's current spec.
 #[derive(Debug)]
 pub struct FileSpecSource {
-    rx: watch::Receiver<MinecraftServerSpec>,
+    rx: watch::Receiver<Desired>,
 }
 
 impl FileSpecSource {
     /// Loads `path` (an error here is fatal: there is nothing to run) and polls it every `interval`.
     pub fn start(path: PathBuf, interval: Duration) -> Result<Self, SpecError> {
         let first = load_spec(&path)?;
-        let (tx, rx) = watch::channel(first);
+        let (tx, rx) = watch::channel(Desired::from_file(first));
         tokio::spawn(async move {
             let mut last_text = std::fs::read_to_string(&path).ok();
             let mut ticker = tokio::time::interval(interval);
@@ -129,9 +151,9 @@ impl FileSpecSource {
                 match parse_spec(&path, &text) {
                     Ok(spec) => {
                         tx.send_if_modified(|current| {
-                            let changed = *current != spec;
+                            let changed = current.spec != spec;
                             if changed {
-                                *current = spec;
+                                *current = Desired::from_file(spec);
                             }
                             changed
                         });
@@ -144,7 +166,7 @@ impl FileSpecSource {
     }
 
     /// The receiver the reconciler watches.
-    pub fn receiver(&self) -> watch::Receiver<MinecraftServerSpec> {
+    pub fn receiver(&self) -> watch::Receiver<Desired> {
         self.rx.clone()
     }
 }

@@ -270,6 +270,7 @@ mod tests {
             jar: "/data/.atlas/cache/jars/abc.jar".into(),
             java_major: 21,
             sha256: "abc".into(),
+            offline: None,
         };
         let mut jvm = spec(Some("2G"), None, JvmFlags::Aikar);
         jvm.extra_args = vec!["-Dfoo=bar".into()];

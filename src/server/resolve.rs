@@ -51,6 +51,8 @@ pub struct ResolvedServer {
     pub java_major: u32,
     /// The jar's sha256.
     pub sha256: String,
+    /// Why a cached jar stands in for a download (the download API was unreachable), if one does.
+    pub offline: Option<String>,
 }
 
 /// Resolves server software to cached, verified jars.
@@ -120,6 +122,7 @@ impl Resolver {
             jar: self.cache.jar_path(&entry.sha256),
             java_major: entry.java_major,
             sha256: entry.sha256,
+            offline: Some(cause.to_string()),
         })
     }
 
@@ -266,7 +269,14 @@ impl Resolver {
             java_major,
             upstream,
         })?;
-        Ok(ResolvedServer { kind, minecraft_version: version, jar: self.cache.jar_path(&sha256), java_major, sha256 })
+        Ok(ResolvedServer {
+            kind,
+            minecraft_version: version,
+            jar: self.cache.jar_path(&sha256),
+            java_major,
+            sha256,
+            offline: None,
+        })
     }
 
     async fn resolve_custom(&self, server: &ServerSpec, data_dir: &Path) -> Result<ResolvedServer, ServerError> {
@@ -302,7 +312,14 @@ impl Resolver {
             Ok(Err(e)) => return Err(ServerError::io(&jar, e)),
             Err(e) => return Err(ServerError::io(&jar, std::io::Error::other(e))),
         };
-        Ok(ResolvedServer { kind: ServerType::Custom, minecraft_version: version, jar, java_major, sha256 })
+        Ok(ResolvedServer {
+            kind: ServerType::Custom,
+            minecraft_version: version,
+            jar,
+            java_major,
+            sha256,
+            offline: None,
+        })
     }
 }
 

@@ -60,6 +60,9 @@ pub mod env {
     pub const NODE_NETNS: &str = "ATLAS_TEST_NODE_NETNS";
     /// With a node: the node bed's name (`atlas-bed-S`: its host link, cgroup and nftables table).
     pub const NODE_BED: &str = "ATLAS_TEST_NODE_BED";
+    /// Read when starting a bed without a node: the API server's Service address range (default
+    /// [`super::SERVICE_CIDR`]; the operator's bench needs room for 1,000 Services).
+    pub const SERVICE_CIDR: &str = "ATLAS_TEST_SERVICE_CIDR";
 }
 
 /// The region SeaweedFS answers for; any value is accepted, this one is conventional.
@@ -298,6 +301,23 @@ pub struct ClusterProcesses {
     pub server: String,
     /// The certificates: more clients (a node's components) are signed here.
     pub pki: pki::Pki,
+    apiserver_args: Vec<String>,
+}
+
+impl ClusterProcesses {
+    /// Kills kube-apiserver at once, as an outage would; etcd (the cluster's data) keeps running for
+    /// [`ClusterProcesses::restart_apiserver`].
+    pub fn kill_apiserver(&mut self) {
+        self.processes.kill("kube-apiserver");
+    }
+
+    /// Starts kube-apiserver again on the same address, port, certificates and etcd, and waits until
+    /// it is ready.
+    pub fn restart_apiserver(&mut self) -> Result<()> {
+        let apiserver = bin("kube-apiserver")?;
+        self.processes.spawn("kube-apiserver", &apiserver, self.apiserver_args.clone())?;
+        wait_apiserver_ready(&mut self.processes, &self.kubeconfig)
+    }
 }
 
 /// How [`start_cluster_with`] starts the API server.
@@ -366,7 +386,12 @@ pub fn start_cluster_with(options: &ApiOptions, mut processes: Processes) -> Res
         format!("--secure-port={api_port}"),
         format!("--bind-address={}", options.address),
         format!("--advertise-address={}", options.address),
-        format!("--service-cluster-ip-range={SERVICE_CIDR}"),
+        // A /24 unless the caller needs more Services (the operator's bench makes 1,000 on a bed
+        // without a node; a node bed's other parts keep SERVICE_CIDR).
+        format!(
+            "--service-cluster-ip-range={}",
+            std::env::var(env::SERVICE_CIDR).unwrap_or_else(|_| SERVICE_CIDR.to_owned())
+        ),
         "--allow-privileged=true".to_owned(),
         "--service-account-issuer=https://kubernetes.default.svc".to_owned(),
         format!("--service-account-key-file={}", p("sa.pub")),
@@ -400,12 +425,17 @@ pub fn start_cluster_with(options: &ApiOptions, mut processes: Processes) -> Res
     } else {
         args.extend(["--authorization-mode=RBAC".to_owned(), "--disable-admission-plugins=ServiceAccount".to_owned()]);
     }
-    processes.spawn("kube-apiserver", &apiserver_bin, args)?;
+    processes.spawn("kube-apiserver", &apiserver_bin, args.clone())?;
 
     let server = format!("https://{}:{api_port}", options.address);
     let kubeconfig = dir.join("kubeconfig");
     std::fs::write(&kubeconfig, pki.kubeconfig(&server, "admin"))?;
+    wait_apiserver_ready(&mut processes, &kubeconfig)?;
+    Ok(ClusterProcesses { processes, kubeconfig, server, pki, apiserver_args: args })
+}
 
+fn wait_apiserver_ready(processes: &mut Processes, kubeconfig: &Path) -> Result<()> {
+    let dir = processes.dir().to_path_buf();
     let kubectl = bin("kubectl")?;
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
@@ -417,14 +447,13 @@ pub fn start_cluster_with(options: &ApiOptions, mut processes: Processes) -> Res
             .output()
             .is_ok_and(|out| out.status.success() && out.stdout.starts_with(b"ok"));
         if ready {
-            break;
+            return Ok(());
         }
         if Instant::now() > deadline {
             bail!("kube-apiserver was not ready after 90 s; see {}", dir.join("kube-apiserver.log").display());
         }
         std::thread::sleep(Duration::from_millis(250));
     }
-    Ok(ClusterProcesses { processes, kubeconfig, server, pki })
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -545,6 +574,10 @@ pub fn start_s3_on(ip: Ipv4Addr, domain: Option<&str>) -> Result<S3Processes> {
         "-webdav=false".to_owned(),
         // On by default: the master would report to telemetry.seaweedfs.com, off the machine.
         "-master.telemetry=false".to_owned(),
+        // Every bucket is a collection with a volume of its own, and left at 0 the volume count is
+        // free disk space / 128 MB: on a nearly full disk a dozen buckets in, writes fail with
+        // InternalError. Volumes are sparse files that grow as written, so a fixed count costs nothing.
+        "-volume.max=500".to_owned(),
         format!("-s3.port={s3_port}"),
         format!("-filer.port={filer_port}"),
     ];

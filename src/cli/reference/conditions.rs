@@ -70,9 +70,9 @@ fn render(sections: &[Section]) -> String {
     page.push_str(
         "`status.conditions` of a MinecraftServer holds one entry per condition type (`kubectl get mcs \
          NAME -o yaml`, `kubectl describe mcs NAME`); each has a status (`True`, `False`), a reason from \
-         the list below and a message for people. The same reasons name the Events the server's \
-         transitions record. [Troubleshooting](../troubleshooting.md) says what to do about each \
-         failure.\n\n",
+         the list below and a message for people. The Events the agent records for the server's \
+         transitions have the reasons of the last section. [Troubleshooting](../troubleshooting.md) \
+         says what to do about each failure.\n\n",
     );
     for section in sections {
         let (title, prefix) = if section.name == "conditions" {
@@ -82,7 +82,8 @@ fn render(sections: &[Section]) -> String {
             if let Some(first) = name.get_mut(0..1) {
                 first.make_ascii_uppercase();
             }
-            (name, "reason")
+            // Event reasons share words with condition reasons (BackupFailed): their own anchors.
+            (name, if section.name == "events" { "event" } else { "reason" })
         };
         let _ = writeln!(page, "## {title}\n");
         if !section.doc.is_empty() {

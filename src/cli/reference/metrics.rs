@@ -3,7 +3,8 @@
 
 use std::fmt::Write;
 
-use atlas_runner::metrics::{BackupMetrics, PackMetrics, RunnerMetrics};
+use atlas_runner::metrics::{AgentMetrics, BackupMetrics, PackMetrics, RunnerMetrics};
+use atlas_runner::operator::metrics::OperatorMetrics;
 use prometheus::Registry;
 use prometheus::core::Collector;
 use prometheus::proto::MetricType;
@@ -36,6 +37,17 @@ fn components() -> prometheus::Result<Vec<Component>> {
                        `backup create --metrics-textfile FILE`.",
             metrics: Box::new(BackupMetrics::register(&Registry::new())?),
         },
+        Component {
+            title: "The in-pod agent",
+            exported: "On the agent's `/metrics` (`atlas-runner agent`), beside the runner's.",
+            metrics: Box::new(AgentMetrics::register(&Registry::new())?),
+        },
+        Component {
+            title: "Operator",
+            exported: "On the operator's `/metrics` (`atlas-runner operator --metrics-addr`; the chart's \
+                       `metrics.port`, 8080).",
+            metrics: Box::new(OperatorMetrics::register(&Registry::new())?),
+        },
     ])
 }
 
@@ -51,7 +63,7 @@ fn type_name(kind: MetricType) -> &'static str {
 
 pub(super) fn page() -> anyhow::Result<String> {
     let mut page = String::from("# Metrics\n\n");
-    page.push_str(&generated("the metrics src/metrics.rs registers"));
+    page.push_str(&generated("the metrics src/metrics.rs and src/operator/metrics.rs register"));
     page.push_str(
         "Every metric Atlas Runner exports, in the Prometheus text format on `/metrics` of the admin \
          address (`--metrics-addr`, default `127.0.0.1:9100`). A label whose values are listed has \

@@ -233,6 +233,17 @@ pub struct Named {
     hub_answer: Option<hub::HubAnswer>,
 }
 
+/// Which pack a source names, whatever version: a hub's pack (any channel or pin), an archive URL, an
+/// `.mrpack` URL. Recorded with each applied version, so a start that cannot reach the source can
+/// tell whether the data dir holds a version of the same pack. `None` when the source is invalid.
+pub fn origin(source: &PackSource) -> Option<String> {
+    Some(match source.get()? {
+        PackSourceRef::Hub(hub) => format!("hub {} {}", hub.url.trim_end_matches('/'), hub.pack),
+        PackSourceRef::Url(url) => format!("url {}", url.url),
+        PackSourceRef::Mrpack(mrpack) => format!("mrpack {}", mrpack.url),
+    })
+}
+
 /// The key of an archive whose sha256 is `hex` ([`Named::key`]).
 fn sha256_key(hex: &str) -> String {
     format!("sha256:{hex}")

@@ -1,0 +1,508 @@
+//! The agent's status sink: the runner's status as `MinecraftServer` status, computed as data
+//! ([`build`], pure) and written by server-side apply on `/status` with field manager
+//! `atlas-agent`, only when it differs from what was last written (timestamps ignored). Player
+//! counts are debounced: a change of players alone waits until the count has held still for a
+//! while and a while has passed since the last write, so a busy server costs a few writes a minute.
+//! Writes that fail (the API server down) are retried with backoff; the runner never waits for them.
+
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::Api;
+use kube::api::{Patch, PatchParams};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::{AgentError, AgentMetrics, FIELD_MANAGER};
+use crate::api::conditions::{self, reasons};
+use crate::api::{LastExit, MinecraftServer, MinecraftServerStatus, Phase, Players, UpdateStatus};
+use crate::runner::RunnerStatus;
+
+/// How long a change waits so that changes made together (a restart's phases) go in one write.
+const COALESCE: Duration = Duration::from_millis(300);
+/// A change of players alone is written once the count has not changed for this long...
+const PLAYERS_SETTLE: Duration = Duration::from_secs(5);
+/// ...and at least this long after the last write: at most six player writes a minute.
+const PLAYERS_MIN_INTERVAL: Duration = Duration::from_secs(10);
+/// A count that never holds still is written anyway this long after it first changed.
+const PLAYERS_MAX_DELAY: Duration = Duration::from_secs(30);
+/// The longest wait between two attempts at a failed write.
+const MAX_RETRY: Duration = Duration::from_secs(10);
+/// How long the final status (after the server stopped) is tried for before the agent exits.
+const FINAL_WRITE: Duration = Duration::from_secs(10);
+
+/// The agent's share of the status, from the runner's. `previous` are the conditions last written:
+/// a condition whose status did not flip keeps its `lastTransitionTime`.
+pub fn build(runner: &RunnerStatus, previous: &[Condition], now: &Time) -> MinecraftServerStatus {
+    let phase = parse_phase(&runner.phase);
+    let mut conditions = Vec::new();
+    let mut add = |type_: &str, status: &str, reason: &str, message: String| {
+        let last_transition_time = previous
+            .iter()
+            .find(|c| c.type_ == type_ && c.status == status)
+            .map_or_else(|| now.clone(), |c| c.last_transition_time.clone());
+        conditions.push(Condition {
+            type_: type_.to_owned(),
+            status: status.to_owned(),
+            reason: reason.to_owned(),
+            message: one_line(&message),
+            last_transition_time,
+            observed_generation: runner.observed_generation,
+        });
+    };
+
+    let running = phase == Some(Phase::Running);
+    let (why, message) = if running {
+        (reasons::RUNNING, "the server is ready for players".to_owned())
+    } else {
+        let detail = runner.message.as_deref().map_or_else(String::new, |m| format!(": {m}"));
+        (reasons::NOT_RUNNING, format!("the server is {}{detail}", runner.phase))
+    };
+    add(conditions::READY, if running { "True" } else { "False" }, why, message);
+
+    if runner.pack_wanted {
+        match (&runner.pack_problem, &runner.pack_version) {
+            (Some(problem), _) => add(conditions::PACK_APPLIED, "False", &problem.reason, problem.message.clone()),
+            (None, Some(version)) => {
+                add(conditions::PACK_APPLIED, "True", reasons::APPLIED, format!("pack {version} is applied"));
+            }
+            (None, None) => {
+                add(conditions::PACK_APPLIED, "False", reasons::NOT_RUNNING, "the pack is not applied yet".to_owned());
+            }
+        }
+    }
+
+    if runner.next_backup.is_some() || runner.last_backup.is_some() || runner.backup_failure.is_some() {
+        match (&runner.backup_failure, &runner.last_backup) {
+            (Some(failure), _) => add(
+                conditions::BACKUP_HEALTHY,
+                "False",
+                reasons::BACKUP_FAILED,
+                format!("{} ({})", failure.message, failure.reason),
+            ),
+            (None, Some(last)) => add(
+                conditions::BACKUP_HEALTHY,
+                "True",
+                reasons::BACKUP_SUCCEEDED,
+                format!("backup {} taken at {}", last.name, last.time),
+            ),
+            (None, None) => add(
+                conditions::BACKUP_HEALTHY,
+                "Unknown",
+                reasons::NO_BACKUP_YET,
+                "no backup has been taken since the agent started".to_owned(),
+            ),
+        }
+    }
+
+    if runner.pack_checked || runner.pack_update_available.is_some() {
+        match &runner.pack_update_available {
+            Some(version) => {
+                let waiting = runner.pack_update_waiting.as_deref().map_or_else(String::new, |w| format!("; {w}"));
+                add(
+                    conditions::UPDATE_AVAILABLE,
+                    "True",
+                    reasons::NEW_VERSION,
+                    format!("the pack's hub channel names {version}{waiting}"),
+                );
+            }
+            None => add(
+                conditions::UPDATE_AVAILABLE,
+                "False",
+                reasons::UP_TO_DATE,
+                "the server runs the version the pack's hub channel names".to_owned(),
+            ),
+        }
+    }
+
+    // The first reason (in a fixed order) names the condition; the message has them all.
+    match runner.degraded.iter().next() {
+        Some((reason, _)) => {
+            let message = runner.degraded.iter().map(|(r, m)| format!("{r}: {m}")).collect::<Vec<_>>().join("; ");
+            add(conditions::DEGRADED, "True", reason, message);
+        }
+        None => {
+            add(conditions::DEGRADED, "False", reasons::HEALTHY, "nothing the server depends on is failing".to_owned())
+        }
+    }
+
+    let update = (runner.pack_update_available.is_some() || runner.last_update.is_some())
+        .then(|| UpdateStatus { available: runner.pack_update_available.clone(), last: runner.last_update.clone() });
+    MinecraftServerStatus {
+        phase,
+        observed_generation: runner.observed_generation,
+        server_version: runner.server_version.clone(),
+        pack_version: runner.pack_version.clone(),
+        players: (runner.server_version.is_some())
+            .then_some(Players { online: runner.players_online, max: runner.players_max }),
+        last_backup: runner.last_backup.clone(),
+        next_backup: runner.next_backup.clone(),
+        restarts: runner.restarts,
+        last_exit: runner
+            .last_exit_reason
+            .clone()
+            .map(|reason| LastExit { reason, time: runner.last_exit_time.clone().unwrap_or_default() }),
+        update,
+        conditions,
+    }
+}
+
+fn parse_phase(name: &str) -> Option<Phase> {
+    serde_json::from_value(serde_json::Value::String(name.to_owned())).ok()
+}
+
+/// Condition messages are one line, and short.
+fn one_line(message: &str) -> String {
+    let line = message.replace('\n', " ");
+    match line.char_indices().nth(1024) {
+        Some((end, _)) => format!("{}...", &line[..end]),
+        None => line,
+    }
+}
+
+/// The agent's own fields of a status read from the API server (the operator's conditions left out).
+pub fn agent_part(status: &MinecraftServerStatus) -> MinecraftServerStatus {
+    let mut mine = status.clone();
+    mine.conditions.retain(|c| conditions::AGENT_TYPES.contains(&c.type_.as_str()));
+    mine
+}
+
+/// How two statuses differ, timestamps ignored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Difference {
+    /// Not at all.
+    None,
+    /// Only in the players online.
+    Players,
+    /// In something else.
+    Other,
+}
+
+/// How `new` differs from `old` (`None`: nothing written yet), `lastTransitionTime` ignored.
+pub fn difference(old: Option<&MinecraftServerStatus>, new: &MinecraftServerStatus) -> Difference {
+    let Some(old) = old else { return Difference::Other };
+    let strip = |s: &MinecraftServerStatus| {
+        let mut s = s.clone();
+        for c in &mut s.conditions {
+            c.last_transition_time = Time(jiff::Timestamp::UNIX_EPOCH);
+        }
+        s.conditions.sort_by(|a, b| a.type_.cmp(&b.type_));
+        s
+    };
+    let (mut old, new) = (strip(old), strip(new));
+    if old == new {
+        return Difference::None;
+    }
+    old.players = new.players;
+    if old == new { Difference::Players } else { Difference::Other }
+}
+
+/// Writes the agent's status of `name` by server-side apply.
+async fn write(api: &Api<MinecraftServer>, name: &str, status: &MinecraftServerStatus) -> Result<(), AgentError> {
+    let body = serde_json::json!({
+        "apiVersion": "atlas.dev/v1alpha1",
+        "kind": "MinecraftServer",
+        "status": status,
+    });
+    // Forced: the agent owns these fields (docs/design/pod-contract.md); another manager that set
+    // one (an admin's kubectl) loses it rather than blocking every write.
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    api.patch_status(name, &params, &Patch::Apply(&body))
+        .await
+        .map(|_| ())
+        .map_err(|source| AgentError::WriteStatus { name: name.to_owned(), source })
+}
+
+/// Writes the status of `name` from `runner` until `finished`, then once more (the final status,
+/// tried for a few seconds). `written` is the status the resource had when the agent started (its
+/// own part): an unchanged status is not written again.
+pub fn spawn_sink(
+    api: Api<MinecraftServer>,
+    name: String,
+    mut runner: watch::Receiver<RunnerStatus>,
+    written: Option<MinecraftServerStatus>,
+    metrics: AgentMetrics,
+    finished: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut sink = Sink {
+            written,
+            last_write: None,
+            players: None,
+            players_pending: None,
+            other_pending: None,
+            retry: Duration::ZERO,
+            failed: false,
+            metrics,
+        };
+        loop {
+            let now = Time(jiff::Timestamp::now());
+            let wanted = build(&runner.borrow_and_update(), sink.previous_conditions(), &now);
+            let due = sink.due(&wanted);
+            let wake = async {
+                match due {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = finished.cancelled() => break,
+                changed = runner.changed() => if changed.is_err() { break },
+                () = wake => {
+                    // Written as it is now: whatever changed meanwhile goes in the same write.
+                    let now = Time(jiff::Timestamp::now());
+                    let wanted = build(&runner.borrow_and_update(), sink.previous_conditions(), &now);
+                    sink.write(&api, &name, wanted).await;
+                }
+            }
+        }
+        // The final status: the runner has stopped the server.
+        let deadline = Instant::now() + FINAL_WRITE;
+        loop {
+            let now = Time(jiff::Timestamp::now());
+            let wanted = build(&runner.borrow(), sink.previous_conditions(), &now);
+            if difference(sink.written.as_ref(), &wanted) == Difference::None {
+                return;
+            }
+            sink.write(&api, &name, wanted).await;
+            if !sink.failed || Instant::now() + sink.retry > deadline {
+                return;
+            }
+            tokio::time::sleep(sink.retry).await;
+        }
+    })
+}
+
+struct Sink {
+    /// The status last written (the agent's part).
+    written: Option<MinecraftServerStatus>,
+    last_write: Option<Instant>,
+    /// The players online last seen, and since when.
+    players: Option<(Option<Players>, Instant)>,
+    /// Since when a change of players alone has waited to be written.
+    players_pending: Option<Instant>,
+    /// Since when any other change has waited to be written.
+    other_pending: Option<Instant>,
+    /// The wait before the next attempt after a failure.
+    retry: Duration,
+    failed: bool,
+    metrics: AgentMetrics,
+}
+
+impl Sink {
+    fn previous_conditions(&self) -> &[Condition] {
+        self.written.as_ref().map_or(&[], |s| s.conditions.as_slice())
+    }
+
+    /// When `wanted` should be written, or `None` when it need not be.
+    fn due(&mut self, wanted: &MinecraftServerStatus) -> Option<Instant> {
+        let now = Instant::now();
+        match self.players {
+            Some((players, _)) if players == wanted.players => {}
+            _ => self.players = Some((wanted.players, now)),
+        }
+        let earliest = match self.last_write {
+            Some(at) if self.failed => at + self.retry,
+            _ => now,
+        };
+        match difference(self.written.as_ref(), wanted) {
+            Difference::None => {
+                self.players_pending = None;
+                self.other_pending = None;
+                None
+            }
+            // From when the difference first appeared: a status that keeps being touched (the
+            // player poll) must not put the write off for ever.
+            Difference::Other => Some(earliest.max(*self.other_pending.get_or_insert(now) + COALESCE)),
+            Difference::Players => {
+                let since = self.players.map_or(now, |(_, since)| since);
+                let pending = *self.players_pending.get_or_insert(now);
+                let settled = (since + PLAYERS_SETTLE).min(pending + PLAYERS_MAX_DELAY);
+                let after_last = self.last_write.map_or(now, |at| at + PLAYERS_MIN_INTERVAL);
+                Some(earliest.max(settled).max(after_last))
+            }
+        }
+    }
+
+    async fn write(&mut self, api: &Api<MinecraftServer>, name: &str, wanted: MinecraftServerStatus) {
+        if difference(self.written.as_ref(), &wanted) == Difference::None {
+            return;
+        }
+        self.last_write = Some(Instant::now());
+        match write(api, name, &wanted).await {
+            Ok(()) => {
+                if self.failed {
+                    tracing::info!("status written again after failed attempts");
+                }
+                self.metrics.status_writes.inc();
+                self.written = Some(wanted);
+                self.players_pending = None;
+                self.other_pending = None;
+                self.failed = false;
+                self.retry = Duration::ZERO;
+            }
+            Err(e) => {
+                self.metrics.status_write_failures.with_label_values(&[e.category()]).inc();
+                if !self.failed {
+                    tracing::warn!(category = e.category(), "{e}; trying again with backoff, the server runs on");
+                }
+                self.failed = true;
+                self.retry = (self.retry * 2).clamp(Duration::from_millis(500), MAX_RETRY);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(seconds: i64) -> Result<Time, jiff::Error> {
+        Ok(Time(jiff::Timestamp::from_second(seconds)?))
+    }
+
+    fn running() -> RunnerStatus {
+        RunnerStatus {
+            phase: "Running".into(),
+            server_type: Some("vanilla".into()),
+            server_version: Some("1.21.4".into()),
+            players_max: 20,
+            ..RunnerStatus::default()
+        }
+    }
+
+    fn condition<'a>(status: &'a MinecraftServerStatus, type_: &str) -> Option<&'a Condition> {
+        status.conditions.iter().find(|c| c.type_ == type_)
+    }
+
+    #[test]
+    fn a_transition_time_moves_only_when_the_condition_flips() -> Result<(), Box<dyn std::error::Error>> {
+        let first = build(&running(), &[], &at(100)?);
+        assert_eq!(condition(&first, conditions::READY).map(|c| c.status.as_str()), Some("True"));
+        // Players change: Ready does not flip, its time stays.
+        let mut busy = running();
+        busy.players_online = 3;
+        let second = build(&busy, &first.conditions, &at(200)?);
+        assert_eq!(condition(&second, conditions::READY).map(|c| c.last_transition_time.clone()), Some(at(100)?));
+        assert_eq!(difference(Some(&first), &second), Difference::Players);
+        // The server stops: Ready flips, with the new time.
+        let mut stopped = busy.clone();
+        stopped.phase = "Stopping".into();
+        let third = build(&stopped, &second.conditions, &at(300)?);
+        let ready = condition(&third, conditions::READY).ok_or("no Ready")?;
+        assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", reasons::NOT_RUNNING));
+        assert_eq!(ready.last_transition_time, at(300)?);
+        assert_eq!(difference(Some(&second), &third), Difference::Other);
+        Ok(())
+    }
+
+    #[test]
+    fn the_same_status_at_another_time_is_no_difference() -> Result<(), Box<dyn std::error::Error>> {
+        let one = build(&running(), &[], &at(100)?);
+        let two = build(&running(), &[], &at(900)?);
+        assert_ne!(one, two, "the transition times differ");
+        assert_eq!(difference(Some(&one), &two), Difference::None);
+        assert_eq!(difference(None, &two), Difference::Other);
+        Ok(())
+    }
+
+    #[test]
+    fn degraded_names_the_first_reason_and_tells_them_all() -> Result<(), Box<dyn std::error::Error>> {
+        let mut status = running();
+        let healthy = build(&status, &[], &at(1)?);
+        assert_eq!(condition(&healthy, conditions::DEGRADED).map(|c| c.status.as_str()), Some("False"));
+        status.degraded.insert(reasons::PACK_SOURCE_UNREACHABLE.into(), "the hub is down".into());
+        status.degraded.insert(reasons::SAVING_LEFT_OFF.into(), "save-on failed".into());
+        let degraded = build(&status, &[], &at(1)?);
+        let c = condition(&degraded, conditions::DEGRADED).ok_or("no Degraded")?;
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", reasons::PACK_SOURCE_UNREACHABLE));
+        assert!(c.message.contains("the hub is down") && c.message.contains("save-on failed"), "{}", c.message);
+        Ok(())
+    }
+
+    #[test]
+    fn only_what_the_spec_uses_gets_a_condition() -> Result<(), Box<dyn std::error::Error>> {
+        let plain = build(&running(), &[], &at(1)?);
+        let types: Vec<&str> = plain.conditions.iter().map(|c| c.type_.as_str()).collect();
+        assert_eq!(types, [conditions::READY, conditions::DEGRADED]);
+        let mut packed = running();
+        packed.pack_wanted = true;
+        packed.pack_version = Some("1.2.0".into());
+        packed.pack_checked = true;
+        packed.pack_update_available = Some("1.3.0".into());
+        packed.pack_update_waiting = Some("waiting for spec.pack.update.window".into());
+        let status = build(&packed, &[], &at(1)?);
+        let update = condition(&status, conditions::UPDATE_AVAILABLE).ok_or("no UpdateAvailable")?;
+        assert_eq!(update.status, "True");
+        assert!(update.message.contains("1.3.0") && update.message.contains("window"), "{}", update.message);
+        assert_eq!(status.update.as_ref().and_then(|u| u.available.as_deref()), Some("1.3.0"));
+        assert_eq!(condition(&status, conditions::PACK_APPLIED).map(|c| c.status.as_str()), Some("True"));
+        Ok(())
+    }
+
+    fn sink(written: Option<MinecraftServerStatus>) -> Result<Sink, prometheus::Error> {
+        Ok(Sink {
+            written,
+            last_write: None,
+            players: None,
+            players_pending: None,
+            other_pending: None,
+            retry: Duration::ZERO,
+            failed: false,
+            metrics: AgentMetrics::register(&prometheus::Registry::new())?,
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_status_touched_again_and_again_is_still_written_soon() -> Result<(), Box<dyn std::error::Error>> {
+        let written = build(&RunnerStatus { phase: "Starting".into(), ..running() }, &[], &at(1)?);
+        let mut sink = sink(Some(written))?;
+        let wanted = build(&running(), &[], &at(2)?);
+        let first = sink.due(&wanted).ok_or("no write due")?;
+        // The player poll touches the status every 200 ms: the write is not put off by it.
+        for _ in 0..10 {
+            tokio::time::advance(Duration::from_millis(100)).await;
+            let due = sink.due(&wanted).ok_or("no write due")?;
+            assert!(due <= first.max(Instant::now()), "put off by {:?}", due - first);
+        }
+        Ok(())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn players_alone_are_written_at_most_every_ten_seconds() -> Result<(), Box<dyn std::error::Error>> {
+        let written = build(&running(), &[], &at(1)?);
+        let mut sink = sink(Some(written))?;
+        sink.last_write = Some(Instant::now());
+        let mut busy = running();
+        busy.players_online = 1;
+        let due = sink.due(&build(&busy, &[], &at(2)?)).ok_or("no write due")?;
+        assert!(due >= Instant::now() + PLAYERS_MIN_INTERVAL, "due in {:?}", due - Instant::now());
+        // The count keeps changing: the write still comes within the longest delay.
+        for n in 2..40 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            busy.players_online = n % 3;
+            if let Some(due) = sink.due(&build(&busy, &[], &at(2)?)) {
+                assert!(due <= Instant::now() + PLAYERS_MAX_DELAY, "put off to {:?}", due - Instant::now());
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn the_operators_conditions_are_not_the_agents() -> Result<(), Box<dyn std::error::Error>> {
+        let mut read = build(&running(), &[], &at(1)?);
+        read.conditions.push(Condition {
+            type_: "WorkloadReady".into(),
+            status: "True".into(),
+            reason: "Ready".into(),
+            message: String::new(),
+            last_transition_time: at(1)?,
+            observed_generation: None,
+        });
+        let mine = agent_part(&read);
+        assert!(mine.conditions.iter().all(|c| c.type_ != "WorkloadReady"));
+        assert_eq!(difference(Some(&mine), &build(&running(), &[], &at(5)?)), Difference::None);
+        Ok(())
+    }
+}

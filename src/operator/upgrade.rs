@@ -1,0 +1,192 @@
+//! When the server's pod is replaced. The StatefulSet updates with `OnDelete`, so a new pod template
+//! (a new image after `helm upgrade`, new resources, another Secret) reaches the pod only when the
+//! operator deletes it, which it does only under `spec.upgrade`: inside the window and with nobody
+//! online. Pure: the caller passes the objects, the player count and the time.
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::Pod;
+use kube::core::PartialObjectMeta;
+
+use crate::api::UpgradePolicy;
+use crate::runner::update::Window;
+
+/// The label the StatefulSet controller puts on each pod: the revision of the template it runs.
+pub const REVISION_LABEL: &str = "controller-revision-hash";
+
+/// What to do about the pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rollout {
+    /// No pod (paused, or not created yet): nothing to replace.
+    NoPod,
+    /// The StatefulSet has not yet worked out the revision of its latest template; look again soon.
+    Settling,
+    /// The pod runs the latest template.
+    UpToDate,
+    /// The pod is being deleted already.
+    Replacing,
+    /// The pod is out of date and the policy allows replacing it now.
+    Replace {
+        /// The revision the pod runs.
+        from: String,
+        /// The revision it will run.
+        to: String,
+    },
+    /// The pod is out of date and the policy says wait.
+    Wait {
+        /// A short reason (the condition's reason): `PlayersOnline` or `OutsideWindow`.
+        reason: &'static str,
+        /// What it waits for, for people.
+        message: String,
+    },
+}
+
+/// A policy whose window does not parse (the CRD's pattern should have refused it).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("spec.upgrade.window {window:?}: {reason}; write it like \"Sat,Sun 02:00-06:00\" or \"03:00-05:00\"")]
+pub struct BadWindow {
+    /// The window as written.
+    pub window: String,
+    /// Why it does not parse.
+    pub reason: String,
+}
+
+/// Decides about the pod of `sts` given who is online and the time (the operator's local time).
+pub fn decide(
+    sts: &StatefulSet,
+    pod: Option<&PartialObjectMeta<Pod>>,
+    players_online: u32,
+    policy: &UpgradePolicy,
+    now: &jiff::Zoned,
+) -> Result<Rollout, BadWindow> {
+    let window = match &policy.window {
+        Some(text) => Some(Window::parse(text).map_err(|reason| BadWindow { window: text.clone(), reason })?),
+        None => None,
+    };
+    let Some(pod) = pod else { return Ok(Rollout::NoPod) };
+    if pod.metadata.deletion_timestamp.is_some() {
+        return Ok(Rollout::Replacing);
+    }
+    let status = sts.status.as_ref();
+    let observed = status.and_then(|s| s.observed_generation);
+    let update_revision = status.and_then(|s| s.update_revision.clone());
+    let (Some(to), true) = (update_revision, observed.is_some() && observed == sts.metadata.generation) else {
+        return Ok(Rollout::Settling);
+    };
+    let from = pod.metadata.labels.as_ref().and_then(|l| l.get(REVISION_LABEL)).cloned().unwrap_or_default();
+    if from == to {
+        return Ok(Rollout::UpToDate);
+    }
+    if let Some(window) = &window
+        && !window.contains(now.weekday(), minute_of_day(now))
+    {
+        let text = policy.window.as_deref().unwrap_or_default();
+        return Ok(Rollout::Wait {
+            reason: "OutsideWindow",
+            message: format!("a new pod template waits for spec.upgrade.window ({text}, operator time)"),
+        });
+    }
+    if policy.require_no_players && players_online > 0 {
+        let who = if players_online == 1 { "1 player is".to_owned() } else { format!("{players_online} players are") };
+        return Ok(Rollout::Wait {
+            reason: "PlayersOnline",
+            message: format!("a new pod template waits until nobody is online ({who} online)"),
+        });
+    }
+    Ok(Rollout::Replace { from, to })
+}
+
+fn minute_of_day(now: &jiff::Zoned) -> u16 {
+    // jiff keeps hours in 0..=23 and minutes in 0..=59.
+    u16::try_from(i32::from(now.hour()) * 60 + i32::from(now.minute())).unwrap_or(0)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn sts(generation: i64, observed: i64, update_revision: &str) -> StatefulSet {
+        serde_json::from_value(json!({
+            "metadata": {"name": "s", "generation": generation},
+            "spec": {"selector": {}, "template": {}},
+            "status": {"replicas": 1, "observedGeneration": observed, "updateRevision": update_revision},
+        }))
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn pod(revision: &str) -> PartialObjectMeta<Pod> {
+        serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "s-0", "labels": {REVISION_LABEL: revision}},
+        }))
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn at(text: &str) -> jiff::Zoned {
+        text.parse().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    // 2026-12-05 is a Saturday.
+    const SAT_3AM: &str = "2026-12-05T03:00:00+00:00[UTC]";
+    const SAT_NOON: &str = "2026-12-05T12:00:00+00:00[UTC]";
+
+    #[test]
+    fn an_up_to_date_pod_is_left_alone() {
+        let policy = UpgradePolicy::default();
+        assert_eq!(decide(&sts(2, 2, "r2"), Some(&pod("r2")), 5, &policy, &at(SAT_NOON)), Ok(Rollout::UpToDate));
+        assert_eq!(decide(&sts(2, 2, "r2"), None, 0, &policy, &at(SAT_NOON)), Ok(Rollout::NoPod));
+    }
+
+    #[test]
+    fn a_template_the_statefulset_has_not_observed_yet_is_not_judged() {
+        let policy = UpgradePolicy::default();
+        assert_eq!(decide(&sts(3, 2, "r2"), Some(&pod("r1")), 0, &policy, &at(SAT_NOON)), Ok(Rollout::Settling));
+    }
+
+    #[test]
+    fn players_online_hold_the_pod_by_default() {
+        let policy = UpgradePolicy::default();
+        let wait = decide(&sts(2, 2, "r2"), Some(&pod("r1")), 3, &policy, &at(SAT_NOON));
+        assert!(
+            matches!(&wait, Ok(Rollout::Wait { reason: "PlayersOnline", message }) if message.contains("3 players")),
+            "{wait:?}"
+        );
+        let go = decide(&sts(2, 2, "r2"), Some(&pod("r1")), 0, &policy, &at(SAT_NOON));
+        assert_eq!(go, Ok(Rollout::Replace { from: "r1".to_owned(), to: "r2".to_owned() }));
+        let anyway = UpgradePolicy { require_no_players: false, ..policy };
+        assert!(matches!(
+            decide(&sts(2, 2, "r2"), Some(&pod("r1")), 3, &anyway, &at(SAT_NOON)),
+            Ok(Rollout::Replace { .. })
+        ));
+    }
+
+    #[test]
+    fn the_window_holds_the_pod_outside_it() {
+        let policy = UpgradePolicy { window: Some("Sat 02:00-06:00".to_owned()), require_no_players: true };
+        let outside = decide(&sts(2, 2, "r2"), Some(&pod("r1")), 0, &policy, &at(SAT_NOON));
+        assert!(matches!(outside, Ok(Rollout::Wait { reason: "OutsideWindow", .. })), "{outside:?}");
+        let inside = decide(&sts(2, 2, "r2"), Some(&pod("r1")), 0, &policy, &at(SAT_3AM));
+        assert!(matches!(inside, Ok(Rollout::Replace { .. })), "{inside:?}");
+        // Inside the window with someone online: still waits.
+        let busy = decide(&sts(2, 2, "r2"), Some(&pod("r1")), 1, &policy, &at(SAT_3AM));
+        assert!(matches!(busy, Ok(Rollout::Wait { reason: "PlayersOnline", .. })), "{busy:?}");
+    }
+
+    #[test]
+    fn a_pod_being_deleted_is_not_deleted_again() {
+        let mut p = pod("r1");
+        p.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::UNIX_EPOCH));
+        let policy = UpgradePolicy::default();
+        assert_eq!(decide(&sts(2, 2, "r2"), Some(&p), 0, &policy, &at(SAT_NOON)), Ok(Rollout::Replacing));
+    }
+
+    #[test]
+    fn a_bad_window_says_how_to_write_one() {
+        let policy = UpgradePolicy { window: Some("Caturday 02:00-03:00".to_owned()), require_no_players: true };
+        let err =
+            decide(&sts(1, 1, "r"), None, 0, &policy, &at(SAT_NOON)).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("Caturday") && err.contains("Sat,Sun 02:00-06:00"), "{err}");
+    }
+}

@@ -1,0 +1,221 @@
+//! The Helm chart: `helm lint --strict` with every option off and on, every rendered object accepted
+//! by the API server's server-side dry-run (the Prometheus Operator's real CRDs installed for the
+//! optional monitoring objects), the values schema refusing bad values, and `manifests/` matching
+//! what the chart renders.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result, bail, ensure};
+use atlas_testbed::{TestCluster, bin_dir};
+use serde_json::Value;
+
+const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/atlas-runner");
+
+/// Every optional part on.
+const EVERYTHING: &[&str] = &[
+    "metrics.serviceMonitor.enabled=true",
+    "metrics.podMonitor.enabled=true",
+    "metrics.prometheusRule.enabled=true",
+    "replicaCount=2",
+    "timeZone=Europe/Paris",
+    "agentImage=registry.example/atlas-runner:1.2.3",
+    "agentImagePullPolicy=IfNotPresent",
+];
+
+fn output(cmd: &mut Command, stdin: Option<&str>) -> Result<(bool, String, String)> {
+    let mut child = cmd
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("start {cmd:?}"))?;
+    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(text.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    Ok((out.status.success(), String::from_utf8(out.stdout)?, String::from_utf8(out.stderr)?))
+}
+
+fn run(cmd: &mut Command, stdin: Option<&str>) -> Result<String> {
+    let (ok, stdout, stderr) = output(cmd, stdin)?;
+    ensure!(ok, "{cmd:?} failed: {stdout}{stderr}");
+    Ok(stdout)
+}
+
+fn render(cluster: &TestCluster, release: &str, namespace: &str, values: &[&str]) -> Result<String> {
+    let mut cmd = cluster.helm()?;
+    cmd.args(["template", release, CHART, "--namespace", namespace, "--include-crds"]);
+    for value in values {
+        cmd.args(["--set", value]);
+    }
+    run(&mut cmd, None)
+}
+
+fn documents(yaml: &str) -> Result<Vec<Value>> {
+    let mut out = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(yaml) {
+        let value: Value = serde::Deserialize::deserialize(doc)?;
+        if !value.is_null() {
+            out.push(value);
+        }
+    }
+    Ok(out)
+}
+
+fn kinds(docs: &[Value]) -> Vec<String> {
+    docs.iter().map(|d| d["kind"].as_str().unwrap_or_default().to_owned()).collect()
+}
+
+#[tokio::test]
+async fn helm_lint_strict_passes_with_every_option_off_and_on() -> Result<()> {
+    let cluster = TestCluster::shared().await?;
+    run(cluster.helm()?.args(["lint", "--strict", CHART]), None)?;
+    let mut cmd = cluster.helm()?;
+    cmd.args(["lint", "--strict", CHART, "--set", "watchNamespace=games"]);
+    for value in EVERYTHING {
+        cmd.args(["--set", value]);
+    }
+    run(&mut cmd, None)?;
+    Ok(())
+}
+
+/// Installs the Prometheus Operator's CRDs the install script fetched, and waits until served.
+fn install_monitoring_crds(cluster: &TestCluster) -> Result<()> {
+    let dir = bin_dir().join("prometheus-operator-crds");
+    ensure!(dir.is_dir(), "{} is missing: run `make testbed` (scripts/testbed-install.sh)", dir.display());
+    run(cluster.kubectl()?.args(["apply", "--server-side", "--force-conflicts", "-f"]).arg(&dir), None)?;
+    for kind in ["podmonitors", "servicemonitors", "prometheusrules"] {
+        run(
+            cluster.kubectl()?.args([
+                "wait",
+                "--for=condition=Established",
+                "--timeout=60s",
+                &format!("crd/{kind}.monitoring.coreos.com"),
+            ]),
+            None,
+        )?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn every_rendered_object_passes_the_api_servers_dry_run() -> Result<()> {
+    let cluster = TestCluster::shared().await?;
+    install_monitoring_crds(cluster)?;
+    let ns = cluster.namespace("chart-dry-run").await?;
+    // Our CRD first (a dry run creates nothing, and objects of a kind not yet served cannot be checked).
+    let crd = std::fs::read_to_string(Path::new(CHART).join("crds/minecraftservers.atlas.dev.yaml"))?;
+    run(cluster.kubectl()?.args(["apply", "--server-side", "--force-conflicts", "-f", "-"]), Some(&crd))?;
+
+    let defaults = render(cluster, &ns.name, &ns.name, &[])?;
+    let mut all = vec![format!("watchNamespace={}", ns.name)];
+    all.extend(EVERYTHING.iter().map(|v| (*v).to_owned()));
+    let all: Vec<&str> = all.iter().map(String::as_str).collect();
+    let everything = render(cluster, &ns.name, &ns.name, &all)?;
+
+    let default_kinds = kinds(&documents(&defaults)?);
+    for kind in [
+        "CustomResourceDefinition",
+        "Deployment",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
+        "Service",
+        "ConfigMap",
+    ] {
+        ensure!(default_kinds.iter().any(|k| k == kind), "the default rendering lacks a {kind}: {default_kinds:?}");
+    }
+    for kind in ["ServiceMonitor", "PrometheusRule"] {
+        ensure!(!default_kinds.iter().any(|k| k == kind), "{kind} is on by default");
+    }
+    let all_kinds = kinds(&documents(&everything)?);
+    for kind in ["ServiceMonitor", "PrometheusRule"] {
+        ensure!(all_kinds.iter().any(|k| k == kind), "{kind} missing when enabled: {all_kinds:?}");
+    }
+    ensure!(!all_kinds.iter().any(|k| k == "ClusterRoleBinding"), "watchNamespace still binds cluster-wide");
+
+    for (what, rendered) in [("defaults", &defaults), ("everything on", &everything)] {
+        let out = run(
+            cluster.kubectl()?.args(["apply", "--server-side", "--dry-run=server", "--force-conflicts", "-f", "-"]),
+            Some(rendered),
+        )
+        .with_context(|| format!("server-side dry run of the chart with {what}"))?;
+        let accepted = out.lines().filter(|l| l.contains("(server dry run)")).count();
+        ensure!(accepted == documents(rendered)?.len(), "{what}: not every object was accepted:\n{out}");
+    }
+    // The chart's objects applied for real, server-side, as `kubectl apply --server-side` does.
+    run(cluster.kubectl()?.args(["apply", "--server-side", "--force-conflicts", "-f", "-"]), Some(&everything))?;
+    let deployment = run(
+        cluster.kubectl()?.args([
+            "get",
+            "deployment",
+            "-n",
+            &ns.name,
+            "-o",
+            "jsonpath={.items[0].spec.template.spec.containers[0].env}",
+        ]),
+        None,
+    )?;
+    let env: Value = serde_json::from_str(&deployment)?;
+    let value =
+        |name: &str| env.as_array().and_then(|a| a.iter().find(|e| e["name"] == name)).map(|e| e["value"].clone());
+    assert_eq!(value("ATLAS_AGENT_IMAGE"), Some(Value::from("registry.example/atlas-runner:1.2.3")));
+    assert_eq!(value("ATLAS_POD_MONITORS"), Some(Value::from("true")));
+    assert_eq!(value("ATLAS_WATCH_NAMESPACE"), Some(Value::from(ns.name.as_str())));
+    assert_eq!(value("TZ"), Some(Value::from("Europe/Paris")));
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_values_schema_refuses_bad_values_naming_them() -> Result<()> {
+    let cluster = TestCluster::shared().await?;
+    for (value, expect) in [
+        ("logFormat=xml", "logFormat"),
+        ("replicaCount=two", "replicaCount"),
+        ("image.pullPolicy=Sometimes", "pullPolicy"),
+        ("metrics.port=70000", "port"),
+        ("watchNamespace=Not_A_Namespace", "watchNamespace"),
+        ("colour=blue", "colour"),
+    ] {
+        let (ok, stdout, stderr) = output(cluster.helm()?.args(["template", "x", CHART, "--set", value]), None)?;
+        ensure!(!ok, "--set {value} was accepted:\n{stdout}");
+        ensure!(stderr.contains(expect), "--set {value}: the error does not name {expect}: {stderr}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn manifests_hold_the_chart_rendered_with_its_defaults() -> Result<()> {
+    let cluster = TestCluster::shared().await?;
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/atlas-runner.yaml");
+    let committed = std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+    let rendered = render(cluster, "atlas-runner", "atlas-system", &[])?;
+    // The file is the rendering after a two-line header saying how it is made and installed.
+    let body: String = committed.lines().skip(2).map(|l| format!("{l}\n")).collect();
+    ensure!(committed.starts_with("# Generated by `make manifests`"), "manifests/atlas-runner.yaml lost its header");
+    if body != rendered {
+        bail!("manifests/atlas-runner.yaml is stale: run `make manifests` (it is rendered from charts/atlas-runner)");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_chart_ships_the_alert_rules_and_the_dashboard_as_they_are_checked() -> Result<()> {
+    let cluster = TestCluster::shared().await?;
+    let docs = documents(&render(cluster, "atlas", "atlas-system", &["metrics.prometheusRule.enabled=true"])?)?;
+    let files = Path::new(CHART).join("files");
+    let rule = docs.iter().find(|d| d["kind"] == "PrometheusRule").context("a PrometheusRule")?;
+    let alerts: Value = serde_yaml::from_str(&std::fs::read_to_string(files.join("alerts.yaml"))?)?;
+    assert_eq!(rule["spec"], alerts, "the PrometheusRule differs from files/alerts.yaml");
+    let config_map = docs.iter().find(|d| d["kind"] == "ConfigMap").context("the dashboard ConfigMap")?;
+    assert_eq!(config_map["metadata"]["labels"]["grafana_dashboard"], "1");
+    let shipped: Value =
+        serde_json::from_str(config_map["data"]["atlas-runner.json"].as_str().context("the dashboard")?)?;
+    let file: Value = serde_json::from_str(&std::fs::read_to_string(files.join("dashboard.json"))?)?;
+    assert_eq!(shipped, file);
+    Ok(())
+}
