@@ -42,9 +42,56 @@ fn hadolint_finds_nothing_and_nothing_is_ignored() -> Result<()> {
 fn a_users_build_compiles_the_binary_and_runs_on_the_runtime_stage_by_default() -> Result<()> {
     let text = dockerfile()?;
     let has = |line: &str| text.lines().any(|l| l.trim() == line);
-    // What the build below passes explicitly (it has no Rust image to compile in, and buildah 1.28
-    // skips a stage named only by an ARG's default) is what a user's build gets by default.
-    ensure!(has("ARG BINARY_FROM=build") && has("ARG RUNTIME_IMAGE=runtime"), "the defaults are not a user's build");
+    // What the build below passes (it has no Rust image to compile in, and buildah 1.28 skips a stage
+    // named only by an ARG's default) is what a user's build gets by default: the binary from the
+    // `build` stage, on the `runtime` stage.
+    ensure!(has("COPY --from=build /atlas-runner /usr/local/bin/atlas-runner"), "the binary is not the build stage's");
+    ensure!(has("ARG RUNTIME_IMAGE=runtime"), "the final stage does not derive from the runtime stage by default");
+    // Every stage of a plain `docker build .` can be built from the context alone, so the legacy
+    // builder (which builds every stage, needed or not) succeeds too.
+    let stages: Vec<&str> = text.lines().filter(|l| l.starts_with("FROM ")).collect();
+    ensure!(stages.iter().all(|l| !l.starts_with("FROM scratch")), "a stage only a named context fills: {stages:?}");
+    Ok(())
+}
+
+#[test]
+fn a_users_build_context_holds_the_sources_but_not_target_or_git() -> Result<()> {
+    // buildah reads the repository's .dockerignore as docker does. The context is a small copy of the
+    // repository's layout (the real target/ is gigabytes, and a regression would copy it all).
+    let work = Work::new()?;
+    let context = work.dir.join("context");
+    let kept = ["Cargo.toml", "Cargo.lock", "src/main.rs", "testbed/Cargo.toml", "tests/data/mojang/26.2.json"];
+    let left_out = [".git", "target/release/atlas-runner", "target/debug/deps/x.rlib", "data/world/level.dat", "x.log"];
+    for file in kept.iter().chain(&left_out) {
+        let path = context.join(file);
+        std::fs::create_dir_all(path.parent().context("no parent")?)?;
+        std::fs::write(&path, file)?;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    std::fs::copy(root.join(".dockerignore"), context.join(".dockerignore"))
+        .context("the repository's .dockerignore")?;
+    let dockerfile = work.dir.join("Dockerfile.context");
+    std::fs::write(&dockerfile, "FROM scratch\nCOPY . /src\n")?;
+    let name = "localhost/atlas-runner:context-test";
+    work.buildah(&[
+        "bud",
+        "--pull=never",
+        "--network=none",
+        "--layers=false",
+        "--file",
+        &dockerfile.display().to_string(),
+        "--tag",
+        name,
+        &context.display().to_string(),
+    ])?;
+    let container = work.buildah(&["from", "--quiet", name])?.trim().to_owned();
+    let src = PathBuf::from(work.buildah(&["mount", &container])?.trim()).join("src");
+    for file in kept {
+        ensure!(src.join(file).exists(), "the build context lacks {file}");
+    }
+    for file in left_out {
+        ensure!(!src.join(file).exists(), "the build context holds {file}");
+    }
     Ok(())
 }
 
@@ -91,7 +138,7 @@ fn the_default_image_verifies_tls_with_its_temurin_cas_speaks_utf8_and_keeps_the
         "--pull=never",
         "--network=none",
         "--layers=false",
-        "--build-arg=BINARY_FROM=prebuilt",
+        &format!("--build-context=build={}", context.display()),
         "--build-arg=RUNTIME_IMAGE=runtime",
         "--file",
         &dockerfile.display().to_string(),

@@ -108,7 +108,8 @@ pub fn our_image(binary: &Path) -> Result<BuiltImage> {
         "--pull=never",
         "--network=none",
         "--layers=false",
-        "--build-arg=BINARY_FROM=prebuilt",
+        // The binary built on the host stands in for the `build` stage (which would compile it).
+        &format!("--build-context=build={}", context.display()),
         &format!("--build-arg=RUNTIME_IMAGE={}", base.name),
         &format!("--build-arg=REVISION=bed-{key}"),
         "--file",
