@@ -57,7 +57,56 @@ pub fn dockerfile() -> PathBuf {
 /// Our image: the `Dockerfile` built by buildah with `binary` as the prebuilt `atlas-runner` and the
 /// installed base image as its runtime. Cached by the Dockerfile, the binary and the base, so a
 /// second bed with the same binary reuses the archive.
-pub fn our_image(binary: &Path) -> Result<BuiltImage> {
+///
+/// The archive and its config are returned as links (or copies) in `into`, a directory the caller
+/// owns (the bed's): the cache keeps only the newest archives, and a bed that started from an older
+/// one keeps its own for as long as it needs it.
+pub fn our_image(binary: &Path, into: &Path) -> Result<BuiltImage> {
+    for _ in 0..3 {
+        let cached = cached_image(binary)?;
+        if let Some(own) = link_cached(&images_dir(), &cached, into)? {
+            return Ok(own);
+        }
+        // Pruned between its build (or lookup) and the link, by beds of other runs: again.
+    }
+    bail!("our image was removed from {} three times before this bed could link it", images_dir().display())
+}
+
+/// Links (or copies) the cached archive and config of `cached` into `into`; `None` if the cache no
+/// longer has them. Under a shared lock of the cache, which a prune takes exclusively.
+fn link_cached(cache: &Path, cached: &BuiltImage, into: &Path) -> Result<Option<BuiltImage>> {
+    let lock = archives_lock(cache)?;
+    lock.lock_shared().with_context(|| format!("lock {}", cache.join(ARCHIVES_LOCK).display()))?;
+    if !(cached.archive.exists() && cached.config.exists()) {
+        return Ok(None);
+    }
+    std::fs::create_dir_all(into).with_context(|| format!("create {}", into.display()))?;
+    let own = |path: &Path| -> Result<PathBuf> {
+        let target = into.join(path.file_name().context("an archive without a file name")?);
+        let _ = std::fs::remove_file(&target);
+        if std::fs::hard_link(path, &target).is_err() {
+            // Another file system: a copy.
+            std::fs::copy(path, &target).with_context(|| format!("copy {} to {}", path.display(), target.display()))?;
+        }
+        Ok(target)
+    };
+    Ok(Some(BuiltImage { name: cached.name.clone(), archive: own(&cached.archive)?, config: own(&cached.config)? }))
+}
+
+const ARCHIVES_LOCK: &str = "archives.lock";
+
+fn archives_lock(cache: &Path) -> Result<std::fs::File> {
+    let path = cache.join(ARCHIVES_LOCK);
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("open {}", path.display()))
+}
+
+/// Our image in the cache, built now if it is not there.
+fn cached_image(binary: &Path) -> Result<BuiltImage> {
     let base = base_image()?;
     let dockerfile_text = std::fs::read(dockerfile()).context("read the Dockerfile")?;
     let mut hasher = Sha256::new();
@@ -129,7 +178,7 @@ pub fn our_image(binary: &Path) -> Result<BuiltImage> {
     std::fs::write(&config_partial, archive_config(&partial)?)?;
     std::fs::rename(&config_partial, &config)?;
     std::fs::rename(&partial, &archive)?;
-    prune_old(&archive);
+    prune_old(&images_dir(), &archive);
     Ok(BuiltImage { name, archive, config })
 }
 
@@ -161,9 +210,14 @@ fn archive_config(archive: &Path) -> Result<Vec<u8>> {
     read(&blob(config))
 }
 
-/// Keeps the two newest archives of our image (each is a few hundred MB).
-fn prune_old(keep: &Path) {
-    let Ok(entries) = std::fs::read_dir(images_dir()) else { return };
+/// Keeps the two newest archives of our image (each is a few hundred MB) in the cache. Beds hold
+/// links of their own to the archives they use (see [`our_image`]), which a prune never removes.
+fn prune_old(cache: &Path, keep: &Path) {
+    let Ok(lock) = archives_lock(cache) else { return };
+    if lock.lock().is_err() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(cache) else { return };
     let mut ours: Vec<(std::time::SystemTime, PathBuf)> = entries
         .flatten()
         .map(|e| e.path())
@@ -204,4 +258,43 @@ fn run_out(mut cmd: Command) -> Result<String> {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_prune_of_the_cache_leaves_the_archive_a_bed_linked() -> Result<()> {
+        let root = tempdir("atlas-image-prune")?;
+        let (cache, bed) = (root.join("images"), root.join("atlas-bed-1/image"));
+        std::fs::create_dir_all(&cache)?;
+        let archive = |key: &str| cache.join(format!("ours-{key}.oci.tar"));
+        let old = std::time::SystemTime::now() - Duration::from_secs(3600);
+        for (i, key) in ["a", "b", "c"].iter().enumerate() {
+            std::fs::write(archive(key), format!("layers {key}"))?;
+            std::fs::write(archive(key).with_extension("config.json"), format!("config {key}"))?;
+            // "a" is the oldest.
+            let file = std::fs::File::options().write(true).open(archive(key))?;
+            file.set_modified(old + Duration::from_secs(60 * i as u64))?;
+        }
+        let cached = BuiltImage {
+            name: "localhost/atlas-runner:bed-a".to_owned(),
+            archive: archive("a"),
+            config: archive("a").with_extension("config.json"),
+        };
+        let own = link_cached(&cache, &cached, &bed)?.context("the cached archive is there")?;
+        assert!(own.archive.starts_with(&bed) && own.config.starts_with(&bed));
+
+        prune_old(&cache, &archive("c"));
+        assert!(!archive("a").exists(), "the prune kept the oldest archive: it proves nothing");
+        assert!(archive("b").exists() && archive("c").exists());
+        assert_eq!(std::fs::read_to_string(&own.archive)?, "layers a");
+        assert_eq!(std::fs::read_to_string(&own.config)?, "config a");
+        // Once pruned, the cache has nothing to link: the caller builds it again.
+        assert!(link_cached(&cache, &cached, &root.join("atlas-bed-2/image"))?.is_none());
+        std::fs::remove_dir_all(&root)?;
+        Ok(())
+    }
 }

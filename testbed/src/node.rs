@@ -526,7 +526,8 @@ pub fn start_node_cluster(options: &NodeOptions) -> Result<NodeCluster> {
     let api_dir = bed.dir.join("api");
     let api = std::thread::spawn(move || start_cluster_with(&api_options, Processes::new_in(api_dir)?));
     let binary = options.image_binary.clone();
-    let built = std::thread::spawn(move || image::our_image(&binary));
+    let image_dir = bed.dir.join("image");
+    let built = std::thread::spawn(move || image::our_image(&binary, &image_dir));
 
     let d = bed.node_dir().to_path_buf();
     let socket = d.join("containerd/containerd.sock");
