@@ -48,6 +48,9 @@ pub mod env {
     pub const IMAGE: &str = "ATLAS_TEST_IMAGE";
     /// With a node: the path of our image's config (labels, history) as built from the Dockerfile.
     pub const IMAGE_CONFIG: &str = "ATLAS_TEST_IMAGE_CONFIG";
+    /// With a node: the `atlas-runner` binary our image was built around (absolute), so a test that
+    /// starts a bed of its own reuses the run's image instead of building another.
+    pub const IMAGE_BINARY: &str = "ATLAS_TEST_IMAGE_BINARY";
     /// With a node: an S3 endpoint pods reach (`http://ADDRESS:PORT`, the node bed's host address;
     /// the tests reach it too). A SeaweedFS of its own beside the loopback one of [`S3_ENDPOINT`],
     /// whose virtual-hosted `BUCKET.localhost` names only loopback can serve.
@@ -161,6 +164,8 @@ pub struct Processes {
     dir: PathBuf,
     children: Vec<(String, Child)>,
     reapers: Vec<Child>,
+    // False for a node bed's processes: the bed's own reaper stops them (see `node`).
+    owner_reapers: bool,
 }
 
 impl Processes {
@@ -172,7 +177,14 @@ impl Processes {
     /// A bed rooted at `dir` (created if missing), which [`Processes::stop`] removes.
     pub fn new_in(dir: PathBuf) -> Result<Self> {
         std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-        Ok(Self { dir, children: Vec::new(), reapers: Vec::new() })
+        Ok(Self { dir, children: Vec::new(), reapers: Vec::new(), owner_reapers: true })
+    }
+
+    /// Starts no reaper per process: for processes a reaper of their own already stops when the
+    /// owner dies (a node bed's, whose reaper kills every process naming the bed's directory).
+    pub fn reaped_by_bed(mut self) -> Self {
+        self.owner_reapers = false;
+        self
     }
 
     /// The bed's working directory (data, certificates, logs).
@@ -197,6 +209,10 @@ impl Processes {
             .spawn()
             .with_context(|| format!("start {}", program.display()))?;
         let pgid = child.id();
+        self.children.push((name.to_owned(), child));
+        if !self.owner_reapers {
+            return Ok(());
+        }
         // The reaper outlives a SIGKILLed owner: it polls the owner's pid and then stops the group,
         // giving it the same grace as [`Processes::stop`].
         let reaper = format!(
@@ -216,7 +232,6 @@ impl Processes {
             .spawn()
             .context("start the reaper")?;
         self.reapers.push(reaper);
-        self.children.push((name.to_owned(), child));
         Ok(())
     }
 
@@ -227,16 +242,20 @@ impl Processes {
 
     /// Fails with the tail of the process's log if it has exited.
     pub fn check_alive(&mut self, name: &str) -> Result<()> {
-        let dir = self.dir.clone();
         if let Some((_, child)) = self.children.iter_mut().find(|(n, _)| n == name)
             && let Some(status) = child.try_wait()?
         {
-            let log = std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(20).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
-            bail!("{name} exited with {status}:\n{}", tail.join("\n"));
+            bail!("{name} exited with {status}:\n{}", self.log_tail(name, 20));
         }
         Ok(())
+    }
+
+    /// The last `lines` lines of the log of the process started as `name` (errors quote it: the
+    /// directory holding the log goes with the bed).
+    pub fn log_tail(&self, name: &str, lines: usize) -> String {
+        let log = std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(lines).collect();
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
     }
 
     /// Kills the process group of `name`, keeping the bed's directory (its data) for a restart.

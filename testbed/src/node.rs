@@ -125,7 +125,8 @@ impl BedNetwork {
             return Ok(None);
         }
         let reaper = start_reaper(&dir, &name)?;
-        let node = match Processes::new_in(dir.join("node")) {
+        // Its processes have no reapers of their own: the bed's reaper (below) kills them all.
+        let node = match Processes::new_in(dir.join("node")).map(Processes::reaped_by_bed) {
             Ok(node) => node,
             Err(e) => {
                 let _ = teardown(&dir, &name);
@@ -255,6 +256,11 @@ impl BedNetwork {
     /// Fails with the tail of its log if the node's process `name` has exited.
     pub fn check_alive(&mut self, name: &str) -> Result<()> {
         self.node.check_alive(name)
+    }
+
+    /// The last `lines` lines of the log of the node's process `name`.
+    pub fn log_tail(&self, name: &str, lines: usize) -> String {
+        self.node.log_tail(name, lines)
     }
 
     /// The node's directory (configuration, containerd's root, kubelet's root, volumes, logs).
@@ -522,33 +528,50 @@ const COMPONENTS: [&str; 6] =
 pub fn start_node_cluster(options: &NodeOptions) -> Result<NodeCluster> {
     let started = Instant::now();
     let mut bed = BedNetwork::claim()?;
+    // Scoped threads: whatever fails, every thread has ended before `bed` is dropped, so none can
+    // start etcd in, or write into, a bed that was torn down. A thread's result that is never
+    // joined (an API server whose node failed) is dropped with the scope, which stops it.
+    let (api, built) = std::thread::scope(|scope| start_node(scope, &mut bed, options))?;
+    Ok(NodeCluster { network: bed, api, image: built, started_in: started.elapsed() })
+}
+
+fn joined<T>(handle: std::thread::ScopedJoinHandle<'_, Result<T>>, what: &str) -> Result<T> {
+    handle.join().map_err(|_| anyhow::anyhow!("{what} panicked"))?
+}
+
+fn start_node<'scope>(
+    scope: &'scope std::thread::Scope<'scope, '_>,
+    bed: &mut BedNetwork,
+    options: &'scope NodeOptions,
+) -> Result<(ClusterProcesses, image::BuiltImage)> {
     let api_options = ApiOptions { address: bed.host_ip, nodes: true };
     let api_dir = bed.dir.join("api");
-    let api = std::thread::spawn(move || start_cluster_with(&api_options, Processes::new_in(api_dir)?));
-    let binary = options.image_binary.clone();
+    let api = scope.spawn(move || start_cluster_with(&api_options, Processes::new_in(api_dir)?.reaped_by_bed()));
     let image_dir = bed.dir.join("image");
-    let built = std::thread::spawn(move || image::our_image(&binary, &image_dir));
+    let built = scope.spawn(move || image::our_image(&options.image_binary, &image_dir));
 
     let d = bed.node_dir().to_path_buf();
     let socket = d.join("containerd/containerd.sock");
     let pause = image::pause_image()?;
-    std::fs::write(d.join("containerd.toml"), containerd_config(&d, &pause.name))?;
+    std::fs::write(d.join("containerd.toml"), containerd_config(&d, &pause.name))
+        .with_context(|| format!("write {}", d.join("containerd.toml").display()))?;
     bed.spawn_in("containerd", &bin("containerd")?, [format!("--config={}", d.join("containerd.toml").display())])?;
-    wait_until("containerd", Duration::from_secs(30), || socket.exists())?;
+    wait_until("containerd", Duration::from_secs(30), || socket.exists())
+        .with_context(|| format!("containerd's log ends:\n{}", bed.log_tail("containerd", 20)))?;
     bed.check_alive("containerd")?;
     image::import(&socket, &pause.archive)?;
 
-    let api = api.join().map_err(|_| anyhow::anyhow!("the API server's start panicked"))??;
+    let api = joined(api, "the API server's start")?;
     let api_port = api.server.rsplit(':').next().and_then(|p| p.parse().ok()).context("the API server's port")?;
     bed.open_to_pods(api_port)?;
-    let built = built.join().map_err(|_| anyhow::anyhow!("the image build panicked"))??;
-    let import = std::thread::spawn({
+    let built = joined(built, "the image build")?;
+    let import = scope.spawn({
         let (socket, archive) = (socket.clone(), built.archive.clone());
         move || image::import(&socket, &archive)
     });
 
-    write_node_files(&d, &bed, &api)?;
-    apply(&api, &cluster_objects(&bed, &d, options.volumes)?)?;
+    write_node_files(&d, bed, &api)?;
+    apply(&api, &cluster_objects(bed, &d, options.volumes)?)?;
     let cfg = |name: &str| d.join(name).display().to_string();
     let node_ip = bed.node_ip;
     bed.spawn_in(
@@ -603,7 +626,7 @@ pub fn start_node_cluster(options: &NodeOptions) -> Result<NodeCluster> {
     bed.spawn_in("kube-scheduler", &bin("kube-scheduler")?, scheduler_args)?;
     bed.spawn_in("coredns", &bin("coredns")?, ["-conf".to_owned(), cfg("Corefile")])?;
 
-    import.join().map_err(|_| anyhow::anyhow!("the image import panicked"))??;
+    joined(import, "the image import")?;
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         for name in COMPONENTS {
@@ -613,11 +636,16 @@ pub fn start_node_cluster(options: &NodeOptions) -> Result<NodeCluster> {
             break;
         }
         if Instant::now() > deadline {
-            bail!("the node was not Ready after 180 s; see the logs in {}", d.display());
+            // The logs go with the bed: the error carries what they end with.
+            bail!(
+                "the node was not Ready after 180 s; the kubelet's log ends:\n{}\ncontainerd's log ends:\n{}",
+                bed.log_tail("kubelet", 30),
+                bed.log_tail("containerd", 10)
+            );
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    Ok(NodeCluster { network: bed, api, image: built, started_in: started.elapsed() })
+    Ok((api, built))
 }
 
 fn node_ready(api: &ClusterProcesses) -> Result<bool> {
