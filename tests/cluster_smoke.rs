@@ -162,13 +162,19 @@ async fn the_node_network_namespace_has_no_default_route() -> Result<()> {
         routes += &String::from_utf8_lossy(&out.stdout);
     }
     ensure!(!routes.is_empty(), "no routes read from {netns}");
+    // This bed's slot S, from the node's address 10.213.S.2.
+    let ns = cluster.namespace("routes").await?;
+    let node_ip: std::net::Ipv4Addr = node_internal_ip(&ns).await?.parse()?;
+    let slot = node_ip.octets()[2];
+    let (link, pods) = (format!("10.213.{slot}."), format!("10.214.{slot}."));
     for route in routes.lines() {
         let destination = route.split_whitespace().find(|w| !matches!(*w, "local" | "broadcast" | "unicast"));
         // Only the bed's own networks: the link to the host (10.213.S.0/30), the pods (10.214.S.0/24)
-        // and loopback. No default, no 0.0.0.0/0, no IPv6 at all (it is off in the namespace).
+        // and loopback. No default, no 0.0.0.0/0, no other bed's range, no IPv6 at all (it is off
+        // in the namespace).
         ensure!(
-            destination.is_some_and(|d| d.starts_with("10.213.") || d.starts_with("10.214.") || d.starts_with("127.")),
-            "a route to somewhere other than the bed: {route}\n{routes}"
+            destination.is_some_and(|d| d.starts_with(&link) || d.starts_with(&pods) || d.starts_with("127.")),
+            "a route to somewhere other than the bed {slot}: {route}\n{routes}"
         );
     }
     Ok(())
@@ -379,7 +385,14 @@ fn stateful_set(image: &str) -> serde_json::Value {
     let mounts = serde_json::json!([
         {"name": "data", "mountPath": "/data"},
         {"name": "fixture", "mountPath": "/fixture"},
+        {"name": "tmp", "mountPath": "/tmp"},
     ]);
+    // The pod contract's security context (docs/design/pod-contract.md), so the node shows it works.
+    let container_security = serde_json::json!({
+        "readOnlyRootFilesystem": true,
+        "allowPrivilegeEscalation": false,
+        "capabilities": {"drop": ["ALL"]},
+    });
     serde_json::json!({
         "metadata": {"name": NAME},
         "spec": {
@@ -390,13 +403,20 @@ fn stateful_set(image: &str) -> serde_json::Value {
                 "metadata": {"labels": labels()},
                 "spec": {
                     "serviceAccountName": NAME,
-                    "securityContext": {"runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001, "runAsNonRoot": true},
+                    "securityContext": {
+                        "runAsUser": 10001, "runAsGroup": 10001, "runAsNonRoot": true,
+                        "fsGroup": 10001, "fsGroupChangePolicy": "OnRootMismatch",
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
                     "initContainers": [{
                         "name": "selfget",
                         "image": image,
                         "imagePullPolicy": "Never",
+                        // The JREs are where the runner looks (/usr/lib/jvm/NAME/), not on PATH.
                         "command": ["sh", "-c",
-                            "cp /fixture/fake-server.jar /data/fake-server.jar && exec java -cp /fixture/selfget.jar SelfGet"],
+                            "cp /fixture/fake-server.jar /data/fake-server.jar && \
+                             for java in /usr/lib/jvm/*/bin/java; do exec \"$java\" -cp /fixture/selfget.jar SelfGet; done"],
+                        "securityContext": container_security,
                         "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
                         "volumeMounts": mounts,
                     }],
@@ -412,8 +432,12 @@ fn stateful_set(image: &str) -> serde_json::Value {
                         "ports": [{"name": "metrics", "containerPort": 9100}],
                         "readinessProbe": {"httpGet": {"path": "/readyz", "port": "metrics"}, "periodSeconds": 1},
                         "volumeMounts": mounts,
+                        "securityContext": container_security,
                     }],
-                    "volumes": [{"name": "fixture", "configMap": {"name": format!("{NAME}-fixture")}}],
+                    "volumes": [
+                        {"name": "fixture", "configMap": {"name": format!("{NAME}-fixture")}},
+                        {"name": "tmp", "emptyDir": {}},
+                    ],
                 },
             },
             "volumeClaimTemplates": [{
