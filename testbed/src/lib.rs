@@ -64,7 +64,8 @@ pub mod env {
     /// With a node: the node bed's name (`atlas-bed-S`: its host link, cgroup and nftables table).
     pub const NODE_BED: &str = "ATLAS_TEST_NODE_BED";
     /// Read when starting a bed without a node: the API server's Service address range (default
-    /// [`super::SERVICE_CIDR`]; the operator's bench needs room for 1,000 Services).
+    /// [`super::SERVICE_CIDR`]; the operator's bench needs room for 1,000 Services). A node bed
+    /// ignores it.
     pub const SERVICE_CIDR: &str = "ATLAS_TEST_SERVICE_CIDR";
 }
 
@@ -406,10 +407,14 @@ pub fn start_cluster_with(options: &ApiOptions, mut processes: Processes) -> Res
         format!("--bind-address={}", options.address),
         format!("--advertise-address={}", options.address),
         // A /24 unless the caller needs more Services (the operator's bench makes 1,000 on a bed
-        // without a node; a node bed's other parts keep SERVICE_CIDR).
+        // without a node). A node bed always has SERVICE_CIDR: its DNS address, its host route
+        // keeping the range off the machine and its checks are made for that range.
         format!(
             "--service-cluster-ip-range={}",
-            std::env::var(env::SERVICE_CIDR).unwrap_or_else(|_| SERVICE_CIDR.to_owned())
+            match std::env::var(env::SERVICE_CIDR) {
+                Ok(range) if !options.nodes => range,
+                _ => SERVICE_CIDR.to_owned(),
+            }
         ),
         "--allow-privileged=true".to_owned(),
         "--service-account-issuer=https://kubernetes.default.svc".to_owned(),
