@@ -233,6 +233,11 @@ struct Run {
 }
 
 fn start_run() -> Result<Run> {
+    start_run_in(&std::env::temp_dir())
+}
+
+/// [`start_run`] with `TMPDIR` set to `tmp` (where the bed's directory goes).
+fn start_run_in(tmp: &Path) -> Result<Run> {
     let testbed = Path::new(env!("CARGO_BIN_EXE_atlas-runner")).with_file_name("atlas-testbed");
     ensure!(testbed.is_file(), "{} is not built: cargo build --workspace", testbed.display());
     // Under `atlas-testbed run --nodes` (make test), the run's image: no second build.
@@ -248,6 +253,7 @@ read -r _ || true
 "#;
     let mut child = Command::new(&testbed)
         .args(["run", "--nodes", "--no-cluster", "--no-s3", "--image-binary", &image_binary, "--", "sh", "-c", script])
+        .env("TMPDIR", tmp)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -337,7 +343,8 @@ fn a_node_bed_leaves_nothing_when_stopped_killed_or_killed_with_its_reaper() -> 
     drop(run.child.stdin.take());
     wait_gone(&run.bed, &before, &processes, Duration::from_secs(60))?;
 
-    // The owner and its reaper are killed: the next bed removes the stale one when it starts.
+    // The owner and its reaper are killed: the next bed removes the stale one when it starts, even
+    // under another TMPDIR (slots, like the links and cgroups named after them, are machine-wide).
     let mut stale = start_run()?;
     let processes = assert_running(&stale.bed)?;
     let reaper = reaper_of(&stale.bed)?;
@@ -350,18 +357,26 @@ fn a_node_bed_leaves_nothing_when_stopped_killed_or_killed_with_its_reaper() -> 
     ensure!(stale.bed.dir.exists(), "the stale bed went away with nobody to remove it: the test proves nothing");
     let holder = stale.bed.holder().context("the stale bed's holder is gone: the test proves less")?;
     ensure!(processes.iter().any(|(pid, _)| *pid == holder), "the holder {holder} is not the one that ran");
-    let mut next = start_run()?;
+    let other_tmp = Path::new(env!("CARGO_TARGET_TMPDIR")).join(atlas_testbed::unique("other-tmpdir"));
+    std::fs::create_dir_all(&other_tmp)?;
+    let mut next = start_run_in(&other_tmp)?;
+    ensure!(
+        next.bed.dir.starts_with(&other_tmp),
+        "the next bed is not under the other TMPDIR: {}",
+        next.bed.dir.display()
+    );
     wait_gone(&stale.bed, &before, &processes, Duration::from_secs(30))?;
     let next_processes = assert_running(&next.bed)?;
     drop(next.child.stdin.take());
     next.child.wait()?;
     wait_gone(&next.bed, &before, &next_processes, Duration::from_secs(30))?;
+    std::fs::remove_dir(&other_tmp)?;
     Ok(())
 }
 
-/// The PID of the bed's reaper: the `flock` waiting on its lock.
+/// The PID of the bed's reaper: the `flock` waiting on its slot's claim.
 fn reaper_of(bed: &Bed) -> Result<u32> {
-    let lock = bed.dir.join("lock").display().to_string();
+    let lock = format!("{}/{}.lock", atlas_testbed::node::CLAIMS_DIR, bed.slot);
     for entry in std::fs::read_dir("/proc")?.flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
         let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();

@@ -11,9 +11,12 @@
 //! host link should anything still hold the namespace, and its directory, is removed by a teardown
 //! that runs at stop, in a reaper when the owner is killed, and from the next bed when both were.
 //!
-//! Several beds share a machine: each claims a slot `S` (its directory `$TMPDIR/atlas-bed-S`, held by
-//! a lock for the owner's lifetime), and every name it adds derives from the slot: the host link and
-//! the cgroup `atlas-bed-S`, the addresses `10.213.S.0/30` (link) and `10.214.S.0/24` (pods).
+//! Several beds share a machine: each claims a slot `S` by locking the machine-wide file
+//! `/run/atlas-bed/S.lock` for the owner's lifetime (whatever `TMPDIR` is: the names a slot stands
+//! for are machine-wide), and every name it adds derives from the slot: its directory
+//! `$TMPDIR/atlas-bed-S`, the host link and the cgroup `atlas-bed-S`, the addresses `10.213.S.0/30`
+//! (link) and `10.214.S.0/24` (pods). The claim file holds the bed's directory, so whoever takes a
+//! slot whose owner and reaper are both gone finds what to remove.
 
 use std::fs::File;
 use std::io::Write as _;
@@ -37,6 +40,8 @@ pub const DNS_SERVICE_IP: &str = "10.0.0.10";
 pub const STORAGE_CLASS: &str = "manual";
 const SLOTS: std::ops::RangeInclusive<u16> = 1..=250;
 const PREFIX: &str = "atlas-bed-";
+/// Where slots are claimed: one lock file per slot, machine-wide.
+pub const CLAIMS_DIR: &str = "/run/atlas-bed";
 
 /// What [`start_node_cluster`] builds.
 #[derive(Debug, Clone)]
@@ -71,8 +76,9 @@ pub struct BedNetwork {
     pub holder: u32,
     // The holder and the node's components.
     node: Processes,
-    // Held for the bed's lifetime: a bed whose lock can be taken has lost its owner.
-    _lock: File,
+    // The slot's claim, locked for the bed's lifetime: a slot whose lock can be taken has lost its
+    // owner (and its reaper, which takes the lock to tear the bed down).
+    claim: File,
     reaper: Option<Child>,
 }
 
@@ -97,39 +103,46 @@ impl BedNetwork {
             }
         }
         bail!(
-            "no free test-bed slot among {SLOTS:?}: too many beds on this machine, or stale ones under another TMPDIR"
+            "no free test-bed slot among {SLOTS:?} (claims in {CLAIMS_DIR}): too many beds on this machine; \
+             stop some, or remove stale links and directories named atlas-bed-S"
         )
     }
 
     fn try_claim(slot: u16) -> Result<Option<Self>> {
         let name = format!("{PREFIX}{slot}");
-        let dir = std::env::temp_dir().join(&name);
-        if dir.exists() || link_exists(&name) {
+        let claim_path = claim_path(slot);
+        let claim = open_claim(&claim_path)?;
+        if claim.try_lock().is_err() {
             return Ok(None);
         }
+        // The slot is ours: a bed that had it is gone with its reaper; remove what it left.
+        remove_claimed_bed(&claim, &claim_path, &name);
+        let dir = std::env::temp_dir().join(&name);
         let (link_net, pod_net) = (format!("10.213.{slot}."), format!("10.214.{slot}."));
         let routes = output(Command::new("ip").args(["-4", "route", "show", "table", "all"]))?;
         let slot_text = slot.to_string();
         let service_route = |l: &str| l.split_whitespace().eq(["unreachable", SERVICE_CIDR, "metric", &slot_text]);
-        if routes.contains(&link_net) || routes.contains(&pod_net) || routes.lines().any(service_route) {
+        // Left by something that claims no slot here (a bed of an older atlas-testbed): not ours to remove.
+        if dir.exists()
+            || link_exists(&name)
+            || routes.contains(&link_net)
+            || routes.contains(&pod_net)
+            || routes.lines().any(service_route)
+        {
             return Ok(None);
         }
-        // The directory is claimed whole by a rename, so it never exists without its held lock.
-        let staging = std::env::temp_dir().join(crate::unique(&format!("{name}.claim")));
-        std::fs::create_dir_all(&staging)?;
-        let lock = File::create(staging.join("lock"))?;
-        lock.lock()?;
-        writeln!(&lock, "{}", std::process::id())?;
-        if std::fs::rename(&staging, &dir).is_err() {
-            let _ = std::fs::remove_dir_all(&staging);
-            return Ok(None);
-        }
-        let reaper = start_reaper(&dir, &name)?;
+        std::fs::create_dir(&dir).with_context(|| format!("create {}", dir.display()))?;
+        // From here on the claim names the directory, so whoever takes the slot after a crash finds it.
+        claim.set_len(0).with_context(|| format!("write {}", claim_path.display()))?;
+        (&claim)
+            .write_all(dir.display().to_string().as_bytes())
+            .with_context(|| format!("write {}", claim_path.display()))?;
+        let reaper = start_reaper(&dir, &name, &claim_path)?;
         // Its processes have no reapers of their own: the bed's reaper (below) kills them all.
         let node = match Processes::new_in(dir.join("node")).map(Processes::reaped_by_bed) {
             Ok(node) => node,
             Err(e) => {
-                let _ = teardown(&dir, &name);
+                let _ = teardown(&dir, &name, &claim_path);
                 return Err(e);
             }
         };
@@ -142,7 +155,7 @@ impl BedNetwork {
             name,
             holder: 0,
             node,
-            _lock: lock,
+            claim,
             reaper: Some(reaper),
         };
         // From here on, dropping `bed` undoes whatever part was made.
@@ -270,7 +283,7 @@ impl BedNetwork {
 
     /// Removes everything the bed added: its processes, cgroups, links and directory.
     pub fn teardown(&mut self) {
-        let _ = teardown(&self.dir, &self.name);
+        let _ = teardown(&self.dir, &self.name, &claim_path(self.slot));
         self.node.stop();
         if let Some(mut reaper) = self.reaper.take() {
             let _ = reaper.kill();
@@ -281,19 +294,51 @@ impl BedNetwork {
 
 impl Drop for BedNetwork {
     fn drop(&mut self) {
-        // The lock is released only after the teardown, with the struct.
+        // The claim is released only after the teardown, with the struct.
         self.teardown();
+        let _ = self.claim.unlock();
     }
 }
 
-/// A reaper that waits for the owner's lock on the bed and tears the bed down once it gets it:
-/// when the owner exits without stopping the bed (a SIGKILL), the kernel releases the lock.
-fn start_reaper(dir: &Path, name: &str) -> Result<Child> {
+fn claim_path(slot: u16) -> PathBuf {
+    Path::new(CLAIMS_DIR).join(format!("{slot}.lock"))
+}
+
+fn open_claim(path: &Path) -> Result<File> {
+    std::fs::create_dir_all(CLAIMS_DIR).with_context(|| format!("create {CLAIMS_DIR} (the beds' slot claims)"))?;
+    // Never removed (a lock file removed while another process waits on it would split the slot
+    // in two); one small file per slot.
+    File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .with_context(|| format!("open {}", path.display()))
+}
+
+/// With the slot's claim locked: tears down the bed the claim names, if any (its owner and reaper
+/// are gone, or the lock could not have been taken).
+fn remove_claimed_bed(claim: &File, path: &Path, name: &str) {
+    let previous = std::fs::read_to_string(path).unwrap_or_default();
+    let previous = previous.trim();
+    if previous.is_empty() {
+        return;
+    }
+    eprintln!("atlas-testbed: removing the stale bed {name} in {previous} (its owner and reaper are gone)");
+    let _ = teardown(Path::new(previous), name, path);
+    let _ = claim.set_len(0);
+}
+
+/// A reaper that waits for the owner's lock on the slot's claim and tears the bed down once it gets
+/// it: when the owner exits without stopping the bed (a SIGKILL), the kernel releases the lock.
+fn start_reaper(dir: &Path, name: &str, claim: &Path) -> Result<Child> {
     Command::new("flock")
-        .arg(dir.join("lock"))
+        .arg(claim)
         .args(["sh", "-c", TEARDOWN, "teardown"])
         .env("D", dir)
         .env("NS", name)
+        .env("CLAIM", claim)
         .env("SERVICE_CIDR", SERVICE_CIDR)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -304,9 +349,9 @@ fn start_reaper(dir: &Path, name: &str) -> Result<Child> {
 }
 
 /// The teardown, as a shell script so the reaper can run it after its owner is gone; `D` is the
-/// bed's directory and `NS` its name. Every step is idempotent.
+/// bed's directory, `NS` its name and `CLAIM` its slot's claim, which whoever runs it holds locked
+/// (so the names it removes are the bed's, not another's). Every step is idempotent.
 const TEARDOWN: &str = r#"
-[ -d "$D" ] || exit 0
 cgroups() { for h in /sys/fs/cgroup/*/; do [ -d "$h$NS" ] && echo "$h$NS"; done; }
 # Every process of the bed: those whose command line names its directory (the holder of the node's
 # namespaces, the init of its PID namespace whose death kills every container; the node's
@@ -338,6 +383,8 @@ ip link del "$NS" 2>/dev/null
 ip route del unreachable "$SERVICE_CIDR" metric "${NS#atlas-bed-}" 2>/dev/null
 nft delete table inet "$NS" 2>/dev/null
 rm -rf --one-file-system "$D"
+# Nothing of the bed is left for the slot's next owner to remove.
+: > "$CLAIM"
 true
 "#;
 
@@ -388,11 +435,12 @@ fn run_with_input(cmd: &mut Command, input: &str) -> Result<()> {
     Ok(())
 }
 
-fn teardown(dir: &Path, name: &str) -> Result<()> {
+fn teardown(dir: &Path, name: &str, claim: &Path) -> Result<()> {
     let status = Command::new("sh")
         .args(["-c", TEARDOWN, "teardown"])
         .env("D", dir)
         .env("NS", name)
+        .env("CLAIM", claim)
         .env("SERVICE_CIDR", SERVICE_CIDR)
         .stdin(Stdio::null())
         .status()?;
@@ -402,29 +450,20 @@ fn teardown(dir: &Path, name: &str) -> Result<()> {
     Ok(())
 }
 
-/// Tears down every bed under this TMPDIR whose owner is gone (its lock can be taken) and whose
-/// reaper is gone too (the reaper holds the lock while it works).
+/// Tears down every bed of the machine whose owner is gone and whose reaper is gone too (the
+/// reaper holds the claim while it works): those whose slot's claim can be locked and names a bed.
 pub fn clean_stale_beds() {
-    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
+    let Ok(entries) = std::fs::read_dir(CLAIMS_DIR) else { return };
     for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(slot) = name.strip_prefix(PREFIX).and_then(|s| s.parse::<u16>().ok()) else { continue };
+        let file = entry.file_name().to_string_lossy().into_owned();
+        let Some(slot) = file.strip_suffix(".lock").and_then(|s| s.parse::<u16>().ok()) else { continue };
         if !SLOTS.contains(&slot) {
             continue;
         }
-        let dir = entry.path();
-        let Ok(lock) = File::open(dir.join("lock")) else { continue };
-        if lock.try_lock().is_err() {
-            continue;
-        }
-        // The lock is ours; the directory must still be the one it belongs to (not a new claim).
-        let same = std::fs::metadata(dir.join("lock")).ok().zip(lock.metadata().ok()).is_some_and(|(a, b)| {
-            use std::os::unix::fs::MetadataExt;
-            a.ino() == b.ino() && a.dev() == b.dev()
-        });
-        if same {
-            eprintln!("atlas-testbed: removing the stale bed {name} (its owner is gone)");
-            let _ = teardown(&dir, &name);
+        let path = claim_path(slot);
+        let Ok(claim) = open_claim(&path) else { continue };
+        if claim.try_lock().is_ok() {
+            remove_claimed_bed(&claim, &path, &format!("{PREFIX}{slot}"));
         }
     }
 }
