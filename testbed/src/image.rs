@@ -114,7 +114,7 @@ fn cached_image(binary: &Path) -> Result<BuiltImage> {
     hasher.update(base.name.as_bytes());
     let mut file =
         std::fs::File::open(binary).with_context(|| format!("open the image's binary {}", binary.display()))?;
-    std::io::copy(&mut file, &mut hasher)?;
+    std::io::copy(&mut file, &mut hasher).with_context(|| format!("read the image's binary {}", binary.display()))?;
     let key = hex(&hasher.finalize())[..16].to_owned();
     let name = format!("localhost/atlas-runner:bed-{key}");
     let archive = images_dir().join(format!("ours-{key}.oci.tar"));
@@ -123,8 +123,9 @@ fn cached_image(binary: &Path) -> Result<BuiltImage> {
         return Ok(BuiltImage { name, archive, config });
     }
     // One build at a time on the machine: beds of other test runs may want the same image now.
-    let lock = std::fs::File::create(images_dir().join("build.lock"))?;
-    lock.lock()?;
+    let lock_path = images_dir().join("build.lock");
+    let lock = std::fs::File::create(&lock_path).with_context(|| format!("create {}", lock_path.display()))?;
+    lock.lock().with_context(|| format!("lock {}", lock_path.display()))?;
     if archive.exists() && config.exists() {
         return Ok(BuiltImage { name, archive, config });
     }
@@ -175,9 +176,10 @@ fn cached_image(binary: &Path) -> Result<BuiltImage> {
     let _ = buildah(&["rmi", &name]).stdout(Stdio::null()).stderr(Stdio::null()).status();
     // The config first: the archive's presence says both are there.
     let config_partial = config.with_extension("partial");
-    std::fs::write(&config_partial, archive_config(&partial)?)?;
-    std::fs::rename(&config_partial, &config)?;
-    std::fs::rename(&partial, &archive)?;
+    std::fs::write(&config_partial, archive_config(&partial)?)
+        .with_context(|| format!("write {}", config_partial.display()))?;
+    std::fs::rename(&config_partial, &config).with_context(|| format!("rename to {}", config.display()))?;
+    std::fs::rename(&partial, &archive).with_context(|| format!("rename to {}", archive.display()))?;
     prune_old(&images_dir(), &archive);
     Ok(BuiltImage { name, archive, config })
 }
@@ -239,7 +241,7 @@ fn prune_old(cache: &Path, keep: &Path) {
 
 fn tempdir(prefix: &str) -> Result<PathBuf> {
     let dir = std::env::temp_dir().join(crate::unique(prefix));
-    std::fs::create_dir_all(&dir)?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
     Ok(dir)
 }
 

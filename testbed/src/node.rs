@@ -85,6 +85,7 @@ pub struct BedNetwork {
 impl BedNetwork {
     /// Cleans up stale beds, claims a free slot and makes the node's namespaces and network.
     pub fn claim() -> Result<Self> {
+        check_host()?;
         clean_stale_beds();
         let routes = output(Command::new("ip").args(["-4", "route", "show", "table", "all"]))?;
         if let Some(route) = service_range_conflict(&routes) {
@@ -503,6 +504,55 @@ fn service_range_conflict(routes: &str) -> Option<&str> {
             address & common == range & common
         })
     })
+}
+
+/// The host's programs a node bed runs, each with how to get it (Debian's package).
+const HOST_TOOLS: [(&str, &str); 11] = [
+    ("buildah", "apt-get install buildah"),
+    ("nsenter", "apt-get install util-linux"),
+    ("unshare", "apt-get install util-linux"),
+    ("flock", "apt-get install util-linux"),
+    ("ip", "apt-get install iproute2"),
+    ("nft", "apt-get install nftables"),
+    ("sysctl", "apt-get install procps"),
+    ("iptables", "apt-get install iptables"),
+    ("runc", "apt-get install runc"),
+    ("tar", "apt-get install tar"),
+    ("sh", "a POSIX shell at /bin/sh"),
+];
+
+/// The first of [`HOST_TOOLS`] no directory of `path` (a `PATH` value) holds as an executable file.
+fn missing_tool(path: &std::ffi::OsStr) -> Option<(&'static str, &'static str)> {
+    use std::os::unix::fs::PermissionsExt;
+    HOST_TOOLS.into_iter().find(|(tool, _)| {
+        !std::env::split_paths(path).any(|dir| {
+            std::fs::metadata(dir.join(tool)).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+    })
+}
+
+/// What a node bed needs of the host, checked before it changes anything, each with a one-line
+/// error that says what to do (rather than the bare "No such file or directory" of a spawn).
+fn check_host() -> Result<()> {
+    if let Some((tool, install)) = missing_tool(&std::env::var_os("PATH").unwrap_or_default()) {
+        bail!("a node bed needs `{tool}` on PATH: {install} (scripts/testbed-install.sh installs the node's packages)");
+    }
+    // The effective uid, the second field of `Uid:`.
+    let status = std::fs::read_to_string("/proc/self/status").context("read /proc/self/status")?;
+    let euid = status.lines().find_map(|l| l.strip_prefix("Uid:")).and_then(|ids| ids.split_whitespace().nth(1));
+    if euid != Some("0") {
+        bail!(
+            "a node bed must run as root (it makes network namespaces, links, routes, nftables tables and \
+             cgroups): run the tests as root, or only those that need no node"
+        );
+    }
+    if !Path::new("/proc/sys/net/bridge").exists() {
+        bail!(
+            "the kernel module br_netfilter is not loaded (the node's bridged pod traffic must pass \
+             kube-proxy's iptables rules): modprobe br_netfilter"
+        );
+    }
+    Ok(())
 }
 
 fn cgroup_hierarchies() -> Vec<PathBuf> {
@@ -1035,7 +1085,34 @@ fn apply(api: &ClusterProcesses, yaml: &str) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::service_range_conflict;
+    use super::{HOST_TOOLS, missing_tool, service_range_conflict};
+
+    #[test]
+    fn a_host_tool_missing_from_path_is_named_with_how_to_install_it() -> anyhow::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(crate::unique("atlas-host-tools"));
+        let (first, second) = (dir.join("a"), dir.join("b"));
+        std::fs::create_dir_all(&first)?;
+        std::fs::create_dir_all(&second)?;
+        // Spread over two directories, as PATH spreads them.
+        let home = |tool: &str| {
+            let i = HOST_TOOLS.iter().position(|(t, _)| *t == tool).unwrap_or_default();
+            if i % 2 == 0 { first.join(tool) } else { second.join(tool) }
+        };
+        for (tool, _) in HOST_TOOLS {
+            std::fs::write(home(tool), "#!/bin/sh\n")?;
+            std::fs::set_permissions(home(tool), std::fs::Permissions::from_mode(0o755))?;
+        }
+        let path = std::env::join_paths([&first, &second])?;
+        assert_eq!(missing_tool(&path), None);
+        // Not executable is as good as missing.
+        std::fs::set_permissions(home("nft"), std::fs::Permissions::from_mode(0o644))?;
+        assert_eq!(missing_tool(&path), Some(("nft", "apt-get install nftables")));
+        std::fs::remove_file(home("nsenter"))?;
+        assert_eq!(missing_tool(&path), Some(("nsenter", "apt-get install util-linux")));
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
 
     #[test]
     fn a_host_route_into_the_service_range_is_a_conflict_and_the_default_route_is_not() {
