@@ -73,7 +73,7 @@ async fn a_statefulset_of_our_image_reads_itself_serves_through_kube_proxy_and_k
     // The pod runs our image as built from the Dockerfile, as the Dockerfile's user.
     let config_path = PathBuf::from(&cluster.nodes()?.image_config);
     let config_bytes = std::fs::read(&config_path)?;
-    let image_id = hex(&Sha256::digest(&config_bytes));
+    let image_id = hex::encode(Sha256::digest(&config_bytes));
     let status = first.status.as_ref().and_then(|s| s.container_statuses.clone()).context("no container status")?;
     let server = status.iter().find(|c| c.name == "server").context("no server container status")?;
     ensure!(server.image_id.ends_with(&image_id), "the pod's image {} is not ours ({image_id})", server.image_id);
@@ -503,7 +503,7 @@ async fn node_internal_ip(ns: &TestNamespace) -> Result<String> {
 /// `tests/fixtures/SelfGet.java` compiled for Java 17 into a jar, kept under the target dir.
 fn selfget_jar() -> Result<PathBuf> {
     let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/SelfGet.java");
-    let digest = hex(&Sha256::digest(std::fs::read(&source)?));
+    let digest = hex::encode(Sha256::digest(std::fs::read(&source)?));
     let jar = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("selfget-{}.jar", &digest[..16]));
     if jar.is_file() {
         return Ok(jar);
@@ -530,8 +530,4 @@ fn selfget_jar() -> Result<PathBuf> {
     std::fs::rename(&built, &jar)?;
     let _ = std::fs::remove_dir_all(&staging);
     Ok(jar)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

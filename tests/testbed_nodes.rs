@@ -15,6 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use atlas_testbed::command_output;
 
 /// What the machine looks like, as far as a bed could change it.
 #[derive(Debug, PartialEq)]
@@ -50,7 +51,7 @@ fn sysctls() -> Result<BTreeMap<String, String>> {
             key.strip_prefix(prefix).is_some_and(|rest| !rest.starts_with("all.") && !rest.starts_with("default."))
         })
     };
-    Ok(tool(Command::new("sysctl").arg("-a"))?
+    Ok(command_output(Command::new("sysctl").arg("-a"))?
         .lines()
         .filter_map(|l| l.split_once(" = "))
         .filter(|(key, _)| !COUNTERS.contains(key) && !key.starts_with("fs.quota.") && !per_interface(key))
@@ -72,7 +73,7 @@ fn changed_sysctls(before: &BTreeMap<String, String>, after: &BTreeMap<String, S
 
 fn snapshot() -> Result<Snapshot> {
     let save = |program: &str| -> Result<String> {
-        Ok(tool(&mut Command::new(program))?
+        Ok(command_output(&mut Command::new(program))?
             .lines()
             // Comments carry the time of the dump.
             .filter(|l| !l.starts_with('#'))
@@ -92,13 +93,13 @@ fn snapshot() -> Result<Snapshot> {
         }
     }
     Ok(Snapshot {
-        netns: tool(Command::new("ip").arg("netns"))?,
+        netns: command_output(Command::new("ip").arg("netns"))?,
         iptables: save("iptables-save")?,
         ip6tables: save("ip6tables-save")?,
-        nft: tool(Command::new("nft").args(["list", "ruleset"]))?,
+        nft: command_output(Command::new("nft").args(["list", "ruleset"]))?,
         mounts: std::fs::read_to_string("/proc/self/mountinfo")?,
-        links: tool(Command::new("ip").args(["-o", "link"]))?,
-        routes: tool(Command::new("ip").args(["-4", "route", "show", "table", "all"]))?,
+        links: command_output(Command::new("ip").args(["-o", "link"]))?,
+        routes: command_output(Command::new("ip").args(["-4", "route", "show", "table", "all"]))?,
         processes,
         sysctls: sysctls()?,
     })
@@ -386,10 +387,4 @@ fn reaper_of(bed: &Bed) -> Result<u32> {
         }
     }
     bail!("no reaper found for {}", bed.name)
-}
-
-fn tool(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("run {cmd:?}"))?;
-    ensure!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 
-use crate::{INSTALL_HINT, bin, bin_dir};
+use crate::{INSTALL_HINT, bin, bin_dir, command_output};
 
 /// An image as an OCI archive.
 #[derive(Debug, Clone)]
@@ -115,7 +115,7 @@ fn cached_image(binary: &Path) -> Result<BuiltImage> {
     let mut file =
         std::fs::File::open(binary).with_context(|| format!("open the image's binary {}", binary.display()))?;
     std::io::copy(&mut file, &mut hasher).with_context(|| format!("read the image's binary {}", binary.display()))?;
-    let key = hex(&hasher.finalize())[..16].to_owned();
+    let key = hex::encode(hasher.finalize())[..16].to_owned();
     let name = format!("localhost/atlas-runner:bed-{key}");
     let archive = images_dir().join(format!("ours-{key}.oci.tar"));
     let config = archive.with_extension("config.json");
@@ -147,13 +147,14 @@ fn cached_image(binary: &Path) -> Result<BuiltImage> {
     };
     let have_base = buildah(&["images", "--quiet", &base.name]).stderr(Stdio::null()).output()?;
     if !have_base.status.success() || have_base.stdout.is_empty() {
-        let id = run_out(buildah(&["pull", "--quiet", &format!("oci-archive:{}", base.archive.display())]))?;
-        run_out(buildah(&["tag", id.trim(), &base.name]))?;
+        let id =
+            command_output(&mut buildah(&["pull", "--quiet", &format!("oci-archive:{}", base.archive.display())]))?;
+        command_output(&mut buildah(&["tag", id.trim(), &base.name]))?;
     }
 
     let context = tempdir("atlas-image-context")?;
     std::fs::copy(binary, context.join("atlas-runner")).context("copy the binary into the build context")?;
-    let built = run_out(buildah(&[
+    let built = command_output(&mut buildah(&[
         "bud",
         "--pull=never",
         "--network=none",
@@ -171,7 +172,7 @@ fn cached_image(binary: &Path) -> Result<BuiltImage> {
     let _ = std::fs::remove_dir_all(&context);
     built.context("buildah bud of the Dockerfile")?;
     let partial = archive.with_extension("partial");
-    run_out(buildah(&["push", "--quiet", &name, &format!("oci-archive:{}:{name}", partial.display())]))?;
+    command_output(&mut buildah(&["push", "--quiet", &name, &format!("oci-archive:{}:{name}", partial.display())]))?;
     // The archive is all the bed needs: the storage keeps only the base.
     let _ = buildah(&["rmi", &name]).stdout(Stdio::null()).stderr(Stdio::null()).status();
     // The config first: the archive's presence says both are there.
@@ -191,7 +192,7 @@ pub fn import(socket: &Path, archive: &Path) -> Result<()> {
         .arg(socket)
         .args(["--namespace", "k8s.io", "images", "import", "--all-platforms"])
         .arg(archive);
-    run_out(cmd).with_context(|| format!("import {} into the node's containerd", archive.display()))?;
+    command_output(&mut cmd).with_context(|| format!("import {} into the node's containerd", archive.display()))?;
     Ok(())
 }
 
@@ -243,23 +244,6 @@ fn tempdir(prefix: &str) -> Result<PathBuf> {
     let dir = std::env::temp_dir().join(crate::unique(prefix));
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
     Ok(dir)
-}
-
-fn run_out(mut cmd: Command) -> Result<String> {
-    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("run {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed ({}):\n{}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

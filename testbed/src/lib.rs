@@ -93,6 +93,21 @@ pub fn bin(name: &str) -> Result<PathBuf> {
     }
 }
 
+/// Runs `cmd` with stdin closed and returns its stdout; when it cannot start or fails, an error that
+/// names the command and carries what it said.
+pub fn command_output(cmd: &mut Command) -> Result<String> {
+    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// A free TCP port for a server a test starts later, never handed out twice by this process. It is
 /// taken below the kernel's ephemeral range: a port the kernel picks (a `bind` to port 0, an outgoing
 /// connection) would otherwise be free to take it between this check and the server's own bind,

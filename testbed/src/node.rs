@@ -29,7 +29,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use crate::{
-    ApiOptions, ClusterProcesses, Processes, SERVICE_CIDR, bin, bin_dir, image, start_cluster_with, wait_until,
+    ApiOptions, ClusterProcesses, Processes, SERVICE_CIDR, bin, bin_dir, command_output, image, start_cluster_with,
+    wait_until,
 };
 
 /// The node's name (one node per bed, and one API server per bed).
@@ -87,7 +88,7 @@ impl BedNetwork {
     pub fn claim() -> Result<Self> {
         check_host()?;
         clean_stale_beds();
-        let routes = output(Command::new("ip").args(["-4", "route", "show", "table", "all"]))?;
+        let routes = command_output(Command::new("ip").args(["-4", "route", "show", "table", "all"]))?;
         if let Some(route) = service_range_conflict(&routes) {
             bail!(
                 "the host routes part of the bed's Service range {SERVICE_CIDR} ({route}): a node bed cannot \
@@ -120,7 +121,7 @@ impl BedNetwork {
         remove_claimed_bed(&claim, &claim_path, &name);
         let dir = std::env::temp_dir().join(&name);
         let (link_net, pod_net) = (format!("10.213.{slot}."), format!("10.214.{slot}."));
-        let routes = output(Command::new("ip").args(["-4", "route", "show", "table", "all"]))?;
+        let routes = command_output(Command::new("ip").args(["-4", "route", "show", "table", "all"]))?;
         let slot_text = slot.to_string();
         let service_route = |l: &str| l.split_whitespace().eq(["unreachable", SERVICE_CIDR, "metric", &slot_text]);
         // Left by something that claims no slot here (a bed of an older atlas-testbed): not ours to remove.
@@ -233,15 +234,6 @@ impl BedNetwork {
     /// The node's network namespace as a path (`nsenter --net=PATH`).
     pub fn netns_path(&self) -> PathBuf {
         PathBuf::from(format!("/proc/{}/ns/net", self.holder))
-    }
-
-    /// The routes of the node's network namespace (`ip route show table all`), IPv4 and IPv6.
-    pub fn routes(&self) -> Result<String> {
-        let mut all = String::new();
-        for family in ["-4", "-6"] {
-            all += &output(self.in_netns("ip").args([family, "route", "show", "table", "all"]))?;
-        }
-        Ok(all)
     }
 
     /// Starts `program` inside the node's namespaces with a clean environment.
@@ -568,15 +560,7 @@ fn link_exists(name: &str) -> bool {
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
-    output(cmd).map(|_| ())
-}
-
-fn output(cmd: &mut Command) -> Result<String> {
-    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("run {cmd:?}"))?;
-    if !out.status.success() {
-        bail!("{cmd:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    command_output(cmd).map(|_| ())
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -602,11 +586,6 @@ impl NodeCluster {
     /// The admin kubeconfig.
     pub fn kubeconfig(&self) -> &Path {
         &self.api.kubeconfig
-    }
-
-    /// The containerd socket of the node (for `ctr`).
-    pub fn containerd_socket(&self) -> PathBuf {
-        self.network.node_dir().join("containerd/containerd.sock")
     }
 }
 
