@@ -72,7 +72,8 @@ async fn a_statefulset_of_our_image_reads_itself_serves_through_kube_proxy_and_k
 
     // The pod runs our image as built from the Dockerfile, as the Dockerfile's user.
     let config_path = PathBuf::from(&cluster.nodes()?.image_config);
-    let config_bytes = std::fs::read(&config_path)?;
+    let config_bytes =
+        std::fs::read(&config_path).with_context(|| format!("read the image's config {}", config_path.display()))?;
     let image_id = hex::encode(Sha256::digest(&config_bytes));
     let status = first.status.as_ref().and_then(|s| s.container_statuses.clone()).context("no container status")?;
     let server = status.iter().find(|c| c.name == "server").context("no server container status")?;
