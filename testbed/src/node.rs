@@ -140,7 +140,7 @@ impl BedNetwork {
             .write_all(dir.display().to_string().as_bytes())
             .with_context(|| format!("write {}", claim_path.display()))?;
         let reaper = start_reaper(&dir, &name, &claim_path)?;
-        // Its processes have no reapers of their own: the bed's reaper (below) kills them all.
+        // Its processes have no reapers of their own: the bed's reaper (above) kills them all.
         let node = match Processes::new_in(dir.join("node")).map(Processes::reaped_by_bed) {
             Ok(node) => node,
             Err(e) => {
@@ -345,6 +345,9 @@ fn start_reaper(dir: &Path, name: &str, claim: &Path) -> Result<Child> {
 /// bed's directory, `NS` its name and `CLAIM` its slot's claim, which whoever runs it holds locked
 /// (so the names it removes are the bed's, not another's). Every step is idempotent.
 const TEARDOWN: &str = r#"
+# The directory goes last but for the claim: without it, the rest is gone too (and the link or cgroup
+# of that name, if any, is not this bed's).
+[ -d "$D" ] || { : > "$CLAIM"; exit 0; }
 cgroups() { for h in /sys/fs/cgroup/*/; do [ -d "$h$NS" ] && echo "$h$NS"; done; }
 # Every process of the bed: those whose command line names its directory (the holder of the node's
 # namespaces, the init of its PID namespace whose death kills every container; the node's
