@@ -81,14 +81,14 @@ pub fn decide(
     {
         let text = policy.window.as_deref().unwrap_or_default();
         return Ok(Rollout::Wait {
-            reason: "OutsideWindow",
+            reason: crate::api::conditions::reasons::OUTSIDE_WINDOW,
             message: format!("a new pod template waits for spec.upgrade.window ({text}, operator time)"),
         });
     }
     if policy.require_no_players && players_online > 0 {
         let who = if players_online == 1 { "1 player is".to_owned() } else { format!("{players_online} players are") };
         return Ok(Rollout::Wait {
-            reason: "PlayersOnline",
+            reason: crate::api::conditions::reasons::PLAYERS_ONLINE,
             message: format!("a new pod template waits until nobody is online ({who} online)"),
         });
     }
