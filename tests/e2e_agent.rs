@@ -322,6 +322,20 @@ fn monitor_scrape_config(kind: &str, monitor: &serde_json::Value, api: &ApiAcces
     }))
 }
 
+/// The job name of the observability guide's scrape config.
+const GUIDE_JOB: &str = "minecraft";
+
+/// The scrape config of docs/guides/observability.md: the YAML block after "does the same with:".
+fn guide_scrape_config() -> Result<serde_json::Value> {
+    let guide = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/guides/observability.md"))?;
+    let after = guide.split_once("does the same with:").context("the guide's Prometheus config")?.1;
+    let block = after.split_once("```yaml\n").context("a YAML block")?.1.split_once("```").context("its end")?.0;
+    let config: serde_json::Value = serde_yaml::from_str(block)?;
+    let job = config["scrape_configs"][0].clone();
+    ensure!(job["job_name"] == GUIDE_JOB, "the guide's job is {}", job["job_name"]);
+    Ok(job)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn prometheus_discovers_the_pods_through_the_api_server_and_every_dashboard_and_alert_expression_evaluates()
 -> Result<()> {
@@ -369,6 +383,11 @@ async fn prometheus_discovers_the_pods_through_the_api_server_and_every_dashboar
         monitor_scrape_config("PodMonitor", &serde_json::to_value(&pod_monitor)?, &api)?,
         monitor_scrape_config("ServiceMonitor", &serde_json::to_value(service_monitor)?, &api)?,
     ];
+    // The plain Prometheus config the observability guide gives instead of a PodMonitor, as a user
+    // copies it (pointed at this cluster and this namespace).
+    let mut guide = guide_scrape_config()?;
+    guide["kubernetes_sd_configs"][0] = api.discovery("pod", Some(&release.ns.name));
+    scrape.push(guide);
     // The kubelet's cAdvisor, for the container's memory limit (as kube-prometheus scrapes it).
     scrape.push(serde_json::json!({
         "job_name": "kubelet-cadvisor",
@@ -412,7 +431,8 @@ async fn prometheus_discovers_the_pods_through_the_api_server_and_every_dashboar
             let server = targets(&server_job).await?;
             let operator = targets(&operator_job).await?;
             let kubelet = targets("kubelet-cadvisor").await?;
-            Ok((server.len() == 1 && operator.len() == 1 && kubelet.len() == 1).then_some(()))
+            let guide = targets(GUIDE_JOB).await?;
+            Ok((server.len() == 1 && operator.len() == 1 && kubelet.len() == 1 && guide.len() == 1).then_some(()))
         },
     )
     .await;
@@ -439,8 +459,21 @@ async fn prometheus_discovers_the_pods_through_the_api_server_and_every_dashboar
     assert_eq!(namespaces["data"], serde_json::json!([release.ns.name]));
     let servers = prometheus.api("/api/v1/label/server/values?match[]=", "atlas_server_ready").await?;
     assert_eq!(servers["data"], serde_json::json!([name]));
-    let players = prometheus.query("atlas_players_online").await?;
+    let players = prometheus.query(&format!("atlas_players_online{{job=\"{server_job}\"}}")).await?;
     assert_eq!(players.first().and_then(|s| s["value"][1].as_str()), Some("1"), "{players:?}");
+    // The guide's config labels the server's target as the PodMonitor does.
+    let labels = |job: &str| {
+        let query = format!("up{{job=\"{job}\"}}");
+        let prometheus = &prometheus;
+        async move {
+            let up = prometheus.query(&query).await?;
+            let metric = up.first().map(|s| s["metric"].clone()).unwrap_or_default();
+            Ok::<_, anyhow::Error>(["namespace", "server", "pod"].map(|l| metric[l].as_str().map(str::to_owned)))
+        }
+    };
+    let from_monitor = labels(&server_job).await?;
+    assert_eq!(from_monitor, [Some(release.ns.name.clone()), Some(name.to_owned()), Some(format!("{name}-0"))]);
+    assert_eq!(labels(GUIDE_JOB).await?, from_monitor);
 
     let queries = dashboard_queries(&dashboard()?);
     let mut failures = Vec::new();
