@@ -235,15 +235,12 @@ if [ ! -x "$BIN/promtool" ]; then ln -sf "$(command -v promtool)" "$BIN/promtool
 # discovery out ("field kubernetes_sd_configs not found"), so the node bed's end-to-end test gets
 # Prometheus from its Go module, built with its own tags for one discovery only (cold: about 5 min
 # on 2 cores beside other builds). The web UI's assets are left out; the HTTP API is all the tests use.
-if ! have prometheus "$PROMETHEUS_MODULE_VERSION"; then
-  start_step "Prometheus (Go module v$PROMETHEUS_MODULE_VERSION, Kubernetes discovery only)"
-  d="$WORK/prometheus-$PROMETHEUS_MODULE_VERSION"; rm -rf "$d"; mkdir -p "$d"
-  (cd "$d" && GOBIN="$d" go install -trimpath -ldflags="-s -w" -tags remove_all_sd,enable_kubernetes_sd \
-    "github.com/prometheus/prometheus/cmd/prometheus@v$PROMETHEUS_MODULE_VERSION")
-  mv -f "$d/prometheus" "$BIN/prometheus"; mark prometheus "$PROMETHEUS_MODULE_VERSION"
-  rm -rf "$d"
-  end_step
-fi
+build_prometheus() {
+  GOBIN="$PWD/bin" go install -trimpath -ldflags="-s -w" -tags remove_all_sd,enable_kubernetes_sd \
+    "github.com/prometheus/prometheus/cmd/prometheus@v$PROMETHEUS_MODULE_VERSION"
+}
+go_part prometheus "$(recipe_key "$PROMETHEUS_MODULE_VERSION" build_prometheus)" prometheus build_prometheus \
+  "Prometheus (Go module v$PROMETHEUS_MODULE_VERSION, Kubernetes discovery only)"
 
 # ---- The Prometheus Operator's CRDs (PodMonitor, ServiceMonitor, PrometheusRule): the chart's
 # optional monitoring objects are dry-run and the operator's PodMonitors applied against the real
