@@ -909,9 +909,10 @@ clusterDNS: [{DNS_SERVICE_IP}]
 resolvConf: {dd}/resolv.conf
 podLogsDirectory: {dd}/pod-logs
 volumePluginDir: {dd}/kubelet-plugins
-# A test machine's disk is shared and often full-ish: evict only when it is really out of room,
-# and never collect the images the bed imported (there is no registry to pull them back from).
-evictionHard: {{memory.available: 1Mi, nodefs.available: 1%, nodefs.inodesFree: 1%, imagefs.available: 1%, imagefs.inodesFree: 1%}}
+# A test machine's disk is shared and often full-ish: evict only when it is really out of room
+# (an absolute floor: 1 % of a big disk is gigabytes, and a node tainted for DiskPressure schedules
+# nothing), and never collect the images the bed imported (no registry can give them back).
+evictionHard: {{memory.available: 1Mi, nodefs.available: 100Mi, nodefs.inodesFree: 1%, imagefs.available: 100Mi, imagefs.inodesFree: 1%}}
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 serializeImagePulls: false
