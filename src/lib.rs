@@ -14,3 +14,4 @@ pub mod runner;
 pub mod server;
 pub mod supervisor;
 pub mod telemetry;
+pub mod troubleshooting;

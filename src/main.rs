@@ -88,8 +88,9 @@ fn main() -> ExitCode {
     }
 }
 
-/// The error and its causes on one line. Our error messages often quote their source already, so a
-/// cause whose text the line already holds is not repeated.
+/// The error and its causes on one line, ending with a pointer to the troubleshooting entry of the
+/// first of them that has one. Our error messages often quote their source already, so a cause whose
+/// text the line already holds is not repeated.
 fn one_line(error: &anyhow::Error) -> String {
     let mut line = String::new();
     for cause in error.chain() {
@@ -102,7 +103,12 @@ fn one_line(error: &anyhow::Error) -> String {
         }
         line.push_str(&text);
     }
-    line.replace('\n', " ")
+    let pointer = error.chain().find_map(atlas_runner::troubleshooting::pointer_for);
+    let line = line.replace('\n', " ");
+    match pointer {
+        Some(pointer) if !line.contains(atlas_runner::troubleshooting::PAGE) => format!("{line}; {pointer}"),
+        _ => line,
+    }
 }
 
 async fn run(command: Command, log_format: LogFormat) -> anyhow::Result<()> {

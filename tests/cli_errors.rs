@@ -46,6 +46,15 @@ fn each_backup_command_against_an_unreachable_store_speaks_of_what_it_did() -> R
         for text in says {
             ensure!(line.contains(text), "backup {}: {line:?} does not say {text:?}", args[0]);
         }
+        // ...and ends with one pointer to the entry of the store that did not answer (a read
+        // through the store's retries is `store`, a create's first request `store_unreachable`).
+        let pointer = line.rsplit_once("; see docs/troubleshooting.md#").map(|(_, id)| id);
+        ensure!(
+            matches!(pointer, Some("backup-store" | "backup-store_unreachable"))
+                && line.matches("docs/troubleshooting.md").count() == 1,
+            "backup {}: {line:?} does not end with its troubleshooting entry",
+            args[0]
+        );
         if args[0] != "create" {
             // Only a create has a backup to abort.
             ensure!(!line.contains("aborted") && !line.contains("left nothing"), "backup {}: {line:?}", args[0]);
@@ -70,5 +79,23 @@ fn console_takes_its_options_after_the_command_too() -> Result<()> {
     let out = Command::new(binary()).args(["console", "say", "--loud", "--data", data]).output()?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     ensure!(!out.status.success() && stderr.contains("'-- --loud'"), "{stderr}");
+    Ok(())
+}
+
+#[test]
+fn a_spec_the_runner_refuses_points_at_its_troubleshooting_entry() -> Result<()> {
+    let root = tempfile::tempdir()?;
+    let spec = root.path().join("server.yaml");
+    std::fs::write(&spec, "eula: false\nserver: {type: vanilla}\n")?;
+    let out = Command::new(binary())
+        .args(["run", "--spec"])
+        .arg(&spec)
+        .arg("--data")
+        .arg(root.path().join("data"))
+        .args(["--metrics-addr", "127.0.0.1:0"])
+        .output()?;
+    let line = error_line(&out, "run")?;
+    ensure!(line.contains("eula"), "{line:?} does not say what was wrong");
+    ensure!(line.ends_with("; see docs/troubleshooting.md#spec-spec_invalid"), "{line:?} does not point at its entry");
     Ok(())
 }

@@ -72,8 +72,9 @@ async fn a_statefulset_of_our_image_reads_itself_serves_through_kube_proxy_and_k
 
     // The pod runs our image as built from the Dockerfile, as the Dockerfile's user.
     let config_path = PathBuf::from(&cluster.nodes()?.image_config);
-    let config_bytes = std::fs::read(&config_path)?;
-    let image_id = hex(&Sha256::digest(&config_bytes));
+    let config_bytes =
+        std::fs::read(&config_path).with_context(|| format!("read the image's config {}", config_path.display()))?;
+    let image_id = hex::encode(Sha256::digest(&config_bytes));
     let status = first.status.as_ref().and_then(|s| s.container_statuses.clone()).context("no container status")?;
     let server = status.iter().find(|c| c.name == "server").context("no server container status")?;
     ensure!(server.image_id.ends_with(&image_id), "the pod's image {} is not ours ({image_id})", server.image_id);
@@ -85,6 +86,13 @@ async fn a_statefulset_of_our_image_reads_itself_serves_through_kube_proxy_and_k
     let history = config["history"].to_string();
     ensure!(history.contains("atlas-runner"), "the image's history does not show the Dockerfile's steps: {history}");
     assert_eq!(kubectl(cluster, &ns, &["exec", POD, "-c", "server", "--", "id", "-u"])?.trim(), "10001");
+    // The JVM names files in UTF-8 (the image's LANG), so a world or plugin path is not limited to ASCII.
+    let java = "for j in /usr/lib/jvm/*/bin/java; do exec \"$j\" -XshowSettings:properties -version 2>&1; done";
+    let properties = kubectl(cluster, &ns, &["exec", POD, "-c", "server", "--", "sh", "-c", java])?;
+    ensure!(
+        properties.contains("sun.jnu.encoding = UTF-8"),
+        "the JVM's file name encoding is not UTF-8:\n{properties}"
+    );
 
     // The pod's DNS is the bed's CoreDNS behind the kube-dns Service, never the host's resolver.
     let resolv = kubectl(cluster, &ns, &["exec", POD, "-c", "server", "--", "cat", "/etc/resolv.conf"])?;
@@ -155,16 +163,152 @@ async fn the_node_network_namespace_has_no_default_route() -> Result<()> {
         routes += &String::from_utf8_lossy(&out.stdout);
     }
     ensure!(!routes.is_empty(), "no routes read from {netns}");
+    // This bed's slot S, from the node's address 10.213.S.2.
+    let ns = cluster.namespace("routes").await?;
+    let node_ip: std::net::Ipv4Addr = node_internal_ip(&ns).await?.parse()?;
+    let slot = node_ip.octets()[2];
+    let (link, pods) = (format!("10.213.{slot}."), format!("10.214.{slot}."));
     for route in routes.lines() {
         let destination = route.split_whitespace().find(|w| !matches!(*w, "local" | "broadcast" | "unicast"));
         // Only the bed's own networks: the link to the host (10.213.S.0/30), the pods (10.214.S.0/24)
-        // and loopback. No default, no 0.0.0.0/0, no IPv6 at all (it is off in the namespace).
+        // and loopback. No default, no 0.0.0.0/0, no other bed's range, no IPv6 at all (it is off
+        // in the namespace).
         ensure!(
-            destination.is_some_and(|d| d.starts_with("10.213.") || d.starts_with("10.214.") || d.starts_with("127.")),
-            "a route to somewhere other than the bed: {route}\n{routes}"
+            destination.is_some_and(|d| d.starts_with(&link) || d.starts_with(&pods) || d.starts_with("127.")),
+            "a route to somewhere other than the bed {slot}: {route}\n{routes}"
         );
     }
     Ok(())
+}
+
+/// The node reaches, of the host's services, only the ports opened to it (the API server's, the
+/// pods' S3, and what a test opens): a service the host binds to a wildcard address is refused at
+/// once over the bed's link. And the host never forwards for the link.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_node_reaches_on_the_host_only_the_ports_opened_to_it() -> Result<()> {
+    let cluster = TestCluster::with_nodes(Path::new(common::binary())).await?;
+    let nodes = cluster.nodes()?;
+    let bed = nodes.bed.clone().context("the bed did not say its name")?;
+    let ns = cluster.namespace("host-ports").await?;
+    let node_ip: std::net::Ipv4Addr = node_internal_ip(&ns).await?.parse()?;
+    let [a, b, c, _] = node_ip.octets();
+    let host_ip = std::net::Ipv4Addr::new(a, b, c, 1);
+
+    let closed = std::net::TcpListener::bind("0.0.0.0:0")?;
+    let opened = std::net::TcpListener::bind("0.0.0.0:0")?;
+    cluster.open_to_pods(opened.local_addr()?.port())?;
+    let connect = |port: u16| -> Result<bool> {
+        let out = Command::new("nsenter")
+            .arg(format!("--net={}", nodes.netns))
+            .args(["timeout", "10", "bash", "-c", &format!("exec 3<>/dev/tcp/{host_ip}/{port}")])
+            .output()?;
+        Ok(out.status.success())
+    };
+    ensure!(connect(opened.local_addr()?.port())?, "the node could not reach a port opened to it");
+    ensure!(!connect(closed.local_addr()?.port())?, "the node reached a host service bound to 0.0.0.0");
+
+    let forwarding = std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{bed}/forwarding"))?;
+    assert_eq!(forwarding.trim(), "0", "the host forwards for {bed}");
+    Ok(())
+}
+
+/// The API server calls a webhook at the pod behind its Service, over the bed's link, never at the
+/// Service's ClusterIP (only the node's namespace knows those; from the host a dial would take the
+/// default route off the machine). And the host has no route into the Service range at all.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_api_server_calls_a_webhook_at_its_pod_and_the_host_routes_no_service_address() -> Result<()> {
+    use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
+    let cluster = TestCluster::with_nodes(Path::new(common::binary())).await?;
+    let image = cluster.nodes()?.image.clone();
+
+    // Read from the host's routing table: no packet is sent.
+    for address in ["10.0.0.1", "10.0.0.10", "10.0.0.254"] {
+        let out = Command::new("ip").args(["-4", "route", "get", address]).output()?;
+        let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        ensure!(!out.status.success() && said.contains("No route to host"), "the host routes {address}: {said}");
+    }
+
+    // A pod behind a Service, with nothing listening on the target port: a call fails at once, and
+    // its error says where the API server dialled.
+    let ns = cluster.namespace("webhook").await?;
+    let create = PostParams::default();
+    let labels = serde_json::json!({"app": "webhook-target"});
+    let pod: Pod = object(serde_json::json!({
+        "metadata": {"name": "target", "labels": labels},
+        "spec": {"containers": [{"name": "sleep", "image": image, "imagePullPolicy": "Never", "command": ["sleep", "3600"]}]},
+    }))?;
+    let pods = Api::<Pod>::namespaced(ns.client.clone(), &ns.name);
+    pods.create(&create, &pod).await?;
+    let service: Service = object(serde_json::json!({
+        "metadata": {"name": "target"},
+        "spec": {"selector": labels, "ports": [{"port": 443, "targetPort": 8443}]},
+    }))?;
+    let service = Api::<Service>::namespaced(ns.client.clone(), &ns.name).create(&create, &service).await?;
+    let cluster_ip = service.spec.and_then(|s| s.cluster_ip).context("the Service has no ClusterIP")?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let pod_ip = loop {
+        let status = pods.get("target").await?.status.unwrap_or_default();
+        let ready = status.conditions.iter().flatten().any(|c| c.type_ == "Ready" && c.status == "True");
+        if let (true, Some(ip)) = (ready, status.pod_ip) {
+            break ip;
+        }
+        ensure!(Instant::now() < deadline, "the webhook's pod was not Ready after 120 s");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+
+    // The webhook sees only labelled ConfigMaps of this namespace: other tests never meet it.
+    let webhooks = Api::<ValidatingWebhookConfiguration>::all(ns.client.clone());
+    let webhook_name = unique("atlas-bed-probe");
+    let webhook: ValidatingWebhookConfiguration = object(serde_json::json!({
+        "metadata": {"name": webhook_name},
+        "webhooks": [{
+            "name": "probe.bed.atlas.dev",
+            "clientConfig": {"service": {"namespace": ns.name, "name": "target", "path": "/validate", "port": 443}},
+            "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["configmaps"]}],
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns.name}},
+            "objectSelector": {"matchLabels": {"atlas-bed-probe": "yes"}},
+            "sideEffects": "None",
+            "admissionReviewVersions": ["v1"],
+            "failurePolicy": "Fail",
+            "timeoutSeconds": 5,
+        }],
+    }))?;
+    webhooks.create(&create, &webhook).await?;
+    let called = call_webhook(&ns, &pod_ip, &cluster_ip).await;
+    webhooks.delete(&webhook_name, &Default::default()).await?;
+    let called = called?;
+    ensure!(
+        called.contains(&format!("{pod_ip}:8443")),
+        "the API server did not dial the webhook at its pod {pod_ip}:8443: {called}"
+    );
+    Ok(())
+}
+
+/// Creates labelled ConfigMaps until the webhook is called (its configuration reaches the API
+/// server's cache a moment after it is created); returns the error naming where it was dialled.
+async fn call_webhook(ns: &TestNamespace, pod_ip: &str, cluster_ip: &str) -> Result<String> {
+    let maps = Api::<ConfigMap>::namespaced(ns.client.clone(), &ns.name);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let map: ConfigMap =
+            object(serde_json::json!({"metadata": {"name": unique("probe"), "labels": {"atlas-bed-probe": "yes"}}}))?;
+        match maps.create(&PostParams::default(), &map).await {
+            Err(e) if e.to_string().contains("failed calling webhook") => {
+                let said = e.to_string();
+                ensure!(!said.contains(cluster_ip), "the API server dialled the Service's ClusterIP: {said}");
+                if said.contains(pod_ip) {
+                    return Ok(said);
+                }
+                // Until the endpoints reach its cache, the API server says the Service has none.
+            }
+            Err(e) => return Err(e.into()),
+            Ok(_) => {}
+        }
+        if Instant::now() > deadline {
+            bail!("the webhook was not called within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -242,7 +386,14 @@ fn stateful_set(image: &str) -> serde_json::Value {
     let mounts = serde_json::json!([
         {"name": "data", "mountPath": "/data"},
         {"name": "fixture", "mountPath": "/fixture"},
+        {"name": "tmp", "mountPath": "/tmp"},
     ]);
+    // The pod contract's security context (docs/design/pod-contract.md), so the node shows it works.
+    let container_security = serde_json::json!({
+        "readOnlyRootFilesystem": true,
+        "allowPrivilegeEscalation": false,
+        "capabilities": {"drop": ["ALL"]},
+    });
     serde_json::json!({
         "metadata": {"name": NAME},
         "spec": {
@@ -253,13 +404,20 @@ fn stateful_set(image: &str) -> serde_json::Value {
                 "metadata": {"labels": labels()},
                 "spec": {
                     "serviceAccountName": NAME,
-                    "securityContext": {"runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001, "runAsNonRoot": true},
+                    "securityContext": {
+                        "runAsUser": 10001, "runAsGroup": 10001, "runAsNonRoot": true,
+                        "fsGroup": 10001, "fsGroupChangePolicy": "OnRootMismatch",
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
                     "initContainers": [{
                         "name": "selfget",
                         "image": image,
                         "imagePullPolicy": "Never",
+                        // The JREs are where the runner looks (/usr/lib/jvm/NAME/), not on PATH.
                         "command": ["sh", "-c",
-                            "cp /fixture/fake-server.jar /data/fake-server.jar && exec java -cp /fixture/selfget.jar SelfGet"],
+                            "cp /fixture/fake-server.jar /data/fake-server.jar && \
+                             for java in /usr/lib/jvm/*/bin/java; do exec \"$java\" -cp /fixture/selfget.jar SelfGet; done"],
+                        "securityContext": container_security,
                         "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
                         "volumeMounts": mounts,
                     }],
@@ -275,8 +433,12 @@ fn stateful_set(image: &str) -> serde_json::Value {
                         "ports": [{"name": "metrics", "containerPort": 9100}],
                         "readinessProbe": {"httpGet": {"path": "/readyz", "port": "metrics"}, "periodSeconds": 1},
                         "volumeMounts": mounts,
+                        "securityContext": container_security,
                     }],
-                    "volumes": [{"name": "fixture", "configMap": {"name": format!("{NAME}-fixture")}}],
+                    "volumes": [
+                        {"name": "fixture", "configMap": {"name": format!("{NAME}-fixture")}},
+                        {"name": "tmp", "emptyDir": {}},
+                    ],
                 },
             },
             "volumeClaimTemplates": [{
@@ -342,7 +504,7 @@ async fn node_internal_ip(ns: &TestNamespace) -> Result<String> {
 /// `tests/fixtures/SelfGet.java` compiled for Java 17 into a jar, kept under the target dir.
 fn selfget_jar() -> Result<PathBuf> {
     let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/SelfGet.java");
-    let digest = hex(&Sha256::digest(std::fs::read(&source)?));
+    let digest = hex::encode(Sha256::digest(std::fs::read(&source)?));
     let jar = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("selfget-{}.jar", &digest[..16]));
     if jar.is_file() {
         return Ok(jar);
@@ -369,8 +531,4 @@ fn selfget_jar() -> Result<PathBuf> {
     std::fs::rename(&built, &jar)?;
     let _ = std::fs::remove_dir_all(&staging);
     Ok(jar)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

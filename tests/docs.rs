@@ -252,24 +252,14 @@ fn the_link_check_finds_a_missing_page_and_a_missing_anchor() -> Result<()> {
     Ok(())
 }
 
-/// The troubleshooting section a source file's error categories belong to: its module
-/// (`src/pack/...` is `pack`, `src/rcon.rs` is `rcon`), but for the files whose errors a reader
-/// knows by another name.
+/// The troubleshooting section a source file's error categories belong to: the area the library's
+/// pointers use for the file's module (`src/pack/...` is `pack`, `src/rcon.rs` is `rcon`, but
+/// `src/runner/spec.rs` is `spec`).
 fn area(path: &str) -> String {
-    let named = match path {
-        "src/runner/spec.rs" => Some("spec"),
-        "src/supervisor/mod.rs" => Some("process"),
-        "src/supervisor/classify.rs" => Some("exit"),
-        "src/http/client.rs" => Some("control"),
-        "src/telemetry.rs" => Some("logging"),
-        _ => None,
-    };
-    if let Some(name) = named {
-        return name.to_owned();
-    }
-    let inner = path.strip_prefix("src/").unwrap_or(path);
-    let module = inner.split('/').next().unwrap_or(inner);
-    module.trim_end_matches(".rs").to_owned()
+    let inner = path.strip_prefix("src/").unwrap_or(path).trim_end_matches(".rs");
+    let inner = inner.strip_suffix("/mod").unwrap_or(inner);
+    let module = format!("atlas_runner::{}", inner.replace('/', "::"));
+    atlas_runner::troubleshooting::area(&module).to_owned()
 }
 
 /// The words in the body of each `fn category` of `source`: every string literal of lowercase
@@ -345,6 +335,36 @@ fn every_error_category_has_a_troubleshooting_entry_and_every_entry_a_category()
     let stale: Vec<_> = entries.difference(&expected).collect();
     assert!(missing.is_empty(), "categories without an entry in docs/troubleshooting.md: {missing:?}");
     assert!(stale.is_empty(), "docs/troubleshooting.md has entries for categories the code no longer has: {stale:?}");
+    // The pointer every one-line error and condition message ends with leads to that entry.
+    for id in &expected {
+        let (area, category) = id.split_once('-').context("an id without an area")?;
+        let pointer = atlas_runner::troubleshooting::pointer(area, category);
+        assert_eq!(pointer, Some(format!("see docs/troubleshooting.md#{id}")), "the pointer for {id}");
+    }
+    Ok(())
+}
+
+#[test]
+fn the_condition_reasons_messages_point_at_have_entries() -> Result<()> {
+    use atlas_runner::api::conditions::reasons;
+    let page = std::fs::read_to_string(repo().join("docs/troubleshooting.md"))?;
+    for reason in [
+        reasons::PACK_SOURCE_UNREACHABLE,
+        reasons::DOWNLOAD_API_UNREACHABLE,
+        reasons::STORE_UNREACHABLE,
+        reasons::SAVING_LEFT_OFF,
+        reasons::SECRET_MISSING,
+        reasons::SECRET_KEY_MISSING,
+        reasons::POD_NOT_READY,
+        reasons::OUTSIDE_WINDOW,
+        reasons::PLAYERS_ONLINE,
+    ] {
+        let entry = atlas_runner::troubleshooting::entry(atlas_runner::troubleshooting::REASON, reason)
+            .with_context(|| format!("no troubleshooting entry for the reason {reason}"))?;
+        let (path, id) = entry.split_once('#').context("an entry without an anchor")?;
+        assert_eq!(path, "docs/troubleshooting.md");
+        assert!(page.contains(&format!("<a id=\"{id}\"></a>")), "{entry} is not an anchor of the page on disk");
+    }
     Ok(())
 }
 
@@ -355,6 +375,9 @@ fn areas_are_modules_but_for_the_named_files() {
     assert_eq!(area("src/runner/prepare.rs"), "runner");
     assert_eq!(area("src/runner/spec.rs"), "spec");
     assert_eq!(area("src/supervisor/classify.rs"), "exit");
+    assert_eq!(area("src/supervisor/mod.rs"), "process");
+    assert_eq!(area("src/http/client.rs"), "control");
+    assert_eq!(area("src/telemetry.rs"), "logging");
 }
 
 #[test]
@@ -372,4 +395,28 @@ fn category_words_are_read_from_every_arm() {
         }
     "#;
     assert_eq!(category_words(source), ["bad-spec", "io", "local_io"]);
+}
+
+#[test]
+fn the_readmes_links_into_the_repository_lead_to_files_and_anchors() -> Result<()> {
+    let readme = std::fs::read_to_string(repo().join("README.md"))?;
+    let mut broken = Vec::new();
+    for link in markdown_links(&readme) {
+        if link.contains("://") {
+            continue;
+        }
+        let (path, fragment) = link.split_once('#').unwrap_or((link, ""));
+        let target = repo().join(path);
+        if !target.exists() {
+            broken.push(format!("{link} (no such file)"));
+        } else if !fragment.is_empty() {
+            let text = std::fs::read_to_string(&target)?;
+            if !text.contains(&format!("<a id=\"{fragment}\"")) {
+                broken.push(format!("{link} (no anchor)"));
+            }
+        }
+    }
+    assert!(broken.is_empty(), "broken links in README.md: {broken:?}");
+    ensure!(readme.lines().count() <= 170, "README.md has grown past a front door: move detail into the book");
+    Ok(())
 }

@@ -3,13 +3,13 @@
 //! its ServiceAccount, leading through its Lease, and reconciling a MinecraftServer from inside the
 //! cluster; `helm uninstall` leaves the world's claim.
 
+mod chart_bed;
 mod common;
 
 use std::path::Path;
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use atlas_testbed::{TestCluster, TestNamespace};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::coordination::v1::Lease;
@@ -17,61 +17,9 @@ use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use serde_json::json;
 
-const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/atlas-runner");
-
-fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("start {cmd:?}"))?;
-    ensure!(
-        out.status.success(),
-        "{cmd:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8(out.stdout)?)
-}
-
 /// `helm install` of the chart with the bed's image for the operator and the servers.
 fn helm_install(cluster: &TestCluster, ns: &TestNamespace, release: &str) -> Result<String> {
-    let image = &cluster.nodes()?.image;
-    let (repository, tag) = image.rsplit_once(':').context("an image reference with a tag")?;
-    run(cluster.helm()?.args([
-        "install",
-        release,
-        CHART,
-        "--namespace",
-        &ns.name,
-        "--set",
-        &format!("image.repository={repository}"),
-        "--set",
-        &format!("image.tag={tag}"),
-        // The node has the image imported and no registry to pull from.
-        "--set",
-        "image.pullPolicy=Never",
-        "--set",
-        "agentImagePullPolicy=Never",
-        "--set",
-        &format!("watchNamespace={}", ns.name),
-        "--wait",
-        "--timeout",
-        "180s",
-    ]))
-}
-
-async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<Option<T>>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = check().await? {
-            return Ok(value);
-        }
-        if Instant::now() > deadline {
-            bail!("timed out after {timeout:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    chart_bed::helm(cluster, ns, "install", release, &chart_bed::bed_values(cluster, ns)?)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -95,7 +43,7 @@ async fn helm_install_runs_the_operator_in_the_cluster_and_uninstall_keeps_the_w
 
     // It leads through the Lease in its namespace, under its pod's name.
     let leases: Api<Lease> = Api::namespaced(ns.client.clone(), &ns.name);
-    let holder = eventually("the operator's Lease", Duration::from_secs(60), || async {
+    let holder = chart_bed::eventually("the operator's Lease", Duration::from_secs(60), || async {
         Ok(leases.get_opt("atlas-runner-operator").await?.and_then(|l| l.spec?.holder_identity))
     })
     .await?;
@@ -108,14 +56,15 @@ async fn helm_install_runs_the_operator_in_the_cluster_and_uninstall_keeps_the_w
         "spec": {"eula": true, "server": {"type": "vanilla", "version": "1.21.4"}, "storage": {"size": "1Gi"}}});
     servers.patch("inside", &PatchParams::apply("user").force(), &Patch::Apply(&doc)).await?;
     let statefulsets: Api<StatefulSet> = Api::namespaced(ns.client.clone(), &ns.name);
-    let sts =
-        eventually("the StatefulSet", Duration::from_secs(60), || async { Ok(statefulsets.get_opt("inside").await?) })
-            .await?;
+    let sts = chart_bed::eventually("the StatefulSet", Duration::from_secs(60), || async {
+        Ok(statefulsets.get_opt("inside").await?)
+    })
+    .await?;
     let container = &sts.spec.as_ref().and_then(|s| s.template.spec.clone()).context("a pod template")?.containers[0];
     assert_eq!(container.image.as_deref(), Some(cluster.nodes()?.image.as_str()));
     assert_eq!(container.image_pull_policy.as_deref(), Some("Never"));
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(ns.client.clone(), &ns.name);
-    let claim = eventually("the claim bound", Duration::from_secs(120), || async {
+    let claim = chart_bed::eventually("the claim bound", Duration::from_secs(120), || async {
         Ok(claims
             .get_opt("data-inside-0")
             .await?
@@ -124,7 +73,15 @@ async fn helm_install_runs_the_operator_in_the_cluster_and_uninstall_keeps_the_w
     .await?;
 
     // helm uninstall removes the operator; the server, its world and its claim stay.
-    run(cluster.helm()?.args(["uninstall", release, "--namespace", &ns.name, "--wait", "--timeout", "120s"]))?;
+    chart_bed::run(cluster.helm()?.args([
+        "uninstall",
+        release,
+        "--namespace",
+        &ns.name,
+        "--wait",
+        "--timeout",
+        "120s",
+    ]))?;
     ensure!(deployments.get_opt("atlas-atlas-runner").await?.is_none(), "the operator's Deployment is still there");
     let kept = claims.get("data-inside-0").await?;
     assert_eq!(kept.metadata.uid, claim.metadata.uid);

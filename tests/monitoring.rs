@@ -6,19 +6,20 @@
 //! does the same through Kubernetes service discovery.
 
 mod common;
+mod prometheus_bed;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use atlas_testbed::{Processes, TestCluster, bin, free_port};
 use common::{Fixture, Runner, http_get, wait_for};
 use kube::api::{Api, Patch, PatchParams};
+use prometheus_bed::{FILES, Prometheus, alert_exprs, alert_rules, dashboard, dashboard_queries, substitute, which};
 use serde_json::{Value, json};
 
-const FILES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/atlas-runner/files");
 const ALERT_TESTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/prometheus/alerts-test.yaml");
 
 fn promtool(args: &[&str]) -> Result<String> {
@@ -26,10 +27,6 @@ fn promtool(args: &[&str]) -> Result<String> {
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     ensure!(out.status.success(), "promtool {}: {text}", args.join(" "));
     Ok(text)
-}
-
-fn alert_rules() -> Result<Value> {
-    Ok(serde_yaml::from_str(&std::fs::read_to_string(Path::new(FILES).join("alerts.yaml"))?)?)
 }
 
 fn alert_names(rules: &Value) -> Vec<String> {
@@ -76,27 +73,6 @@ fn the_alert_rules_pass_promtool_and_each_alert_fires_in_a_unit_test() -> Result
         ensure!(fired.contains(name), "no unit test fires {name}");
     }
     Ok(())
-}
-
-fn dashboard() -> Result<Value> {
-    Ok(serde_json::from_str(&std::fs::read_to_string(Path::new(FILES).join("dashboard.json"))?)?)
-}
-
-/// Every panel's targets, as (panel title, expression).
-fn dashboard_queries(dashboard: &Value) -> Vec<(String, String)> {
-    dashboard["panels"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .flat_map(|p| {
-            let title = p["title"].as_str().unwrap_or_default().to_owned();
-            p["targets"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(move |t| t["expr"].as_str().map(|e| (title.clone(), e.to_owned())))
-        })
-        .collect()
 }
 
 #[test]
@@ -149,15 +125,6 @@ fn the_dashboard_is_current_grafana_json_with_its_variables() -> Result<()> {
     Ok(())
 }
 
-/// Grafana's variables as a query sees them with "All" selected and a 1 minute interval.
-fn substitute(expr: &str) -> String {
-    expr.replace("${server:regex}", ".+")
-        .replace("$namespace", ".+")
-        .replace("$server", ".+")
-        .replace("$__rate_interval", "1m")
-        .replace("$__range", "5m")
-}
-
 /// The metric names an expression reads (`atlas_*` and the few it takes from Kubernetes).
 fn metric_names(expr: &str) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
@@ -204,66 +171,6 @@ fn registered_names(dir: &Path) -> Result<BTreeSet<String>> {
     Ok(names)
 }
 
-/// Prometheus (Debian's) with a config, on a free loopback port, stopped with the test.
-struct Prometheus {
-    processes: Processes,
-    url: String,
-}
-
-impl Prometheus {
-    fn start(config: &str) -> Result<Self> {
-        let mut processes = Processes::new("atlas-prometheus")?;
-        let dir = processes.dir().to_path_buf();
-        std::fs::write(dir.join("prometheus.yml"), config)?;
-        let port = free_port()?;
-        let program = which("prometheus").context("prometheus is missing: `apt-get install prometheus` (Debian)")?;
-        processes.spawn(
-            "prometheus",
-            &program,
-            [
-                format!("--config.file={}", dir.join("prometheus.yml").display()),
-                format!("--storage.tsdb.path={}", dir.join("data").display()),
-                format!("--web.listen-address=127.0.0.1:{port}"),
-                "--log.level=warn".to_owned(),
-            ],
-        )?;
-        let url = format!("127.0.0.1:{port}");
-        wait_for("Prometheus ready", Duration::from_secs(60), || {
-            processes.check_alive("prometheus").ok()?;
-            http_get(&url, "/-/ready").ok().filter(|(code, _)| *code == 200)
-        })?;
-        Ok(Self { processes, url })
-    }
-
-    /// A GET on the HTTP API; `query` is URL-encoded and appended to `path`.
-    async fn api(&self, path: &str, query: &str) -> Result<Value> {
-        let encoded: String = query
-            .bytes()
-            .map(|b| {
-                if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-                    (b as char).to_string()
-                } else {
-                    format!("%{b:02X}")
-                }
-            })
-            .collect();
-        let url = format!("http://{}{path}{encoded}", self.url);
-        let response = reqwest::Client::builder().no_proxy().build()?.get(&url).send().await?;
-        let code = response.status();
-        let body = response.text().await?;
-        serde_json::from_str(&body).with_context(|| format!("{path}: {code} {body}"))
-    }
-
-    /// Evaluates `expr` now: the result list, or the error Prometheus gives.
-    async fn query(&self, expr: &str) -> Result<Vec<Value>> {
-        let answer = self.api("/api/v1/query?query=", expr).await?;
-        if answer["status"] != "success" {
-            bail!("{}: {}", answer["errorType"], answer["error"]);
-        }
-        Ok(answer["data"]["result"].as_array().cloned().unwrap_or_default())
-    }
-}
-
 /// Polls an async check every 200 ms until it gives a value or `timeout` passes.
 async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
 where
@@ -278,10 +185,6 @@ where
         ensure!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-fn which(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|path| std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file()))
 }
 
 /// A runner serving the test server with a pack and backups every 2 s to its local store.
@@ -393,13 +296,7 @@ async fn every_dashboard_and_alert_expression_evaluates_on_a_real_prometheus() -
     let dashboard = dashboard()?;
     let queries = dashboard_queries(&dashboard);
     let rules = alert_rules()?;
-    let alert_exprs: Vec<(String, String)> = rules["groups"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .flat_map(|g| g["rules"].as_array().into_iter().flatten())
-        .filter_map(|r| Some((r["alert"].as_str()?.to_owned(), r["expr"].as_str()?.to_owned())))
-        .collect();
+    let alert_exprs = alert_exprs(&rules);
     let mut unknown = BTreeMap::new();
     for (title, expr) in queries.iter().chain(&alert_exprs) {
         for name in metric_names(expr).into_iter().filter(|n| n.starts_with("atlas_")) {

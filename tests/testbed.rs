@@ -1,6 +1,6 @@
 //! The test bed's S3 endpoint is a real, signature-checking S3: tests that rely on it can trust it.
 
-use anyhow::Result;
+use anyhow::{Context, Result, ensure};
 use atlas_testbed::TestS3;
 
 #[tokio::test]
@@ -25,6 +25,21 @@ async fn s3_buckets_are_fresh_and_signatures_are_checked() -> Result<()> {
     assert_ne!(other.name, bucket.name);
     let missing = http.get(other.presign("GET", "hello.txt")?).send().await?;
     assert_eq!(missing.status().as_u16(), 404);
+    Ok(())
+}
+
+/// SeaweedFS would report cluster statistics to telemetry.seaweedfs.com by default; whether it does
+/// cannot be seen without letting it send, so the check reads the flag in its command line.
+#[test]
+fn seaweedfs_is_started_with_its_telemetry_off() -> Result<()> {
+    let s3 = atlas_testbed::start_s3()?;
+    let pid = s3.processes.pid("weed").context("no weed process")?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))?;
+    let args: Vec<String> = cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+    ensure!(
+        args.iter().any(|a| a == "-master.telemetry=false"),
+        "weed was started without -master.telemetry=false: {args:?}"
+    );
     Ok(())
 }
 

@@ -18,6 +18,7 @@ use super::{AgentError, AgentMetrics, FIELD_MANAGER};
 use crate::api::conditions::{self, reasons};
 use crate::api::{LastExit, MinecraftServer, MinecraftServerStatus, Phase, Players, UpdateStatus};
 use crate::runner::RunnerStatus;
+use crate::troubleshooting::{REASON, with_pointer};
 
 /// How long a change waits so that changes made together (a restart's phases) go in one write.
 const COALESCE: Duration = Duration::from_millis(300);
@@ -79,7 +80,7 @@ pub fn build(runner: &RunnerStatus, previous: &[Condition], now: &Time) -> Minec
                 conditions::BACKUP_HEALTHY,
                 "False",
                 reasons::BACKUP_FAILED,
-                format!("{} ({})", failure.message, failure.reason),
+                with_pointer(format!("{} ({})", failure.message, failure.reason), "backup", &failure.reason),
             ),
             (None, Some(last)) => add(
                 conditions::BACKUP_HEALTHY,
@@ -120,7 +121,7 @@ pub fn build(runner: &RunnerStatus, previous: &[Condition], now: &Time) -> Minec
     match runner.degraded.iter().next() {
         Some((reason, _)) => {
             let message = runner.degraded.iter().map(|(r, m)| format!("{r}: {m}")).collect::<Vec<_>>().join("; ");
-            add(conditions::DEGRADED, "True", reason, message);
+            add(conditions::DEGRADED, "True", reason, with_pointer(message, REASON, reason));
         }
         None => {
             add(conditions::DEGRADED, "False", reasons::HEALTHY, "nothing the server depends on is failing".to_owned())
@@ -434,6 +435,7 @@ mod tests {
         let c = condition(&degraded, conditions::DEGRADED).ok_or("no Degraded")?;
         assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", reasons::PACK_SOURCE_UNREACHABLE));
         assert!(c.message.contains("the hub is down") && c.message.contains("save-on failed"), "{}", c.message);
+        assert!(c.message.ends_with("; see docs/troubleshooting.md#reason-PackSourceUnreachable"), "{}", c.message);
         Ok(())
     }
 

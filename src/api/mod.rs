@@ -712,6 +712,14 @@ pub mod conditions {
     pub const DEGRADED: &str = "Degraded";
     /// The condition types the agent owns.
     pub const AGENT_TYPES: [&str; 5] = [READY, PACK_APPLIED, BACKUP_HEALTHY, UPDATE_AVAILABLE, DEGRADED];
+    /// The StatefulSet's pod is ready; false while paused (operator).
+    pub const WORKLOAD_READY: &str = "WorkloadReady";
+    /// Every Secret the spec references exists with the keys the agent reads (operator).
+    pub const SECRETS_RESOLVED: &str = "SecretsResolved";
+    /// The pod runs an old template and waits for `spec.upgrade` to allow its replacement (operator).
+    pub const UPGRADE_PENDING: &str = "UpgradePending";
+    /// The condition types the operator owns (docs/design/pod-contract.md).
+    pub const OPERATOR_TYPES: [&str; 3] = [WORKLOAD_READY, SECRETS_RESOLVED, UPGRADE_PENDING];
 
     /// Condition reasons: CamelCase words, also used as Event reasons.
     pub mod reasons {
@@ -737,6 +745,7 @@ pub mod conditions {
         /// UpdateAvailable: the channel names a new version.
         pub const NEW_VERSION: &str = "NewVersion";
         /// UpdateAvailable false: the server runs what the channel names (or follows none).
+        /// UpgradePending false: the pod runs the latest template (operator).
         pub const UP_TO_DATE: &str = "UpToDate";
         /// Degraded false: nothing is wrong.
         pub const HEALTHY: &str = "Healthy";
@@ -755,10 +764,35 @@ pub mod conditions {
         /// Degraded: the spec names a Secret this pod does not mount (the operator replaces the pod
         /// under `spec.upgrade`, see `UpgradePending`); the Secret the pod mounts is used until then.
         pub const SECRET_NOT_MOUNTED: &str = "SecretNotMounted";
+        /// SecretsResolved: every referenced Secret exists with its keys (operator).
+        pub const RESOLVED: &str = "Resolved";
+        /// SecretsResolved false: a referenced Secret does not exist; the message names it (operator).
+        pub const SECRET_MISSING: &str = "SecretMissing";
+        /// SecretsResolved false: a referenced Secret lacks a key the spec names (operator).
+        pub const SECRET_KEY_MISSING: &str = "SecretKeyMissing";
+        /// WorkloadReady false: `spec.paused` is true; scaled to zero, the volume kept (operator).
+        pub const PAUSED: &str = "Paused";
+        /// WorkloadReady false: the StatefulSet controller has not observed the latest spec yet (operator).
+        pub const PROGRESSING: &str = "Progressing";
+        /// WorkloadReady false: the StatefulSet waits for the referenced Secrets (operator).
+        pub const SECRETS_UNRESOLVED: &str = "SecretsUnresolved";
+        /// WorkloadReady: the server's pod is ready (operator).
+        pub const POD_READY: &str = "PodReady";
+        /// WorkloadReady false: the server's pod is not ready yet (operator).
+        pub const POD_NOT_READY: &str = "PodNotReady";
+        /// UpgradePending: the pod waits for `spec.upgrade.window` (operator).
+        pub const OUTSIDE_WINDOW: &str = "OutsideWindow";
+        /// UpgradePending: the pod waits for the players to leave (`spec.upgrade.requireNoPlayers`) (operator).
+        pub const PLAYERS_ONLINE: &str = "PlayersOnline";
+        /// UpgradePending: the pod waits because its player count is not known (the agent's `Ready`
+        /// is not True for the current generation) and `spec.upgrade.requireNoPlayers` is set (operator).
+        pub const PLAYERS_UNKNOWN: &str = "PlayersUnknown";
+        /// UpgradePending false: the outdated pod is being replaced (operator).
+        pub const REPLACING: &str = "Replacing";
     }
 
     /// Event reasons: the transitions the agent records as Kubernetes Events (events.k8s.io/v1) on
-    /// its MinecraftServer, and the runner logs (`event` field).
+    /// its MinecraftServer, and the runner logs (`event` field); then the operator's.
     pub mod events {
         /// The server became ready.
         pub const STARTED: &str = "Started";
@@ -786,6 +820,18 @@ pub mod conditions {
         pub const SPEC_REJECTED: &str = "SpecRejected";
         /// The spec names a Secret the pod does not mount yet (a Warning).
         pub const SECRET_NOT_MOUNTED: &str = "SecretNotMounted";
+        /// A referenced Secret does not exist; the StatefulSet waits for it (operator, Warning).
+        pub const SECRET_MISSING: &str = "SecretMissing";
+        /// A referenced Secret lacks a key the spec names (operator, Warning).
+        pub const SECRET_KEY_MISSING: &str = "SecretKeyMissing";
+        /// The Secrets reported missing exist now (operator).
+        pub const SECRETS_RESOLVED: &str = "SecretsResolved";
+        /// A new pod template waits for `spec.upgrade` (operator).
+        pub const UPGRADE_PENDING: &str = "UpgradePending";
+        /// The operator deletes an outdated pod so that the StatefulSet makes it anew (operator).
+        pub const REPLACING_POD: &str = "ReplacingPod";
+        /// A reconcile failed for a reason only a change can fix; the note says what (operator, Warning).
+        pub const RECONCILE_FAILED: &str = "ReconcileFailed";
     }
 }
 

@@ -32,6 +32,7 @@ use super::status::{self, SECRETS_RESOLVED, UPGRADE_PENDING};
 use super::upgrade::{self, Rollout};
 use super::{Error, StartError};
 use crate::api::MinecraftServer;
+use crate::api::conditions::events;
 
 /// `atlas-runner operator`'s settings (flags, or the environment the chart sets).
 #[derive(Debug, Clone, clap::Args)]
@@ -433,11 +434,18 @@ async fn announce(ctx: &Context, server: &MinecraftServer, verdicts: &[status::V
                     .await;
             }
             (SECRETS_RESOLVED, false) if was_reported => {
-                ctx.publish(server, EventType::Normal, "SecretsResolved", "ResolveSecrets", verdict.message.clone())
-                    .await;
+                ctx.publish(
+                    server,
+                    EventType::Normal,
+                    events::SECRETS_RESOLVED,
+                    "ResolveSecrets",
+                    verdict.message.clone(),
+                )
+                .await;
             }
             (UPGRADE_PENDING, true) => {
-                ctx.publish(server, EventType::Normal, "UpgradePending", "ReplacePod", verdict.message.clone()).await;
+                ctx.publish(server, EventType::Normal, events::UPGRADE_PENDING, "ReplacePod", verdict.message.clone())
+                    .await;
             }
             _ => {}
         }
@@ -467,7 +475,7 @@ async fn replace_pod(
     ctx.metrics.pods_replaced.inc();
     tracing::info!(namespace = %id.namespace, pod = %id.pod(), %from, %to, "replacing the pod to roll out a new template");
     let note = format!("deleted pod {} (revision {from}) so that it comes back with revision {to}", id.pod());
-    ctx.publish(server, EventType::Normal, "ReplacingPod", "ReplacePod", note).await;
+    ctx.publish(server, EventType::Normal, events::REPLACING_POD, "ReplacePod", note).await;
     Ok(())
 }
 
@@ -513,7 +521,7 @@ fn error_policy(server: Arc<MinecraftServer>, error: &Error, ctx: Arc<Context>) 
         let note = error.to_string();
         let ctx = ctx.clone();
         tokio::spawn(async move {
-            ctx.publish(&server, EventType::Warning, "ReconcileFailed", "Reconcile", note).await;
+            ctx.publish(&server, EventType::Warning, events::RECONCILE_FAILED, "Reconcile", note).await;
         });
         return Action::requeue(PERMANENT_RETRY);
     }

@@ -12,15 +12,10 @@ use super::apply::FIELD_MANAGER;
 use super::gather::{SecretCheck, SecretState};
 use super::upgrade::Rollout;
 use crate::api::MinecraftServer;
-
-/// The condition types the operator owns (docs/design/pod-contract.md).
-pub const OWN_CONDITIONS: [&str; 3] = [WORKLOAD_READY, SECRETS_RESOLVED, UPGRADE_PENDING];
-/// The StatefulSet's pod is ready (false while paused).
-pub const WORKLOAD_READY: &str = "WorkloadReady";
-/// Every Secret the spec references exists with the keys the agent reads.
-pub const SECRETS_RESOLVED: &str = "SecretsResolved";
-/// The pod runs an old template and waits for `spec.upgrade` to allow its replacement.
-pub const UPGRADE_PENDING: &str = "UpgradePending";
+pub use crate::api::conditions::{
+    OPERATOR_TYPES as OWN_CONDITIONS, SECRETS_RESOLVED, UPGRADE_PENDING, WORKLOAD_READY, reasons,
+};
+use crate::troubleshooting::{REASON, with_pointer};
 
 /// A condition without its transition time, which [`conditions`] fills in.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,17 +51,14 @@ pub fn secrets_verdict(namespace: &str, checks: &[SecretCheck]) -> Verdict {
         return Verdict {
             kind: SECRETS_RESOLVED,
             status: true,
-            reason: "Resolved",
+            reason: reasons::RESOLVED,
             message: format!("all {} referenced Secrets exist with their keys", checks.len()),
         };
     }
     let missing_only = checks.iter().all(|c| !matches!(c.state, SecretState::MissingKeys(_)));
-    Verdict {
-        kind: SECRETS_RESOLVED,
-        status: false,
-        reason: if missing_only { "SecretMissing" } else { "SecretKeyMissing" },
-        message: format!("{}; the pod is created or updated once it is fixed", problems.join("; ")),
-    }
+    let reason = if missing_only { reasons::SECRET_MISSING } else { reasons::SECRET_KEY_MISSING };
+    let message = format!("{}; the pod is created or updated once it is fixed", problems.join("; "));
+    Verdict { kind: SECRETS_RESOLVED, status: false, reason, message: with_pointer(message, REASON, reason) }
 }
 
 /// `WorkloadReady`, from the StatefulSet as it exists (if it does).
@@ -74,27 +66,33 @@ pub fn workload_verdict(paused: bool, secrets_ok: bool, sts: Option<&StatefulSet
     let verdict =
         |status, reason, message: &str| Verdict { kind: WORKLOAD_READY, status, reason, message: message.to_owned() };
     if paused {
-        return verdict(false, "Paused", "spec.paused is true: scaled to zero, the volume is kept");
+        return verdict(false, reasons::PAUSED, "spec.paused is true: scaled to zero, the volume is kept");
     }
     const PROGRESSING: &str = "the StatefulSet controller has not observed the latest spec yet";
     let Some(sts) = sts else {
         // Just created (or about to be): the same verdict as a StatefulSet not yet observed, so a
         // new server's conditions are written once, not once per step.
         return if secrets_ok {
-            verdict(false, "Progressing", PROGRESSING)
+            verdict(false, reasons::PROGRESSING, PROGRESSING)
         } else {
-            verdict(false, "SecretsUnresolved", "the StatefulSet waits for the referenced Secrets")
+            verdict(false, reasons::SECRETS_UNRESOLVED, "the StatefulSet waits for the referenced Secrets")
         };
     };
     let status = sts.status.as_ref();
     let observed = status.and_then(|s| s.observed_generation);
     if observed.is_none() || observed < sts.metadata.generation {
-        return verdict(false, "Progressing", PROGRESSING);
+        return verdict(false, reasons::PROGRESSING, PROGRESSING);
     }
     if status.and_then(|s| s.ready_replicas).unwrap_or(0) >= 1 {
-        verdict(true, "PodReady", "the server's pod is ready")
+        verdict(true, reasons::POD_READY, "the server's pod is ready")
     } else {
-        verdict(false, "PodNotReady", "waiting for the server's pod to be ready")
+        let message = "waiting for the server's pod to be ready".to_owned();
+        Verdict {
+            kind: WORKLOAD_READY,
+            status: false,
+            reason: reasons::POD_NOT_READY,
+            message: with_pointer(message, REASON, reasons::POD_NOT_READY),
+        }
     }
 }
 
@@ -102,11 +100,13 @@ pub fn workload_verdict(paused: bool, secrets_ok: bool, sts: Option<&StatefulSet
 pub fn upgrade_verdict(rollout: &Rollout) -> Verdict {
     let verdict = |status, reason, message: String| Verdict { kind: UPGRADE_PENDING, status, reason, message };
     match rollout {
-        Rollout::Wait { reason, message } => verdict(true, reason, message.clone()),
-        Rollout::Replace { to, .. } => verdict(false, "Replacing", format!("replacing the pod with revision {to}")),
-        Rollout::Replacing => verdict(false, "Replacing", "the pod is being replaced".to_owned()),
+        Rollout::Wait { reason, message } => verdict(true, reason, with_pointer(message.clone(), REASON, reason)),
+        Rollout::Replace { to, .. } => {
+            verdict(false, reasons::REPLACING, format!("replacing the pod with revision {to}"))
+        }
+        Rollout::Replacing => verdict(false, reasons::REPLACING, "the pod is being replaced".to_owned()),
         Rollout::UpToDate | Rollout::Settling | Rollout::NoPod => {
-            verdict(false, "UpToDate", "the pod runs the latest template".to_owned())
+            verdict(false, reasons::UP_TO_DATE, "the pod runs the latest template".to_owned())
         }
     }
 }
@@ -198,6 +198,9 @@ mod tests {
         assert_eq!(keys.reason, "SecretKeyMissing");
         assert!(keys.message.contains("has no key token"), "{}", keys.message);
         assert!(secrets_verdict("games", &[check("ok", SecretState::Present)]).status);
+        // Each ends with a pointer to its troubleshooting entry.
+        assert!(v.message.ends_with("; see docs/troubleshooting.md#reason-SecretMissing"), "{}", v.message);
+        assert!(keys.message.ends_with("; see docs/troubleshooting.md#reason-SecretKeyMissing"), "{}", keys.message);
     }
 
     #[test]

@@ -122,20 +122,20 @@ pub fn decide(
     {
         let text = policy.window.as_deref().unwrap_or_default();
         return Ok(Rollout::Wait {
-            reason: "OutsideWindow",
+            reason: crate::api::conditions::reasons::OUTSIDE_WINDOW,
             message: format!("a new pod template waits for spec.upgrade.window ({text}, operator time)"),
         });
     }
     let Some(players_online) = players_online.or((!policy.require_no_players).then_some(0)) else {
         return Ok(Rollout::Wait {
-            reason: "PlayersUnknown",
+            reason: crate::api::conditions::reasons::PLAYERS_UNKNOWN,
             message: "a new pod template waits for the agent to report players for the current generation".to_owned(),
         });
     };
     if policy.require_no_players && players_online > 0 {
         let who = if players_online == 1 { "1 player is".to_owned() } else { format!("{players_online} players are") };
         return Ok(Rollout::Wait {
-            reason: "PlayersOnline",
+            reason: crate::api::conditions::reasons::PLAYERS_ONLINE,
             message: format!("a new pod template waits until nobody is online ({who} online)"),
         });
     }
@@ -256,7 +256,10 @@ mod tests {
         // A count that does not speak for the current generation is not trusted to be zero.
         let policy = UpgradePolicy::default();
         let unknown = decide(&sts(2, 2, "r2"), Some(&pod("r1")), Serving::Unknown, &policy, &at(SAT_NOON));
-        assert!(matches!(unknown, Ok(Rollout::Wait { reason: "PlayersUnknown", .. })), "{unknown:?}");
+        assert!(
+            matches!(unknown, Ok(Rollout::Wait { reason: crate::api::conditions::reasons::PLAYERS_UNKNOWN, .. })),
+            "{unknown:?}"
+        );
     }
 
     fn server(ready: Option<(&str, i64)>, generation: i64, online: u32) -> MinecraftServer {

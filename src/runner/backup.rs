@@ -59,7 +59,7 @@ impl BackupFailure {
             message.push_str("; ");
             message.push_str(hint);
         }
-        Self::new(category, message)
+        Self::new(category, crate::troubleshooting::with_pointer(message, "backup", category))
     }
 }
 

@@ -319,7 +319,10 @@ pub(super) async fn prepare_as(
                         tracing::warn!(category = e.category(), version = %held, "{e}; starting the pack version the data dir holds");
                         pack_problem = Some(Problem {
                             reason: if e.is_transient() { "source_unreachable" } else { e.category() }.to_owned(),
-                            message: format!("{e}; running the pack version the data dir holds ({held})"),
+                            message: crate::troubleshooting::with_pointer_for(
+                                format!("{e}; running the pack version the data dir holds ({held})"),
+                                &e,
+                            ),
                         });
                         Some(held.to_string())
                     }

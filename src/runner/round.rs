@@ -244,7 +244,8 @@ impl Reconciler {
                     self.shared.set_phase(Phase::Pending, Some(format!("{e}; retrying")));
                     self.wait_then_start(Duration::from_secs(10)).await
                 } else {
-                    self.shared.set_phase(Phase::Failed, Some(e.to_string()));
+                    let message = crate::troubleshooting::with_pointer_for(e.to_string(), &e);
+                    self.shared.set_phase(Phase::Failed, Some(message));
                     Next::Hold
                 }
             }
@@ -367,7 +368,7 @@ impl Reconciler {
             Ok(process) => process,
             Err(e) => {
                 tracing::error!(category = e.category(), "{e}");
-                shared.set_phase(Phase::Failed, Some(e.to_string()));
+                shared.set_phase(Phase::Failed, Some(crate::troubleshooting::with_pointer_for(e.to_string(), &e)));
                 return Err(Next::Hold);
             }
         };
@@ -847,6 +848,7 @@ impl Reconciler {
                     "{failures} failures within {:?}, the last: {class}; fix the cause and run `atlas-runner restart`",
                     self.options.restart.window,
                 );
+                let message = crate::troubleshooting::with_pointer(message, "exit", class);
                 tracing::error!("{message}");
                 self.tell_exit(&exit, "giving up");
                 self.shared.set_phase(Phase::Failed, Some(message));

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 
-use crate::{INSTALL_HINT, bin, bin_dir};
+use crate::{INSTALL_HINT, bin, bin_dir, command_output};
 
 /// An image as an OCI archive.
 #[derive(Debug, Clone)]
@@ -57,7 +57,56 @@ pub fn dockerfile() -> PathBuf {
 /// Our image: the `Dockerfile` built by buildah with `binary` as the prebuilt `atlas-runner` and the
 /// installed base image as its runtime. Cached by the Dockerfile, the binary and the base, so a
 /// second bed with the same binary reuses the archive.
-pub fn our_image(binary: &Path) -> Result<BuiltImage> {
+///
+/// The archive and its config are returned as links (or copies) in `into`, a directory the caller
+/// owns (the bed's): the cache keeps only the newest archives, and a bed that started from an older
+/// one keeps its own for as long as it needs it.
+pub fn our_image(binary: &Path, into: &Path) -> Result<BuiltImage> {
+    for _ in 0..3 {
+        let cached = cached_image(binary)?;
+        if let Some(own) = link_cached(&images_dir(), &cached, into)? {
+            return Ok(own);
+        }
+        // Pruned between its build (or lookup) and the link, by beds of other runs: again.
+    }
+    bail!("our image was removed from {} three times before this bed could link it", images_dir().display())
+}
+
+/// Links (or copies) the cached archive and config of `cached` into `into`; `None` if the cache no
+/// longer has them. Under a shared lock of the cache, which a prune takes exclusively.
+fn link_cached(cache: &Path, cached: &BuiltImage, into: &Path) -> Result<Option<BuiltImage>> {
+    let lock = archives_lock(cache)?;
+    lock.lock_shared().with_context(|| format!("lock {}", cache.join(ARCHIVES_LOCK).display()))?;
+    if !(cached.archive.exists() && cached.config.exists()) {
+        return Ok(None);
+    }
+    std::fs::create_dir_all(into).with_context(|| format!("create {}", into.display()))?;
+    let own = |path: &Path| -> Result<PathBuf> {
+        let target = into.join(path.file_name().context("an archive without a file name")?);
+        let _ = std::fs::remove_file(&target);
+        if std::fs::hard_link(path, &target).is_err() {
+            // Another file system: a copy.
+            std::fs::copy(path, &target).with_context(|| format!("copy {} to {}", path.display(), target.display()))?;
+        }
+        Ok(target)
+    };
+    Ok(Some(BuiltImage { name: cached.name.clone(), archive: own(&cached.archive)?, config: own(&cached.config)? }))
+}
+
+const ARCHIVES_LOCK: &str = "archives.lock";
+
+fn archives_lock(cache: &Path) -> Result<std::fs::File> {
+    let path = cache.join(ARCHIVES_LOCK);
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("open {}", path.display()))
+}
+
+/// Our image in the cache, built now if it is not there.
+fn cached_image(binary: &Path) -> Result<BuiltImage> {
     let base = base_image()?;
     let dockerfile_text = std::fs::read(dockerfile()).context("read the Dockerfile")?;
     let mut hasher = Sha256::new();
@@ -65,8 +114,8 @@ pub fn our_image(binary: &Path) -> Result<BuiltImage> {
     hasher.update(base.name.as_bytes());
     let mut file =
         std::fs::File::open(binary).with_context(|| format!("open the image's binary {}", binary.display()))?;
-    std::io::copy(&mut file, &mut hasher)?;
-    let key = hex(&hasher.finalize())[..16].to_owned();
+    std::io::copy(&mut file, &mut hasher).with_context(|| format!("read the image's binary {}", binary.display()))?;
+    let key = hex::encode(hasher.finalize())[..16].to_owned();
     let name = format!("localhost/atlas-runner:bed-{key}");
     let archive = images_dir().join(format!("ours-{key}.oci.tar"));
     let config = archive.with_extension("config.json");
@@ -74,8 +123,9 @@ pub fn our_image(binary: &Path) -> Result<BuiltImage> {
         return Ok(BuiltImage { name, archive, config });
     }
     // One build at a time on the machine: beds of other test runs may want the same image now.
-    let lock = std::fs::File::create(images_dir().join("build.lock"))?;
-    lock.lock()?;
+    let lock_path = images_dir().join("build.lock");
+    let lock = std::fs::File::create(&lock_path).with_context(|| format!("create {}", lock_path.display()))?;
+    lock.lock().with_context(|| format!("lock {}", lock_path.display()))?;
     if archive.exists() && config.exists() {
         return Ok(BuiltImage { name, archive, config });
     }
@@ -97,18 +147,20 @@ pub fn our_image(binary: &Path) -> Result<BuiltImage> {
     };
     let have_base = buildah(&["images", "--quiet", &base.name]).stderr(Stdio::null()).output()?;
     if !have_base.status.success() || have_base.stdout.is_empty() {
-        let id = run_out(buildah(&["pull", "--quiet", &format!("oci-archive:{}", base.archive.display())]))?;
-        run_out(buildah(&["tag", id.trim(), &base.name]))?;
+        let id =
+            command_output(&mut buildah(&["pull", "--quiet", &format!("oci-archive:{}", base.archive.display())]))?;
+        command_output(&mut buildah(&["tag", id.trim(), &base.name]))?;
     }
 
     let context = tempdir("atlas-image-context")?;
     std::fs::copy(binary, context.join("atlas-runner")).context("copy the binary into the build context")?;
-    let built = run_out(buildah(&[
+    let built = command_output(&mut buildah(&[
         "bud",
         "--pull=never",
         "--network=none",
         "--layers=false",
-        "--build-arg=BINARY_FROM=prebuilt",
+        // The binary built on the host stands in for the `build` stage (which would compile it).
+        &format!("--build-context=build={}", context.display()),
         &format!("--build-arg=RUNTIME_IMAGE={}", base.name),
         &format!("--build-arg=REVISION=bed-{key}"),
         "--file",
@@ -120,15 +172,16 @@ pub fn our_image(binary: &Path) -> Result<BuiltImage> {
     let _ = std::fs::remove_dir_all(&context);
     built.context("buildah bud of the Dockerfile")?;
     let partial = archive.with_extension("partial");
-    run_out(buildah(&["push", "--quiet", &name, &format!("oci-archive:{}:{name}", partial.display())]))?;
+    command_output(&mut buildah(&["push", "--quiet", &name, &format!("oci-archive:{}:{name}", partial.display())]))?;
     // The archive is all the bed needs: the storage keeps only the base.
     let _ = buildah(&["rmi", &name]).stdout(Stdio::null()).stderr(Stdio::null()).status();
     // The config first: the archive's presence says both are there.
     let config_partial = config.with_extension("partial");
-    std::fs::write(&config_partial, archive_config(&partial)?)?;
-    std::fs::rename(&config_partial, &config)?;
-    std::fs::rename(&partial, &archive)?;
-    prune_old(&archive);
+    std::fs::write(&config_partial, archive_config(&partial)?)
+        .with_context(|| format!("write {}", config_partial.display()))?;
+    std::fs::rename(&config_partial, &config).with_context(|| format!("rename to {}", config.display()))?;
+    std::fs::rename(&partial, &archive).with_context(|| format!("rename to {}", archive.display()))?;
+    prune_old(&images_dir(), &archive);
     Ok(BuiltImage { name, archive, config })
 }
 
@@ -139,7 +192,7 @@ pub fn import(socket: &Path, archive: &Path) -> Result<()> {
         .arg(socket)
         .args(["--namespace", "k8s.io", "images", "import", "--all-platforms"])
         .arg(archive);
-    run_out(cmd).with_context(|| format!("import {} into the node's containerd", archive.display()))?;
+    command_output(&mut cmd).with_context(|| format!("import {} into the node's containerd", archive.display()))?;
     Ok(())
 }
 
@@ -160,9 +213,14 @@ fn archive_config(archive: &Path) -> Result<Vec<u8>> {
     read(&blob(config))
 }
 
-/// Keeps the two newest archives of our image (each is a few hundred MB).
-fn prune_old(keep: &Path) {
-    let Ok(entries) = std::fs::read_dir(images_dir()) else { return };
+/// Keeps the two newest archives of our image (each is a few hundred MB) in the cache. Beds hold
+/// links of their own to the archives they use (see [`our_image`]), which a prune never removes.
+fn prune_old(cache: &Path, keep: &Path) {
+    let Ok(lock) = archives_lock(cache) else { return };
+    if lock.lock().is_err() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(cache) else { return };
     let mut ours: Vec<(std::time::SystemTime, PathBuf)> = entries
         .flatten()
         .map(|e| e.path())
@@ -184,23 +242,45 @@ fn prune_old(keep: &Path) {
 
 fn tempdir(prefix: &str) -> Result<PathBuf> {
     let dir = std::env::temp_dir().join(crate::unique(prefix));
-    std::fs::create_dir_all(&dir)?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
     Ok(dir)
 }
 
-fn run_out(mut cmd: Command) -> Result<String> {
-    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("run {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed ({}):\n{}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    #[test]
+    fn a_prune_of_the_cache_leaves_the_archive_a_bed_linked() -> Result<()> {
+        let root = tempdir("atlas-image-prune")?;
+        let (cache, bed) = (root.join("images"), root.join("atlas-bed-1/image"));
+        std::fs::create_dir_all(&cache)?;
+        let archive = |key: &str| cache.join(format!("ours-{key}.oci.tar"));
+        let old = std::time::SystemTime::now() - Duration::from_secs(3600);
+        for (i, key) in ["a", "b", "c"].iter().enumerate() {
+            std::fs::write(archive(key), format!("layers {key}"))?;
+            std::fs::write(archive(key).with_extension("config.json"), format!("config {key}"))?;
+            // "a" is the oldest.
+            let file = std::fs::File::options().write(true).open(archive(key))?;
+            file.set_modified(old + Duration::from_secs(60 * i as u64))?;
+        }
+        let cached = BuiltImage {
+            name: "localhost/atlas-runner:bed-a".to_owned(),
+            archive: archive("a"),
+            config: archive("a").with_extension("config.json"),
+        };
+        let own = link_cached(&cache, &cached, &bed)?.context("the cached archive is there")?;
+        assert!(own.archive.starts_with(&bed) && own.config.starts_with(&bed));
+
+        prune_old(&cache, &archive("c"));
+        assert!(!archive("a").exists(), "the prune kept the oldest archive: it proves nothing");
+        assert!(archive("b").exists() && archive("c").exists());
+        assert_eq!(std::fs::read_to_string(&own.archive)?, "layers a");
+        assert_eq!(std::fs::read_to_string(&own.config)?, "config a");
+        // Once pruned, the cache has nothing to link: the caller builds it again.
+        assert!(link_cached(&cache, &cached, &root.join("atlas-bed-2/image"))?.is_none());
+        std::fs::remove_dir_all(&root)?;
+        Ok(())
+    }
 }

@@ -48,6 +48,9 @@ pub mod env {
     pub const IMAGE: &str = "ATLAS_TEST_IMAGE";
     /// With a node: the path of our image's config (labels, history) as built from the Dockerfile.
     pub const IMAGE_CONFIG: &str = "ATLAS_TEST_IMAGE_CONFIG";
+    /// With a node: the `atlas-runner` binary our image was built around (absolute), so a test that
+    /// starts a bed of its own reuses the run's image instead of building another.
+    pub const IMAGE_BINARY: &str = "ATLAS_TEST_IMAGE_BINARY";
     /// With a node: an S3 endpoint pods reach (`http://ADDRESS:PORT`, the node bed's host address;
     /// the tests reach it too). A SeaweedFS of its own beside the loopback one of [`S3_ENDPOINT`],
     /// whose virtual-hosted `BUCKET.localhost` names only loopback can serve.
@@ -58,8 +61,11 @@ pub mod env {
     pub const S3_POD_SECRET_KEY: &str = "ATLAS_TEST_S3_POD_SECRET_KEY";
     /// With a node: the node's network namespace as a path (`nsenter --net=PATH ip route`).
     pub const NODE_NETNS: &str = "ATLAS_TEST_NODE_NETNS";
+    /// With a node: the node bed's name (`atlas-bed-S`: its host link, cgroup and nftables table).
+    pub const NODE_BED: &str = "ATLAS_TEST_NODE_BED";
     /// Read when starting a bed without a node: the API server's Service address range (default
-    /// [`super::SERVICE_CIDR`]; the operator's bench needs room for 1,000 Services).
+    /// [`super::SERVICE_CIDR`]; the operator's bench needs room for 1,000 Services). A node bed
+    /// ignores it.
     pub const SERVICE_CIDR: &str = "ATLAS_TEST_SERVICE_CIDR";
 }
 
@@ -85,6 +91,21 @@ pub fn bin(name: &str) -> Result<PathBuf> {
     } else {
         bail!("test-bed binary '{name}' is missing from {}: {INSTALL_HINT}", bin_dir().display())
     }
+}
+
+/// Runs `cmd` with stdin closed and returns its stdout; when it cannot start or fails, an error that
+/// names the command and carries what it said.
+pub fn command_output(cmd: &mut Command) -> Result<String> {
+    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// A free TCP port for a server a test starts later, never handed out twice by this process. It is
@@ -159,6 +180,8 @@ pub struct Processes {
     dir: PathBuf,
     children: Vec<(String, Child)>,
     reapers: Vec<Child>,
+    // False for a node bed's processes: the bed's own reaper stops them (see `node`).
+    owner_reapers: bool,
 }
 
 impl Processes {
@@ -170,7 +193,14 @@ impl Processes {
     /// A bed rooted at `dir` (created if missing), which [`Processes::stop`] removes.
     pub fn new_in(dir: PathBuf) -> Result<Self> {
         std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-        Ok(Self { dir, children: Vec::new(), reapers: Vec::new() })
+        Ok(Self { dir, children: Vec::new(), reapers: Vec::new(), owner_reapers: true })
+    }
+
+    /// Starts no reaper per process: for processes a reaper of their own already stops when the
+    /// owner dies (a node bed's, whose reaper kills every process naming the bed's directory).
+    pub fn reaped_by_bed(mut self) -> Self {
+        self.owner_reapers = false;
+        self
     }
 
     /// The bed's working directory (data, certificates, logs).
@@ -195,6 +225,10 @@ impl Processes {
             .spawn()
             .with_context(|| format!("start {}", program.display()))?;
         let pgid = child.id();
+        self.children.push((name.to_owned(), child));
+        if !self.owner_reapers {
+            return Ok(());
+        }
         // The reaper outlives a SIGKILLed owner: it polls the owner's pid and then stops the group,
         // giving it the same grace as [`Processes::stop`].
         let reaper = format!(
@@ -214,7 +248,6 @@ impl Processes {
             .spawn()
             .context("start the reaper")?;
         self.reapers.push(reaper);
-        self.children.push((name.to_owned(), child));
         Ok(())
     }
 
@@ -225,16 +258,20 @@ impl Processes {
 
     /// Fails with the tail of the process's log if it has exited.
     pub fn check_alive(&mut self, name: &str) -> Result<()> {
-        let dir = self.dir.clone();
         if let Some((_, child)) = self.children.iter_mut().find(|(n, _)| n == name)
             && let Some(status) = child.try_wait()?
         {
-            let log = std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(20).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
-            bail!("{name} exited with {status}:\n{}", tail.join("\n"));
+            bail!("{name} exited with {status}:\n{}", self.log_tail(name, 20));
         }
         Ok(())
+    }
+
+    /// The last `lines` lines of the log of the process started as `name` (errors quote it: the
+    /// directory holding the log goes with the bed).
+    pub fn log_tail(&self, name: &str, lines: usize) -> String {
+        let log = std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(lines).collect();
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
     }
 
     /// Kills the process group of `name`, keeping the bed's directory (its data) for a restart.
@@ -385,16 +422,24 @@ pub fn start_cluster_with(options: &ApiOptions, mut processes: Processes) -> Res
         format!("--bind-address={}", options.address),
         format!("--advertise-address={}", options.address),
         // A /24 unless the caller needs more Services (the operator's bench makes 1,000 on a bed
-        // without a node; a node bed's other parts keep SERVICE_CIDR).
+        // without a node). A node bed always has SERVICE_CIDR: its DNS address, its host route
+        // keeping the range off the machine and its checks are made for that range.
         format!(
             "--service-cluster-ip-range={}",
-            std::env::var(env::SERVICE_CIDR).unwrap_or_else(|_| SERVICE_CIDR.to_owned())
+            match std::env::var(env::SERVICE_CIDR) {
+                Ok(range) if !options.nodes => range,
+                _ => SERVICE_CIDR.to_owned(),
+            }
         ),
         "--allow-privileged=true".to_owned(),
         "--service-account-issuer=https://kubernetes.default.svc".to_owned(),
         format!("--service-account-key-file={}", p("sa.pub")),
         format!("--service-account-signing-key-file={}", p("sa.key")),
         "--profiling=false".to_owned(),
+        // Webhooks, conversion webhooks and aggregated APIs are dialled at their Service's endpoints
+        // (pod addresses, routed over a node bed's link), never at a ClusterIP: the host has no route
+        // into the Service range but its default one, which leaves the machine.
+        "--enable-aggregator-routing=true".to_owned(),
         "--v=0".to_owned(),
     ];
     if options.nodes {
@@ -480,6 +525,11 @@ pub struct S3Processes {
 }
 
 impl S3Processes {
+    /// The port S3 listens on.
+    pub fn s3_port(&self) -> u16 {
+        self.s3_port
+    }
+
     /// Kills SeaweedFS at once, as an outage would, keeping its data for [`S3Processes::restart`].
     pub fn kill(&mut self) {
         self.processes.kill("weed");
@@ -561,6 +611,8 @@ pub fn start_s3_on(ip: Ipv4Addr, domain: Option<&str>) -> Result<S3Processes> {
         format!("-s3.config={}", dir.join("s3.json").display()),
         "-admin.ui=false".to_owned(),
         "-webdav=false".to_owned(),
+        // On by default: the master would report to telemetry.seaweedfs.com, off the machine.
+        "-master.telemetry=false".to_owned(),
         // Every bucket is a collection with a volume of its own, and left at 0 the volume count is
         // free disk space / 128 MB: on a nearly full disk a dozen buckets in, writes fail with
         // InternalError. Volumes are sparse files that grow as written, so a fixed count costs nothing.
@@ -657,6 +709,9 @@ pub struct NodeInfo {
     pub image_config: PathBuf,
     /// The node's network namespace as a path (`nsenter --net=PATH`).
     pub netns: String,
+    /// The node bed's name (`atlas-bed-S`: the host end of its link, its cgroup, its nftables table),
+    /// when the bed said it.
+    pub bed: Option<String>,
 }
 
 /// A fresh namespace on the shared API server, with a client for it.
@@ -717,7 +772,8 @@ impl TestCluster {
                     );
                     if let (Some(kubeconfig), Ok(image), Some(config), Ok(netns)) = from_env {
                         let mut cluster = TestCluster::bare(PathBuf::from(kubeconfig), None);
-                        cluster.nodes = Some(NodeInfo { image, image_config: PathBuf::from(config), netns });
+                        let bed = std::env::var(env::NODE_BED).ok();
+                        cluster.nodes = Some(NodeInfo { image, image_config: PathBuf::from(config), netns, bed });
                         return Ok(cluster);
                     }
                     let options = node::NodeOptions { image_binary: binary, volumes: 8 };
@@ -728,6 +784,7 @@ impl TestCluster {
                                 image: c.image.name.clone(),
                                 image_config: c.image.config.clone(),
                                 netns: c.network.netns_path().display().to_string(),
+                                bed: Some(c.network.name.clone()),
                             });
                             cluster.private_nodes = Some(c);
                             cluster
@@ -772,12 +829,27 @@ impl TestCluster {
                     ));
                 };
                 start_s3_on(private.network.host_ip, None)
-                    .map(|s| (s.endpoint.clone(), Some(s)))
+                    .and_then(|s| {
+                        private.network.open_to_pods(s.s3_port())?;
+                        Ok((s.endpoint.clone(), Some(s)))
+                    })
                     .map_err(|e| format!("{e:#}"))
             })
             .as_ref()
             .map(|(endpoint, _)| endpoint.clone())
             .map_err(|e| anyhow!("starting S3 for pods failed: {e}"))
+    }
+
+    /// Lets the node and its pods open TCP connections to `port` on the bed's host address, where a
+    /// test serves them something (everything else of the host is closed to them).
+    pub fn open_to_pods(&self, port: u16) -> Result<()> {
+        let bed = self.nodes()?.bed.as_deref().with_context(|| {
+            format!(
+                "{} is not set: the bed's host ports cannot be opened (run under atlas-testbed run --nodes)",
+                env::NODE_BED
+            )
+        })?;
+        node::open_port(bed, port)
     }
 
     /// The admin kubeconfig's path.

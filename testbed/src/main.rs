@@ -61,12 +61,16 @@ async fn run() -> Result<ExitCode> {
     // start side by side; pods get an S3 of their own on the node bed's host address.
     let cluster = tokio::task::spawn_blocking(move || want_cluster.then(start_cluster).transpose());
     let s3 = tokio::task::spawn_blocking(move || want_s3.then(start_s3).transpose());
+    let image_binary = std::path::absolute(&image_binary).context("the image binary's path")?;
     let (node_cluster, pod_s3) = if nodes {
-        let options = NodeOptions { image_binary, volumes };
+        let options = NodeOptions { image_binary: image_binary.clone(), volumes };
         let node_cluster = tokio::task::spawn_blocking(move || start_node_cluster(&options)).await??;
         let host_ip = node_cluster.network.host_ip;
         let pod_s3 =
             tokio::task::spawn_blocking(move || want_s3.then(|| start_s3_on(host_ip, None)).transpose()).await??;
+        if let Some(s3) = &pod_s3 {
+            node_cluster.network.open_to_pods(s3.s3_port())?;
+        }
         eprintln!("atlas-testbed: node bed {} in {}", node_cluster.network.name, node_cluster.network.dir.display());
         eprintln!("atlas-testbed: node Ready {:.1}s after start", node_cluster.started_in.as_secs_f64());
         (Some(node_cluster), pod_s3)
@@ -86,7 +90,9 @@ async fn run() -> Result<ExitCode> {
         cmd.env(env::NODE_KUBECONFIG, c.kubeconfig())
             .env(env::IMAGE, &c.image.name)
             .env(env::IMAGE_CONFIG, &c.image.config)
-            .env(env::NODE_NETNS, c.network.netns_path());
+            .env(env::IMAGE_BINARY, &image_binary)
+            .env(env::NODE_NETNS, c.network.netns_path())
+            .env(env::NODE_BED, &c.network.name);
     }
     if let Some(s) = &s3 {
         cmd.env(env::S3_ENDPOINT, &s.endpoint.endpoint)

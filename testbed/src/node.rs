@@ -11,9 +11,12 @@
 //! host link should anything still hold the namespace, and its directory, is removed by a teardown
 //! that runs at stop, in a reaper when the owner is killed, and from the next bed when both were.
 //!
-//! Several beds share a machine: each claims a slot `S` (its directory `$TMPDIR/atlas-bed-S`, held by
-//! a lock for the owner's lifetime), and every name it adds derives from the slot: the host link and
-//! the cgroup `atlas-bed-S`, the addresses `10.213.S.0/30` (link) and `10.214.S.0/24` (pods).
+//! Several beds share a machine: each claims a slot `S` by locking the machine-wide file
+//! `/run/atlas-bed/S.lock` for the owner's lifetime (whatever `TMPDIR` is: the names a slot stands
+//! for are machine-wide), and every name it adds derives from the slot: its directory
+//! `$TMPDIR/atlas-bed-S`, the host link and the cgroup `atlas-bed-S`, the addresses `10.213.S.0/30`
+//! (link) and `10.214.S.0/24` (pods). The claim file holds the bed's directory, so whoever takes a
+//! slot whose owner and reaper are both gone finds what to remove.
 
 use std::fs::File;
 use std::io::Write as _;
@@ -25,7 +28,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::{ApiOptions, ClusterProcesses, Processes, bin, bin_dir, image, start_cluster_with, wait_until};
+use crate::{
+    ApiOptions, ClusterProcesses, Processes, SERVICE_CIDR, bin, bin_dir, command_output, image, start_cluster_with,
+    wait_until,
+};
 
 /// The node's name (one node per bed, and one API server per bed).
 pub const NODE_NAME: &str = "atlas-bed";
@@ -35,6 +41,8 @@ pub const DNS_SERVICE_IP: &str = "10.0.0.10";
 pub const STORAGE_CLASS: &str = "manual";
 const SLOTS: std::ops::RangeInclusive<u16> = 1..=250;
 const PREFIX: &str = "atlas-bed-";
+/// Where slots are claimed: one lock file per slot, machine-wide.
+pub const CLAIMS_DIR: &str = "/run/atlas-bed";
 
 /// What [`start_node_cluster`] builds.
 #[derive(Debug, Clone)]
@@ -69,15 +77,24 @@ pub struct BedNetwork {
     pub holder: u32,
     // The holder and the node's components.
     node: Processes,
-    // Held for the bed's lifetime: a bed whose lock can be taken has lost its owner.
-    _lock: File,
+    // The slot's claim, locked for the bed's lifetime: a slot whose lock can be taken has lost its
+    // owner (and its reaper, which takes the lock to tear the bed down).
+    claim: File,
     reaper: Option<Child>,
 }
 
 impl BedNetwork {
     /// Cleans up stale beds, claims a free slot and makes the node's namespaces and network.
     pub fn claim() -> Result<Self> {
+        check_host()?;
         clean_stale_beds();
+        let routes = command_output(Command::new("ip").args(["-4", "route", "show", "table", "all"]))?;
+        if let Some(route) = service_range_conflict(&routes) {
+            bail!(
+                "the host routes part of the bed's Service range {SERVICE_CIDR} ({route}): a node bed cannot \
+                 keep its Service addresses off the machine here"
+            );
+        }
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
         let seed = (std::process::id() ^ nanos) as u16;
         let count = SLOTS.end() - SLOTS.start() + 1;
@@ -88,36 +105,46 @@ impl BedNetwork {
             }
         }
         bail!(
-            "no free test-bed slot among {SLOTS:?}: too many beds on this machine, or stale ones under another TMPDIR"
+            "no free test-bed slot among {SLOTS:?} (claims in {CLAIMS_DIR}): too many beds on this machine; \
+             stop some, or remove stale links and directories named atlas-bed-S"
         )
     }
 
     fn try_claim(slot: u16) -> Result<Option<Self>> {
         let name = format!("{PREFIX}{slot}");
+        let claim_path = claim_path(slot);
+        let claim = open_claim(&claim_path)?;
+        if claim.try_lock().is_err() {
+            return Ok(None);
+        }
+        // The slot is ours: a bed that had it is gone with its reaper; remove what it left.
+        remove_claimed_bed(&claim, &claim_path, &name);
         let dir = std::env::temp_dir().join(&name);
-        if dir.exists() || link_exists(&name) {
-            return Ok(None);
-        }
         let (link_net, pod_net) = (format!("10.213.{slot}."), format!("10.214.{slot}."));
-        let routes = output(Command::new("ip").args(["-4", "route", "show", "table", "all"]))?;
-        if routes.contains(&link_net) || routes.contains(&pod_net) {
+        let routes = command_output(Command::new("ip").args(["-4", "route", "show", "table", "all"]))?;
+        let slot_text = slot.to_string();
+        let service_route = |l: &str| l.split_whitespace().eq(["unreachable", SERVICE_CIDR, "metric", &slot_text]);
+        // Left by something that claims no slot here (a bed of an older atlas-testbed): not ours to remove.
+        if dir.exists()
+            || link_exists(&name)
+            || routes.contains(&link_net)
+            || routes.contains(&pod_net)
+            || routes.lines().any(service_route)
+        {
             return Ok(None);
         }
-        // The directory is claimed whole by a rename, so it never exists without its held lock.
-        let staging = std::env::temp_dir().join(crate::unique(&format!("{name}.claim")));
-        std::fs::create_dir_all(&staging)?;
-        let lock = File::create(staging.join("lock"))?;
-        lock.lock()?;
-        writeln!(&lock, "{}", std::process::id())?;
-        if std::fs::rename(&staging, &dir).is_err() {
-            let _ = std::fs::remove_dir_all(&staging);
-            return Ok(None);
-        }
-        let reaper = start_reaper(&dir, &name)?;
-        let node = match Processes::new_in(dir.join("node")) {
+        std::fs::create_dir(&dir).with_context(|| format!("create {}", dir.display()))?;
+        // From here on the claim names the directory, so whoever takes the slot after a crash finds it.
+        claim.set_len(0).with_context(|| format!("write {}", claim_path.display()))?;
+        (&claim)
+            .write_all(dir.display().to_string().as_bytes())
+            .with_context(|| format!("write {}", claim_path.display()))?;
+        let reaper = start_reaper(&dir, &name, &claim_path)?;
+        // Its processes have no reapers of their own: the bed's reaper (above) kills them all.
+        let node = match Processes::new_in(dir.join("node")).map(Processes::reaped_by_bed) {
             Ok(node) => node,
             Err(e) => {
-                let _ = teardown(&dir, &name);
+                let _ = teardown(&dir, &name, &claim_path);
                 return Err(e);
             }
         };
@@ -130,7 +157,7 @@ impl BedNetwork {
             name,
             holder: 0,
             node,
-            _lock: lock,
+            claim,
             reaper: Some(reaper),
         };
         // From here on, dropping `bed` undoes whatever part was made.
@@ -145,9 +172,27 @@ impl BedNetwork {
         // The node's end is created inside the namespace, so its name there is private.
         run(Command::new("ip").args(["link", "add", name, "type", "veth", "peer", "name", "eth0", "netns", &holder]))?;
         run(Command::new("ip").args(["addr", "add", &format!("{host}/30"), "dev", name]))?;
+        // The host never forwards for the bed (not even when the host forwards between its own
+        // links), and the link carries no IPv6; both settings go with the link.
+        run(Command::new("sysctl").args([
+            "-q",
+            "-w",
+            &format!("net.ipv4.conf.{name}.forwarding=0"),
+            &format!("net.ipv6.conf.{name}.disable_ipv6=1"),
+        ]))?;
+        // What the node may reach on the host: the ports opened to it (the API server's, the pods'
+        // S3), not every service bound to a wildcard address. A table of the bed's own, removed
+        // by the teardown; stateless, so the host's connection tracking is not switched on.
+        let mut nft = Command::new("nft");
+        nft.args(["-f", "-"]);
+        run_with_input(&mut nft, &nft_table(name))?;
         run(Command::new("ip").args(["link", "set", name, "up"]))?;
         // Replies to pods go back through the link (the route leaves with it).
         run(Command::new("ip").args(["route", "add", &self.pod_cidr, "via", &node, "dev", name]))?;
+        // Nothing on the host reaches a Service address (they exist only in the node's namespace):
+        // one that tried would otherwise take the host's default route off the machine. One route
+        // per bed (its metric is the slot), so beds come and go independently.
+        run(Command::new("ip").args(["route", "add", "unreachable", SERVICE_CIDR, "metric", &self.slot.to_string()]))?;
         run(self.in_netns("sysctl").args([
             "-q",
             "-w",
@@ -173,6 +218,12 @@ impl BedNetwork {
         Ok(())
     }
 
+    /// Lets the node and its pods open TCP connections to `port` on the bed's host address (and on
+    /// any other host address the link would reach).
+    pub fn open_to_pods(&self, port: u16) -> Result<()> {
+        open_port(&self.name, port)
+    }
+
     /// `program` run in the node's network namespace (and nothing else of it).
     pub fn in_netns(&self, program: &str) -> Command {
         let mut cmd = Command::new("nsenter");
@@ -183,15 +234,6 @@ impl BedNetwork {
     /// The node's network namespace as a path (`nsenter --net=PATH`).
     pub fn netns_path(&self) -> PathBuf {
         PathBuf::from(format!("/proc/{}/ns/net", self.holder))
-    }
-
-    /// The routes of the node's network namespace (`ip route show table all`), IPv4 and IPv6.
-    pub fn routes(&self) -> Result<String> {
-        let mut all = String::new();
-        for family in ["-4", "-6"] {
-            all += &output(self.in_netns("ip").args([family, "route", "show", "table", "all"]))?;
-        }
-        Ok(all)
     }
 
     /// Starts `program` inside the node's namespaces with a clean environment.
@@ -222,6 +264,11 @@ impl BedNetwork {
         self.node.check_alive(name)
     }
 
+    /// The last `lines` lines of the log of the node's process `name`.
+    pub fn log_tail(&self, name: &str, lines: usize) -> String {
+        self.node.log_tail(name, lines)
+    }
+
     /// The node's directory (configuration, containerd's root, kubelet's root, volumes, logs).
     pub fn node_dir(&self) -> &Path {
         self.node.dir()
@@ -229,7 +276,7 @@ impl BedNetwork {
 
     /// Removes everything the bed added: its processes, cgroups, links and directory.
     pub fn teardown(&mut self) {
-        let _ = teardown(&self.dir, &self.name);
+        let _ = teardown(&self.dir, &self.name, &claim_path(self.slot));
         self.node.stop();
         if let Some(mut reaper) = self.reaper.take() {
             let _ = reaper.kill();
@@ -240,19 +287,52 @@ impl BedNetwork {
 
 impl Drop for BedNetwork {
     fn drop(&mut self) {
-        // The lock is released only after the teardown, with the struct.
+        // The claim is released only after the teardown, with the struct.
         self.teardown();
+        let _ = self.claim.unlock();
     }
 }
 
-/// A reaper that waits for the owner's lock on the bed and tears the bed down once it gets it:
-/// when the owner exits without stopping the bed (a SIGKILL), the kernel releases the lock.
-fn start_reaper(dir: &Path, name: &str) -> Result<Child> {
+fn claim_path(slot: u16) -> PathBuf {
+    Path::new(CLAIMS_DIR).join(format!("{slot}.lock"))
+}
+
+fn open_claim(path: &Path) -> Result<File> {
+    std::fs::create_dir_all(CLAIMS_DIR).with_context(|| format!("create {CLAIMS_DIR} (the beds' slot claims)"))?;
+    // Never removed (a lock file removed while another process waits on it would split the slot
+    // in two); one small file per slot.
+    File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .with_context(|| format!("open {}", path.display()))
+}
+
+/// With the slot's claim locked: tears down the bed the claim names, if any (its owner and reaper
+/// are gone, or the lock could not have been taken).
+fn remove_claimed_bed(claim: &File, path: &Path, name: &str) {
+    let previous = std::fs::read_to_string(path).unwrap_or_default();
+    let previous = previous.trim();
+    if previous.is_empty() {
+        return;
+    }
+    eprintln!("atlas-testbed: removing the stale bed {name} in {previous} (its owner and reaper are gone)");
+    let _ = teardown(Path::new(previous), name, path);
+    let _ = claim.set_len(0);
+}
+
+/// A reaper that waits for the owner's lock on the slot's claim and tears the bed down once it gets
+/// it: when the owner exits without stopping the bed (a SIGKILL), the kernel releases the lock.
+fn start_reaper(dir: &Path, name: &str, claim: &Path) -> Result<Child> {
     Command::new("flock")
-        .arg(dir.join("lock"))
+        .arg(claim)
         .args(["sh", "-c", TEARDOWN, "teardown"])
         .env("D", dir)
         .env("NS", name)
+        .env("CLAIM", claim)
+        .env("SERVICE_CIDR", SERVICE_CIDR)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -262,9 +342,12 @@ fn start_reaper(dir: &Path, name: &str) -> Result<Child> {
 }
 
 /// The teardown, as a shell script so the reaper can run it after its owner is gone; `D` is the
-/// bed's directory and `NS` its name. Every step is idempotent.
+/// bed's directory, `NS` its name and `CLAIM` its slot's claim, which whoever runs it holds locked
+/// (so the names it removes are the bed's, not another's). Every step is idempotent.
 const TEARDOWN: &str = r#"
-[ -d "$D" ] || exit 0
+# The directory goes last but for the claim: without it, the rest is gone too (and the link or cgroup
+# of that name, if any, is not this bed's).
+[ -d "$D" ] || { : > "$CLAIM"; exit 0; }
 cgroups() { for h in /sys/fs/cgroup/*/; do [ -d "$h$NS" ] && echo "$h$NS"; done; }
 # Every process of the bed: those whose command line names its directory (the holder of the node's
 # namespaces, the init of its PID namespace whose death kills every container; the node's
@@ -293,15 +376,68 @@ done
 # The network namespace went with its last process, and the veth pair and its routes with it;
 # the host end is removed here should anything still hold the namespace.
 ip link del "$NS" 2>/dev/null
+ip route del unreachable "$SERVICE_CIDR" metric "${NS#atlas-bed-}" 2>/dev/null
+nft delete table inet "$NS" 2>/dev/null
 rm -rf --one-file-system "$D"
+# Nothing of the bed is left for the slot's next owner to remove.
+: > "$CLAIM"
 true
 "#;
 
-fn teardown(dir: &Path, name: &str) -> Result<()> {
+/// The bed's nftables table (family `inet`, named as the bed): of what comes in over the link, the
+/// host takes TCP connections to the ports in the set `pod_ports`, the rest of connections the host
+/// opened (anything but a first SYN) and ICMP errors; every other packet is refused at once (a TCP
+/// reset, else ICMP). Nothing is forwarded to or from the link.
+fn nft_table(name: &str) -> String {
+    format!(
+        r#"table inet {name} {{
+  set pod_ports {{ type inet_service; }}
+  chain input {{
+    type filter hook input priority filter; policy accept;
+    iifname "{name}" tcp dport @pod_ports accept
+    iifname "{name}" tcp flags & (syn | ack) != syn accept
+    iifname "{name}" icmp type {{ echo-reply, destination-unreachable, time-exceeded, parameter-problem }} accept
+    iifname "{name}" meta l4proto tcp reject with tcp reset
+    iifname "{name}" reject with icmpx admin-prohibited
+  }}
+  chain forward {{
+    type filter hook forward priority filter; policy accept;
+    iifname "{name}" drop
+    oifname "{name}" drop
+  }}
+}}
+"#
+    )
+}
+
+/// Opens `port` on the host to the node of the bed `name` (see [`nft_table`]).
+pub fn open_port(name: &str, port: u16) -> Result<()> {
+    run(Command::new("nft").args(["add", "element", "inet", name, "pod_ports", &format!("{{ {port} }}")]))
+        .with_context(|| format!("open port {port} of the host to the node of {name}"))
+}
+
+fn run_with_input(cmd: &mut Command, input: &str) -> Result<()> {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("run {cmd:?}"))?;
+    child.stdin.take().context("the child's stdin")?.write_all(input.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+fn teardown(dir: &Path, name: &str, claim: &Path) -> Result<()> {
     let status = Command::new("sh")
         .args(["-c", TEARDOWN, "teardown"])
         .env("D", dir)
         .env("NS", name)
+        .env("CLAIM", claim)
+        .env("SERVICE_CIDR", SERVICE_CIDR)
         .stdin(Stdio::null())
         .status()?;
     if !status.success() {
@@ -310,31 +446,108 @@ fn teardown(dir: &Path, name: &str) -> Result<()> {
     Ok(())
 }
 
-/// Tears down every bed under this TMPDIR whose owner is gone (its lock can be taken) and whose
-/// reaper is gone too (the reaper holds the lock while it works).
+/// Tears down every bed of the machine whose owner is gone and whose reaper is gone too (the
+/// reaper holds the claim while it works): those whose slot's claim can be locked and names a bed.
 pub fn clean_stale_beds() {
-    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
+    let Ok(entries) = std::fs::read_dir(CLAIMS_DIR) else { return };
     for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(slot) = name.strip_prefix(PREFIX).and_then(|s| s.parse::<u16>().ok()) else { continue };
+        let file = entry.file_name().to_string_lossy().into_owned();
+        let Some(slot) = file.strip_suffix(".lock").and_then(|s| s.parse::<u16>().ok()) else { continue };
         if !SLOTS.contains(&slot) {
             continue;
         }
-        let dir = entry.path();
-        let Ok(lock) = File::open(dir.join("lock")) else { continue };
-        if lock.try_lock().is_err() {
-            continue;
-        }
-        // The lock is ours; the directory must still be the one it belongs to (not a new claim).
-        let same = std::fs::metadata(dir.join("lock")).ok().zip(lock.metadata().ok()).is_some_and(|(a, b)| {
-            use std::os::unix::fs::MetadataExt;
-            a.ino() == b.ino() && a.dev() == b.dev()
-        });
-        if same {
-            eprintln!("atlas-testbed: removing the stale bed {name} (its owner is gone)");
-            let _ = teardown(&dir, &name);
+        let path = claim_path(slot);
+        let Ok(claim) = open_claim(&path) else { continue };
+        if claim.try_lock().is_ok() {
+            remove_claimed_bed(&claim, &path, &format!("{PREFIX}{slot}"));
         }
     }
+}
+
+/// The first route of `routes` (`ip -4 route show table all`) to an address of [`SERVICE_CIDR`]
+/// other than the default route and the beds' own unreachable routes for the range.
+fn service_range_conflict(routes: &str) -> Option<&str> {
+    const TYPES: [&str; 10] = [
+        "unicast",
+        "local",
+        "broadcast",
+        "unreachable",
+        "blackhole",
+        "prohibit",
+        "throw",
+        "multicast",
+        "anycast",
+        "nat",
+    ];
+    let parse = |cidr: &str| -> Option<(u32, u32)> {
+        let (address, len) = cidr.split_once('/').unwrap_or((cidr, "32"));
+        let len: u32 = len.parse().ok().filter(|l| *l <= 32)?;
+        let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+        Some((u32::from(address.parse::<Ipv4Addr>().ok()?) & mask, mask))
+    };
+    let (range, range_mask) = parse(SERVICE_CIDR)?;
+    routes.lines().find(|route| {
+        let mut words = route.split_whitespace().peekable();
+        let kind = words.next_if(|w| TYPES.contains(w));
+        let Some(destination) = words.next() else { return false };
+        if destination == "default" || (kind == Some("unreachable") && destination == SERVICE_CIDR) {
+            return false;
+        }
+        // Two networks overlap when each one's address, under the shorter mask, is the same.
+        parse(destination).is_some_and(|(address, mask)| {
+            let common = mask & range_mask;
+            address & common == range & common
+        })
+    })
+}
+
+/// The host's programs a node bed runs, each with how to get it (Debian's package).
+const HOST_TOOLS: [(&str, &str); 11] = [
+    ("buildah", "apt-get install buildah"),
+    ("nsenter", "apt-get install util-linux"),
+    ("unshare", "apt-get install util-linux"),
+    ("flock", "apt-get install util-linux"),
+    ("ip", "apt-get install iproute2"),
+    ("nft", "apt-get install nftables"),
+    ("sysctl", "apt-get install procps"),
+    ("iptables", "apt-get install iptables"),
+    ("runc", "apt-get install runc"),
+    ("tar", "apt-get install tar"),
+    ("sh", "a POSIX shell at /bin/sh"),
+];
+
+/// The first of [`HOST_TOOLS`] no directory of `path` (a `PATH` value) holds as an executable file.
+fn missing_tool(path: &std::ffi::OsStr) -> Option<(&'static str, &'static str)> {
+    use std::os::unix::fs::PermissionsExt;
+    HOST_TOOLS.into_iter().find(|(tool, _)| {
+        !std::env::split_paths(path).any(|dir| {
+            std::fs::metadata(dir.join(tool)).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+    })
+}
+
+/// What a node bed needs of the host, checked before it changes anything, each with a one-line
+/// error that says what to do (rather than the bare "No such file or directory" of a spawn).
+fn check_host() -> Result<()> {
+    if let Some((tool, install)) = missing_tool(&std::env::var_os("PATH").unwrap_or_default()) {
+        bail!("a node bed needs `{tool}` on PATH: {install} (scripts/testbed-install.sh installs the node's packages)");
+    }
+    // The effective uid, the second field of `Uid:`.
+    let status = std::fs::read_to_string("/proc/self/status").context("read /proc/self/status")?;
+    let euid = status.lines().find_map(|l| l.strip_prefix("Uid:")).and_then(|ids| ids.split_whitespace().nth(1));
+    if euid != Some("0") {
+        bail!(
+            "a node bed must run as root (it makes network namespaces, links, routes, nftables tables and \
+             cgroups): run the tests as root, or only those that need no node"
+        );
+    }
+    if !Path::new("/proc/sys/net/bridge").exists() {
+        bail!(
+            "the kernel module br_netfilter is not loaded (the node's bridged pod traffic must pass \
+             kube-proxy's iptables rules): modprobe br_netfilter"
+        );
+    }
+    Ok(())
 }
 
 fn cgroup_hierarchies() -> Vec<PathBuf> {
@@ -350,15 +563,7 @@ fn link_exists(name: &str) -> bool {
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
-    output(cmd).map(|_| ())
-}
-
-fn output(cmd: &mut Command) -> Result<String> {
-    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("run {cmd:?}"))?;
-    if !out.status.success() {
-        bail!("{cmd:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    command_output(cmd).map(|_| ())
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -385,11 +590,6 @@ impl NodeCluster {
     pub fn kubeconfig(&self) -> &Path {
         &self.api.kubeconfig
     }
-
-    /// The containerd socket of the node (for `ctr`).
-    pub fn containerd_socket(&self) -> PathBuf {
-        self.network.node_dir().join("containerd/containerd.sock")
-    }
 }
 
 const COMPONENTS: [&str; 6] =
@@ -399,30 +599,50 @@ const COMPONENTS: [&str; 6] =
 pub fn start_node_cluster(options: &NodeOptions) -> Result<NodeCluster> {
     let started = Instant::now();
     let mut bed = BedNetwork::claim()?;
+    // Scoped threads: whatever fails, every thread has ended before `bed` is dropped, so none can
+    // start etcd in, or write into, a bed that was torn down. A thread's result that is never
+    // joined (an API server whose node failed) is dropped with the scope, which stops it.
+    let (api, built) = std::thread::scope(|scope| start_node(scope, &mut bed, options))?;
+    Ok(NodeCluster { network: bed, api, image: built, started_in: started.elapsed() })
+}
+
+fn joined<T>(handle: std::thread::ScopedJoinHandle<'_, Result<T>>, what: &str) -> Result<T> {
+    handle.join().map_err(|_| anyhow::anyhow!("{what} panicked"))?
+}
+
+fn start_node<'scope>(
+    scope: &'scope std::thread::Scope<'scope, '_>,
+    bed: &mut BedNetwork,
+    options: &'scope NodeOptions,
+) -> Result<(ClusterProcesses, image::BuiltImage)> {
     let api_options = ApiOptions { address: bed.host_ip, nodes: true };
     let api_dir = bed.dir.join("api");
-    let api = std::thread::spawn(move || start_cluster_with(&api_options, Processes::new_in(api_dir)?));
-    let binary = options.image_binary.clone();
-    let built = std::thread::spawn(move || image::our_image(&binary));
+    let api = scope.spawn(move || start_cluster_with(&api_options, Processes::new_in(api_dir)?.reaped_by_bed()));
+    let image_dir = bed.dir.join("image");
+    let built = scope.spawn(move || image::our_image(&options.image_binary, &image_dir));
 
     let d = bed.node_dir().to_path_buf();
     let socket = d.join("containerd/containerd.sock");
     let pause = image::pause_image()?;
-    std::fs::write(d.join("containerd.toml"), containerd_config(&d, &pause.name))?;
+    std::fs::write(d.join("containerd.toml"), containerd_config(&d, &pause.name))
+        .with_context(|| format!("write {}", d.join("containerd.toml").display()))?;
     bed.spawn_in("containerd", &bin("containerd")?, [format!("--config={}", d.join("containerd.toml").display())])?;
-    wait_until("containerd", Duration::from_secs(30), || socket.exists())?;
+    wait_until("containerd", Duration::from_secs(30), || socket.exists())
+        .with_context(|| format!("containerd's log ends:\n{}", bed.log_tail("containerd", 20)))?;
     bed.check_alive("containerd")?;
     image::import(&socket, &pause.archive)?;
 
-    let api = api.join().map_err(|_| anyhow::anyhow!("the API server's start panicked"))??;
-    let built = built.join().map_err(|_| anyhow::anyhow!("the image build panicked"))??;
-    let import = std::thread::spawn({
+    let api = joined(api, "the API server's start")?;
+    let api_port = api.server.rsplit(':').next().and_then(|p| p.parse().ok()).context("the API server's port")?;
+    bed.open_to_pods(api_port)?;
+    let built = joined(built, "the image build")?;
+    let import = scope.spawn({
         let (socket, archive) = (socket.clone(), built.archive.clone());
         move || image::import(&socket, &archive)
     });
 
-    write_node_files(&d, &bed, &api)?;
-    apply(&api, &cluster_objects(&bed, &d, options.volumes)?)?;
+    write_node_files(&d, bed, &api)?;
+    apply(&api, &cluster_objects(bed, &d, options.volumes)?)?;
     let cfg = |name: &str| d.join(name).display().to_string();
     let node_ip = bed.node_ip;
     bed.spawn_in(
@@ -477,7 +697,7 @@ pub fn start_node_cluster(options: &NodeOptions) -> Result<NodeCluster> {
     bed.spawn_in("kube-scheduler", &bin("kube-scheduler")?, scheduler_args)?;
     bed.spawn_in("coredns", &bin("coredns")?, ["-conf".to_owned(), cfg("Corefile")])?;
 
-    import.join().map_err(|_| anyhow::anyhow!("the image import panicked"))??;
+    joined(import, "the image import")?;
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         for name in COMPONENTS {
@@ -487,11 +707,16 @@ pub fn start_node_cluster(options: &NodeOptions) -> Result<NodeCluster> {
             break;
         }
         if Instant::now() > deadline {
-            bail!("the node was not Ready after 180 s; see the logs in {}", d.display());
+            // The logs go with the bed: the error carries what they end with.
+            bail!(
+                "the node was not Ready after 180 s; the kubelet's log ends:\n{}\ncontainerd's log ends:\n{}",
+                bed.log_tail("kubelet", 30),
+                bed.log_tail("containerd", 10)
+            );
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    Ok(NodeCluster { network: bed, api, image: built, started_in: started.elapsed() })
+    Ok((api, built))
 }
 
 fn node_ready(api: &ClusterProcesses) -> Result<bool> {
@@ -506,23 +731,48 @@ fn node_ready(api: &ClusterProcesses) -> Result<bool> {
 
 const NODE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
+/// The kernel settings the kubelet checks at start, under `/proc/sys`, with the values it wants
+/// (k8s.io/component-helpers/node/util/sysctl, read by pkg/kubelet/cm/container_manager_linux.go
+/// `setupKernelTunables`). All six are the host's own, whatever the namespace.
+pub const KUBELET_KERNEL_SETTINGS: [(&str, &str); 6] = [
+    ("vm/overcommit_memory", "1"),
+    ("vm/panic_on_oom", "0"),
+    ("kernel/panic", "10"),
+    ("kernel/panic_on_oops", "1"),
+    ("kernel/keys/root_maxkeys", "1000000"),
+    ("kernel/keys/root_maxbytes", "25000000"),
+];
+
 /// Starts the holder of the node's namespaces: a new network namespace (only loopback until the
 /// bed adds its link), a new mount namespace (private, with the bed's own `/run`, `/var/lib` and
-/// `/var/log`, so nothing the node mounts or writes there reaches the host) and a new PID namespace,
-/// whose init it is. Returns its host PID.
+/// `/var/log`, so nothing the node mounts or writes there reaches the host, and the kubelet's kernel
+/// settings masked) and a new PID namespace, whose init it is. Returns its host PID.
 fn start_holder(node: &mut Processes) -> Result<u32> {
     let d = node.dir().to_path_buf();
     std::fs::create_dir_all(d.join("var-lib"))?;
     std::fs::create_dir_all(d.join("var-log"))?;
     let ready = d.join("holder.ready");
+    // The kubelet wants six host-wide kernel settings (not one of them is per namespace) and writes
+    // those that differ. In the node's mount namespace each is a read-only file holding the value
+    // the kubelet wants, so it reads what it expects and writes nothing (with
+    // `protectKernelDefaults` it would fail rather than write); the host's values stay as they are.
+    let mut masks = String::from("mkdir /run/atlas-bed-sysctl\n");
+    for (key, value) in KUBELET_KERNEL_SETTINGS {
+        let file = format!("/run/atlas-bed-sysctl/{}", key.replace('/', "."));
+        masks += &format!(
+            "echo {value} > {file}\nmount --bind {file} /proc/sys/{key}\nmount -o remount,bind,ro /proc/sys/{key}\n"
+        );
+    }
     // pause's argument is only there so the teardown finds the holder by its command line.
-    let setup = r#"set -e
+    let setup = format!(
+        r#"set -e
 mount -t tmpfs -o mode=0755 atlas-bed-run /run
 mount --bind "$D/var-lib" /var/lib
 mount --bind "$D/var-log" /var/log
-: > "$D/holder.ready"
+{masks}: > "$D/holder.ready"
 exec "$PAUSE" "$D/"
-"#;
+"#
+    );
     let args: Vec<String> = vec![
         "--net".into(),
         "--pid".into(),
@@ -538,7 +788,7 @@ exec "$PAUSE" "$D/"
         format!("PAUSE={}", bin("pause")?.display()),
         "sh".into(),
         "-c".into(),
-        setup.into(),
+        setup,
     ];
     node.spawn("holder", Path::new("unshare"), args)?;
     wait_until("the node's namespaces", Duration::from_secs(10), || {
@@ -659,13 +909,16 @@ clusterDNS: [{DNS_SERVICE_IP}]
 resolvConf: {dd}/resolv.conf
 podLogsDirectory: {dd}/pod-logs
 volumePluginDir: {dd}/kubelet-plugins
-# A test machine's disk is shared and often full-ish: evict only when it is really out of room,
-# and never collect the images the bed imported (there is no registry to pull them back from).
-evictionHard: {{memory.available: 1Mi, nodefs.available: 1%, nodefs.inodesFree: 1%, imagefs.available: 1%, imagefs.inodesFree: 1%}}
+# A test machine's disk is shared and often full-ish: evict only when it is really out of room
+# (an absolute floor: 1 % of a big disk is gigabytes, and a node tainted for DiskPressure schedules
+# nothing), and never collect the images the bed imported (no registry can give them back).
+evictionHard: {{memory.available: 1Mi, nodefs.available: 100Mi, nodefs.inodesFree: 1%, imagefs.available: 100Mi, imagefs.inodesFree: 1%}}
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 serializeImagePulls: false
-protectKernelDefaults: false
+# The kernel settings it wants are masked in the node's mount namespace (see start_holder): it
+# finds them as it wants them, and would fail rather than change the host's should one not be.
+protectKernelDefaults: true
 rotateCertificates: false
 serverTLSBootstrap: false
 "#,
@@ -811,4 +1064,50 @@ fn apply(api: &ClusterProcesses, yaml: &str) -> Result<()> {
         bail!("kubectl apply of the bed's cluster objects failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{HOST_TOOLS, missing_tool, service_range_conflict};
+
+    #[test]
+    fn a_host_tool_missing_from_path_is_named_with_how_to_install_it() -> anyhow::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(crate::unique("atlas-host-tools"));
+        let (first, second) = (dir.join("a"), dir.join("b"));
+        std::fs::create_dir_all(&first)?;
+        std::fs::create_dir_all(&second)?;
+        // Spread over two directories, as PATH spreads them.
+        let home = |tool: &str| {
+            let i = HOST_TOOLS.iter().position(|(t, _)| *t == tool).unwrap_or_default();
+            if i % 2 == 0 { first.join(tool) } else { second.join(tool) }
+        };
+        for (tool, _) in HOST_TOOLS {
+            std::fs::write(home(tool), "#!/bin/sh\n")?;
+            std::fs::set_permissions(home(tool), std::fs::Permissions::from_mode(0o755))?;
+        }
+        let path = std::env::join_paths([&first, &second])?;
+        assert_eq!(missing_tool(&path), None);
+        // Not executable is as good as missing.
+        std::fs::set_permissions(home("nft"), std::fs::Permissions::from_mode(0o644))?;
+        assert_eq!(missing_tool(&path), Some(("nft", "apt-get install nftables")));
+        std::fs::remove_file(home("nsenter"))?;
+        assert_eq!(missing_tool(&path), Some(("nsenter", "apt-get install util-linux")));
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+
+    #[test]
+    fn a_host_route_into_the_service_range_is_a_conflict_and_the_default_route_is_not() {
+        let host = "default via 192.0.2.1 dev eth0\n192.0.2.0/24 dev eth0 proto kernel scope link src 192.0.2.2\n\
+                    unreachable 10.0.0.0/24 metric 7\nlocal 127.0.0.1 dev lo table local proto kernel\n";
+        assert_eq!(service_range_conflict(host), None);
+        for route in
+            ["10.0.0.0/8 via 192.0.2.1 dev eth0", "10.0.0.128/25 dev eth1", "local 10.0.0.5 dev eth1 table local"]
+        {
+            let routes = format!("{host}{route}\n");
+            assert_eq!(service_range_conflict(&routes), Some(route));
+        }
+        assert_eq!(service_range_conflict("10.0.1.0/24 dev eth1\n"), None);
+    }
 }

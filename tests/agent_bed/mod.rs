@@ -437,7 +437,7 @@ impl Drop for Agent {
 /// Files served over HTTP on loopback until [`Hub::stop`], which closes the port (connections are
 /// refused from then on, as with a hub that is down).
 pub struct Hub {
-    /// `http://127.0.0.1:PORT`
+    /// `http://ADDRESS:PORT`
     pub base: String,
     /// Path -> body; change it while serving.
     pub files: common::ServedFiles,
@@ -453,7 +453,12 @@ pub fn channel_path(pack: &str, channel: &str) -> String {
 impl Hub {
     /// Starts serving (nothing yet).
     pub fn start() -> Result<Self> {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        Self::start_on(std::net::Ipv4Addr::LOCALHOST)
+    }
+
+    /// Starts serving (nothing yet) on `address` (the node bed's host address for pods to reach).
+    pub fn start_on(address: std::net::Ipv4Addr) -> Result<Self> {
+        let listener = std::net::TcpListener::bind((address, 0))?;
         let base = format!("http://{}", listener.local_addr()?);
         let files = common::ServedFiles::default();
         let (stop, thread) = Self::serve(listener, files.clone())?;
