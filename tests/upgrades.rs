@@ -146,31 +146,50 @@ fn a_fresh_start_with_the_download_api_down_runs_the_cached_jar_and_says_degrade
     Ok(())
 }
 
-#[test]
-fn a_minecraft_version_whose_server_fails_is_undone_from_a_local_backup_and_held_across_restarts() -> Result<()> {
-    let fixture = Fixture::new("version-undo")?;
+/// Takes the fake server jar out of the data dir and stands in for Mojang's API with 1.21.4 (the fake
+/// server) and 1.21.5 (the fake server with `new_properties` too): the manifest's URL.
+fn two_versions(fixture: &Fixture, new_properties: &str) -> Result<String> {
     std::fs::remove_file(fixture.data.join("fake-server.jar"))?;
     let jars = fixture.root.join("jars");
-    let good = agent_bed::fake_server_jar_with(&jars, "good", "version=1.21.4\n")?;
-    let bad = agent_bed::fake_server_jar_with(&jars, "bad", "version=1.21.5\ncrash-after-world=true\n")?;
-    let manifest = agent_bed::mojang_stand_in(&[("1.21.4", &good), ("1.21.5", &bad)])?;
-    // The backup store is the default local directory.
-    let backup = "  backup: {beforeUpdate: true}\n";
-    write_spec(&fixture, "{type: vanilla, version: \"1.21.4\"}", backup)?;
-    let mut runner = Runner::start(&fixture, &["--mojang-manifest-url", &manifest])?;
-    runner.wait_running()?;
+    let old = agent_bed::fake_server_jar_with(&jars, "old", "version=1.21.4\n")?;
+    let new = agent_bed::fake_server_jar_with(&jars, "new", &format!("version=1.21.5\n{new_properties}"))?;
+    agent_bed::mojang_stand_in(&[("1.21.4", &old), ("1.21.5", &new)])
+}
+
+/// A file of the world, written now, to find again after a restore.
+fn a_world_file(fixture: &Fixture) -> Result<std::path::PathBuf> {
     let kept = fixture.data.join("world/data/raids.dat");
     std::fs::create_dir_all(kept.parent().context("a parent")?)?;
     std::fs::write(&kept, b"raids as they were")?;
+    Ok(kept)
+}
 
-    write_spec(&fixture, "{type: vanilla, version: \"1.21.5\"}", backup)?;
+/// Waits until the change to 1.21.5 is undone, 1.21.4 runs again on the world restored from its
+/// backup (`kept` as it was), and returns that status.
+fn undone_from_backup(runner: &mut Runner, kept: &std::path::Path) -> Result<serde_json::Value> {
     let back = runner.wait_status("the version change undone", Duration::from_secs(90), |s| {
         s["lastUpdate"]["kind"] == "server" && s["lastUpdate"]["result"] == "RolledBack" && s["phase"] == "Running"
     })?;
     assert_eq!(back["serverVersion"], "1.21.4");
     let message = back["lastUpdate"]["message"].as_str().unwrap_or_default();
     assert!(message.contains("restored from backup"), "{message}");
-    assert_eq!(std::fs::read(&kept)?, b"raids as they were");
+    assert_eq!(std::fs::read(kept)?, b"raids as they were");
+    Ok(back)
+}
+
+#[test]
+fn a_minecraft_version_whose_server_fails_is_undone_from_a_local_backup_and_held_across_restarts() -> Result<()> {
+    let fixture = Fixture::new("version-undo")?;
+    let manifest = two_versions(&fixture, "crash-after-world=true\n")?;
+    // The backup store is the default local directory.
+    let backup = "  backup: {beforeUpdate: true}\n";
+    write_spec(&fixture, "{type: vanilla, version: \"1.21.4\"}", backup)?;
+    let mut runner = Runner::start(&fixture, &["--mojang-manifest-url", &manifest])?;
+    runner.wait_running()?;
+    let kept = a_world_file(&fixture)?;
+
+    write_spec(&fixture, "{type: vanilla, version: \"1.21.5\"}", backup)?;
+    let back = undone_from_backup(&mut runner, &kept)?;
     let listed = std::process::Command::new(common::binary())
         .args(["backup", "list", "--json", "--spec"])
         .arg(&fixture.spec)
@@ -223,31 +242,19 @@ fn a_fresh_start_keeps_latest_on_the_version_the_world_ran_on() -> Result<()> {
 #[test]
 fn a_version_changed_while_no_runner_ran_is_an_update_that_is_undone_from_its_backup() -> Result<()> {
     let fixture = Fixture::new("version-while-down")?;
-    std::fs::remove_file(fixture.data.join("fake-server.jar"))?;
-    let jars = fixture.root.join("jars");
-    let good = agent_bed::fake_server_jar_with(&jars, "good", "version=1.21.4\n")?;
-    let bad = agent_bed::fake_server_jar_with(&jars, "bad", "version=1.21.5\ncrash-after-world=true\n")?;
-    let manifest = agent_bed::mojang_stand_in(&[("1.21.4", &good), ("1.21.5", &bad)])?;
+    let manifest = two_versions(&fixture, "crash-after-world=true\n")?;
     let backup = "  backup: {beforeUpdate: true}\n";
     write_spec(&fixture, "{type: vanilla, version: \"1.21.4\"}", backup)?;
     let mut runner = Runner::start(&fixture, &["--mojang-manifest-url", &manifest])?;
     runner.wait_running()?;
-    let kept = fixture.data.join("world/data/raids.dat");
-    std::fs::create_dir_all(kept.parent().context("a parent")?)?;
-    std::fs::write(&kept, b"raids as they were")?;
+    let kept = a_world_file(&fixture)?;
     drop(runner);
 
     // The version changes while no runner runs (a pod being replaced); the next start backs the
     // world up, runs 1.21.5, and undoes it when its server fails after touching the world.
     write_spec(&fixture, "{type: vanilla, version: \"1.21.5\"}", backup)?;
     let mut runner = Runner::start(&fixture, &["--mojang-manifest-url", &manifest])?;
-    let back = runner.wait_status("the version change undone", Duration::from_secs(90), |s| {
-        s["lastUpdate"]["kind"] == "server" && s["lastUpdate"]["result"] == "RolledBack" && s["phase"] == "Running"
-    })?;
-    assert_eq!(back["serverVersion"], "1.21.4");
-    let message = back["lastUpdate"]["message"].as_str().unwrap_or_default();
-    assert!(message.contains("restored from backup"), "{message}");
-    assert_eq!(std::fs::read(&kept)?, b"raids as they were");
+    undone_from_backup(&mut runner, &kept)?;
     // On the series the AtlasUpdateRolledBack alert and the dashboard read.
     let (_, metrics) = common::http_get(&runner.metrics_addr, "/metrics")?;
     let counted = metrics
@@ -261,11 +268,7 @@ fn a_version_changed_while_no_runner_ran_is_an_update_that_is_undone_from_its_ba
 #[test]
 fn a_version_change_without_before_update_is_refused_and_says_why() -> Result<()> {
     let fixture = Fixture::new("version-refused")?;
-    std::fs::remove_file(fixture.data.join("fake-server.jar"))?;
-    let jars = fixture.root.join("jars");
-    let old = agent_bed::fake_server_jar_with(&jars, "old", "version=1.21.4\n")?;
-    let new = agent_bed::fake_server_jar_with(&jars, "new", "version=1.21.5\n")?;
-    let manifest = agent_bed::mojang_stand_in(&[("1.21.4", &old), ("1.21.5", &new)])?;
+    let manifest = two_versions(&fixture, "")?;
     write_spec(&fixture, "{type: vanilla, version: \"1.21.4\"}", "")?;
     let mut runner = Runner::start(&fixture, &["--mojang-manifest-url", &manifest])?;
     let first = runner.wait_running()?;

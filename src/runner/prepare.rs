@@ -192,9 +192,18 @@ pub struct Upgrade {
     pub to: String,
     /// What ran before: started again when the update is undone.
     pub previous: Box<Prepared>,
-    /// The backup taken right before the old server stopped (`spec.backup.beforeUpdate`): the world
-    /// it is restored from when the new server had touched the world.
+    /// The backup taken for the update (`spec.backup.beforeUpdate`: for a pack, right before the old
+    /// server stopped; for a Minecraft version, once it had stopped): the world it is restored from
+    /// when the new server had touched the world.
     pub backup: Option<String>,
+}
+
+impl Upgrade {
+    /// A change of Minecraft version from `from` to `to`, undone onto `previous` and, when the new
+    /// server touched the world, the world of `backup`.
+    pub fn server(from: String, to: String, previous: Box<Prepared>, backup: String) -> Box<Self> {
+        Box::new(Self { kind: UPGRADE_SERVER, from: Some(from), to, previous, backup: Some(backup) })
+    }
 }
 
 impl Prepared {

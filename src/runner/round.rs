@@ -298,13 +298,7 @@ impl Reconciler {
         match backup {
             Ok(manifest) => {
                 tracing::info!(from, to, backup = manifest.name, "changing the Minecraft version");
-                next.upgrade = Some(Box::new(Upgrade {
-                    kind: UPGRADE_SERVER,
-                    from: Some(from),
-                    to,
-                    previous: Box::new(previous),
-                    backup: Some(manifest.name),
-                }));
+                next.upgrade = Some(Upgrade::server(from, to, Box::new(previous), manifest.name));
                 Next::Run(Box::new(next))
             }
             Err(failure) => {
@@ -623,13 +617,8 @@ impl Reconciler {
             match self.shared.backups.create_stopped(&self.shared).await {
                 Ok(manifest) => {
                     tracing::info!(from, to, backup = manifest.name, "changing the Minecraft version");
-                    next.upgrade = Some(Box::new(Upgrade {
-                        kind: UPGRADE_SERVER,
-                        from: Some(from),
-                        to,
-                        previous: prepare::fallback_of(&round.prepared),
-                        backup: Some(manifest.name),
-                    }));
+                    next.upgrade =
+                        Some(Upgrade::server(from, to, prepare::fallback_of(&round.prepared), manifest.name));
                     return Flow::Done(Next::Run(Box::new(next)));
                 }
                 Err(failure) => {
