@@ -344,7 +344,7 @@ async fn prometheus_discovers_the_pods_through_the_api_server_and_every_dashboar
 -> Result<()> {
     use kube::api::{Api, ApiResource, DynamicObject};
     use kube::core::GroupVersionKind;
-    use prometheus_bed::{Prometheus, alert_exprs, dashboard, dashboard_queries, substitute};
+    use prometheus_bed::{Prometheus, alert_exprs, dashboard, dashboard_queries};
 
     let cluster = TestCluster::with_nodes(Path::new(common::binary())).await?;
     install_monitoring_crds(cluster)?;
@@ -479,18 +479,7 @@ async fn prometheus_discovers_the_pods_through_the_api_server_and_every_dashboar
     assert_eq!(labels(GUIDE_JOB).await?, from_monitor);
 
     let queries = dashboard_queries(&dashboard()?);
-    let mut failures = Vec::new();
-    let mut with_data = std::collections::BTreeSet::new();
-    for (title, expr) in &queries {
-        match prometheus.query(&substitute(expr)).await {
-            Ok(result) if !result.is_empty() => {
-                with_data.insert(title.clone());
-            }
-            Ok(_) => {}
-            Err(e) => failures.push(format!("{title}: {e}\n  {expr}")),
-        }
-    }
-    ensure!(failures.is_empty(), "dashboard queries Prometheus refused:\n{}", failures.join("\n"));
+    let with_data = prometheus.titles_with_data(&queries).await?;
     // The panels whose series exist once a server runs, has a player and has backed up, and an
     // operator reconciles it (not those that need a crash, a failure, a rollback or an update check).
     for title in [

@@ -141,6 +141,26 @@ impl Prometheus {
         Ok(answer["data"]["result"].as_array().cloned().unwrap_or_default())
     }
 
+    /// Evaluates every `(title, expr)` of `queries` now, its variables substituted: the titles
+    /// whose query returned data, or an error listing each query Prometheus refused.
+    pub async fn titles_with_data(&self, queries: &[(String, String)]) -> Result<std::collections::BTreeSet<String>> {
+        let mut failures = Vec::new();
+        let mut with_data = std::collections::BTreeSet::new();
+        for (title, expr) in queries {
+            match self.query(&substitute(expr)).await {
+                Ok(result) if !result.is_empty() => {
+                    with_data.insert(title.clone());
+                }
+                Ok(_) => {}
+                Err(e) => failures.push(format!("{title}: {e}\n  {expr}")),
+            }
+        }
+        if !failures.is_empty() {
+            bail!("dashboard queries Prometheus refused:\n{}", failures.join("\n"));
+        }
+        Ok(with_data)
+    }
+
     /// Every rule Prometheus loaded, as its rules API reports them (health, lastError).
     pub async fn rules(&self) -> Result<Vec<Value>> {
         let answer = self.api("/api/v1/rules", "").await?;
