@@ -1110,6 +1110,53 @@ async fn a_pod_that_does_not_serve_is_replaced_at_once_whatever_its_last_status_
     Ok(())
 }
 
+/// Marks pod `NAME-0` as a kubelet does when its readiness probe fails while its container keeps
+/// running (started ten minutes before): Running, Ready False since `since`. Waits until the
+/// StatefulSet counts it not ready.
+async fn pod_not_ready_since(installed: &Installed, name: &str, since: jiff::Timestamp) -> Result<()> {
+    let pods: Api<Pod> = installed.api();
+    let started = since.checked_sub(jiff::SignedDuration::from_mins(10))?;
+    let patch = json!({"status": {"phase": "Running",
+        "conditions": [{"type": "Ready", "status": "False", "reason": "ContainersNotReady",
+                        "lastTransitionTime": since.to_string()}],
+        "containerStatuses": [{"name": "server", "image": IMAGE, "imageID": "", "ready": false, "started": true,
+                               "restartCount": 0, "state": {"running": {"startedAt": started.to_string()}}}]}});
+    pods.patch_status(&format!("{name}-0"), &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    let sts_api: Api<StatefulSet> = installed.api();
+    wait_object(&sts_api, name, "the pod counted not ready", |s| {
+        s.status.as_ref().and_then(|st| st.ready_replicas).unwrap_or(0) == 0
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_pod_whose_probe_failed_a_moment_ago_keeps_its_players_until_the_grace_ends() -> Result<()> {
+    let installed = Installed::new("op-flap", &[]).await?;
+    controllers(installed.cluster)?;
+    let mut operator = installed.start_operator(&[])?;
+    apply_server(&installed, &server_doc("flap", minimal(json!({"storage": {"size": "1Gi"}})))).await?;
+    let pods: Api<Pod> = installed.api();
+    let old = wait_object(&pods, "flap-0", "the pod", |_| true).await?;
+    pod_ready(&installed, "flap").await?;
+    set_players(&installed, "flap", 2).await?;
+    // The readiness probe times out a few times on a busy node: the container keeps running.
+    pod_not_ready_since(&installed, "flap", jiff::Timestamp::now()).await?;
+    operator.stop()?;
+    let _operator = Operator::start_with_image(&installed, "atlas-runner:next", &[])?;
+    let pending = wait_condition(&installed, "flap", "UpgradePending", "True", "PlayersOnline").await?;
+    let message = condition(&pending, "UpgradePending").map(|c| c.2).unwrap_or_default();
+    assert!(message.contains("2 players"), "{message}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(pods.get("flap-0").await?.metadata.uid, old.metadata.uid, "replaced with players on it");
+
+    // Not ready for longer than the grace (two minutes): nobody is served, the pod is replaced.
+    let long_ago = jiff::Timestamp::now().checked_sub(jiff::SignedDuration::from_mins(3))?;
+    pod_not_ready_since(&installed, "flap", long_ago).await?;
+    wait_object(&pods, "flap-0", "the pod replaced after the grace", |p| p.metadata.uid != old.metadata.uid).await?;
+    Ok(())
+}
+
 fn promtool_check(body: &str) -> Result<()> {
     run(Command::new(bin("promtool")?).args(["check", "metrics"]), Some(body)).map(|_| ())
 }

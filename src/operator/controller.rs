@@ -231,11 +231,11 @@ async fn round(server: &MinecraftServer, ctx: &Context) -> Result<Action, Error>
     let gathered = gather(ctx, server, &id).await?;
     let built = children::build(server, &ctx.settings, &gathered.existing)?;
     apply_children(ctx, server, &id, built, &gathered).await?;
-    let rollout = roll_out(ctx, server, &id, &gathered).await?;
+    let (rollout, grace_ends) = roll_out(ctx, server, &id, &gathered).await?;
     report(ctx, server, &id, &gathered, &rollout).await?;
     Ok(match rollout {
         _ if !gathered.secrets_ok() => Action::requeue(SECRET_RETRY),
-        Rollout::Wait { .. } => Action::requeue(UPGRADE_RETRY),
+        Rollout::Wait { .. } => Action::requeue(grace_ends.map_or(UPGRADE_RETRY, |ends| ends.min(UPGRADE_RETRY))),
         Rollout::Settling | Rollout::Replacing => Action::requeue(Duration::from_secs(5)),
         _ => Action::requeue(ctx.resync),
     })
@@ -337,30 +337,43 @@ async fn apply_children(
     Ok(())
 }
 
-/// Roll out: an outdated pod is replaced when `spec.upgrade` allows.
+/// Roll out: an outdated pod is replaced when `spec.upgrade` allows. Also returns when to look
+/// again because a grace ends: a pod that went not ready a moment ago ([`upgrade::Serving::Faltering`]).
 async fn roll_out(
     ctx: &Context,
     server: &MinecraftServer,
     id: &Identity,
     gathered: &Gathered,
-) -> Result<Rollout, Error> {
+) -> Result<(Rollout, Option<Duration>), Error> {
     let spec = &server.spec;
     let policy = spec.upgrade.clone().unwrap_or_default();
     let observed = &gathered.observed;
-    let decide = |server: &MinecraftServer| match &observed.stateful_set {
+    let now = jiff::Zoned::now();
+    let judge = |server: &MinecraftServer, pod: Option<&Pod>| match &observed.stateful_set {
         Some(sts) if !spec.paused => {
-            let serving = upgrade::serving(server, Some(sts));
-            upgrade::decide(sts, observed.pod.as_deref(), serving, &policy, &jiff::Zoned::now())
+            let mut serving = upgrade::serving(server, Some(sts));
+            if let (upgrade::Serving::Down, Some(pod)) = (serving, pod) {
+                serving = upgrade::serving_not_ready(server, pod, now.timestamp());
+            }
+            upgrade::decide(sts, observed.pod.as_deref(), serving, &policy, &now).map(|rollout| (rollout, serving))
         }
-        _ => Ok(Rollout::NoPod),
+        _ => Ok((Rollout::NoPod, upgrade::Serving::Down)),
     };
-    let mut rollout = decide(server)?;
+    let (mut rollout, mut serving) = judge(server, None)?;
+    // The StatefulSet counts the pod not ready while the agent's last status says it serves: the
+    // pod itself tells a readiness probe that failed a moment ago (the players are likely still
+    // on) from a pod that does not run. Read only then, so a steady round reads nothing.
+    let mut pod = None;
+    if matches!(rollout, Rollout::Replace { .. })
+        && serving == upgrade::Serving::Down
+        && upgrade::agent_serving(server) != upgrade::Serving::Down
+    {
+        pod = read_pod(ctx, id).await?;
+        (rollout, serving) = judge(server, pod.as_ref())?;
+    }
     // The cache may be behind the agent's last write (a player who just joined): the count a
     // deletion rests on is read again from the API server first.
-    if matches!(rollout, Rollout::Replace { .. })
-        && policy.require_no_players
-        && upgrade::serving(server, observed.stateful_set.as_deref()) != upgrade::Serving::Down
-    {
+    if matches!(rollout, Rollout::Replace { .. }) && policy.require_no_players && serving != upgrade::Serving::Down {
         let servers: Api<MinecraftServer> = Api::namespaced(ctx.client.clone(), &id.namespace);
         let fresh = servers.get(&id.name).await.map_err(|source| Error::Read {
             kind: "MinecraftServer",
@@ -368,12 +381,29 @@ async fn roll_out(
             name: id.name.clone(),
             source,
         })?;
-        rollout = decide(&fresh)?;
+        (rollout, serving) = judge(&fresh, pod.as_ref())?;
     }
     if let (Rollout::Replace { from, to }, Some(pod)) = (&rollout, &observed.pod) {
         replace_pod(ctx, server, id, pod, from, to).await?;
     }
-    Ok(rollout)
+    let grace_ends = match serving {
+        // A moment after the grace, so that the next round sees it over.
+        upgrade::Serving::Faltering { left, .. } if matches!(rollout, Rollout::Wait { .. }) => {
+            Some(left + Duration::from_secs(1))
+        }
+        _ => None,
+    };
+    Ok((rollout, grace_ends))
+}
+
+/// The server's pod, whole (the cache holds its metadata only). The chart grants pods `list`, not
+/// `get`: a list by name is the same one read.
+async fn read_pod(ctx: &Context, id: &Identity) -> Result<Option<Pod>, Error> {
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &id.namespace);
+    let name = id.pod();
+    let params = ListParams::default().fields(&format!("metadata.name={name}"));
+    let list = pods.list(&params).await.map_err(read_error("Pod", &id.namespace, &name))?;
+    Ok(list.items.into_iter().next())
 }
 
 /// Status: the operator's three conditions, written only when they say something new.
