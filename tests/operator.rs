@@ -398,6 +398,8 @@ async fn check_contract(installed: &Installed, server: &MinecraftServer) -> Resu
     assert_eq!(env.get("ATLAS_DATA_DIR").map(String::as_str), Some("/data"));
     assert_eq!(env.get("ATLAS_SECRETS_DIR").map(String::as_str), Some("/var/run/atlas/secrets"));
     assert_eq!(env.get("ATLAS_MEMORY_LIMIT_BYTES").map(String::as_str), Some("resource:limits.memory"));
+    // The operator's TZ (UTC in these tests, as Operator::start sets it): both windows in one zone.
+    assert_eq!(env.get("TZ").map(String::as_str), Some("UTC"));
     let security = container.security_context.as_ref().context("a security context")?;
     assert_eq!(security.read_only_root_filesystem, Some(true));
     assert_eq!(security.allow_privilege_escalation, Some(false));
@@ -1180,6 +1182,19 @@ fn without_a_cluster_the_operator_says_how_to_give_it_one() -> Result<()> {
         Command::new(env!("CARGO_BIN_EXE_atlas-runner")).arg("operator").env_remove("ATLAS_AGENT_IMAGE").output()?;
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("--agent-image"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn an_unknown_time_zone_stops_the_operator_and_says_what_to_set() -> Result<()> {
+    let out = Command::new(env!("CARGO_BIN_EXE_atlas-runner"))
+        .args(["operator", "--agent-image", IMAGE])
+        .env("TZ", "Mars/Olympus")
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("TZ=\"Mars/Olympus\"") && err.contains("timeZone") && err.contains("Europe/Berlin"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
     Ok(())
 }
 

@@ -617,6 +617,11 @@ pub async fn run_until_signal(options: Options) -> Result<(), StartError> {
 
 /// Runs the operator until `shutdown` (then `Ok`), or until it loses the leader Lease.
 pub async fn run(options: Options, shutdown: CancellationToken) -> Result<(), StartError> {
+    // The pods get the same TZ: a name the operator cannot read would leave both windows in UTC.
+    if let Some(problem) = crate::runner::update::unknown_time_zone() {
+        return Err(StartError::TimeZone(problem));
+    }
+    let time_zone = std::env::var("TZ").ok().filter(|zone| !zone.is_empty());
     let client = Client::try_default().await.map_err(StartError::Config)?;
     let scope = options.watch_namespace.as_deref();
     let servers_api: Api<MinecraftServer> = scoped(&client, scope);
@@ -633,6 +638,7 @@ pub async fn run(options: Options, shutdown: CancellationToken) -> Result<(), St
         image: options.agent_image.clone(),
         image_pull_policy: options.agent_image_pull_policy.clone(),
         pod_monitors,
+        time_zone,
     };
 
     let children_config = watcher::Config::default().labels(CHILD_SELECTOR).any_semantic();
