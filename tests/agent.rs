@@ -114,6 +114,51 @@ async fn the_agent_runs_its_resource_and_reports_status_columns_events_and_outpu
     Ok(())
 }
 
+/// The agent's status writes so far, from its /metrics.
+fn status_writes(agent: &Agent) -> Result<f64> {
+    let (_, body) = common::http_get(&agent.metrics_addr, "/metrics")?;
+    let line = body.lines().find(|l| l.starts_with("atlas_agent_status_writes_total ")).context("no status writes")?;
+    Ok(line.rsplit(' ').next().unwrap_or_default().parse()?)
+}
+
+#[tokio::test]
+async fn an_agent_field_someone_else_edits_is_put_back_with_one_write() -> Result<()> {
+    let (bed, fixture) = bed("agent-edit", "edited").await?;
+    bed.apply(&fake_spec(&fixture)).await?;
+    let mut agent = Agent::start(&bed, &fixture, &[])?;
+    bed.wait(&mut agent, "phase Running", Duration::from_secs(60), |o| phase(o) == Some(Phase::Running)).await?;
+    // The first writes settle: three seconds without one.
+    let mut settled = status_writes(&agent)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let now = status_writes(&agent)?;
+        if now == settled {
+            break;
+        }
+        ensure!(std::time::Instant::now() < deadline, "the agent kept writing\n{}", agent.tail(20));
+        settled = now;
+    }
+
+    // An admin edits the agent's fields (`kubectl edit --subresource=status` sends the same patch).
+    let cluster = TestCluster::shared().await?;
+    let edit = r#"{"status": {"phase": "Stopped", "serverVersion": "0.0.1"}}"#;
+    let out = cluster
+        .kubectl()?
+        .args(["patch", "mcs", &bed.name, "-n", &bed.ns, "--subresource=status", "--type=merge", "-p", edit])
+        .output()?;
+    ensure!(out.status.success(), "kubectl patch: {}", String::from_utf8_lossy(&out.stderr));
+    bed.wait(&mut agent, "the edit put back", Duration::from_secs(30), |o| {
+        phase(o) == Some(Phase::Running)
+            && o.status.as_ref().and_then(|s| s.server_version.as_deref()) == Some("1.21.4")
+    })
+    .await?;
+    // One write put it back; the watch showing that write starts no other.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(status_writes(&agent)?, settled + 1.0, "{}", agent.tail(20));
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_property_change_restarts_the_server_exactly_once() -> Result<()> {
     let (bed, fixture) = bed("agent-respec", "respec").await?;
