@@ -1237,6 +1237,130 @@ async fn with_podmonitors_enabled_each_server_gets_one_scraping_its_metrics_port
 }
 
 #[tokio::test]
+async fn podmonitors_turned_off_are_deleted_and_others_left_alone() -> Result<()> {
+    let cluster = TestCluster::shared().await?;
+    let crds = atlas_testbed::bin_dir().join("prometheus-operator-crds");
+    ensure!(crds.is_dir(), "{} is missing: run `make testbed`", crds.display());
+    run(cluster.kubectl()?.args(["apply", "--server-side", "--force-conflicts", "-f"]).arg(&crds), None)?;
+    run(
+        cluster.kubectl()?.args([
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/podmonitors.monitoring.coreos.com",
+        ]),
+        None,
+    )?;
+    let installed = Installed::new("op-podmonitor-off", &["metrics.podMonitor.enabled=true"]).await?;
+    let mut operator = installed.start_operator(&["--pod-monitors"])?;
+    apply_server(&installed, &server_doc("scraped", minimal(json!({})))).await?;
+    let resource = kube::core::ApiResource::from_gvk_with_plural(
+        &kube::core::GroupVersionKind::gvk("monitoring.coreos.com", "v1", "PodMonitor"),
+        "podmonitors",
+    );
+    let monitors: Api<kube::api::DynamicObject> =
+        Api::namespaced_with(installed.ns.client.clone(), &installed.ns.name, &resource);
+    eventually("the PodMonitor", Duration::from_secs(60), || async { Ok(monitors.get_opt("scraped").await?) }).await?;
+    // Someone's own PodMonitor, with our labels but no server owning it.
+    let theirs = json!({"apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor",
+        "metadata": {"name": "theirs", "labels": {"app.kubernetes.io/managed-by": "atlas-runner",
+                                                  "app.kubernetes.io/component": "server"}},
+        "spec": {"selector": {}, "podMetricsEndpoints": [{"port": "metrics"}]}});
+    monitors.patch("theirs", &PatchParams::apply("someone"), &Patch::Apply(&theirs)).await?;
+    operator.stop()?;
+
+    // `helm upgrade --set metrics.podMonitor.enabled=false`: the chart's rules without them, and
+    // the operator restarted without --pod-monitors.
+    let off = [format!("watchNamespace={}", installed.ns.name), "metrics.podMonitor.enabled=false".to_owned()];
+    let off: Vec<&str> = off.iter().map(String::as_str).collect();
+    let rendered = render(installed.cluster, &installed.ns.name, &installed.ns.name, &off)?;
+    run(
+        installed.cluster.kubectl()?.args(["apply", "--server-side", "--force-conflicts", "-f", "-"]),
+        Some(&rendered),
+    )?;
+    let operator = installed.start_operator(&[])?;
+    eventually("the PodMonitor deleted", Duration::from_secs(60), || async {
+        Ok(monitors.get_opt("scraped").await?.is_none().then_some(()))
+    })
+    .await?;
+    assert!(monitors.get_opt("theirs").await?.is_some(), "a PodMonitor no server owns was deleted");
+    assert!(operator.logs().contains("deleted the one made before"), "{}", operator.logs());
+    Ok(())
+}
+
+/// A StorageClass that allows expansion (cluster-wide; made once per test process).
+async fn expandable_class(installed: &Installed) -> Result<String> {
+    let name = "atlas-test-expandable";
+    let classes: Api<k8s_openapi::api::storage::v1::StorageClass> = Api::all(installed.ns.client.clone());
+    let class = json!({"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": {"name": name},
+        "provisioner": "example.com/none", "allowVolumeExpansion": true});
+    classes.patch(name, &PatchParams::apply("atlas-tests").force(), &Patch::Apply(&class)).await?;
+    Ok(name.to_owned())
+}
+
+#[tokio::test]
+async fn a_grown_claim_is_read_once_and_a_refused_growth_is_one_event() -> Result<()> {
+    let installed = Installed::new("op-claim", &[]).await?;
+    controllers(installed.cluster)?;
+    let class = expandable_class(&installed).await?;
+    let operator = installed.start_operator(&["--resync-seconds", "3"])?;
+    let spec = |size: &str| minimal(json!({"storage": {"size": size, "storageClassName": class}}));
+    apply_server(&installed, &server_doc("growing", spec("1Gi"))).await?;
+    let claims: Api<PersistentVolumeClaim> = installed.api();
+    wait_object(&claims, "data-growing-0", "the claim", |_| true).await?;
+
+    // The claim is not bound (no provisioner here): the API server refuses to resize it, for good.
+    apply_server(&installed, &server_doc("growing", spec("2Gi"))).await?;
+    let events = || operator.sample("atlas_operator_api_writes_total{kind=\"event\"}");
+    let failed = eventually("a ReconcileFailed Event", Duration::from_secs(60), || async {
+        Ok(events_for(&installed, "growing")
+            .await?
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("ReconcileFailed")))
+    })
+    .await?;
+    assert!(failed.note.as_deref().unwrap_or_default().contains("data-growing-0"), "{failed:?}");
+    // Rounds the agent's status starts fail the same way: no Event for each.
+    let published = events()?;
+    let errors = operator.sample("atlas_operator_reconcile_errors_total{category=\"apply\"}")?;
+    for online in 1..=3 {
+        set_players(&installed, "growing", online).await?;
+        let seen = errors + f64::from(online);
+        eventually("the round failing again", Duration::from_secs(30), || async {
+            Ok((operator.sample("atlas_operator_reconcile_errors_total{category=\"apply\"}")? >= seen).then_some(()))
+        })
+        .await?;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(events()?, published, "an Event for each retry of the same failure:\n{}", operator.logs());
+
+    // Bound, as a provisioner would make it: the claim grows, and is not read again at each resync.
+    let bound = json!({"status": {"phase": "Bound", "capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"]}});
+    claims.patch_status("data-growing-0", &PatchParams::default(), &Patch::Merge(&bound)).await?;
+    set_players(&installed, "growing", 0).await?;
+    wait_object(&claims, "data-growing-0", "the claim asked for 2Gi", |c| {
+        c.spec
+            .as_ref()
+            .and_then(|s| s.resources.as_ref())
+            .and_then(|r| r.requests.as_ref())
+            .and_then(|r| r.get("storage"))
+            .map(|q| q.0.as_str())
+            == Some("2Gi")
+    })
+    .await?;
+    let reads = || operator.sample("atlas_operator_api_reads_total{kind=\"claim\"}");
+    let reconciles = operator.sample("atlas_operator_reconciles_total")?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let settled = reads()?;
+    eventually("two resyncs", Duration::from_secs(30), || async {
+        Ok((operator.sample("atlas_operator_reconciles_total")? >= reconciles + 3.0).then_some(()))
+    })
+    .await?;
+    assert_eq!(reads()?, settled, "the claim was read again at a resync:\n{}", operator.logs());
+    Ok(())
+}
+
+#[tokio::test]
 async fn an_operator_stopped_while_its_caches_fill_exits_promptly() -> Result<()> {
     let installed = Installed::new("op-early-stop", &[]).await?;
     for i in 0..30 {
