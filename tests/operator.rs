@@ -748,6 +748,9 @@ async fn a_missing_secret_is_a_condition_and_an_event_while_others_reconcile() -
 #[tokio::test]
 async fn an_idle_resync_writes_nothing() -> Result<()> {
     let installed = Installed::new("op-idle", &[]).await?;
+    // The StatefulSet controller makes the pods and the StatefulSets' status: the rounds they start
+    // (a pod's event, a StatefulSet's status) must write nothing either.
+    controllers(installed.cluster)?;
     let operator = installed.start_operator(&["--resync-seconds", "3"])?;
     for i in 0..5 {
         let extra =
@@ -756,6 +759,10 @@ async fn an_idle_resync_writes_nothing() -> Result<()> {
     }
     for i in 0..5 {
         wait_condition(&installed, &format!("idle-{i}"), "SecretsResolved", "True", "Resolved").await?;
+    }
+    let pods: Api<Pod> = installed.api();
+    for i in 0..5 {
+        wait_object(&pods, &format!("idle-{i}-0"), "the pod", |_| true).await?;
     }
     // Let the first rounds (and the reconciles their own writes trigger) settle.
     let writes = |op: &Operator| -> Result<f64> {
