@@ -318,13 +318,13 @@ async fn gather(ctx: &Context, server: &MinecraftServer, id: &Identity) -> Resul
         // A missing Secret is looked for again every round: it may have been created since.
         (fresh && present).then(|| checks.clone())
     });
+    let fresh = cached.is_none();
     let mut secrets = match cached {
         Some(checks) => checks,
         None => {
             let reads = uses.len();
             let checks = gather::check_secrets(&api, uses).await.map_err(read_error("Secret", ns, &id.name))?;
             ctx.metrics.read("secret", reads);
-            ctx.secret_checks().insert(key, (generation, Instant::now(), checks.clone()));
             checks
         }
     };
@@ -344,6 +344,11 @@ async fn gather(ctx: &Context, server: &MinecraftServer, id: &Identity) -> Resul
             }
         }
         check.state = SecretState::Present;
+    }
+    // Kept with the RCON Secret just created counted present: the next round (the one its own
+    // writes start) need not read it again.
+    if fresh {
+        ctx.secret_checks().insert(key, (generation, Instant::now(), secrets.clone()));
     }
     let existing = Existing {
         claim_templates: observed.stateful_set.as_ref().and_then(|s| s.spec.as_ref()?.volume_claim_templates.clone()),
