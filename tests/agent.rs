@@ -346,6 +346,54 @@ async fn hub_updates_are_backed_up_applied_and_a_crashing_version_is_rolled_back
     Ok(())
 }
 
+/// Writes Secret `name`'s `key` under `secrets` as the kubelet updates a Secret volume: the files in
+/// a new directory `..VERSION`, the `..data` symlink swapped to it by a rename, each key a symlink
+/// through `..data`.
+fn kubelet_secret(secrets: &std::path::Path, name: &str, key: &str, value: &str, version: &str) -> Result<()> {
+    let dir = secrets.join(name);
+    let data = dir.join(format!("..{version}"));
+    std::fs::create_dir_all(&data)?;
+    std::fs::write(data.join(key), value)?;
+    let tmp = dir.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(format!("..{version}"), &tmp)?;
+    std::fs::rename(&tmp, dir.join("..data"))?;
+    let link = dir.join(key);
+    if std::fs::symlink_metadata(&link).is_err() {
+        std::os::unix::fs::symlink(format!("..data/{key}"), &link)?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_rotated_hub_token_is_used_from_the_next_check_without_a_restart() -> Result<()> {
+    let (bed, fixture) = bed("agent-rotate", "rotated").await?;
+    let (fixture, packs) = pack_fixture("rotate", fixture)?;
+    let hub = Hub::start()?;
+    hub.publish("server", "stable", "1.0.0", &fake_server_pack(&packs, "1.0.0", &[])?)?;
+    kubelet_secret(&bed.secrets, "hub", "token", "first-token\n", "2026_12_07_00_00_00.1")?;
+    let mut spec = hub_spec(&fixture, &hub, json!({"mode": "auto", "interval": "1s"}));
+    spec["pack"]["source"]["hub"]["tokenSecretRef"] = json!({"name": "hub", "key": "token"});
+    bed.apply(&spec).await?;
+    let mut agent = Agent::start(&bed, &fixture, &[])?;
+    bed.wait(&mut agent, "Running", Duration::from_secs(60), |o| phase(o) == Some(Phase::Running)).await?;
+    let pid = server_pid(&agent)?;
+    let seen = |token: &str| hub.authorizations.lock().is_ok_and(|a| a.iter().any(|h| h == &format!("Bearer {token}")));
+    assert!(seen("first-token"), "{:?}", hub.authorizations.lock().map(|a| a.clone()));
+
+    // The Secret changes in the API; the kubelet swaps the volume's files.
+    kubelet_secret(&bed.secrets, "hub", "token", "second-token\n", "2026_12_07_00_01_00.2")?;
+    common::wait_for("the hub asked with the new token", Duration::from_secs(30), || {
+        seen("second-token").then_some(())
+    })?;
+    let since = hub.authorizations.lock().map(|a| a.len()).unwrap_or_default();
+    std::thread::sleep(Duration::from_secs(3));
+    let later: Vec<String> = hub.authorizations.lock().map(|a| a[since..].to_vec()).unwrap_or_default();
+    assert!(!later.is_empty() && later.iter().all(|h| h == "Bearer second-token"), "{later:?}");
+    assert_eq!(server_pid(&agent)?, pid, "the server was restarted for a rotated token");
+    Ok(())
+}
+
 #[tokio::test]
 async fn an_update_outside_its_window_or_with_players_online_is_reported_and_waits() -> Result<()> {
     let (bed, fixture) = bed("agent-wait", "waits").await?;
