@@ -66,6 +66,8 @@ pub mod env {
     /// With a node: the hosts file the bed's cluster DNS reads before the cluster's names
     /// ([`super::TestCluster::point_names`]).
     pub const NODE_HOSTS: &str = "ATLAS_TEST_NODE_HOSTS";
+    /// With a node: the socket of the node's containerd ([`super::TestCluster::tag_image`]).
+    pub const NODE_CONTAINERD: &str = "ATLAS_TEST_NODE_CONTAINERD";
     /// Read when starting a bed without a node: the API server's Service address range (default
     /// [`super::SERVICE_CIDR`]; the operator's bench needs room for 1,000 Services). A node bed
     /// ignores it.
@@ -717,6 +719,8 @@ pub struct NodeInfo {
     pub bed: Option<String>,
     /// The hosts file of the bed's cluster DNS, when the bed said it.
     pub hosts: Option<PathBuf>,
+    /// The socket of the node's containerd, when the bed said it.
+    pub containerd: Option<PathBuf>,
 }
 
 /// A fresh namespace on the shared API server, with a client for it.
@@ -779,8 +783,15 @@ impl TestCluster {
                         let mut cluster = TestCluster::bare(PathBuf::from(kubeconfig), None);
                         let bed = std::env::var(env::NODE_BED).ok();
                         let hosts = std::env::var_os(env::NODE_HOSTS).map(PathBuf::from);
-                        cluster.nodes =
-                            Some(NodeInfo { image, image_config: PathBuf::from(config), netns, bed, hosts });
+                        let containerd = std::env::var_os(env::NODE_CONTAINERD).map(PathBuf::from);
+                        cluster.nodes = Some(NodeInfo {
+                            image,
+                            image_config: PathBuf::from(config),
+                            netns,
+                            bed,
+                            hosts,
+                            containerd,
+                        });
                         return Ok(cluster);
                     }
                     let options = node::NodeOptions { image_binary: binary, volumes: 8 };
@@ -793,6 +804,7 @@ impl TestCluster {
                                 netns: c.network.netns_path().display().to_string(),
                                 bed: Some(c.network.name.clone()),
                                 hosts: Some(c.network.node_dir().join(node::HOSTS_FILE)),
+                                containerd: Some(c.network.node_dir().join(node::CONTAINERD_SOCKET)),
                             });
                             cluster.private_nodes = Some(c);
                             cluster
@@ -858,6 +870,20 @@ impl TestCluster {
             )
         })?;
         node::open_port(bed, port)
+    }
+
+    /// Tags our image in the node's containerd as `also` too (`localhost/atlas-runner:NEW`), as a
+    /// registry would hold a new release: a `helm upgrade` to that tag then changes every pod's
+    /// image and pulls nothing.
+    pub fn tag_image(&self, also: &str) -> Result<()> {
+        let nodes = self.nodes()?;
+        let socket = nodes.containerd.as_deref().with_context(|| {
+            format!(
+                "{} is not set: the node's images cannot be tagged (run under atlas-testbed run --nodes)",
+                env::NODE_CONTAINERD
+            )
+        })?;
+        image::tag(socket, &nodes.image, also)
     }
 
     /// Makes the cluster's DNS answer `names` (outside names: Mojang's, a pack hub's) with `address`,

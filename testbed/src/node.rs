@@ -43,6 +43,8 @@ const SLOTS: std::ops::RangeInclusive<u16> = 1..=250;
 const PREFIX: &str = "atlas-bed-";
 /// The hosts file the bed's CoreDNS reads (in the node's directory), before the cluster's names.
 pub const HOSTS_FILE: &str = "hosts";
+/// The node's containerd socket (in the node's directory).
+pub const CONTAINERD_SOCKET: &str = "containerd/containerd.sock";
 /// Where slots are claimed: one lock file per slot, machine-wide.
 pub const CLAIMS_DIR: &str = "/run/atlas-bed";
 
@@ -663,7 +665,7 @@ fn start_node<'scope>(
     let built = scope.spawn(move || image::our_image(&options.image_binary, &image_dir));
 
     let d = bed.node_dir().to_path_buf();
-    let socket = d.join("containerd/containerd.sock");
+    let socket = d.join(CONTAINERD_SOCKET);
     let pause = image::pause_image()?;
     std::fs::write(d.join("containerd.toml"), containerd_config(&d, &pause.name))
         .with_context(|| format!("write {}", d.join("containerd.toml").display()))?;
