@@ -505,13 +505,11 @@ async fn prometheus_discovers_the_pods_through_the_api_server_and_every_dashboar
     ] {
         ensure!(with_data.contains(title), "panel {title:?} has no data: with data {with_data:?}");
     }
-    // The limit the panel draws the JVM against comes from the kubelet's cAdvisor with the pod's
-    // labels. (The bed's kubelet finds no containerd at the default socket, so its cAdvisor labels
-    // the pod's cgroup and not the container's: the panel's `container="server"` series, which a
-    // cluster's kubelet has, is the pod's here.)
+    // The limit the panel draws the JVM against comes from the kubelet's cAdvisor, on the server
+    // container's own series (`container="server"`, as the panel selects it).
     let limit = prometheus
         .query(&format!(
-            "max by (namespace, pod) (container_spec_memory_limit_bytes{{namespace=\"{}\", pod=\"{name}-0\"}})",
+            "max by (namespace, pod) (container_spec_memory_limit_bytes{{namespace=\"{}\", pod=\"{name}-0\", container=\"server\"}})",
             release.ns.name
         ))
         .await?;

@@ -698,6 +698,10 @@ fn start_node<'scope>(
             format!("--cert-dir={}", cfg("kubelet/pki")),
             format!("--hostname-override={NODE_NAME}"),
             format!("--node-ip={node_ip}"),
+            // cAdvisor finds containers through containerd's own socket (not the CRI endpoint):
+            // without it, its metrics have the pods' cgroups but no `container` label.
+            format!("--containerd={}", cfg(CONTAINERD_SOCKET)),
+            "--containerd-namespace=k8s.io".to_owned(),
             "--v=1".to_owned(),
         ],
     )?;
