@@ -33,12 +33,13 @@ import os
 import random
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+from procs import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(REPO, "target"))
@@ -97,12 +98,6 @@ def timed(cmd, env=None):
         sys.exit(f"{cmd[0]} failed ({p.returncode}):\n{p.stderr[-3000:]}")
     rss = int(re.findall(r"MAXRSS (\d+)", p.stderr)[-1]) / 1024
     return wall, rss
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_fake_server(work):

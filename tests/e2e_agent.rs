@@ -505,13 +505,11 @@ async fn prometheus_discovers_the_pods_through_the_api_server_and_every_dashboar
     ] {
         ensure!(with_data.contains(title), "panel {title:?} has no data: with data {with_data:?}");
     }
-    // The limit the panel draws the JVM against comes from the kubelet's cAdvisor with the pod's
-    // labels. (The bed's kubelet finds no containerd at the default socket, so its cAdvisor labels
-    // the pod's cgroup and not the container's: the panel's `container="server"` series, which a
-    // cluster's kubelet has, is the pod's here.)
+    // The limit the panel draws the JVM against comes from the kubelet's cAdvisor, on the server
+    // container's own series (`container="server"`, as the panel selects it).
     let limit = prometheus
         .query(&format!(
-            "max by (namespace, pod) (container_spec_memory_limit_bytes{{namespace=\"{}\", pod=\"{name}-0\"}})",
+            "max by (namespace, pod) (container_spec_memory_limit_bytes{{namespace=\"{}\", pod=\"{name}-0\", container=\"server\"}})",
             release.ns.name
         ))
         .await?;
@@ -537,19 +535,24 @@ async fn prometheus_discovers_the_pods_through_the_api_server_and_every_dashboar
     Ok(())
 }
 
-/// The values of a `helm upgrade` that gives every server pod a new template: the agent's image
-/// pull policy changes (the image stays the one the node has; no registry is reachable to take
-/// a new tag from). The operator's own Deployment changes with it, so its pod is replaced too.
-fn upgraded_values(release: &Release) -> Vec<String> {
-    let mut values: Vec<String> =
-        release.values.iter().filter(|v| !v.starts_with("agentImagePullPolicy=")).cloned().collect();
-    values.push("agentImagePullPolicy=IfNotPresent".to_owned());
-    values
+/// A new release of Atlas Runner as a user upgrades to one: `helm upgrade` to a new image tag
+/// (the node holds our image under that tag too, as a registry would; the pull policy stays
+/// `Never`, so nothing is pulled). Every server pod's template changes with it, and so does the
+/// operator's Deployment. The values and the new image.
+fn upgraded_values(release: &Release) -> Result<(Vec<String>, String)> {
+    let old = &release.cluster.nodes()?.image;
+    let (repository, tag) = old.rsplit_once(':').context("an image reference with a tag")?;
+    let new_tag = format!("{tag}-next");
+    let new = format!("{repository}:{new_tag}");
+    release.cluster.tag_image(&new)?;
+    let mut values: Vec<String> = release.values.iter().filter(|v| !v.starts_with("image.tag=")).cloned().collect();
+    values.push(format!("image.tag={new_tag}"));
+    Ok((values, new))
 }
 
-/// The pull policy of the server container in `name`'s pod (the template the pod runs).
-fn pod_pull_policy(pod: &Pod) -> Option<String> {
-    pod.spec.as_ref()?.containers.iter().find(|c| c.name == "server")?.image_pull_policy.clone()
+/// The image of the server container in a pod (the template the pod runs).
+fn pod_image(pod: &Pod) -> Option<String> {
+    pod.spec.as_ref()?.containers.iter().find(|c| c.name == "server")?.image.clone()
 }
 
 /// The JVM the agent supervises in `name`'s pod: (pid, seconds since it started).
@@ -580,7 +583,9 @@ async fn helm_upgrade_with_a_player_online_restarts_nothing_until_the_player_lea
     let (pid, uptime) = jvm(&release, name)?;
     let upgraded_at = std::time::Instant::now();
 
-    chart_bed::helm(release.cluster, &release.ns, "upgrade", &release.name, &upgraded_values(&release))?;
+    let (values, new_image) = upgraded_values(&release)?;
+    let old_image = pod_image(&pod);
+    chart_bed::helm(release.cluster, &release.ns, "upgrade", &release.name, &values)?;
 
     // The new operator sees the new template and holds it back: a player is online.
     let held = wait_server(release.cluster, &release.ns, name, "UpgradePending=True", Duration::from_secs(120), |s| {
@@ -594,7 +599,7 @@ async fn helm_upgrade_with_a_player_online_restarts_nothing_until_the_player_lea
     tokio::time::sleep(Duration::from_secs(5)).await;
     let still = chart_bed::live_pod(&release.ns, name).await?.context("the server's pod")?;
     assert_eq!(still.metadata.uid, pod.metadata.uid, "the pod was replaced with a player online");
-    assert_eq!(pod_pull_policy(&still).as_deref(), Some("Never"));
+    assert_eq!(pod_image(&still), old_image, "the pod with a player runs another image");
     let (pid_now, uptime_now) = jvm(&release, name)?;
     assert_eq!(pid_now, pid, "the JVM was restarted");
     ensure!(
@@ -609,7 +614,7 @@ async fn helm_upgrade_with_a_player_online_restarts_nothing_until_the_player_lea
         Ok(chart_bed::live_pod(&release.ns, name).await?.filter(|p| p.metadata.uid != pod.metadata.uid))
     })
     .await?;
-    assert_eq!(pod_pull_policy(&replaced).as_deref(), Some("IfNotPresent"));
+    assert_eq!(pod_image(&replaced).as_deref(), Some(new_image.as_str()));
     let back = wait_server(release.cluster, &release.ns, name, "Ready on the new pod", Duration::from_secs(180), |s| {
         ready(s) && pending(s).is_some_and(|(status, _)| status == "False")
     })
@@ -702,8 +707,10 @@ async fn helm_upgrade_with_ten_servers_replaces_the_idle_ones_and_none_that_has_
         before.insert(name.clone(), (pod.metadata.uid.clone(), jvm(&release, name)?.0));
     }
 
+    let (values, new_image) = upgraded_values(&release)?;
+    let old_image = release.cluster.nodes()?.image.clone();
     let upgraded = std::time::Instant::now();
-    chart_bed::helm(release.cluster, &release.ns, "upgrade", &release.name, &upgraded_values(&release))?;
+    chart_bed::helm(release.cluster, &release.ns, "upgrade", &release.name, &values)?;
 
     // Each idle server gets a pod of the new template and is Ready again.
     for name in names.iter().filter(|n| !busy.contains(&n.as_str())) {
@@ -712,7 +719,7 @@ async fn helm_upgrade_with_ten_servers_replaces_the_idle_ones_and_none_that_has_
             Ok(chart_bed::live_pod(&release.ns, name).await?.filter(|p| p.metadata.uid != old))
         })
         .await?;
-        assert_eq!(pod_pull_policy(&pod).as_deref(), Some("IfNotPresent"), "{name}");
+        assert_eq!(pod_image(&pod).as_deref(), Some(new_image.as_str()), "{name}");
         wait_server(release.cluster, &release.ns, name, "Ready on the new pod", Duration::from_secs(300), |s| {
             ready(s) && pending(s).is_some_and(|(status, _)| status == "False")
         })
@@ -730,7 +737,7 @@ async fn helm_upgrade_with_ten_servers_replaces_the_idle_ones_and_none_that_has_
         assert_eq!(pending(&server).map(|(_, r)| r).as_deref(), Some("PlayersOnline"), "{name}");
         let pod = chart_bed::live_pod(&release.ns, name).await?.with_context(|| format!("{name}'s pod"))?;
         assert_eq!(pod.metadata.uid, before[name].0, "{name} was restarted with a player online");
-        assert_eq!(pod_pull_policy(&pod).as_deref(), Some("Never"), "{name}");
+        assert_eq!(pod_image(&pod).as_deref(), Some(old_image.as_str()), "{name}");
         assert_eq!(jvm(&release, name)?.0, before[name].1, "{name}'s JVM was restarted");
     }
     eprintln!(

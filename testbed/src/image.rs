@@ -196,6 +196,43 @@ pub fn import(socket: &Path, archive: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Tags the image `name` as `also` in the containerd at `socket` (the kubelet's namespace).
+pub fn tag(socket: &Path, name: &str, also: &str) -> Result<()> {
+    let mut cmd = Command::new(bin("ctr")?);
+    cmd.arg("--address").arg(socket).args(["--namespace", "k8s.io", "images", "tag", "--force", name, also]);
+    command_output(&mut cmd).with_context(|| format!("tag {name} as {also} in the node's containerd"))?;
+    Ok(())
+}
+
+/// The image the repository's chart runs when given no values, as the kubelet names it
+/// (`docker.io/library/atlas-runner:<appVersion>`): `image.repository` and `image.tag` of
+/// charts/atlas-runner/values.yaml, the tag defaulting to Chart.yaml's `appVersion`.
+pub fn chart_default_image() -> Result<String> {
+    let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/atlas-runner");
+    let read = |file: &str| -> Result<serde_yaml::Value> {
+        let path = chart.join(file);
+        let text = std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+        serde_yaml::from_str(&text).with_context(|| format!("parse {}", path.display()))
+    };
+    let (meta, values) = (read("Chart.yaml")?, read("values.yaml")?);
+    let repository =
+        values["image"]["repository"].as_str().context("the chart's values.yaml has no image.repository")?;
+    let tag = match values["image"]["tag"].as_str() {
+        Some(tag) if !tag.is_empty() => tag.to_owned(),
+        _ => meta["appVersion"].as_str().context("the chart's Chart.yaml has no appVersion")?.to_owned(),
+    };
+    Ok(format!("{}:{tag}", normalized_repository(repository)))
+}
+
+/// A repository as containerd's CRI names it: Docker Hub's by default, `library/` for a bare name.
+fn normalized_repository(repository: &str) -> String {
+    match repository.split_once('/') {
+        None => format!("docker.io/library/{repository}"),
+        Some((first, _)) if first.contains(['.', ':']) || first == "localhost" => repository.to_owned(),
+        Some(_) => format!("docker.io/{repository}"),
+    }
+}
+
 /// The image config inside an OCI archive: index -> manifest -> config.
 fn archive_config(archive: &Path) -> Result<Vec<u8>> {
     let read = |member: &str| -> Result<Vec<u8>> {
@@ -250,6 +287,25 @@ fn tempdir(prefix: &str) -> Result<PathBuf> {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn a_chart_repository_is_named_as_containerd_names_it() {
+        assert_eq!(normalized_repository("atlas-runner"), "docker.io/library/atlas-runner");
+        assert_eq!(normalized_repository("someone/atlas-runner"), "docker.io/someone/atlas-runner");
+        assert_eq!(normalized_repository("ghcr.io/someone/atlas-runner"), "ghcr.io/someone/atlas-runner");
+        assert_eq!(normalized_repository("localhost:5000/atlas-runner"), "localhost:5000/atlas-runner");
+        assert_eq!(normalized_repository("localhost/atlas-runner"), "localhost/atlas-runner");
+    }
+
+    #[test]
+    fn the_charts_default_image_is_its_app_version() -> Result<()> {
+        let chart =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/atlas-runner/Chart.yaml"))?;
+        let version = chart.lines().find_map(|l| l.strip_prefix("appVersion:")).context("appVersion")?;
+        let version = version.trim().trim_matches('"');
+        assert_eq!(chart_default_image()?, format!("docker.io/library/atlas-runner:{version}"));
+        Ok(())
+    }
 
     #[test]
     fn a_prune_of_the_cache_leaves_the_archive_a_bed_linked() -> Result<()> {

@@ -63,6 +63,11 @@ pub mod env {
     pub const NODE_NETNS: &str = "ATLAS_TEST_NODE_NETNS";
     /// With a node: the node bed's name (`atlas-bed-S`: its host link, cgroup and nftables table).
     pub const NODE_BED: &str = "ATLAS_TEST_NODE_BED";
+    /// With a node: the hosts file the bed's cluster DNS reads before the cluster's names
+    /// ([`super::TestCluster::point_names`]).
+    pub const NODE_HOSTS: &str = "ATLAS_TEST_NODE_HOSTS";
+    /// With a node: the socket of the node's containerd ([`super::TestCluster::tag_image`]).
+    pub const NODE_CONTAINERD: &str = "ATLAS_TEST_NODE_CONTAINERD";
     /// Read when starting a bed without a node: the API server's Service address range (default
     /// [`super::SERVICE_CIDR`]; the operator's bench needs room for 1,000 Services). A node bed
     /// ignores it.
@@ -712,6 +717,10 @@ pub struct NodeInfo {
     /// The node bed's name (`atlas-bed-S`: the host end of its link, its cgroup, its nftables table),
     /// when the bed said it.
     pub bed: Option<String>,
+    /// The hosts file of the bed's cluster DNS, when the bed said it.
+    pub hosts: Option<PathBuf>,
+    /// The socket of the node's containerd, when the bed said it.
+    pub containerd: Option<PathBuf>,
 }
 
 /// A fresh namespace on the shared API server, with a client for it.
@@ -773,7 +782,16 @@ impl TestCluster {
                     if let (Some(kubeconfig), Ok(image), Some(config), Ok(netns)) = from_env {
                         let mut cluster = TestCluster::bare(PathBuf::from(kubeconfig), None);
                         let bed = std::env::var(env::NODE_BED).ok();
-                        cluster.nodes = Some(NodeInfo { image, image_config: PathBuf::from(config), netns, bed });
+                        let hosts = std::env::var_os(env::NODE_HOSTS).map(PathBuf::from);
+                        let containerd = std::env::var_os(env::NODE_CONTAINERD).map(PathBuf::from);
+                        cluster.nodes = Some(NodeInfo {
+                            image,
+                            image_config: PathBuf::from(config),
+                            netns,
+                            bed,
+                            hosts,
+                            containerd,
+                        });
                         return Ok(cluster);
                     }
                     let options = node::NodeOptions { image_binary: binary, volumes: 8 };
@@ -785,6 +803,8 @@ impl TestCluster {
                                 image_config: c.image.config.clone(),
                                 netns: c.network.netns_path().display().to_string(),
                                 bed: Some(c.network.name.clone()),
+                                hosts: Some(c.network.node_dir().join(node::HOSTS_FILE)),
+                                containerd: Some(c.network.node_dir().join(node::CONTAINERD_SOCKET)),
                             });
                             cluster.private_nodes = Some(c);
                             cluster
@@ -850,6 +870,32 @@ impl TestCluster {
             )
         })?;
         node::open_port(bed, port)
+    }
+
+    /// Tags our image in the node's containerd as `also` too (`localhost/atlas-runner:NEW`), as a
+    /// registry would hold a new release: a `helm upgrade` to that tag then changes every pod's
+    /// image and pulls nothing.
+    pub fn tag_image(&self, also: &str) -> Result<()> {
+        let nodes = self.nodes()?;
+        let socket = nodes.containerd.as_deref().with_context(|| {
+            format!(
+                "{} is not set: the node's images cannot be tagged (run under atlas-testbed run --nodes)",
+                env::NODE_CONTAINERD
+            )
+        })?;
+        image::tag(socket, &nodes.image, also)
+    }
+
+    /// Makes the cluster's DNS answer `names` (outside names: Mojang's, a pack hub's) with `address`,
+    /// an address of the bed where the test serves them (see [`node::point_names`]).
+    pub fn point_names(&self, names: &[&str], address: Ipv4Addr) -> Result<()> {
+        let hosts = self.nodes()?.hosts.as_deref().with_context(|| {
+            format!(
+                "{} is not set: the bed's DNS cannot be told names (run under atlas-testbed run --nodes)",
+                env::NODE_HOSTS
+            )
+        })?;
+        node::point_names(hosts, names, address)
     }
 
     /// The admin kubeconfig's path.

@@ -92,7 +92,9 @@ async fn run() -> Result<ExitCode> {
             .env(env::IMAGE_CONFIG, &c.image.config)
             .env(env::IMAGE_BINARY, &image_binary)
             .env(env::NODE_NETNS, c.network.netns_path())
-            .env(env::NODE_BED, &c.network.name);
+            .env(env::NODE_BED, &c.network.name)
+            .env(env::NODE_HOSTS, c.network.node_dir().join(atlas_testbed::node::HOSTS_FILE))
+            .env(env::NODE_CONTAINERD, c.network.node_dir().join(atlas_testbed::node::CONTAINERD_SOCKET));
     }
     if let Some(s) = &s3 {
         cmd.env(env::S3_ENDPOINT, &s.endpoint.endpoint)

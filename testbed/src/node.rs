@@ -41,6 +41,10 @@ pub const DNS_SERVICE_IP: &str = "10.0.0.10";
 pub const STORAGE_CLASS: &str = "manual";
 const SLOTS: std::ops::RangeInclusive<u16> = 1..=250;
 const PREFIX: &str = "atlas-bed-";
+/// The hosts file the bed's CoreDNS reads (in the node's directory), before the cluster's names.
+pub const HOSTS_FILE: &str = "hosts";
+/// The node's containerd socket (in the node's directory).
+pub const CONTAINERD_SOCKET: &str = "containerd/containerd.sock";
 /// Where slots are claimed: one lock file per slot, machine-wide.
 pub const CLAIMS_DIR: &str = "/run/atlas-bed";
 
@@ -222,6 +226,11 @@ impl BedNetwork {
     /// any other host address the link would reach).
     pub fn open_to_pods(&self, port: u16) -> Result<()> {
         open_port(&self.name, port)
+    }
+
+    /// Makes the bed's cluster DNS answer `names` with `address` (see [`point_names`]).
+    pub fn point_names(&self, names: &[&str], address: Ipv4Addr) -> Result<()> {
+        point_names(&self.node_dir().join(HOSTS_FILE), names, address)
     }
 
     /// `program` run in the node's network namespace (and nothing else of it).
@@ -410,6 +419,35 @@ fn nft_table(name: &str) -> String {
     )
 }
 
+/// Points `names` at `address` in the bed's hosts file `hosts` (the one its CoreDNS reads, within a
+/// second), replacing what they pointed at before: pods then resolve an outside name (Mojang's, a
+/// pack hub's) to an address of the bed, typically its host address, where a test serves it. Names
+/// not listed still get no answer. An empty `names` changes nothing.
+pub fn point_names(hosts: &Path, names: &[&str], address: Ipv4Addr) -> Result<()> {
+    if let Some(bad) = names.iter().find(|n| n.is_empty() || n.contains(|c: char| c.is_whitespace() || c == '#')) {
+        bail!("{bad:?} is not a host name: a name for the bed's DNS has no spaces and no '#'");
+    }
+    let old =
+        std::fs::read_to_string(hosts).with_context(|| format!("read the bed's hosts file {}", hosts.display()))?;
+    let mut text = String::new();
+    for line in old.lines() {
+        // The names now pointed elsewhere leave the lines they were on.
+        let mut words = line.split_whitespace();
+        let Some(ip) = words.next() else { continue };
+        let kept: Vec<&str> = words.filter(|w| !names.contains(w)).collect();
+        if !kept.is_empty() {
+            text += &format!("{ip} {}\n", kept.join(" "));
+        }
+    }
+    if !names.is_empty() {
+        text += &format!("{address} {}\n", names.join(" "));
+    }
+    // Whole or not at all: CoreDNS may read it at any moment.
+    let partial = hosts.with_extension("partial");
+    std::fs::write(&partial, text).with_context(|| format!("write {}", partial.display()))?;
+    std::fs::rename(&partial, hosts).with_context(|| format!("rename {} into place", partial.display()))
+}
+
 /// Opens `port` on the host to the node of the bed `name` (see [`nft_table`]).
 pub fn open_port(name: &str, port: u16) -> Result<()> {
     run(Command::new("nft").args(["add", "element", "inet", name, "pod_ports", &format!("{{ {port} }}")]))
@@ -590,6 +628,11 @@ impl NodeCluster {
     pub fn kubeconfig(&self) -> &Path {
         &self.api.kubeconfig
     }
+
+    /// Makes the cluster's DNS answer `names` with `address` (see [`point_names`]).
+    pub fn point_names(&self, names: &[&str], address: Ipv4Addr) -> Result<()> {
+        self.network.point_names(names, address)
+    }
 }
 
 const COMPONENTS: [&str; 6] =
@@ -622,7 +665,7 @@ fn start_node<'scope>(
     let built = scope.spawn(move || image::our_image(&options.image_binary, &image_dir));
 
     let d = bed.node_dir().to_path_buf();
-    let socket = d.join("containerd/containerd.sock");
+    let socket = d.join(CONTAINERD_SOCKET);
     let pause = image::pause_image()?;
     std::fs::write(d.join("containerd.toml"), containerd_config(&d, &pause.name))
         .with_context(|| format!("write {}", d.join("containerd.toml").display()))?;
@@ -655,6 +698,10 @@ fn start_node<'scope>(
             format!("--cert-dir={}", cfg("kubelet/pki")),
             format!("--hostname-override={NODE_NAME}"),
             format!("--node-ip={node_ip}"),
+            // cAdvisor finds containers through containerd's own socket (not the CRI endpoint):
+            // without it, its metrics have the pods' cgroups but no `container` label.
+            format!("--containerd={}", cfg(CONTAINERD_SOCKET)),
+            "--containerd-namespace=k8s.io".to_owned(),
             "--v=1".to_owned(),
         ],
     )?;
@@ -698,6 +745,9 @@ fn start_node<'scope>(
     bed.spawn_in("coredns", &bin("coredns")?, ["-conf".to_owned(), cfg("Corefile")])?;
 
     joined(import, "the image import")?;
+    // Also under the name the chart runs by default, so a `helm install` with no values finds it on
+    // the node (its pull policy, IfNotPresent, then pulls nothing).
+    image::tag(&socket, &built.name, &image::chart_default_image()?)?;
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         for name in COMPONENTS {
@@ -880,6 +930,8 @@ fn write_node_files(d: &Path, network: &BedNetwork, api: &ClusterProcesses) -> R
             ],
         }))?,
     )?;
+    // Empty until a test points a name at the bed (see point_names); CoreDNS rereads it.
+    std::fs::write(d.join(HOSTS_FILE), "")?;
     // Pods whose DNS policy is Default read this too: never the host's resolver.
     std::fs::write(d.join("resolv.conf"), format!("nameserver {DNS_SERVICE_IP}\n"))?;
     std::fs::write(
@@ -953,6 +1005,13 @@ conntrack: {{maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeo
     errors
     health 127.0.0.1:8080
     ready 127.0.0.1:8181
+    # Outside names a test points at the bed's own address (see point_names); every other name
+    # goes on to the cluster's, and one the cluster does not know either gets no answer from
+    # outside: there is no `forward`.
+    hosts {dd}/{HOSTS_FILE} {{
+        reload 1s
+        fallthrough
+    }}
     kubernetes cluster.local in-addr.arpa ip6.arpa {{
         kubeconfig {dd}/coredns.kubeconfig atlas-test
         pods insecure
@@ -1068,7 +1127,30 @@ fn apply(api: &ClusterProcesses, yaml: &str) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::{HOST_TOOLS, missing_tool, service_range_conflict};
+    use super::{HOST_TOOLS, missing_tool, point_names, service_range_conflict};
+
+    #[test]
+    fn pointing_names_moves_them_and_keeps_the_other_names() -> anyhow::Result<()> {
+        let dir = std::env::temp_dir().join(crate::unique("atlas-hosts"));
+        std::fs::create_dir_all(&dir)?;
+        let hosts = dir.join("hosts");
+        std::fs::write(&hosts, "")?;
+        let (a, b) = (std::net::Ipv4Addr::new(10, 213, 7, 1), std::net::Ipv4Addr::new(10, 213, 7, 2));
+        point_names(&hosts, &["x.example", "y.example"], a)?;
+        point_names(&hosts, &["z.example"], a)?;
+        assert_eq!(std::fs::read_to_string(&hosts)?, "10.213.7.1 x.example y.example\n10.213.7.1 z.example\n");
+        point_names(&hosts, &["y.example"], b)?;
+        assert_eq!(
+            std::fs::read_to_string(&hosts)?,
+            "10.213.7.1 x.example\n10.213.7.1 z.example\n10.213.7.2 y.example\n"
+        );
+        match point_names(&hosts, &["two words"], a) {
+            Err(bad) => assert!(bad.to_string().contains("not a host name"), "{bad}"),
+            Ok(()) => anyhow::bail!("a name with a space was written"),
+        }
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
 
     #[test]
     fn a_host_tool_missing_from_path_is_named_with_how_to_install_it() -> anyhow::Result<()> {

@@ -3,8 +3,13 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
+
+/// Where the bed's outside-world CA is, under the installed binaries' directory.
+const OUTSIDE_CA_DIR: &str = "outside-ca";
+/// Its subject's common name (scripts/testbed-install.sh writes it).
+const OUTSIDE_CA_NAME: &str = "atlas-bed outside-world CA";
 
 /// A directory of PEM files and the CA that signed them, able to sign more.
 pub struct Pki {
@@ -48,6 +53,27 @@ impl Pki {
         let front = Self { dir: dir.to_path_buf(), ca: front_ca };
         front.client("front-proxy-client", "front-proxy-client", &[])?;
         Ok(pki)
+    }
+
+    /// Signs with the bed's outside-world CA (made once by scripts/testbed-install.sh, trusted by the
+    /// node's base image and by nothing on the host), for stand-ins of outside HTTPS services under
+    /// their real names: writes its certificate (never its key) as `ca.crt` in `dir`, and
+    /// [`Pki::server`] then writes leaves the pods trust.
+    pub fn outside_world(dir: &Path) -> Result<Self> {
+        let ca_dir = crate::bin_dir().join(OUTSIDE_CA_DIR);
+        let read = |name: &str| {
+            std::fs::read_to_string(ca_dir.join(name)).with_context(|| {
+                format!("the bed's outside-world CA {}: {}", ca_dir.join(name).display(), crate::INSTALL_HINT)
+            })
+        };
+        let (cert, key) = (read("ca.crt")?, read("ca.key")?);
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(dir.join("ca.crt"), cert)?;
+        // A leaf names its issuer by the CA's subject, which the install wrote as this one CN.
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, OUTSIDE_CA_NAME);
+        Ok(Self { dir: dir.to_path_buf(), ca: Issuer::new(params, KeyPair::from_pem(&key)?) })
     }
 
     /// The directory holding the files.

@@ -709,3 +709,98 @@ impl KillSchedule {
         Ok(runs)
     }
 }
+
+/// Where Mojang's version manifest is on `piston-meta.mojang.com` (the runner's default URL's path).
+pub const MOJANG_MANIFEST_PATH: &str = "/mc/game/version_manifest_v2.json";
+
+/// Mojang's API as the runner reads it: the real manifest and the latest release's real version
+/// document (tests/data/mojang), with the fake server (built for Java 17) as that release's server
+/// jar, its sha1 and size in the document, whose sha1 is in the manifest. Files are at the URL paths
+/// Mojang uses (the manifest at [`MOJANG_MANIFEST_PATH`], the document under `/v1/packages/SHA1/`,
+/// the jar under `/v1/objects/SHA1/`), and links in them name the hosts `meta` and `data`
+/// (`https://piston-meta.mojang.com` and `https://piston-data.mojang.com` for the real names, or one
+/// loopback base for both). Returns path -> body.
+pub fn mojang_files(meta: &str, data: &str) -> Result<std::collections::HashMap<String, Vec<u8>>> {
+    use sha1::Sha1;
+    let sha1 = |bytes: &[u8]| hex::encode(Sha1::digest(bytes));
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/mojang");
+    let jar = std::fs::read(fake_server_jar()?)?;
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("version_manifest_v2.json"))?)?;
+    let latest = manifest["latest"]["release"].as_str().context("no latest release")?.to_owned();
+    let mut document: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join(format!("{latest}.json")))?)?;
+    let jar_path = format!("/v1/objects/{}/server.jar", sha1(&jar));
+    document["downloads"]["server"] =
+        serde_json::json!({"sha1": sha1(&jar), "size": jar.len(), "url": format!("{data}{jar_path}")});
+    // The jar served is the fake server, built for Java 17: its document says so, so the runner picks
+    // any JDK 17+ there is instead of needing the real release's Java 25.
+    document["javaVersion"]["majorVersion"] = 17.into();
+    let document = serde_json::to_vec(&document)?;
+    let document_path = format!("/v1/packages/{}/{latest}.json", sha1(&document));
+    let entry = manifest["versions"]
+        .as_array_mut()
+        .and_then(|versions| versions.iter_mut().find(|v| v["id"] == latest.as_str()))
+        .context("the latest release in the manifest")?;
+    entry["url"] = format!("{meta}{document_path}").into();
+    entry["sha1"] = sha1(&document).into();
+    let manifest = serde_json::to_vec(&manifest)?;
+    Ok([(MOJANG_MANIFEST_PATH.to_owned(), manifest), (document_path, document), (jar_path, jar)].into_iter().collect())
+}
+
+/// Python's HTTPS file server (`http.server` behind `ssl`) serving `root` on `address:port` (port 0:
+/// a free one) with the certificate `cert` and its key `key`; stopped on drop.
+pub struct HttpsServer {
+    child: Child,
+    /// The port it listens on.
+    pub port: u16,
+}
+
+impl HttpsServer {
+    pub fn start(root: &Path, cert: &str, key: &str, address: &str, port: u16) -> Result<Self> {
+        let script = "import http.server, ssl, sys\n\
+            handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=sys.argv[1])\n\
+            server = http.server.ThreadingHTTPServer((sys.argv[4], int(sys.argv[5])), handler)\n\
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)\n\
+            context.load_cert_chain(sys.argv[2], sys.argv[3])\n\
+            server.socket = context.wrap_socket(server.socket, server_side=True)\n\
+            print(server.server_address[1], flush=True)\n\
+            server.serve_forever()\n";
+        let mut child = Command::new("python3")
+            .args(["-c", script])
+            .arg(root)
+            .args([cert, key, address, &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("start python3's HTTPS server")?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().context("no stdout")?).read_line(&mut line)?;
+        let Ok(port) = line.trim().parse() else {
+            let _ = child.kill();
+            let mut err = String::new();
+            if let Some(mut stderr) = child.stderr.take() {
+                let _ = stderr.read_to_string(&mut err);
+            }
+            let _ = child.wait();
+            bail!("python3's HTTPS server on {address}:{port} did not start: {}", err.trim());
+        };
+        // Its request log is not read: it must not fill a pipe nobody empties.
+        if let Some(stderr) = child.stderr.take() {
+            std::thread::spawn(move || std::io::copy(&mut BufReader::new(stderr), &mut std::io::sink()));
+        }
+        Ok(Self { child, port })
+    }
+
+    /// Its process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for HttpsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
