@@ -18,6 +18,10 @@ Measures, in this order:
     moment the operator's writes settled and the end of a full resync of all 1,000 servers, and the
     operator's own count. Target: zero. (The leader Lease's renewals, one PUT every 2 s, and the API
     server's own upkeep are shown apart.)
+  * API reads, from the same apiserver_request_total (GET, LIST, WATCH on resources; the bench's
+    own polls taken out): ours from the start until the writes settle and during the idle resync,
+    and the peer's kubectl apply, each per server; with the operator's own count of the reads it
+    makes outside its watch caches (atlas_operator_api_reads_total).
 
     bench/operator.py [--servers 1000] [--resync-seconds 30] [--concurrency 16]
 
@@ -40,6 +44,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(REPO, "target"))
 BIN = os.environ.get("ATLAS_TEST_BIN", os.path.expanduser("~/.cache/atlas-runner/test-bin"))
 WRITE_VERBS = ("POST", "PUT", "PATCH", "DELETE")
+READ_VERBS = ("GET", "LIST", "WATCH")
 # What the operator writes (besides its leader Lease).
 OPERATOR_WRITES = {"statefulsets", "services", "serviceaccounts", "roles", "rolebindings", "secrets",
                    "minecraftservers", "events", "pods", "persistentvolumeclaims", "podmonitors"}
@@ -57,6 +62,8 @@ class Api:
         self.server = cluster["server"]
         self.context = ssl.create_default_context(cafile=cluster["certificate-authority"])
         self.context.load_cert_chain(user["client-certificate"], user["client-key"])
+        # The LISTs this bench sent itself (count()), to take out of the API server's read counts.
+        self.own_lists = 0
 
     def get(self, path):
         with urllib.request.urlopen(self.server + path, context=self.context, timeout=30) as r:
@@ -64,11 +71,24 @@ class Api:
 
     def count(self, path):
         """Objects at a list path, by one small consistent list (limit=1 + remainingItemCount)."""
+        self.own_lists += 1
         body = json.loads(self.get(path + "?limit=1"))
         return len(body["items"]) + int(body["metadata"].get("remainingItemCount") or 0)
 
     def writes(self):
         """apiserver_request_total of the write verbs, by resource."""
+        return self.requests(WRITE_VERBS)
+
+    def reads(self):
+        """apiserver_request_total of the read verbs on resources (not /metrics, discovery), by
+        resource, with this bench's own LISTs taken out (they are all of StatefulSets)."""
+        out = self.requests(READ_VERBS)
+        out.pop("", None)
+        out["statefulsets"] = out.get("statefulsets", 0) - self.own_lists
+        return out
+
+    def requests(self, verbs):
+        """apiserver_request_total of `verbs`, by resource."""
         out = {}
         for line in self.get("/metrics").splitlines():
             if not line.startswith("apiserver_request_total{"):
@@ -76,7 +96,7 @@ class Api:
             labels, value = line.rsplit(" ", 1)
             fields = dict(kv.split("=", 1) for kv in labels[len("apiserver_request_total{"):-1].split(","))
             verb = fields.get("verb", "").strip('"')
-            if verb in WRITE_VERBS:
+            if verb in verbs:
                 resource = fields.get("resource", "").strip('"')
                 out[resource] = out.get(resource, 0) + float(value)
         return out
@@ -152,6 +172,7 @@ def main():
         log = open(os.path.join(tmp, "operator.log"), "w")
         env = dict(os.environ, KUBECONFIG=kubeconfig, RUST_LOG="warn")
         env.pop("POD_NAMESPACE", None)
+        reads_before = api.reads()
         started = time.perf_counter()
         proc = subprocess.Popen([binary, "--log-format", "json", "operator", "--agent-image", "atlas-runner:bench",
                                  "--watch-namespace", ours, "--lease-namespace", ours,
@@ -181,6 +202,8 @@ def main():
                     break
                 settled = now
             print(f"ours: {int(settled)} writes in all, settled", flush=True)
+            reads_settled = api.reads()
+            own_reads_settled = metric(metrics_addr, "atlas_operator_api_reads_total")
 
             # One idle resync: every server reconciled once more, with nothing changed.
             before = api.writes()
@@ -191,6 +214,8 @@ def main():
                     raise RuntimeError("no full resync happened")
                 time.sleep(1)
             after = api.writes()
+            reads_after = api.reads()
+            own_reads_after = metric(metrics_addr, "atlas_operator_api_reads_total")
             resync_seconds = time.perf_counter() - resync_started
             own_after = metric(metrics_addr, "atlas_operator_api_writes_total")
             peak = max(peak, vm(proc.pid, "VmHWM"))
@@ -219,9 +244,11 @@ def main():
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(listing, f)
         path = f.name
+    peer_reads_before = api.reads()
     started = time.perf_counter()
     kubectl(kubeconfig, "apply", "--server-side", "-f", path)
     peer_seconds = time.perf_counter() - started
+    peer_reads = diff(api.reads(), peer_reads_before)
     os.unlink(path)
     count = api.count(f"/apis/apps/v1/namespaces/{peer}/statefulsets")
     if count != args.servers:
@@ -239,6 +266,23 @@ def main():
           f"renewals every 2 s and the API server's own)")
     print(f"ours wrote {int(settled)} objects and statuses for {args.servers} servers "
           f"({settled / ours_seconds:.0f} writes/s); the peer {args.servers / peer_seconds:.0f} writes/s")
+    first_reads = diff(reads_settled, reads_before)
+    resync_reads = diff(reads_after, reads_settled)
+    peer_total = sum(peer_reads.values())
+    print(f"API reads until settled (the API server's count): ours {int(sum(first_reads.values()))} "
+          f"({sum(first_reads.values()) / args.servers:.2f} per server) {first_reads}; the operator's own count "
+          f"outside its caches {int(own_reads_settled)}")
+    print(f"API reads during the idle resync: {int(sum(resync_reads.values()))} "
+          f"({sum(resync_reads.values()) / args.servers:.2f} per server) {resync_reads or ''}; the operator's own "
+          f"count {int(own_reads_after - own_reads_settled)}")
+    print(f"peer (kubectl apply --server-side of {args.servers} StatefulSets): {int(peer_total)} API reads "
+          f"({peer_total / args.servers:.2f} per server) {peer_reads or ''}")
+
+
+def diff(after, before):
+    """The non-zero differences of two counts by resource."""
+    out = {r: int(after.get(r, 0) - before.get(r, 0)) for r in set(after) | set(before)}
+    return {r: n for r, n in sorted(out.items()) if n}
 
 
 if __name__ == "__main__":

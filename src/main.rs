@@ -72,6 +72,13 @@ fn main() -> ExitCode {
         let _ = writeln!(std::io::stderr(), "atlas-runner: {e}");
         return ExitCode::from(2);
     }
+    if matches!(cli.command, Command::Run(_) | Command::Agent(_))
+        && let Some(problem) = atlas_runner::runner::update::unknown_time_zone()
+    {
+        tracing::warn!(
+            "{problem}: update windows and backup schedules are read in UTC; set TZ to an IANA name such as Europe/Berlin"
+        );
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

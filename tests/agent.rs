@@ -114,6 +114,121 @@ async fn the_agent_runs_its_resource_and_reports_status_columns_events_and_outpu
     Ok(())
 }
 
+/// The agent's status writes so far, from its /metrics.
+fn status_writes(agent: &Agent) -> Result<f64> {
+    let (_, body) = common::http_get(&agent.metrics_addr, "/metrics")?;
+    let line = body.lines().find(|l| l.starts_with("atlas_agent_status_writes_total ")).context("no status writes")?;
+    Ok(line.rsplit(' ').next().unwrap_or_default().parse()?)
+}
+
+#[tokio::test]
+async fn an_agent_field_someone_else_edits_is_put_back_with_one_write() -> Result<()> {
+    let (bed, fixture) = bed("agent-edit", "edited").await?;
+    bed.apply(&fake_spec(&fixture)).await?;
+    let mut agent = Agent::start(&bed, &fixture, &[])?;
+    bed.wait(&mut agent, "phase Running", Duration::from_secs(60), |o| phase(o) == Some(Phase::Running)).await?;
+    // The first writes settle: three seconds without one.
+    let mut settled = status_writes(&agent)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let now = status_writes(&agent)?;
+        if now == settled {
+            break;
+        }
+        ensure!(std::time::Instant::now() < deadline, "the agent kept writing\n{}", agent.tail(20));
+        settled = now;
+    }
+
+    // An admin edits the agent's fields (`kubectl edit --subresource=status` sends the same patch).
+    let cluster = TestCluster::shared().await?;
+    let edit = r#"{"status": {"phase": "Stopped", "serverVersion": "0.0.1"}}"#;
+    let out = cluster
+        .kubectl()?
+        .args(["patch", "mcs", &bed.name, "-n", &bed.ns, "--subresource=status", "--type=merge", "-p", edit])
+        .output()?;
+    ensure!(out.status.success(), "kubectl patch: {}", String::from_utf8_lossy(&out.stderr));
+    bed.wait(&mut agent, "the edit put back", Duration::from_secs(30), |o| {
+        phase(o) == Some(Phase::Running)
+            && o.status.as_ref().and_then(|s| s.server_version.as_deref()) == Some("1.21.4")
+    })
+    .await?;
+    // One write put it back; the watch showing that write starts no other.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(status_writes(&agent)?, settled + 1.0, "{}", agent.tail(20));
+    Ok(())
+}
+
+/// The operator's three conditions as its own code writes them (server-side apply on /status as
+/// `atlas-operator`), with `upgrade` as UpgradePending's status and reason.
+async fn operator_writes(bed: &AgentBed, upgrade: (&str, &str)) -> Result<()> {
+    let generation = bed.get().await?.metadata.generation;
+    let condition =
+        |type_: &str, status: &str, reason: &str| k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+            type_: type_.to_owned(),
+            status: status.to_owned(),
+            reason: reason.to_owned(),
+            message: format!("{type_} as the operator says"),
+            last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now()),
+            observed_generation: generation,
+        };
+    let conditions = [
+        condition("WorkloadReady", "True", "PodReady"),
+        condition("SecretsResolved", "True", "Resolved"),
+        condition("UpgradePending", upgrade.0, upgrade.1),
+    ];
+    atlas_runner::operator::status::write(&bed.api(), &bed.name, &conditions).await?;
+    Ok(())
+}
+
+fn has_condition(object: &MinecraftServer, type_: &str, status: &str) -> bool {
+    condition(object, type_).is_some_and(|c| c.status == status)
+}
+
+#[tokio::test]
+async fn the_agent_and_the_operator_each_keep_the_others_fields_in_full_status_writes() -> Result<()> {
+    let (bed, fixture) = bed("agent-managers", "shared").await?;
+    bed.apply(&fake_spec(&fixture)).await?;
+    let mut agent = Agent::start(&bed, &fixture, &[])?;
+    bed.wait(&mut agent, "phase Running", Duration::from_secs(60), |o| phase(o) == Some(Phase::Running)).await?;
+    operator_writes(&bed, ("False", "UpToDate")).await?;
+    let operators =
+        |o: &MinecraftServer| has_condition(o, "WorkloadReady", "True") && has_condition(o, "SecretsResolved", "True");
+
+    // The agent writes its whole status again, twice (a player joins; the server restarts for a
+    // property change): the operator's conditions stay.
+    agent.console_soon(&["fake-join", "alice"])?;
+    bed.wait(&mut agent, "alice online, the operator's conditions kept", Duration::from_secs(30), |o| {
+        players(o) == Some(1) && operators(o) && has_condition(o, "UpgradePending", "False")
+    })
+    .await?;
+    let mut spec = fake_spec(&fixture);
+    spec["properties"]["motd"] = "both managers".into();
+    let generation = bed.apply(&spec).await?.metadata.generation;
+    let restarted = bed
+        .wait(&mut agent, "the restart for generation 2 reported", Duration::from_secs(60), |o| {
+            phase(o) == Some(Phase::Running)
+                && o.status.as_ref().and_then(|s| s.observed_generation) == generation
+                && condition(o, conditions::READY).is_some_and(|c| c.observed_generation == generation)
+        })
+        .await?;
+    assert!(operators(&restarted), "{:?}", restarted.status);
+
+    // The operator writes its conditions again: the agent's fields and conditions stay.
+    operator_writes(&bed, ("True", "PlayersOnline")).await?;
+    let after = bed.get().await?;
+    assert!(has_condition(&after, "UpgradePending", "True") && operators(&after), "{:?}", after.status);
+    let status = after.status.as_ref().context("a status")?;
+    assert_eq!((status.phase, status.observed_generation), (Some(Phase::Running), generation));
+    assert_eq!(status.server_version.as_deref(), Some("1.21.4"));
+    assert!(has_condition(&after, conditions::READY, "True") && has_condition(&after, conditions::DEGRADED, "False"));
+    // And the agent's next write still keeps the operator's newest.
+    agent.console_soon(&["fake-leave", "alice"])?;
+    let left = bed.wait(&mut agent, "alice gone", Duration::from_secs(40), |o| players(o) == Some(0)).await?;
+    assert!(has_condition(&left, "UpgradePending", "True") && operators(&left), "{:?}", left.status);
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_property_change_restarts_the_server_exactly_once() -> Result<()> {
     let (bed, fixture) = bed("agent-respec", "respec").await?;
@@ -228,6 +343,54 @@ async fn hub_updates_are_backed_up_applied_and_a_crashing_version_is_rolled_back
     assert_eq!(std::fs::read(fixture.data.join("mods/a.jar"))?, b"a-2");
     let note = bed.wait_event("UpdateRolledBack", Duration::from_secs(20)).await?;
     assert!(note.contains("3.0.0") && note.contains("crash"), "{note}");
+    Ok(())
+}
+
+/// Writes Secret `name`'s `key` under `secrets` as the kubelet updates a Secret volume: the files in
+/// a new directory `..VERSION`, the `..data` symlink swapped to it by a rename, each key a symlink
+/// through `..data`.
+fn kubelet_secret(secrets: &std::path::Path, name: &str, key: &str, value: &str, version: &str) -> Result<()> {
+    let dir = secrets.join(name);
+    let data = dir.join(format!("..{version}"));
+    std::fs::create_dir_all(&data)?;
+    std::fs::write(data.join(key), value)?;
+    let tmp = dir.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(format!("..{version}"), &tmp)?;
+    std::fs::rename(&tmp, dir.join("..data"))?;
+    let link = dir.join(key);
+    if std::fs::symlink_metadata(&link).is_err() {
+        std::os::unix::fs::symlink(format!("..data/{key}"), &link)?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_rotated_hub_token_is_used_from_the_next_check_without_a_restart() -> Result<()> {
+    let (bed, fixture) = bed("agent-rotate", "rotated").await?;
+    let (fixture, packs) = pack_fixture("rotate", fixture)?;
+    let hub = Hub::start()?;
+    hub.publish("server", "stable", "1.0.0", &fake_server_pack(&packs, "1.0.0", &[])?)?;
+    kubelet_secret(&bed.secrets, "hub", "token", "first-token\n", "2026_12_07_00_00_00.1")?;
+    let mut spec = hub_spec(&fixture, &hub, json!({"mode": "auto", "interval": "1s"}));
+    spec["pack"]["source"]["hub"]["tokenSecretRef"] = json!({"name": "hub", "key": "token"});
+    bed.apply(&spec).await?;
+    let mut agent = Agent::start(&bed, &fixture, &[])?;
+    bed.wait(&mut agent, "Running", Duration::from_secs(60), |o| phase(o) == Some(Phase::Running)).await?;
+    let pid = server_pid(&agent)?;
+    let seen = |token: &str| hub.authorizations.lock().is_ok_and(|a| a.iter().any(|h| h == &format!("Bearer {token}")));
+    assert!(seen("first-token"), "{:?}", hub.authorizations.lock().map(|a| a.clone()));
+
+    // The Secret changes in the API; the kubelet swaps the volume's files.
+    kubelet_secret(&bed.secrets, "hub", "token", "second-token\n", "2026_12_07_00_01_00.2")?;
+    common::wait_for("the hub asked with the new token", Duration::from_secs(30), || {
+        seen("second-token").then_some(())
+    })?;
+    let since = hub.authorizations.lock().map(|a| a.len()).unwrap_or_default();
+    std::thread::sleep(Duration::from_secs(3));
+    let later: Vec<String> = hub.authorizations.lock().map(|a| a[since..].to_vec()).unwrap_or_default();
+    assert!(!later.is_empty() && later.iter().all(|h| h == "Bearer second-token"), "{later:?}");
+    assert_eq!(server_pid(&agent)?, pid, "the server was restarted for a rotated token");
     Ok(())
 }
 
@@ -548,6 +711,85 @@ async fn the_server_keeps_running_while_the_api_server_is_down_and_the_status_ca
             .ok()
             .filter(|p| p.contains("motd=after the outage"))
     })?;
+    Ok(())
+}
+
+/// Calls etcd's JSON gateway (`/v3/...`) with curl, as an operator of etcd would: the bed runs no
+/// etcdctl, and the gateway is the same API.
+fn etcd(url: &str, call: &str, body: &Value) -> Result<Value> {
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--fail", "-X", "POST", &format!("{url}/v3/{call}"), "-d", &body.to_string()])
+        .output()?;
+    ensure!(out.status.success(), "etcd {call}: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// The client URL of the bed's etcd, from its command line.
+fn etcd_url(cluster: &atlas_testbed::ClusterProcesses) -> Result<String> {
+    let pid = cluster.processes.pid("etcd").context("no etcd process")?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))?;
+    String::from_utf8_lossy(&cmdline)
+        .split('\0')
+        .find_map(|arg| arg.strip_prefix("--listen-client-urls=").map(str::to_owned))
+        .context("no --listen-client-urls")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_whose_revision_was_compacted_away_lists_again_and_sees_the_change() -> Result<()> {
+    // A private API server and etcd: compacting the run's shared one would touch every other test.
+    let mut cluster = tokio::task::spawn_blocking(atlas_testbed::start_cluster).await??;
+    let fixture = Fixture::new("agent-gone")?;
+    let kubeconfig = kube::config::Kubeconfig::read_from(&cluster.kubeconfig)?;
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
+    let client = kube::Client::try_from(config)?;
+    let ns = "gone";
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    namespaces
+        .patch(
+            ns,
+            &PatchParams::apply(agent_bed::ADMIN),
+            &Patch::Apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})),
+        )
+        .await?;
+    let bed = AgentBed::new(&cluster.kubeconfig, client, ns, "compacted", &fixture.root).await?;
+    bed.apply(&fake_spec(&fixture)).await?;
+    let mut agent = Agent::start(&bed, &fixture, &[])?;
+    let running =
+        bed.wait(&mut agent, "Running", Duration::from_secs(60), |o| phase(o) == Some(Phase::Running)).await?;
+    let seen = running.metadata.resource_version.clone().context("a resourceVersion")?;
+    let pid = server_pid(&agent)?;
+
+    // The agent is frozen while the API server restarts, etcd compacts its history and the spec
+    // changes: when it runs again, its watch resumes from a revision etcd no longer has, and only a
+    // new listing can show it the change (its old connection died with the API server).
+    agent.signal("STOP")?;
+    tokio::task::block_in_place(|| cluster.kill_apiserver());
+    let url = etcd_url(&cluster)?;
+    // The gateway takes keys and values in base64: "/atlas-test/compaction" and "x".
+    let key = json!({"key": "L2F0bGFzLXRlc3QvY29tcGFjdGlvbg==", "value": "eA=="});
+    let revision = etcd(&url, "kv/put", &key)?["header"]["revision"].as_str().context("etcd's revision")?.to_owned();
+    etcd(&url, "kv/compaction", &json!({"revision": revision, "physical": true}))?;
+    tokio::task::block_in_place(|| cluster.restart_apiserver())?;
+    let mut spec = fake_spec(&fixture);
+    spec["properties"]["motd"] = "after the compaction".into();
+    bed.apply(&spec).await?;
+    // The revision the agent last saw is gone: a watch from it is answered 410 Gone.
+    let gone = bed.api().watch(&kube::api::WatchParams::default().timeout(5), &seen).await?;
+    futures::pin_mut!(gone);
+    let first = format!("{:?}", futures::TryStreamExt::try_next(&mut gone).await);
+    assert!(first.contains("410"), "a watch from {seen}: {first}");
+    agent.signal("CONT")?;
+
+    common::wait_for("the change seen through the new listing", Duration::from_secs(90), || {
+        std::fs::read_to_string(fixture.data.join("server.properties"))
+            .ok()
+            .filter(|p| p.contains("motd=after the compaction"))
+    })?;
+    bed.wait(&mut agent, "the new generation observed", Duration::from_secs(60), |o| {
+        phase(o) == Some(Phase::Running) && o.status.as_ref().and_then(|s| s.observed_generation) == Some(2)
+    })
+    .await?;
+    assert_ne!(server_pid(&agent)?, pid, "the server was not restarted for the change");
     Ok(())
 }
 

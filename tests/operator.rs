@@ -398,6 +398,8 @@ async fn check_contract(installed: &Installed, server: &MinecraftServer) -> Resu
     assert_eq!(env.get("ATLAS_DATA_DIR").map(String::as_str), Some("/data"));
     assert_eq!(env.get("ATLAS_SECRETS_DIR").map(String::as_str), Some("/var/run/atlas/secrets"));
     assert_eq!(env.get("ATLAS_MEMORY_LIMIT_BYTES").map(String::as_str), Some("resource:limits.memory"));
+    // The operator's TZ (UTC in these tests, as Operator::start sets it): both windows in one zone.
+    assert_eq!(env.get("TZ").map(String::as_str), Some("UTC"));
     let security = container.security_context.as_ref().context("a security context")?;
     assert_eq!(security.read_only_root_filesystem, Some(true));
     assert_eq!(security.allow_privilege_escalation, Some(false));
@@ -746,6 +748,9 @@ async fn a_missing_secret_is_a_condition_and_an_event_while_others_reconcile() -
 #[tokio::test]
 async fn an_idle_resync_writes_nothing() -> Result<()> {
     let installed = Installed::new("op-idle", &[]).await?;
+    // The StatefulSet controller makes the pods and the StatefulSets' status: the rounds they start
+    // (a pod's event, a StatefulSet's status) must write nothing either.
+    controllers(installed.cluster)?;
     let operator = installed.start_operator(&["--resync-seconds", "3"])?;
     for i in 0..5 {
         let extra =
@@ -754,6 +759,10 @@ async fn an_idle_resync_writes_nothing() -> Result<()> {
     }
     for i in 0..5 {
         wait_condition(&installed, &format!("idle-{i}"), "SecretsResolved", "True", "Resolved").await?;
+    }
+    let pods: Api<Pod> = installed.api();
+    for i in 0..5 {
+        wait_object(&pods, &format!("idle-{i}-0"), "the pod", |_| true).await?;
     }
     // Let the first rounds (and the reconciles their own writes trigger) settle.
     let writes = |op: &Operator| -> Result<f64> {
@@ -1110,6 +1119,53 @@ async fn a_pod_that_does_not_serve_is_replaced_at_once_whatever_its_last_status_
     Ok(())
 }
 
+/// Marks pod `NAME-0` as a kubelet does when its readiness probe fails while its container keeps
+/// running (started ten minutes before): Running, Ready False since `since`. Waits until the
+/// StatefulSet counts it not ready.
+async fn pod_not_ready_since(installed: &Installed, name: &str, since: jiff::Timestamp) -> Result<()> {
+    let pods: Api<Pod> = installed.api();
+    let started = since.checked_sub(jiff::SignedDuration::from_mins(10))?;
+    let patch = json!({"status": {"phase": "Running",
+        "conditions": [{"type": "Ready", "status": "False", "reason": "ContainersNotReady",
+                        "lastTransitionTime": since.to_string()}],
+        "containerStatuses": [{"name": "server", "image": IMAGE, "imageID": "", "ready": false, "started": true,
+                               "restartCount": 0, "state": {"running": {"startedAt": started.to_string()}}}]}});
+    pods.patch_status(&format!("{name}-0"), &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    let sts_api: Api<StatefulSet> = installed.api();
+    wait_object(&sts_api, name, "the pod counted not ready", |s| {
+        s.status.as_ref().and_then(|st| st.ready_replicas).unwrap_or(0) == 0
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_pod_whose_probe_failed_a_moment_ago_keeps_its_players_until_the_grace_ends() -> Result<()> {
+    let installed = Installed::new("op-flap", &[]).await?;
+    controllers(installed.cluster)?;
+    let mut operator = installed.start_operator(&[])?;
+    apply_server(&installed, &server_doc("flap", minimal(json!({"storage": {"size": "1Gi"}})))).await?;
+    let pods: Api<Pod> = installed.api();
+    let old = wait_object(&pods, "flap-0", "the pod", |_| true).await?;
+    pod_ready(&installed, "flap").await?;
+    set_players(&installed, "flap", 2).await?;
+    // The readiness probe times out a few times on a busy node: the container keeps running.
+    pod_not_ready_since(&installed, "flap", jiff::Timestamp::now()).await?;
+    operator.stop()?;
+    let _operator = Operator::start_with_image(&installed, "atlas-runner:next", &[])?;
+    let pending = wait_condition(&installed, "flap", "UpgradePending", "True", "PlayersOnline").await?;
+    let message = condition(&pending, "UpgradePending").map(|c| c.2).unwrap_or_default();
+    assert!(message.contains("2 players"), "{message}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(pods.get("flap-0").await?.metadata.uid, old.metadata.uid, "replaced with players on it");
+
+    // Not ready for longer than the grace (two minutes): nobody is served, the pod is replaced.
+    let long_ago = jiff::Timestamp::now().checked_sub(jiff::SignedDuration::from_mins(3))?;
+    pod_not_ready_since(&installed, "flap", long_ago).await?;
+    wait_object(&pods, "flap-0", "the pod replaced after the grace", |p| p.metadata.uid != old.metadata.uid).await?;
+    Ok(())
+}
+
 fn promtool_check(body: &str) -> Result<()> {
     run(Command::new(bin("promtool")?).args(["check", "metrics"]), Some(body)).map(|_| ())
 }
@@ -1133,6 +1189,19 @@ fn without_a_cluster_the_operator_says_how_to_give_it_one() -> Result<()> {
         Command::new(env!("CARGO_BIN_EXE_atlas-runner")).arg("operator").env_remove("ATLAS_AGENT_IMAGE").output()?;
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("--agent-image"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn an_unknown_time_zone_stops_the_operator_and_says_what_to_set() -> Result<()> {
+    let out = Command::new(env!("CARGO_BIN_EXE_atlas-runner"))
+        .args(["operator", "--agent-image", IMAGE])
+        .env("TZ", "Mars/Olympus")
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("TZ=\"Mars/Olympus\"") && err.contains("timeZone") && err.contains("Europe/Berlin"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
     Ok(())
 }
 
@@ -1171,6 +1240,130 @@ async fn with_podmonitors_enabled_each_server_gets_one_scraping_its_metrics_port
     let endpoint = &spec["podMetricsEndpoints"][0];
     assert_eq!((endpoint["port"].as_str(), endpoint["path"].as_str()), (Some("metrics"), Some("/metrics")));
     assert_eq!(endpoint["relabelings"][0]["targetLabel"], "server");
+    Ok(())
+}
+
+#[tokio::test]
+async fn podmonitors_turned_off_are_deleted_and_others_left_alone() -> Result<()> {
+    let cluster = TestCluster::shared().await?;
+    let crds = atlas_testbed::bin_dir().join("prometheus-operator-crds");
+    ensure!(crds.is_dir(), "{} is missing: run `make testbed`", crds.display());
+    run(cluster.kubectl()?.args(["apply", "--server-side", "--force-conflicts", "-f"]).arg(&crds), None)?;
+    run(
+        cluster.kubectl()?.args([
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/podmonitors.monitoring.coreos.com",
+        ]),
+        None,
+    )?;
+    let installed = Installed::new("op-podmonitor-off", &["metrics.podMonitor.enabled=true"]).await?;
+    let mut operator = installed.start_operator(&["--pod-monitors"])?;
+    apply_server(&installed, &server_doc("scraped", minimal(json!({})))).await?;
+    let resource = kube::core::ApiResource::from_gvk_with_plural(
+        &kube::core::GroupVersionKind::gvk("monitoring.coreos.com", "v1", "PodMonitor"),
+        "podmonitors",
+    );
+    let monitors: Api<kube::api::DynamicObject> =
+        Api::namespaced_with(installed.ns.client.clone(), &installed.ns.name, &resource);
+    eventually("the PodMonitor", Duration::from_secs(60), || async { Ok(monitors.get_opt("scraped").await?) }).await?;
+    // Someone's own PodMonitor, with our labels but no server owning it.
+    let theirs = json!({"apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor",
+        "metadata": {"name": "theirs", "labels": {"app.kubernetes.io/managed-by": "atlas-runner",
+                                                  "app.kubernetes.io/component": "server"}},
+        "spec": {"selector": {}, "podMetricsEndpoints": [{"port": "metrics"}]}});
+    monitors.patch("theirs", &PatchParams::apply("someone"), &Patch::Apply(&theirs)).await?;
+    operator.stop()?;
+
+    // `helm upgrade --set metrics.podMonitor.enabled=false`: the chart's rules without them, and
+    // the operator restarted without --pod-monitors.
+    let off = [format!("watchNamespace={}", installed.ns.name), "metrics.podMonitor.enabled=false".to_owned()];
+    let off: Vec<&str> = off.iter().map(String::as_str).collect();
+    let rendered = render(installed.cluster, &installed.ns.name, &installed.ns.name, &off)?;
+    run(
+        installed.cluster.kubectl()?.args(["apply", "--server-side", "--force-conflicts", "-f", "-"]),
+        Some(&rendered),
+    )?;
+    let operator = installed.start_operator(&[])?;
+    eventually("the PodMonitor deleted", Duration::from_secs(60), || async {
+        Ok(monitors.get_opt("scraped").await?.is_none().then_some(()))
+    })
+    .await?;
+    assert!(monitors.get_opt("theirs").await?.is_some(), "a PodMonitor no server owns was deleted");
+    assert!(operator.logs().contains("deleted the one made before"), "{}", operator.logs());
+    Ok(())
+}
+
+/// A StorageClass that allows expansion (cluster-wide; made once per test process).
+async fn expandable_class(installed: &Installed) -> Result<String> {
+    let name = "atlas-test-expandable";
+    let classes: Api<k8s_openapi::api::storage::v1::StorageClass> = Api::all(installed.ns.client.clone());
+    let class = json!({"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": {"name": name},
+        "provisioner": "example.com/none", "allowVolumeExpansion": true});
+    classes.patch(name, &PatchParams::apply("atlas-tests").force(), &Patch::Apply(&class)).await?;
+    Ok(name.to_owned())
+}
+
+#[tokio::test]
+async fn a_grown_claim_is_read_once_and_a_refused_growth_is_one_event() -> Result<()> {
+    let installed = Installed::new("op-claim", &[]).await?;
+    controllers(installed.cluster)?;
+    let class = expandable_class(&installed).await?;
+    let operator = installed.start_operator(&["--resync-seconds", "3"])?;
+    let spec = |size: &str| minimal(json!({"storage": {"size": size, "storageClassName": class}}));
+    apply_server(&installed, &server_doc("growing", spec("1Gi"))).await?;
+    let claims: Api<PersistentVolumeClaim> = installed.api();
+    wait_object(&claims, "data-growing-0", "the claim", |_| true).await?;
+
+    // The claim is not bound (no provisioner here): the API server refuses to resize it, for good.
+    apply_server(&installed, &server_doc("growing", spec("2Gi"))).await?;
+    let events = || operator.sample("atlas_operator_api_writes_total{kind=\"event\"}");
+    let failed = eventually("a ReconcileFailed Event", Duration::from_secs(60), || async {
+        Ok(events_for(&installed, "growing")
+            .await?
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("ReconcileFailed")))
+    })
+    .await?;
+    assert!(failed.note.as_deref().unwrap_or_default().contains("data-growing-0"), "{failed:?}");
+    // Rounds the agent's status starts fail the same way: no Event for each.
+    let published = events()?;
+    let errors = operator.sample("atlas_operator_reconcile_errors_total{category=\"apply\"}")?;
+    for online in 1..=3 {
+        set_players(&installed, "growing", online).await?;
+        let seen = errors + f64::from(online);
+        eventually("the round failing again", Duration::from_secs(30), || async {
+            Ok((operator.sample("atlas_operator_reconcile_errors_total{category=\"apply\"}")? >= seen).then_some(()))
+        })
+        .await?;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(events()?, published, "an Event for each retry of the same failure:\n{}", operator.logs());
+
+    // Bound, as a provisioner would make it: the claim grows, and is not read again at each resync.
+    let bound = json!({"status": {"phase": "Bound", "capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"]}});
+    claims.patch_status("data-growing-0", &PatchParams::default(), &Patch::Merge(&bound)).await?;
+    set_players(&installed, "growing", 0).await?;
+    wait_object(&claims, "data-growing-0", "the claim asked for 2Gi", |c| {
+        c.spec
+            .as_ref()
+            .and_then(|s| s.resources.as_ref())
+            .and_then(|r| r.requests.as_ref())
+            .and_then(|r| r.get("storage"))
+            .map(|q| q.0.as_str())
+            == Some("2Gi")
+    })
+    .await?;
+    let reads = || operator.sample("atlas_operator_api_reads_total{kind=\"claim\"}");
+    let reconciles = operator.sample("atlas_operator_reconciles_total")?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let settled = reads()?;
+    eventually("two resyncs", Duration::from_secs(30), || async {
+        Ok((operator.sample("atlas_operator_reconciles_total")? >= reconciles + 3.0).then_some(()))
+    })
+    .await?;
+    assert_eq!(reads()?, settled, "the claim was read again at a resync:\n{}", operator.logs());
     Ok(())
 }
 

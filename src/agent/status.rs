@@ -1,6 +1,8 @@
 //! The agent's status sink: the runner's status as `MinecraftServer` status, computed as data
 //! ([`build`], pure) and written by server-side apply on `/status` with field manager
-//! `atlas-agent`, only when it differs from what was last written (timestamps ignored). Player
+//! `atlas-agent`, only when it differs from the agent's part of the object as the watch last showed
+//! it (timestamps ignored; what was last written, until the watch shows that write): someone
+//! else's edit of an agent field is put back. Player
 //! counts are debounced: a change of players alone waits until the count has held still for a
 //! while and a while has passed since the last write, so a busy server costs a few writes a minute.
 //! Writes that fail (the API server down) are retried with backoff; the runner never waits for them.
@@ -204,8 +206,18 @@ fn online(status: Option<&MinecraftServerStatus>) -> u32 {
     status.and_then(|s| s.players).map_or(0, |p| p.online)
 }
 
-/// Writes the agent's status of `name` by server-side apply.
-async fn write(api: &Api<MinecraftServer>, name: &str, status: &MinecraftServerStatus) -> Result<(), AgentError> {
+/// An object's resourceVersion as a number. Kubernetes calls it opaque, but every API server on
+/// etcd gives its revision, which only grows; `None` for anything else.
+fn revision(object: &MinecraftServer) -> Option<u64> {
+    object.metadata.resource_version.as_deref()?.parse().ok()
+}
+
+/// Writes the agent's status of `name` by server-side apply; the object's revision after it.
+async fn write(
+    api: &Api<MinecraftServer>,
+    name: &str,
+    status: &MinecraftServerStatus,
+) -> Result<Option<u64>, AgentError> {
     let body = serde_json::json!({
         "apiVersion": "atlas.dev/v1alpha1",
         "kind": "MinecraftServer",
@@ -219,7 +231,7 @@ async fn write(api: &Api<MinecraftServer>, name: &str, status: &MinecraftServerS
     tokio::time::timeout(WRITE_TIMEOUT, api.patch_status(name, &params, &Patch::Apply(&body)))
         .await
         .unwrap_or_else(|_| Err(kube::Error::Service("the API server did not answer in time".into())))
-        .map(|_| ())
+        .map(|object| revision(&object))
         .map_err(|source| AgentError::WriteStatus { name: name.to_owned(), source })
 }
 
@@ -227,19 +239,25 @@ async fn write(api: &Api<MinecraftServer>, name: &str, status: &MinecraftServerS
 const WRITE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Writes the status of `name` from `runner` until `finished`, then once more (the final status,
-/// tried for a few seconds). `written` is the status the resource had when the agent started (its
-/// own part): an unchanged status is not written again.
+/// tried for a few seconds). `object` is the resource as the agent's watch shows it: a status equal
+/// to its agent part is not written again, and one someone else changed is written back.
 pub fn spawn_sink(
     api: Api<MinecraftServer>,
     name: String,
     mut runner: watch::Receiver<RunnerStatus>,
-    written: Option<MinecraftServerStatus>,
+    mut object: watch::Receiver<std::sync::Arc<MinecraftServer>>,
     metrics: AgentMetrics,
     finished: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
+        let (written, seen) = {
+            let first = object.borrow_and_update();
+            (first.status.as_ref().map(agent_part), revision(&first))
+        };
         let mut sink = Sink {
             written,
+            confirmed: seen,
+            observed: None,
             last_write: None,
             players: None,
             players_pending: None,
@@ -249,6 +267,7 @@ pub fn spawn_sink(
             metrics,
         };
         loop {
+            sink.observe(&object.borrow_and_update());
             let now = Time(jiff::Timestamp::now());
             let wanted = build(&runner.borrow_and_update(), sink.previous_conditions(), &now);
             let due = sink.due(&wanted);
@@ -261,8 +280,11 @@ pub fn spawn_sink(
             tokio::select! {
                 _ = finished.cancelled() => break,
                 changed = runner.changed() => if changed.is_err() { break },
+                // The source ends only when the agent does: its last object stays the base.
+                changed = object.changed(), if !object.is_closed() => { let _ = changed; }
                 () = wake => {
                     // Written as it is now: whatever changed meanwhile goes in the same write.
+                    sink.observe(&object.borrow_and_update());
                     let now = Time(jiff::Timestamp::now());
                     let wanted = build(&runner.borrow_and_update(), sink.previous_conditions(), &now);
                     sink.write(&api, &name, wanted).await;
@@ -274,7 +296,7 @@ pub fn spawn_sink(
         loop {
             let now = Time(jiff::Timestamp::now());
             let wanted = build(&runner.borrow(), sink.previous_conditions(), &now);
-            if difference(sink.written.as_ref(), &wanted) == Difference::None {
+            if difference(sink.base(), &wanted) == Difference::None {
                 return;
             }
             sink.write(&api, &name, wanted).await;
@@ -289,6 +311,11 @@ pub fn spawn_sink(
 struct Sink {
     /// The status last written (the agent's part).
     written: Option<MinecraftServerStatus>,
+    /// The object's revision right after the last write (or when the agent started).
+    confirmed: Option<u64>,
+    /// The agent's part of the object as the watch showed it after `confirmed`: changed by someone
+    /// else since the agent's last write. `None` while the watch has shown nothing newer.
+    observed: Option<Option<MinecraftServerStatus>>,
     last_write: Option<Instant>,
     /// The players online last seen, and since when.
     players: Option<(Option<Players>, Instant)>,
@@ -307,6 +334,26 @@ impl Sink {
         self.written.as_ref().map_or(&[], |s| s.conditions.as_slice())
     }
 
+    /// Takes in the object as the watch shows it. Only a revision newer than the agent's last
+    /// write says what the object holds now: an older one (the watch lagging behind the write)
+    /// would make the agent write what it just wrote.
+    fn observe(&mut self, object: &MinecraftServer) {
+        if let (Some(seen), Some(confirmed)) = (revision(object), self.confirmed)
+            && seen > confirmed
+        {
+            self.observed = Some(object.status.as_ref().map(agent_part));
+        }
+    }
+
+    /// What `wanted` is compared with: the agent's part of the object as last seen after the last
+    /// write, else what was last written.
+    fn base(&self) -> Option<&MinecraftServerStatus> {
+        match &self.observed {
+            Some(observed) => observed.as_ref(),
+            None => self.written.as_ref(),
+        }
+    }
+
     /// When `wanted` should be written, or `None` when it need not be.
     fn due(&mut self, wanted: &MinecraftServerStatus) -> Option<Instant> {
         let now = Instant::now();
@@ -318,7 +365,7 @@ impl Sink {
             Some(at) if self.failed => at + self.retry,
             _ => now,
         };
-        match difference(self.written.as_ref(), wanted) {
+        match difference(self.base(), wanted) {
             Difference::None => {
                 self.players_pending = None;
                 self.other_pending = None;
@@ -329,7 +376,7 @@ impl Sink {
             Difference::Other => Some(earliest.max(*self.other_pending.get_or_insert(now) + COALESCE)),
             // Someone joined an empty server: the operator may be about to replace the pod because
             // nobody is online, so this one is not put off.
-            Difference::Players if online(self.written.as_ref()) == 0 && online(Some(wanted)) > 0 => {
+            Difference::Players if online(self.base()) == 0 && online(Some(wanted)) > 0 => {
                 Some(earliest.max(*self.players_pending.get_or_insert(now) + COALESCE))
             }
             Difference::Players => {
@@ -343,12 +390,18 @@ impl Sink {
     }
 
     async fn write(&mut self, api: &Api<MinecraftServer>, name: &str, wanted: MinecraftServerStatus) {
-        if difference(self.written.as_ref(), &wanted) == Difference::None {
+        if difference(self.base(), &wanted) == Difference::None {
             return;
         }
         self.last_write = Some(Instant::now());
         match write(api, name, &wanted).await {
-            Ok(()) => {
+            Ok(revision) => {
+                // Until the watch shows a newer revision, what was written is what the object
+                // holds. A write that changed nothing (a field someone else owns, which the
+                // agent's apply cannot take back) keeps the revision: not tried again until the
+                // object changes.
+                self.confirmed = revision;
+                self.observed = None;
                 if self.failed {
                     tracing::info!("status written again after failed attempts");
                 }
@@ -462,6 +515,8 @@ mod tests {
     fn sink(written: Option<MinecraftServerStatus>) -> Result<Sink, prometheus::Error> {
         Ok(Sink {
             written,
+            confirmed: Some(10),
+            observed: None,
             last_write: None,
             players: None,
             players_pending: None,
@@ -535,6 +590,54 @@ mod tests {
         let mine = agent_part(&read);
         assert!(mine.conditions.iter().all(|c| c.type_ != "WorkloadReady"));
         assert_eq!(difference(Some(&mine), &build(&running(), &[], &at(5)?)), Difference::None);
+        Ok(())
+    }
+
+    fn object(revision: &str, status: &MinecraftServerStatus) -> Result<MinecraftServer, serde_json::Error> {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "atlas.dev/v1alpha1", "kind": "MinecraftServer",
+            "metadata": {"name": "s", "resourceVersion": revision},
+            "spec": {"eula": true, "server": {"type": "vanilla"}},
+            "status": status,
+        }))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_agent_field_someone_else_changed_is_written_back() -> Result<(), Box<dyn std::error::Error>> {
+        let wanted = build(&running(), &[], &at(1)?);
+        let mut sink = sink(Some(wanted.clone()))?;
+        assert_eq!(sink.due(&wanted), None);
+        // `kubectl edit --subresource=status` sets the phase to Stopped: the watch shows a revision
+        // newer than the agent's last write (10).
+        let mut edited = wanted.clone();
+        edited.phase = Some(Phase::Stopped);
+        sink.observe(&object("11", &edited)?);
+        let due = sink.due(&wanted).ok_or("the edit is not written back")?;
+        assert!(due <= Instant::now() + COALESCE, "put off by {:?}", due - Instant::now());
+        // The operator's own conditions alone are no difference.
+        let mut theirs = wanted.clone();
+        theirs.conditions.push(Condition {
+            type_: "WorkloadReady".into(),
+            status: "True".into(),
+            reason: "PodReady".into(),
+            message: String::new(),
+            last_transition_time: at(1)?,
+            observed_generation: None,
+        });
+        sink.observe(&object("12", &theirs)?);
+        assert_eq!(sink.due(&wanted), None);
+        Ok(())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_watch_behind_the_last_write_writes_nothing() -> Result<(), Box<dyn std::error::Error>> {
+        let wanted = build(&running(), &[], &at(1)?);
+        let mut sink = sink(Some(wanted.clone()))?;
+        // The object as it was before the agent's write at revision 10.
+        let before = build(&RunnerStatus { phase: "Starting".into(), ..running() }, &[], &at(1)?);
+        sink.observe(&object("9", &before)?);
+        sink.observe(&object("10", &before)?);
+        assert_eq!(sink.due(&wanted), None);
         Ok(())
     }
 }

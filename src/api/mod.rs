@@ -312,8 +312,9 @@ pub struct UpdatePolicy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^([0-9]+(s|m|h))+$"))]
     pub interval: Option<String>,
-    /// When automatic updates may run, in the server's local time: optional comma-separated days,
-    /// then `HH:MM-HH:MM` (`Sat,Sun 02:00-06:00`). Omitted: any time.
+    /// When automatic updates may run, in the server's local time (`TZ`; on Kubernetes the
+    /// operator's, the chart's `timeZone`, as for `spec.upgrade.window`; UTC unless set): optional
+    /// comma-separated days, then `HH:MM-HH:MM` (`Sat,Sun 02:00-06:00`). Omitted: any time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(
         pattern = r"^((Mon|Tue|Wed|Thu|Fri|Sat|Sun)(,(Mon|Tue|Wed|Thu|Fri|Sat|Sun))* )?([01][0-9]|2[0-3]):[0-5][0-9]-([01][0-9]|2[0-3]):[0-5][0-9]$"
@@ -328,7 +329,8 @@ pub struct UpdatePolicy {
 #[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct UpgradePolicy {
-    /// When the pod may be replaced, in the operator's local time (UTC unless the chart sets `TZ`):
+    /// When the pod may be replaced, in the operator's local time (UTC unless the chart sets
+    /// `timeZone`, which the server pods get too):
     /// optional comma-separated days, then `HH:MM-HH:MM` (`Sat,Sun 02:00-06:00`). Omitted: any time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(
@@ -418,7 +420,8 @@ fn rcon_port() -> u16 {
 #[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct BackupSpec {
-    /// When to back up, in cron syntax (`0 */6 * * *`, five fields, server local time) or one of
+    /// When to back up, in cron syntax (`0 */6 * * *`, five fields, server local time: `TZ`, on
+    /// Kubernetes the chart's `timeZone`) or one of
     /// `@hourly`, `@daily`, `@weekly`. Omitted: only on demand and before updates.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^(@(hourly|daily|weekly|monthly)|\S+( \S+){4})$"))]

@@ -88,12 +88,11 @@ pub(crate) async fn run(args: AgentArgs, log_format: LogFormat) -> anyhow::Resul
     };
 
     let finished = tokio_util::sync::CancellationToken::new();
-    let written = source.object.borrow().status.as_ref().map(status::agent_part);
     let sink = status::spawn_sink(
         api,
         args.name.clone(),
         runtime.shared.status.subscribe(),
-        written,
+        source.object.clone(),
         metrics.clone(),
         finished.clone(),
     );

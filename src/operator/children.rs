@@ -57,6 +57,9 @@ pub struct Settings {
     pub image_pull_policy: Option<String>,
     /// Build a PodMonitor for every server (the chart enabled it and the CRD exists).
     pub pod_monitors: bool,
+    /// The operator's `TZ` (the chart's `timeZone`), passed to the pods: the agent reads
+    /// `spec.pack.update.window` in the same zone the operator reads `spec.upgrade.window` in.
+    pub time_zone: Option<String>,
 }
 
 /// Why children could not be built: the object did not come from the API server.
@@ -340,7 +343,7 @@ pub fn pod_template(id: &Identity, spec: &MinecraftServerSpec, settings: &Settin
             ..VolumeMount::default()
         });
     }
-    let env = vec![
+    let mut env = vec![
         env("ATLAS_SERVER_NAME", id.name.clone()),
         env_field("ATLAS_NAMESPACE", "metadata.namespace"),
         env_field("ATLAS_POD_NAME", "metadata.name"),
@@ -361,6 +364,9 @@ pub fn pod_template(id: &Identity, spec: &MinecraftServerSpec, settings: &Settin
             }),
         },
     ];
+    if let Some(zone) = &settings.time_zone {
+        env.push(EnvVar { name: "TZ".to_owned(), value: Some(zone.clone()), value_from: None });
+    }
     let container = Container {
         name: CONTAINER.to_owned(),
         image: Some(settings.image.clone()),
@@ -633,7 +639,12 @@ mod tests {
     }
 
     fn settings() -> Settings {
-        Settings { image: "atlas-runner:0.1.0".to_owned(), image_pull_policy: None, pod_monitors: false }
+        Settings {
+            image: "atlas-runner:0.1.0".to_owned(),
+            image_pull_policy: None,
+            pod_monitors: false,
+            time_zone: None,
+        }
     }
 
     const MINIMAL: &str = "eula: true\nserver: {type: vanilla}\n";
@@ -688,8 +699,12 @@ upgrade: {window: "Sun 04:00-05:00", requireNoPlayers: true}
 
     #[test]
     fn a_full_spec_builds_every_child_with_its_options() -> Result<(), BuildError> {
-        let settings =
-            Settings { image_pull_policy: Some("IfNotPresent".to_owned()), pod_monitors: true, ..settings() };
+        let settings = Settings {
+            image_pull_policy: Some("IfNotPresent".to_owned()),
+            pod_monitors: true,
+            time_zone: Some("Europe/Berlin".to_owned()),
+            ..settings()
+        };
         let children = build(&server("survival", FULL), &settings, &Existing::default())?;
         insta::assert_yaml_snapshot!("full", documents(&children));
         Ok(())

@@ -88,6 +88,9 @@ struct Context {
     client: Client,
     settings: Settings,
     caches: Caches,
+    /// True once the PodMonitor CRD is served and its cache has listed: rounds make PodMonitors
+    /// (when asked to) only then.
+    pod_monitors_served: tokio::sync::watch::Receiver<bool>,
     recorder: Recorder,
     metrics: OperatorMetrics,
     resync: Duration,
@@ -100,11 +103,20 @@ struct Context {
     /// The last Secret check per server, with the generation and time it was made: a round the
     /// agent's player count starts need not GET every Secret again.
     secret_checks: Mutex<HashMap<ObjectRef<MinecraftServer>, SecretChecks>>,
+    /// The permanent failure last published as a `ReconcileFailed` Event per server, until a
+    /// round succeeds.
+    reported: Mutex<HashMap<ObjectRef<MinecraftServer>, String>>,
+    /// The claim size last made sure of per server, for the generation and pod it was.
+    claim_checks: Mutex<HashMap<ObjectRef<MinecraftServer>, ClaimCheck>>,
     /// The servers as cached: entries of the maps above for servers no longer there are dropped.
     servers: Store<MinecraftServer>,
     /// When those maps were last pruned.
     pruned: Mutex<Instant>,
 }
+
+/// The generation, the size asked for and the pod's uid when a server's claim was last seen to
+/// hold that size.
+type ClaimCheck = (Option<i64>, String, Option<String>);
 
 /// A server's Secret checks, for the generation and at the time they were made.
 type SecretChecks = (Option<i64>, Instant, Vec<gather::SecretCheck>);
@@ -133,6 +145,16 @@ impl Context {
         self.secret_checks.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    fn reported(&self) -> std::sync::MutexGuard<'_, HashMap<ObjectRef<MinecraftServer>, String>> {
+        // A poisoned map only costs a repeated Event.
+        self.reported.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn claim_checks(&self) -> std::sync::MutexGuard<'_, HashMap<ObjectRef<MinecraftServer>, ClaimCheck>> {
+        // A poisoned map only costs claim reads.
+        self.claim_checks.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Drops what the per-server maps hold about servers the cache no longer has (deleted), at
     /// most once a [`PRUNE_EVERY`]: a round never runs for a deleted server to clean up after it.
     fn prune(&self) {
@@ -147,9 +169,12 @@ impl Context {
         self.failures().retain(|key, _| known(key));
         self.written().retain(|key, _| known(key));
         self.secret_checks().retain(|key, _| known(key));
+        self.claim_checks().retain(|key, _| known(key));
+        self.reported().retain(|key, _| known(key));
     }
 
     async fn publish(&self, server: &MinecraftServer, type_: EventType, reason: &str, action: &str, note: String) {
+        let note = event_note(&note);
         let event =
             Event { type_, reason: reason.to_owned(), note: Some(note), action: action.to_owned(), secondary: None };
         match self.recorder.publish(&event, &server.object_ref(&())).await {
@@ -157,6 +182,21 @@ impl Context {
             Err(e) => tracing::warn!(server = %server.name_any(), %reason, error = %e, "publishing an Event failed"),
         }
     }
+}
+
+/// The API server refuses an Event whose note is longer than 1024 bytes (an API error quoted
+/// whole easily is): one line, cut on a character boundary.
+fn event_note(note: &str) -> String {
+    const LIMIT: usize = 1024;
+    let line = note.split_whitespace().collect::<Vec<_>>().join(" ");
+    if line.len() <= LIMIT {
+        return line;
+    }
+    let mut end = LIMIT - 3;
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &line[..end])
 }
 
 fn read_error(kind: &'static str, namespace: &str, name: &str) -> impl FnOnce(kube::Error) -> Error {
@@ -218,6 +258,7 @@ async fn reconcile(server: Arc<MinecraftServer>, ctx: Arc<Context>) -> Result<Ac
     ctx.metrics.duration.observe(started.elapsed().as_secs_f64());
     if result.is_ok() {
         ctx.failures().remove(&ObjectRef::from_obj(&*server));
+        ctx.reported().remove(&ObjectRef::from_obj(&*server));
     }
     result
 }
@@ -229,13 +270,18 @@ async fn round(server: &MinecraftServer, ctx: &Context) -> Result<Action, Error>
     }
     let id = Identity::of(server)?;
     let gathered = gather(ctx, server, &id).await?;
-    let built = children::build(server, &ctx.settings, &gathered.existing)?;
+    let built = if ctx.settings.pod_monitors && !*ctx.pod_monitors_served.borrow() {
+        let settings = Settings { pod_monitors: false, ..ctx.settings.clone() };
+        children::build(server, &settings, &gathered.existing)?
+    } else {
+        children::build(server, &ctx.settings, &gathered.existing)?
+    };
     apply_children(ctx, server, &id, built, &gathered).await?;
-    let rollout = roll_out(ctx, server, &id, &gathered).await?;
+    let (rollout, grace_ends) = roll_out(ctx, server, &id, &gathered).await?;
     report(ctx, server, &id, &gathered, &rollout).await?;
     Ok(match rollout {
         _ if !gathered.secrets_ok() => Action::requeue(SECRET_RETRY),
-        Rollout::Wait { .. } => Action::requeue(UPGRADE_RETRY),
+        Rollout::Wait { .. } => Action::requeue(grace_ends.map_or(UPGRADE_RETRY, |ends| ends.min(UPGRADE_RETRY))),
         Rollout::Settling | Rollout::Replacing => Action::requeue(Duration::from_secs(5)),
         _ => Action::requeue(ctx.resync),
     })
@@ -272,11 +318,13 @@ async fn gather(ctx: &Context, server: &MinecraftServer, id: &Identity) -> Resul
         // A missing Secret is looked for again every round: it may have been created since.
         (fresh && present).then(|| checks.clone())
     });
+    let fresh = cached.is_none();
     let mut secrets = match cached {
         Some(checks) => checks,
         None => {
+            let reads = uses.len();
             let checks = gather::check_secrets(&api, uses).await.map_err(read_error("Secret", ns, &id.name))?;
-            ctx.secret_checks().insert(key, (generation, Instant::now(), checks.clone()));
+            ctx.metrics.read("secret", reads);
             checks
         }
     };
@@ -296,6 +344,11 @@ async fn gather(ctx: &Context, server: &MinecraftServer, id: &Identity) -> Resul
             }
         }
         check.state = SecretState::Present;
+    }
+    // Kept with the RCON Secret just created counted present: the next round (the one its own
+    // writes start) need not read it again.
+    if fresh {
+        ctx.secret_checks().insert(key, (generation, Instant::now(), secrets.clone()));
     }
     let existing = Existing {
         claim_templates: observed.stateful_set.as_ref().and_then(|s| s.spec.as_ref()?.volume_claim_templates.clone()),
@@ -332,35 +385,55 @@ async fn apply_children(
     });
     let wanted_size = children::storage_size(&server.spec);
     if template_size.is_some_and(|t| apply::larger(&wanted_size, &t)) {
-        grow_claim(ctx, id, &wanted_size).await?;
+        // Once the claim holds the size, it is not read again for the same spec and pod: a claim
+        // comes anew only with a new pod (the StatefulSet makes both).
+        let key = ObjectRef::from_obj(server);
+        let pod = seen.pod.as_ref().and_then(|p| p.metadata.uid.clone());
+        let check = (server.metadata.generation, wanted_size.clone(), pod);
+        if ctx.claim_checks().get(&key) != Some(&check) && grow_claim(ctx, id, &wanted_size).await? {
+            ctx.claim_checks().insert(key, check);
+        }
     }
     Ok(())
 }
 
-/// Roll out: an outdated pod is replaced when `spec.upgrade` allows.
+/// Roll out: an outdated pod is replaced when `spec.upgrade` allows. Also returns when to look
+/// again because a grace ends: a pod that went not ready a moment ago ([`upgrade::Serving::Faltering`]).
 async fn roll_out(
     ctx: &Context,
     server: &MinecraftServer,
     id: &Identity,
     gathered: &Gathered,
-) -> Result<Rollout, Error> {
+) -> Result<(Rollout, Option<Duration>), Error> {
     let spec = &server.spec;
     let policy = spec.upgrade.clone().unwrap_or_default();
     let observed = &gathered.observed;
-    let decide = |server: &MinecraftServer| match &observed.stateful_set {
+    let now = jiff::Zoned::now();
+    let judge = |server: &MinecraftServer, pod: Option<&Pod>| match &observed.stateful_set {
         Some(sts) if !spec.paused => {
-            let serving = upgrade::serving(server, Some(sts));
-            upgrade::decide(sts, observed.pod.as_deref(), serving, &policy, &jiff::Zoned::now())
+            let mut serving = upgrade::serving(server, Some(sts));
+            if let (upgrade::Serving::Down, Some(pod)) = (serving, pod) {
+                serving = upgrade::serving_not_ready(server, pod, now.timestamp());
+            }
+            upgrade::decide(sts, observed.pod.as_deref(), serving, &policy, &now).map(|rollout| (rollout, serving))
         }
-        _ => Ok(Rollout::NoPod),
+        _ => Ok((Rollout::NoPod, upgrade::Serving::Down)),
     };
-    let mut rollout = decide(server)?;
+    let (mut rollout, mut serving) = judge(server, None)?;
+    // The StatefulSet counts the pod not ready while the agent's last status says it serves: the
+    // pod itself tells a readiness probe that failed a moment ago (the players are likely still
+    // on) from a pod that does not run. Read only then, so a steady round reads nothing.
+    let mut pod = None;
+    if matches!(rollout, Rollout::Replace { .. })
+        && serving == upgrade::Serving::Down
+        && upgrade::agent_serving(server) != upgrade::Serving::Down
+    {
+        pod = read_pod(ctx, id).await?;
+        (rollout, serving) = judge(server, pod.as_ref())?;
+    }
     // The cache may be behind the agent's last write (a player who just joined): the count a
     // deletion rests on is read again from the API server first.
-    if matches!(rollout, Rollout::Replace { .. })
-        && policy.require_no_players
-        && upgrade::serving(server, observed.stateful_set.as_deref()) != upgrade::Serving::Down
-    {
+    if matches!(rollout, Rollout::Replace { .. }) && policy.require_no_players && serving != upgrade::Serving::Down {
         let servers: Api<MinecraftServer> = Api::namespaced(ctx.client.clone(), &id.namespace);
         let fresh = servers.get(&id.name).await.map_err(|source| Error::Read {
             kind: "MinecraftServer",
@@ -368,12 +441,31 @@ async fn roll_out(
             name: id.name.clone(),
             source,
         })?;
-        rollout = decide(&fresh)?;
+        ctx.metrics.read("server", 1);
+        (rollout, serving) = judge(&fresh, pod.as_ref())?;
     }
     if let (Rollout::Replace { from, to }, Some(pod)) = (&rollout, &observed.pod) {
         replace_pod(ctx, server, id, pod, from, to).await?;
     }
-    Ok(rollout)
+    let grace_ends = match serving {
+        // A moment after the grace, so that the next round sees it over.
+        upgrade::Serving::Faltering { left, .. } if matches!(rollout, Rollout::Wait { .. }) => {
+            Some(left + Duration::from_secs(1))
+        }
+        _ => None,
+    };
+    Ok((rollout, grace_ends))
+}
+
+/// The server's pod, whole (the cache holds its metadata only). The chart grants pods `list`, not
+/// `get`: a list by name is the same one read.
+async fn read_pod(ctx: &Context, id: &Identity) -> Result<Option<Pod>, Error> {
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &id.namespace);
+    let name = id.pod();
+    let params = ListParams::default().fields(&format!("metadata.name={name}"));
+    let list = pods.list(&params).await.map_err(read_error("Pod", &id.namespace, &name))?;
+    ctx.metrics.read("pod", 1);
+    Ok(list.items.into_iter().next())
 }
 
 /// Status: the operator's three conditions, written only when they say something new.
@@ -480,14 +572,14 @@ async fn replace_pod(
 }
 
 /// Grows the pod's claim when `spec.storage.size` grew past it (a StatefulSet's claim template
-/// cannot change, so the claim is asked directly; the storage class must allow expansion).
-async fn grow_claim(ctx: &Context, id: &Identity, size: &str) -> Result<(), Error> {
+/// cannot change, so the claim is asked directly; the storage class must allow expansion). False
+/// when there is no claim yet.
+async fn grow_claim(ctx: &Context, id: &Identity, size: &str) -> Result<bool, Error> {
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &id.namespace);
     let name = id.claim();
-    let Some(claim) = claims.get_opt(&name).await.map_err(read_error("PersistentVolumeClaim", &id.namespace, &name))?
-    else {
-        return Ok(());
-    };
+    let found = claims.get_opt(&name).await.map_err(read_error("PersistentVolumeClaim", &id.namespace, &name))?;
+    ctx.metrics.read("claim", 1);
+    let Some(claim) = found else { return Ok(false) };
     let current = claim
         .spec
         .as_ref()
@@ -497,7 +589,7 @@ async fn grow_claim(ctx: &Context, id: &Identity, size: &str) -> Result<(), Erro
         .map(|q| q.0.clone())
         .unwrap_or_default();
     if !apply::larger(size, &current) {
-        return Ok(());
+        return Ok(true);
     }
     let patch = serde_json::json!({
         "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name},
@@ -508,7 +600,16 @@ async fn grow_claim(ctx: &Context, id: &Identity, size: &str) -> Result<(), Erro
     })?;
     ctx.metrics.wrote("apply");
     tracing::info!(namespace = %id.namespace, claim = %name, from = %current, to = %size, "asked for a larger volume");
-    Ok(())
+    Ok(true)
+}
+
+/// Whether `note` is news for `key`: not the failure last reported for it. Remembers it.
+fn first_report<K: Eq + std::hash::Hash>(reported: &mut HashMap<K, String>, key: K, note: &str) -> bool {
+    if reported.get(&key).is_some_and(|last| last == note) {
+        return false;
+    }
+    reported.insert(key, note.to_owned());
+    true
 }
 
 fn error_policy(server: Arc<MinecraftServer>, error: &Error, ctx: Arc<Context>) -> Action {
@@ -519,10 +620,13 @@ fn error_policy(server: Arc<MinecraftServer>, error: &Error, ctx: Arc<Context>) 
     if error.is_permanent() {
         tracing::warn!(%namespace, %name, category, error = %error, "reconcile failed; waiting for a change");
         let note = error.to_string();
-        let ctx = ctx.clone();
-        tokio::spawn(async move {
-            ctx.publish(&server, EventType::Warning, events::RECONCILE_FAILED, "Reconcile", note).await;
-        });
+        // An Event when the failure starts or changes, not at every retry of the same one.
+        if first_report(&mut ctx.reported(), ObjectRef::from_obj(&*server), &note) {
+            let ctx = ctx.clone();
+            tokio::spawn(async move {
+                ctx.publish(&server, EventType::Warning, events::RECONCILE_FAILED, "Reconcile", note).await;
+            });
+        }
         return Action::requeue(PERMANENT_RETRY);
     }
     let failures = {
@@ -587,6 +691,11 @@ pub async fn run_until_signal(options: Options) -> Result<(), StartError> {
 
 /// Runs the operator until `shutdown` (then `Ok`), or until it loses the leader Lease.
 pub async fn run(options: Options, shutdown: CancellationToken) -> Result<(), StartError> {
+    // The pods get the same TZ: a name the operator cannot read would leave both windows in UTC.
+    if let Some(problem) = crate::runner::update::unknown_time_zone() {
+        return Err(StartError::TimeZone(problem));
+    }
+    let time_zone = std::env::var("TZ").ok().filter(|zone| !zone.is_empty());
     let client = Client::try_default().await.map_err(StartError::Config)?;
     let scope = options.watch_namespace.as_deref();
     let servers_api: Api<MinecraftServer> = scoped(&client, scope);
@@ -598,12 +707,13 @@ pub async fn run(options: Options, shutdown: CancellationToken) -> Result<(), St
     let registry = prometheus::Registry::new();
     let metrics = OperatorMetrics::register(&registry)?;
 
-    let pod_monitors = options.pod_monitors && pod_monitor_crd_exists(&client).await;
     let settings = Settings {
         image: options.agent_image.clone(),
         image_pull_policy: options.agent_image_pull_policy.clone(),
-        pod_monitors,
+        pod_monitors: options.pod_monitors,
+        time_zone,
     };
+    let resync = Duration::from_secs(options.resync_seconds.max(1));
 
     let children_config = watcher::Config::default().labels(CHILD_SELECTOR).any_semantic();
     let (servers, servers_stream) = cached(servers_api, watcher::Config::default().any_semantic());
@@ -645,19 +755,50 @@ pub async fn run(options: Options, shutdown: CancellationToken) -> Result<(), St
     }
     metrics.leader.set(1);
 
-    let (pod_monitor_store, pod_monitor_stream) = if pod_monitors {
+    let monitors_api: Api<DynamicObject> = {
         let resource = children::pod_monitor_resource();
-        let writer = reflector::store::Writer::<DynamicObject>::new(resource.clone());
-        let reader = writer.as_reader();
-        let api: Api<DynamicObject> = match scope {
+        match scope {
             Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
             None => Api::all_with(client.clone(), &resource),
+        }
+    };
+    // The Prometheus Operator may be installed after Atlas Runner: its CRD is looked for at every
+    // resync until it is served, and only then is the PodMonitor cache started. `served` turns
+    // true once that cache has listed; every server is reconciled then, to get its PodMonitor.
+    let (served_tx, served) = tokio::sync::watch::channel(false);
+    let (pod_monitor_store, pod_monitor_stream, discovery) = if options.pod_monitors {
+        let writer = reflector::store::Writer::<DynamicObject>::new(children::pod_monitor_resource());
+        let reader = writer.as_reader();
+        let (found_tx, mut found) = tokio::sync::watch::channel(false);
+        let (api, config) = (monitors_api.clone(), children_config.clone());
+        let start = async move {
+            let _ = found.wait_for(|found| *found).await;
         };
         let stream =
-            reflector::reflector(writer, watcher(api, children_config.clone()).default_backoff()).touched_objects();
-        (Some(reader), Some(stream))
+            futures::stream::once(start).flat_map(move |()| watcher(api.clone(), config.clone()).default_backoff());
+        let stream = reflector::reflector(writer, stream).touched_objects();
+        let (client, store) = (client.clone(), reader.clone());
+        let discovery = tokio::spawn(async move {
+            let mut told = false;
+            while !pod_monitor_crd_exists(&client, &mut told).await {
+                tokio::time::sleep(resync).await;
+            }
+            let _ = found_tx.send(true);
+            let _ = store.wait_until_ready().await;
+            tracing::info!("the PodMonitor CRD is served; making a PodMonitor for every server");
+            let _ = served_tx.send(true);
+        });
+        (Some(reader), Some(stream), discovery)
     } else {
-        (None, None)
+        // Turned off: the PodMonitors made while it was on go (when the CRD is served at all).
+        let client = client.clone();
+        let discovery = tokio::spawn(async move {
+            let mut told = true;
+            if pod_monitor_crd_exists(&client, &mut told).await {
+                remove_pod_monitors(&monitors_api).await;
+            }
+        });
+        (None, None, discovery)
     };
 
     let ctx = Arc::new(Context {
@@ -672,15 +813,18 @@ pub async fn run(options: Options, shutdown: CancellationToken) -> Result<(), St
             pods,
             pod_monitors: pod_monitor_store,
         },
+        pod_monitors_served: served.clone(),
         recorder: Recorder::new(
             client.clone(),
             Reporter { controller: "atlas-operator".to_owned(), instance: Some(identity) },
         ),
         metrics: metrics.clone(),
-        resync: Duration::from_secs(options.resync_seconds.max(1)),
+        resync,
         failures: Mutex::new(HashMap::new()),
         written: Mutex::new(HashMap::new()),
         secret_checks: Mutex::new(HashMap::new()),
+        claim_checks: Mutex::new(HashMap::new()),
+        reported: Mutex::new(HashMap::new()),
         servers: servers.clone(),
         pruned: Mutex::new(Instant::now()),
     });
@@ -715,7 +859,11 @@ pub async fn run(options: Options, shutdown: CancellationToken) -> Result<(), St
         })
         .with_config(ControllerConfig::default().concurrency(options.concurrency));
     if let Some(stream) = pod_monitor_stream {
-        controller = controller.owns_stream_with(stream, children::pod_monitor_resource());
+        let mut served = served.clone();
+        let all = futures::stream::once(async move {
+            let _ = served.wait_for(|served| *served).await;
+        });
+        controller = controller.owns_stream_with(stream, children::pod_monitor_resource()).reconcile_all_on(all);
     }
     let stopping = shutdown.clone();
     let reconciles = controller
@@ -749,7 +897,7 @@ pub async fn run(options: Options, shutdown: CancellationToken) -> Result<(), St
         )
         .for_each(|_| futures::future::ready(()));
     let controller = tokio::spawn(reconciles);
-    tracing::info!(namespace = scope.unwrap_or("(all)"), image = %options.agent_image, pod_monitors, "operator started");
+    tracing::info!(namespace = scope.unwrap_or("(all)"), image = %options.agent_image, pod_monitors = options.pod_monitors, "operator started");
 
     let outcome = match &mut elector {
         Some(elector) => elector.hold(&shutdown).await,
@@ -773,6 +921,7 @@ pub async fn run(options: Options, shutdown: CancellationToken) -> Result<(), St
         abort.abort();
     }
     waiter.abort();
+    discovery.abort();
     metrics.leader.set(0);
     if let (Ok(()), Some(elector)) = (&outcome, &mut elector) {
         elector.release().await;
@@ -804,18 +953,51 @@ async fn wait_ready(caches: &Caches) {
     let _ = caches.roles.wait_until_ready().await;
     let _ = caches.role_bindings.wait_until_ready().await;
     let _ = caches.pods.wait_until_ready().await;
-    if let Some(store) = &caches.pod_monitors {
-        let _ = store.wait_until_ready().await;
-    }
+    // Not the PodMonitors': their cache starts only once their CRD is served, and rounds make
+    // none until it has listed.
 }
 
-async fn pod_monitor_crd_exists(client: &Client) -> bool {
+/// Whether the Prometheus Operator's PodMonitor CRD is served. Says so (once: `told`) when not.
+async fn pod_monitor_crd_exists(client: &Client, told: &mut bool) -> bool {
     let gvk = kube::core::GroupVersionKind::gvk("monitoring.coreos.com", "v1", "PodMonitor");
     match kube::discovery::pinned_kind(client, &gvk).await {
         Ok(_) => true,
         Err(e) => {
-            tracing::warn!(error = %e, "PodMonitors were asked for but the Prometheus Operator's PodMonitor CRD is not served; making none");
+            if !*told {
+                tracing::warn!(error = %e, "PodMonitors were asked for but the Prometheus Operator's PodMonitor CRD is not served; making none until it is (looked for at every resync)");
+                *told = true;
+            }
             false
+        }
+    }
+}
+
+/// Deletes the PodMonitors the operator made (labelled as its children, owned by a server): they
+/// were turned off.
+async fn remove_pod_monitors(api: &Api<DynamicObject>) {
+    let listed = match api.list(&ListParams::default().labels(CHILD_SELECTOR)).await {
+        Ok(list) => list.items,
+        Err(e) => {
+            tracing::warn!(error = %e, "PodMonitors are turned off, but listing the ones made before failed; delete them with `kubectl delete podmonitors -l app.kubernetes.io/managed-by=atlas-runner`");
+            return;
+        }
+    };
+    for monitor in listed {
+        let owned = monitor.metadata.owner_references.iter().flatten().any(|o| {
+            o.kind == "MinecraftServer" && o.api_version.starts_with("atlas.dev/") && o.controller == Some(true)
+        });
+        let (Some(namespace), Some(name)) = (monitor.metadata.namespace.clone(), monitor.metadata.name.clone()) else {
+            continue;
+        };
+        if !owned {
+            continue;
+        }
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(api.clone().into_client(), &namespace, &children::pod_monitor_resource());
+        match api.delete(&name, &DeleteParams::default()).await {
+            Ok(_) => tracing::info!(%namespace, %name, "PodMonitors are turned off; deleted the one made before"),
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(e) => tracing::warn!(%namespace, %name, error = %e, "deleting a PodMonitor made before failed"),
         }
     }
 }
@@ -886,5 +1068,25 @@ mod tests {
                             "lastTransitionTime": "2026-12-06T00:00:00Z", "observedGeneration": 3}]});
         assert_ne!(round_trigger(&server(not_ready)?), before);
         Ok(())
+    }
+
+    #[test]
+    fn a_permanent_failure_is_reported_once_until_it_changes() {
+        let mut reported = HashMap::new();
+        assert!(first_report(&mut reported, "a", "forbidden"));
+        assert!(!first_report(&mut reported, "a", "forbidden"), "the same failure again");
+        assert!(first_report(&mut reported, "b", "forbidden"), "another server");
+        assert!(first_report(&mut reported, "a", "invalid"), "another failure");
+        // A round that succeeds forgets it: failing again is news.
+        reported.remove("a");
+        assert!(first_report(&mut reported, "a", "invalid"));
+    }
+
+    #[test]
+    fn an_event_note_is_one_line_the_api_server_takes() {
+        assert_eq!(event_note("a\n  b"), "a b");
+        let long = "é".repeat(2000);
+        let note = event_note(&long);
+        assert!(note.len() <= 1024 && note.ends_with("..."), "{}", note.len());
     }
 }

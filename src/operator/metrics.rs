@@ -16,6 +16,9 @@ pub const ERROR_CATEGORIES: [&str; 7] =
 /// The kinds of API writes the operator counts.
 pub const WRITE_KINDS: [&str; 5] = ["apply", "create", "delete", "status", "event"];
 
+/// The kinds of objects the operator reads from the API server itself, outside its watch caches.
+pub const READ_KINDS: [&str; 4] = ["secret", "server", "pod", "claim"];
+
 /// The operator's metrics.
 #[derive(Debug, Clone)]
 pub struct OperatorMetrics {
@@ -27,6 +30,8 @@ pub struct OperatorMetrics {
     pub duration: Histogram,
     /// Requests that changed something in the API server, by kind.
     pub writes: IntCounterVec,
+    /// Reads outside the watch caches, by the kind of object read.
+    pub reads: IntCounterVec,
     /// Pods deleted so that they come back with a new template.
     pub pods_replaced: IntCounter,
     /// Servers whose pod waits for `spec.upgrade` to allow its replacement.
@@ -55,6 +60,13 @@ impl OperatorMetrics {
                 Opts::new("atlas_operator_api_writes_total", "Writes the operator sent to the API server, by kind."),
                 &["kind"],
             )?,
+            reads: IntCounterVec::new(
+                Opts::new(
+                    "atlas_operator_api_reads_total",
+                    "Objects the operator read from the API server outside its watch caches, by kind.",
+                ),
+                &["kind"],
+            )?,
             pods_replaced: IntCounter::new(
                 "atlas_operator_pods_replaced_total",
                 "Server pods deleted so that they come back with a new template.",
@@ -76,21 +88,30 @@ impl OperatorMetrics {
         for kind in WRITE_KINDS {
             m.writes.with_label_values(&[kind]);
         }
+        for kind in READ_KINDS {
+            m.reads.with_label_values(&[kind]);
+        }
         m.count_servers(std::iter::empty());
         Ok(m)
     }
 
-    fn parts(&self) -> [&dyn Collector; 8] {
+    fn parts(&self) -> [&dyn Collector; 9] {
         [
             &self.reconciles,
             &self.errors,
             &self.duration,
             &self.writes,
+            &self.reads,
             &self.pods_replaced,
             &self.upgrades_pending,
             &self.leader,
             &self.servers,
         ]
+    }
+
+    /// Counts `count` reads of `kind` (one of [`READ_KINDS`]).
+    pub fn read(&self, kind: &'static str, count: usize) {
+        self.reads.with_label_values(&[kind]).inc_by(u64::try_from(count).unwrap_or(u64::MAX));
     }
 
     /// Counts one write of `kind` (one of [`WRITE_KINDS`]).

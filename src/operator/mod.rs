@@ -154,6 +154,9 @@ pub enum StartError {
     /// Leadership was lost; the process exits so that it starts over as a candidate.
     #[error("{0}")]
     Lease(#[from] lease::LeaseError),
+    /// `TZ` names no time zone the image knows: both update windows would be read in UTC.
+    #[error("{0}; set the chart's timeZone (TZ) to an IANA name such as Europe/Berlin, or leave it empty for UTC")]
+    TimeZone(String),
 }
 
 impl StartError {
@@ -166,6 +169,7 @@ impl StartError {
             Self::Bind { .. } => "bind",
             Self::Metrics(_) => "metrics",
             Self::Lease(_) => "lease_lost",
+            Self::TimeZone(_) => "time_zone",
         }
     }
 }

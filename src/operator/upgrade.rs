@@ -50,17 +50,31 @@ pub struct BadWindow {
     pub reason: String,
 }
 
+/// How long a pod whose container runs but whose readiness probe fails still counts as serving
+/// what the agent last said: a probe that times out a few times on a busy node says nothing about
+/// the players on the server, a pod not ready for this long does not serve anyone.
+pub const NOT_READY_GRACE: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// Whether anyone can be playing on the server's pod, and how many are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Serving {
-    /// The pod is not serving: the StatefulSet counts it not Ready (pending, crash-looping, its
-    /// probe failing), or the agent's `Ready` condition is not True. Nobody can be playing on it.
+    /// The pod is not serving: not running (pending, crash-looping, its container not started),
+    /// not ready for longer than [`NOT_READY_GRACE`], restarted since it was ready, or the agent's
+    /// `Ready` condition is not True. Nobody can be playing on it.
     Down,
     /// Ready, with the agent's player count for the current generation.
     Players(u32),
     /// Ready, but the agent's status does not speak for the current generation yet: its count
     /// may be stale.
     Unknown,
+    /// Running, but not ready since a moment ago: for `left` more it counts as the agent last said
+    /// (`online`, `None` when its count does not speak for the current generation), then as Down.
+    Faltering {
+        /// The agent's player count, as [`Serving::Players`] (or `None`, as [`Serving::Unknown`]).
+        online: Option<u32>,
+        /// What is left of the grace.
+        left: std::time::Duration,
+    },
 }
 
 /// What `server`'s status and its StatefulSet say about the pod. A status the agent wrote before
@@ -68,10 +82,16 @@ pub enum Serving {
 /// probe keeps current, decides first.
 pub fn serving(server: &MinecraftServer, sts: Option<&StatefulSet>) -> Serving {
     let pod_ready = sts.and_then(|s| s.status.as_ref()).and_then(|s| s.ready_replicas).unwrap_or(0) > 0;
+    if pod_ready { agent_serving(server) } else { Serving::Down }
+}
+
+/// What the agent's own status says: its player count while its `Ready` is True for the current
+/// generation, Unknown while it is True for an older one, else Down.
+pub fn agent_serving(server: &MinecraftServer) -> Serving {
     let status = server.status.as_ref();
     let ready = status.and_then(|s| s.conditions.iter().find(|c| c.type_ == crate::api::conditions::READY));
     match ready {
-        Some(ready) if pod_ready && ready.status == "True" => {
+        Some(ready) if ready.status == "True" => {
             let current =
                 ready.observed_generation.is_some() && ready.observed_generation == server.metadata.generation;
             if current {
@@ -80,6 +100,53 @@ pub fn serving(server: &MinecraftServer, sts: Option<&StatefulSet>) -> Serving {
                 Serving::Unknown
             }
         }
+        _ => Serving::Down,
+    }
+}
+
+/// What a pod the StatefulSet does not count ready says, read from the pod itself (`now` is the
+/// operator's clock). A pod whose containers all run (started) and whose `Ready` condition went
+/// False less than [`NOT_READY_GRACE`] ago, with no container started since, is Faltering: its
+/// readiness probe failed, but the agent that wrote the status is the one still running, so its
+/// players are probably still on it. Anything else is Down at once: a pod not running, a
+/// container waiting (CrashLoopBackOff) or restarted since the pod was ready (its agent has not
+/// spoken since: the status is an old one), or not ready for longer than the grace.
+pub fn serving_not_ready(server: &MinecraftServer, pod: &Pod, now: jiff::Timestamp) -> Serving {
+    let online = match agent_serving(server) {
+        Serving::Players(online) => Some(online),
+        Serving::Unknown => None,
+        Serving::Down | Serving::Faltering { .. } => return Serving::Down,
+    };
+    let Some(status) = pod.status.as_ref() else { return Serving::Down };
+    if status.phase.as_deref() != Some("Running") {
+        return Serving::Down;
+    }
+    let containers = status.container_statuses.as_deref().unwrap_or_default();
+    let started: Option<Vec<jiff::Timestamp>> = containers
+        .iter()
+        .map(|c| {
+            let running = c.state.as_ref()?.running.as_ref()?;
+            (c.started != Some(false)).then_some(())?;
+            running.started_at.as_ref().map(|t| t.0)
+        })
+        .collect();
+    let Some(started) = started.filter(|s| !s.is_empty()) else { return Serving::Down };
+    let Some(ready) = status.conditions.as_deref().unwrap_or_default().iter().find(|c| c.type_ == "Ready") else {
+        return Serving::Down;
+    };
+    if ready.status == "True" {
+        // The StatefulSet's count lags the pod's: the pod serves.
+        return online.map_or(Serving::Unknown, Serving::Players);
+    }
+    let Some(since) = ready.last_transition_time.as_ref().map(|t| t.0) else { return Serving::Down };
+    if started.iter().any(|s| *s > since) {
+        return Serving::Down;
+    }
+    let elapsed = now.duration_since(since);
+    let grace = jiff::SignedDuration::try_from(NOT_READY_GRACE).unwrap_or(jiff::SignedDuration::ZERO);
+    match grace.checked_sub(elapsed).and_then(|left| std::time::Duration::try_from(left).ok()) {
+        // A transition time ahead of the operator's clock (skew) counts as now.
+        Some(left) if !left.is_zero() => Serving::Faltering { online, left: left.min(NOT_READY_GRACE) },
         _ => Serving::Down,
     }
 }
@@ -116,6 +183,7 @@ pub fn decide(
         Serving::Down => return Ok(Rollout::Replace { from, to }),
         Serving::Players(online) => Some(online),
         Serving::Unknown => None,
+        Serving::Faltering { online, .. } => online,
     };
     if let Some(window) = &window
         && !window.contains(now.weekday(), minute_of_day(now))
@@ -297,5 +365,63 @@ mod tests {
         assert_eq!(serving(&server(None, 3, 2), Some(&ready_sts(1))), Serving::Down);
         // Ready, but written for an older generation.
         assert_eq!(serving(&server(Some(("True", 2)), 3, 0), Some(&ready_sts(1))), Serving::Unknown);
+    }
+
+    /// A pod as the kubelet reports it: `phase`, its one container (`running_since`, or waiting in
+    /// CrashLoopBackOff when `None`), and its Ready condition (`ready`, since `ready_since`).
+    fn kubelet_pod(phase: &str, running_since: Option<&str>, ready: &str, ready_since: &str) -> Pod {
+        let state = match running_since {
+            Some(since) => json!({"running": {"startedAt": since}}),
+            None => json!({"waiting": {"reason": "CrashLoopBackOff"}}),
+        };
+        serde_json::from_value(json!({
+            "metadata": {"name": "s-0"},
+            "status": {
+                "phase": phase,
+                "conditions": [{"type": "Ready", "status": ready, "lastTransitionTime": ready_since}],
+                "containerStatuses": [{"name": "server", "image": "i", "imageID": "", "ready": ready == "True",
+                    "restartCount": 0, "started": running_since.is_some(), "state": state}],
+            },
+        }))
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn ts(text: &str) -> jiff::Timestamp {
+        text.parse().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn a_running_pod_not_ready_for_a_moment_keeps_its_players_until_the_grace_ends() {
+        let live = server(Some(("True", 3)), 3, 2);
+        let flapping = kubelet_pod("Running", Some("2026-12-05T10:00:00Z"), "False", "2026-12-05T12:00:00Z");
+        let faltering = serving_not_ready(&live, &flapping, ts("2026-12-05T12:00:30Z"));
+        assert_eq!(faltering, Serving::Faltering { online: Some(2), left: std::time::Duration::from_secs(90) });
+        let policy = UpgradePolicy::default();
+        let wait = decide(&sts(2, 2, "r2"), Some(&pod("r1")), faltering, &policy, &at(SAT_NOON));
+        assert!(matches!(wait, Ok(Rollout::Wait { reason: "PlayersOnline", .. })), "{wait:?}");
+        // Once the grace is over it does not serve anyone: replaced.
+        assert_eq!(serving_not_ready(&live, &flapping, ts("2026-12-05T12:02:00Z")), Serving::Down);
+        // The StatefulSet's count lagging a pod that is Ready again: the agent's count.
+        let ready = kubelet_pod("Running", Some("2026-12-05T10:00:00Z"), "True", "2026-12-05T12:00:00Z");
+        assert_eq!(serving_not_ready(&live, &ready, ts("2026-12-05T12:00:30Z")), Serving::Players(2));
+    }
+
+    #[test]
+    fn a_pod_that_does_not_run_or_restarted_is_down_at_once_whatever_the_agent_last_said() {
+        let live = server(Some(("True", 3)), 3, 2);
+        let now = ts("2026-12-05T12:00:30Z");
+        let pending = kubelet_pod("Pending", None, "False", "2026-12-05T12:00:00Z");
+        assert_eq!(serving_not_ready(&live, &pending, now), Serving::Down);
+        let crash_looping = kubelet_pod("Running", None, "False", "2026-12-05T12:00:00Z");
+        assert_eq!(serving_not_ready(&live, &crash_looping, now), Serving::Down);
+        // The container started after the pod went not ready: a new agent that has not written yet.
+        let restarted = kubelet_pod("Running", Some("2026-12-05T12:00:10Z"), "False", "2026-12-05T12:00:00Z");
+        assert_eq!(serving_not_ready(&live, &restarted, now), Serving::Down);
+        // The agent's own Ready is not True.
+        let flapping = kubelet_pod("Running", Some("2026-12-05T10:00:00Z"), "False", "2026-12-05T12:00:00Z");
+        assert_eq!(serving_not_ready(&server(Some(("False", 3)), 3, 2), &flapping, now), Serving::Down);
+        // Its count for an older generation: not trusted, as on a ready pod.
+        let faltering = serving_not_ready(&server(Some(("True", 2)), 3, 0), &flapping, now);
+        assert!(matches!(faltering, Serving::Faltering { online: None, .. }), "{faltering:?}");
     }
 }

@@ -94,6 +94,18 @@ pub fn parse_interval(text: &str) -> Result<Duration, String> {
     Ok(total)
 }
 
+/// Why `TZ` (set, not empty) names no time zone this system knows, for people; `None` when it is
+/// unset or known. jiff would read such a zone as UTC (`Etc/Unknown`) without a word, and with it
+/// every update window.
+pub fn unknown_time_zone() -> Option<String> {
+    let zone = std::env::var_os("TZ")?;
+    // jiff's error retells its whole search; the name is what the reader must fix.
+    match jiff::tz::TimeZone::try_system() {
+        Ok(_) => None,
+        Err(_) => Some(format!("TZ={:?} is not a time zone this system knows", zone.to_string_lossy())),
+    }
+}
+
 /// Days of the week and a time range, `Sat,Sun 02:00-06:00`. A range whose end comes before its start
 /// runs past midnight into the next day (the days name the day it starts on); a range ending where it
 /// starts is the whole day.

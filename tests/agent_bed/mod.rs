@@ -441,6 +441,8 @@ pub struct Hub {
     pub base: String,
     /// Path -> body; change it while serving.
     pub files: common::ServedFiles,
+    /// The `Authorization` header of every request, in order (empty when there was none).
+    pub authorizations: Arc<Mutex<Vec<String>>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -461,15 +463,16 @@ impl Hub {
         let listener = std::net::TcpListener::bind((address, 0))?;
         let base = format!("http://{}", listener.local_addr()?);
         let files = common::ServedFiles::default();
-        let (stop, thread) = Self::serve(listener, files.clone())?;
-        Ok(Self { base, files, stop: Some(stop), thread: Some(thread) })
+        let authorizations = Arc::default();
+        let (stop, thread) = Self::serve(listener, files.clone(), Arc::clone(&authorizations))?;
+        Ok(Self { base, files, authorizations, stop: Some(stop), thread: Some(thread) })
     }
 
     /// Serves the same files again at the address the stopped hub had: the hub is back.
     pub fn restart(&mut self) -> Result<()> {
         self.stop();
         let listener = std::net::TcpListener::bind(self.base.trim_start_matches("http://"))?;
-        let (stop, thread) = Self::serve(listener, self.files.clone())?;
+        let (stop, thread) = Self::serve(listener, self.files.clone(), Arc::clone(&self.authorizations))?;
         (self.stop, self.thread) = (Some(stop), Some(thread));
         Ok(())
     }
@@ -478,9 +481,18 @@ impl Hub {
     fn serve(
         listener: std::net::TcpListener,
         files: common::ServedFiles,
+        authorizations: Arc<Mutex<Vec<String>>>,
     ) -> Result<(tokio::sync::oneshot::Sender<()>, std::thread::JoinHandle<()>)> {
         let served = files;
-        let app = axum::Router::new().fallback(move |uri: axum::http::Uri| {
+        let app = axum::Router::new().fallback(move |uri: axum::http::Uri, headers: axum::http::HeaderMap| {
+            let authorization = headers
+                .get(axum::http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned();
+            if let Ok(mut seen) = authorizations.lock() {
+                seen.push(authorization);
+            }
             let body = served.lock().ok().and_then(|files| files.get(uri.path()).cloned());
             async move {
                 match body {
