@@ -34,6 +34,13 @@ const PLAYERS_MAX_DELAY: Duration = Duration::from_secs(30);
 const MAX_RETRY: Duration = Duration::from_secs(10);
 /// How long the final status (after the server stopped) is tried for before the agent exits.
 const FINAL_WRITE: Duration = Duration::from_secs(10);
+/// Write-backs (an agent field someone else changed, put back) allowed in [`WRITE_BACK_WINDOW`]
+/// before they are spaced out: a writer that keeps changing an agent field (a second agent of a
+/// force-deleted pod, a controller) must not turn into a write loop.
+const WRITE_BACKS_FREE: usize = 3;
+const WRITE_BACK_WINDOW: Duration = Duration::from_secs(60);
+/// The spacing of write-backs past the free ones: doubling from the first to the last.
+const WRITE_BACK_HOLD: (Duration, Duration) = (Duration::from_secs(10), Duration::from_secs(300));
 
 /// The agent's share of the status, from the runner's. `previous` are the conditions last written:
 /// a condition whose status did not flip keeps its `lastTransitionTime`.
@@ -264,6 +271,8 @@ pub fn spawn_sink(
             other_pending: None,
             retry: Duration::ZERO,
             failed: false,
+            write_backs: std::collections::VecDeque::new(),
+            write_back_hold: Duration::ZERO,
             metrics,
         };
         loop {
@@ -326,6 +335,10 @@ struct Sink {
     /// The wait before the next attempt after a failure.
     retry: Duration,
     failed: bool,
+    /// When the recent write-backs were made (within [`WRITE_BACK_WINDOW`]).
+    write_backs: std::collections::VecDeque<Instant>,
+    /// The wait after the last write-back before the next one (zero while they are free).
+    write_back_hold: Duration,
     metrics: AgentMetrics,
 }
 
@@ -354,8 +367,23 @@ impl Sink {
         }
     }
 
+    /// Whether writing `wanted` would only put back what someone else changed: the agent itself
+    /// wants what it last wrote.
+    fn is_write_back(&self, wanted: &MinecraftServerStatus) -> bool {
+        self.observed.is_some() && difference(self.written.as_ref(), wanted) == Difference::None
+    }
+
     /// When `wanted` should be written, or `None` when it need not be.
     fn due(&mut self, wanted: &MinecraftServerStatus) -> Option<Instant> {
+        let due = self.due_by_change(wanted)?;
+        match self.write_backs.back() {
+            Some(last) if self.is_write_back(wanted) => Some(due.max(*last + self.write_back_hold)),
+            _ => Some(due),
+        }
+    }
+
+    /// When the difference between `wanted` and the object should be written, write-backs aside.
+    fn due_by_change(&mut self, wanted: &MinecraftServerStatus) -> Option<Instant> {
         let now = Instant::now();
         match self.players {
             Some((players, _)) if players == wanted.players => {}
@@ -394,24 +422,9 @@ impl Sink {
             return;
         }
         self.last_write = Some(Instant::now());
+        let write_back = self.is_write_back(&wanted);
         match write(api, name, &wanted).await {
-            Ok(revision) => {
-                // Until the watch shows a newer revision, what was written is what the object
-                // holds. A write that changed nothing (a field someone else owns, which the
-                // agent's apply cannot take back) keeps the revision: not tried again until the
-                // object changes.
-                self.confirmed = revision;
-                self.observed = None;
-                if self.failed {
-                    tracing::info!("status written again after failed attempts");
-                }
-                self.metrics.status_writes.inc();
-                self.written = Some(wanted);
-                self.players_pending = None;
-                self.other_pending = None;
-                self.failed = false;
-                self.retry = Duration::ZERO;
-            }
+            Ok(revision) => self.written_ok(wanted, revision, write_back),
             Err(e) => {
                 self.metrics.status_write_failures.with_label_values(&[e.category()]).inc();
                 if !self.failed {
@@ -419,6 +432,49 @@ impl Sink {
                 }
                 self.failed = true;
                 self.retry = (self.retry * 2).clamp(Duration::from_millis(500), MAX_RETRY);
+            }
+        }
+    }
+
+    /// After a successful write of `wanted` (a `write_back` or not), the object's revision after it.
+    fn written_ok(&mut self, wanted: MinecraftServerStatus, revision: Option<u64>, write_back: bool) {
+        // Until the watch shows a newer revision, what was written is what the object holds. A
+        // write that changed nothing (a field someone else owns, which the agent's apply cannot
+        // take back) keeps the revision: not tried again until the object changes.
+        self.confirmed = revision;
+        self.observed = None;
+        if self.failed {
+            tracing::info!("status written again after failed attempts");
+        }
+        self.metrics.status_writes.inc();
+        self.written = Some(wanted);
+        self.players_pending = None;
+        self.other_pending = None;
+        self.failed = false;
+        self.retry = Duration::ZERO;
+        if write_back {
+            let now = Instant::now();
+            // Free again only after a quiet spell: no write-back for the hold and a window more.
+            let quiet = self
+                .write_backs
+                .back()
+                .is_none_or(|last| now.duration_since(*last) > self.write_back_hold + WRITE_BACK_WINDOW);
+            if quiet {
+                self.write_backs.clear();
+                self.write_back_hold = Duration::ZERO;
+            }
+            while self.write_backs.front().is_some_and(|at| now.duration_since(*at) > WRITE_BACK_WINDOW) {
+                self.write_backs.pop_front();
+            }
+            self.write_backs.push_back(now);
+            if !self.write_back_hold.is_zero() || self.write_backs.len() >= WRITE_BACKS_FREE {
+                if self.write_back_hold.is_zero() {
+                    tracing::warn!(
+                        "someone keeps changing fields of this server's status that its agent writes (see the status's managedFields for who); the agent puts them back at most every {}s now, then less often",
+                        WRITE_BACK_HOLD.0.as_secs()
+                    );
+                }
+                self.write_back_hold = (self.write_back_hold * 2).clamp(WRITE_BACK_HOLD.0, WRITE_BACK_HOLD.1);
             }
         }
     }
@@ -523,6 +579,8 @@ mod tests {
             other_pending: None,
             retry: Duration::ZERO,
             failed: false,
+            write_backs: std::collections::VecDeque::new(),
+            write_back_hold: Duration::ZERO,
             metrics: AgentMetrics::register(&prometheus::Registry::new())?,
         })
     }
@@ -638,6 +696,44 @@ mod tests {
         sink.observe(&object("9", &before)?);
         sink.observe(&object("10", &before)?);
         assert_eq!(sink.due(&wanted), None);
+        Ok(())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_writer_that_keeps_changing_an_agent_field_gets_write_backs_spaced_out()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let wanted = build(&running(), &[], &at(1)?);
+        let mut sink = sink(Some(wanted.clone()))?;
+        let mut edited = wanted.clone();
+        edited.phase = Some(Phase::Stopped);
+        let mut waits = Vec::new();
+        for revision in 0..8u64 {
+            // The other writer changes the phase again right after each write-back.
+            sink.observe(&object(&(11 + 2 * revision).to_string(), &edited)?);
+            let due = sink.due(&wanted).ok_or("the edit is not written back")?;
+            waits.push(due.saturating_duration_since(Instant::now()));
+            tokio::time::sleep_until(due).await;
+            assert!(sink.is_write_back(&wanted));
+            sink.written_ok(wanted.clone(), Some(12 + 2 * revision), true);
+        }
+        // The first few go back at once (within the coalescing), then spaced out, doubling.
+        assert!(waits[..WRITE_BACKS_FREE].iter().all(|w| *w <= COALESCE), "{waits:?}");
+        assert_eq!(waits[WRITE_BACKS_FREE], WRITE_BACK_HOLD.0, "{waits:?}");
+        assert_eq!(waits[WRITE_BACKS_FREE + 1], WRITE_BACK_HOLD.0 * 2, "{waits:?}");
+        assert!(waits.windows(2).skip(WRITE_BACKS_FREE).all(|w| w[1] >= w[0]), "{waits:?}");
+        assert_eq!(waits[7], WRITE_BACK_HOLD.0 * 16, "{waits:?}");
+        // A quiet spell (no write-back for the hold and a minute): the next ones are free again.
+        tokio::time::sleep(WRITE_BACK_HOLD.1 + WRITE_BACK_WINDOW + Duration::from_secs(1)).await;
+        sink.observe(&object("99", &edited)?);
+        sink.written_ok(wanted.clone(), Some(100), true);
+        sink.observe(&object("101", &edited)?);
+        let due = sink.due(&wanted).ok_or("the edit is not written back")?;
+        assert!(due.saturating_duration_since(Instant::now()) <= COALESCE);
+        // The agent's own changes are never held by it.
+        let own = build(&RunnerStatus { phase: "Stopping".into(), ..running() }, &[], &at(1)?);
+        sink.write_back_hold = WRITE_BACK_HOLD.1;
+        let due = sink.due(&own).ok_or("the agent's own change is not written")?;
+        assert!(due.saturating_duration_since(Instant::now()) <= COALESCE);
         Ok(())
     }
 }
