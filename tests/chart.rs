@@ -138,6 +138,27 @@ async fn every_rendered_object_passes_the_api_servers_dry_run() -> Result<()> {
     }
     ensure!(!all_kinds.iter().any(|k| k == "ClusterRoleBinding"), "watchNamespace still binds cluster-wide");
 
+    // PodMonitors: the operator is granted on them what it does with them, and nothing by default.
+    let pod_monitor_verbs = |values: &[&str]| -> Result<Option<Vec<String>>> {
+        let docs = documents(&render(cluster, &ns.name, &ns.name, values)?)?;
+        let role = docs.iter().find(|d| d["kind"] == "ClusterRole").context("no ClusterRole rendered")?;
+        let rules = role["rules"].as_array().context("the ClusterRole's rules")?;
+        let rule =
+            rules.iter().find(|r| r["resources"].as_array().is_some_and(|rs| rs.iter().any(|x| x == "podmonitors")));
+        Ok(rule.map(|r| {
+            r["verbs"].as_array().into_iter().flatten().filter_map(|v| v.as_str().map(str::to_owned)).collect()
+        }))
+    };
+    assert_eq!(pod_monitor_verbs(&[])?, None, "the default install is granted something on PodMonitors");
+    assert_eq!(
+        pod_monitor_verbs(&["metrics.podMonitor.enabled=true"])?,
+        Some(vec!["list".to_owned(), "watch".to_owned(), "create".to_owned(), "patch".to_owned()])
+    );
+    assert_eq!(
+        pod_monitor_verbs(&["metrics.podMonitor.deleteWhenOff=true"])?,
+        Some(vec!["list".to_owned(), "delete".to_owned()])
+    );
+
     for (what, rendered) in [("defaults", &defaults), ("everything on", &everything)] {
         let out = run(
             cluster.kubectl()?.args(["apply", "--server-side", "--dry-run=server", "--force-conflicts", "-f", "-"]),

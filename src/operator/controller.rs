@@ -53,6 +53,10 @@ pub struct Options {
     /// is logged and ignored).
     #[arg(long, env = "ATLAS_POD_MONITORS")]
     pub pod_monitors: bool,
+    /// Without `--pod-monitors`: delete the PodMonitors the operator made while they were on (once,
+    /// at start; needs `list` and `delete` on PodMonitors).
+    #[arg(long, env = "ATLAS_DELETE_POD_MONITORS")]
+    pub delete_pod_monitors: bool,
     /// Run as a candidate for the leader Lease, so that several replicas can run and one works.
     #[arg(long, env = "ATLAS_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
     pub leader_elect: bool,
@@ -789,7 +793,7 @@ pub async fn run(options: Options, shutdown: CancellationToken) -> Result<(), St
             let _ = served_tx.send(true);
         });
         (Some(reader), Some(stream), discovery)
-    } else {
+    } else if options.delete_pod_monitors {
         // Turned off: the PodMonitors made while it was on go (when the CRD is served at all).
         let client = client.clone();
         let discovery = tokio::spawn(async move {
@@ -799,6 +803,8 @@ pub async fn run(options: Options, shutdown: CancellationToken) -> Result<(), St
             }
         });
         (None, None, discovery)
+    } else {
+        (None, None, tokio::spawn(async {}))
     };
 
     let ctx = Arc::new(Context {
