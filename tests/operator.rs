@@ -1159,10 +1159,18 @@ async fn a_pod_whose_probe_failed_a_moment_ago_keeps_its_players_until_the_grace
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(pods.get("flap-0").await?.metadata.uid, old.metadata.uid, "replaced with players on it");
 
-    // Not ready for longer than the grace (two minutes): nobody is served, the pod is replaced.
-    let long_ago = jiff::Timestamp::now().checked_sub(jiff::SignedDuration::from_mins(3))?;
-    pod_not_ready_since(&installed, "flap", long_ago).await?;
+    // Not ready since 15 s short of the grace (two minutes): the operator looks again by itself
+    // when the grace ends (no event comes then), and nobody being served, replaces the pod, well
+    // before its usual minute between looks at a waiting upgrade.
+    let marked = Instant::now();
+    let since = jiff::Timestamp::now().checked_sub(jiff::SignedDuration::from_secs(105))?;
+    pod_not_ready_since(&installed, "flap", since).await?;
     wait_object(&pods, "flap-0", "the pod replaced after the grace", |p| p.metadata.uid != old.metadata.uid).await?;
+    let took = marked.elapsed();
+    assert!(
+        took > Duration::from_secs(10) && took < Duration::from_secs(45),
+        "replaced {took:?} after its grace had 15 s left: not when the grace ended"
+    );
     Ok(())
 }
 
@@ -1276,16 +1284,20 @@ async fn podmonitors_turned_off_are_deleted_and_others_left_alone() -> Result<()
     monitors.patch("theirs", &PatchParams::apply("someone"), &Patch::Apply(&theirs)).await?;
     operator.stop()?;
 
-    // `helm upgrade --set metrics.podMonitor.enabled=false`: the chart's rules without them, and
-    // the operator restarted without --pod-monitors.
-    let off = [format!("watchNamespace={}", installed.ns.name), "metrics.podMonitor.enabled=false".to_owned()];
+    // `helm upgrade --set metrics.podMonitor.enabled=false,metrics.podMonitor.deleteWhenOff=true`:
+    // the chart's rules for deleting them, and the operator restarted with --delete-pod-monitors.
+    let off = [
+        format!("watchNamespace={}", installed.ns.name),
+        "metrics.podMonitor.enabled=false".to_owned(),
+        "metrics.podMonitor.deleteWhenOff=true".to_owned(),
+    ];
     let off: Vec<&str> = off.iter().map(String::as_str).collect();
     let rendered = render(installed.cluster, &installed.ns.name, &installed.ns.name, &off)?;
     run(
         installed.cluster.kubectl()?.args(["apply", "--server-side", "--force-conflicts", "-f", "-"]),
         Some(&rendered),
     )?;
-    let operator = installed.start_operator(&[])?;
+    let operator = installed.start_operator(&["--delete-pod-monitors"])?;
     eventually("the PodMonitor deleted", Duration::from_secs(60), || async {
         Ok(monitors.get_opt("scraped").await?.is_none().then_some(()))
     })
@@ -1317,8 +1329,9 @@ async fn a_grown_claim_is_read_once_and_a_refused_growth_is_one_event() -> Resul
     wait_object(&claims, "data-growing-0", "the claim", |_| true).await?;
 
     // The claim is not bound (no provisioner here): the API server refuses to resize it, for good.
-    apply_server(&installed, &server_doc("growing", spec("2Gi"))).await?;
     let events = || operator.sample("atlas_operator_api_writes_total{kind=\"event\"}");
+    let before = events()?;
+    apply_server(&installed, &server_doc("growing", spec("2Gi"))).await?;
     let failed = eventually("a ReconcileFailed Event", Duration::from_secs(60), || async {
         Ok(events_for(&installed, "growing")
             .await?
@@ -1327,7 +1340,10 @@ async fn a_grown_claim_is_read_once_and_a_refused_growth_is_one_event() -> Resul
     })
     .await?;
     assert!(failed.note.as_deref().unwrap_or_default().contains("data-growing-0"), "{failed:?}");
-    // Rounds the agent's status starts fail the same way: no Event for each.
+    // Rounds the agent's status starts fail the same way: no Event for each. (The Event is counted
+    // once its write has returned, a moment after the API server shows it.)
+    eventually("the Event counted", Duration::from_secs(10), || async { Ok((events()? > before).then_some(())) })
+        .await?;
     let published = events()?;
     let errors = operator.sample("atlas_operator_reconcile_errors_total{category=\"apply\"}")?;
     for online in 1..=3 {

@@ -139,7 +139,7 @@ pub fn serving_not_ready(server: &MinecraftServer, pod: &Pod, now: jiff::Timesta
         return online.map_or(Serving::Unknown, Serving::Players);
     }
     let Some(since) = ready.last_transition_time.as_ref().map(|t| t.0) else { return Serving::Down };
-    if started.iter().any(|s| *s > since) {
+    if started.iter().any(|s| *s >= since) {
         return Serving::Down;
     }
     let elapsed = now.duration_since(since);
