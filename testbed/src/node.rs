@@ -427,6 +427,10 @@ pub fn point_names(hosts: &Path, names: &[&str], address: Ipv4Addr) -> Result<()
     if let Some(bad) = names.iter().find(|n| n.is_empty() || n.contains(|c: char| c.is_whitespace() || c == '#')) {
         bail!("{bad:?} is not a host name: a name for the bed's DNS has no spaces and no '#'");
     }
+    // Tests of one run share a bed: one edit at a time, or one could lose another's names.
+    let lock_path = hosts.with_extension("lock");
+    let lock = File::create(&lock_path).with_context(|| format!("create {}", lock_path.display()))?;
+    lock.lock().with_context(|| format!("lock {}", lock_path.display()))?;
     let old =
         std::fs::read_to_string(hosts).with_context(|| format!("read the bed's hosts file {}", hosts.display()))?;
     let mut text = String::new();
