@@ -648,15 +648,13 @@ async fn the_agents_token_reads_and_writes_only_its_own_server() -> Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_server_keeps_running_while_the_api_server_is_down_and_the_status_catches_up() -> Result<()> {
-    // A private API server: killing the run's shared one would break every other test.
-    let mut cluster = tokio::task::spawn_blocking(atlas_testbed::start_cluster).await??;
-    let fixture = Fixture::new("agent-outage")?;
+/// An API server (and etcd) of the test's own, with an agent bed for the server `name` in the
+/// namespace `ns`: for tests that stop or compact it, which the run's shared one must not suffer.
+async fn private_bed(ns: &str, name: &str, fixture: &Fixture) -> Result<(atlas_testbed::ClusterProcesses, AgentBed)> {
+    let cluster = tokio::task::spawn_blocking(atlas_testbed::start_cluster).await??;
     let kubeconfig = kube::config::Kubeconfig::read_from(&cluster.kubeconfig)?;
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
     let client = kube::Client::try_from(config)?;
-    let ns = "outage";
     let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
     namespaces
         .patch(
@@ -665,7 +663,15 @@ async fn the_server_keeps_running_while_the_api_server_is_down_and_the_status_ca
             &Patch::Apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})),
         )
         .await?;
-    let bed = AgentBed::new(&cluster.kubeconfig, client, ns, "steady", &fixture.root).await?;
+    let bed = AgentBed::new(&cluster.kubeconfig, client, ns, name, &fixture.root).await?;
+    Ok((cluster, bed))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_keeps_running_while_the_api_server_is_down_and_the_status_catches_up() -> Result<()> {
+    // A private API server: killing the run's shared one would break every other test.
+    let fixture = Fixture::new("agent-outage")?;
+    let (mut cluster, bed) = private_bed("outage", "steady", &fixture).await?;
     bed.apply(&fake_spec(&fixture)).await?;
     let mut agent = Agent::start(&bed, &fixture, &[])?;
     bed.wait(&mut agent, "Running", Duration::from_secs(60), |o| phase(o) == Some(Phase::Running)).await?;
@@ -737,21 +743,8 @@ fn etcd_url(cluster: &atlas_testbed::ClusterProcesses) -> Result<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_whose_revision_was_compacted_away_lists_again_and_sees_the_change() -> Result<()> {
     // A private API server and etcd: compacting the run's shared one would touch every other test.
-    let mut cluster = tokio::task::spawn_blocking(atlas_testbed::start_cluster).await??;
     let fixture = Fixture::new("agent-gone")?;
-    let kubeconfig = kube::config::Kubeconfig::read_from(&cluster.kubeconfig)?;
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
-    let client = kube::Client::try_from(config)?;
-    let ns = "gone";
-    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
-    namespaces
-        .patch(
-            ns,
-            &PatchParams::apply(agent_bed::ADMIN),
-            &Patch::Apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})),
-        )
-        .await?;
-    let bed = AgentBed::new(&cluster.kubeconfig, client, ns, "compacted", &fixture.root).await?;
+    let (mut cluster, bed) = private_bed("gone", "compacted", &fixture).await?;
     bed.apply(&fake_spec(&fixture)).await?;
     let mut agent = Agent::start(&bed, &fixture, &[])?;
     let running =

@@ -1213,8 +1213,9 @@ fn an_unknown_time_zone_stops_the_operator_and_says_what_to_set() -> Result<()> 
     Ok(())
 }
 
-#[tokio::test]
-async fn with_podmonitors_enabled_each_server_gets_one_scraping_its_metrics_port() -> Result<()> {
+/// The Prometheus Operator's CRDs (fetched by the install script) on the shared bed, the
+/// PodMonitor's served.
+async fn pod_monitor_crd() -> Result<()> {
     let cluster = TestCluster::shared().await?;
     let crds = atlas_testbed::bin_dir().join("prometheus-operator-crds");
     ensure!(crds.is_dir(), "{} is missing: run `make testbed`", crds.display());
@@ -1228,16 +1229,26 @@ async fn with_podmonitors_enabled_each_server_gets_one_scraping_its_metrics_port
         ]),
         None,
     )?;
-    // The chart's RBAC with PodMonitors on (the rule for them is there only then).
-    let installed = Installed::new("op-podmonitor", &["metrics.podMonitor.enabled=true"]).await?;
-    let _operator = installed.start_operator(&["--pod-monitors"])?;
-    let server = apply_server(&installed, &server_doc("scraped", minimal(json!({})))).await?;
+    Ok(())
+}
+
+/// The PodMonitors of the test's namespace.
+fn pod_monitors(installed: &Installed) -> Api<kube::api::DynamicObject> {
     let resource = kube::core::ApiResource::from_gvk_with_plural(
         &kube::core::GroupVersionKind::gvk("monitoring.coreos.com", "v1", "PodMonitor"),
         "podmonitors",
     );
-    let monitors: Api<kube::api::DynamicObject> =
-        Api::namespaced_with(installed.ns.client.clone(), &installed.ns.name, &resource);
+    Api::namespaced_with(installed.ns.client.clone(), &installed.ns.name, &resource)
+}
+
+#[tokio::test]
+async fn with_podmonitors_enabled_each_server_gets_one_scraping_its_metrics_port() -> Result<()> {
+    pod_monitor_crd().await?;
+    // The chart's RBAC with PodMonitors on (the rule for them is there only then).
+    let installed = Installed::new("op-podmonitor", &["metrics.podMonitor.enabled=true"]).await?;
+    let _operator = installed.start_operator(&["--pod-monitors"])?;
+    let server = apply_server(&installed, &server_doc("scraped", minimal(json!({})))).await?;
+    let monitors = pod_monitors(&installed);
     let monitor =
         eventually("the PodMonitor", Duration::from_secs(60), || async { Ok(monitors.get_opt("scraped").await?) })
             .await?;
@@ -1253,28 +1264,11 @@ async fn with_podmonitors_enabled_each_server_gets_one_scraping_its_metrics_port
 
 #[tokio::test]
 async fn podmonitors_turned_off_are_deleted_and_others_left_alone() -> Result<()> {
-    let cluster = TestCluster::shared().await?;
-    let crds = atlas_testbed::bin_dir().join("prometheus-operator-crds");
-    ensure!(crds.is_dir(), "{} is missing: run `make testbed`", crds.display());
-    run(cluster.kubectl()?.args(["apply", "--server-side", "--force-conflicts", "-f"]).arg(&crds), None)?;
-    run(
-        cluster.kubectl()?.args([
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "crd/podmonitors.monitoring.coreos.com",
-        ]),
-        None,
-    )?;
+    pod_monitor_crd().await?;
     let installed = Installed::new("op-podmonitor-off", &["metrics.podMonitor.enabled=true"]).await?;
     let mut operator = installed.start_operator(&["--pod-monitors"])?;
     apply_server(&installed, &server_doc("scraped", minimal(json!({})))).await?;
-    let resource = kube::core::ApiResource::from_gvk_with_plural(
-        &kube::core::GroupVersionKind::gvk("monitoring.coreos.com", "v1", "PodMonitor"),
-        "podmonitors",
-    );
-    let monitors: Api<kube::api::DynamicObject> =
-        Api::namespaced_with(installed.ns.client.clone(), &installed.ns.name, &resource);
+    let monitors = pod_monitors(&installed);
     eventually("the PodMonitor", Duration::from_secs(60), || async { Ok(monitors.get_opt("scraped").await?) }).await?;
     // Someone's own PodMonitor, with our labels but no server owning it.
     let theirs = json!({"apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor",
