@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use atlas_runner::api::{MinecraftServer, Phase};
 use atlas_testbed::{TestCluster, TestNamespace};
+use common::kubectl;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
@@ -284,16 +285,4 @@ async fn wait_status(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-fn kubectl(cluster: &TestCluster, ns: &TestNamespace, args: &[&str]) -> Result<String> {
-    let out = cluster.kubectl()?.args(["--namespace", &ns.name]).args(args).output()?;
-    ensure!(
-        out.status.success(),
-        "kubectl {}: {}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use atlas_testbed::{TestCluster, TestNamespace, unique};
+use common::kubectl;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{
     ConfigMap, Node, PersistentVolume, PersistentVolumeClaim, Pod, Service, ServiceAccount,
@@ -541,18 +542,6 @@ async fn wait_ready(cluster: &TestCluster, ns: &TestNamespace, pods: &Api<Pod>, 
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-}
-
-fn kubectl(cluster: &TestCluster, ns: &TestNamespace, args: &[&str]) -> Result<String> {
-    let out = cluster.kubectl()?.args(["--namespace", &ns.name]).args(args).output()?;
-    ensure!(
-        out.status.success(),
-        "kubectl {}: {}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 async fn node_internal_ip(ns: &TestNamespace) -> Result<String> {

@@ -52,18 +52,7 @@ pub fn helm(cluster: &TestCluster, ns: &TestNamespace, verb: &str, release: &str
     run(cmd.args(["--wait", "--timeout", "180s"]))
 }
 
-/// `kubectl --namespace NS ARGS...`: its stdout.
-pub fn kubectl(cluster: &TestCluster, ns: &TestNamespace, args: &[&str]) -> Result<String> {
-    let out = cluster.kubectl()?.args(["--namespace", &ns.name]).args(args).output()?;
-    ensure!(
-        out.status.success(),
-        "kubectl {}: {}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
+pub use crate::common::kubectl;
 
 /// `kubectl apply -f -` of a document a user would write.
 pub fn kubectl_apply(cluster: &TestCluster, ns: &TestNamespace, yaml: &str) -> Result<String> {

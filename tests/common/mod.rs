@@ -804,3 +804,20 @@ impl Drop for HttpsServer {
         let _ = self.child.wait();
     }
 }
+
+/// `kubectl --namespace NS ARGS...` on a bed's cluster: its stdout, or an error with all it printed.
+pub fn kubectl(
+    cluster: &atlas_testbed::TestCluster,
+    ns: &atlas_testbed::TestNamespace,
+    args: &[&str],
+) -> Result<String> {
+    let out = cluster.kubectl()?.args(["--namespace", &ns.name]).args(args).output()?;
+    ensure!(
+        out.status.success(),
+        "kubectl {}: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
