@@ -99,3 +99,24 @@ fn a_spec_the_runner_refuses_points_at_its_troubleshooting_entry() -> Result<()>
     ensure!(line.ends_with("; see docs/troubleshooting.md#spec-spec_invalid"), "{line:?} does not point at its entry");
     Ok(())
 }
+
+#[test]
+fn a_data_dir_too_deep_for_the_control_socket_says_to_pass_control() -> Result<()> {
+    let root = tempfile::tempdir()?;
+    // The default socket, DATA/.atlas/control.sock, past the 107 bytes a unix socket path may have.
+    let data = root.path().join("d".repeat(110));
+    std::fs::create_dir_all(&data)?;
+    let spec = root.path().join("server.yaml");
+    std::fs::write(&spec, "eula: true\nserver: {type: vanilla}\n")?;
+    let out = Command::new(binary())
+        .args(["run", "--spec"])
+        .arg(&spec)
+        .arg("--data")
+        .arg(&data)
+        .args(["--metrics-addr", "127.0.0.1:0"])
+        .output()?;
+    let line = error_line(&out, "run")?;
+    ensure!(line.contains("longer than a unix socket path may be (107)"), "{line:?} does not say what was wrong");
+    ensure!(line.contains("pass --control with a shorter path"), "{line:?} does not say what to do");
+    Ok(())
+}

@@ -246,6 +246,16 @@ pub(crate) async fn wait_for_signal() {
 
 async fn bind_control_socket(socket: &Path) -> anyhow::Result<tokio::net::UnixListener> {
     use std::os::unix::fs::PermissionsExt;
+    // Linux's sun_path holds 108 bytes with the closing NUL; a data dir deep in a tree meets it.
+    const SOCKET_PATH_MAX: usize = 107;
+    let length = socket.as_os_str().len();
+    if length > SOCKET_PATH_MAX {
+        bail!(
+            "control socket {} is {length} bytes, longer than a unix socket path may be ({SOCKET_PATH_MAX}): \
+             pass --control with a shorter path, such as /run/atlas-runner/NAME.sock",
+            socket.display()
+        );
+    }
     if socket.exists() {
         if tokio::net::UnixStream::connect(socket).await.is_ok() {
             bail!("control socket {} is in use by another runner; stop it first or pass --control", socket.display());

@@ -47,6 +47,11 @@ pub const HOSTS_FILE: &str = "hosts";
 pub const CONTAINERD_SOCKET: &str = "containerd/containerd.sock";
 /// Where slots are claimed: one lock file per slot, machine-wide.
 pub const CLAIMS_DIR: &str = "/run/atlas-bed";
+/// The longest unix socket path the node makes in the bed's directory (the kubelet's pod-resources
+/// socket; containerd's `containerd.sock.ttrpc` is 3 bytes shorter).
+const LONGEST_SOCKET: &str = "node/kubelet/pod-resources/kubelet.sock";
+/// The longest socket path containerd takes (the portable size of `sun_path`; Linux's is 108).
+const SOCKET_PATH_MAX: usize = 104;
 
 /// What [`start_node_cluster`] builds.
 #[derive(Debug, Clone)]
@@ -90,6 +95,7 @@ pub struct BedNetwork {
 impl BedNetwork {
     /// Cleans up stale beds, claims a free slot and makes the node's namespaces and network.
     pub fn claim() -> Result<Self> {
+        check_socket_paths(&std::env::temp_dir())?;
         check_host()?;
         clean_stale_beds();
         let routes = command_output(Command::new("ip").args(["-4", "route", "show", "table", "all"]))?;
@@ -484,6 +490,23 @@ fn teardown(dir: &Path, name: &str, claim: &Path) -> Result<()> {
         .status()?;
     if !status.success() {
         bail!("the teardown of {name} failed with {status}");
+    }
+    Ok(())
+}
+
+/// Fails when a bed's directory under `tmp` would be too long for the node's unix sockets: containerd
+/// and the kubelet would fail to listen half-way through the start, with nothing naming TMPDIR.
+fn check_socket_paths(tmp: &Path) -> Result<()> {
+    let longest = tmp.join(format!("{PREFIX}{}", SLOTS.end())).join(LONGEST_SOCKET);
+    let length = longest.as_os_str().len();
+    if length > SOCKET_PATH_MAX {
+        bail!(
+            "TMPDIR {} is too long for the node bed's unix sockets ({} would be {length} bytes, containerd \
+             takes {SOCKET_PATH_MAX}): set TMPDIR to a directory at most {} bytes long, such as /tmp",
+            tmp.display(),
+            longest.display(),
+            tmp.as_os_str().len() - (length - SOCKET_PATH_MAX)
+        );
     }
     Ok(())
 }
@@ -1131,7 +1154,20 @@ fn apply(api: &ClusterProcesses, yaml: &str) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::{HOST_TOOLS, missing_tool, point_names, service_range_conflict};
+    use super::{HOST_TOOLS, check_socket_paths, missing_tool, point_names, service_range_conflict};
+
+    #[test]
+    fn a_tmpdir_too_long_for_the_nodes_sockets_is_refused_with_the_length_it_may_have() {
+        assert!(check_socket_paths(std::path::Path::new("/tmp")).is_ok());
+        // "/atlas-bed-250/node/kubelet/pod-resources/kubelet.sock" is 54 bytes: 50 more make 104.
+        let longest = format!("/{}", "d".repeat(49));
+        assert!(check_socket_paths(std::path::Path::new(&longest)).is_ok(), "{longest} fits exactly");
+        let over = format!("{longest}x");
+        let refused = check_socket_paths(std::path::Path::new(&over)).expect_err("one byte over");
+        let message = refused.to_string();
+        assert!(message.starts_with(&format!("TMPDIR {over} is too long")), "{message}");
+        assert!(message.contains("at most 50 bytes long"), "{message}");
+    }
 
     #[test]
     fn pointing_names_moves_them_and_keeps_the_other_names() -> anyhow::Result<()> {
