@@ -43,6 +43,40 @@ fn seaweedfs_is_started_with_its_telemetry_off() -> Result<()> {
     Ok(())
 }
 
+/// SeaweedFS puts its gRPC sockets in /tmp whatever its flags say, and a killed one cannot remove
+/// them: the bed gives it a /tmp of its own, so an outage test or a reaper's SIGKILL leaves nothing.
+#[test]
+fn a_killed_seaweedfs_leaves_no_socket_on_the_machine() -> Result<()> {
+    let sockets = || -> Result<Vec<String>> {
+        let mut names: Vec<String> = std::fs::read_dir("/tmp")?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("seaweedfs-") && n.ends_with(".sock"))
+            .collect();
+        names.sort();
+        Ok(names)
+    };
+    let before = sockets()?;
+    let mut s3 = atlas_testbed::start_s3()?;
+    // Its sockets are where it put them, in the /tmp it sees.
+    let pid = s3.processes.pid("weed").context("no weed process")?;
+    let own_tmp = format!("/proc/{pid}/root/tmp");
+    let private = std::fs::read_dir(&own_tmp)
+        .with_context(|| format!("read {own_tmp}"))?
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("seaweedfs-s3-grpc-"))
+        .count();
+    ensure!(private == 1, "SeaweedFS's own /tmp has {private} S3 gRPC sockets: the check below proves nothing");
+    s3.kill();
+    s3.restart()?;
+    s3.kill();
+    drop(s3);
+    let after = sockets()?;
+    let left: Vec<&String> = after.iter().filter(|n| !before.contains(n)).collect();
+    ensure!(left.is_empty(), "a killed SeaweedFS left sockets in /tmp: {left:?}");
+    Ok(())
+}
+
 fn reqwest_client() -> Result<reqwest::Client> {
     Ok(reqwest::Client::builder().no_proxy().build()?)
 }

@@ -13,7 +13,7 @@
 //! the one `atlas-testbed run --nodes` started, else a private one. A test that needs only objects
 //! keeps the bare API server, which starts in a second.
 
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -174,8 +174,7 @@ pub fn unique(prefix: &str) -> String {
 }
 
 /// How long a stopped process may take to exit after SIGTERM before it gets SIGKILL. SeaweedFS needs
-/// about 4 s (more on a busy machine) to stop its servers, and only a clean exit removes the gRPC
-/// sockets it keeps at fixed paths in /tmp (`/tmp/seaweedfs-master-grpc-PORT.sock`, ...; no flag moves them).
+/// about 4 s (more on a busy machine) to stop its servers.
 const STOP_GRACE: Duration = Duration::from_secs(15);
 
 /// The processes a bed owns. Each runs in its own process group; [`Processes::stop`] kills the groups
@@ -543,7 +542,7 @@ impl S3Processes {
     /// Starts SeaweedFS again on the same ports and data, and waits until S3 answers.
     pub fn restart(&mut self) -> Result<()> {
         let weed = bin("weed")?;
-        self.processes.spawn("weed", &weed, self.args.clone())?;
+        spawn_weed(&mut self.processes, &weed, &self.args)?;
         wait_s3_ready(&mut self.processes, self.ip, self.s3_port, &self.endpoint)
     }
 
@@ -642,11 +641,32 @@ pub fn start_s3_on(ip: Ipv4Addr, domain: Option<&str>) -> Result<S3Processes> {
     ] {
         args.push(format!("-{flag}={}", free_port()?));
     }
-    processes.spawn("weed", &weed, &args)?;
+    spawn_weed(&mut processes, &weed, &args)?;
 
     let endpoint = S3Endpoint { endpoint: format!("http://{ip}:{s3_port}"), access_key, secret_key };
     wait_s3_ready(&mut processes, ip, s3_port, &endpoint)?;
     Ok(S3Processes { processes, endpoint, filer: format!("http://{ip}:{filer_port}"), ip, s3_port, args })
+}
+
+/// Starts `weed` with `args` and a /tmp of its own: SeaweedFS puts its components' gRPC sockets at
+/// fixed paths in /tmp (`/tmp/seaweedfs-s3-grpc-PORT.sock`, ...; no flag moves them) and removes them
+/// only when it exits cleanly, so each one killed (an outage test, a reaper's SIGKILL) left them on
+/// the machine. In a mount namespace of its own (in a user namespace, so that no root is needed), a
+/// tmpfs covers /tmp and the bed's directory is bound back at its path (through an open descriptor,
+/// since the tmpfs hides it when the directory is under /tmp); both go when it exits.
+fn spawn_weed(processes: &mut Processes, weed: &Path, args: &[String]) -> Result<()> {
+    const PRIVATE_TMP: &str = r#"exec 3<"$0" && mount -t tmpfs -o mode=1777 atlas-s3-tmp /tmp && mkdir -p "$0" \
+        && mount --no-canonicalize --bind /proc/self/fd/3 "$0" && exec 3<&- && exec "$@""#;
+    let mut wrapped: Vec<OsString> = ["--user", "--map-root-user", "--mount", "--propagation", "private", "--"]
+        .into_iter()
+        .map(OsString::from)
+        .collect();
+    // `exec` keeps the process (and its group, which stop and the reaper signal) the one started.
+    wrapped.extend(["sh", "-c", PRIVATE_TMP].map(OsString::from));
+    wrapped.push(processes.dir().as_os_str().to_owned());
+    wrapped.push(weed.as_os_str().to_owned());
+    wrapped.extend(args.iter().map(OsString::from));
+    processes.spawn("weed", Path::new("unshare"), wrapped)
 }
 
 fn wait_s3_ready(processes: &mut Processes, ip: Ipv4Addr, s3_port: u16, endpoint: &S3Endpoint) -> Result<()> {
