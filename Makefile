@@ -12,7 +12,7 @@ IMAGE_BINARY := $(or $(CARGO_TARGET_DIR),target)/release/atlas-runner
 test: testbed lint
 	$(CARGO) build --workspace --all-targets --locked
 	$(CARGO) build --release --locked --bin atlas-runner
-	$(TESTBED) run --nodes --image-binary $(IMAGE_BINARY) -- $(CARGO) test --workspace --locked
+	$(TESTBED) run --nodes --image-binary $(IMAGE_BINARY) -- $(CARGO) test --workspace --locked --no-fail-fast
 
 ## testbed: build and cache the bed's parts (Kubernetes, containerd, CoreDNS, etcd, helm, SeaweedFS, the
 ## node's images, hadolint...) under ~/.cache/atlas-runner
