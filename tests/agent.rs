@@ -7,12 +7,12 @@ mod common;
 
 use std::time::Duration;
 
-use agent_bed::{Agent, AgentBed, Hub, agent_client, fake_server_pack, fake_spec, write_secret};
+use agent_bed::{Agent, AgentBed, Hub, agent_client, fake_spec, write_secret};
 use anyhow::{Context, Result, ensure};
 use atlas_runner::api::conditions::{self, reasons};
 use atlas_runner::api::{MinecraftServer, Phase};
 use atlas_testbed::{TestCluster, TestS3};
-use common::Fixture;
+use common::{Fixture, fake_server_pack};
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::{Value, json};
 
@@ -605,12 +605,12 @@ async fn the_agents_token_reads_and_writes_only_its_own_server() -> Result<()> {
     // Another server in the same namespace, and a Secret.
     let other: Value = json!({"apiVersion": "atlas.dev/v1alpha1", "kind": "MinecraftServer",
         "metadata": {"name": "theirs"}, "spec": fake_spec(&fixture)});
-    bed.api().patch("theirs", &PatchParams::apply(agent_bed::ADMIN), &Patch::Apply(&other)).await?;
+    bed.api().patch("theirs", &PatchParams::apply(common::ADMIN), &Patch::Apply(&other)).await?;
     let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(bed.client.clone(), &bed.ns);
     secrets
         .patch(
             "theirs-rcon",
-            &PatchParams::apply(agent_bed::ADMIN),
+            &PatchParams::apply(common::ADMIN),
             &Patch::Apply(json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "theirs-rcon"},
                 "stringData": {"password": "hunter2"}})),
         )
@@ -659,7 +659,7 @@ async fn private_bed(ns: &str, name: &str, fixture: &Fixture) -> Result<(atlas_t
     namespaces
         .patch(
             ns,
-            &PatchParams::apply(agent_bed::ADMIN),
+            &PatchParams::apply(common::ADMIN),
             &Patch::Apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})),
         )
         .await?;

@@ -14,7 +14,7 @@ use atlas_runner::api::{MinecraftServer, Phase};
 use atlas_testbed::{TestCluster, TestNamespace};
 use common::kubectl;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::Api;
 use kube::api::{Patch, PatchParams};
@@ -31,8 +31,8 @@ async fn the_agent_in_a_pod_is_ready_answers_exec_logs_its_server_and_survives_a
     let cluster = TestCluster::with_nodes(Path::new(common::binary())).await?;
     let image = cluster.nodes()?.image.clone();
     let ns = cluster.namespace("agent-pod").await?;
-    let params = PatchParams::apply(agent_bed::ADMIN).force();
-    agent_bed::install_crd(&ns.client).await?;
+    let params = PatchParams::apply(common::ADMIN).force();
+    common::install_crd(&ns.client).await?;
 
     // What the operator would make: the agent's account and Role, the generated RCON Secret, and a
     // ConfigMap carrying the fake server's jar (the stand-in for a pack).
@@ -93,8 +93,7 @@ async fn the_agent_in_a_pod_is_ready_answers_exec_logs_its_server_and_survives_a
         .await?;
 
     // Ready in the resource's status, written by the agent with its own token.
-    let pods = Api::<Pod>::namespaced(ns.client.clone(), &ns.name);
-    let first = wait_pod_ready(cluster, &ns, &pods, None).await?;
+    let first = common::wait_pod_ready(cluster, &ns, POD, None, Duration::from_secs(240)).await?;
     let first_uid = first.metadata.uid.clone().context("no uid")?;
     let running = wait_status(&servers, cluster, &ns, "Ready in the status", |o| {
         ready(o) && o.status.as_ref().and_then(|s| s.observed_generation) == o.metadata.generation
@@ -137,7 +136,7 @@ async fn the_agent_in_a_pod_is_ready_answers_exec_logs_its_server_and_survives_a
     })
     .await?;
     ensure!(stopped.status.is_some());
-    let second = wait_pod_ready(cluster, &ns, &pods, Some(&first_uid)).await?;
+    let second = common::wait_pod_ready(cluster, &ns, POD, Some(&first_uid), Duration::from_secs(240)).await?;
     ensure!(second.metadata.uid.as_deref() != Some(first_uid.as_str()));
     let took = deleted.elapsed();
     ensure!(took < Duration::from_secs(GRACE_SECONDS), "the old pod took {took:?} to go");
@@ -236,34 +235,6 @@ fn stateful_set(image: &str) -> serde_json::Value {
             }],
         },
     })
-}
-
-/// Waits until `survival-0` (a pod other than `not_uid`) is Ready.
-async fn wait_pod_ready(
-    cluster: &TestCluster,
-    ns: &TestNamespace,
-    pods: &Api<Pod>,
-    not_uid: Option<&str>,
-) -> Result<Pod> {
-    let deadline = Instant::now() + Duration::from_secs(240);
-    loop {
-        if let Some(pod) = pods.get_opt(POD).await? {
-            let ready = pod
-                .status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
-            if ready && pod.metadata.uid.as_deref() != not_uid && pod.metadata.deletion_timestamp.is_none() {
-                return Ok(pod);
-            }
-        }
-        if Instant::now() > deadline {
-            let describe = kubectl(cluster, ns, &["describe", "pod", POD]).unwrap_or_else(|e| e.to_string());
-            let logs = kubectl(cluster, ns, &["logs", POD, "--all-containers"]).unwrap_or_else(|e| e.to_string());
-            bail!("{POD} was not Ready after 240 s:\n{describe}\n{logs}");
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
 }
 
 async fn wait_status(

@@ -3,13 +3,14 @@
 //! optional monitoring objects), the values schema refusing bad values, and `manifests/` matching
 //! what the chart renders.
 
-use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail, ensure};
 use atlas_testbed::{TestCluster, bin_dir};
 use serde_json::Value;
+
+mod common;
+use common::{piped_output, run_piped};
 
 const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/atlas-runner");
 
@@ -24,33 +25,13 @@ const EVERYTHING: &[&str] = &[
     "agentImagePullPolicy=IfNotPresent",
 ];
 
-fn output(cmd: &mut Command, stdin: Option<&str>) -> Result<(bool, String, String)> {
-    let mut child = cmd
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("start {cmd:?}"))?;
-    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(text.as_bytes())?;
-    }
-    let out = child.wait_with_output()?;
-    Ok((out.status.success(), String::from_utf8(out.stdout)?, String::from_utf8(out.stderr)?))
-}
-
-fn run(cmd: &mut Command, stdin: Option<&str>) -> Result<String> {
-    let (ok, stdout, stderr) = output(cmd, stdin)?;
-    ensure!(ok, "{cmd:?} failed: {stdout}{stderr}");
-    Ok(stdout)
-}
-
 fn render(cluster: &TestCluster, release: &str, namespace: &str, values: &[&str]) -> Result<String> {
     let mut cmd = cluster.helm()?;
     cmd.args(["template", release, CHART, "--namespace", namespace, "--include-crds"]);
     for value in values {
         cmd.args(["--set", value]);
     }
-    run(&mut cmd, None)
+    run_piped(&mut cmd, None)
 }
 
 fn documents(yaml: &str) -> Result<Vec<Value>> {
@@ -71,13 +52,13 @@ fn kinds(docs: &[Value]) -> Vec<String> {
 #[tokio::test]
 async fn helm_lint_strict_passes_with_every_option_off_and_on() -> Result<()> {
     let cluster = TestCluster::shared().await?;
-    run(cluster.helm()?.args(["lint", "--strict", CHART]), None)?;
+    run_piped(cluster.helm()?.args(["lint", "--strict", CHART]), None)?;
     let mut cmd = cluster.helm()?;
     cmd.args(["lint", "--strict", CHART, "--set", "watchNamespace=games"]);
     for value in EVERYTHING {
         cmd.args(["--set", value]);
     }
-    run(&mut cmd, None)?;
+    run_piped(&mut cmd, None)?;
     Ok(())
 }
 
@@ -85,9 +66,9 @@ async fn helm_lint_strict_passes_with_every_option_off_and_on() -> Result<()> {
 fn install_monitoring_crds(cluster: &TestCluster) -> Result<()> {
     let dir = bin_dir().join("prometheus-operator-crds");
     ensure!(dir.is_dir(), "{} is missing: run `make testbed` (scripts/testbed-install.sh)", dir.display());
-    run(cluster.kubectl()?.args(["apply", "--server-side", "--force-conflicts", "-f"]).arg(&dir), None)?;
+    run_piped(cluster.kubectl()?.args(["apply", "--server-side", "--force-conflicts", "-f"]).arg(&dir), None)?;
     for kind in ["podmonitors", "servicemonitors", "prometheusrules"] {
-        run(
+        run_piped(
             cluster.kubectl()?.args([
                 "wait",
                 "--for=condition=Established",
@@ -107,7 +88,7 @@ async fn every_rendered_object_passes_the_api_servers_dry_run() -> Result<()> {
     let ns = cluster.namespace("chart-dry-run").await?;
     // Our CRD first (a dry run creates nothing, and objects of a kind not yet served cannot be checked).
     let crd = std::fs::read_to_string(Path::new(CHART).join("crds/minecraftservers.atlas.dev.yaml"))?;
-    run(cluster.kubectl()?.args(["apply", "--server-side", "--force-conflicts", "-f", "-"]), Some(&crd))?;
+    run_piped(cluster.kubectl()?.args(["apply", "--server-side", "--force-conflicts", "-f", "-"]), Some(&crd))?;
 
     let defaults = render(cluster, &ns.name, &ns.name, &[])?;
     let mut all = vec![format!("watchNamespace={}", ns.name)];
@@ -160,7 +141,7 @@ async fn every_rendered_object_passes_the_api_servers_dry_run() -> Result<()> {
     );
 
     for (what, rendered) in [("defaults", &defaults), ("everything on", &everything)] {
-        let out = run(
+        let out = run_piped(
             cluster.kubectl()?.args(["apply", "--server-side", "--dry-run=server", "--force-conflicts", "-f", "-"]),
             Some(rendered),
         )
@@ -169,8 +150,8 @@ async fn every_rendered_object_passes_the_api_servers_dry_run() -> Result<()> {
         ensure!(accepted == documents(rendered)?.len(), "{what}: not every object was accepted:\n{out}");
     }
     // The chart's objects applied for real, server-side, as `kubectl apply --server-side` does.
-    run(cluster.kubectl()?.args(["apply", "--server-side", "--force-conflicts", "-f", "-"]), Some(&everything))?;
-    let deployment = run(
+    run_piped(cluster.kubectl()?.args(["apply", "--server-side", "--force-conflicts", "-f", "-"]), Some(&everything))?;
+    let deployment = run_piped(
         cluster.kubectl()?.args([
             "get",
             "deployment",
@@ -202,7 +183,7 @@ async fn the_values_schema_refuses_bad_values_naming_them() -> Result<()> {
         ("watchNamespace=Not_A_Namespace", "watchNamespace"),
         ("colour=blue", "colour"),
     ] {
-        let (ok, stdout, stderr) = output(cluster.helm()?.args(["template", "x", CHART, "--set", value]), None)?;
+        let (ok, stdout, stderr) = piped_output(cluster.helm()?.args(["template", "x", CHART, "--set", value]), None)?;
         ensure!(!ok, "--set {value} was accepted:\n{stdout}");
         ensure!(stderr.contains(expect), "--set {value}: the error does not name {expect}: {stderr}");
     }

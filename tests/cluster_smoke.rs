@@ -41,7 +41,7 @@ async fn a_statefulset_of_our_image_reads_itself_serves_through_kube_proxy_and_k
     Api::<StatefulSet>::namespaced(ns.client.clone(), &ns.name).create(&create, &object(stateful_set(&image))?).await?;
 
     let pods = Api::<Pod>::namespaced(ns.client.clone(), &ns.name);
-    let first = wait_ready(cluster, &ns, &pods, None).await?;
+    let first = common::wait_pod_ready(cluster, &ns, POD, None, Duration::from_secs(180)).await?;
     let first_uid = first.metadata.uid.clone().context("the pod has no uid")?;
 
     // Its ServiceAccount token, used from inside the pod, read the pod's own object.
@@ -142,7 +142,7 @@ async fn a_statefulset_of_our_image_reads_itself_serves_through_kube_proxy_and_k
     let marker = unique("marker");
     kubectl(cluster, &ns, &["exec", POD, "-c", "server", "--", "sh", "-c", &format!("echo {marker} > /data/marker")])?;
     pods.delete(POD, &Default::default()).await?;
-    let second = wait_ready(cluster, &ns, &pods, Some(&first_uid)).await?;
+    let second = common::wait_pod_ready(cluster, &ns, POD, Some(&first_uid), Duration::from_secs(180)).await?;
     let second_uid = second.metadata.uid.clone().context("the pod has no uid")?;
     assert_ne!(second_uid, first_uid);
     assert_eq!(kubectl(cluster, &ns, &["exec", POD, "-c", "server", "--", "cat", "/data/marker"])?.trim(), marker);
@@ -519,30 +519,6 @@ fn stateful_set(image: &str) -> serde_json::Value {
 
 // ---------------------------------------------------------------------------------------------------
 // Helpers
-
-/// Waits until `smoke-0` (a pod other than `not_uid`) is Ready; on timeout, fails with what
-/// `kubectl describe` says about it.
-async fn wait_ready(cluster: &TestCluster, ns: &TestNamespace, pods: &Api<Pod>, not_uid: Option<&str>) -> Result<Pod> {
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        if let Some(pod) = pods.get_opt(POD).await? {
-            let ready = pod
-                .status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
-            if ready && pod.metadata.uid.as_deref() != not_uid {
-                return Ok(pod);
-            }
-        }
-        if Instant::now() > deadline {
-            let describe = kubectl(cluster, ns, &["describe", "pod", POD]).unwrap_or_else(|e| e.to_string());
-            let logs = kubectl(cluster, ns, &["logs", POD, "--all-containers"]).unwrap_or_else(|e| e.to_string());
-            bail!("{POD} was not Ready after 180 s:\n{describe}\n{logs}");
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
 
 async fn node_internal_ip(ns: &TestNamespace) -> Result<String> {
     let node = Api::<Node>::all(ns.client.clone()).get(atlas_testbed::node::NODE_NAME).await?;

@@ -14,32 +14,8 @@ use kube::core::{ApiResource, GroupVersionKind};
 use kube::{CustomResourceExt, Resource};
 use serde_json::{Value, json};
 
-const MANAGER: &str = "atlas-runner-tests";
-
-/// Installs the CRD by server-side apply (idempotent, so every test may call it) and waits until
-/// the API server reports it Established.
-async fn install_crd(cluster: &TestCluster) -> Result<()> {
-    let client = cluster.client().await?;
-    let crds: Api<CustomResourceDefinition> = Api::all(client);
-    let crd = MinecraftServer::crd();
-    let name = crd.metadata.name.clone().context("CRD has a name")?;
-    crds.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&crd)).await?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let crd = crds.get(&name).await?;
-        let established = crd
-            .status
-            .and_then(|s| s.conditions)
-            .unwrap_or_default()
-            .iter()
-            .any(|c| c.type_ == "Established" && c.status == "True");
-        if established {
-            return Ok(());
-        }
-        ensure!(Instant::now() < deadline, "CRD {name} not Established after 30 s");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
+mod common;
+use common::{ADMIN, install_crd};
 
 fn mcs_api(ns: &TestNamespace) -> Api<DynamicObject> {
     let gvk = GroupVersionKind::gvk(
@@ -54,7 +30,7 @@ fn mcs_api(ns: &TestNamespace) -> Api<DynamicObject> {
 /// Server-side apply of a raw document with strict field validation, as `kubectl apply --server-side` does.
 async fn apply(api: &Api<DynamicObject>, doc: &Value) -> Result<DynamicObject, kube::Error> {
     let name = doc["metadata"]["name"].as_str().unwrap_or_default().to_owned();
-    let params = PatchParams::apply(MANAGER).force().validation_strict();
+    let params = PatchParams::apply(ADMIN).force().validation_strict();
     api.patch(&name, &params, &Patch::Apply(doc)).await
 }
 
@@ -75,7 +51,7 @@ fn rejection(result: Result<DynamicObject, kube::Error>) -> Result<String, Strin
 #[tokio::test]
 async fn crd_installs_and_becomes_established() -> Result<()> {
     let cluster = TestCluster::shared().await?;
-    install_crd(cluster).await?;
+    install_crd(&cluster.client().await?).await?;
     let crds: Api<CustomResourceDefinition> = Api::all(cluster.client().await?);
     let crd = crds.get("minecraftservers.atlas.dev").await?;
     assert_eq!(crd.spec.names.short_names.as_deref(), Some(&["mcs".to_owned()][..]));
@@ -103,7 +79,7 @@ fn examples() -> Result<Vec<(String, Value)>> {
 #[tokio::test]
 async fn every_example_is_accepted_by_server_side_apply() -> Result<()> {
     let cluster = TestCluster::shared().await?;
-    install_crd(cluster).await?;
+    install_crd(&cluster.client().await?).await?;
     let ns = cluster.namespace("examples").await?;
     let api = mcs_api(&ns);
     let examples = examples()?;
@@ -266,7 +242,7 @@ fn invalid_specs() -> Vec<Case> {
 #[tokio::test]
 async fn invalid_specs_are_rejected_by_the_api_server_naming_the_field() -> Result<()> {
     let cluster = TestCluster::shared().await?;
-    install_crd(cluster).await?;
+    install_crd(&cluster.client().await?).await?;
     let ns = cluster.namespace("invalid").await?;
     let api = mcs_api(&ns);
 
@@ -300,7 +276,7 @@ async fn invalid_specs_are_rejected_by_the_api_server_naming_the_field() -> Resu
 #[tokio::test]
 async fn data_losing_changes_to_storage_are_rejected_on_update() -> Result<()> {
     let cluster = TestCluster::shared().await?;
-    install_crd(cluster).await?;
+    install_crd(&cluster.client().await?).await?;
     let ns = cluster.namespace("immutable").await?;
     let api = mcs_api(&ns);
     let cases: [(&str, &str, Value, &[&str]); 4] = [
@@ -354,7 +330,7 @@ fn run_until_ok(mut make: impl FnMut() -> Result<std::process::Command>) -> Resu
 #[tokio::test]
 async fn kubectl_explain_shows_the_field_docs() -> Result<()> {
     let cluster = TestCluster::shared().await?;
-    install_crd(cluster).await?;
+    install_crd(&cluster.client().await?).await?;
     let out = run_until_ok(|| {
         let mut cmd = cluster.kubectl()?;
         cmd.args(["explain", "mcs.spec.pack"]);
@@ -377,7 +353,7 @@ async fn kubectl_explain_shows_the_field_docs() -> Result<()> {
 #[tokio::test]
 async fn kubectl_get_shows_the_printer_columns() -> Result<()> {
     let cluster = TestCluster::shared().await?;
-    install_crd(cluster).await?;
+    install_crd(&cluster.client().await?).await?;
     let ns = cluster.namespace("columns").await?;
     let api = mcs_api(&ns);
     apply(&api, &base("columns")).await?;
@@ -385,7 +361,7 @@ async fn kubectl_get_shows_the_printer_columns() -> Result<()> {
     let status = json!({"apiVersion": "atlas.dev/v1alpha1", "kind": "MinecraftServer",
         "status": {"phase": "Running", "serverVersion": "1.21.4", "packVersion": "1.4.2",
                    "players": {"online": 3, "max": 20}}});
-    api.patch_status("columns", &PatchParams::apply(MANAGER).force(), &Patch::Apply(&status)).await?;
+    api.patch_status("columns", &PatchParams::apply(ADMIN).force(), &Patch::Apply(&status)).await?;
     let out = run_until_ok(|| {
         let mut cmd = cluster.kubectl()?;
         cmd.args(["get", "mcs", "-n", &ns.name]);

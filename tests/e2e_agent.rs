@@ -12,10 +12,11 @@ mod prometheus_bed;
 use std::path::Path;
 use std::time::Duration;
 
-use agent_bed::{Hub, fake_server_pack};
+use agent_bed::Hub;
 use anyhow::{Context, Result, ensure};
 use atlas_testbed::{S3Endpoint, TestBucket, TestCluster, TestNamespace};
 use chart_bed::{bucket_keys, exec_runner, kubectl, players, ready, wait_server};
+use common::fake_server_pack;
 use k8s_openapi::api::core::v1::Pod;
 
 /// The pack every server here runs: the fake server's jar as a `custom` server's jar.
@@ -344,7 +345,9 @@ async fn prometheus_discovers_the_pods_through_the_api_server_and_every_dashboar
 -> Result<()> {
     use kube::api::{Api, ApiResource, DynamicObject};
     use kube::core::GroupVersionKind;
-    use prometheus_bed::{Prometheus, alert_exprs, dashboard, dashboard_queries};
+    use prometheus_bed::{
+        CONTAINER_PANEL, PANELS_OF_A_RUNNING_SERVER, Prometheus, alert_exprs, dashboard, dashboard_queries,
+    };
 
     let cluster = TestCluster::with_nodes(Path::new(common::binary())).await?;
     install_monitoring_crds(cluster)?;
@@ -480,29 +483,8 @@ async fn prometheus_discovers_the_pods_through_the_api_server_and_every_dashboar
 
     let queries = dashboard_queries(&dashboard()?);
     let with_data = prometheus.titles_with_data(&queries).await?;
-    // The panels whose series exist once a server runs, has a player and has backed up, and an
-    // operator reconciles it (not those that need a crash, a failure, a rollback or an update check).
-    for title in [
-        "Players online",
-        "Phase",
-        "Ready",
-        "Last ready",
-        "Memory against the container limit",
-        "CPU",
-        "RCON latency (p99)",
-        "Newest backup's age",
-        "Backup size",
-        "Backup duration",
-        "Save-off window",
-        "Saving off",
-        "Upload throughput",
-        "Pack version",
-        "Pack apply duration (p90)",
-        "Reconciles",
-        "Servers by phase",
-        "Reconcile errors",
-        "Restarts",
-    ] {
+    // The panels of a running server, and on a cluster the container's limit too.
+    for title in PANELS_OF_A_RUNNING_SERVER.into_iter().chain([CONTAINER_PANEL]) {
         ensure!(with_data.contains(title), "panel {title:?} has no data: with data {with_data:?}");
     }
     // The limit the panel draws the JVM against comes from the kubelet's cAdvisor, on the server

@@ -17,7 +17,9 @@ use anyhow::{Context, Result, ensure};
 use atlas_testbed::{Processes, TestCluster, bin, free_port};
 use common::{Fixture, Runner, http_get, wait_for};
 use kube::api::{Api, Patch, PatchParams};
-use prometheus_bed::{FILES, Prometheus, alert_exprs, alert_rules, dashboard, dashboard_queries, which};
+use prometheus_bed::{
+    FILES, PANELS_OF_A_RUNNING_SERVER, Prometheus, alert_exprs, alert_rules, dashboard, dashboard_queries, which,
+};
 use serde_json::{Value, json};
 
 const ALERT_TESTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/prometheus/alerts-test.yaml");
@@ -337,26 +339,7 @@ async fn every_dashboard_and_alert_expression_evaluates_on_a_real_prometheus() -
     let with_data = prometheus.titles_with_data(&queries).await?;
     // Panels with data here: everything but what needs an event this run does not have (a crash,
     // a failure, a rollback, an update check) or a cluster (the container's limit).
-    for title in [
-        "Players online",
-        "Phase",
-        "Ready",
-        "Last ready",
-        "CPU",
-        "RCON latency (p99)",
-        "Newest backup's age",
-        "Backup size",
-        "Backup duration",
-        "Save-off window",
-        "Saving off",
-        "Upload throughput",
-        "Pack version",
-        "Pack apply duration (p90)",
-        "Reconciles",
-        "Servers by phase",
-        "Reconcile errors",
-        "Restarts",
-    ] {
+    for title in PANELS_OF_A_RUNNING_SERVER {
         ensure!(
             with_data.contains(title),
             "panel {title:?} has no data:\n{:?}",

@@ -25,6 +25,9 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Resource, ResourceExt};
 use serde_json::{Value, json};
 
+mod common;
+use common::run_piped;
+
 const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/atlas-runner");
 const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");
 const IMAGE: &str = "atlas-runner:test";
@@ -54,27 +57,6 @@ where
     }
 }
 
-fn run(cmd: &mut Command, stdin: Option<&str>) -> Result<String> {
-    let mut child = cmd
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("start {cmd:?}"))?;
-    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(text.as_bytes())?;
-    }
-    let out = child.wait_with_output()?;
-    ensure!(
-        out.status.success(),
-        "{cmd:?} failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8(out.stdout)?)
-}
-
 /// `helm template` of the chart, with the CRD, as release `release` in `namespace`.
 fn render(cluster: &TestCluster, release: &str, namespace: &str, values: &[&str]) -> Result<String> {
     let mut cmd = cluster.helm()?;
@@ -82,35 +64,42 @@ fn render(cluster: &TestCluster, release: &str, namespace: &str, values: &[&str]
     for value in values {
         cmd.args(["--set", value]);
     }
-    run(&mut cmd, None)
+    run_piped(&mut cmd, None)
 }
 
 /// The chart installed into a fresh namespace (objects applied server-side by kubectl, as the
 /// plain-YAML install does), and a kubeconfig holding a token of its ServiceAccount.
-struct Installed {
-    cluster: &'static TestCluster,
+struct Installed<'c> {
+    cluster: &'c TestCluster,
     ns: TestNamespace,
     dir: PathBuf,
     kubeconfig: PathBuf,
 }
 
-impl Drop for Installed {
+impl Drop for Installed<'_> {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
-impl Installed {
-    async fn new(prefix: &str, values: &[&str]) -> Result<Self> {
-        let cluster = TestCluster::shared().await?;
+impl<'c> Installed<'c> {
+    async fn new(prefix: &str, values: &[&str]) -> Result<Installed<'static>> {
+        Installed::on(TestCluster::shared().await?, prefix, values).await
+    }
+
+    /// [`Installed::new`] on `cluster` rather than the run's shared one.
+    async fn on(cluster: &'c TestCluster, prefix: &str, values: &[&str]) -> Result<Self> {
         let ns = cluster.namespace(prefix).await?;
         let release = ns.name.clone();
         let mut all = vec![format!("watchNamespace={}", ns.name)];
         all.extend(values.iter().map(|v| (*v).to_owned()));
         let all: Vec<&str> = all.iter().map(String::as_str).collect();
         let rendered = render(cluster, &release, &ns.name, &all)?;
-        run(cluster.kubectl()?.args(["apply", "--server-side", "--force-conflicts", "-f", "-"]), Some(&rendered))?;
-        run(
+        run_piped(
+            cluster.kubectl()?.args(["apply", "--server-side", "--force-conflicts", "-f", "-"]),
+            Some(&rendered),
+        )?;
+        run_piped(
             cluster.kubectl()?.args([
                 "wait",
                 "--for=condition=Established",
@@ -122,8 +111,10 @@ impl Installed {
         let dir = std::env::temp_dir().join(unique("atlas-operator-test"));
         std::fs::create_dir_all(&dir)?;
         let account = format!("{release}-atlas-runner");
-        let token =
-            run(cluster.kubectl()?.args(["create", "token", &account, "-n", &ns.name, "--duration", "2h"]), None)?;
+        let token = run_piped(
+            cluster.kubectl()?.args(["create", "token", &account, "-n", &ns.name, "--duration", "2h"]),
+            None,
+        )?;
         let kubeconfig = dir.join("kubeconfig");
         std::fs::write(&kubeconfig, token_kubeconfig(cluster.kubeconfig(), token.trim())?)?;
         Ok(Self { cluster, ns, dir, kubeconfig })
@@ -137,7 +128,7 @@ impl Installed {
     }
 
     fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> Result<String> {
-        run(self.cluster.kubectl()?.args(args).args(["-n", &self.ns.name]), stdin)
+        run_piped(self.cluster.kubectl()?.args(args).args(["-n", &self.ns.name]), stdin)
     }
 
     fn start_operator(&self, extra: &[&str]) -> Result<Operator> {
@@ -166,15 +157,15 @@ struct Operator {
 }
 
 impl Operator {
-    fn start(installed: &Installed, extra: &[&str]) -> Result<Self> {
+    fn start(installed: &Installed<'_>, extra: &[&str]) -> Result<Self> {
         Self::start_with_image(installed, IMAGE, extra)
     }
 
-    fn start_with_image(installed: &Installed, image: &str, extra: &[&str]) -> Result<Self> {
+    fn start_with_image(installed: &Installed<'_>, image: &str, extra: &[&str]) -> Result<Self> {
         Self::start_with(installed, &installed.kubeconfig, image, extra)
     }
 
-    fn start_with(installed: &Installed, kubeconfig: &Path, image: &str, extra: &[&str]) -> Result<Self> {
+    fn start_with(installed: &Installed<'_>, kubeconfig: &Path, image: &str, extra: &[&str]) -> Result<Self> {
         let metrics = format!("127.0.0.1:{}", free_port()?);
         let log = installed.dir.join(format!("operator-{}.log", unique("run")));
         let file = std::fs::File::create(&log)?;
@@ -286,7 +277,7 @@ fn server_doc(name: &str, spec: Value) -> Value {
 }
 
 /// Server-side apply of a MinecraftServer as a user (`kubectl apply --server-side`) would.
-async fn apply_server(installed: &Installed, doc: &Value) -> Result<MinecraftServer> {
+async fn apply_server(installed: &Installed<'_>, doc: &Value) -> Result<MinecraftServer> {
     let name = doc["metadata"]["name"].as_str().context("a name")?.to_owned();
     let api: Api<MinecraftServer> = installed.api();
     Ok(api.patch(&name, &PatchParams::apply("user").force(), &Patch::Apply(doc)).await?)
@@ -310,7 +301,7 @@ fn condition(server: &MinecraftServer, kind: &str) -> Option<(String, String, St
 }
 
 async fn wait_condition(
-    installed: &Installed,
+    installed: &Installed<'_>,
     name: &str,
     kind: &str,
     status: &str,
@@ -362,7 +353,7 @@ fn env_of(spec: &k8s_openapi::api::core::v1::PodSpec) -> BTreeMap<String, String
 
 /// What every server's children hold, whatever the spec: names, owner, labels, the agent's RBAC and
 /// the pod as docs/design/pod-contract.md says.
-async fn check_contract(installed: &Installed, server: &MinecraftServer) -> Result<StatefulSet> {
+async fn check_contract(installed: &Installed<'_>, server: &MinecraftServer) -> Result<StatefulSet> {
     let name = server.name_any();
     let uid = server.uid().context("a uid")?;
     let owned = |meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
@@ -455,7 +446,7 @@ async fn check_contract(installed: &Installed, server: &MinecraftServer) -> Resu
     Ok(sts)
 }
 
-async fn create_secret(installed: &Installed, name: &str, data: &[(&str, &str)]) -> Result<()> {
+async fn create_secret(installed: &Installed<'_>, name: &str, data: &[(&str, &str)]) -> Result<()> {
     let secret: Secret = serde_json::from_value(json!({
         "metadata": {"name": name},
         "stringData": data.iter().map(|(k, v)| ((*k).to_owned(), json!(v))).collect::<serde_json::Map<_, _>>(),
@@ -699,7 +690,7 @@ async fn deleting_a_server_collects_its_children_and_keeps_the_claim_unless_aske
     Ok(())
 }
 
-async fn events_for(installed: &Installed, name: &str) -> Result<Vec<Event>> {
+async fn events_for(installed: &Installed<'_>, name: &str) -> Result<Vec<Event>> {
     let events: Api<Event> = installed.api();
     let list = events.list(&ListParams::default()).await?;
     Ok(list.items.into_iter().filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)).collect())
@@ -807,7 +798,7 @@ async fn an_idle_resync_writes_nothing() -> Result<()> {
     Ok(())
 }
 
-async fn lease_holder(installed: &Installed) -> Result<Option<String>> {
+async fn lease_holder(installed: &Installed<'_>) -> Result<Option<String>> {
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> = installed.api();
     Ok(leases.get_opt("atlas-runner-operator").await?.and_then(|l| l.spec?.holder_identity).filter(|h| !h.is_empty()))
 }
@@ -976,7 +967,7 @@ async fn a_lease_touched_by_someone_else_stays_with_its_leader() -> Result<()> {
 }
 
 /// Writes `status.players` as the agent does (server-side apply on /status as `atlas-agent`).
-async fn set_players(installed: &Installed, name: &str, online: u32) -> Result<()> {
+async fn set_players(installed: &Installed<'_>, name: &str, online: u32) -> Result<()> {
     let api: Api<MinecraftServer> = installed.api();
     let generation = api.get(name).await?.metadata.generation;
     let patch = json!({"apiVersion": "atlas.dev/v1alpha1", "kind": "MinecraftServer",
@@ -989,7 +980,7 @@ async fn set_players(installed: &Installed, name: &str, online: u32) -> Result<(
 
 /// Marks pod `NAME-0` Running and Ready as a kubelet would (the bed runs none), and waits until
 /// the StatefulSet counts it ready.
-async fn pod_ready(installed: &Installed, name: &str) -> Result<()> {
+async fn pod_ready(installed: &Installed<'_>, name: &str) -> Result<()> {
     let pods: Api<Pod> = installed.api();
     let patch = json!({"status": {"phase": "Running", "conditions": [
         {"type": "Ready", "status": "True", "lastTransitionTime": "2026-12-01T00:00:00Z"}]}});
@@ -1122,7 +1113,7 @@ async fn a_pod_that_does_not_serve_is_replaced_at_once_whatever_its_last_status_
 /// Marks pod `NAME-0` as a kubelet does when its readiness probe fails while its container keeps
 /// running (started ten minutes before): Running, Ready False since `since`. Waits until the
 /// StatefulSet counts it not ready.
-async fn pod_not_ready_since(installed: &Installed, name: &str, since: jiff::Timestamp) -> Result<()> {
+async fn pod_not_ready_since(installed: &Installed<'_>, name: &str, since: jiff::Timestamp) -> Result<()> {
     let pods: Api<Pod> = installed.api();
     let started = since.checked_sub(jiff::SignedDuration::from_mins(10))?;
     let patch = json!({"status": {"phase": "Running",
@@ -1175,7 +1166,7 @@ async fn a_pod_whose_probe_failed_a_moment_ago_keeps_its_players_until_the_grace
 }
 
 fn promtool_check(body: &str) -> Result<()> {
-    run(Command::new(bin("promtool")?).args(["check", "metrics"]), Some(body)).map(|_| ())
+    run_piped(Command::new(bin("promtool")?).args(["check", "metrics"]), Some(body)).map(|_| ())
 }
 
 #[test]
@@ -1219,8 +1210,8 @@ async fn pod_monitor_crd() -> Result<()> {
     let cluster = TestCluster::shared().await?;
     let crds = atlas_testbed::bin_dir().join("prometheus-operator-crds");
     ensure!(crds.is_dir(), "{} is missing: run `make testbed`", crds.display());
-    run(cluster.kubectl()?.args(["apply", "--server-side", "--force-conflicts", "-f"]).arg(&crds), None)?;
-    run(
+    run_piped(cluster.kubectl()?.args(["apply", "--server-side", "--force-conflicts", "-f"]).arg(&crds), None)?;
+    run_piped(
         cluster.kubectl()?.args([
             "wait",
             "--for=condition=Established",
@@ -1233,7 +1224,7 @@ async fn pod_monitor_crd() -> Result<()> {
 }
 
 /// The PodMonitors of the test's namespace.
-fn pod_monitors(installed: &Installed) -> Api<kube::api::DynamicObject> {
+fn pod_monitors(installed: &Installed<'_>) -> Api<kube::api::DynamicObject> {
     let resource = kube::core::ApiResource::from_gvk_with_plural(
         &kube::core::GroupVersionKind::gvk("monitoring.coreos.com", "v1", "PodMonitor"),
         "podmonitors",
@@ -1287,7 +1278,7 @@ async fn podmonitors_turned_off_are_deleted_and_others_left_alone() -> Result<()
     ];
     let off: Vec<&str> = off.iter().map(String::as_str).collect();
     let rendered = render(installed.cluster, &installed.ns.name, &installed.ns.name, &off)?;
-    run(
+    run_piped(
         installed.cluster.kubectl()?.args(["apply", "--server-side", "--force-conflicts", "-f", "-"]),
         Some(&rendered),
     )?;
@@ -1301,8 +1292,35 @@ async fn podmonitors_turned_off_are_deleted_and_others_left_alone() -> Result<()
     Ok(())
 }
 
+/// The Prometheus Operator installed after Atlas Runner: the operator looks for the PodMonitor CRD
+/// again at each resync and makes the PodMonitors then, with no restart. On an API server of the
+/// test's own, since the shared one has the CRD from the other PodMonitor tests.
+#[tokio::test]
+async fn podmonitors_are_made_once_the_prometheus_operator_is_installed_after_us() -> Result<()> {
+    let cluster = TestCluster::private().await?;
+    let installed = Installed::on(&cluster, "op-podmonitor-later", &["metrics.podMonitor.enabled=true"]).await?;
+    let operator = installed.start_operator(&["--pod-monitors", "--resync-seconds", "3"])?;
+    apply_server(&installed, &server_doc("scraped", minimal(json!({})))).await?;
+    let sets: Api<StatefulSet> = installed.api();
+    eventually("the StatefulSet", Duration::from_secs(60), || async { Ok(sets.get_opt("scraped").await?) }).await?;
+    eventually("the warning that no PodMonitor CRD is served", Duration::from_secs(30), || async {
+        Ok(operator.logs().contains("PodMonitor CRD is not served").then_some(()))
+    })
+    .await?;
+
+    let crds = atlas_testbed::bin_dir().join("prometheus-operator-crds");
+    ensure!(crds.is_dir(), "{} is missing: run `make testbed`", crds.display());
+    run_piped(cluster.kubectl()?.args(["apply", "--server-side", "--force-conflicts", "-f"]).arg(&crds), None)?;
+    let monitors = pod_monitors(&installed);
+    let monitor =
+        eventually("the PodMonitor", Duration::from_secs(60), || async { Ok(monitors.get_opt("scraped").await?) })
+            .await?;
+    assert_eq!(monitor.data["spec"]["selector"]["matchLabels"]["app.kubernetes.io/instance"], "scraped");
+    Ok(())
+}
+
 /// A StorageClass that allows expansion (cluster-wide; made once per test process).
-async fn expandable_class(installed: &Installed) -> Result<String> {
+async fn expandable_class(installed: &Installed<'_>) -> Result<String> {
     let name = "atlas-test-expandable";
     let classes: Api<k8s_openapi::api::storage::v1::StorageClass> = Api::all(installed.ns.client.clone());
     let class = json!({"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": {"name": name},

@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use common::{Fixture, Runner, cli, http_get, sha256_hex, wait_for};
+use common::{Fixture, Runner, cli, fake_server_pack, http_get, sha256_hex, wait_for};
 
 fn stdout(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -374,24 +374,6 @@ fn a_vanilla_jar_with_the_wrong_digest_is_refused() -> Result<()> {
 
 /// A pack's files besides the fake server's jar: path and content.
 type PackFiles<'a> = &'a [(&'a str, &'a [u8])];
-
-/// The fake server's files as a pack: its jar (the spec's custom jar comes from the pack), a mod,
-/// and `extra` files.
-fn fake_server_pack(dir: &std::path::Path, version: &str, extra: PackFiles<'_>) -> Result<Vec<u8>> {
-    use atlas_runner::pack::PackVersion;
-    use atlas_runner::pack::build::{BuildOptions, build};
-    let src = dir.join(format!("src-{version}"));
-    std::fs::create_dir_all(&src)?;
-    std::fs::copy(common::fake_server_jar()?, src.join("fake-server.jar"))?;
-    for (path, content) in extra {
-        let target = src.join(path);
-        std::fs::create_dir_all(target.parent().context("a parent")?)?;
-        std::fs::write(target, content)?;
-    }
-    let out = dir.join(format!("{version}.tar.zst"));
-    build(&src, &out, &BuildOptions::new(PackVersion::new(version)?))?;
-    Ok(std::fs::read(out)?)
-}
 
 /// Writes the fixture's spec running the fake server as a custom jar shipped by the pack at `url`.
 fn write_pack_spec(fixture: &Fixture, url: &str, sha256: &str) -> Result<()> {

@@ -7,9 +7,9 @@ mod common;
 
 use std::time::Duration;
 
-use agent_bed::{Hub, fake_server_pack};
+use agent_bed::Hub;
 use anyhow::{Context, Result};
-use common::{Fixture, Runner};
+use common::{Fixture, Runner, fake_server_pack};
 
 /// Writes the fixture's spec: the fake server's settings with `server` (a YAML flow mapping) and
 /// `more` (YAML lines at spec level, two-space indent) appended.
@@ -157,6 +157,21 @@ fn two_versions(fixture: &Fixture, new_properties: &str) -> Result<String> {
 }
 
 /// A file of the world, written now, to find again after a restore.
+/// The spec of every test of a failing version change: beforeUpdate backups, to the default local store.
+const BEFORE_UPDATE: &str = "  backup: {beforeUpdate: true}\n";
+
+/// A server running 1.21.4 with [`BEFORE_UPDATE`] backups, whose 1.21.5 (in the manifest returned)
+/// crashes once it has touched the world; and a world file to find again after an undo.
+fn on_1_21_4_before_a_failing_1_21_5(name: &str) -> Result<(Fixture, String, Runner, std::path::PathBuf)> {
+    let fixture = Fixture::new(name)?;
+    let manifest = two_versions(&fixture, "crash-after-world=true\n")?;
+    write_spec(&fixture, "{type: vanilla, version: \"1.21.4\"}", BEFORE_UPDATE)?;
+    let mut runner = Runner::start(&fixture, &["--mojang-manifest-url", &manifest])?;
+    runner.wait_running()?;
+    let kept = a_world_file(&fixture)?;
+    Ok((fixture, manifest, runner, kept))
+}
+
 fn a_world_file(fixture: &Fixture) -> Result<std::path::PathBuf> {
     let kept = fixture.data.join("world/data/raids.dat");
     std::fs::create_dir_all(kept.parent().context("a parent")?)?;
@@ -179,16 +194,9 @@ fn undone_from_backup(runner: &mut Runner, kept: &std::path::Path) -> Result<ser
 
 #[test]
 fn a_minecraft_version_whose_server_fails_is_undone_from_a_local_backup_and_held_across_restarts() -> Result<()> {
-    let fixture = Fixture::new("version-undo")?;
-    let manifest = two_versions(&fixture, "crash-after-world=true\n")?;
-    // The backup store is the default local directory.
-    let backup = "  backup: {beforeUpdate: true}\n";
-    write_spec(&fixture, "{type: vanilla, version: \"1.21.4\"}", backup)?;
-    let mut runner = Runner::start(&fixture, &["--mojang-manifest-url", &manifest])?;
-    runner.wait_running()?;
-    let kept = a_world_file(&fixture)?;
+    let (fixture, manifest, mut runner, kept) = on_1_21_4_before_a_failing_1_21_5("version-undo")?;
 
-    write_spec(&fixture, "{type: vanilla, version: \"1.21.5\"}", backup)?;
+    write_spec(&fixture, "{type: vanilla, version: \"1.21.5\"}", BEFORE_UPDATE)?;
     let back = undone_from_backup(&mut runner, &kept)?;
     let listed = std::process::Command::new(common::binary())
         .args(["backup", "list", "--json", "--spec"])
@@ -208,7 +216,7 @@ fn a_minecraft_version_whose_server_fails_is_undone_from_a_local_backup_and_held
     assert_eq!(again["serverVersion"], "1.21.4", "{again}");
     assert!(!runner.logs_with("names the version undone after its server failed").is_empty());
     // Naming another version forgets the hold.
-    write_spec(&fixture, "{type: vanilla, version: \"1.21.4\"}", backup)?;
+    write_spec(&fixture, "{type: vanilla, version: \"1.21.4\"}", BEFORE_UPDATE)?;
     common::wait_for("the hold forgotten", Duration::from_secs(20), || {
         (!fixture.data.join(".atlas/held-server.json").exists()).then_some(())
     })?;
@@ -241,18 +249,12 @@ fn a_fresh_start_keeps_latest_on_the_version_the_world_ran_on() -> Result<()> {
 
 #[test]
 fn a_version_changed_while_no_runner_ran_is_an_update_that_is_undone_from_its_backup() -> Result<()> {
-    let fixture = Fixture::new("version-while-down")?;
-    let manifest = two_versions(&fixture, "crash-after-world=true\n")?;
-    let backup = "  backup: {beforeUpdate: true}\n";
-    write_spec(&fixture, "{type: vanilla, version: \"1.21.4\"}", backup)?;
-    let mut runner = Runner::start(&fixture, &["--mojang-manifest-url", &manifest])?;
-    runner.wait_running()?;
-    let kept = a_world_file(&fixture)?;
+    let (fixture, manifest, runner, kept) = on_1_21_4_before_a_failing_1_21_5("version-while-down")?;
     drop(runner);
 
     // The version changes while no runner runs (a pod being replaced); the next start backs the
     // world up, runs 1.21.5, and undoes it when its server fails after touching the world.
-    write_spec(&fixture, "{type: vanilla, version: \"1.21.5\"}", backup)?;
+    write_spec(&fixture, "{type: vanilla, version: \"1.21.5\"}", BEFORE_UPDATE)?;
     let mut runner = Runner::start(&fixture, &["--mojang-manifest-url", &manifest])?;
     undone_from_backup(&mut runner, &kept)?;
     // On the series the AtlasUpdateRolledBack alert and the dashboard read.

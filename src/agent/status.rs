@@ -261,20 +261,7 @@ pub fn spawn_sink(
             let first = object.borrow_and_update();
             (first.status.as_ref().map(agent_part), revision(&first))
         };
-        let mut sink = Sink {
-            written,
-            confirmed: seen,
-            observed: None,
-            last_write: None,
-            players: None,
-            players_pending: None,
-            other_pending: None,
-            retry: Duration::ZERO,
-            failed: false,
-            write_backs: std::collections::VecDeque::new(),
-            write_back_hold: Duration::ZERO,
-            metrics,
-        };
+        let mut sink = Sink::new(written, seen, metrics);
         loop {
             sink.observe(&object.borrow_and_update());
             let now = Time(jiff::Timestamp::now());
@@ -343,6 +330,24 @@ struct Sink {
 }
 
 impl Sink {
+    /// A sink that last wrote `written` (the agent's part), with the object at revision `confirmed`.
+    fn new(written: Option<MinecraftServerStatus>, confirmed: Option<u64>, metrics: AgentMetrics) -> Self {
+        Self {
+            written,
+            confirmed,
+            observed: None,
+            last_write: None,
+            players: None,
+            players_pending: None,
+            other_pending: None,
+            retry: Duration::ZERO,
+            failed: false,
+            write_backs: std::collections::VecDeque::new(),
+            write_back_hold: Duration::ZERO,
+            metrics,
+        }
+    }
+
     fn previous_conditions(&self) -> &[Condition] {
         self.written.as_ref().map_or(&[], |s| s.conditions.as_slice())
     }
@@ -569,20 +574,7 @@ mod tests {
     }
 
     fn sink(written: Option<MinecraftServerStatus>) -> Result<Sink, prometheus::Error> {
-        Ok(Sink {
-            written,
-            confirmed: Some(10),
-            observed: None,
-            last_write: None,
-            players: None,
-            players_pending: None,
-            other_pending: None,
-            retry: Duration::ZERO,
-            failed: false,
-            write_backs: std::collections::VecDeque::new(),
-            write_back_hold: Duration::ZERO,
-            metrics: AgentMetrics::register(&prometheus::Registry::new())?,
-        })
+        Ok(Sink::new(written, Some(10), AgentMetrics::register(&prometheus::Registry::new())?))
     }
 
     #[tokio::test(start_paused = true)]

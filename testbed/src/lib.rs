@@ -767,6 +767,13 @@ impl TestCluster {
         Self { kubeconfig, nodes: None, _private: private, private_nodes: None, pod_s3: OnceLock::new() }
     }
 
+    /// An API server of the caller's own, started now and stopped when dropped: for a test that
+    /// needs a cluster without what other tests install cluster-wide (a CRD, a webhook).
+    pub async fn private() -> Result<TestCluster> {
+        let processes = tokio::task::spawn_blocking(start_cluster).await??;
+        Ok(TestCluster::bare(processes.kubeconfig.clone(), Some(processes)))
+    }
+
     /// The run's API server: the one named by `ATLAS_TEST_KUBECONFIG`, else a private one started now.
     pub async fn shared() -> Result<&'static TestCluster> {
         tokio::task::spawn_blocking(|| {

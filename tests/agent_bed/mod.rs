@@ -15,38 +15,12 @@ use atlas_runner::api::MinecraftServer;
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::CustomResourceExt;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 
 use crate::common::{self, Fixture};
 
-/// The field manager the tests apply resources with (an admin's).
-pub const ADMIN: &str = "atlas-runner-tests";
-
-/// Installs the CRD by server-side apply (idempotent) and waits until it is Established.
-pub async fn install_crd(client: &kube::Client) -> Result<()> {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let crd = MinecraftServer::crd();
-    let name = crd.metadata.name.clone().context("CRD has a name")?;
-    crds.patch(&name, &PatchParams::apply(ADMIN).force(), &Patch::Apply(&crd)).await?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let crd = crds.get(&name).await?;
-        let established = crd
-            .status
-            .and_then(|s| s.conditions)
-            .unwrap_or_default()
-            .iter()
-            .any(|c| c.type_ == "Established" && c.status == "True");
-        if established {
-            return Ok(());
-        }
-        ensure!(Instant::now() < deadline, "CRD {name} not Established after 30 s");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
+use crate::common::{ADMIN, install_crd};
 
 /// The Role of docs/design/pod-contract.md for server `name`, word for word.
 pub fn agent_role(name: &str) -> Value {
@@ -549,24 +523,6 @@ impl Drop for Hub {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-/// The fake server's files as a pack version: its jar (a custom server's jar from the pack), and
-/// `extra` files.
-pub fn fake_server_pack(dir: &Path, version: &str, extra: &[(&str, &[u8])]) -> Result<Vec<u8>> {
-    use atlas_runner::pack::PackVersion;
-    use atlas_runner::pack::build::{BuildOptions, build};
-    let src = dir.join(format!("src-{version}"));
-    std::fs::create_dir_all(&src)?;
-    std::fs::copy(common::fake_server_jar()?, src.join("fake-server.jar"))?;
-    for (path, content) in extra {
-        let target = src.join(path);
-        std::fs::create_dir_all(target.parent().context("a parent")?)?;
-        std::fs::write(target, content)?;
-    }
-    let out = dir.join(format!("{version}.tar.zst"));
-    build(&src, &out, &BuildOptions::new(PackVersion::new(version)?))?;
-    Ok(std::fs::read(out)?)
 }
 
 /// A copy of the fake server's jar that behaves as `defaults` says (`crash-after-world=true`...):

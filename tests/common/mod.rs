@@ -821,3 +821,108 @@ pub fn kubectl(
     );
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
+
+// ---- The CRD on an API server ----
+
+/// The field manager the tests apply resources with (an admin's).
+pub const ADMIN: &str = "atlas-runner-tests";
+
+/// Installs the CRD by server-side apply (idempotent, so every test may call it) and waits until
+/// the API server reports it Established.
+pub async fn install_crd(client: &kube::Client) -> Result<()> {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::CustomResourceExt;
+    use kube::api::{Api, Patch, PatchParams};
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let crd = atlas_runner::api::MinecraftServer::crd();
+    let name = crd.metadata.name.clone().context("CRD has a name")?;
+    crds.patch(&name, &PatchParams::apply(ADMIN).force(), &Patch::Apply(&crd)).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let crd = crds.get(&name).await?;
+        let established = crd
+            .status
+            .and_then(|s| s.conditions)
+            .unwrap_or_default()
+            .iter()
+            .any(|c| c.type_ == "Established" && c.status == "True");
+        if established {
+            return Ok(());
+        }
+        ensure!(Instant::now() < deadline, "CRD {name} not Established after 30 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+// ---- Packs of the fake server ----
+
+/// The fake server's files as a pack version: its jar (a custom server's jar from the pack), and
+/// `extra` files.
+pub fn fake_server_pack(dir: &Path, version: &str, extra: &[(&str, &[u8])]) -> Result<Vec<u8>> {
+    use atlas_runner::pack::PackVersion;
+    use atlas_runner::pack::build::{BuildOptions, build};
+    let src = dir.join(format!("src-{version}"));
+    std::fs::create_dir_all(&src)?;
+    std::fs::copy(fake_server_jar()?, src.join("fake-server.jar"))?;
+    for (path, content) in extra {
+        let target = src.join(path);
+        std::fs::create_dir_all(target.parent().context("a parent")?)?;
+        std::fs::write(target, content)?;
+    }
+    let out = dir.join(format!("{version}.tar.zst"));
+    build(&src, &out, &BuildOptions::new(PackVersion::new(version)?))?;
+    Ok(std::fs::read(out)?)
+}
+
+/// Waits until the pod `name` (one other than `not_uid`, and not being deleted) is Ready; after
+/// `timeout`, fails with what `kubectl describe` and its logs say.
+pub async fn wait_pod_ready(
+    cluster: &atlas_testbed::TestCluster,
+    ns: &atlas_testbed::TestNamespace,
+    name: &str,
+    not_uid: Option<&str>,
+    timeout: Duration,
+) -> Result<k8s_openapi::api::core::v1::Pod> {
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(cluster.client().await?, &ns.name);
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(pod) = pods.get_opt(name).await? {
+            let ready = pod
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            if ready && pod.metadata.uid.as_deref() != not_uid && pod.metadata.deletion_timestamp.is_none() {
+                return Ok(pod);
+            }
+        }
+        if Instant::now() > deadline {
+            let describe = kubectl(cluster, ns, &["describe", "pod", name]).unwrap_or_else(|e| e.to_string());
+            let logs = kubectl(cluster, ns, &["logs", name, "--all-containers"]).unwrap_or_else(|e| e.to_string());
+            bail!("{name} was not Ready after {timeout:?}:\n{describe}\n{logs}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Runs `cmd` with `stdin` (or none) as its input: whether it succeeded, its stdout and its stderr.
+pub fn piped_output(cmd: &mut Command, stdin: Option<&str>) -> Result<(bool, String, String)> {
+    let mut child = cmd
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("start {cmd:?}"))?;
+    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(text.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    Ok((out.status.success(), String::from_utf8(out.stdout)?, String::from_utf8(out.stderr)?))
+}
+
+/// [`piped_output`] that must succeed: its stdout, or an error with all it printed.
+pub fn run_piped(cmd: &mut Command, stdin: Option<&str>) -> Result<String> {
+    let (ok, stdout, stderr) = piped_output(cmd, stdin)?;
+    ensure!(ok, "{cmd:?} failed: {stdout}{stderr}");
+    Ok(stdout)
+}

@@ -29,6 +29,33 @@ pub fn alert_exprs(rules: &Value) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The panels whose series exist once a server runs, has a player and has backed up, and an
+/// operator reconciles it: all but those that need a crash, a failure, a rollback or an update
+/// check, and [`CONTAINER_PANEL`].
+pub const PANELS_OF_A_RUNNING_SERVER: [&str; 18] = [
+    "Players online",
+    "Phase",
+    "Ready",
+    "Last ready",
+    "CPU",
+    "RCON latency (p99)",
+    "Newest backup's age",
+    "Backup size",
+    "Backup duration",
+    "Save-off window",
+    "Saving off",
+    "Upload throughput",
+    "Pack version",
+    "Pack apply duration (p90)",
+    "Reconciles",
+    "Servers by phase",
+    "Reconcile errors",
+    "Restarts",
+];
+
+/// The panel whose series come from a kubelet's cAdvisor (the container's memory limit).
+pub const CONTAINER_PANEL: &str = "Memory against the container limit";
+
 pub fn dashboard() -> Result<Value> {
     Ok(serde_json::from_str(&std::fs::read_to_string(Path::new(FILES).join("dashboard.json"))?)?)
 }
