@@ -173,6 +173,14 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{}-{n}-{:x}", std::process::id(), nanos & 0xffff)
 }
 
+/// Whether this process runs as root (its effective uid, the second field of `Uid:` in
+/// /proc/self/status, is 0).
+pub fn running_as_root() -> Result<bool> {
+    let status = std::fs::read_to_string("/proc/self/status").context("read /proc/self/status")?;
+    let euid = status.lines().find_map(|l| l.strip_prefix("Uid:")).and_then(|ids| ids.split_whitespace().nth(1));
+    Ok(euid == Some("0"))
+}
+
 /// How long a stopped process may take to exit after SIGTERM before it gets SIGKILL. SeaweedFS needs
 /// about 4 s (more on a busy machine) to stop its servers.
 const STOP_GRACE: Duration = Duration::from_secs(15);
@@ -651,16 +659,17 @@ pub fn start_s3_on(ip: Ipv4Addr, domain: Option<&str>) -> Result<S3Processes> {
 /// Starts `weed` with `args` and a /tmp of its own: SeaweedFS puts its components' gRPC sockets at
 /// fixed paths in /tmp (`/tmp/seaweedfs-s3-grpc-PORT.sock`, ...; no flag moves them) and removes them
 /// only when it exits cleanly, so each one killed (an outage test, a reaper's SIGKILL) left them on
-/// the machine. In a mount namespace of its own (in a user namespace, so that no root is needed), a
+/// the machine. In a mount namespace of its own (inside a user namespace when not root), a
 /// tmpfs covers /tmp and the bed's directory is bound back at its path (through an open descriptor,
 /// since the tmpfs hides it when the directory is under /tmp); both go when it exits.
 fn spawn_weed(processes: &mut Processes, weed: &Path, args: &[String]) -> Result<()> {
     const PRIVATE_TMP: &str = r#"exec 3<"$0" && mount -t tmpfs -o mode=1777 atlas-s3-tmp /tmp && mkdir -p "$0" \
         && mount --no-canonicalize --bind /proc/self/fd/3 "$0" && exec 3<&- && exec "$@""#;
-    let mut wrapped: Vec<OsString> = ["--user", "--map-root-user", "--mount", "--propagation", "private", "--"]
-        .into_iter()
-        .map(OsString::from)
-        .collect();
+    // Root makes the mount namespace itself: a user namespace may be refused it (AppArmor's
+    // restriction on unprivileged ones), and would only stand between weed and its files.
+    let user = if running_as_root()? { &[][..] } else { &["--user", "--map-root-user"][..] };
+    let mut wrapped: Vec<OsString> =
+        user.iter().chain(&["--mount", "--propagation", "private", "--"]).map(OsString::from).collect();
     // `exec` keeps the process (and its group, which stop and the reaper signal) the one started.
     wrapped.extend(["sh", "-c", PRIVATE_TMP].map(OsString::from));
     wrapped.push(processes.dir().as_os_str().to_owned());

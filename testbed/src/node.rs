@@ -501,8 +501,8 @@ fn check_socket_paths(tmp: &Path) -> Result<()> {
     let length = longest.as_os_str().len();
     if length > SOCKET_PATH_MAX {
         bail!(
-            "TMPDIR {} is too long for the node bed's unix sockets ({} would be {length} bytes, containerd \
-             takes {SOCKET_PATH_MAX}): set TMPDIR to a directory at most {} bytes long, such as /tmp",
+            "TMPDIR {} is too long for the node bed's unix sockets (its {} would be {length} bytes, and \
+             containerd takes {SOCKET_PATH_MAX}): set TMPDIR to a directory at most {} bytes long, such as /tmp",
             tmp.display(),
             longest.display(),
             tmp.as_os_str().len() - (length - SOCKET_PATH_MAX)
@@ -597,10 +597,7 @@ fn check_host() -> Result<()> {
     if let Some((tool, install)) = missing_tool(&std::env::var_os("PATH").unwrap_or_default()) {
         bail!("a node bed needs `{tool}` on PATH: {install} (scripts/testbed-install.sh installs the node's packages)");
     }
-    // The effective uid, the second field of `Uid:`.
-    let status = std::fs::read_to_string("/proc/self/status").context("read /proc/self/status")?;
-    let euid = status.lines().find_map(|l| l.strip_prefix("Uid:")).and_then(|ids| ids.split_whitespace().nth(1));
-    if euid != Some("0") {
+    if !crate::running_as_root()? {
         bail!(
             "a node bed must run as root (it makes network namespaces, links, routes, nftables tables and \
              cgroups): run the tests as root, or only those that need no node"
