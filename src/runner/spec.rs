@@ -59,6 +59,10 @@ pub fn load_spec(path: &Path) -> Result<MinecraftServerSpec, SpecError> {
 pub fn parse_spec(path: &Path, text: &str) -> Result<MinecraftServerSpec, SpecError> {
     let value: serde_yaml::Value =
         serde_yaml::from_str(text).map_err(|source| SpecError::Parse { path: path.into(), source })?;
+    let spec_value = if value.get("kind").is_some() { value.get("spec") } else { Some(&value) };
+    if let Some(message) = spec_value.and_then(unknown_field) {
+        return Err(SpecError::Invalid { path: path.into(), message });
+    }
     let spec = if value.get("kind").is_some() {
         let resource: MinecraftServer =
             serde_yaml::from_str(text).map_err(|source| SpecError::Parse { path: path.into(), source })?;
@@ -68,6 +72,76 @@ pub fn parse_spec(path: &Path, text: &str) -> Result<MinecraftServerSpec, SpecEr
     };
     check(&spec).map_err(|message| SpecError::Invalid { path: path.into(), message })?;
     Ok(spec)
+}
+
+/// The first field of `spec` the CRD's schema does not have, as a message that says what to do:
+/// the API server refuses such a field (kubectl's strict field validation), and a file's must not
+/// be dropped without a word (a misspelt `heapPercnt` would run the server with the default heap).
+fn unknown_field(spec: &serde_yaml::Value) -> Option<String> {
+    use kube::CustomResourceExt;
+    let crd = MinecraftServer::crd();
+    let schema = crd.spec.versions.first()?.schema.as_ref()?.open_api_v3_schema.as_ref()?;
+    let schema = serde_json::to_value(schema).ok()?;
+    let (field, known) = first_unknown(spec, &schema["properties"]["spec"], "spec")?;
+    let leaf = field.rsplit('.').next().unwrap_or(&field);
+    let closest = known.iter().map(|k| (edit_distance(leaf, k), k)).min().filter(|(d, k)| *d <= 2.max(k.len() / 4));
+    let hint = match closest {
+        Some((_, name)) => format!("did you mean {name}?"),
+        None => format!("the fields there are {}", known.join(", ")),
+    };
+    Some(format!("unknown field {field} ({hint}): fix or remove it; the API server refuses it too"))
+}
+
+/// The path of the first key of `value` that `schema` (an OpenAPI schema) has no property for, and
+/// the properties it has there.
+fn first_unknown(value: &serde_yaml::Value, schema: &serde_json::Value, at: &str) -> Option<(String, Vec<String>)> {
+    match value {
+        serde_yaml::Value::Mapping(map) => {
+            if let Some(properties) = schema.get("properties").and_then(serde_json::Value::as_object) {
+                for (key, child) in map {
+                    let Some(key) = key.as_str() else { continue };
+                    let here = format!("{at}.{key}");
+                    match properties.get(key) {
+                        Some(schema) => {
+                            if let Some(unknown) = first_unknown(child, schema, &here) {
+                                return Some(unknown);
+                            }
+                        }
+                        None => return Some((here, properties.keys().cloned().collect())),
+                    }
+                }
+            } else if let Some(values) = schema.get("additionalProperties").filter(|s| s.is_object()) {
+                for (key, child) in map {
+                    let here = format!("{at}.{}", key.as_str().unwrap_or("?"));
+                    if let Some(unknown) = first_unknown(child, values, &here) {
+                        return Some(unknown);
+                    }
+                }
+            }
+            None
+        }
+        serde_yaml::Value::Sequence(items) => {
+            let schema = schema.get("items")?;
+            items.iter().enumerate().find_map(|(i, item)| first_unknown(item, schema, &format!("{at}[{i}]")))
+        }
+        _ => None,
+    }
+}
+
+/// The Levenshtein distance between two field names (insertions, deletions and substitutions).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (above + 1).min(row[j] + 1).min(diagonal + usize::from(ca != *cb));
+            diagonal = above;
+        }
+    }
+    row[b.len()]
 }
 
 /// The rules of the CRD that matter before a server starts, for specs that never pass an API server.
@@ -196,6 +270,34 @@ mod tests {
         )?;
         assert_eq!(bare, whole);
         Ok(())
+    }
+
+    #[test]
+    fn a_field_the_crd_does_not_have_is_refused_with_the_one_meant() {
+        let refused =
+            |text: &str| parse_spec(Path::new("s.yaml"), text).err().map(|e| e.to_string()).unwrap_or_default();
+        let err = refused("eula: true\nserver: {type: vanilla}\njvm: {heapPercnt: 50}\n");
+        assert!(err.contains("unknown field spec.jvm.heapPercnt (did you mean heapPercent?)"), "{err}");
+        assert!(err.starts_with("spec s.yaml: ") && !err.contains('\n'), "{err}");
+        // In a whole resource, and below a list; a name far from any gets the list of fields.
+        let err = refused(
+            "kind: MinecraftServer\nmetadata: {name: a}\nspec:\n  eula: true\n  server: {type: vanilla}\n  zzz: 1\n",
+        );
+        assert!(err.contains("unknown field spec.zzz (the fields there are ") && err.contains("eula"), "{err}");
+        let err = refused("eula: true\nserver: {type: vanilla}\nresources: {claims: [{name: a}, {nmae: b}]}\n");
+        assert!(err.contains("unknown field spec.resources.claims[1].nmae (did you mean name?)"), "{err}");
+        // The free-form maps keep any key.
+        let ok =
+            parse_spec(Path::new("s.yaml"), "eula: true\nserver: {type: vanilla}\nproperties: {max-players: '5'}\n");
+        assert!(ok.is_ok(), "{ok:?}");
+    }
+
+    #[test]
+    fn edit_distance_counts_single_character_edits() {
+        assert_eq!(edit_distance("heapPercnt", "heapPercent"), 1);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("", "abc"), 3);
+        assert_eq!(edit_distance("same", "same"), 0);
     }
 
     #[test]
