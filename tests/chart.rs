@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use anyhow::{Context, Result, bail, ensure};
-use atlas_testbed::{TestCluster, bin_dir};
+use atlas_testbed::TestCluster;
 use serde_json::Value;
 
 mod common;
@@ -62,29 +62,10 @@ async fn helm_lint_strict_passes_with_every_option_off_and_on() -> Result<()> {
     Ok(())
 }
 
-/// Installs the Prometheus Operator's CRDs the install script fetched, and waits until served.
-fn install_monitoring_crds(cluster: &TestCluster) -> Result<()> {
-    let dir = bin_dir().join("prometheus-operator-crds");
-    ensure!(dir.is_dir(), "{} is missing: run `make testbed` (scripts/testbed-install.sh)", dir.display());
-    run_piped(cluster.kubectl()?.args(["apply", "--server-side", "--force-conflicts", "-f"]).arg(&dir), None)?;
-    for kind in ["podmonitors", "servicemonitors", "prometheusrules"] {
-        run_piped(
-            cluster.kubectl()?.args([
-                "wait",
-                "--for=condition=Established",
-                "--timeout=60s",
-                &format!("crd/{kind}.monitoring.coreos.com"),
-            ]),
-            None,
-        )?;
-    }
-    Ok(())
-}
-
 #[tokio::test]
 async fn every_rendered_object_passes_the_api_servers_dry_run() -> Result<()> {
     let cluster = TestCluster::shared().await?;
-    install_monitoring_crds(cluster)?;
+    common::install_monitoring_crds(cluster)?;
     let ns = cluster.namespace("chart-dry-run").await?;
     // Our CRD first (a dry run creates nothing, and objects of a kind not yet served cannot be checked).
     let crd = std::fs::read_to_string(Path::new(CHART).join("crds/minecraftservers.atlas.dev.yaml"))?;

@@ -219,23 +219,6 @@ async fn after_helm_install_a_users_server_gets_its_pack_runs_shows_its_player_a
     Ok(())
 }
 
-/// The Prometheus Operator's CRDs (cached by the bed's install script), so the chart's monitors
-/// and rules install and the operator makes PodMonitors.
-fn install_monitoring_crds(cluster: &TestCluster) -> Result<()> {
-    let dir = atlas_testbed::bin_dir().join("prometheus-operator-crds");
-    ensure!(dir.is_dir(), "{} is missing: run `make testbed` (scripts/testbed-install.sh)", dir.display());
-    chart_bed::run(cluster.kubectl()?.args(["apply", "--server-side", "--force-conflicts", "-f"]).arg(&dir))?;
-    for kind in ["podmonitors", "servicemonitors", "prometheusrules"] {
-        chart_bed::run(cluster.kubectl()?.args([
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            &format!("crd/{kind}.monitoring.coreos.com"),
-        ]))?;
-    }
-    Ok(())
-}
-
 /// How Prometheus reaches the API server: its address and the kubeconfig's CA and client
 /// certificate, as files.
 struct ApiAccess {
@@ -350,7 +333,7 @@ async fn prometheus_discovers_the_pods_through_the_api_server_and_every_dashboar
     };
 
     let cluster = TestCluster::with_nodes(Path::new(common::binary())).await?;
-    install_monitoring_crds(cluster)?;
+    common::install_monitoring_crds(cluster)?;
     let release = Release::install(
         "e2e-prom",
         &[

@@ -73,15 +73,10 @@ async fn helm_install_runs_the_operator_in_the_cluster_and_uninstall_keeps_the_w
     .await?;
 
     // helm uninstall removes the operator; the server, its world and its claim stay.
-    chart_bed::run(cluster.helm()?.args([
-        "uninstall",
-        release,
-        "--namespace",
-        &ns.name,
-        "--wait",
-        "--timeout",
-        "120s",
-    ]))?;
+    common::run_piped(
+        cluster.helm()?.args(["uninstall", release, "--namespace", &ns.name, "--wait", "--timeout", "120s"]),
+        None,
+    )?;
     ensure!(deployments.get_opt("atlas-atlas-runner").await?.is_none(), "the operator's Deployment is still there");
     let kept = claims.get("data-inside-0").await?;
     assert_eq!(kept.metadata.uid, claim.metadata.uid);

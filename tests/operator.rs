@@ -1204,24 +1204,6 @@ fn an_unknown_time_zone_stops_the_operator_and_says_what_to_set() -> Result<()> 
     Ok(())
 }
 
-/// The Prometheus Operator's CRDs (fetched by the install script) on `cluster`, the PodMonitor's
-/// served.
-async fn pod_monitor_crd(cluster: &TestCluster) -> Result<()> {
-    let crds = atlas_testbed::bin_dir().join("prometheus-operator-crds");
-    ensure!(crds.is_dir(), "{} is missing: run `make testbed`", crds.display());
-    run_piped(cluster.kubectl()?.args(["apply", "--server-side", "--force-conflicts", "-f"]).arg(&crds), None)?;
-    run_piped(
-        cluster.kubectl()?.args([
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "crd/podmonitors.monitoring.coreos.com",
-        ]),
-        None,
-    )?;
-    Ok(())
-}
-
 /// The PodMonitors of the test's namespace.
 fn pod_monitors(installed: &Installed<'_>) -> Api<kube::api::DynamicObject> {
     let resource = kube::core::ApiResource::from_gvk_with_plural(
@@ -1233,7 +1215,7 @@ fn pod_monitors(installed: &Installed<'_>) -> Api<kube::api::DynamicObject> {
 
 #[tokio::test]
 async fn with_podmonitors_enabled_each_server_gets_one_scraping_its_metrics_port() -> Result<()> {
-    pod_monitor_crd(TestCluster::shared().await?).await?;
+    common::install_monitoring_crds(TestCluster::shared().await?)?;
     // The chart's RBAC with PodMonitors on (the rule for them is there only then).
     let installed = Installed::new("op-podmonitor", &["metrics.podMonitor.enabled=true"]).await?;
     let _operator = installed.start_operator(&["--pod-monitors"])?;
@@ -1254,7 +1236,7 @@ async fn with_podmonitors_enabled_each_server_gets_one_scraping_its_metrics_port
 
 #[tokio::test]
 async fn podmonitors_turned_off_are_deleted_and_others_left_alone() -> Result<()> {
-    pod_monitor_crd(TestCluster::shared().await?).await?;
+    common::install_monitoring_crds(TestCluster::shared().await?)?;
     let installed = Installed::new("op-podmonitor-off", &["metrics.podMonitor.enabled=true"]).await?;
     let mut operator = installed.start_operator(&["--pod-monitors"])?;
     apply_server(&installed, &server_doc("scraped", minimal(json!({})))).await?;
@@ -1307,7 +1289,7 @@ async fn podmonitors_are_made_once_the_prometheus_operator_is_installed_after_us
     })
     .await?;
 
-    pod_monitor_crd(&cluster).await?;
+    common::install_monitoring_crds(&cluster)?;
     let monitors = pod_monitors(&installed);
     let monitor =
         eventually("the PodMonitor", Duration::from_secs(60), || async { Ok(monitors.get_opt("scraped").await?) })

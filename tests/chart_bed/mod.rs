@@ -8,24 +8,13 @@ use std::net::Ipv4Addr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, bail};
 use atlas_runner::api::{MinecraftServer, Phase};
 use atlas_testbed::{S3Endpoint, TestCluster, TestNamespace};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
 
 pub const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/atlas-runner");
-
-pub fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("start {cmd:?}"))?;
-    ensure!(
-        out.status.success(),
-        "{cmd:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8(out.stdout)?)
-}
 
 /// The values that point the chart at the bed: its image for the operator and the servers, never
 /// pulled (the node has it imported and no registry to pull from), and the test's namespace only.
@@ -49,30 +38,15 @@ pub fn helm(cluster: &TestCluster, ns: &TestNamespace, verb: &str, release: &str
     for value in values {
         cmd.args(["--set", value]);
     }
-    run(cmd.args(["--wait", "--timeout", "180s"]))
+    run_piped(cmd.args(["--wait", "--timeout", "180s"]), None)
 }
 
 pub use crate::common::kubectl;
+use crate::common::run_piped;
 
 /// `kubectl apply -f -` of a document a user would write.
 pub fn kubectl_apply(cluster: &TestCluster, ns: &TestNamespace, yaml: &str) -> Result<String> {
-    use std::io::Write;
-    let mut child = cluster
-        .kubectl()?
-        .args(["--namespace", &ns.name, "apply", "-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
-    child.stdin.take().context("kubectl's stdin")?.write_all(yaml.as_bytes())?;
-    let out = child.wait_with_output()?;
-    ensure!(
-        out.status.success(),
-        "kubectl apply: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    run_piped(cluster.kubectl()?.args(["--namespace", &ns.name, "apply", "-f", "-"]), Some(yaml))
 }
 
 /// Polls `check` every 250 ms until it gives a value or `timeout` passes.
@@ -104,16 +78,19 @@ pub async fn host_address(cluster: &'static TestCluster) -> Result<Ipv4Addr> {
 
 /// Every key in `bucket`, listed by curl with its own SigV4 signing (ListObjectsV2).
 pub fn bucket_keys(s3: &S3Endpoint, bucket: &str) -> Result<Vec<String>> {
-    let body = run(Command::new("curl").args([
-        "-sSf",
-        "--noproxy",
-        "*",
-        "--aws-sigv4",
-        &format!("aws:amz:{}:s3", atlas_testbed::S3_REGION),
-        "--user",
-        &format!("{}:{}", s3.access_key, s3.secret_key),
-        &format!("{}/{bucket}?list-type=2", s3.endpoint),
-    ]))?;
+    let body = run_piped(
+        Command::new("curl").args([
+            "-sSf",
+            "--noproxy",
+            "*",
+            "--aws-sigv4",
+            &format!("aws:amz:{}:s3", atlas_testbed::S3_REGION),
+            "--user",
+            &format!("{}:{}", s3.access_key, s3.secret_key),
+            &format!("{}/{bucket}?list-type=2", s3.endpoint),
+        ]),
+        None,
+    )?;
     Ok(body
         .split("<Key>")
         .skip(1)

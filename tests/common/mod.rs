@@ -926,3 +926,16 @@ pub fn run_piped(cmd: &mut Command, stdin: Option<&str>) -> Result<String> {
     ensure!(ok, "{cmd:?} failed: {stdout}{stderr}");
     Ok(stdout)
 }
+
+/// The Prometheus Operator's CRDs (cached by the bed's install script) on `cluster`, served: the
+/// chart's monitors and rules install, and the operator makes PodMonitors.
+pub fn install_monitoring_crds(cluster: &atlas_testbed::TestCluster) -> Result<()> {
+    let dir = atlas_testbed::bin_dir().join("prometheus-operator-crds");
+    ensure!(dir.is_dir(), "{} is missing: run `make testbed` (scripts/testbed-install.sh)", dir.display());
+    run_piped(cluster.kubectl()?.args(["apply", "--server-side", "--force-conflicts", "-f"]).arg(&dir), None)?;
+    for kind in ["podmonitors", "servicemonitors", "prometheusrules"] {
+        let crd = format!("crd/{kind}.monitoring.coreos.com");
+        run_piped(cluster.kubectl()?.args(["wait", "--for=condition=Established", "--timeout=60s", &crd]), None)?;
+    }
+    Ok(())
+}
